@@ -1,0 +1,1 @@
+"""YAML experiments shipped with loomtrain (package data)."""

@@ -1,0 +1,1 @@
+"""Tokenizers, corpus readers, Megatron IndexedDataset files, packing and sampling."""

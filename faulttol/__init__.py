@@ -1,0 +1,1 @@
+"""Snapshots, recovery and health monitoring (see the fault-tolerance issue)."""

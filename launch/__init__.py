@@ -1,0 +1,1 @@
+"""Command line, process start and the torchrun/Slurm environment."""

@@ -1,0 +1,152 @@
+"""``loomtrain`` command line: train, plan, slurm, data prepare.
+
+Every user error (config, degrees, paths) is reported as one line ``error: <field>: <what is
+valid>`` with exit code 2, before any process group or worker starts.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from loomtrain.trainer.config import ConfigError, Experiment, load_config, resolve_config_path
+
+DEFAULT_CONFIG = "tiny"
+
+
+def _common(p: argparse.ArgumentParser, config_required: bool = False) -> None:
+    p.add_argument("config", nargs=None if config_required else "?", default=DEFAULT_CONFIG,
+                   help="YAML experiment file, or the name of a shipped config (default: tiny)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable; wins over the file)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loomtrain", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train an experiment (one process, or --nproc local ranks)")
+    _common(t)
+    t.add_argument("--nproc", type=int, default=1, help="local ranks to start (torch elastic launcher)")
+    t.add_argument("--max-restarts", type=int, default=0, help="restarts of the whole group after a failure")
+    t.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                   help="continue from a checkpoint: a path, 'latest' (default; the newest under "
+                        "train.output_dir/checkpoints, which must exist) or 'auto' (the newest if any)")
+
+    p = sub.add_parser("plan", help="print mesh, parameters, FLOPs and memory for a world size, without running")
+    _common(p)
+    p.add_argument("--world-size", type=int, required=True)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--device-memory-gb", type=float, default=80.0)
+
+    s = sub.add_parser("slurm", help="write an sbatch script that runs one torchrun per node")
+    _common(s)
+    s.add_argument("--nodes", type=int, required=True)
+    s.add_argument("--gpus-per-node", type=int, required=True)
+    s.add_argument("--output", default=None, help="script path (default: <train.output_dir>/launch.sbatch)")
+    s.add_argument("--partition", default=None)
+    s.add_argument("--time", default="24:00:00")
+    s.add_argument("--job-name", default="loomtrain")
+
+    d = sub.add_parser("data", help="data tools")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    dp = dsub.add_parser("prepare", help="tokenize a corpus into Megatron .bin/.idx files")
+    _common(dp)
+    dp.add_argument("--output", default=None, help="output prefix (default: the cache under data.cache_dir)")
+    dp.add_argument("--writer", choices=("auto", "megatron", "builtin"), default="auto")
+    return parser
+
+
+def preflight(exp: Experiment, world_size: int) -> None:
+    """Checks that need no process group: degrees against the world size, data paths."""
+    from loomtrain.data.corpus import corpus_files
+    from loomtrain.parallel.mesh import ParallelDims
+    from loomtrain.trainer.config import check_trainable
+
+    check_trainable(exp)
+    dims = ParallelDims.from_config(exp.parallel, world_size)
+    if exp.train.global_batch_size % dims.dp:
+        raise ConfigError(f"train.global_batch_size: {exp.train.global_batch_size} must be divisible by the "
+                          f"data-parallel size dp_replicate*dp_shard = {dims.dp}")
+    local = exp.train.global_batch_size // dims.dp
+    if exp.train.micro_batch_size and local % exp.train.micro_batch_size:
+        raise ConfigError(f"train.micro_batch_size: {exp.train.micro_batch_size} must divide the per-rank batch {local}")
+    if exp.data.prepared:
+        if not os.path.isfile(exp.data.prepared + ".json"):
+            raise ConfigError(f"data.prepared: '{exp.data.prepared}.json' does not exist (run 'loomtrain data prepare')")
+    else:
+        try:
+            corpus_files(exp.data.corpus, exp.data.file_glob)
+        except FileNotFoundError as e:
+            raise ConfigError(str(e)) from None
+    if exp.data.tokenizer != "byte" and not os.path.isfile(exp.data.tokenizer):
+        raise ConfigError(f"data.tokenizer: '{exp.data.tokenizer}' is neither 'byte' nor an existing tokenizer.json")
+
+
+def cmd_train(args) -> int:
+    exp = load_config(args.config, args.overrides)
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc: must be >= 1, got {args.nproc}")
+    from loomtrain.launch.env import read_env
+
+    world = args.nproc if args.nproc > 1 else read_env()[1]
+    preflight(exp, world)
+    if args.nproc > 1:
+        from loomtrain.launch.elastic import launch_local
+
+        return launch_local(resolve_config_path(args.config), args.overrides, args.nproc, args.max_restarts,
+                            args.resume)
+    from loomtrain.trainer.train import run
+
+    run(exp, resume=args.resume)
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from loomtrain.launch.plan import plan
+
+    exp = load_config(args.config, args.overrides)
+    print(plan(exp, args.world_size, args.gpus_per_node, args.device_memory_gb))
+    return 0
+
+
+def cmd_slurm(args) -> int:
+    from loomtrain.launch.slurm import write_sbatch
+
+    exp = load_config(args.config, args.overrides)
+    preflight(exp, args.nodes * args.gpus_per_node)
+    path = write_sbatch(exp, resolve_config_path(args.config), args.overrides, args.nodes, args.gpus_per_node,
+                        args.output, args.partition, args.time, args.job_name)
+    print(f"wrote {path}  (submit with: sbatch {path})")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from loomtrain.data.prepare import prepare
+
+    exp = load_config(args.config, args.overrides)
+    prepared = prepare(exp.data, out_prefix=args.output, writer=args.writer, progress=True)
+    m = prepared.meta
+    print(f"train: {m['train_documents']:,} documents, {m['train_tokens']:,} tokens -> {prepared.train_prefix}.bin/.idx")
+    print(f"valid: {m['valid_documents']:,} documents, {m['valid_tokens']:,} tokens -> {prepared.valid_prefix}.bin/.idx")
+    print(f"use it with: --set data.prepared={prepared.train_prefix[:-len('_train')]}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "plan": cmd_plan, "slurm": cmd_slurm, "data": cmd_data}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Where this process sits: single process, torchrun (or our elastic launch), or Slurm ``srun``.
+
+Reads rank, world size, local rank and the rendezvous address from the environment,
+chooses the device and backend (NCCL on CUDA, gloo on CPU unless overridden) and
+starts the default process group.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    backend: str
+    source: str  # single | torchrun | slurm
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def expand_slurm_nodelist(nodelist: str) -> list[str]:
+    """``node[01-03,7],gpu5`` -> ``['node01', 'node02', 'node03', 'node7', 'gpu5']`` (what scontrol prints)."""
+    hosts = []
+    parts = re.findall(r"[^,\[]+(?:\[[^\]]*\])?", nodelist)
+    for part in parts:
+        m = re.fullmatch(r"([^\[]*)\[([^\]]*)\](.*)", part)
+        if not m:
+            hosts.append(part)
+            continue
+        prefix, ranges, suffix = m.groups()
+        for r in ranges.split(","):
+            if "-" in r:
+                lo, hi = r.split("-")
+                hosts += [f"{prefix}{str(n).zfill(len(lo))}{suffix}" for n in range(int(lo), int(hi) + 1)]
+            else:
+                hosts.append(f"{prefix}{r}{suffix}")
+    return hosts
+
+
+def read_env(environ=None) -> tuple[int, int, int, int, str]:
+    """(rank, world_size, local_rank, local_world_size, source) from torchrun or Slurm variables."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        world = int(env["WORLD_SIZE"])
+        return (int(env["RANK"]), world, int(env.get("LOCAL_RANK", 0)),
+                int(env.get("LOCAL_WORLD_SIZE", world)), "torchrun")
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        world = int(env["SLURM_NTASKS"])
+        tasks_per_node = env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
+        local_world = int(tasks_per_node) if tasks_per_node.isdigit() else world
+        return int(env["SLURM_PROCID"]), world, int(env.get("SLURM_LOCALID", 0)), local_world, "slurm"
+    return 0, 1, 0, 1, "single"
+
+
+def slurm_rendezvous(environ=None) -> tuple[str, str]:
+    """MASTER_ADDR (first host of the job) and MASTER_PORT (derived from the job id) under srun."""
+    env = os.environ if environ is None else environ
+    addr = env.get("MASTER_ADDR") or expand_slurm_nodelist(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))[0]
+    port = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+    return addr, port
+
+
+def choose_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("parallel.device: 'cuda' requested but CUDA is not available")
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def choose_backend(requested: str, device: torch.device) -> str:
+    if requested != "auto":
+        return requested
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_distributed(par_cfg, timeout_s: float = 600.0) -> DistEnv:
+    """Start the default process group (a one-rank gloo group when running alone)."""
+    rank, world, local_rank, local_world, source = read_env()
+    device = choose_device(par_cfg.device, local_rank)
+    backend = choose_backend(par_cfg.backend, device)
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if source == "single":
+            store = dist.HashStore()
+            dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
+        else:
+            if source == "slurm":
+                addr, port = slurm_rendezvous()
+                os.environ.setdefault("MASTER_ADDR", addr)
+                os.environ.setdefault("MASTER_PORT", port)
+            dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout,
+                                    device_id=device if device.type == "cuda" else None)
+    return DistEnv(rank, world, local_rank, local_world, device, backend, source)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,99 @@
+"""``loomtrain plan``: what a layout costs before any real process group starts.
+
+Builds the DeviceMesh on torch's fake process group (so degrees and flattening are
+checked by the same code the trainer runs), then prints group sizes, which ranks
+share a node, parameter count, FLOPs per token and a per-device memory estimate.
+
+Memory model (per device): parameters, gradients and two AdamW moments in fp32, divided
+by tp x pp x (dp_shard*cp when FSDP shards); bf16 adds a 2-byte working copy of the
+gathered layer. Activations per layer follow Korthikanti et al. (2022) with flash
+attention (no s^2 term): 34*s*b*h bytes in 16-bit, /tp with sequence parallelism, /cp;
+with full activation checkpointing only each layer's input (2*s*b*h) is kept plus one
+layer's working set. The loss keeps fp32 logits: 4*s*b*V/tp.
+"""
+from __future__ import annotations
+
+import math
+
+from loomtrain.parallel.mesh import ParallelDims
+from loomtrain.trainer.model import ModelArgs
+
+GiB = 1024 ** 3
+
+
+def build_fake_mesh(dims: ParallelDims):
+    """Build the real DeviceMesh on the fake backend (no communication), then tear it down."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    already = dist.is_initialized()
+    if not already:
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=dims.world_size)
+    try:
+        meshes = dims.build_mesh("cpu")
+        return {name: meshes[name].size() for name in dims.order + tuple(dims.FLATTENED)}
+    finally:
+        if not already:
+            dist.destroy_process_group()
+
+
+def memory_estimate(exp, args: ModelArgs, dims: ParallelDims, vocab: int) -> dict[str, float]:
+    n = args.num_params()
+    model_split = dims.tp * dims.pp
+    fsdp_split = dims.dp_shard * dims.cp if dims.fsdp_enabled else 1
+    states = n / model_split / fsdp_split
+    micro = exp.train.micro_batch_size or max(1, exp.train.global_batch_size // dims.dp)
+    s, h, layers = exp.data.seq_len, args.dim, args.n_layers / dims.pp
+    width = 2 if exp.model.dtype == "bfloat16" else 4
+    per_layer = 34 * s * micro * h * (width / 2) / dims.tp / dims.cp
+    act_full = per_layer * layers
+    act_ckpt = (2 * s * micro * h * (width / 2) / dims.tp / dims.cp) * layers + per_layer
+    logits = 4 * s * micro * vocab / dims.tp / dims.cp
+    out = {"parameters": 4 * states, "gradients": 4 * states, "optimizer": 8 * states,
+           "activations": act_full + logits, "activations (checkpointed)": act_ckpt + logits}
+    if exp.model.dtype == "bfloat16":
+        out["bf16 working copy"] = 2 * n / model_split / max(1, args.n_layers) * 2  # ~2 gathered layers
+    return out
+
+
+def plan(exp, world_size: int, gpus_per_node: int = 8, device_memory_gb: float = 80.0) -> str:
+    dims = ParallelDims.from_config(exp.parallel, world_size)
+    sizes = build_fake_mesh(dims)
+    vocab = exp.model.vocab_size or 50304
+    args = ModelArgs.from_config(exp.model, vocab, exp.data.seq_len)
+    lines = [f"plan: {dims.describe()}  ({math.ceil(world_size / gpus_per_node)} nodes x {gpus_per_node} devices)"]
+    lines.append("")
+    lines.append(f"{'dimension':<14}{'size':>6}{'groups':>8}  first group (ranks)         spans nodes")
+    for name in dims.order:
+        groups = dims.groups(name)
+        first = groups[0]
+        nodes = sorted({r // gpus_per_node for r in first})
+        shown = ",".join(map(str, first[:8])) + (",..." if len(first) > 8 else "")
+        lines.append(f"{name:<14}{sizes[name]:>6}{len(groups):>8}  {shown:<28}{len(nodes)}")
+    for name in dims.FLATTENED:
+        lines.append(f"{name:<14}{sizes[name]:>6}{world_size // sizes[name]:>8}  (flattened)")
+    n = args.num_params()
+    fpt = args.flops_per_token(exp.data.seq_len)
+    tokens = exp.train.global_batch_size * exp.data.seq_len
+    lines += ["", f"model: {n / 1e9:.3f}B parameters ({args.n_layers} layers, dim {args.dim}, "
+                  f"{args.n_heads}/{args.n_kv_heads} heads, ffn {args.ffn_hidden}, vocab {args.vocab_size})",
+              f"FLOPs per token: {fpt / 1e9:.2f} GFLOP (6N + causal attention at seq {exp.data.seq_len})",
+              f"batch: {exp.train.global_batch_size} sequences x {exp.data.seq_len} = {tokens:,} tokens/step, "
+              f"{fpt * tokens / 1e15:.2f} PFLOP/step", "",
+              "per-device memory estimate:"]
+    mem = memory_estimate(exp, args, dims, args.vocab_size)
+    for k, v in mem.items():
+        lines.append(f"  {k:<28}{v / GiB:>10.2f} GiB")
+    ckpt = exp.parallel.activation_checkpoint == "full"
+    total = sum(v for k, v in mem.items() if k != ("activations" if ckpt else "activations (checkpointed)"))
+    lines.append(f"  {'total (' + ('with' if ckpt else 'without') + ' checkpointing)':<28}{total / GiB:>10.2f} GiB"
+                 f"  of {device_memory_gb:g} GiB")
+    warnings = []
+    if dims.tp > gpus_per_node:
+        warnings.append(f"tp={dims.tp} spans nodes ({gpus_per_node} devices per node): tensor-parallel traffic "
+                        "would cross the slow inter-node links")
+    if total > device_memory_gb * GiB:
+        warnings.append(f"estimated {total / GiB:.1f} GiB exceeds the {device_memory_gb:g} GiB device: raise tp/pp/"
+                        "dp_shard, enable activation checkpointing or lower the micro-batch")
+    lines += [""] + [f"warning: {w}" for w in warnings] if warnings else []
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Device mesh and the apply_* functions that lay a model over it."""

@@ -1,0 +1,108 @@
+"""ParallelDims: one object owns the parallel degrees, validates them and builds the DeviceMesh.
+
+Dimensions are pp, dp_replicate, dp_shard, cp, tp; their product is the world size.
+The mesh is laid out in ``order`` (outermost first, tp innermost by default so tensor
+parallel peers are adjacent ranks, i.e. on the same node). Flattened views are added:
+``dp`` (dp_replicate x dp_shard: the batch is split over it), ``dp_shard_cp`` (what
+FSDP shards over) and ``loss`` (dp x cp: ranks whose losses make up the global mean).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from loomtrain.trainer.config import MESH_DIMS, ConfigError
+
+DEFAULT_ORDER = MESH_DIMS
+
+
+@dataclass
+class ParallelDims:
+    pp: int = 1
+    dp_replicate: int = 1
+    dp_shard: int = -1
+    cp: int = 1
+    tp: int = 1
+    world_size: int = 1
+    order: tuple[str, ...] = field(default=DEFAULT_ORDER)
+
+    def __post_init__(self):
+        self.order = tuple(self.order)
+        if sorted(self.order) != sorted(MESH_DIMS):
+            raise ConfigError(f"parallel.mesh_order: must be a permutation of {','.join(MESH_DIMS)}, got {','.join(self.order)}")
+        for name in MESH_DIMS:
+            v = getattr(self, name)
+            if v < 1 and not (name == "dp_shard" and v == -1):
+                raise ConfigError(f"parallel.{name}: must be >= 1, got {v}")
+        fixed = self.pp * self.dp_replicate * self.cp * self.tp
+        if self.dp_shard == -1:
+            if self.world_size % fixed:
+                raise ConfigError(
+                    f"parallel: pp*dp_replicate*cp*tp = {fixed} does not divide the world size {self.world_size}")
+            self.dp_shard = self.world_size // fixed
+        if fixed * self.dp_shard != self.world_size:
+            raise ConfigError(
+                f"parallel: pp*dp_replicate*dp_shard*cp*tp = {fixed * self.dp_shard} must equal the world size "
+                f"{self.world_size} (got pp={self.pp} dp_replicate={self.dp_replicate} dp_shard={self.dp_shard} "
+                f"cp={self.cp} tp={self.tp})")
+
+    @classmethod
+    def from_config(cls, par, world_size: int) -> "ParallelDims":
+        order = tuple(s.strip() for s in par.mesh_order.split(","))
+        return cls(par.pp, par.dp_replicate, par.dp_shard, par.cp, par.tp, world_size, order)
+
+    @property
+    def degrees(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.order}
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def fsdp_enabled(self) -> bool:
+        return self.dp_shard * self.cp > 1 or self.dp_replicate > 1
+
+    def rank_grid(self) -> np.ndarray:
+        """Ranks arranged as an array with one axis per dimension, in ``order``."""
+        return np.arange(self.world_size).reshape([getattr(self, n) for n in self.order])
+
+    def groups(self, name: str) -> list[list[int]]:
+        """All rank groups of dimension ``name``: ranks that differ only in that coordinate."""
+        grid = self.rank_grid()
+        axis = self.order.index(name)
+        moved = np.moveaxis(grid, axis, -1).reshape(-1, grid.shape[axis])
+        return [list(map(int, g)) for g in moved]
+
+    FLATTENED = {"dp": ("dp_replicate", "dp_shard"), "dp_shard_cp": ("dp_shard", "cp"),
+                 "loss": ("dp_replicate", "dp_shard", "cp")}
+
+    def build_mesh(self, device_type: str) -> "Meshes":
+        """Build the named DeviceMesh (all five dims, size-1 ones included) plus flattened views."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        shape = tuple(getattr(self, n) for n in self.order)
+        root = init_device_mesh(device_type, shape, mesh_dim_names=self.order)
+        flat = {}
+        for name, parts in self.FLATTENED.items():
+            parts = tuple(sorted(parts, key=self.order.index))  # slicing wants mesh order
+            flat[name] = root[parts]._flatten(name)
+        return Meshes(root, flat)
+
+    def describe(self) -> str:
+        dims = " x ".join(f"{n}={getattr(self, n)}" for n in self.order)
+        return f"world {self.world_size}: {dims}"
+
+
+class Meshes:
+    """The root mesh plus its flattened views; ``meshes["tp"]``, ``meshes["dp"]``, ``meshes["tp", "cp"]``."""
+
+    def __init__(self, root, flattened: dict):
+        self.root = root
+        self.flattened = flattened
+
+    def __getitem__(self, key):
+        if isinstance(key, str) and key in self.flattened:
+            return self.flattened[key]
+        return self.root[key]

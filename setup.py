@@ -1,0 +1,25 @@
+"""Installs the repository's code folders as one package, ``loomtrain``.
+
+Each top-level folder maps to a subpackage (``parallel/`` -> ``loomtrain.parallel``)
+so nothing generic such as ``data`` or ``launch`` lands in site-packages.
+"""
+from setuptools import setup
+
+SUBPACKAGES = ["trainer", "parallel", "comms", "faulttol", "data", "launch", "configs"]
+
+setup(
+    name="loomtrain",
+    version="0.1.0",
+    description="Distributed training for large-scale and long-context LLM pretraining",
+    python_requires=">=3.10",
+    packages=["loomtrain"] + [f"loomtrain.{p}" for p in SUBPACKAGES],
+    package_dir={"loomtrain": "loomtrain", **{f"loomtrain.{p}": p for p in SUBPACKAGES}},
+    package_data={"loomtrain.configs": ["*.yaml"]},
+    include_package_data=True,
+    install_requires=["torch>=2.4", "numpy", "pyyaml", "tqdm"],
+    extras_require={
+        "dev": ["pytest", "pytest-timeout", "deepspeed", "megatron-core", "wandb", "scipy"],
+        "gpu": ["flash-attn"],
+    },
+    entry_points={"console_scripts": ["loomtrain=loomtrain.launch.cli:main"]},
+)

@@ -1,0 +1,1 @@
+"""Training loop, model, optimizer and schedule, metrics and loggers."""

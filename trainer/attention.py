@@ -1,0 +1,79 @@
+"""Attention kernels chosen at run time: flash-attn on CUDA when installed, else torch SDPA.
+
+Inputs are ``(batch, seq, heads, head_dim)`` with ``kv_heads`` dividing ``heads``
+(grouped-query attention). ``doc_ids`` (batch, seq), when given, marks which packed
+document each token belongs to; attention stays inside a document.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+
+@functools.lru_cache(maxsize=None)
+def flash_attn_available() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def resolve_backend(requested: str, device_type: str) -> str:
+    """``auto`` -> ``flash`` on CUDA with flash-attn installed, else ``sdpa``."""
+    if requested == "flash":
+        if device_type != "cuda" or not flash_attn_available():
+            raise RuntimeError("model.attention: 'flash' needs CUDA and flash-attn (pip install 'loomtrain[gpu]')")
+        return "flash"
+    if requested == "auto":
+        return "flash" if device_type == "cuda" and flash_attn_available() else "sdpa"
+    return "sdpa"
+
+
+def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean (B, 1, S, S) mask: query i sees key j iff j <= i and both are in the same document."""
+    seqlen = doc_ids.shape[1]
+    causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=doc_ids.device).tril()
+    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
+    return (same_doc & causal).unsqueeze(1)
+
+
+def _sdpa(q, k, v, doc_ids):
+    rep = q.shape[2] // k.shape[2]
+    if rep > 1:
+        k = k.repeat_interleave(rep, dim=2)
+        v = v.repeat_interleave(rep, dim=2)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    if doc_ids is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=document_causal_mask(doc_ids))
+    return out.transpose(1, 2)
+
+
+def _flash(q, k, v, doc_ids):  # pragma: no cover - needs CUDA + flash-attn
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
+
+    if doc_ids is None:
+        return flash_attn_func(q, k, v, causal=True)
+    bsz, seqlen = doc_ids.shape
+    # Document boundaries become cu_seqlens over the flattened (B*S) token stream; a row
+    # boundary is a document boundary too.
+    flat = doc_ids + torch.arange(bsz, device=doc_ids.device)[:, None] * (doc_ids.max() + 1)
+    starts = torch.ones_like(flat, dtype=torch.bool).flatten()
+    starts[1:] = flat.flatten()[1:] != flat.flatten()[:-1]
+    idx = starts.nonzero().flatten()
+    cu = torch.cat([idx, torch.tensor([bsz * seqlen], device=idx.device)]).to(torch.int32)
+    max_len = int((cu[1:] - cu[:-1]).max())
+    out = flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, max_len, max_len,
+                                 causal=True)
+    return out.view_as(q)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None,
+           backend: str = "sdpa") -> torch.Tensor:
+    if backend == "flash":
+        return _flash(q, k, v, doc_ids)
+    return _sdpa(q, k, v, doc_ids)

@@ -1,0 +1,131 @@
+"""Distributed checkpoints with ``torch.distributed.checkpoint`` (DCP), optionally asynchronous.
+
+A checkpoint is the directory ``<output_dir>/checkpoints/step_NNNNNNNN``: model and
+optimizer (each rank writes its shards), LR scheduler, data-sampler position, step and
+every rank's RNG states. It is written under a ``.tmp`` name and renamed by rank 0 once
+every rank has finished, and ``latest`` is rewritten atomically after that, so an
+interrupted save never looks like a checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from loomtrain.fsutil import atomic_write_text
+
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def list_checkpoints(ckpt_root: str) -> list[tuple[int, str]]:
+    """Committed checkpoints (step, path), oldest first. ``.tmp`` directories are never listed."""
+    if not os.path.isdir(ckpt_root):
+        return []
+    found = [(int(m.group(1)), os.path.join(ckpt_root, name))
+             for name in os.listdir(ckpt_root) if (m := STEP_DIR.match(name))]
+    return sorted(found)
+
+
+def latest_checkpoint(ckpt_root: str) -> str | None:
+    found = list_checkpoints(ckpt_root)
+    return found[-1][1] if found else None
+
+
+class Checkpointer:
+    def __init__(self, ckpt_root: str, keep: int, async_save: bool, rank: int):
+        self.root = ckpt_root
+        self.keep = keep
+        self.async_save = async_save
+        self.rank = rank
+        self._pending = None  # (future, tmp_dir, final_dir)
+        self._pg = None
+        if async_save and dist.is_initialized():
+            # A group of its own: the background save's collectives must not interleave with training's.
+            self._pg = dist.new_group(backend="gloo")
+
+    def _state(self, model, optimizer, scheduler, sampler, step: int) -> dict:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        return {
+            "model": model_sd,
+            "optim": optim_sd,
+            "trainer": {"step": step, "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict()},
+            f"rng_rank{self.rank}": rng_state(),
+        }
+
+    def save(self, model, optimizer, scheduler, sampler, step: int) -> str:
+        self.wait()
+        final = os.path.join(self.root, f"step_{step:08d}")
+        tmp = final + ".tmp"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp, exist_ok=True)
+        if dist.is_initialized():
+            dist.barrier()
+        state = self._state(model, optimizer, scheduler, sampler, step)
+        if self.async_save:
+            future = dcp.async_save(state, checkpoint_id=tmp, process_group=self._pg)
+            self._pending = (future, tmp, final)
+        else:
+            dcp.save(state, checkpoint_id=tmp)
+            self._commit(tmp, final)
+        return final
+
+    def wait(self) -> None:
+        """Finish a pending asynchronous save (commit it)."""
+        if self._pending is None:
+            return
+        future, tmp, final = self._pending
+        self._pending = None
+        future.result()
+        self._commit(tmp, final)
+
+    def poll(self) -> None:
+        """Commit a finished asynchronous save without blocking when it is still running."""
+        if self._pending is not None and self._pending[0].done():
+            self.wait()
+
+    def _commit(self, tmp: str, final: str) -> None:
+        if dist.is_initialized():
+            dist.barrier()  # every rank's shards are on disk
+        if self.rank == 0:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            atomic_write_text(os.path.join(self.root, "latest"), os.path.basename(final) + "\n")
+            for _, old in list_checkpoints(self.root)[:-self.keep] if self.keep else []:
+                shutil.rmtree(old, ignore_errors=True)
+        if dist.is_initialized():
+            dist.barrier()
+
+    def load(self, path: str, model, optimizer, scheduler, sampler) -> int:
+        """Restore everything saved at ``path``; returns the step it was saved at."""
+        if not os.path.isfile(os.path.join(path, ".metadata")):
+            raise FileNotFoundError(f"--resume: '{path}' is not a complete checkpoint (no .metadata)")
+        state = self._state(model, optimizer, scheduler, sampler, 0)
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        scheduler.load_state_dict(state["trainer"]["scheduler"])
+        sampler.load_state_dict(state["trainer"]["sampler"])
+        set_rng_state(state[f"rng_rank{self.rank}"])
+        return int(state["trainer"]["step"])

@@ -1,0 +1,334 @@
+"""Typed experiment configuration: YAML file + ``--set`` overrides -> validated dataclasses.
+
+Precedence is CLI > file > defaults. Every field has a docstring-style comment; every
+error a user can cause is a :class:`ConfigError` whose message is one line naming the
+field path and what would be valid, raised before any process group starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from loomtrain.fsutil import atomic_write_text
+
+
+class ConfigError(ValueError):
+    """A user-caused configuration problem; the CLI prints it as one line and exits 2."""
+
+
+@dataclass
+class ModelConfig:
+    """Llama-style decoder shape."""
+
+    dim: int = 256  # hidden size
+    n_layers: int = 4  # decoder blocks
+    n_heads: int = 8  # query heads
+    n_kv_heads: int = 4  # key/value heads (grouped-query attention); must divide n_heads
+    ffn_hidden: int = 0  # SwiGLU hidden size; 0 = 8/3*dim rounded up to ffn_multiple_of
+    ffn_multiple_of: int = 64
+    vocab_size: int = 0  # 0 = tokenizer's vocabulary rounded up to a multiple of 64
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 0  # 0 = data.seq_len
+    dtype: str = "float32"  # float32 | bfloat16 (bfloat16 = mixed precision, fp32 master weights)
+    attention: str = "auto"  # auto | sdpa | flash (flash-attn, CUDA only)
+    init_std: float = 0.02
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from and how they are packed."""
+
+    corpus: str = "stdlib"  # stdlib | a text file | a folder of text files | a .jsonl file
+    jsonl_key: str = "text"  # field holding the document text in JSONL corpora
+    file_glob: str = "*.py,*.txt,*.md,*.rst"  # files read from a folder corpus
+    tokenizer: str = "byte"  # byte | path to a Hugging Face tokenizer.json
+    prepared: str = ""  # prefix of prepared .bin/.idx files; empty = prepare into cache_dir
+    cache_dir: str = "~/.cache/loomtrain"  # where prepared token files are cached
+    seq_len: int = 256  # tokens per packed training sequence
+    valid_fraction: float = 0.02  # fraction of documents held out for validation
+    max_documents: int = 0  # 0 = all documents of the corpus
+
+
+@dataclass
+class ParallelConfig:
+    """Degrees of each parallel dimension; their product must equal the world size."""
+
+    pp: int = 1  # pipeline stages
+    dp_replicate: int = 1  # replicated data parallel (HSDP outer dimension)
+    dp_shard: int = -1  # sharded data parallel (FSDP2); -1 = whatever the world size leaves
+    cp: int = 1  # context (sequence) parallel
+    tp: int = 1  # tensor parallel
+    mesh_order: str = "pp,dp_replicate,dp_shard,cp,tp"  # outermost to innermost
+    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    device: str = "auto"  # auto | cpu | cuda
+    activation_checkpoint: str = "none"  # none | full
+    compile: bool = False  # torch.compile each decoder block
+    loss_parallel: bool = True  # vocab-parallel cross entropy when tp > 1
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay."""
+
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 = no clipping
+    fused: str = "auto"  # auto | true | false  (fused AdamW where the platform has it)
+
+
+@dataclass
+class TrainConfig:
+    """Loop length, batch, seeds and outputs."""
+
+    steps: int = 100
+    seed: int = 1234
+    global_batch_size: int = 16  # sequences per optimizer step, over all data-parallel ranks
+    micro_batch_size: int = 0  # sequences per rank per forward; 0 = no gradient accumulation
+    log_every: int = 1
+    eval_every: int = 50  # 0 = never
+    eval_batches: int = 4
+    output_dir: str = "runs/tiny"
+    threads: int = 0  # torch intra-op threads per rank; 0 = cores / local ranks
+    progress: bool = True  # progress bar on rank 0
+
+
+@dataclass
+class CheckpointConfig:
+    """Distributed checkpoints (torch.distributed.checkpoint)."""
+
+    every_steps: int = 0  # 0 = only at the end and on SIGTERM/SIGINT
+    keep: int = 2  # newest checkpoints kept on disk
+    async_save: bool = False  # save in the background (dcp.async_save)
+    at_end: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    """Metrics destinations."""
+
+    wandb: bool = False
+    wandb_project: str = "loomtrain"
+    wandb_mode: str = "auto"  # auto (offline when no network) | online | offline
+    peak_tflops: float = 0.0  # per-device peak for MFU; 0 = detect (GPU table, CPU matmul probe)
+
+
+@dataclass
+class Experiment:
+    """A whole experiment: one YAML file."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "model.dtype": ("float32", "bfloat16"),
+    "model.attention": ("auto", "sdpa", "flash"),
+    "parallel.backend": ("auto", "nccl", "gloo"),
+    "parallel.device": ("auto", "cpu", "cuda"),
+    "parallel.activation_checkpoint": ("none", "full"),
+    "optim.fused": ("auto", "true", "false"),
+    "logging.wandb_mode": ("auto", "online", "offline"),
+}
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+
+
+def _coerce(path: str, value: Any, typ: type) -> Any:
+    """Convert ``value`` to the field type, accepting the strings ``--set`` produces."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{path}: expected true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if float(value).is_integer() else int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{path}: expected a number, got {value!r}")
+    if typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{path}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported field type {typ} at {path}")
+
+
+def _unknown_key(path: str, key: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+    where = f"{path}.{key}" if path else key
+    return ConfigError(f"{where}: unknown key{hint}")
+
+
+def _apply(obj: Any, values: dict, path: str = "") -> None:
+    """Set fields of dataclass ``obj`` from a nested dict, rejecting unknown keys and bad types."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in values.items():
+        if key not in names:
+            raise _unknown_key(path, str(key), names)
+        sub = f"{path}.{key}" if path else key
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _apply(current, value if value is not None else {}, sub)
+        else:
+            setattr(obj, key, _coerce(sub, value, hints[key]))
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """Turn ``["train.steps=5", ...]`` into a nested dict (values parsed as YAML scalars)."""
+    nested: dict = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item}: expected section.key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(f"--set {key}: expected section.key (e.g. train.steps)")
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        nested.setdefault(parts[0], {})[parts[1]] = value
+    return nested
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Experiment:
+    """Load defaults, then the YAML file, then ``--set`` overrides; validate; return the result."""
+    exp = Experiment()
+    if path is not None:
+        path = resolve_config_path(str(path))
+        try:
+            with open(path) as f:
+                values = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            first = str(e).splitlines()[0] if str(e) else "parse error"
+            raise ConfigError(f"{path}: not valid YAML ({first})") from None
+        _apply(exp, values)
+    _apply(exp, parse_overrides(overrides or []))
+    validate(exp)
+    return exp
+
+
+def resolve_config_path(path: str) -> str:
+    """Accept a file path, or the name of a config shipped in ``loomtrain/configs`` (e.g. ``tiny``)."""
+    if os.path.isfile(path):
+        return path
+    shipped = os.path.join(os.path.dirname(__file__), "..", "configs")
+    try:
+        import loomtrain.configs as _c
+
+        shipped = os.path.dirname(_c.__file__)
+    except ImportError:
+        pass
+    for name in (path, f"{path}.yaml"):
+        candidate = os.path.join(shipped, os.path.basename(name))
+        if os.path.isfile(candidate) and os.path.basename(name) == name:
+            return candidate
+    names = sorted(f[:-5] for f in os.listdir(shipped) if f.endswith(".yaml"))
+    raise ConfigError(f"config: no such file '{path}' (shipped configs: {', '.join(names)})")
+
+
+def _positive(exp: Experiment, *paths: str, allow_zero: bool = False) -> None:
+    for p in paths:
+        section, key = p.split(".")
+        v = getattr(getattr(exp, section), key)
+        if v < 0 or (v == 0 and not allow_zero):
+            raise ConfigError(f"{p}: must be {'>= 0' if allow_zero else '> 0'}, got {v}")
+
+
+def validate(exp: Experiment) -> None:
+    """Reject impossible values. World-size-dependent checks live in ParallelDims."""
+    for p, choices in CHOICES.items():
+        section, key = p.split(".")
+        v = getattr(getattr(exp, section), key)
+        if v not in choices:
+            raise ConfigError(f"{p}: must be one of {', '.join(choices)}, got {v!r}")
+    _positive(exp, "model.dim", "model.n_layers", "model.n_heads", "model.n_kv_heads",
+              "model.ffn_multiple_of", "model.norm_eps", "model.rope_theta", "data.seq_len",
+              "train.steps", "train.global_batch_size", "train.log_every", "optim.lr")
+    _positive(exp, "model.ffn_hidden", "model.vocab_size", "model.max_seq_len", "train.micro_batch_size",
+              "train.eval_every", "train.eval_batches", "train.threads", "optim.warmup_steps",
+              "optim.weight_decay", "optim.grad_clip", "optim.eps", "checkpoint.every_steps",
+              "checkpoint.keep", "data.max_documents", "logging.peak_tflops", allow_zero=True)
+    m = exp.model
+    if m.dim % m.n_heads:
+        raise ConfigError(f"model.dim: must be divisible by model.n_heads ({m.n_heads}), got {m.dim}")
+    if (m.dim // m.n_heads) % 2:
+        raise ConfigError(f"model.dim: dim/n_heads must be even for RoPE, got {m.dim // m.n_heads}")
+    if m.n_heads % m.n_kv_heads:
+        raise ConfigError(f"model.n_kv_heads: must divide model.n_heads ({m.n_heads}), got {m.n_kv_heads}")
+    if m.max_seq_len and m.max_seq_len < exp.data.seq_len:
+        raise ConfigError(f"model.max_seq_len: must be >= data.seq_len ({exp.data.seq_len}), got {m.max_seq_len}")
+    if not 0.0 <= exp.data.valid_fraction < 1.0:
+        raise ConfigError(f"data.valid_fraction: must be in [0, 1), got {exp.data.valid_fraction}")
+    if not 0.0 <= exp.optim.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1], got {exp.optim.min_lr_ratio}")
+    for p in ("optim.beta1", "optim.beta2"):
+        v = getattr(exp.optim, p.split(".")[1])
+        if not 0.0 <= v < 1.0:
+            raise ConfigError(f"{p}: must be in [0, 1), got {v}")
+    par = exp.parallel
+    for d in MESH_DIMS:
+        v = getattr(par, d)
+        if v < 1 and not (d == "dp_shard" and v == -1):
+            valid = ">= 1 or -1 (fill the world)" if d == "dp_shard" else ">= 1"
+            raise ConfigError(f"parallel.{d}: must be {valid}, got {v}")
+    order = [s.strip() for s in par.mesh_order.split(",")]
+    if sorted(order) != sorted(MESH_DIMS):
+        raise ConfigError(f"parallel.mesh_order: must be a permutation of {','.join(MESH_DIMS)}, got {par.mesh_order!r}")
+    if m.n_kv_heads % par.tp or m.n_heads % par.tp:
+        raise ConfigError(f"parallel.tp: must divide model.n_heads ({m.n_heads}) and model.n_kv_heads ({m.n_kv_heads}), got {par.tp}")
+    if exp.train.micro_batch_size and exp.train.global_batch_size % exp.train.micro_batch_size:
+        raise ConfigError(
+            f"train.micro_batch_size: must divide train.global_batch_size ({exp.train.global_batch_size}), "
+            f"got {exp.train.micro_batch_size}")
+
+
+def check_trainable(exp: Experiment) -> None:
+    """Reject dimensions that validate and plan but the trainer cannot run yet."""
+    if exp.parallel.pp > 1:
+        raise ConfigError("parallel.pp: pipeline parallelism is not built yet (planned only); use 1 to train")
+    if exp.parallel.cp > 1:
+        raise ConfigError("parallel.cp: context parallelism is not built yet (planned only); use 1 to train")
+
+
+def save_config(exp: Experiment, path: str) -> None:
+    """Write the resolved config atomically (temp file + rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_text(path, yaml.safe_dump(exp.to_dict(), sort_keys=False))

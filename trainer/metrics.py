@@ -1,0 +1,85 @@
+"""Throughput and utilization: tokens/s, MFU against a configured or detected peak, metric sinks.
+
+MFU = (training FLOPs per token x tokens/s) / (peak FLOP/s per device x devices). The
+peak comes from ``logging.peak_tflops``, else a table of GPU datasheet figures, else
+(CPU) a short matmul probe measured with the threads this rank uses, so CPU MFU is
+relative to what this machine's matmul actually reaches.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+
+# Dense datasheet peaks in TFLOP/s (bf16 / fp32-via-TF32 where it applies).
+GPU_PEAK_TFLOPS = {
+    "H200": (989.0, 494.0), "H100": (989.0, 494.0), "H800": (989.0, 494.0), "A100": (312.0, 156.0),
+    "A800": (312.0, 156.0), "L40S": (362.0, 183.0), "A10": (125.0, 62.5), "V100": (125.0, 15.7),
+}
+
+
+def detect_peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """Per-device peak FLOP/s and where the figure came from."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, (bf16, fp32) in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return (bf16 if dtype == torch.bfloat16 else fp32) * 1e12, f"datasheet {key}"
+        return 312e12, f"unknown GPU '{name}': assumed A100"
+    return measure_matmul_flops(dtype), f"CPU matmul probe ({torch.get_num_threads()} threads)"
+
+
+def measure_matmul_flops(dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 0.3) -> float:
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
+    torch.mm(a, b)
+    iters, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.mm(a, b)
+        iters += 1
+    return 2.0 * n ** 3 * iters / (time.perf_counter() - start)
+
+
+class MetricsSink:
+    """JSON lines to ``<output_dir>/metrics.jsonl`` (one flushed line per record) and wandb when enabled."""
+
+    def __init__(self, output_dir: str, log_cfg, config_dict: dict, enabled: bool, resume: bool):
+        self.enabled = enabled
+        self.file = None
+        self.wandb = None
+        if not enabled:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        path = os.path.join(output_dir, "metrics.jsonl")
+        self.file = open(path, "a" if resume else "w")
+        if log_cfg.wandb:
+            self.wandb = _start_wandb(output_dir, log_cfg, config_dict)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def _start_wandb(output_dir: str, log_cfg, config_dict: dict):
+    try:
+        import wandb
+    except ImportError:
+        raise RuntimeError("logging.wandb: wandb is not installed (pip install wandb, or 'loomtrain[dev]')") from None
+    mode = log_cfg.wandb_mode
+    if mode == "auto":
+        mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    return wandb.init(project=log_cfg.wandb_project, dir=output_dir, config=config_dict, mode=mode)

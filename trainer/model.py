@@ -1,0 +1,195 @@
+"""Llama-style decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention.
+
+Parallelism is not in here: ``loomtrain.parallel.parallelize`` applies TP/FSDP/AC/compile
+from outside. The model therefore never assumes head counts: it derives the local
+number of heads from the projected tensor's shape, so the same code runs on a
+tensor-parallel shard. Packed sequences carry ``doc_ids``; attention never crosses a
+document boundary and RoPE positions restart at each document.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loomtrain.trainer.attention import attend
+
+
+@dataclass
+class ModelArgs:
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    vocab_size: int
+    ffn_hidden: int
+    max_seq_len: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+    attention: str = "auto"
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @classmethod
+    def from_config(cls, m, vocab_size: int, seq_len: int) -> "ModelArgs":
+        ffn = m.ffn_hidden or m.ffn_multiple_of * math.ceil(int(8 * m.dim / 3) / m.ffn_multiple_of)
+        vocab = m.vocab_size or 64 * math.ceil(vocab_size / 64)
+        return cls(m.dim, m.n_layers, m.n_heads, m.n_kv_heads, vocab, ffn, m.max_seq_len or seq_len,
+                   m.norm_eps, m.rope_theta, m.init_std, m.attention)
+
+    def num_params(self, embeddings: bool = True) -> int:
+        d, kv = self.dim, self.n_kv_heads * self.head_dim
+        block = d * d * 2 + 2 * d * kv + 3 * d * self.ffn_hidden + 2 * d
+        total = self.n_layers * block + d + self.vocab_size * d  # blocks, final norm, output
+        return total + (self.vocab_size * d if embeddings else 0)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 x matmul parameters + causal attention (6 * L * dim * S).
+
+        The input embedding is a lookup, not a matmul, so it is not counted; attention
+        counts the dense causal triangle (document masking does less work than this).
+        """
+        return 6.0 * self.num_params(embeddings=False) + 6.0 * self.n_layers * self.dim * seq_len
+
+
+@dataclass
+class AttnContext:
+    """Per-forward inputs every attention layer shares (built once in ``Transformer.forward``)."""
+
+    cos: torch.Tensor  # (B, S, head_dim/2)
+    sin: torch.Tensor
+    doc_ids: torch.Tensor | None  # (B, S) or None when no row holds more than one document
+    backend: str
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (out * self.weight.float()).type_as(x)
+
+    def reset_parameters(self):
+        nn.init.ones_(self.weight)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), freqs)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) of ``x`` (B, S, H, D) by the per-position angles."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    c, s = cos.unsqueeze(2), sin.unsqueeze(2)
+    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.head_dim = args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        q = self.wq(x).view(bsz, seqlen, -1, self.head_dim)  # local heads under TP
+        k = self.wk(x).view(bsz, seqlen, -1, self.head_dim)
+        v = self.wv(x).view(bsz, seqlen, -1, self.head_dim)
+        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        out = attend(q, k, v, ctx.doc_ids, ctx.backend)
+        return self.wo(out.reshape(bsz, seqlen, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden)
+
+    def forward(self, x, ctx: AttnContext):
+        h = x + self.attention(self.attention_norm(x), ctx)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        # A ModuleDict keyed by layer index keeps FQNs stable when layers are split across stages.
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(args, i) for i in range(args.n_layers)})
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.attention_backend = "sdpa"
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Deterministic init from ``seed`` (same values on every rank before sharding)."""
+        gen = torch.Generator().manual_seed(seed)
+        std = self.args.init_std
+        out_std = std / math.sqrt(2 * self.args.n_layers)
+
+        def normal_(t, s):
+            t.copy_(torch.randn(t.shape, generator=gen) * s)
+
+        normal_(self.tok_embeddings.weight, 1.0)
+        for block in self.layers.values():
+            for lin in (block.attention.wq, block.attention.wk, block.attention.wv, block.feed_forward.w1,
+                        block.feed_forward.w3):
+                normal_(lin.weight, std)
+            normal_(block.attention.wo.weight, out_std)
+            normal_(block.feed_forward.w2.weight, out_std)
+            block.attention_norm.reset_parameters()
+            block.ffn_norm.reset_parameters()
+        self.norm.reset_parameters()
+        normal_(self.output.weight, self.args.dim ** -0.5)
+
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        bsz, seqlen = tokens.shape
+        if position_ids is None:
+            position_ids = torch.arange(seqlen, device=tokens.device).expand(bsz, seqlen)
+        if seqlen > self.args.max_seq_len:
+            raise ValueError(f"sequence length {seqlen} exceeds model.max_seq_len {self.args.max_seq_len}")
+        if doc_ids is not None and bool((doc_ids[:, -1] == doc_ids[:, 0]).all()):
+            doc_ids = None  # one document per row: plain causal attention is exact and faster
+        ctx = AttnContext(self.rope_cos[position_ids], self.rope_sin[position_ids], doc_ids,
+                          self.attention_backend)
+        h = self.tok_embeddings(tokens)
+        for block in self.layers.values():
+            h = block(h, ctx)
+        return self.output(self.norm(h))

@@ -1,0 +1,282 @@
+"""The training loop: build data, model and optimizer on the mesh; step; log; evaluate; checkpoint.
+
+``run(exp)`` is the one entry point: the CLI, torchrun, Slurm and the tests all call it.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from loomtrain.data.loader import PackedDataset, TrainBatches, eval_batches
+from loomtrain.data.prepare import prepare
+from loomtrain.launch.env import DistEnv, init_distributed, read_env, shutdown
+from loomtrain.parallel.mesh import ParallelDims
+from loomtrain.parallel.parallelize import parallelize_model
+from loomtrain.trainer.attention import resolve_backend
+from loomtrain.trainer.checkpoint import Checkpointer, latest_checkpoint
+from loomtrain.trainer.config import Experiment, check_trainable, save_config
+from loomtrain.trainer.metrics import MetricsSink, detect_peak_flops
+from loomtrain.trainer.model import ModelArgs, Transformer
+from loomtrain.trainer.optim import build_optimizer, build_scheduler
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class TrainResult:
+    losses: dict[int, float] = field(default_factory=dict)  # step -> training loss
+    val_losses: dict[int, float] = field(default_factory=dict)
+    last_step: int = 0
+    stopped_by_signal: bool = False
+    resumed_from: str | None = None
+    checkpoint: str | None = None
+
+
+class StopFlag:
+    """SIGTERM/SIGINT ask the loop to finish its step, checkpoint and exit."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def install(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def set_threads(exp: Experiment, env: DistEnv) -> None:
+    threads = exp.train.threads or max(1, (os.cpu_count() or 1) // env.local_world_size)
+    if env.device.type == "cpu":
+        torch.set_num_threads(threads)
+
+
+class Trainer:
+    def __init__(self, exp: Experiment, env: DistEnv, resume: str | None = None):
+        self.exp, self.env = exp, env
+        tcfg = exp.train
+        self.dims = ParallelDims.from_config(exp.parallel, env.world_size)
+        self.mesh = self.dims.build_mesh(env.device.type)
+        self.dp_rank = self.mesh["dp"].get_local_rank()
+        self.dtype = DTYPES[exp.model.dtype]
+
+        # Data: node-local rank 0 prepares (or finds cached) token files, the others wait.
+        if env.local_rank == 0:
+            prepared = prepare(exp.data, progress=env.is_main and tcfg.progress)
+        dist.barrier()
+        if env.local_rank != 0:
+            prepared = prepare(exp.data)
+        self.prepared = prepared
+        self.train_data = PackedDataset(prepared.train_prefix, exp.data.seq_len)
+        self.valid_data = PackedDataset(prepared.valid_prefix, exp.data.seq_len) if tcfg.eval_every else None
+        self.batches = TrainBatches(self.train_data, tcfg.seed, tcfg.global_batch_size, tcfg.micro_batch_size,
+                                    self.dp_rank, self.dims.dp)
+
+        # Model: identical full init on every rank (seeded), then laid over the mesh.
+        self.args = ModelArgs.from_config(exp.model, prepared.vocab_size, exp.data.seq_len)
+        if self.args.vocab_size < prepared.vocab_size:
+            raise ValueError(f"model.vocab_size: {self.args.vocab_size} is smaller than the tokenizer's "
+                             f"{prepared.vocab_size}")
+        if self.args.vocab_size % self.dims.tp:
+            raise ValueError(f"model.vocab_size: {self.args.vocab_size} must be divisible by parallel.tp {self.dims.tp}")
+        torch.manual_seed(tcfg.seed)
+        model = Transformer(self.args)
+        model.init_weights(tcfg.seed)
+        model.attention_backend = resolve_backend(exp.model.attention, env.device.type)
+        model.to(env.device)
+        self.loss_parallel = exp.parallel.loss_parallel and self.dims.tp > 1
+        parallelize_model(model, self.dims, self.mesh, loss_parallel=self.loss_parallel,
+                          activation_checkpoint=exp.parallel.activation_checkpoint, compile=exp.parallel.compile,
+                          param_dtype=self.dtype)
+        self.model = model
+        # Without FSDP, bf16 runs under autocast (FSDP's MixedPrecisionPolicy casts when it is on).
+        self.autocast = self.dtype == torch.bfloat16 and not self.dims.fsdp_enabled
+
+        self.optimizer = build_optimizer(model.parameters(), exp.optim, env.device)
+        self.scheduler = build_scheduler(self.optimizer, exp.optim, tcfg.steps)
+        self.ckpt = Checkpointer(os.path.join(tcfg.output_dir, "checkpoints"), exp.checkpoint.keep,
+                                 exp.checkpoint.async_save, env.rank)
+        self.step = 0
+        self.resumed_from = None
+        path = latest_checkpoint(self.ckpt.root) if resume in ("latest", "auto") else resume
+        if resume == "latest" and path is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under '{self.ckpt.root}'")
+        if path:
+            self.step = self.ckpt.load(path, model, self.optimizer, self.scheduler, self.batches.sampler)
+            self.resumed_from = path
+
+        self.tokens_per_step = tcfg.global_batch_size * exp.data.seq_len
+        self.flops_per_token = self.args.flops_per_token(exp.data.seq_len)
+        if exp.logging.peak_tflops:
+            self.peak_flops, self.peak_source = exp.logging.peak_tflops * 1e12, "logging.peak_tflops"
+        else:
+            self.peak_flops, self.peak_source = detect_peak_flops(env.device, self.dtype)
+
+    # ------------------------------------------------------------------ steps
+    def _loss(self, batch: dict) -> torch.Tensor:
+        batch = {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
+        with torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            logits = self.model(batch["input_ids"], batch["position_ids"], batch["doc_ids"])
+        return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
+
+    def _loss_context(self):
+        if self.loss_parallel:
+            from torch.distributed.tensor.parallel import loss_parallel
+
+            return loss_parallel()
+        return contextlib.nullcontext()
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step over this rank's micro-batches; returns (global mean loss, grad norm)."""
+        micro = self.batches.next_step()
+        self.model.train()
+        total = torch.zeros((), device=self.env.device)
+        for i, batch in enumerate(micro):
+            last = i == len(micro) - 1
+            if self.dims.fsdp_enabled:
+                self.model.set_requires_gradient_sync(last)  # reduce-scatter once per step
+            with self._loss_context():
+                loss = self._loss(batch) / len(micro)
+                loss.backward()
+            total += _local(loss).detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in self.model.parameters() if p.grad is not None],
+            self.exp.optim.grad_clip or float("inf"), foreach=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        dist.all_reduce(total, group=self.mesh["dp"].get_group())
+        return total.item() / self.dims.dp, float(_local(grad_norm))
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        tcfg = self.exp.train
+        micro = tcfg.micro_batch_size or self.batches.micro_batch
+        total = torch.zeros((), device=self.env.device)
+        batches = eval_batches(self.valid_data, tcfg.eval_batches, micro, self.dp_rank, self.dims.dp)
+        for batch in batches:
+            with self._loss_context():
+                total += _local(self._loss(batch))
+        dist.all_reduce(total, group=self.mesh["dp"].get_group())
+        return total.item() / (len(batches) * self.dims.dp)
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> TrainResult:
+        exp, env, tcfg = self.exp, self.env, self.exp.train
+        result = TrainResult(resumed_from=self.resumed_from)
+        sink = MetricsSink(tcfg.output_dir, exp.logging, exp.to_dict(), env.is_main, resume=bool(self.resumed_from))
+        stop = StopFlag()
+        stop.install()
+        bar = None
+        if env.is_main:
+            self._announce()
+            if tcfg.progress:
+                from tqdm import tqdm
+
+                bar = tqdm(total=tcfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        try:
+            while self.step < tcfg.steps:
+                start = time.perf_counter()
+                loss, grad_norm = self.train_step()
+                step_time = time.perf_counter() - start
+                self.step += 1
+                result.losses[self.step] = loss
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss} at step {self.step}")
+                record = None
+                if self.step % tcfg.log_every == 0 or self.step == tcfg.steps:
+                    tps = self.tokens_per_step / step_time
+                    record = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                              "grad_norm": grad_norm, "tokens_per_s": tps,
+                              "mfu": self.flops_per_token * tps / (self.peak_flops * env.world_size),
+                              "step_time_s": step_time, "tokens": self.step * self.tokens_per_step}
+                if tcfg.eval_every and (self.step % tcfg.eval_every == 0 or self.step == tcfg.steps):
+                    val = self.evaluate()
+                    result.val_losses[self.step] = val
+                    record = (record or {"step": self.step}) | {"val_loss": val}
+                if record:
+                    sink.log(record)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record.get('tokens_per_s', 0):.0f}",
+                                        mfu=f"{100 * record.get('mfu', 0):.1f}%", refresh=False)
+                    elif env.is_main:
+                        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                       for k, v in record.items()), flush=True)
+                if bar is not None:
+                    bar.update(1)
+                self.ckpt.poll()
+                if self._stop_requested(stop):
+                    result.stopped_by_signal = True
+                    break
+                every = exp.checkpoint.every_steps
+                if every and self.step % every == 0 and self.step < tcfg.steps:
+                    result.checkpoint = self.ckpt.save(self.model, self.optimizer, self.scheduler,
+                                                       self.batches.sampler, self.step)
+            if result.stopped_by_signal or exp.checkpoint.at_end:
+                result.checkpoint = self.ckpt.save(self.model, self.optimizer, self.scheduler,
+                                                   self.batches.sampler, self.step)
+            self.ckpt.wait()
+        finally:
+            stop.restore()
+            if bar is not None:
+                bar.close()
+            sink.close()
+        result.last_step = self.step
+        if env.is_main and result.stopped_by_signal:
+            print(f"stopped by signal after step {self.step}; checkpoint saved to {result.checkpoint}", flush=True)
+        return result
+
+    def _stop_requested(self, stop: StopFlag) -> bool:
+        """All ranks agree to stop if any of them got the signal (so they stop at the same step)."""
+        flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.env.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _announce(self) -> None:
+        a = self.args
+        print(f"loomtrain: {self.dims.describe()} on {self.env.device.type} ({self.env.backend}); "
+              f"model {a.num_params() / 1e6:.2f}M params ({a.n_layers} layers, dim {a.dim}, "
+              f"{a.n_heads}/{a.n_kv_heads} heads, vocab {a.vocab_size}); "
+              f"batch {self.exp.train.global_batch_size} x {self.exp.data.seq_len} tokens "
+              f"({self.batches.accumulation_steps} micro-steps/rank); "
+              f"data {self.prepared.meta['train_tokens']:,} train tokens; peak {self.peak_flops / 1e12:.3g} "
+              f"TFLOP/s/device ({self.peak_source})"
+              + (f"; resumed from {self.resumed_from} at step {self.step}" if self.resumed_from else ""),
+              flush=True)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's value (losses and norms are replicated), else the tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def run(exp: Experiment, resume: str | None = None) -> TrainResult:
+    """Train ``exp`` in this process (one rank of whatever launched it)."""
+    check_trainable(exp)
+    ParallelDims.from_config(exp.parallel, read_env()[1])  # degrees vs world size, before any group starts
+    env = init_distributed(exp.parallel)
+    try:
+        set_threads(exp, env)
+        if env.is_main:
+            save_config(exp, os.path.join(exp.train.output_dir, "config.yaml"))
+        trainer = Trainer(exp, env, resume)
+        return trainer.fit()
+    finally:
+        shutdown()
