@@ -23,17 +23,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child(fn, rank, world, port, args, conn, env):
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS",
+               "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE", "SLURM_JOB_NODELIST", "SLURM_JOB_ID")
+
+
+def launch_env(launcher: str, rank: int, world: int, port: int) -> dict:
+    """The variables torchrun or ``srun`` would give rank ``rank`` of a one-node job."""
+    if launcher == "slurm":
+        return {"SLURM_PROCID": str(rank), "SLURM_NTASKS": str(world), "SLURM_LOCALID": str(rank),
+                "SLURM_NTASKS_PER_NODE": str(world), "SLURM_JOB_NODELIST": "127.0.0.1", "MASTER_PORT": str(port)}
+    return {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+
+
+def _child(fn, rank, world, port, args, conn, env, launcher):
     try:
         torch.set_num_threads(1)  # libgomp's pool does not survive fork; one thread per rank
+        for k in LAUNCH_VARS:
+            os.environ.pop(k, None)
         os.environ.update(env)
         if world > 0:
-            os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                               "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
-                               "MASTER_PORT": str(port)})
-        else:
-            for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-                os.environ.pop(k, None)
+            os.environ.update(launch_env(launcher, rank, world, port))
         result = fn(rank, *args)
         conn.send(("ok", pickle.dumps(result)))
     except BaseException:
@@ -43,7 +53,8 @@ def _child(fn, rank, world, port, args, conn, env):
         os._exit(0)
 
 
-def run_ranks(fn, world_size: int, *args, timeout: float = 300.0, env: dict | None = None) -> list:
+def run_ranks(fn, world_size: int, *args, timeout: float = 300.0, env: dict | None = None,
+              launcher: str = "torchrun") -> list:
     """Run ``fn(rank, *args)`` in ``world_size`` forked processes wired as one torchrun-style job.
 
     ``world_size=0`` runs one forked process with no distributed environment (single-process mode).
@@ -54,7 +65,7 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 300.0, env: dict | No
     procs, pipes = [], []
     for rank in range(max(1, world_size)):
         parent, child = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_child, args=(fn, rank, world_size, port, args, child, env or {}))
+        p = ctx.Process(target=_child, args=(fn, rank, world_size, port, args, child, env or {}, launcher))
         p.start()
         child.close()
         procs.append(p)

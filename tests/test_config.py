@@ -1,0 +1,92 @@
+"""Config loading: precedence, validation messages, exit codes, the saved resolved config."""
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from loomtrain.launch.cli import main
+from loomtrain.trainer.config import ConfigError, load_config, parse_overrides
+
+
+def test_defaults_file_and_cli_precedence(tmp_path):
+    f = tmp_path / "exp.yaml"
+    f.write_text("train:\n  steps: 7\n  seed: 3\nmodel:\n  dim: 128\n")
+    exp = load_config(f, ["train.steps=9", "optim.lr=2e-4", "parallel.compile=true"])
+    assert exp.train.steps == 9  # CLI beats file
+    assert exp.train.seed == 3  # file beats default
+    assert exp.model.dim == 128
+    assert exp.optim.lr == pytest.approx(2e-4)
+    assert exp.parallel.compile is True
+    assert exp.train.log_every == 1  # default kept
+
+
+def test_shipped_configs_load_by_name():
+    for name in ("tiny", "cpu_tp2_dp2", "llama8b_64k_cluster"):
+        load_config(name)
+
+
+@pytest.mark.parametrize("override, message", [
+    (["train.stepz=3"], "train.stepz: unknown key; did you mean 'steps'?"),
+    (["trian.steps=3"], "trian: unknown key; did you mean 'train'?"),
+    (["train.steps=abc"], "train.steps: expected an integer, got 'abc'"),
+    (["train.steps=0"], "train.steps: must be > 0, got 0"),
+    (["model.dtype=fp16"], "model.dtype: must be one of float32, bfloat16, got 'fp16'"),
+    (["model.n_kv_heads=3"], "model.n_kv_heads: must divide model.n_heads (8), got 3"),
+    (["parallel.tp=3"], "parallel.tp: must divide model.n_heads (8) and model.n_kv_heads (4), got 3"),
+    (["parallel.mesh_order=tp,cp"], "parallel.mesh_order: must be a permutation"),
+    (["train.micro_batch_size=5"], "train.micro_batch_size: must divide train.global_batch_size (16), got 5"),
+    (["data.valid_fraction=1.5"], "data.valid_fraction: must be in [0, 1), got 1.5"),
+    (["parallel.compile=maybe"], "parallel.compile: expected true or false, got 'maybe'"),
+    (["train"], "--set train: expected section.key=value"),
+])
+def test_bad_values_name_the_field(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", override)
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(f)
+    with pytest.raises(ConfigError, match="no such file 'nope.yaml'"):
+        load_config("nope.yaml")
+
+
+def test_override_parsing_keeps_yaml_types():
+    assert parse_overrides(["a.b=1", "a.c=true", "d.e=x=y"]) == {"a": {"b": 1, "c": True}, "d": {"e": "x=y"}}
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--set", "train.stepz=1"],
+    ["train", "--nproc", "4", "--set", "parallel.tp=8", "--set", "model.n_heads=8", "--set", "model.n_kv_heads=8"],
+    ["train", "--nproc", "3", "--set", "parallel.tp=2"],
+    ["train", "--set", "data.corpus=/does/not/exist"],
+    ["train", "--set", "parallel.pp=2"],
+    ["plan", "--world-size", "6", "--set", "parallel.tp=4"],
+])
+def test_cli_rejects_before_starting_with_exit_2(argv, capsys, tmp_path):
+    assert main(argv + ["--set", f"train.output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_console_script_exit_code(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "loomtrain.launch.cli", "train", "--set", "optim.lr=-1"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 2
+    assert p.stderr.strip() == "error: optim.lr: must be > 0, got -1.0"
+
+
+def test_resolved_config_round_trips(tmp_path):
+    from loomtrain.trainer.config import save_config
+
+    exp = load_config("tiny", ["train.steps=5"])
+    save_config(exp, str(tmp_path / "config.yaml"))
+    again = load_config(tmp_path / "config.yaml")
+    assert again == exp
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["steps"] == 5

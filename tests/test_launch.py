@@ -1,0 +1,104 @@
+"""Launch paths: --nproc (elastic), torchrun, Slurm srun variables, sbatch writer, plan, data prepare."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import run_ranks
+from loomtrain.launch.cli import main
+from loomtrain.launch.env import expand_slurm_nodelist, read_env, slurm_rendezvous
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _sets(overrides):
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def test_nproc_launch_end_to_end(overrides, tmp_path):
+    """``loomtrain train --nproc 2``: real spawned ranks, metrics, saved config, final checkpoint."""
+    out = tmp_path / "run"
+    args = ["loomtrain", "train", "--nproc", "2"] + _sets(
+        overrides + ["train.steps=3", "train.log_every=1", "checkpoint.at_end=true", "parallel.tp=2"])
+    p = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for key in ("step", "loss", "lr", "tokens_per_s", "mfu", "grad_norm", "step_time_s"):
+        assert key in records[0]
+    assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in records)
+    assert (out / "config.yaml").is_file()
+    assert (out / "checkpoints" / "step_00000003" / ".metadata").is_file()
+    assert "tp=2" in p.stdout
+
+
+def test_torchrun_module_entry_point(overrides, tmp_path):
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            "-m", "loomtrain.launch.train", "tiny"] + _sets(overrides + ["train.steps=2", "parallel.dp_shard=2"])
+    p = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "dp_shard=2" in p.stdout
+
+
+def _train_slurm(rank, overrides):
+    from loomtrain.launch.env import read_env
+    from loomtrain.trainer.config import load_config
+    from loomtrain.trainer.train import run
+
+    r = run(load_config("tiny", overrides))
+    return read_env(), r.losses
+
+
+def test_srun_environment_trains(overrides):
+    results = run_ranks(_train_slurm, 2, overrides + ["train.steps=2", "parallel.dp_shard=2"], launcher="slurm")
+    assert [r[0] for r in results] == [(0, 2, 0, 2, "slurm"), (1, 2, 1, 2, "slurm")]
+    assert results[0][1] == results[1][1]
+
+
+def test_slurm_environment_parsing():
+    env = {"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "8(x2)",
+           "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "4242"}
+    assert read_env(env) == (9, 16, 1, 8, "slurm")
+    assert slurm_rendezvous(env) == ("gpu07", str(20000 + 4242))
+    assert expand_slurm_nodelist("node[01-03,7],gpu5") == ["node01", "node02", "node03", "node7", "gpu5"]
+    assert read_env({"RANK": "1", "WORLD_SIZE": "2"})[4] == "torchrun"  # torchrun wins over srun variables
+    assert read_env({}) == (0, 1, 0, 1, "single")
+
+
+def test_sbatch_script(tmp_path, capsys):
+    script = tmp_path / "job.sbatch"
+    assert main(["slurm", "tiny", "--nodes", "4", "--gpus-per-node", "2", "--output", str(script),
+                 "--set", "train.steps=5", "--set", "parallel.tp=2"]) == 0
+    text = script.read_text()
+    assert "#SBATCH --nodes=4" in text and "--nnodes=4 --nproc-per-node=2" in text
+    assert "--rdzv-backend=c10d" in text and "-m loomtrain.launch.train" in text
+    assert "--set train.steps=5" in text and "--resume auto" in text
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    assert main(["slurm", "tiny", "--nodes", "3", "--gpus-per-node", "1", "--set", "parallel.tp=2"]) == 2
+
+
+def test_plan_at_cluster_scale(capsys):
+    assert main(["plan", "llama8b_64k_cluster", "--world-size", "1024", "--gpus-per-node", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "dp_shard=32" in out and "cp=4" in out and "tp=8" in out
+    assert "B parameters" in out and "GFLOP" in out and "per-device memory estimate" in out
+    tp_row = next(line for line in out.splitlines() if line.startswith("tp "))
+    assert tp_row.split()[1:3] == ["8", "128"]  # size 8, 128 groups
+    assert main(["plan", "llama8b_64k_cluster", "--world-size", "64", "--gpus-per-node", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: tp=8 spans nodes" in out
+    assert main(["plan", "llama8b_64k_cluster", "--world-size", "100"]) == 2
+
+
+def test_data_prepare_command(tmp_path, capsys):
+    corpus = tmp_path / "texts"
+    corpus.mkdir()
+    for i in range(5):
+        (corpus / f"{i}.txt").write_text(f"text {i} " * 50)
+    prefix = tmp_path / "out" / "tokens"
+    assert main(["data", "prepare", "--set", f"data.corpus={corpus}", "--set", "data.valid_fraction=0.2",
+                 "--output", str(prefix), "--writer", "builtin"]) == 0
+    assert (tmp_path / "out" / "tokens_train.bin").is_file() and (tmp_path / "out" / "tokens.json").is_file()
+    assert f"data.prepared={prefix}" in capsys.readouterr().out
