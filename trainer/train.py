@@ -204,7 +204,8 @@ class Trainer:
                     record = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
                               "grad_norm": grad_norm, "tokens_per_s": tps,
                               "mfu": self.flops_per_token * tps / (self.peak_flops * env.world_size),
-                              "step_time_s": step_time, "tokens": self.step * self.tokens_per_step}
+                              "step_time_s": step_time, "tokens": self.step * self.tokens_per_step,
+                              "time": time.time()}
                 if tcfg.eval_every and (self.step % tcfg.eval_every == 0 or self.step == tcfg.steps):
                     val = self.evaluate()
                     result.val_losses[self.step] = val
@@ -216,7 +217,7 @@ class Trainer:
                                         mfu=f"{100 * record.get('mfu', 0):.1f}%", refresh=False)
                     elif env.is_main:
                         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                       for k, v in record.items()), flush=True)
+                                       for k, v in record.items() if k != "time"), flush=True)
                 if bar is not None:
                     bar.update(1)
                 self.ckpt.poll()
