@@ -12,9 +12,13 @@ def build_optimizer(params, cfg, device: torch.device) -> torch.optim.Optimizer:
     no_decay = [p for p in params if p.ndim < 2]  # norms: no weight decay
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    fused = cfg.fused == "true" or (cfg.fused == "auto" and device.type == "cuda")
+    fused = cfg.fused == "true" or cfg.fused == "auto"  # CUDA and CPU both have fused AdamW (torch>=2.4)
     if fused:
-        return torch.optim.AdamW(groups, fused=True, **kwargs)
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        except RuntimeError:
+            if cfg.fused == "true":
+                raise
     return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
