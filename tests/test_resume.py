@@ -41,6 +41,8 @@ def test_stop_and_resume_matches_uninterrupted(world, layout, overrides, tmp_pat
     assert (ckpt_root / "latest").read_text().strip() == f"step_{STOP_AT:08d}"
     assert not list(ckpt_root.glob("*.tmp"))
 
+    with open(tmp_path / "split" / "metrics.jsonl", "a") as f:  # as if step 4 was logged, then the job died
+        f.write(json.dumps({"step": 4, "loss": 0.0}) + "\n")
     second = run_ranks(_train, world, base + out, 0, "latest")
     for losses, last, stopped, resumed in second:
         assert resumed.endswith(f"step_{STOP_AT:08d}") and last == STEPS and not stopped
@@ -48,7 +50,8 @@ def test_stop_and_resume_matches_uninterrupted(world, layout, overrides, tmp_pat
         for step in (4, 5, 6):
             assert losses[step] == pytest.approx(full[step], rel=1e-6, abs=0), step
     metrics = [json.loads(line) for line in open(tmp_path / "split" / "metrics.jsonl")]
-    assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))  # appended across the restart
+    assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))  # appended across the restart, no stale step 4
+    assert all(m["loss"] > 0 for m in metrics)
 
 
 def test_resume_without_checkpoint_is_an_error(overrides, tmp_path):

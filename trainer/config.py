@@ -101,7 +101,7 @@ class TrainConfig:
     eval_batches: int = 4
     output_dir: str = "runs/tiny"
     threads: int = 0  # torch intra-op threads per rank; 0 = cores / local ranks
-    progress: bool = True  # progress bar on rank 0
+    progress: bool = True  # progress bar on rank 0 (a terminal); log lines otherwise
 
 
 @dataclass
@@ -109,7 +109,7 @@ class CheckpointConfig:
     """Distributed checkpoints (torch.distributed.checkpoint)."""
 
     every_steps: int = 0  # 0 = only at the end and on SIGTERM/SIGINT
-    keep: int = 2  # newest checkpoints kept on disk
+    keep: int = 2  # newest checkpoints kept on disk; 0 = keep all
     async_save: bool = False  # save in the background (dcp.async_save)
     at_end: bool = True
 

@@ -13,6 +13,8 @@ import time
 
 import torch
 
+from loomtrain.fsutil import atomic_write_text
+
 # Dense datasheet peaks in TFLOP/s (bf16 / fp32-via-TF32 where it applies).
 GPU_PEAK_TFLOPS = {
     "H200": (989.0, 494.0), "H100": (989.0, 494.0), "H800": (989.0, 494.0), "A100": (312.0, 156.0),
@@ -45,7 +47,8 @@ def measure_matmul_flops(dtype: torch.dtype = torch.float32, n: int = 1024, seco
 class MetricsSink:
     """JSON lines to ``<output_dir>/metrics.jsonl`` (one flushed line per record) and wandb when enabled."""
 
-    def __init__(self, output_dir: str, log_cfg, config_dict: dict, enabled: bool, resume: bool):
+    def __init__(self, output_dir: str, log_cfg, config_dict: dict, enabled: bool, resume_step: int | None):
+        """``resume_step``: records after it (logged before a crash, then lost with the step) are dropped."""
         self.enabled = enabled
         self.file = None
         self.wandb = None
@@ -53,7 +56,11 @@ class MetricsSink:
             return
         os.makedirs(output_dir, exist_ok=True)
         path = os.path.join(output_dir, "metrics.jsonl")
-        self.file = open(path, "a" if resume else "w")
+        if resume_step is not None and os.path.isfile(path):
+            with open(path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+            atomic_write_text(path, "".join(kept))
+        self.file = open(path, "a" if resume_step is not None else "w")
         if log_cfg.wandb:
             self.wandb = _start_wandb(output_dir, log_cfg, config_dict)
 

@@ -8,6 +8,7 @@ import contextlib
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -179,13 +180,14 @@ class Trainer:
     def fit(self) -> TrainResult:
         exp, env, tcfg = self.exp, self.env, self.exp.train
         result = TrainResult(resumed_from=self.resumed_from)
-        sink = MetricsSink(tcfg.output_dir, exp.logging, exp.to_dict(), env.is_main, resume=bool(self.resumed_from))
+        sink = MetricsSink(tcfg.output_dir, exp.logging, exp.to_dict(), env.is_main,
+                           resume_step=self.step if self.resumed_from else None)
         stop = StopFlag()
         stop.install()
         bar = None
         if env.is_main:
             self._announce()
-            if tcfg.progress:
+            if tcfg.progress and sys.stderr.isatty():  # in logs (CI, Slurm), plain lines read better
                 from tqdm import tqdm
 
                 bar = tqdm(total=tcfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
