@@ -107,3 +107,20 @@ def small_corpus(tmp_path_factory) -> str:
 @pytest.fixture
 def overrides(small_corpus, tmp_path) -> list[str]:
     return TEST_OVERRIDES + [f"data.prepared={small_corpus}", f"train.output_dir={tmp_path / 'run'}"]
+
+
+def signal_self_after_step(step: int, sig: int) -> None:
+    """In a forked rank: deliver ``sig`` to this process right after optimizer step ``step``,
+    exercising the trainer's real signal path (finish the step, checkpoint, stop)."""
+
+    from loomtrain.trainer import train as train_mod
+
+    original = train_mod.Trainer.train_step
+
+    def step_then_signal(self):
+        out = original(self)
+        if self.step + 1 == step:
+            os.kill(os.getpid(), sig)
+        return out
+
+    train_mod.Trainer.train_step = step_then_signal

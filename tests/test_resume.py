@@ -1,11 +1,10 @@
 """Stop (SIGTERM mid-run) and resume: the resumed run reaches exactly the uninterrupted run's losses."""
 import json
-import os
 import signal
 
 import pytest
 
-from conftest import run_ranks
+from conftest import run_ranks, signal_self_after_step
 
 STEPS, STOP_AT = 6, 3
 
@@ -15,15 +14,7 @@ def _train(rank, overrides, signal_at, resume):
     from loomtrain.trainer.config import load_config
 
     if signal_at and rank == 0:  # only rank 0 is signalled: every rank must still stop at the same step
-        original = train_mod.Trainer.train_step
-
-        def step_then_signal(self):
-            out = original(self)
-            if self.step + 1 == signal_at:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return out
-
-        train_mod.Trainer.train_step = step_then_signal
+        signal_self_after_step(signal_at, signal.SIGTERM)
     r = train_mod.run(load_config("tiny", overrides), resume=resume)
     return r.losses, r.last_step, r.stopped_by_signal, r.resumed_from
 

@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from conftest import run_ranks
+from conftest import run_ranks, signal_self_after_step
 
 
 def _run(rank, overrides, resume=None, signal_at=0, sig=signal.SIGINT):
@@ -14,15 +14,7 @@ def _run(rank, overrides, resume=None, signal_at=0, sig=signal.SIGINT):
     from loomtrain.trainer.config import load_config
 
     if signal_at:
-        original = train_mod.Trainer.train_step
-
-        def step_then_signal(self):
-            out = original(self)
-            if self.step + 1 == signal_at:
-                os.kill(os.getpid(), sig)
-            return out
-
-        train_mod.Trainer.train_step = step_then_signal
+        signal_self_after_step(signal_at, sig)
     r = train_mod.run(load_config("tiny", overrides), resume=resume)
     return r.losses, r.val_losses, r.stopped_by_signal, r.checkpoint
 

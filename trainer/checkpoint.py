@@ -102,8 +102,23 @@ class Checkpointer:
         self._commit(tmp, final)
 
     def poll(self) -> None:
-        """Commit a finished asynchronous save without blocking when it is still running."""
-        if self._pending is not None and self._pending[0].done():
+        """Commit a finished asynchronous save without blocking when it is still running.
+
+        Ranks finish their writes at different moments; committing has barriers, so all
+        ranks first agree that every rank is done (else one rank would sit in the commit
+        barrier while the others run the next step's collectives: a deadlock).
+        """
+        if self._pending is None:
+            return
+        done = self._pending[0].done()
+        if dist.is_initialized():
+            # On the default group, in program order on every rank; the save's own group is busy
+            # with the background thread's collectives.
+            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            flag = torch.tensor([1 if done else 0], dtype=torch.int32, device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            done = bool(flag.item())
+        if done:
             self.wait()
 
     def _commit(self, tmp: str, final: str) -> None:
