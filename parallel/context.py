@@ -1,0 +1,505 @@
+"""Context (sequence) parallel attention: TokenRing, ring attention and Ulysses, all trainable.
+
+A sequence of S tokens is split over a group of W ranks. ``layout="zigzag"`` cuts it into
+2W chunks and gives rank r chunks r and 2W-1-r (balances causal work);
+``"contiguous"`` gives rank r chunk r of W. Inputs are the local shards
+``q: (B, S_local, H, D)``, ``k, v: (B, S_local, H_kv, D)`` with ``H % H_kv == 0``.
+
+- ``ring_attention``: Q stays, K/V travel one hop per step; backward carries dK/dV
+  around a second ring.
+- ``token_ring_attention``: K/V stay, Q travels one way (rank r sends to r-1), partial
+  results (out, lse) go straight back to Q's owner on a second process group (the other
+  link direction). With zigzag + causal, once Q has wrapped around the ring only its
+  second chunk is needed, so only that half is sent and computed. Backward sends
+  (Q, dO, O, lse) the same way, computes dQ/dK/dV against the resident K/V (dK/dV never
+  move) and returns dQ to the owner.
+- ``ulysses_attention``: all-to-all to head-sharded full sequences, local attention,
+  all-to-all back. Needs H and H_kv divisible by W.
+
+Blocks are computed by pairs of chunks: a key chunk before the query chunk is attended
+in full, the same chunk causally, a later chunk is skipped. Partial results merge by
+log-sum-exp in fp32; a block whose rows see no key contributes lse = -inf. Backward
+re-runs each block's kernel backward with the *final* out and lse, which gives exact
+partial gradients. ``doc_ids`` (local shard of per-token document ids, laid out like q)
+restricts attention to the same document.
+
+Kernels: torch's CPU flash-attention op and its backward on CPU (fully masked rows, for
+which it returns lse 0, are set to -inf); on CUDA the same math through
+``aten._scaled_dot_product_efficient_attention`` would be the twin — only the CPU path is
+exercised here.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from loomtrain.comms.p2p import exchange
+
+_REVERSE_GROUPS: dict = {}
+
+
+def init_reverse_group(group=None):
+    """Create (collectively, on every rank of the world) TokenRing's second group for ``group``.
+
+    Results travel on it so the two directions do not queue behind each other. Without
+    it TokenRing uses ``group`` for both directions.
+    """
+    group = group or dist.group.WORLD
+    ranks = dist.get_process_group_ranks(group)
+    _REVERSE_GROUPS[tuple(ranks)] = dist.new_group(ranks)
+    return _REVERSE_GROUPS[tuple(ranks)]
+
+
+def _reverse_group(group):
+    return _REVERSE_GROUPS.get(tuple(dist.get_process_group_ranks(group)), group)
+
+
+# ----------------------------------------------------------------------------- layout
+def _chunk_ids(rank: int, world: int, layout: str) -> tuple[int, ...]:
+    if layout == "zigzag":
+        return (rank, 2 * world - 1 - rank)
+    if layout == "contiguous":
+        return (rank,)
+    raise ValueError(f"layout: must be 'zigzag' or 'contiguous', got {layout!r}")
+
+
+def _num_chunks(world: int, layout: str) -> int:
+    return 2 * world if layout == "zigzag" else world
+
+
+def _group_info(group):
+    group = group or dist.group.WORLD
+    return group, dist.get_world_size(group), dist.get_rank(group)
+
+
+def shard_sequence(x: torch.Tensor, *, dim: int = 1, group=None, layout: str = "zigzag") -> torch.Tensor:
+    """This rank's part of the full tensor ``x`` along ``dim``."""
+    _, world, rank = _group_info(group)
+    n = _num_chunks(world, layout)
+    if x.shape[dim] % n:
+        raise ValueError(f"sequence length {x.shape[dim]} must be divisible by {n} for layout {layout!r} "
+                         f"on {world} ranks")
+    parts = x.chunk(n, dim)
+    return torch.cat([parts[c] for c in _chunk_ids(rank, world, layout)], dim)
+
+
+def unshard_sequence(x_local: torch.Tensor, *, dim: int = 1, group=None, layout: str = "zigzag") -> torch.Tensor:
+    """Gather every rank's part back into the full tensor (inverse of :func:`shard_sequence`)."""
+    group, world, _ = _group_info(group)
+    gathered = [torch.empty_like(x_local) for _ in range(world)]
+    dist.all_gather(gathered, x_local.contiguous(), group=group)
+    chunks = {}
+    for r, part in enumerate(gathered):
+        ids = _chunk_ids(r, world, layout)
+        for cid, piece in zip(ids, part.chunk(len(ids), dim)):
+            chunks[cid] = piece
+    return torch.cat([chunks[c] for c in range(_num_chunks(world, layout))], dim)
+
+
+# ----------------------------------------------------------------------------- kernels
+def _repeat_kv(t: torch.Tensor, rep: int) -> torch.Tensor:
+    return t if rep == 1 else t.repeat_interleave(rep, dim=2)
+
+
+def _reduce_kv(t: torch.Tensor, rep: int) -> torch.Tensor:
+    """Gradient of ``_repeat_kv``: sum the ``rep`` query heads that shared each KV head."""
+    if rep == 1:
+        return t
+    b, s, h, d = t.shape
+    return t.view(b, s, h // rep, rep, d).sum(3)
+
+
+def _mask(q_doc, k_doc, diagonal: bool, dtype) -> torch.Tensor | None:
+    """Additive (B, 1, Sq, Sk) mask for a chunk pair, or None when plain (causal) attention is exact."""
+    if q_doc is None:
+        return None
+    allowed = q_doc[:, :, None] == k_doc[:, None, :]
+    if diagonal:
+        allowed = allowed & torch.ones(allowed.shape[1:], dtype=torch.bool, device=allowed.device).tril()
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill_(~allowed, float("-inf")).unsqueeze(1)
+
+
+def _kernel_fwd(q, k, v, causal: bool, mask):
+    """(out (B,S,H,D) fp32, lse (B,H,S) fp32) of one block; rows that see nothing get lse = -inf."""
+    rep = q.shape[2] // k.shape[2]
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, _repeat_kv(k, rep), _repeat_kv(v, rep)))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        qt, kt, vt, 0.0, causal and mask is None, attn_mask=mask)
+    lse = lse.float()
+    if mask is not None:
+        dead = torch.isneginf(mask).all(-1)  # (B, 1, Sq): the kernel returns lse 0 there
+        lse = lse.masked_fill(dead, float("-inf"))
+    return out.transpose(1, 2).float(), lse
+
+
+def _kernel_bwd(dout, q, k, v, out, lse, causal: bool, mask):
+    rep = q.shape[2] // k.shape[2]
+    kr, vr = _repeat_kv(k, rep), _repeat_kv(v, rep)
+    args = [t.transpose(1, 2) for t in (dout.to(q.dtype), q, kr, vr, out.to(q.dtype))]
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        *args, lse.contiguous(), 0.0, causal and mask is None, attn_mask=mask)
+    return (dq.transpose(1, 2).float(), _reduce_kv(dk.transpose(1, 2).float(), rep),
+            _reduce_kv(dv.transpose(1, 2).float(), rep))
+
+
+def _pairs(q_chunks, k_chunks, causal: bool):
+    """(i, j, diagonal) for every query chunk i / key chunk j pair that has work."""
+    for i, qc in enumerate(q_chunks):
+        for j, kc in enumerate(k_chunks):
+            if not causal or kc < qc:
+                yield i, j, False
+            elif kc == qc:
+                yield i, j, True
+
+
+def _split(t, n, dim):
+    return t.chunk(n, dim) if n > 1 else (t,)
+
+
+def merge_(out, lse, blk_out, blk_lse):
+    """In place: fold a partial result into (out, lse) by log-sum-exp (fp32)."""
+    new_lse = torch.logaddexp(lse, blk_lse)
+    # exp(-inf - (-inf)) is nan: rows still empty on both sides stay 0.
+    w_old = torch.nan_to_num(torch.exp(lse - new_lse)).transpose(1, 2).unsqueeze(-1)
+    w_new = torch.nan_to_num(torch.exp(blk_lse - new_lse)).transpose(1, 2).unsqueeze(-1)
+    out.mul_(w_old).add_(blk_out * w_new)
+    lse.copy_(new_lse)
+
+
+def block_forward(q, k, v, q_chunks, k_chunks, causal, docs):
+    """Attention of the query chunks in ``q`` over the key chunks in ``k``/``v``: (out fp32, lse)."""
+    b, s, h, d = q.shape
+    out = torch.zeros(b, s, h, d, dtype=torch.float32, device=q.device)
+    lse = torch.full((b, h, s), float("-inf"), dtype=torch.float32, device=q.device)
+    qs, ks, vs = _split(q, len(q_chunks), 1), _split(k, len(k_chunks), 1), _split(v, len(k_chunks), 1)
+    outs, lses = _split(out, len(q_chunks), 1), _split(lse, len(q_chunks), 2)
+    for i, j, diag in _pairs(q_chunks, k_chunks, causal):
+        mask = _mask(docs[q_chunks[i]], docs[k_chunks[j]], diag and causal, q.dtype) if docs else None
+        o, l = _kernel_fwd(qs[i], ks[j], vs[j], diag and causal, mask)
+        merge_(outs[i], lses[i], o, l)
+    return out, lse
+
+
+def block_backward(dout, q, k, v, out, lse, q_chunks, k_chunks, causal, docs):
+    """Partial (dq, dk, dv) of one block, given the final ``out``/``lse`` of the query rows."""
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    nq, nk = len(q_chunks), len(k_chunks)
+    qs, dos, os_, ls = _split(q, nq, 1), _split(dout, nq, 1), _split(out, nq, 1), _split(lse, nq, 2)
+    ks, vs = _split(k, nk, 1), _split(v, nk, 1)
+    dqs, dks, dvs = _split(dq, nq, 1), _split(dk, nk, 1), _split(dv, nk, 1)
+    for i, j, diag in _pairs(q_chunks, k_chunks, causal):
+        mask = _mask(docs[q_chunks[i]], docs[k_chunks[j]], diag and causal, q.dtype) if docs else None
+        a, b_, c = _kernel_bwd(dos[i], qs[i], ks[j], vs[j], os_[i], ls[i], diag and causal, mask)
+        dqs[i].add_(a)
+        dks[j].add_(b_)
+        dvs[j].add_(c)
+    return dq, dk, dv
+
+
+def _doc_chunks(doc_ids, group, world, layout):
+    """Every chunk's document ids, by global chunk index (one all-gather of a small int tensor)."""
+    if doc_ids is None:
+        return None
+    full = unshard_sequence(doc_ids, dim=1, group=group, layout=layout)
+    return dict(enumerate(full.chunk(_num_chunks(world, layout), 1)))
+
+
+# ----------------------------------------------------------------------------- ring attention
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, group, causal, layout, docs):
+        group, world, rank = _group_info(group)
+        mine = _chunk_ids(rank, world, layout)
+        kv = torch.stack([k, v]).contiguous()
+        out = lse = None
+        for step in range(world):
+            if step < world - 1:  # the next hop travels while this block computes
+                nxt = torch.empty_like(kv)
+                pending = exchange([(kv, (rank + 1) % world)], [(nxt, (rank - 1) % world)], group)
+            o, l = block_forward(q, kv[0], kv[1], mine, _chunk_ids((rank - step) % world, world, layout), causal, docs)
+            if out is None:
+                out, lse = o, l
+            else:
+                merge_(out, lse, o, l)
+            if step < world - 1:
+                pending.wait()
+                kv = nxt
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.meta = (group, causal, layout, docs)
+        return out.to(q.dtype), lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        group, causal, layout, docs = ctx.meta
+        _, world, rank = _group_info(group)
+        mine = _chunk_ids(rank, world, layout)
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        kv = torch.stack([k, v]).contiguous()
+        dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
+        for step in range(world):
+            owner = (rank - step) % world
+            a, b, c = block_backward(dout, q, kv[0], kv[1], out, lse, mine, _chunk_ids(owner, world, layout),
+                                     causal, docs)
+            dq += a
+            dkv[0] += b
+            dkv[1] += c
+            if world == 1:
+                break
+            if step < world - 1:  # K/V and their gradient accumulators travel together
+                nkv, ndkv = torch.empty_like(kv), torch.empty_like(dkv)
+                exchange([(kv, (rank + 1) % world), (dkv, (rank + 1) % world)],
+                         [(nkv, (rank - 1) % world), (ndkv, (rank - 1) % world)], group).wait()
+                kv, dkv = nkv, ndkv
+            else:  # the finished accumulator goes home
+                home = torch.empty_like(dkv)
+                exchange([(dkv, (rank + 1) % world)], [(home, (rank - 1) % world)], group).wait()
+                dkv = home
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None
+
+
+# ----------------------------------------------------------------------------- TokenRing
+def _q_chunks_needed(owner: int, holder: int, world: int, causal: bool, layout: str) -> tuple[int, ...]:
+    """Query chunks of ``owner`` that have work against ``holder``'s keys (zigzag+causal: wrapped -> 2nd half)."""
+    chunks = _chunk_ids(owner, world, layout)
+    if causal and layout == "zigzag" and owner < holder:
+        return chunks[1:]
+    return chunks
+
+
+def _rows(t, chunks_all, chunks_sub, dim):
+    """The rows of ``t`` (laid out as ``chunks_all``) that belong to ``chunks_sub``."""
+    if len(chunks_sub) == len(chunks_all):
+        return t
+    parts = t.chunk(len(chunks_all), dim)
+    return torch.cat([parts[chunks_all.index(c)] for c in chunks_sub], dim)
+
+
+def _travel(packs, rank, world, step, causal, layout, group):
+    """Post: send the package held at ``step`` to rank-1, receive the one for ``step + 1`` from rank+1.
+
+    ``packs`` are (tensor, seq_dim) pairs laid out as the owner's needed chunks at this step.
+    Returns (pending, buffers). Only the chunks the receiver needs are sent.
+    """
+    owner_now = (rank + step) % world
+    have = _q_chunks_needed(owner_now, rank, world, causal, layout)
+    send_to = (rank - 1) % world
+    send_chunks = _q_chunks_needed(owner_now, send_to, world, causal, layout)
+    owner_next = (rank + step + 1) % world
+    recv_chunks = _q_chunks_needed(owner_next, rank, world, causal, layout)
+    sends = [(_rows(t, have, send_chunks, dim), send_to) for t, dim in packs]
+    bufs = []
+    for t, dim in packs:
+        shape = list(t.shape)
+        shape[dim] = shape[dim] // len(have) * len(recv_chunks)
+        bufs.append(torch.empty(shape, dtype=t.dtype, device=t.device))
+    return exchange(sends, [(b, (rank + 1) % world) for b in bufs], group), bufs
+
+
+def _return_results(results, rank, world, step, causal, layout, group, like):
+    """Send ``results`` (computed at ``step`` for owner rank+step) home; receive mine from rank-step."""
+    owner = (rank + step) % world
+    source = (rank - step) % world
+    mine_all = _chunk_ids(rank, world, layout)
+    recv_chunks = _q_chunks_needed(rank, source, world, causal, layout)
+    bufs = []
+    for t, dim in like:
+        shape = list(t.shape)
+        shape[dim] = shape[dim] // len(mine_all) * len(recv_chunks)
+        bufs.append(torch.empty(shape, dtype=t.dtype, device=t.device))
+    pending = exchange([(r, owner) for r in results], [(b, source) for b in bufs], group)
+    return pending, bufs, recv_chunks
+
+
+class _TokenRing(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, group, causal, layout, docs):
+        group, world, rank = _group_info(group)
+        back = _reverse_group(group)
+        mine = _chunk_ids(rank, world, layout)
+        held = [(q, 1)]
+        q_next = _travel(held, rank, world, 0, causal, layout, group) if world > 1 else None
+        out, lse = block_forward(q, k, v, mine, mine, causal, docs)  # step 0: local, overlaps Q's first hop
+        returning = None
+        for step in range(1, world):
+            pending, [q_cur] = q_next
+            pending.wait()
+            if step < world - 1:  # prefetch the next Q while this block computes
+                q_next = _travel([(q_cur, 1)], rank, world, step, causal, layout, group)
+            owner = (rank + step) % world
+            q_chunks = _q_chunks_needed(owner, rank, world, causal, layout)
+            o, l = block_forward(q_cur, k, v, q_chunks, mine, causal, docs)
+            if returning is not None:  # results of the previous step, sent one step late
+                _merge_returned(out, lse, returning, mine)
+            returning = _return_results([o, l], rank, world, step, causal, layout, back,
+                                        [(out, 1), (lse, 2)])
+        if returning is not None:
+            _merge_returned(out, lse, returning, mine)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.meta = (group, causal, layout, docs)
+        return out.to(q.dtype), lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        group, causal, layout, docs = ctx.meta
+        _, world, rank = _group_info(group)
+        back = _reverse_group(group)
+        mine = _chunk_ids(rank, world, layout)
+        dout = dout.contiguous()
+        packs = [(q, 1), (dout.to(q.dtype), 1), (out.to(q.dtype), 1), (lse, 2)]
+        nxt = _travel(packs, rank, world, 0, causal, layout, group) if world > 1 else None
+        dq, dk, dv = block_backward(dout, q, k, v, out, lse, mine, mine, causal, docs)
+        returning = None
+        for step in range(1, world):
+            pending, cur = nxt
+            pending.wait()
+            if step < world - 1:
+                nxt = _travel([(t, d) for t, (_, d) in zip(cur, packs)], rank, world, step, causal, layout, group)
+            owner = (rank + step) % world
+            q_chunks = _q_chunks_needed(owner, rank, world, causal, layout)
+            a, b, c = block_backward(cur[1], cur[0], k, v, cur[2], cur[3], q_chunks, mine, causal, docs)
+            dk += b
+            dv += c
+            if returning is not None:
+                _add_returned(dq, returning, mine)
+            returning = _return_results([a], rank, world, step, causal, layout, back, [(dq, 1)])
+        if returning is not None:
+            _add_returned(dq, returning, mine)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+def _merge_returned(out, lse, returning, mine):
+    pending, (o, l), chunks = returning
+    pending.wait()
+    if len(chunks) == len(mine):
+        merge_(out, lse, o, l)
+    else:
+        i = mine.index(chunks[0])
+        merge_(out.chunk(len(mine), 1)[i], lse.chunk(len(mine), 2)[i], o, l)
+
+
+def _add_returned(dq, returning, mine):
+    pending, (d,), chunks = returning
+    pending.wait()
+    if len(chunks) == len(mine):
+        dq += d
+    else:
+        dq.chunk(len(mine), 1)[mine.index(chunks[0])].add_(d)
+
+
+# ----------------------------------------------------------------------------- Ulysses
+class _AllToAll(torch.autograd.Function):
+    """(B, S_l, H, D) sequence-sharded <-> (B, W*S_l, H/W, D) head-sharded; backward is the reverse."""
+
+    @staticmethod
+    def forward(ctx, x, group, to_heads: bool):
+        ctx.meta = (group, to_heads)
+        return _all_to_all(x, group, to_heads)
+
+    @staticmethod
+    def backward(ctx, grad):
+        group, to_heads = ctx.meta
+        return _all_to_all(grad.contiguous(), group, not to_heads), None, None
+
+
+def _all_to_all(x, group, to_heads: bool):
+    world = dist.get_world_size(group)
+    b = x.shape[0]
+    if to_heads:
+        s, h, d = x.shape[1], x.shape[2], x.shape[3]
+        send = x.reshape(b, s, world, h // world, d).permute(2, 0, 1, 3, 4).contiguous()
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=group)  # recv[w] = rank w's sequence part, my heads
+        _count_all_to_all(send, world)
+        return recv.permute(1, 0, 2, 3, 4).reshape(b, world * s, h // world, d)
+    s, h, d = x.shape[1] // world, x.shape[2], x.shape[3]
+    send = x.reshape(b, world, s, h, d).permute(1, 0, 2, 3, 4).contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)  # recv[w] = my sequence part, rank w's heads
+    _count_all_to_all(send, world)
+    return recv.permute(1, 2, 0, 3, 4).reshape(b, s, world * h, d)
+
+
+def _count_all_to_all(send, world):
+    from loomtrain.comms.p2p import STATS
+
+    STATS.messages += world - 1
+    STATS.bytes += send.numel() * send.element_size() * (world - 1) // world
+
+
+class _LocalAttention(torch.autograd.Function):
+    """Full-sequence attention through the same block kernels (returns lse as well)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, chunks, causal, docs):
+        out, lse = block_forward(q, k, v, chunks, chunks, causal, docs)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.meta = (chunks, causal, docs)
+        return out.to(q.dtype), lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        chunks, causal, docs = ctx.meta
+        dq, dk, dv = block_backward(dout.contiguous(), q, k, v, out, lse, chunks, chunks, causal, docs)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def _ulysses(q, k, v, group, causal, layout, docs, want_lse=True):
+    group, world, rank = _group_info(group)
+    if q.shape[2] % world or k.shape[2] % world:
+        raise ValueError(f"ulysses_attention: heads ({q.shape[2]}) and kv_heads ({k.shape[2]}) must be divisible "
+                         f"by the group size {world}")
+    # After the all-to-all the sequence is in rank order of chunks: (chunks of rank 0, of rank 1, ...).
+    order = [c for r in range(world) for c in _chunk_ids(r, world, layout)]
+    qh, kh, vh = (_AllToAll.apply(t, group, True) for t in (q, k, v))
+    out, lse = _LocalAttention.apply(qh, kh, vh, tuple(order), causal, docs)
+    out = _AllToAll.apply(out, group, False)
+    if not want_lse:
+        return out, None
+    lse_seq = _all_to_all(lse.transpose(1, 2).unsqueeze(-1).contiguous(), group, False)
+    return out, lse_seq.squeeze(-1).transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------- public API
+def _check(q, k, v, group, layout):
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"expected q (B, S, H, D) and k, v (B, S, H_kv, D); got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"heads ({q.shape[2]}) must be a multiple of kv_heads ({k.shape[2]})")
+    _chunk_ids(0, 1, layout)
+    _, world, _ = _group_info(group)
+    n = len(_chunk_ids(0, world, layout))
+    if q.shape[1] % n:
+        raise ValueError(f"local sequence length {q.shape[1]} must be divisible by {n} for layout {layout!r}")
+
+
+def _run(fn, q, k, v, group, causal, layout, doc_ids, return_lse):
+    _check(q, k, v, group, layout)
+    group, world, _ = _group_info(group)
+    docs = _doc_chunks(doc_ids, group, world, layout)
+    if fn is _ulysses:
+        out, lse = _ulysses(q, k, v, group, causal, layout, docs, return_lse)
+    else:
+        out, lse = fn.apply(q, k, v, group, causal, layout, docs)
+    return (out, lse) if return_lse else out
+
+
+def token_ring_attention(q, k, v, *, group=None, causal=True, layout="zigzag", doc_ids=None, return_lse=False):
+    """TokenRing: Q travels, K/V stay, partial results return to the owner. See the module docstring."""
+    return _run(_TokenRing, q, k, v, group, causal, layout, doc_ids, return_lse)
+
+
+def ring_attention(q, k, v, *, group=None, causal=True, layout="zigzag", doc_ids=None, return_lse=False):
+    """Ring attention: Q stays, K/V travel one hop per step."""
+    return _run(_RingAttention, q, k, v, group, causal, layout, doc_ids, return_lse)
+
+
+def ulysses_attention(q, k, v, *, group=None, causal=True, layout="zigzag", doc_ids=None, return_lse=False):
+    """Ulysses: all-to-all to head-sharded full sequences and back."""
+    return _run(_ulysses, q, k, v, group, causal, layout, doc_ids, return_lse)
