@@ -38,16 +38,21 @@ from loomtrain.comms.p2p import exchange
 _REVERSE_GROUPS: dict = {}
 
 
-def init_reverse_group(group=None):
-    """Create (collectively, on every rank of the world) TokenRing's second group for ``group``.
+def register_reverse_group(group, reverse) -> None:
+    """Use ``reverse`` (same ranks as ``group``) for TokenRing's result direction on ``group``.
 
-    Results travel on it so the two directions do not queue behind each other. Without
-    it TokenRing uses ``group`` for both directions.
+    Results travel on it so the two directions do not queue behind each other (on NCCL:
+    separate communicators, separate streams). Without it TokenRing uses ``group`` for both.
     """
+    _REVERSE_GROUPS[tuple(dist.get_process_group_ranks(group))] = reverse
+
+
+def init_reverse_group(group=None):
+    """Create and register the reverse group for ``group`` (collective over the whole world)."""
     group = group or dist.group.WORLD
-    ranks = dist.get_process_group_ranks(group)
-    _REVERSE_GROUPS[tuple(ranks)] = dist.new_group(ranks)
-    return _REVERSE_GROUPS[tuple(ranks)]
+    reverse = dist.new_group(dist.get_process_group_ranks(group))
+    register_reverse_group(group, reverse)
+    return reverse
 
 
 def _reverse_group(group):

@@ -1,6 +1,6 @@
-"""Lay a Transformer over a DeviceMesh: ``apply_tp``, ``apply_ac``, ``apply_compile``, ``apply_fsdp``.
+"""Lay a Transformer over a DeviceMesh: ``apply_tp``, ``apply_cp``, ``apply_ac``, ``apply_compile``, ``apply_fsdp``.
 
-Applied in that fixed order by :func:`parallelize_model`, outside the model code
+Applied in that fixed order (``apply_cp`` after TP) by :func:`parallelize_model`, outside the model code
 (the torchtitan pattern). Tensor parallelism uses DTensor: column-wise q/k/v/w1/w3,
 row-wise wo/w2, sequence-parallel norms (activations between blocks are sharded on the
 sequence dimension), and a vocabulary-parallel loss when enabled. FSDP2 (``fully_shard``)
@@ -39,6 +39,27 @@ def apply_tp(model: nn.Module, tp_mesh, loss_parallel: bool) -> None:
         })
 
 
+def apply_cp(model: nn.Module, dims, cp_mesh, impl: str) -> None:
+    """Attention over the cp group's zigzag shards (the loader hands each cp rank its shard).
+
+    TokenRing's second (result) direction needs a group per cp group; creating groups is
+    collective over the world, so every rank creates all of them and keeps its own.
+    """
+    from loomtrain.parallel import context
+
+    if impl == "tokenring":
+        import torch.distributed as dist
+
+        mine = dist.get_process_group_ranks(cp_mesh.get_group())
+        for ranks in dims.groups("cp"):
+            group = dist.new_group(ranks)
+            if ranks == mine:
+                context.register_reverse_group(cp_mesh.get_group(), group)
+    fn = {"tokenring": context.token_ring_attention, "ring": context.ring_attention,
+          "ulysses": context.ulysses_attention}[impl]
+    model.context_parallel = (fn, cp_mesh.get_group())
+
+
 def apply_ac(model: nn.Module) -> None:
     """Full activation checkpointing: each block recomputes its forward during backward."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -65,9 +86,11 @@ def apply_fsdp(model: nn.Module, dp_mesh, param_dtype: torch.dtype) -> None:
 
 
 def parallelize_model(model: nn.Module, dims, mesh, *, loss_parallel: bool, activation_checkpoint: str,
-                      compile: bool, param_dtype: torch.dtype) -> None:
+                      compile: bool, param_dtype: torch.dtype, cp_impl: str = "tokenring") -> None:
     if dims.tp > 1:
         apply_tp(model, mesh["tp"], loss_parallel)
+    if dims.cp > 1:
+        apply_cp(model, dims, mesh["cp"], cp_impl)
     if activation_checkpoint == "full":
         apply_ac(model)
     if compile:

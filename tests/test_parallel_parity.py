@@ -30,14 +30,28 @@ def full_params(ckpt_dir, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def reference(small_corpus, tmp_path_factory):
+def references(small_corpus, tmp_path_factory):
+    """Single-process runs, one per model shape, computed once per module."""
     from conftest import TEST_OVERRIDES
 
-    out = tmp_path_factory.mktemp("ref")
-    ov = TEST_OVERRIDES + [f"data.prepared={small_corpus}", f"train.output_dir={out / 'run'}",
-                           f"train.steps={STEPS}", "checkpoint.at_end=true"]
-    [(losses, ckpt)] = run_ranks(_train, 0, ov)
-    return losses, full_params(ckpt, out)
+    cache = {}
+
+    def get(model_overrides=()):
+        key = tuple(model_overrides)
+        if key not in cache:
+            out = tmp_path_factory.mktemp("ref")
+            ov = TEST_OVERRIDES + [f"data.prepared={small_corpus}", f"train.output_dir={out / 'run'}",
+                                   f"train.steps={STEPS}", "checkpoint.at_end=true"] + list(key)
+            [(losses, ckpt)] = run_ranks(_train, 0, ov)
+            cache[key] = losses, full_params(ckpt, out)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def reference(references):
+    return references()
 
 
 LAYOUTS = {
@@ -69,3 +83,29 @@ def test_layout_matches_single_process(layout, reference, small_corpus, tmp_path
         assert diff <= 1e-5, (layout, name, diff)
     # The run really trained: parameters moved away from their initial values.
     assert ref_losses[STEPS] < ref_losses[1]
+
+
+CP_LAYOUTS = {f"cp2_{second}_{impl}": [f"parallel.cp=2", f"parallel.cp_impl={impl}"] +
+              (["parallel.dp_shard=2"] if second == "dp2" else ["parallel.tp=2", "parallel.dp_shard=1"])
+              for impl in ("tokenring", "ring", "ulysses") for second in ("dp2", "tp2")}
+# Ulysses splits heads over cp*tp = 4: that model needs 4 KV heads (its own reference run).
+MHA = ("model.n_kv_heads=4",)
+
+
+@pytest.mark.parametrize("layout", CP_LAYOUTS)
+def test_context_parallel_matches_single_process(layout, references, small_corpus, tmp_path):
+    """cp=2 x dp=2 and cp=2 x tp=2, each attention strategy: the single-process loss curve within 1e-4."""
+    from conftest import TEST_OVERRIDES
+
+    model = MHA if layout == "cp2_tp2_ulysses" else ()
+    ov = TEST_OVERRIDES + [f"data.prepared={small_corpus}", f"train.output_dir={tmp_path / 'run'}",
+                           f"train.steps={STEPS}", "checkpoint.at_end=true"] + CP_LAYOUTS[layout] + list(model)
+    results = run_ranks(_train, 4, ov)
+    ref_losses, ref_params = references(model)
+    for losses, _ in results:
+        for step, ref in ref_losses.items():
+            assert abs(losses[step] - ref) <= 1e-4 * abs(ref), (layout, step, losses[step], ref)
+    params = full_params(results[0][1], tmp_path)
+    for name, ref in ref_params.items():
+        diff = (params[name].float() - ref.float()).abs().max().item()
+        assert diff <= 1e-5, (layout, name, diff)

@@ -73,7 +73,10 @@ def _flash(q, k, v, doc_ids):  # pragma: no cover - needs CUDA + flash-attn
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None,
-           backend: str = "sdpa") -> torch.Tensor:
+           backend: str = "sdpa", context_parallel: tuple | None = None) -> torch.Tensor:
+    if context_parallel is not None:  # q/k/v are this rank's zigzag shard of the sequence
+        fn, group = context_parallel
+        return fn(q, k, v, group=group, causal=True, layout="zigzag", doc_ids=doc_ids)
     if backend == "flash":
         return _flash(q, k, v, doc_ids)
     return _sdpa(q, k, v, doc_ids)

@@ -65,6 +65,7 @@ class ParallelConfig:
     dp_shard: int = -1  # sharded data parallel (FSDP2); -1 = whatever the world size leaves
     cp: int = 1  # context (sequence) parallel
     tp: int = 1  # tensor parallel
+    cp_impl: str = "tokenring"  # context-parallel attention: tokenring | ring | ulysses
     mesh_order: str = "pp,dp_replicate,dp_shard,cp,tp"  # outermost to innermost
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
     device: str = "auto"  # auto | cpu | cuda
@@ -146,6 +147,7 @@ CHOICES = {
     "parallel.backend": ("auto", "nccl", "gloo"),
     "parallel.device": ("auto", "cpu", "cuda"),
     "parallel.activation_checkpoint": ("none", "full"),
+    "parallel.cp_impl": ("tokenring", "ring", "ulysses"),
     "optim.fused": ("auto", "true", "false"),
     "logging.wandb_mode": ("auto", "online", "offline"),
 }
@@ -314,6 +316,12 @@ def validate(exp: Experiment) -> None:
         raise ConfigError(f"parallel.mesh_order: must be a permutation of {','.join(MESH_DIMS)}, got {par.mesh_order!r}")
     if m.n_kv_heads % par.tp or m.n_heads % par.tp:
         raise ConfigError(f"parallel.tp: must divide model.n_heads ({m.n_heads}) and model.n_kv_heads ({m.n_kv_heads}), got {par.tp}")
+    if exp.data.seq_len % (2 * par.cp):
+        raise ConfigError(f"data.seq_len: must be divisible by 2*parallel.cp = {2 * par.cp} (zigzag layout), "
+                          f"got {exp.data.seq_len}")
+    if par.cp_impl == "ulysses" and (m.n_heads % (par.cp * par.tp) or m.n_kv_heads % (par.cp * par.tp)):
+        raise ConfigError(f"parallel.cp_impl: ulysses needs model.n_heads ({m.n_heads}) and model.n_kv_heads "
+                          f"({m.n_kv_heads}) divisible by cp*tp = {par.cp * par.tp}; use tokenring or ring")
     if exp.train.micro_batch_size and exp.train.global_batch_size % exp.train.micro_batch_size:
         raise ConfigError(
             f"train.micro_batch_size: must divide train.global_batch_size ({exp.train.global_batch_size}), "
@@ -324,8 +332,6 @@ def check_trainable(exp: Experiment) -> None:
     """Reject dimensions that validate and plan but the trainer cannot run yet."""
     if exp.parallel.pp > 1:
         raise ConfigError("parallel.pp: pipeline parallelism is not built yet (planned only); use 1 to train")
-    if exp.parallel.cp > 1:
-        raise ConfigError("parallel.cp: context parallelism is not built yet (planned only); use 1 to train")
 
 
 def save_config(exp: Experiment, path: str) -> None:

@@ -66,6 +66,7 @@ class AttnContext:
     sin: torch.Tensor
     doc_ids: torch.Tensor | None  # (B, S) or None when no row holds more than one document
     backend: str
+    context_parallel: tuple | None = None  # (attention function, process group) when cp > 1
 
 
 class RMSNorm(nn.Module):
@@ -113,7 +114,7 @@ class Attention(nn.Module):
         k = self.wk(x).view(bsz, seqlen, -1, self.head_dim)
         v = self.wv(x).view(bsz, seqlen, -1, self.head_dim)
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
-        out = attend(q, k, v, ctx.doc_ids, ctx.backend)
+        out = attend(q, k, v, ctx.doc_ids, ctx.backend, ctx.context_parallel)
         return self.wo(out.reshape(bsz, seqlen, -1))
 
 
@@ -155,6 +156,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.attention_backend = "sdpa"
+        self.context_parallel = None  # set by parallel.parallelize.apply_cp
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
@@ -185,10 +187,12 @@ class Transformer(nn.Module):
             position_ids = torch.arange(seqlen, device=tokens.device).expand(bsz, seqlen)
         if seqlen > self.args.max_seq_len:
             raise ValueError(f"sequence length {seqlen} exceeds model.max_seq_len {self.args.max_seq_len}")
-        if doc_ids is not None and bool((doc_ids[:, -1] == doc_ids[:, 0]).all()):
-            doc_ids = None  # one document per row: plain causal attention is exact and faster
+        # One document per row: plain causal attention is exact and faster. Under context
+        # parallelism this shard does not know the other shards' documents: keep the ids.
+        if doc_ids is not None and self.context_parallel is None and bool((doc_ids[:, -1] == doc_ids[:, 0]).all()):
+            doc_ids = None
         ctx = AttnContext(self.rope_cos[position_ids], self.rope_sin[position_ids], doc_ids,
-                          self.attention_backend)
+                          self.attention_backend, self.context_parallel)
         h = self.tok_embeddings(tokens)
         for block in self.layers.values():
             h = block(h, ctx)

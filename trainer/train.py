@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from loomtrain.data.loader import PackedDataset, TrainBatches, eval_batches
 from loomtrain.data.prepare import prepare
 from loomtrain.launch.env import DistEnv, init_distributed, read_env, shutdown
+from loomtrain.parallel.context import shard_sequence
 from loomtrain.parallel.mesh import ParallelDims
 from loomtrain.parallel.parallelize import parallelize_model
 from loomtrain.trainer.attention import resolve_backend
@@ -102,7 +103,7 @@ class Trainer:
         self.loss_parallel = exp.parallel.loss_parallel and self.dims.tp > 1
         parallelize_model(model, self.dims, self.mesh, loss_parallel=self.loss_parallel,
                           activation_checkpoint=exp.parallel.activation_checkpoint, compile=exp.parallel.compile,
-                          param_dtype=self.dtype)
+                          param_dtype=self.dtype, cp_impl=exp.parallel.cp_impl)
         self.model = model
         # Without FSDP, bf16 runs under autocast (FSDP's MixedPrecisionPolicy casts when it is on).
         self.autocast = self.dtype == torch.bfloat16 and not self.dims.fsdp_enabled
@@ -130,6 +131,9 @@ class Trainer:
     # ------------------------------------------------------------------ steps
     def _loss(self, batch: dict) -> torch.Tensor:
         batch = {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
+        if self.dims.cp > 1:  # this cp rank's zigzag part of every sequence (tokens, labels, positions, docs)
+            group = self.mesh["cp"].get_group()
+            batch = {k: shard_sequence(v, dim=1, group=group) for k, v in batch.items()}
         with torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             logits = self.model(batch["input_ids"], batch["position_ids"], batch["doc_ids"])
         return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
@@ -160,8 +164,9 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        dist.all_reduce(total, group=self.mesh["dp"].get_group())
-        return total.item() / self.dims.dp, float(_local(grad_norm))
+        # Every (dp, cp) rank saw the same number of tokens: the global mean is the mean of means.
+        dist.all_reduce(total, group=self.mesh["loss"].get_group())
+        return total.item() / (self.dims.dp * self.dims.cp), float(_local(grad_norm))
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -173,8 +178,8 @@ class Trainer:
         for batch in batches:
             with self._loss_context():
                 total += _local(self._loss(batch))
-        dist.all_reduce(total, group=self.mesh["dp"].get_group())
-        return total.item() / (len(batches) * self.dims.dp)
+        dist.all_reduce(total, group=self.mesh["loss"].get_group())
+        return total.item() / (len(batches) * self.dims.dp * self.dims.cp)
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> TrainResult:
