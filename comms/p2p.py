@@ -60,6 +60,14 @@ class Pending:
             time.sleep(delay)
 
 
+def account_collective(nbytes: int, messages: int) -> None:
+    """Count a blocking collective's bytes (e.g. an all-to-all) and pay its simulated link time."""
+    STATS.messages += messages
+    STATS.bytes += nbytes
+    if _LINK is not None and nbytes:
+        time.sleep(_LINK.transfer_time(nbytes))
+
+
 def exchange(sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]], group) -> Pending:
     """Post sends ``(tensor, group_rank)`` and receives ``(buffer, group_rank)`` as one batch.
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from loomtrain.comms.p2p import exchange
+from loomtrain.comms.p2p import account_collective, exchange
 
 _REVERSE_GROUPS: dict = {}
 
@@ -430,10 +430,7 @@ def _all_to_all(x, group, to_heads: bool):
 
 
 def _count_all_to_all(send, world):
-    from loomtrain.comms.p2p import STATS
-
-    STATS.messages += world - 1
-    STATS.bytes += send.numel() * send.element_size() * (world - 1) // world
+    account_collective(send.numel() * send.element_size() * (world - 1) // world, world - 1)
 
 
 class _LocalAttention(torch.autograd.Function):

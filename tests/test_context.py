@@ -140,3 +140,37 @@ def test_token_ring_sends_half_of_wrapped_queries():
     causal = sum(run_ranks(_forward_bytes, 4, True))
     full = sum(run_ranks(_forward_bytes, 4, False))
     assert causal * 4 == full * 3, (causal, full)
+
+
+def _bytes_by_strategy(rank):
+    import torch.distributed as dist
+
+    from loomtrain.comms.p2p import STATS
+    from loomtrain.parallel import context as cp
+
+    dist.init_process_group("gloo")
+    try:
+        q, k, v, dout, _ = make_inputs(5, 2, 64, 8, 4, 16, 0)
+        res = {}
+        for name, fn in (("tokenring", cp.token_ring_attention), ("ring", cp.ring_attention),
+                         ("ulysses", cp.ulysses_attention)):
+            ql, kl, vl = (cp.shard_sequence(t).requires_grad_() for t in (q, k, v))
+            STATS.reset()
+            out = fn(ql, kl, vl)
+            fwd = STATS.bytes
+            out.backward(cp.shard_sequence(dout))
+            res[name] = (fwd, STATS.bytes - fwd)
+        return res
+    finally:
+        dist.destroy_process_group()
+
+
+def test_cost_model_byte_counts_match_what_is_sent():
+    from loomtrain.parallel.cp_cost import Shape, bytes_per_rank
+
+    world = 4
+    per_rank = run_ranks(_bytes_by_strategy, world)
+    model = bytes_per_rank(Shape(batch=2, seq=64, heads=8, kv_heads=4, head_dim=16, world=world))
+    for name, (fwd, bwd) in model.items():
+        assert sum(r[name][0] for r in per_rank) == pytest.approx(world * fwd, rel=1e-9), name
+        assert sum(r[name][1] for r in per_rank) == pytest.approx(world * bwd, rel=1e-9), name
