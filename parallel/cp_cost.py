@@ -4,13 +4,11 @@ Bytes are exact counts of what ``parallel/context.py`` sends (tested against its
 accounting); times are a model:
 
 - compute: causal attention is 2*B*S^2*H*D FLOPs forward (half of 4*B*S^2*H*D), backward
-  2.5x forward, split evenly over W ranks (zigzag balances it); at ``flops`` per rank.
-- ring / TokenRing overlap each step's transfer with the step's compute, so each of the
-  W-1 communicating steps costs max(compute_step, transfer_step) + latency.
-  Ring sends everything over one link direction. TokenRing sends Q one way and results
-  the other: with ``topology="full_mesh"`` (NVSwitch) the result goes straight to its
-  owner on its own link, so the step costs the larger of the two directions; with
-  ``topology="ring"`` the results take (on average W/2) hops on the reverse direction.
+  2.5x forward, split evenly over W ranks and W blocks per rank (zigzag balances it).
+- ring / TokenRing: pipelined steps, each max(block compute, hop transfer), see
+  :func:`predict_seconds`. TokenRing's results travel the other direction: with
+  ``topology="full_mesh"`` (NVSwitch) straight to the owner, with ``topology="ring"``
+  over W/2 hops on average.
 - Ulysses: all-to-all does not overlap compute; on a full mesh each rank's W-1 pieces go
   in parallel over W-1 links, on a ring they cross W/4 hops on average in each direction.
 """
@@ -56,26 +54,37 @@ def attention_flops(s: Shape) -> float:
 
 def predict_seconds(s: Shape, bandwidth: float, latency: float, flops: float,
                     topology: str = "full_mesh") -> dict[str, float]:
-    """Modelled fwd+bwd seconds per strategy for one rank. ``bandwidth`` in bytes/s per link direction."""
+    """Modelled fwd+bwd seconds per strategy for one rank. ``bandwidth`` in bytes/s per link direction.
+
+    Step-level model of the code in ``parallel/context.py``: ring overlaps hop i+1 with
+    block i and, in backward, sends dK/dV home at the end; TokenRing overlaps Q's next hop
+    with the current block and each block's results with the next block, leaving the last
+    result transfer as a tail (at W=2 nothing overlaps the result); Ulysses overlaps nothing.
+    """
     w = s.world
-    compute = attention_flops(s) / w / flops
+    fwd_total = attention_flops(s) / 3.5 / w / flops
     if w == 1:
-        return {k: compute for k in ("tokenring", "ring", "ulysses")}
-    b = bytes_per_rank(s)
-    step_compute = compute / w
-    out = {}
-    ring_bytes = sum(b["ring"]) / (w - 1) / 2  # per step, per pass (fwd, bwd)
-    out["ring"] = step_compute * 2 + 2 * (w - 1) * (max(step_compute, ring_bytes / bandwidth) + latency)
-    tr = sum(b["tokenring"]) / (w - 1) / 2
-    share_q = 0.45  # Q-direction share of TokenRing bytes (Q / Q,dO,O,lse) vs results (out, lse / dQ)
-    q_dir, r_dir = tr * share_q, tr * (1 - share_q)
+        return {k: fwd_total * 3.5 for k in ("tokenring", "ring", "ulysses")}
+    e, rows = s.elem_bytes, s.batch * s.seq // w
+    q = rows * s.heads * s.head_dim * e
+    kv = rows * s.kv_heads * s.head_dim * e
+    kv32 = rows * s.kv_heads * s.head_dim * 4
+    out32, lse = rows * s.heads * s.head_dim * 4, rows * s.heads * 4
+    frac = 0.75 if s.causal else 1.0
+    t = lambda nbytes, hops=1: latency + nbytes * hops / bandwidth  # noqa: E731
+
+    def pipelined(step_compute, hop_time, tail):
+        return (w - 1) * max(step_compute, hop_time) + step_compute + tail
+
+    c_f, c_b = fwd_total / w, 2.5 * fwd_total / w
+    ring = pipelined(c_f, t(2 * kv), 0) + pipelined(c_b, t(2 * kv + 2 * kv32), t(2 * kv32))
     hops = 1 if topology == "full_mesh" else w / 2
-    step_comm = max(q_dir, r_dir * hops) / bandwidth
-    out["tokenring"] = step_compute * 2 + 2 * (w - 1) * (max(step_compute, step_comm) + latency)
-    ub = sum(b["ulysses"])
+    tr_f = pipelined(max(c_f, t(frac * (out32 + lse), hops)), t(frac * q), t(frac * (out32 + lse), hops))
+    tr_b = pipelined(max(c_b, t(frac * out32, hops)), t(frac * (3 * q + lse)), t(frac * out32, hops))
     links = (w - 1) if topology == "full_mesh" else 2 / max(1.0, w / 4)
-    out["ulysses"] = compute + ub / (bandwidth * links) + 8 * latency
-    return out
+    a2a = (w - 1) / w * (2 * q + 2 * kv)
+    ulysses = 3.5 * fwd_total + 2 * a2a / (bandwidth * links) + 8 * latency
+    return {"tokenring": tr_f + tr_b, "ring": ring, "ulysses": ulysses}
 
 
 def choose(s: Shape, bandwidth: float, latency: float, flops: float, topology: str = "full_mesh") -> str:

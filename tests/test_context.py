@@ -174,3 +174,20 @@ def test_cost_model_byte_counts_match_what_is_sent():
     for name, (fwd, bwd) in model.items():
         assert sum(r[name][0] for r in per_rank) == pytest.approx(world * fwd, rel=1e-9), name
         assert sum(r[name][1] for r in per_rank) == pytest.approx(world * bwd, rel=1e-9), name
+
+
+def test_cost_model_choices():
+    from loomtrain.parallel.cp_cost import Shape, choose, predict_seconds
+
+    gqa = Shape(batch=1, seq=65536, heads=32, kv_heads=8, head_dim=128, world=8, elem_bytes=2)
+    slow = 1e9 / 8  # 1 Gbit/s: the strategy sending the fewest bytes wins
+    assert choose(gqa, slow, 1e-5, 300e12) == "ulysses"
+    odd = Shape(batch=1, seq=65536, heads=30, kv_heads=6, head_dim=128, world=8, elem_bytes=2)
+    assert choose(odd, slow, 1e-5, 300e12) != "ulysses"  # heads not divisible by W: Ulysses cannot run
+    # With GQA (4 query heads per KV head) ring moves fewer bytes than TokenRing; a ring topology
+    # (results cross W/2 hops) makes TokenRing strictly slower than on a full mesh.
+    t_mesh = predict_seconds(gqa, 50e9, 1e-5, 300e12, "full_mesh")["tokenring"]
+    t_ring = predict_seconds(gqa, 50e9, 1e-5, 300e12, "ring")["tokenring"]
+    assert t_ring > t_mesh
+    fast = predict_seconds(gqa, 1e15, 0.0, 300e12)
+    assert max(fast.values()) / min(fast.values()) < 1.01  # infinitely fast links: compute decides, all equal

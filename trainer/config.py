@@ -65,7 +65,10 @@ class ParallelConfig:
     dp_shard: int = -1  # sharded data parallel (FSDP2); -1 = whatever the world size leaves
     cp: int = 1  # context (sequence) parallel
     tp: int = 1  # tensor parallel
-    cp_impl: str = "tokenring"  # context-parallel attention: tokenring | ring | ulysses
+    cp_impl: str = "tokenring"  # context-parallel attention: tokenring | ring | ulysses | auto (cost model)
+    cp_link_gbps: float = 100.0  # for cp_impl=auto: bandwidth between cp peers per direction, Gbit/s
+    cp_latency_us: float = 10.0  # for cp_impl=auto: per-transfer latency between cp peers
+    cp_topology: str = "full_mesh"  # for cp_impl=auto: full_mesh (NVSwitch-like) | ring
     mesh_order: str = "pp,dp_replicate,dp_shard,cp,tp"  # outermost to innermost
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
     device: str = "auto"  # auto | cpu | cuda
@@ -147,7 +150,8 @@ CHOICES = {
     "parallel.backend": ("auto", "nccl", "gloo"),
     "parallel.device": ("auto", "cpu", "cuda"),
     "parallel.activation_checkpoint": ("none", "full"),
-    "parallel.cp_impl": ("tokenring", "ring", "ulysses"),
+    "parallel.cp_impl": ("tokenring", "ring", "ulysses", "auto"),
+    "parallel.cp_topology": ("full_mesh", "ring"),
     "optim.fused": ("auto", "true", "false"),
     "logging.wandb_mode": ("auto", "online", "offline"),
 }
@@ -283,9 +287,10 @@ def validate(exp: Experiment) -> None:
             raise ConfigError(f"{p}: must be one of {', '.join(choices)}, got {v!r}")
     _positive(exp, "model.dim", "model.n_layers", "model.n_heads", "model.n_kv_heads",
               "model.ffn_multiple_of", "model.norm_eps", "model.rope_theta", "data.seq_len",
-              "train.steps", "train.global_batch_size", "train.log_every", "optim.lr")
+              "train.steps", "train.global_batch_size", "train.log_every", "optim.lr",
+              "parallel.cp_link_gbps")
     _positive(exp, "model.ffn_hidden", "model.vocab_size", "model.max_seq_len", "train.micro_batch_size",
-              "train.eval_every", "train.eval_batches", "train.threads", "optim.warmup_steps",
+              "train.eval_every", "train.eval_batches", "train.threads", "parallel.cp_latency_us", "optim.warmup_steps",
               "optim.weight_decay", "optim.grad_clip", "optim.eps", "checkpoint.every_steps",
               "checkpoint.keep", "data.max_documents", "logging.peak_tflops", allow_zero=True)
     m = exp.model

@@ -95,6 +95,14 @@ class Trainer:
                              f"{prepared.vocab_size}")
         if self.args.vocab_size % self.dims.tp:
             raise ValueError(f"model.vocab_size: {self.args.vocab_size} must be divisible by parallel.tp {self.dims.tp}")
+        self.tokens_per_step = tcfg.global_batch_size * exp.data.seq_len
+        self.flops_per_token = self.args.flops_per_token(exp.data.seq_len)
+        if exp.logging.peak_tflops:
+            self.peak_flops, self.peak_source = exp.logging.peak_tflops * 1e12, "logging.peak_tflops"
+        else:
+            self.peak_flops, self.peak_source = detect_peak_flops(env.device, self.dtype)
+        self.cp_impl = self._choose_cp_impl() if self.dims.cp > 1 else None
+
         torch.manual_seed(tcfg.seed)
         model = Transformer(self.args)
         model.init_weights(tcfg.seed)
@@ -103,7 +111,7 @@ class Trainer:
         self.loss_parallel = exp.parallel.loss_parallel and self.dims.tp > 1
         parallelize_model(model, self.dims, self.mesh, loss_parallel=self.loss_parallel,
                           activation_checkpoint=exp.parallel.activation_checkpoint, compile=exp.parallel.compile,
-                          param_dtype=self.dtype, cp_impl=exp.parallel.cp_impl)
+                          param_dtype=self.dtype, cp_impl=self.cp_impl)
         self.model = model
         # Without FSDP, bf16 runs under autocast (FSDP's MixedPrecisionPolicy casts when it is on).
         self.autocast = self.dtype == torch.bfloat16 and not self.dims.fsdp_enabled
@@ -121,12 +129,19 @@ class Trainer:
             self.step = self.ckpt.load(path, model, self.optimizer, self.scheduler, self.batches.sampler)
             self.resumed_from = path
 
-        self.tokens_per_step = tcfg.global_batch_size * exp.data.seq_len
-        self.flops_per_token = self.args.flops_per_token(exp.data.seq_len)
-        if exp.logging.peak_tflops:
-            self.peak_flops, self.peak_source = exp.logging.peak_tflops * 1e12, "logging.peak_tflops"
-        else:
-            self.peak_flops, self.peak_source = detect_peak_flops(env.device, self.dtype)
+
+    def _choose_cp_impl(self) -> str:
+        """The configured strategy, or (``auto``) the cost model's pick for this shape and link."""
+        par = self.exp.parallel
+        if par.cp_impl != "auto":
+            return par.cp_impl
+        from loomtrain.parallel.cp_cost import Shape, choose
+
+        a = self.args
+        micro = self.exp.train.micro_batch_size or self.batches.micro_batch
+        shape = Shape(micro, self.exp.data.seq_len, a.n_heads // self.dims.tp, a.n_kv_heads // self.dims.tp,
+                      a.head_dim, self.dims.cp, elem_bytes=2 if self.dtype == torch.bfloat16 else 4)
+        return choose(shape, par.cp_link_gbps * 1e9 / 8, par.cp_latency_us * 1e-6, self.peak_flops, par.cp_topology)
 
     # ------------------------------------------------------------------ steps
     def _loss(self, batch: dict) -> torch.Tensor:
@@ -257,7 +272,8 @@ class Trainer:
 
     def _announce(self) -> None:
         a = self.args
-        print(f"loomtrain: {self.dims.describe()} on {self.env.device.type} ({self.env.backend}); "
+        cp = f" (cp attention: {self.cp_impl})" if self.cp_impl else ""
+        print(f"loomtrain: {self.dims.describe()}{cp} on {self.env.device.type} ({self.env.backend}); "
               f"model {a.num_params() / 1e6:.2f}M params ({a.n_layers} layers, dim {a.dim}, "
               f"{a.n_heads}/{a.n_kv_heads} heads, vocab {a.vocab_size}); "
               f"batch {self.exp.train.global_batch_size} x {self.exp.data.seq_len} tokens "
