@@ -24,9 +24,9 @@ partial gradients. ``doc_ids`` (local shard of per-token document ids, laid out 
 restricts attention to the same document.
 
 Kernels: torch's CPU flash-attention op and its backward on CPU (fully masked rows, for
-which it returns lse 0, are set to -inf); on CUDA the same math through
-``aten._scaled_dot_product_efficient_attention`` would be the twin — only the CPU path is
-exercised here.
+which it returns lse 0, are set to -inf); on other devices (CUDA) an explicit fp32
+softmax twin with a hand-derived backward, tested on CPU by forcing it (``set_kernel``).
+Wiring flash-attn's lse-returning kernels in for CUDA is still to do.
 """
 from __future__ import annotations
 
@@ -125,25 +125,68 @@ def _mask(q_doc, k_doc, diagonal: bool, dtype) -> torch.Tensor | None:
     return mask.masked_fill_(~allowed, float("-inf")).unsqueeze(1)
 
 
+_KERNEL = "auto"  # auto | cpu_flash | math
+
+
+def set_kernel(name: str) -> None:
+    """Force the block kernel: ``cpu_flash`` (torch's CPU flash op), ``math`` (any device), ``auto``."""
+    global _KERNEL
+    if name not in ("auto", "cpu_flash", "math"):
+        raise ValueError(f"kernel: must be auto, cpu_flash or math, got {name!r}")
+    _KERNEL = name
+
+
+def _use_cpu_flash(t: torch.Tensor) -> bool:
+    return _KERNEL == "cpu_flash" or (_KERNEL == "auto" and t.device.type == "cpu")
+
+
+def _bhsd(q, k, v):
+    rep = q.shape[2] // k.shape[2]
+    return rep, [t.transpose(1, 2) for t in (q, _repeat_kv(k, rep), _repeat_kv(v, rep))]
+
+
+def _math_scores(qt, kt, causal, mask):
+    scores = torch.matmul(qt.float(), kt.float().transpose(-1, -2)) * qt.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores + mask.float()
+    elif causal:
+        sq, sk = scores.shape[-2:]
+        keep = torch.ones(sq, sk, dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    return scores
+
+
 def _kernel_fwd(q, k, v, causal: bool, mask):
     """(out (B,S,H,D) fp32, lse (B,H,S) fp32) of one block; rows that see nothing get lse = -inf."""
-    rep = q.shape[2] // k.shape[2]
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, _repeat_kv(k, rep), _repeat_kv(v, rep)))
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        qt, kt, vt, 0.0, causal and mask is None, attn_mask=mask)
-    lse = lse.float()
-    if mask is not None:
-        dead = torch.isneginf(mask).all(-1)  # (B, 1, Sq): the kernel returns lse 0 there
-        lse = lse.masked_fill(dead, float("-inf"))
-    return out.transpose(1, 2).float(), lse
+    rep, (qt, kt, vt) = _bhsd(q, k, v)
+    if _use_cpu_flash(q):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qt, kt, vt, 0.0, causal and mask is None, attn_mask=mask)
+        lse = lse.float()
+        if mask is not None:
+            dead = torch.isneginf(mask).all(-1)  # (B, 1, Sq): the kernel returns lse 0 there
+            lse = lse.masked_fill(dead, float("-inf"))
+        return out.transpose(1, 2).float(), lse
+    # Device-generic twin (CUDA without a faster kernel wired in yet): explicit softmax in fp32.
+    scores = _math_scores(qt, kt, causal, mask)
+    lse = torch.logsumexp(scores, -1)
+    probs = torch.nan_to_num(torch.exp(scores - lse.unsqueeze(-1)))
+    return torch.matmul(probs, vt.float()).transpose(1, 2), lse
 
 
 def _kernel_bwd(dout, q, k, v, out, lse, causal: bool, mask):
-    rep = q.shape[2] // k.shape[2]
-    kr, vr = _repeat_kv(k, rep), _repeat_kv(v, rep)
-    args = [t.transpose(1, 2) for t in (dout.to(q.dtype), q, kr, vr, out.to(q.dtype))]
-    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        *args, lse.contiguous(), 0.0, causal and mask is None, attn_mask=mask)
+    rep, (qt, kt, vt) = _bhsd(q, k, v)
+    if _use_cpu_flash(q):
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout.to(q.dtype).transpose(1, 2), qt, kt, vt, out.to(q.dtype).transpose(1, 2), lse.contiguous(), 0.0,
+            causal and mask is None, attn_mask=mask)
+    else:
+        do, o = dout.float().transpose(1, 2), out.float().transpose(1, 2)
+        probs = torch.nan_to_num(torch.exp(_math_scores(qt, kt, causal, mask) - lse.unsqueeze(-1)))
+        dv = torch.matmul(probs.transpose(-1, -2), do)
+        dp = torch.matmul(do, vt.float().transpose(-1, -2))
+        ds = probs * (dp - (do * o).sum(-1, keepdim=True)) * qt.shape[-1] ** -0.5
+        dq, dk = torch.matmul(ds, kt.float()), torch.matmul(ds.transpose(-1, -2), qt.float())
     return (dq.transpose(1, 2).float(), _reduce_kv(dk.transpose(1, 2).float(), rep),
             _reduce_kv(dv.transpose(1, 2).float(), rep))
 
