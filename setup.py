@@ -18,7 +18,7 @@ setup(
     include_package_data=True,
     install_requires=["torch>=2.4", "numpy", "pyyaml", "tqdm"],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "deepspeed", "megatron-core", "wandb", "scipy", "tokenizers"],
+        "dev": ["pytest", "pytest-timeout", "deepspeed", "megatron-core", "wandb", "scipy", "tokenizers", "hypothesis"],
         "gpu": ["flash-attn"],
     },
     entry_points={"console_scripts": ["loomtrain=loomtrain.launch.cli:main"]},
