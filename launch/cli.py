@@ -87,6 +87,10 @@ def cmd_train(args) -> int:
     exp = load_config(args.config, args.overrides)
     if args.nproc < 1:
         raise ConfigError(f"--nproc: must be >= 1, got {args.nproc}")
+    if args.max_restarts < 0:
+        raise ConfigError(f"--max-restarts: must be >= 0, got {args.max_restarts}")
+    if args.resume not in (None, "latest", "auto") and not os.path.isfile(os.path.join(args.resume, ".metadata")):
+        raise ConfigError(f"--resume: '{args.resume}' is not a complete checkpoint directory (no .metadata)")
     from loomtrain.launch.env import read_env
 
     world = args.nproc if args.nproc > 1 else read_env()[1]
@@ -102,9 +106,18 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _at_least_one(**values) -> None:
+    for flag, v in values.items():
+        if v < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')}: must be >= 1, got {v}")
+
+
 def cmd_plan(args) -> int:
     from loomtrain.launch.plan import plan
 
+    _at_least_one(world_size=args.world_size, gpus_per_node=args.gpus_per_node)
+    if args.device_memory_gb <= 0:
+        raise ConfigError(f"--device-memory-gb: must be > 0, got {args.device_memory_gb}")
     exp = load_config(args.config, args.overrides)
     print(plan(exp, args.world_size, args.gpus_per_node, args.device_memory_gb))
     return 0
@@ -113,6 +126,7 @@ def cmd_plan(args) -> int:
 def cmd_slurm(args) -> int:
     from loomtrain.launch.slurm import write_sbatch
 
+    _at_least_one(nodes=args.nodes, gpus_per_node=args.gpus_per_node)
     exp = load_config(args.config, args.overrides)
     preflight(exp, args.nodes * args.gpus_per_node)
     path = write_sbatch(exp, resolve_config_path(args.config), args.overrides, args.nodes, args.gpus_per_node,

@@ -29,6 +29,8 @@ class ParallelDims:
 
     def __post_init__(self):
         self.order = tuple(self.order)
+        if self.world_size < 1:
+            raise ConfigError(f"world size: must be >= 1, got {self.world_size}")
         if sorted(self.order) != sorted(MESH_DIMS):
             raise ConfigError(f"parallel.mesh_order: must be a permutation of {','.join(MESH_DIMS)}, got {','.join(self.order)}")
         for name in MESH_DIMS:

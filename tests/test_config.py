@@ -67,6 +67,10 @@ def test_override_parsing_keeps_yaml_types():
     ["train", "--set", "data.corpus=/does/not/exist"],
     ["train", "--set", "parallel.pp=2"],
     ["plan", "--world-size", "6", "--set", "parallel.tp=4"],
+    ["plan", "--world-size", "0"],
+    ["slurm", "--nodes", "0", "--gpus-per-node", "8"],
+    ["train", "--nproc", "2", "--max-restarts", "-1"],
+    ["train", "--resume", "/no/such/checkpoint"],
 ])
 def test_cli_rejects_before_starting_with_exit_2(argv, capsys, tmp_path):
     assert main(argv + ["--set", f"train.output_dir={tmp_path}"]) == 2

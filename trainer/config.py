@@ -255,17 +255,13 @@ def resolve_config_path(path: str) -> str:
     """Accept a file path, or the name of a config shipped in ``loomtrain/configs`` (e.g. ``tiny``)."""
     if os.path.isfile(path):
         return path
-    shipped = os.path.join(os.path.dirname(__file__), "..", "configs")
-    try:
-        import loomtrain.configs as _c
+    import loomtrain.configs
 
-        shipped = os.path.dirname(_c.__file__)
-    except ImportError:
-        pass
-    for name in (path, f"{path}.yaml"):
-        candidate = os.path.join(shipped, os.path.basename(name))
-        if os.path.isfile(candidate) and os.path.basename(name) == name:
-            return candidate
+    shipped = os.path.dirname(loomtrain.configs.__file__)
+    if os.path.basename(path) == path:  # a bare name: look among the shipped configs
+        for name in (path, f"{path}.yaml"):
+            if os.path.isfile(os.path.join(shipped, name)):
+                return os.path.join(shipped, name)
     names = sorted(f[:-5] for f in os.listdir(shipped) if f.endswith(".yaml"))
     raise ConfigError(f"config: no such file '{path}' (shipped configs: {', '.join(names)})")
 
