@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, required=True)
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--device-memory-gb", type=float, default=80.0)
+    p.add_argument("--peak-tflops", type=float, default=0.0,
+                   help="per-device peak (default: logging.peak_tflops, else H100 dense: 989 bf16 / 494 fp32)")
+    p.add_argument("--intra-node-gbps", type=float, default=3600.0, help="per-device bandwidth inside a node")
+    p.add_argument("--inter-node-gbps", type=float, default=400.0, help="per-device bandwidth between nodes")
 
     s = sub.add_parser("slurm", help="write an sbatch script that runs one torchrun per node")
     _common(s)
@@ -116,10 +120,14 @@ def cmd_plan(args) -> int:
     from loomtrain.launch.plan import plan
 
     _at_least_one(world_size=args.world_size, gpus_per_node=args.gpus_per_node)
-    if args.device_memory_gb <= 0:
-        raise ConfigError(f"--device-memory-gb: must be > 0, got {args.device_memory_gb}")
+    for flag in ("device_memory_gb", "intra_node_gbps", "inter_node_gbps"):
+        if getattr(args, flag) <= 0:
+            raise ConfigError(f"--{flag.replace('_', '-')}: must be > 0, got {getattr(args, flag)}")
+    if args.peak_tflops < 0:
+        raise ConfigError(f"--peak-tflops: must be >= 0, got {args.peak_tflops}")
     exp = load_config(args.config, args.overrides)
-    print(plan(exp, args.world_size, args.gpus_per_node, args.device_memory_gb))
+    print(plan(exp, args.world_size, args.gpus_per_node, args.device_memory_gb, args.peak_tflops,
+               args.intra_node_gbps, args.inter_node_gbps))
     return 0
 
 

@@ -56,7 +56,52 @@ def memory_estimate(exp, args: ModelArgs, dims: ParallelDims, vocab: int) -> dic
     return out
 
 
-def plan(exp, world_size: int, gpus_per_node: int = 8, device_memory_gb: float = 80.0) -> str:
+def step_estimate(exp, args: ModelArgs, dims: ParallelDims, gpus_per_node: int, peak_flops: float,
+                  intra_bw: float, inter_bw: float) -> dict[str, float]:
+    """Modelled seconds per optimizer step and MFU (bandwidths in bytes/s per device).
+
+    compute: FLOPs / (devices x peak), stretched by the 1F1B pipeline bubble (p-1)/(m+p-1);
+    tensor parallel (sequence parallel: 2 all-gathers + 2 reduce-scatters of the layer's
+    activations forward, the same backward) is exposed; FSDP's all-gather (forward and
+    backward) and reduce-scatter and HSDP's all-reduce overlap compute, so only their excess
+    shows; context parallel bytes come from ``parallel/cp_cost.py`` (exposed for Ulysses,
+    overlapped for ring and TokenRing).
+    """
+    from loomtrain.parallel.cp_cost import Shape, bytes_per_rank
+
+    def link(name):
+        spans = any(len({r // gpus_per_node for r in g}) > 1 for g in dims.groups(name)[:1])
+        return inter_bw if spans else intra_bw
+
+    e = 2 if exp.model.dtype == "bfloat16" else 4
+    micro = exp.train.micro_batch_size or max(1, exp.train.global_batch_size // dims.dp)
+    n_micro = max(1, exp.train.global_batch_size // dims.dp // micro)
+    s, h, layers = exp.data.seq_len, args.dim, args.n_layers / dims.pp
+    tokens = exp.train.global_batch_size * s
+    compute = tokens * args.flops_per_token(s) / (dims.world_size * peak_flops)
+    bubble = (dims.pp - 1) / (n_micro + dims.pp - 1)
+    act = s / dims.cp * micro * h * e
+    tp = 8 * act * (dims.tp - 1) / dims.tp * layers * n_micro / link("tp") if dims.tp > 1 else 0.0
+    params = args.num_params() / dims.tp / dims.pp
+    shard = dims.dp_shard * dims.cp
+    # FSDP's group is dp_shard x cp: its slowest member dimension sets the pace.
+    shard_link = min([link(d) for d in ("dp_shard", "cp") if getattr(dims, d) > 1] or [intra_bw])
+    fsdp = (2 * params * e + params * 4) * (shard - 1) / shard / shard_link if dims.fsdp_enabled else 0.0
+    rep = dims.dp_replicate
+    hsdp = 2 * params / shard * 4 * (rep - 1) / rep / link("dp_replicate") if rep > 1 else 0.0
+    cp = 0.0
+    if dims.cp > 1:
+        shape = Shape(micro, s, args.n_heads // dims.tp, args.n_kv_heads // dims.tp, args.head_dim, dims.cp, e)
+        impl = exp.parallel.cp_impl if exp.parallel.cp_impl != "auto" else "tokenring"
+        cp = sum(bytes_per_rank(shape)[impl]) * layers * n_micro / link("cp")
+    exposed_cp = cp if exp.parallel.cp_impl == "ulysses" else max(0.0, cp - compute)
+    step = compute / (1 - bubble) + tp + max(0.0, fsdp + hsdp - compute) + exposed_cp
+    return {"compute_s": compute, "bubble": bubble, "tp_s": tp, "fsdp_s": fsdp + hsdp, "cp_s": cp,
+            "step_s": step, "mfu": compute / step}
+
+
+def plan(exp, world_size: int, gpus_per_node: int = 8, device_memory_gb: float = 80.0,
+         peak_tflops: float = 0.0, intra_node_gbps: float = 3600.0, inter_node_gbps: float = 400.0) -> str:
     dims = ParallelDims.from_config(exp.parallel, world_size)
     sizes = build_fake_mesh(dims)
     vocab = exp.model.vocab_size or 50304
@@ -88,6 +133,15 @@ def plan(exp, world_size: int, gpus_per_node: int = 8, device_memory_gb: float =
     total = sum(v for k, v in mem.items() if k != ("activations" if ckpt else "activations (checkpointed)"))
     lines.append(f"  {'total (' + ('with' if ckpt else 'without') + ' checkpointing)':<28}{total / GiB:>10.2f} GiB"
                  f"  of {device_memory_gb:g} GiB")
+    peak = (peak_tflops or exp.logging.peak_tflops or (989.0 if exp.model.dtype == "bfloat16" else 494.0)) * 1e12
+    est = step_estimate(exp, args, dims, gpus_per_node, peak, intra_node_gbps * 1e9 / 8, inter_node_gbps * 1e9 / 8)
+    lines += ["", f"step estimate (model, not a measurement; peak {peak / 1e12:g} TFLOP/s/device, links "
+                  f"{intra_node_gbps:g} Gbit/s in a node, {inter_node_gbps:g} Gbit/s between nodes):",
+              f"  compute {est['compute_s']:.3f} s, pipeline bubble {100 * est['bubble']:.1f}% (1F1B), "
+              f"tensor-parallel {est['tp_s']:.3f} s exposed, FSDP/HSDP {est['fsdp_s']:.3f} s (overlapped), "
+              f"context-parallel {est['cp_s']:.3f} s",
+              f"  estimated step time {est['step_s']:.3f} s, MFU {100 * est['mfu']:.1f}% "
+              "(upper bound: kernels assumed to run at peak)"]
     warnings = []
     if dims.tp > gpus_per_node:
         warnings.append(f"tp={dims.tp} spans nodes ({gpus_per_node} devices per node): tensor-parallel traffic "

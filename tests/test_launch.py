@@ -92,6 +92,23 @@ def test_plan_at_cluster_scale(capsys):
     assert main(["plan", "llama8b_64k_cluster", "--world-size", "100"]) == 2
 
 
+def _estimated(capsys, *extra):
+    assert main(["plan", "llama8b_64k_cluster", "--world-size", "256", *extra]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "estimated step time" in x)
+    step, mfu = line.split("time ")[1].split(" s, MFU ")
+    return float(step), float(mfu.split("%")[0])
+
+
+def test_plan_step_estimate_responds_to_links_and_peak(capsys):
+    step, mfu = _estimated(capsys)
+    assert 0 < mfu <= 100
+    slow_step, slow_mfu = _estimated(capsys, "--inter-node-gbps", "25")
+    assert slow_step > step and slow_mfu < mfu  # FSDP and cp groups span nodes: slower links cost time
+    half_peak_step, _ = _estimated(capsys, "--peak-tflops", "494.5")
+    assert half_peak_step > step
+    assert main(["plan", "llama8b_64k_cluster", "--world-size", "256", "--inter-node-gbps", "0"]) == 2
+
+
 def test_data_prepare_command(tmp_path, capsys):
     corpus = tmp_path / "texts"
     corpus.mkdir()
