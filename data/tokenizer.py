@@ -29,7 +29,7 @@ class HFTokenizer:
         try:
             from tokenizers import Tokenizer
         except ImportError:
-            raise RuntimeError("data.tokenizer: a tokenizer.json needs the 'tokenizers' package (pip install tokenizers)")
+            raise RuntimeError("data.tokenizer: a tokenizer.json needs the 'tokenizers' package (pip install tokenizers)") from None
         self._tok = Tokenizer.from_file(path)
         self.name = os.path.abspath(path)
         base = self._tok.get_vocab_size(with_added_tokens=True)

@@ -3,7 +3,6 @@
 Outputs, lse and dq/dk/dv within 1e-5 (fp32) on 2 and 4 gloo ranks; causal and not, zigzag and
 contiguous, GQA, odd sizes, packed documents; P2P message counts per strategy.
 """
-import itertools
 
 import pytest
 import torch
@@ -51,7 +50,6 @@ def _check_strategy(rank, strategy, case, kernel="auto"):
     dist.init_process_group("gloo")
     try:
         cp.init_reverse_group()
-        world = dist.get_world_size()
         b, s, h, hkv, d, causal, layout, docs = case
         q, k, v, dout, doc_ids = make_inputs(7, b, s, h, hkv, d, docs)
         ref_in = [t.clone().double().requires_grad_() for t in (q, k, v)]

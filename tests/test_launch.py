@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 from conftest import run_ranks
 from loomtrain.launch.cli import main

@@ -63,6 +63,6 @@ def test_backend_selection_on_cpu():
 
 def test_init_is_deterministic_by_seed():
     a, b, c = small_model(3), small_model(3), small_model(4)
-    for (n, p), q, r in zip(a.named_parameters(), b.parameters(), c.parameters()):
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), n
     assert not torch.equal(a.output.weight, c.output.weight)

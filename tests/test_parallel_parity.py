@@ -85,7 +85,7 @@ def test_layout_matches_single_process(layout, reference, small_corpus, tmp_path
     assert ref_losses[STEPS] < ref_losses[1]
 
 
-CP_LAYOUTS = {f"cp2_{second}_{impl}": [f"parallel.cp=2", f"parallel.cp_impl={impl}"] +
+CP_LAYOUTS = {f"cp2_{second}_{impl}": ["parallel.cp=2", f"parallel.cp_impl={impl}"] +
               (["parallel.dp_shard=2"] if second == "dp2" else ["parallel.tp=2", "parallel.dp_shard=1"])
               for impl in ("tokenring", "ring", "ulysses") for second in ("dp2", "tp2")}
 CP_LAYOUTS["cp2_dp2_auto"] = ["parallel.cp=2", "parallel.cp_impl=auto", "parallel.dp_shard=2",
