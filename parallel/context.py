@@ -255,6 +255,18 @@ def _doc_chunks(doc_ids, group, world, layout):
     return dict(enumerate(full.chunk(_num_chunks(world, layout), 1)))
 
 
+def _save(ctx, tensors, group, causal, layout, docs):
+    ctx.save_for_backward(*tensors)
+    ctx.meta = (group, causal, layout, docs)
+
+
+def _restore(ctx):
+    """(q, k, v, out, lse, group, causal, layout, docs, world, rank, my chunk ids) saved by forward."""
+    group, causal, layout, docs = ctx.meta
+    _, world, rank = _group_info(group)
+    return (*ctx.saved_tensors, group, causal, layout, docs, world, rank, _chunk_ids(rank, world, layout))
+
+
 # ----------------------------------------------------------------------------- ring attention
 class _RingAttention(torch.autograd.Function):
     @staticmethod
@@ -275,16 +287,12 @@ class _RingAttention(torch.autograd.Function):
             if step < world - 1:
                 pending.wait()
                 kv = nxt
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.meta = (group, causal, layout, docs)
+        _save(ctx, (q, k, v, out, lse), group, causal, layout, docs)
         return out.to(q.dtype), lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        group, causal, layout, docs = ctx.meta
-        _, world, rank = _group_info(group)
-        mine = _chunk_ids(rank, world, layout)
+        q, k, v, out, lse, group, causal, layout, docs, world, rank, mine = _restore(ctx)
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         kv = torch.stack([k, v]).contiguous()
         dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
@@ -326,6 +334,16 @@ def _rows(t, chunks_all, chunks_sub, dim):
     return torch.cat([parts[chunks_all.index(c)] for c in chunks_sub], dim)
 
 
+def _recv_buffers(packs, have: int, want: int) -> list[torch.Tensor]:
+    """Empty buffers like ``packs`` ((tensor, seq_dim) laid out as ``have`` chunks) holding ``want`` chunks."""
+    bufs = []
+    for t, dim in packs:
+        shape = list(t.shape)
+        shape[dim] = shape[dim] // have * want
+        bufs.append(torch.empty(shape, dtype=t.dtype, device=t.device))
+    return bufs
+
+
 def _travel(packs, rank, world, step, causal, layout, group):
     """Post: send the package held at ``step`` to rank-1, receive the one for ``step + 1`` from rank+1.
 
@@ -339,11 +357,7 @@ def _travel(packs, rank, world, step, causal, layout, group):
     owner_next = (rank + step + 1) % world
     recv_chunks = _q_chunks_needed(owner_next, rank, world, causal, layout)
     sends = [(_rows(t, have, send_chunks, dim), send_to) for t, dim in packs]
-    bufs = []
-    for t, dim in packs:
-        shape = list(t.shape)
-        shape[dim] = shape[dim] // len(have) * len(recv_chunks)
-        bufs.append(torch.empty(shape, dtype=t.dtype, device=t.device))
+    bufs = _recv_buffers(packs, len(have), len(recv_chunks))
     return exchange(sends, [(b, (rank + 1) % world) for b in bufs], group), bufs
 
 
@@ -353,11 +367,7 @@ def _return_results(results, rank, world, step, causal, layout, group, like):
     source = (rank - step) % world
     mine_all = _chunk_ids(rank, world, layout)
     recv_chunks = _q_chunks_needed(rank, source, world, causal, layout)
-    bufs = []
-    for t, dim in like:
-        shape = list(t.shape)
-        shape[dim] = shape[dim] // len(mine_all) * len(recv_chunks)
-        bufs.append(torch.empty(shape, dtype=t.dtype, device=t.device))
+    bufs = _recv_buffers(like, len(mine_all), len(recv_chunks))
     pending = exchange([(r, owner) for r in results], [(b, source) for b in bufs], group)
     return pending, bufs, recv_chunks
 
@@ -386,17 +396,13 @@ class _TokenRing(torch.autograd.Function):
                                         [(out, 1), (lse, 2)])
         if returning is not None:
             _merge_returned(out, lse, returning, mine)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.meta = (group, causal, layout, docs)
+        _save(ctx, (q, k, v, out, lse), group, causal, layout, docs)
         return out.to(q.dtype), lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        group, causal, layout, docs = ctx.meta
-        _, world, rank = _group_info(group)
+        q, k, v, out, lse, group, causal, layout, docs, world, rank, mine = _restore(ctx)
         back = _reverse_group(group)
-        mine = _chunk_ids(rank, world, layout)
         dout = dout.contiguous()
         packs = [(q, 1), (dout.to(q.dtype), 1), (out.to(q.dtype), 1), (lse, 2)]
         nxt = _travel(packs, rank, world, 0, causal, layout, group) if world > 1 else None
