@@ -82,19 +82,25 @@ class ResumableSampler:
         self.consumed = int(state["consumed"])
 
 
+def batch_layout(global_batch: int, micro_batch: int, dp_size: int) -> tuple[int, int]:
+    """(per-rank batch, micro-batch) for a global batch split over ``dp_size`` ranks; ValueError if it does not fit."""
+    if global_batch % dp_size:
+        raise ValueError(f"train.global_batch_size: {global_batch} must be divisible by the data-parallel "
+                         f"size {dp_size} (dp_replicate*dp_shard)")
+    local = global_batch // dp_size
+    micro = micro_batch or local
+    if local % micro:
+        raise ValueError(f"train.micro_batch_size: {micro} must divide the per-rank batch {local} "
+                         f"(global_batch_size / data-parallel size)")
+    return local, micro
+
+
 class TrainBatches:
     """Per step: this data-parallel rank's micro-batches of the next global batch."""
 
     def __init__(self, dataset: PackedDataset, seed: int, global_batch: int, micro_batch: int, dp_rank: int,
                  dp_size: int):
-        if global_batch % dp_size:
-            raise ValueError(f"train.global_batch_size: {global_batch} must be divisible by the data-parallel "
-                             f"size {dp_size}")
-        self.local_batch = global_batch // dp_size
-        micro_batch = micro_batch or self.local_batch
-        if self.local_batch % micro_batch:
-            raise ValueError(f"train.micro_batch_size: {micro_batch} must divide the per-rank batch "
-                             f"{self.local_batch} (global_batch_size / data-parallel size)")
+        self.local_batch, micro_batch = batch_layout(global_batch, micro_batch, dp_size)
         self.dataset, self.global_batch, self.micro_batch = dataset, global_batch, micro_batch
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.sampler = ResumableSampler(len(dataset), seed)

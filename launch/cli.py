@@ -64,17 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
 def preflight(exp: Experiment, world_size: int) -> None:
     """Checks that need no process group: degrees against the world size, data paths."""
     from loomtrain.data.corpus import corpus_files
+    from loomtrain.data.loader import batch_layout
     from loomtrain.parallel.mesh import ParallelDims
     from loomtrain.trainer.config import check_trainable
 
     check_trainable(exp)
     dims = ParallelDims.from_config(exp.parallel, world_size)
-    if exp.train.global_batch_size % dims.dp:
-        raise ConfigError(f"train.global_batch_size: {exp.train.global_batch_size} must be divisible by the "
-                          f"data-parallel size dp_replicate*dp_shard = {dims.dp}")
-    local = exp.train.global_batch_size // dims.dp
-    if exp.train.micro_batch_size and local % exp.train.micro_batch_size:
-        raise ConfigError(f"train.micro_batch_size: {exp.train.micro_batch_size} must divide the per-rank batch {local}")
+    try:
+        batch_layout(exp.train.global_batch_size, exp.train.micro_batch_size, dims.dp)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if exp.data.prepared:
         if not os.path.isfile(exp.data.prepared + ".json"):
             raise ConfigError(f"data.prepared: '{exp.data.prepared}.json' does not exist (run 'loomtrain data prepare')")

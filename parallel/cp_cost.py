@@ -29,19 +29,23 @@ class Shape:
     causal: bool = True
 
 
+def _sizes(s: Shape) -> dict[str, float]:
+    """Bytes of each per-rank tensor the strategies move (q/k/v in their dtype; out, lse, grads in fp32)."""
+    rows = s.batch * s.seq // s.world  # tokens per rank
+    return {"q": rows * s.heads * s.head_dim * s.elem_bytes, "kv": rows * s.kv_heads * s.head_dim * s.elem_bytes,
+            "kv32": rows * s.kv_heads * s.head_dim * 4, "out32": rows * s.heads * s.head_dim * 4,
+            "lse": rows * s.heads * 4,
+            # TokenRing: after wrapping only half of Q (and of its results) travels: 3/4 on average.
+            "frac": 0.75 if s.causal else 1.0}
+
+
 def bytes_per_rank(s: Shape) -> dict[str, tuple[float, float]]:
     """(forward bytes, backward bytes) each rank sends, per strategy (zigzag layout)."""
-    w, e = s.world, s.elem_bytes
-    rows = s.batch * s.seq // w  # tokens per rank
-    q = rows * s.heads * s.head_dim * e
-    kv = rows * s.kv_heads * s.head_dim * e
+    w, z = s.world, _sizes(s)
+    q, kv, kv32, out32, lse, frac = z["q"], z["kv"], z["kv32"], z["out32"], z["lse"], z["frac"]
     hops = w - 1
-    # TokenRing: after wrapping only half of Q (and of its results) travels: 3/4 on average.
-    frac = 0.75 if s.causal else 1.0
-    lse = rows * s.heads * 4
-    out32 = rows * s.heads * s.head_dim * 4
     token_ring = (hops * frac * (q + out32 + lse), hops * frac * (3 * q + lse + out32))
-    ring = (hops * 2 * kv, hops * (2 * kv + 2 * rows * s.kv_heads * s.head_dim * 4) + 2 * rows * s.kv_heads * s.head_dim * 4)
+    ring = (hops * 2 * kv, hops * (2 * kv + 2 * kv32) + 2 * kv32)
     a2a = (w - 1) / w
     ulysses = (a2a * (2 * q + 2 * kv), a2a * (2 * q + 2 * kv))
     return {"tokenring": token_ring, "ring": ring, "ulysses": ulysses}
@@ -65,12 +69,8 @@ def predict_seconds(s: Shape, bandwidth: float, latency: float, flops: float,
     fwd_total = attention_flops(s) / 3.5 / w / flops
     if w == 1:
         return {k: fwd_total * 3.5 for k in ("tokenring", "ring", "ulysses")}
-    e, rows = s.elem_bytes, s.batch * s.seq // w
-    q = rows * s.heads * s.head_dim * e
-    kv = rows * s.kv_heads * s.head_dim * e
-    kv32 = rows * s.kv_heads * s.head_dim * 4
-    out32, lse = rows * s.heads * s.head_dim * 4, rows * s.heads * 4
-    frac = 0.75 if s.causal else 1.0
+    z = _sizes(s)
+    q, kv, kv32, out32, lse, frac = z["q"], z["kv"], z["kv32"], z["out32"], z["lse"], z["frac"]
     t = lambda nbytes, hops=1: latency + nbytes * hops / bandwidth  # noqa: E731
 
     def pipelined(step_compute, hop_time, tail):

@@ -54,8 +54,9 @@ def latest_checkpoint(ckpt_root: str) -> str | None:
 
 
 class Checkpointer:
-    def __init__(self, ckpt_root: str, keep: int, async_save: bool, rank: int):
+    def __init__(self, ckpt_root: str, keep: int, async_save: bool, rank: int, device: torch.device | str = "cpu"):
         self.root = ckpt_root
+        self.device = device  # where the default group's collectives take their tensors
         self.keep = keep
         self.async_save = async_save
         self.rank = rank
@@ -114,8 +115,7 @@ class Checkpointer:
         if dist.is_initialized():
             # On the default group, in program order on every rank; the save's own group is busy
             # with the background thread's collectives.
-            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-            flag = torch.tensor([1 if done else 0], dtype=torch.int32, device=device)
+            flag = torch.tensor([1 if done else 0], dtype=torch.int32, device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
             done = bool(flag.item())
         if done:

@@ -119,7 +119,7 @@ class Trainer:
         self.optimizer = build_optimizer(model.parameters(), exp.optim, env.device)
         self.scheduler = build_scheduler(self.optimizer, exp.optim, tcfg.steps)
         self.ckpt = Checkpointer(os.path.join(tcfg.output_dir, "checkpoints"), exp.checkpoint.keep,
-                                 exp.checkpoint.async_save, env.rank)
+                                 exp.checkpoint.async_save, env.rank, env.device)
         self.step = 0
         self.resumed_from = None
         path = latest_checkpoint(self.ckpt.root) if resume in ("latest", "auto") else resume
@@ -128,7 +128,6 @@ class Trainer:
         if path:
             self.step = self.ckpt.load(path, model, self.optimizer, self.scheduler, self.batches.sampler)
             self.resumed_from = path
-
 
     def _choose_cp_impl(self) -> str:
         """The configured strategy, or (``auto``) the cost model's pick for this shape and link."""
