@@ -9,8 +9,11 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
+import signal
 import socket
+import time
 import traceback
+from multiprocessing.connection import wait as wait_any
 
 import torch
 
@@ -51,6 +54,28 @@ def _child(fn, rank, world, port, args, conn, env, launcher):
         os._exit(0)
 
 
+def _fork_ranks(fn, world_size: int, args, env: dict, launcher: str):
+    ctx = mp.get_context("fork")
+    port = free_port()
+    procs, pipes = [], []
+    for rank in range(max(1, world_size)):
+        parent, child = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_child, args=(fn, rank, world_size, port, args, child, env, launcher))
+        p.start()
+        child.close()
+        procs.append(p)
+        pipes.append(parent)
+    return procs, pipes
+
+
+def _reap(procs, grace: float = 5.0) -> None:
+    for p in procs:
+        p.join(grace)
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
 def run_ranks(fn, world_size: int, *args, timeout: float = 300.0, env: dict | None = None,
               launcher: str = "torchrun") -> list:
     """Run ``fn(rank, *args)`` in ``world_size`` forked processes wired as one torchrun-style job.
@@ -58,16 +83,7 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 300.0, env: dict | No
     ``world_size=0`` runs one forked process with no distributed environment (single-process mode).
     Returns the per-rank results; raises with the child's traceback if any rank failed.
     """
-    ctx = mp.get_context("fork")
-    port = free_port()
-    procs, pipes = [], []
-    for rank in range(max(1, world_size)):
-        parent, child = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_child, args=(fn, rank, world_size, port, args, child, env or {}, launcher))
-        p.start()
-        child.close()
-        procs.append(p)
-        pipes.append(parent)
+    procs, pipes = _fork_ranks(fn, world_size, args, env or {}, launcher)
     results, errors = [], []
     try:
         for rank, conn in enumerate(pipes):
@@ -80,11 +96,54 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 300.0, env: dict | No
             else:
                 errors.append(f"rank {rank}:\n{payload}")
     finally:
-        for p in procs:
-            p.join(5)
-            if p.is_alive():
-                p.kill()
-                p.join()
+        _reap(procs)
     if errors:
         raise AssertionError("\n".join(errors))
     return results
+
+
+def run_ranks_restarting(fn, world_size: int, *args, max_restarts: int = 1, timeout: float = 300.0,
+                         env: dict | None = None) -> tuple[list, list[str]]:
+    """Like ``run_ranks``, but when any rank fails (exception, signal, exit) the whole group is killed
+    and started again, up to ``max_restarts`` times — what torch's elastic agent does, by fork.
+
+    Each attempt sees ``LOOMTRAIN_ATTEMPT`` (0, 1, ...). Returns the last attempt's per-rank results
+    and one line per failed attempt saying which rank failed and how.
+    """
+    failures = []
+    for attempt in range(max_restarts + 1):
+        attempt_env = dict(env or {}, LOOMTRAIN_ATTEMPT=str(attempt))
+        procs, pipes = _fork_ranks(fn, world_size, args, attempt_env, "torchrun")
+        results: dict[int, object] = {}
+        failed = None
+        deadline = time.monotonic() + timeout
+        try:
+            pending = dict(enumerate(pipes))
+            while pending and failed is None:
+                ready = wait_any(list(pending.values()), timeout=max(0.0, deadline - time.monotonic()))
+                if not ready:
+                    failed = f"attempt {attempt}: timed out after {timeout}s"
+                for rank, conn in list(pending.items()):
+                    if conn not in ready:
+                        continue
+                    del pending[rank]
+                    try:
+                        status, payload = conn.recv()
+                    except EOFError:  # died without a word: a signal or os._exit
+                        procs[rank].join(5)
+                        failed = f"attempt {attempt}: rank {rank} died (exit code {procs[rank].exitcode})"
+                        break
+                    if status != "ok":
+                        failed = f"attempt {attempt}: rank {rank} raised:\n{payload}"
+                        break
+                    results[rank] = pickle.loads(payload)
+        finally:
+            if failed is not None:
+                for p in procs:  # the rest of the group is stuck in collectives with the dead rank
+                    if p.is_alive():
+                        os.kill(p.pid, signal.SIGKILL)
+            _reap(procs)
+        if failed is None:
+            return [results[r] for r in range(len(procs))], failures
+        failures.append(failed)
+    raise AssertionError(f"gave up after {max_restarts} restart(s):\n" + "\n".join(failures))

@@ -71,7 +71,7 @@ def test_two_epochs_kept_and_corruption_falls_back(smp):
     for e in (1, 2, 3):
         client.write_epoch(e, {"x": torch.full((10,), float(e), dtype=torch.bfloat16)})
     assert len(segments(prefix)) == 2  # epoch 1 unlinked when 3 was committed
-    newest = client._call(op="latest")["epochs"][0]["entries"]["x"]["name"]
+    newest = client._call(op="latest")["epochs"][0]["owners"]["0"]["x"]["name"]
     with open(f"/dev/shm/{newest}", "r+b") as f:  # a bit flip in the newest epoch
         f.seek(3)
         b = f.read(1)

@@ -129,6 +129,36 @@ class LoggingConfig:
 
 
 @dataclass
+class SnapshotConfig:
+    """In-memory snapshots held by each node's snapshot process (SMP)."""
+
+    every_steps: int = 0  # snapshot every N optimizer steps; 0 = off
+
+
+@dataclass
+class InjectConfig:
+    """A fault fired once, on the first attempt only (tests and demos)."""
+
+    kind: str = "none"  # none | sigkill | exception | hang | smp_kill | node_loss
+    rank: int = 0  # the rank that fails (node_loss: every rank of this rank's node)
+    step: int = 1  # fires right after this optimizer step
+
+
+@dataclass
+class FaultTolConfig:
+    """Surviving failures: snapshots in memory, erasure coding across nodes, restarts, watchdog."""
+
+    snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
+    persist_every_steps: int = 0  # also write a DCP checkpoint to disk every N steps; 0 = never
+    ranks_per_node: int = 0  # 0 = real nodes (LOCAL_WORLD_SIZE); N simulates nodes of N ranks on one host
+    ec_group_nodes: int = 0  # nodes per erasure-coding group (k + m); 0 = all nodes
+    ec_parity: int = 1  # parity chunks m per group: any m nodes of a group may be lost
+    hang_timeout_s: float = 600.0  # watchdog: exit when a step makes no progress this long; 0 = off
+    smp_idle_exit_s: float = 1800.0  # an SMP the trainer had to start exits after this long unused
+    inject: InjectConfig = field(default_factory=InjectConfig)
+
+
+@dataclass
 class Experiment:
     """A whole experiment: one YAML file."""
 
@@ -139,6 +169,7 @@ class Experiment:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    faulttol: FaultTolConfig = field(default_factory=FaultTolConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -154,6 +185,7 @@ CHOICES = {
     "parallel.cp_topology": ("full_mesh", "ring"),
     "optim.fused": ("auto", "true", "false"),
     "logging.wandb_mode": ("auto", "online", "offline"),
+    "faulttol.inject.kind": ("none", "sigkill", "exception", "hang", "smp_kill", "node_loss"),
 }
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
@@ -227,10 +259,15 @@ def parse_overrides(overrides: list[str]) -> dict:
             raise ConfigError(f"--set {item}: expected section.key=value")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
-        if len(parts) != 2 or not all(parts):
+        if len(parts) < 2 or not all(parts):
             raise ConfigError(f"--set {key}: expected section.key (e.g. train.steps)")
         value = yaml.safe_load(raw) if raw.strip() else ""
-        nested.setdefault(parts[0], {})[parts[1]] = value
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: '{part}' was already given a value")
+        node[parts[-1]] = value
     return nested
 
 
@@ -266,10 +303,16 @@ def resolve_config_path(path: str) -> str:
     raise ConfigError(f"config: no such file '{path}' (shipped configs: {', '.join(names)})")
 
 
+def _get(exp: Experiment, path: str) -> Any:
+    obj = exp
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def _positive(exp: Experiment, *paths: str, allow_zero: bool = False) -> None:
     for p in paths:
-        section, key = p.split(".")
-        v = getattr(getattr(exp, section), key)
+        v = _get(exp, p)
         if v < 0 or (v == 0 and not allow_zero):
             raise ConfigError(f"{p}: must be {'>= 0' if allow_zero else '> 0'}, got {v}")
 
@@ -277,8 +320,7 @@ def _positive(exp: Experiment, *paths: str, allow_zero: bool = False) -> None:
 def validate(exp: Experiment) -> None:
     """Reject impossible values. World-size-dependent checks live in ParallelDims."""
     for p, choices in CHOICES.items():
-        section, key = p.split(".")
-        v = getattr(getattr(exp, section), key)
+        v = _get(exp, p)
         if v not in choices:
             raise ConfigError(f"{p}: must be one of {', '.join(choices)}, got {v!r}")
     _positive(exp, "model.dim", "model.n_layers", "model.n_heads", "model.n_kv_heads",
@@ -288,7 +330,10 @@ def validate(exp: Experiment) -> None:
     _positive(exp, "model.ffn_hidden", "model.vocab_size", "model.max_seq_len", "train.micro_batch_size",
               "train.eval_every", "train.eval_batches", "train.threads", "parallel.cp_latency_us", "optim.warmup_steps",
               "optim.weight_decay", "optim.grad_clip", "optim.eps", "checkpoint.every_steps",
-              "checkpoint.keep", "data.max_documents", "logging.peak_tflops", allow_zero=True)
+              "checkpoint.keep", "data.max_documents", "logging.peak_tflops",
+              "faulttol.snapshot.every_steps", "faulttol.persist_every_steps", "faulttol.ranks_per_node",
+              "faulttol.ec_group_nodes", "faulttol.ec_parity", "faulttol.hang_timeout_s",
+              "faulttol.smp_idle_exit_s", "faulttol.inject.rank", "faulttol.inject.step", allow_zero=True)
     m = exp.model
     if m.dim % m.n_heads:
         raise ConfigError(f"model.dim: must be divisible by model.n_heads ({m.n_heads}), got {m.dim}")
@@ -327,6 +372,18 @@ def validate(exp: Experiment) -> None:
         raise ConfigError(
             f"train.micro_batch_size: must divide train.global_batch_size ({exp.train.global_batch_size}), "
             f"got {exp.train.micro_batch_size}")
+    _validate_faulttol(exp)
+
+
+def _validate_faulttol(exp: Experiment) -> None:
+    ft = exp.faulttol
+    if ft.ec_parity > 8:
+        raise ConfigError(f"faulttol.ec_parity: must be <= 8, got {ft.ec_parity}")
+    if ft.inject.kind != "none" and ft.inject.step < 1:
+        raise ConfigError(f"faulttol.inject.step: must be >= 1, got {ft.inject.step}")
+    if ft.inject.kind != "none" and ft.inject.step >= exp.train.steps:
+        raise ConfigError(f"faulttol.inject.step: must be before the last step (train.steps={exp.train.steps}), "
+                          f"got {ft.inject.step}")
 
 
 def check_trainable(exp: Experiment) -> None:

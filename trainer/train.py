@@ -18,12 +18,13 @@ import torch.nn.functional as F
 
 from loomtrain.data.loader import PackedDataset, TrainBatches, eval_batches
 from loomtrain.data.prepare import prepare
+from loomtrain.faulttol.manager import FaultTolerance
 from loomtrain.launch.env import DistEnv, init_distributed, read_env, shutdown
 from loomtrain.parallel.context import shard_sequence
 from loomtrain.parallel.mesh import ParallelDims
 from loomtrain.parallel.parallelize import parallelize_model
 from loomtrain.trainer.attention import resolve_backend
-from loomtrain.trainer.checkpoint import Checkpointer, latest_checkpoint
+from loomtrain.trainer.checkpoint import STEP_DIR, Checkpointer, latest_checkpoint, rng_state, set_rng_state
 from loomtrain.trainer.config import Experiment, check_trainable, save_config
 from loomtrain.trainer.metrics import MetricsSink, detect_peak_flops
 from loomtrain.trainer.model import ModelArgs, Transformer
@@ -40,21 +41,29 @@ class TrainResult:
     stopped_by_signal: bool = False
     resumed_from: str | None = None
     checkpoint: str | None = None
+    restored_from: str | None = None  # memory | disk | None (a fresh start)
+    restore_seconds: float = 0.0
+    snapshots: list[int] = field(default_factory=list)  # steps whose in-memory snapshot this rank committed
 
 
 class StopFlag:
-    """SIGTERM/SIGINT ask the loop to finish its step, checkpoint and exit."""
+    """SIGTERM/SIGINT ask the loop to finish its step, checkpoint and exit; SIGUSR1 to checkpoint and go on
+    (Slurm's pre-emption warning: /dev/shm, and the in-memory snapshots with it, do not survive a requeue)."""
 
     def __init__(self):
         self.requested = False
+        self.flush = False
         self._previous = {}
 
     def install(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        self.requested = True
+        if signum == signal.SIGUSR1:
+            self.flush = True
+        else:
+            self.requested = True
 
     def restore(self):
         for sig, handler in self._previous.items():
@@ -122,12 +131,42 @@ class Trainer:
                                  exp.checkpoint.async_save, env.rank, env.device)
         self.step = 0
         self.resumed_from = None
-        path = latest_checkpoint(self.ckpt.root) if resume in ("latest", "auto") else resume
+        self.restored_from, self.restore_seconds = None, 0.0
+        self.ft = FaultTolerance(exp, env, self.dims)
+        self._restore(resume)
+
+    def _restore(self, resume: str | None) -> None:
+        """Newest of: the in-memory snapshot (after a restart), the disk checkpoint asked for; else step 0."""
+        ft = self.ft
+        path = latest_checkpoint(self.ckpt.root) if resume in ("latest", "auto") or ft.restarted else resume
+        located, why = ft.locate()
+        disk_step = int(m.group(1)) if path and (m := STEP_DIR.match(os.path.basename(path.rstrip("/")))) else -1
+        if located is not None and located.epoch >= disk_step:
+            restored = ft.snapshots.restore(located, self.model, self.optimizer)
+            self.scheduler.load_state_dict(restored.host["scheduler"])
+            self.batches.sampler.load_state_dict(restored.host["sampler"])
+            set_rng_state(restored.host["rng"])
+            self.step, self.restored_from, self.restore_seconds = restored.step, "memory", restored.seconds
+            self.resumed_from = f"memory snapshot of step {restored.step}"
+            if self.env.is_main:
+                rebuilt = f"; rebuilt {restored.rebuilt} rank(s)' state from parity" if restored.rebuilt else ""
+                print(f"faulttol: restored step {restored.step} from memory in {restored.seconds:.2f}s{rebuilt}",
+                      flush=True)
+            return
         if resume == "latest" and path is None:
             raise FileNotFoundError(f"--resume: no checkpoint under '{self.ckpt.root}'")
+        loud = ft.restarted and ft.snapshots is not None
         if path:
-            self.step = self.ckpt.load(path, model, self.optimizer, self.scheduler, self.batches.sampler)
-            self.resumed_from = path
+            start = time.perf_counter()
+            self.step = self.ckpt.load(path, self.model, self.optimizer, self.scheduler, self.batches.sampler)
+            self.resumed_from, self.restored_from = path, "disk"
+            self.restore_seconds = time.perf_counter() - start
+            if loud and self.env.is_main:
+                print(f"faulttol: WARNING: memory snapshots could not serve ({why}); restored step {self.step} "
+                      f"from the disk checkpoint {path} in {self.restore_seconds:.2f}s", file=sys.stderr, flush=True)
+        elif ft.restarted and self.env.is_main:
+            print(f"faulttol: WARNING: restarted with nothing to restore ({why}; no disk checkpoint): "
+                  f"training again from step 0", file=sys.stderr, flush=True)
 
     def _choose_cp_impl(self) -> str:
         """The configured strategy, or (``auto``) the cost model's pick for this shape and link."""
@@ -172,6 +211,7 @@ class Trainer:
                 loss = self._loss(batch) / len(micro)
                 loss.backward()
             total += _local(loss).detach()
+        self.ft.before_update()  # an in-flight snapshot must have copied the parameters first
         grad_norm = torch.nn.utils.clip_grad_norm_(
             [p for p in self.model.parameters() if p.grad is not None],
             self.exp.optim.grad_clip or float("inf"), foreach=True)
@@ -198,7 +238,8 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def fit(self) -> TrainResult:
         exp, env, tcfg = self.exp, self.env, self.exp.train
-        result = TrainResult(resumed_from=self.resumed_from)
+        result = TrainResult(resumed_from=self.resumed_from, restored_from=self.restored_from,
+                             restore_seconds=self.restore_seconds)
         sink = MetricsSink(tcfg.output_dir, exp.logging, exp.to_dict(), env.is_main,
                            resume_step=self.step if self.resumed_from else None)
         stop = StopFlag()
@@ -210,6 +251,7 @@ class Trainer:
                 from tqdm import tqdm
 
                 bar = tqdm(total=tcfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        finished = False
         try:
             while self.step < tcfg.steps:
                 start = time.perf_counter()
@@ -242,18 +284,27 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                 self.ckpt.poll()
-                if self._stop_requested(stop):
+                self.ft.after_step(self.step, self.model, self.optimizer, self._host_state)
+                stopping, flush = self._stop_requested(stop)
+                if stopping:
                     result.stopped_by_signal = True
                     break
                 every = exp.checkpoint.every_steps
-                if every and self.step % every == 0 and self.step < tcfg.steps:
+                if self.step < tcfg.steps and (flush or self.ft.persist_due(self.step)
+                                               or (every and self.step % every == 0)):
                     result.checkpoint = self.ckpt.save(self.model, self.optimizer, self.scheduler,
                                                        self.batches.sampler, self.step)
+                    stop.flush = False
             if result.stopped_by_signal or exp.checkpoint.at_end:
                 result.checkpoint = self.ckpt.save(self.model, self.optimizer, self.scheduler,
                                                    self.batches.sampler, self.step)
             self.ckpt.wait()
+            if self.ft.snapshots is not None:
+                self.ft.snapshots.wait()
+                result.snapshots = list(self.ft.snapshots.committed)
+            finished = True
         finally:
+            self.ft.close(finished)
             stop.restore()
             if bar is not None:
                 bar.close()
@@ -263,11 +314,16 @@ class Trainer:
             print(f"stopped by signal after step {self.step}; checkpoint saved to {result.checkpoint}", flush=True)
         return result
 
-    def _stop_requested(self, stop: StopFlag) -> bool:
-        """All ranks agree to stop if any of them got the signal (so they stop at the same step)."""
-        flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.env.device)
+    def _stop_requested(self, stop: StopFlag) -> tuple[bool, bool]:
+        """(stop, flush to disk): all ranks agree if any of them got the signal (so they act at the same step)."""
+        flag = torch.tensor([float(stop.requested), float(stop.flush)], device=self.env.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return bool(flag[0].item()), bool(flag[1].item())
+
+    def _host_state(self) -> dict:
+        """What a snapshot holds besides model and optimizer tensors."""
+        return {"scheduler": self.scheduler.state_dict(), "sampler": self.batches.sampler.state_dict(),
+                "rng": rng_state()}
 
     def _announce(self) -> None:
         a = self.args
@@ -279,7 +335,9 @@ class Trainer:
               f"({self.batches.accumulation_steps} micro-steps/rank); "
               f"data {self.prepared.meta['train_tokens']:,} train tokens; peak {self.peak_flops / 1e12:.3g} "
               f"TFLOP/s/device ({self.peak_source})"
-              + (f"; resumed from {self.resumed_from} at step {self.step}" if self.resumed_from else ""),
+              + (f"; resumed from {self.resumed_from} at step {self.step}" if self.resumed_from else "")
+              + (f"; snapshots every {self.ft.every} steps to memory, {self.ft.layout.describe()}"
+                 if self.ft.snapshots is not None else ""),
               flush=True)
 
 

@@ -1,0 +1,101 @@
+"""Fault injection (``faulttol.inject``) and the hang watchdog.
+
+Faults fire once, right after the configured optimizer step, and only on a job's first
+attempt (torch elastic's ``TORCHELASTIC_RESTART_COUNT``, or ``LOOMTRAIN_ATTEMPT`` from the
+test harness), so the restarted group runs through.
+"""
+from __future__ import annotations
+
+import faulthandler
+import os
+import signal
+import sys
+import threading
+import time
+
+from loomtrain.faulttol.layout import NodeLayout
+from loomtrain.faulttol.smp import SHM_DIR, SnapshotClient, orphan_segments, segment_prefix, socket_path
+
+EXIT_HANG = 124  # what timeout(1) uses
+
+
+def attempt() -> int:
+    """0 on a job's first run, n after n restarts."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or os.environ.get("LOOMTRAIN_ATTEMPT") or 0)
+
+
+class InjectedFault(RuntimeError):
+    pass
+
+
+def maybe_inject(cfg, rank: int, step: int, layout: NodeLayout, smp_dir: str | None) -> None:
+    """Fire ``cfg`` (an InjectConfig) if this is its rank, its step, and the first attempt."""
+    if cfg.kind == "none" or step != cfg.step or attempt() != 0 or rank != cfg.rank:
+        return
+    if cfg.kind == "node_loss":
+        _lose_node(layout.node_of(rank), smp_dir)
+    print(f"faulttol: injecting '{cfg.kind}' on rank {rank} after step {step}", file=sys.stderr, flush=True)
+    if cfg.kind == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif cfg.kind == "exception":
+        raise InjectedFault(f"injected exception on rank {rank} after step {step}")
+    elif cfg.kind == "hang":
+        while True:  # the watchdog has to notice
+            time.sleep(1.0)
+    elif cfg.kind == "smp_kill":
+        _kill_smp(layout.node_of(rank), smp_dir)
+
+
+def _kill_smp(node: int, smp_dir: str | None) -> dict:
+    """SIGKILL node ``node``'s snapshot process (it cannot unlink anything); returns what it reported."""
+    if smp_dir is None:
+        raise InjectedFault("faulttol.inject: smp_kill/node_loss need snapshots on (faulttol.snapshot.every_steps)")
+    info = SnapshotClient(socket_path(smp_dir, node))._call(op="ping")
+    os.kill(info["pid"], signal.SIGKILL)
+    return info
+
+
+def _lose_node(node: int, smp_dir: str | None) -> None:
+    """A node disappears: its SMP and its memory, then every rank on it (this one last)."""
+    print(f"faulttol: injecting 'node_loss' of node {node}", file=sys.stderr, flush=True)
+    info = _kill_smp(node, smp_dir)
+    for name in orphan_segments(segment_prefix(smp_dir, node)):  # the node's RAM is gone
+        os.unlink(os.path.join(SHM_DIR, name))
+    for pid in info["ranks"].values():
+        if pid != os.getpid():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Watchdog:
+    """Exit the process when the training loop makes no progress for ``timeout_s`` (a hang).
+
+    A hung rank holds its peers in a collective; exiting lets the launcher see a failure
+    and restart the group. Armed after the first step (compilation and warm-up are slow).
+    """
+
+    def __init__(self, timeout_s: float, rank: int):
+        self.timeout_s, self.rank = timeout_s, rank
+        self._last = None
+        self._stop = threading.Event()
+        self._thread = None
+        if timeout_s > 0:
+            self._thread = threading.Thread(target=self._watch, name="watchdog", daemon=True)
+            self._thread.start()
+
+    def beat(self) -> None:
+        self._last = time.monotonic()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(1.0, self.timeout_s / 4)):
+            if self._last is not None and time.monotonic() - self._last > self.timeout_s:
+                print(f"faulttol: watchdog: rank {self.rank} made no progress for {self.timeout_s:g}s; "
+                      f"exiting so the launcher restarts the group. Stacks:", file=sys.stderr, flush=True)
+                faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+                os._exit(EXIT_HANG)

@@ -1,0 +1,111 @@
+"""Which ranks share a node, which nodes form an erasure-coding group, and who holds whose chunks.
+
+Every rank's snapshot (its payload) is split into k data chunks and encoded into n = k + m
+chunks; chunk j of the member at position i of a *stripe* (one rank per node of an EC group,
+the ranks with the same index inside their nodes) is held by the member at (i + j) mod n.
+Chunk 0 stays on the rank's own node, so each node holds one chunk of every stripe member
+and losing any m nodes of a group still leaves k chunks of every payload.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loomtrain.trainer.config import ConfigError
+
+MAX_DATA, MAX_PARITY = 32, 8  # what faulttol.erasure.ReedSolomon supports
+
+
+def auto_group_nodes(nodes: int, parity: int) -> int:
+    """The largest divisor of ``nodes`` that still leaves k <= MAX_DATA data chunks and k >= 1."""
+    for n in range(min(nodes, MAX_DATA + parity), 0, -1):
+        if nodes % n == 0 and n > parity:
+            return n
+    return 1
+
+
+@dataclass(frozen=True)
+class NodeLayout:
+    world: int
+    ranks_per_node: int
+    group_nodes: int  # n = k + m
+    parity: int  # m (0 when a group is a single node: nothing to protect across nodes)
+    simulated: bool = False  # nodes are groups of ranks on one host, not hosts
+
+    @classmethod
+    def from_config(cls, ft, world: int, local_world: int) -> NodeLayout:
+        rpn = ft.ranks_per_node or local_world
+        if rpn < 1 or world % rpn:
+            raise ConfigError(f"faulttol.ranks_per_node: must divide the world size {world}, got {rpn}")
+        nodes = world // rpn
+        parity = ft.ec_parity if nodes > 1 else 0
+        n = ft.ec_group_nodes or auto_group_nodes(nodes, parity)
+        if n == 1:
+            parity = 0
+        if nodes % n:
+            raise ConfigError(f"faulttol.ec_group_nodes: must divide the number of nodes ({nodes}), got {n}")
+        if n > 1 and parity >= n:
+            raise ConfigError(f"faulttol.ec_parity: must be smaller than the EC group's {n} nodes, got {parity}")
+        if n - parity > MAX_DATA:
+            raise ConfigError(f"faulttol.ec_group_nodes: at most {MAX_DATA + parity} nodes per group with "
+                              f"ec_parity={parity}, got {n}")
+        if ft.inject.kind != "none" and not 0 <= ft.inject.rank < world:
+            raise ConfigError(f"faulttol.inject.rank: must be in [0, {world}), got {ft.inject.rank}")
+        return cls(world, rpn, n, parity, simulated=bool(ft.ranks_per_node) and ft.ranks_per_node != local_world)
+
+    @property
+    def nodes(self) -> int:
+        return self.world // self.ranks_per_node
+
+    @property
+    def data(self) -> int:  # k
+        return self.group_nodes - self.parity
+
+    def node_of(self, rank: int) -> int:
+        return rank // self.ranks_per_node
+
+    def node_ranks(self, node: int) -> list[int]:
+        return list(range(node * self.ranks_per_node, (node + 1) * self.ranks_per_node))
+
+    def stripe(self, rank: int) -> list[int]:
+        """The ranks, one per node of this rank's EC group, that exchange chunks with it (position = member)."""
+        group = self.node_of(rank) // self.group_nodes
+        local = rank % self.ranks_per_node
+        return [(group * self.group_nodes + i) * self.ranks_per_node + local for i in range(self.group_nodes)]
+
+    def stripes(self) -> list[list[int]]:
+        """Every stripe, in the same order on every rank (for creating their process groups)."""
+        return [self.stripe(r) for r in range(self.world) if self.stripe(r)[0] == r]
+
+    def member(self, rank: int) -> int:
+        return self.stripe(rank).index(rank)
+
+    def holder(self, rank: int, chunk: int) -> int:
+        """The rank whose node keeps chunk ``chunk`` of ``rank``'s payload."""
+        s = self.stripe(rank)
+        return s[(s.index(rank) + chunk) % len(s)]
+
+    def describe(self) -> str:
+        kind = "simulated nodes" if self.simulated else "nodes"
+        ec = (f"EC groups of {self.group_nodes} nodes (k={self.data}, m={self.parity}: any {self.parity} "
+              f"node(s) per group may be lost)" if self.parity else "no erasure coding (one node per group)")
+        return f"{self.nodes} {kind} x {self.ranks_per_node} ranks, {ec}"
+
+
+def choose_epoch(inventories: list[dict], layout: NodeLayout, signature: str) -> tuple[int, dict] | None:
+    """Newest epoch from which every rank can rebuild its payload, and where its chunks are.
+
+    ``inventories[h]`` is what holder rank ``h`` has committed and verified:
+    ``{epoch: [{"src", "chunk", "signature", ...}, ...]}``. Returns ``(epoch, sources)`` with
+    ``sources[src] = {chunk: holder}`` (the k chunks to use, data chunks preferred), or None.
+    """
+    epochs = sorted({int(e) for inv in inventories for e in inv}, reverse=True)
+    k = layout.data
+    for epoch in epochs:
+        found: dict[int, dict[int, int]] = {r: {} for r in range(layout.world)}
+        for holder, inv in enumerate(inventories):
+            for entry in inv.get(epoch, inv.get(str(epoch), [])):
+                if entry["signature"] == signature and layout.holder(entry["src"], entry["chunk"]) == holder:
+                    found[entry["src"]][entry["chunk"]] = holder
+        if all(len(chunks) >= k for chunks in found.values()):
+            return epoch, {src: dict(sorted(chunks.items())[:k]) for src, chunks in found.items()}
+    return None
