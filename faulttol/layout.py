@@ -16,11 +16,12 @@ MAX_DATA, MAX_PARITY = 32, 8  # what faulttol.erasure.ReedSolomon supports
 
 
 def auto_group_nodes(nodes: int, parity: int) -> int:
-    """The largest divisor of ``nodes`` that still leaves k <= MAX_DATA data chunks and k >= 1."""
+    """The largest divisor of ``nodes`` that leaves 1 <= k <= MAX_DATA data chunks (else all nodes,
+    which ``from_config`` then rejects with a message naming the limit)."""
     for n in range(min(nodes, MAX_DATA + parity), 0, -1):
         if nodes % n == 0 and n > parity:
             return n
-    return 1
+    return nodes
 
 
 @dataclass(frozen=True)

@@ -61,15 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def preflight(exp: Experiment, world_size: int) -> None:
-    """Checks that need no process group: degrees against the world size, data paths."""
+def preflight(exp: Experiment, world_size: int, local_world_size: int | None = None) -> None:
+    """Checks that need no process group: degrees against the world size, node layout, data paths."""
     from loomtrain.data.corpus import corpus_files
     from loomtrain.data.loader import batch_layout
+    from loomtrain.faulttol.layout import NodeLayout
     from loomtrain.parallel.mesh import ParallelDims
     from loomtrain.trainer.config import check_trainable
 
     check_trainable(exp)
     dims = ParallelDims.from_config(exp.parallel, world_size)
+    NodeLayout.from_config(exp.faulttol, world_size, local_world_size or world_size)
     try:
         batch_layout(exp.train.global_batch_size, exp.train.micro_batch_size, dims.dp)
     except ValueError as e:
@@ -96,12 +98,14 @@ def cmd_train(args) -> int:
         raise ConfigError(f"--resume: '{args.resume}' is not a complete checkpoint directory (no .metadata)")
     from loomtrain.launch.env import read_env
 
-    world = args.nproc if args.nproc > 1 else read_env()[1]
-    preflight(exp, world)
+    _, world, _, local_world, _ = read_env()
+    if args.nproc > 1:
+        world = local_world = args.nproc
+    preflight(exp, world, local_world)
     if args.nproc > 1:
         from loomtrain.launch.elastic import launch_local
 
-        return launch_local(resolve_config_path(args.config), args.overrides, args.nproc, args.max_restarts,
+        return launch_local(exp, resolve_config_path(args.config), args.overrides, args.nproc, args.max_restarts,
                             args.resume)
     from loomtrain.trainer.train import run
 
@@ -135,7 +139,7 @@ def cmd_slurm(args) -> int:
 
     _at_least_one(nodes=args.nodes, gpus_per_node=args.gpus_per_node)
     exp = load_config(args.config, args.overrides)
-    preflight(exp, args.nodes * args.gpus_per_node)
+    preflight(exp, args.nodes * args.gpus_per_node, args.gpus_per_node)
     path = write_sbatch(exp, resolve_config_path(args.config), args.overrides, args.nodes, args.gpus_per_node,
                         args.output, args.partition, args.time, args.job_name)
     print(f"wrote {path}  (submit with: sbatch {path})")

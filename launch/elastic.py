@@ -1,7 +1,16 @@
-"""Start N local ranks through torch's elastic launcher (what ``torchrun --standalone`` does)."""
+"""Start N local ranks through torch's elastic launcher (what ``torchrun --standalone`` does).
+
+With in-memory snapshots on, the launcher also starts one snapshot process (SMP) per
+(simulated) node before the ranks and shuts them down after the last attempt: the SMPs
+outlive every restart in between, which is what lets a restarted group restore from memory.
+"""
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 import sys
+import tempfile
 import uuid
 
 
@@ -14,7 +23,35 @@ def worker_args(config_path: str, overrides: list[str], resume: str | None) -> l
     return args
 
 
-def launch_local(config_path: str, overrides: list[str], nproc: int, max_restarts: int, resume: str | None) -> int:
+@contextlib.contextmanager
+def node_snapshot_processes(exp, nproc: int):
+    """One SMP per node of ``exp``'s layout on this host for the duration of the block (if snapshots are on)."""
+    if not exp.faulttol.snapshot.every_steps:
+        yield None
+        return
+    from loomtrain.faulttol.layout import NodeLayout
+    from loomtrain.faulttol.manager import SMP_DIR_ENV
+    from loomtrain.faulttol.smp import start_daemon, stop_daemons
+
+    nodes = range(NodeLayout.from_config(exp.faulttol, nproc, nproc).nodes)
+    smp_dir = tempfile.mkdtemp(prefix="loomtrain-smp-")
+    previous = os.environ.get(SMP_DIR_ENV)
+    try:
+        for node in nodes:
+            start_daemon(smp_dir, node)
+        os.environ[SMP_DIR_ENV] = smp_dir  # the workers inherit it
+        yield smp_dir
+    finally:
+        stop_daemons(smp_dir, nodes)
+        shutil.rmtree(smp_dir, ignore_errors=True)
+        if previous is None:
+            os.environ.pop(SMP_DIR_ENV, None)
+        else:
+            os.environ[SMP_DIR_ENV] = previous
+
+
+def launch_local(exp, config_path: str, overrides: list[str], nproc: int, max_restarts: int,
+                 resume: str | None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -22,7 +59,8 @@ def launch_local(config_path: str, overrides: list[str], nproc: int, max_restart
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=max_restarts,
                           monitor_interval=0.5)
     try:
-        elastic_launch(config, entrypoint=sys.executable)(*worker_args(config_path, overrides, resume))
+        with node_snapshot_processes(exp, nproc):
+            elastic_launch(config, entrypoint=sys.executable)(*worker_args(config_path, overrides, resume))
     except ChildFailedError as e:
         failures = e.failures
         first = failures[min(failures)]

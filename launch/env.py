@@ -102,9 +102,22 @@ def init_distributed(par_cfg, timeout_s: float = 600.0) -> DistEnv:
                 addr, port = slurm_rendezvous()
                 os.environ.setdefault("MASTER_ADDR", addr)
                 os.environ.setdefault("MASTER_PORT", port)
-            dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout,
+            dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, store=_attempt_store(world, timeout),
                                     device_id=device if device.type == "cuda" else None)
     return DistEnv(rank, world, local_rank, local_world, device, backend, source)
+
+
+def _attempt_store(world: int, timeout: datetime.timedelta):
+    """Under torch elastic's agent store, a store namespaced by restart attempt (else None: env://).
+
+    The agent keeps one TCPStore across restarts, so without a prefix a restarted group reads
+    the dead attempt's addresses and gloo fails to connect ("connection refused") or hangs.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"loomtrain/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def shutdown() -> None:

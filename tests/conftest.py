@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from loomtrain.launch.forked import free_port, run_ranks  # noqa: F401  (tests import them from here)
+from loomtrain.launch.forked import free_port, run_ranks, run_ranks_restarting  # noqa: F401  (tests import them from here)
 
 TEST_OVERRIDES = [
     "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "data.seq_len=64",

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from loomtrain.data.loader import PackedDataset, TrainBatches, eval_batches
 from loomtrain.data.prepare import prepare
+from loomtrain.faulttol.layout import NodeLayout
 from loomtrain.faulttol.manager import FaultTolerance
 from loomtrain.launch.env import DistEnv, init_distributed, read_env, shutdown
 from loomtrain.parallel.context import shard_sequence
@@ -351,7 +352,9 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def run(exp: Experiment, resume: str | None = None) -> TrainResult:
     """Train ``exp`` in this process (one rank of whatever launched it)."""
     check_trainable(exp)
-    ParallelDims.from_config(exp.parallel, read_env()[1])  # degrees vs world size, before any group starts
+    _, world, _, local_world, _ = read_env()
+    ParallelDims.from_config(exp.parallel, world)  # degrees vs world size, before any group starts
+    NodeLayout.from_config(exp.faulttol, world, local_world)
     env = init_distributed(exp.parallel)
     try:
         set_threads(exp, env)
