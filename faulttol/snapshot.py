@@ -2,7 +2,7 @@
 
 A snapshot of step s is each rank's *payload*: the local shards of every model and
 optimizer tensor (in ``get_state_dict`` order), followed by a pickle of the small rest
-(LR scheduler, data-sampler position, RNG states, non-tensor optimizer fields).
+(LR scheduler, data-sampler position, RNG states, the optimizer's hyperparameters).
 
 1. ``start`` (main thread, after optimizer step s) records the small rest and hands the
    tensors to a background thread, which copies them into a host staging buffer (on CUDA
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.utils._pytree as pytree
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.distributed.tensor import DTensor
 
 from loomtrain.faulttol.erasure import ReedSolomon
@@ -48,17 +48,38 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.detach().reshape(-1).view(torch.uint8)
 
 
-def flatten_state(model, optimizer) -> tuple[list, object, list[torch.Tensor]]:
-    """(leaves, treespec, local tensors) of the model and optimizer state, in a fixed order.
+def flatten_state(model, optimizer) -> list[torch.Tensor]:
+    """The live local tensors of the model and optimizer state, in a fixed order.
 
     ``get_state_dict`` also materializes optimizer state that does not exist yet (a fresh
     optimizer), so a restore can copy into it. Tensors are the *live* local shards.
     """
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    leaves, spec = pytree.tree_flatten((model_sd, optim_sd))
-    tensors = [(leaf.to_local() if isinstance(leaf, DTensor) else leaf) for leaf in leaves
-               if isinstance(leaf, torch.Tensor)]
-    return leaves, spec, tensors
+    leaves, _ = pytree.tree_flatten((model_sd, optim_sd))
+    return [(leaf.to_local() if isinstance(leaf, DTensor) else leaf) for leaf in leaves
+            if isinstance(leaf, torch.Tensor)]
+
+
+def _state_ids(optimizer) -> list[int]:
+    """Identity of every optimizer state tensor: unchanged while updates happen in place."""
+    return [id(v) for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+
+
+def _hyperparameters(optimizer) -> list[dict]:
+    """The optimizer's non-tensor state (learning rates, betas, ...), which the scheduler changes."""
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    scalars = {i: {k: v for k, v in optimizer.state[p].items() if not isinstance(v, torch.Tensor)}
+               for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"]) if p in optimizer.state}
+    return [groups, {i: v for i, v in scalars.items() if v}]
+
+
+def _set_hyperparameters(optimizer, saved: list) -> None:
+    groups, scalars = saved
+    for group, values in zip(optimizer.param_groups, groups):
+        group.update(values)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for i, values in scalars.items():
+        optimizer.state[params[int(i)]].update(values)
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -101,8 +122,11 @@ class Snapshotter:
         self._copied.set()
         self._cuda_event = None
         self._staging: torch.Tensor | None = None
+        self._tensors: list[torch.Tensor] | None = None  # live local state tensors, flattened once
+        self._tensor_ids: list[int] = []
         self.committed: list[int] = []  # epochs this rank committed, oldest first
         self.last_stall_s = 0.0  # main-thread time of the newest start()
+        self.wait_s = 0.0  # main-thread time spent in before_update waiting for copies (cumulative)
         self.last_seconds = 0.0  # background time of the newest snapshot (copy + encode + exchange + commit)
 
     # ------------------------------------------------------------------ taking snapshots
@@ -110,10 +134,13 @@ class Snapshotter:
         """Begin snapshot ``step``; returns once the copy is under way (the previous snapshot must be done)."""
         t0 = time.perf_counter()
         self.wait()
-        leaves, _, tensors = flatten_state(model, optimizer)
+        if self._tensors is None or _state_ids(optimizer) != self._tensor_ids:
+            # get_state_dict costs milliseconds; its tensors are the live ones, updated in place.
+            self._tensors = flatten_state(model, optimizer)
+            self._tensor_ids = _state_ids(optimizer)
+        tensors = self._tensors
         sizes = [_nbytes(t) for t in tensors]
-        rest = [None if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
-        meta = pickle.dumps({"step": step, "host": host, "rest": rest, "sizes": sizes})
+        meta = pickle.dumps({"step": step, "host": host, "optimizer": _hyperparameters(optimizer), "sizes": sizes})
         tensor_bytes = sum(sizes)
         payload = tensor_bytes + len(meta)
         chunk = 8 * max(1, math.ceil(payload / (self.layout.data * 8)))  # int64 words for the bitwise codes
@@ -146,10 +173,12 @@ class Snapshotter:
 
     def before_update(self) -> None:
         """Call before the optimizer changes parameters: the snapshot's copy must have read them."""
+        t0 = time.perf_counter()
         if self._cuda_event is not None:
             torch.cuda.current_stream(self.device).wait_event(self._cuda_event)
         else:
             self._copied.wait()
+        self.wait_s += time.perf_counter() - t0
         self.raise_error()
 
     def raise_error(self) -> None:
@@ -317,7 +346,7 @@ class Snapshotter:
         payload = torch.cat(data)[:entry["payload"]]
         meta = pickle.loads(payload[entry["tensor_bytes"]:].numpy().tobytes())
 
-        leaves, spec, tensors = flatten_state(model, optimizer)
+        tensors = flatten_state(model, optimizer)  # also creates a fresh optimizer's state
         sizes = [_nbytes(t) for t in tensors]
         if sizes != meta["sizes"]:
             raise RuntimeError("snapshot: the model/optimizer state no longer has the snapshot's layout")
@@ -325,8 +354,6 @@ class Snapshotter:
         for t, n in zip(tensors, sizes):
             _as_bytes(t).copy_(payload[offset:offset + n])
             offset += n
-        merged = [leaf if isinstance(leaf, torch.Tensor) else rest for leaf, rest in zip(leaves, meta["rest"])]
-        model_sd, optim_sd = pytree.tree_unflatten(merged, spec)
-        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+        _set_hyperparameters(optimizer, meta["optimizer"])
         rebuilt = sum(1 for chunks in located.sources.values() if any(j >= k for j in chunks))
         return Restored(located.epoch, meta["host"], time.perf_counter() - t0, rebuilt)
