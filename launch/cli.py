@@ -72,6 +72,9 @@ def preflight(exp: Experiment, world_size: int, local_world_size: int | None = N
     check_trainable(exp)
     dims = ParallelDims.from_config(exp.parallel, world_size)
     NodeLayout.from_config(exp.faulttol, world_size, local_world_size or world_size)
+    from loomtrain.parallel.pipeline import check_microbatches
+
+    check_microbatches(exp, dims.dp)
     try:
         batch_layout(exp.train.global_batch_size, exp.train.micro_batch_size, dims.dp)
     except ValueError as e:

@@ -60,7 +60,8 @@ def step_estimate(exp, args: ModelArgs, dims: ParallelDims, gpus_per_node: int, 
                   intra_bw: float, inter_bw: float) -> dict[str, float]:
     """Modelled seconds per optimizer step and MFU (bandwidths in bytes/s per device).
 
-    compute: FLOPs / (devices x peak), stretched by the 1F1B pipeline bubble (p-1)/(m+p-1);
+    compute: FLOPs / (devices x peak), stretched by the pipeline bubble of the configured
+    schedule ((p-1)/(m+p-1); interleaving divides the idle part by the virtual stages);
     tensor parallel (sequence parallel: 2 all-gathers + 2 reduce-scatters of the layer's
     activations forward, the same backward) is exposed; FSDP's all-gather (forward and
     backward) and reduce-scatter and HSDP's all-reduce overlap compute, so only their excess
@@ -74,12 +75,20 @@ def step_estimate(exp, args: ModelArgs, dims: ParallelDims, gpus_per_node: int, 
         return inter_bw if spans else intra_bw
 
     e = 2 if exp.model.dtype == "bfloat16" else 4
-    micro = exp.train.micro_batch_size or max(1, exp.train.global_batch_size // dims.dp)
-    n_micro = max(1, exp.train.global_batch_size // dims.dp // micro)
+    from loomtrain.parallel.pipeline import bubble_fraction
+    from loomtrain.trainer.config import pipeline_microbatches
+
+    local = max(1, exp.train.global_batch_size // dims.dp)
+    if dims.pp > 1:  # the rank batch is split into pipeline microbatches
+        n_micro = pipeline_microbatches(exp)
+        micro = max(1, local // n_micro)
+    else:
+        micro = exp.train.micro_batch_size or local
+        n_micro = max(1, local // micro)
     s, h, layers = exp.data.seq_len, args.dim, args.n_layers / dims.pp
     tokens = exp.train.global_batch_size * s
     compute = tokens * args.flops_per_token(s) / (dims.world_size * peak_flops)
-    bubble = (dims.pp - 1) / (n_micro + dims.pp - 1)
+    bubble = bubble_fraction(exp.parallel.pp_schedule, dims.pp, n_micro, exp.parallel.pp_virtual_stages)
     act = s / dims.cp * micro * h * e
     tp = 8 * act * (dims.tp - 1) / dims.tp * layers * n_micro / link("tp") if dims.tp > 1 else 0.0
     params = args.num_params() / dims.tp / dims.pp
@@ -137,7 +146,8 @@ def plan(exp, world_size: int, gpus_per_node: int = 8, device_memory_gb: float =
     est = step_estimate(exp, args, dims, gpus_per_node, peak, intra_node_gbps * 1e9 / 8, inter_node_gbps * 1e9 / 8)
     lines += ["", f"step estimate (model, not a measurement; peak {peak / 1e12:g} TFLOP/s/device, links "
                   f"{intra_node_gbps:g} Gbit/s in a node, {inter_node_gbps:g} Gbit/s between nodes):",
-              f"  compute {est['compute_s']:.3f} s, pipeline bubble {100 * est['bubble']:.1f}% (1F1B), "
+              f"  compute {est['compute_s']:.3f} s, pipeline bubble {100 * est['bubble']:.1f}% "
+              f"({exp.parallel.pp_schedule if dims.pp > 1 else 'no pipeline'}), "
               f"tensor-parallel {est['tp_s']:.3f} s exposed, FSDP/HSDP {est['fsdp_s']:.3f} s (overlapped), "
               f"context-parallel {est['cp_s']:.3f} s",
               f"  estimated step time {est['step_s']:.3f} s, MFU {100 * est['mfu']:.1f}% "
@@ -149,5 +159,8 @@ def plan(exp, world_size: int, gpus_per_node: int = 8, device_memory_gb: float =
     if total > device_memory_gb * GiB:
         warnings.append(f"estimated {total / GiB:.1f} GiB exceeds the {device_memory_gb:g} GiB device: raise tp/pp/"
                         "dp_shard, enable activation checkpointing or lower the micro-batch")
+    if est["bubble"] > 0.25:
+        warnings.append(f"pipeline bubble {100 * est['bubble']:.0f}%: raise train.microbatches or use "
+                        "parallel.pp_schedule=interleaved_1f1b with pp_virtual_stages > 1")
     lines += [""] + [f"warning: {w}" for w in warnings] if warnings else []
     return "\n".join(lines)

@@ -16,13 +16,16 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
 
 
 def apply_tp(model: nn.Module, tp_mesh, loss_parallel: bool) -> None:
-    parallelize_module(model, tp_mesh, {
+    """Between blocks (and between pipeline stages) activations are sequence-sharded local tensors."""
+    plan = {
         "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
         "norm": SequenceParallel(),
         "output": ColwiseParallel(input_layouts=Shard(1),
                                   output_layouts=Shard(-1) if loss_parallel else Replicate(),
                                   use_local_output=not loss_parallel),
-    })
+    }
+    # A pipeline stage may lack embeddings or norm + output.
+    parallelize_module(model, tp_mesh, {k: v for k, v in plan.items() if getattr(model, k) is not None})
     for block in model.layers.values():
         parallelize_module(block, tp_mesh, {
             "attention_norm": SequenceParallel(),

@@ -39,6 +39,17 @@ def test_shipped_configs_load_by_name():
     (["data.valid_fraction=1.5"], "data.valid_fraction: must be in [0, 1), got 1.5"),
     (["parallel.compile=maybe"], "parallel.compile: expected true or false, got 'maybe'"),
     (["train"], "--set train: expected section.key=value"),
+    (["parallel.pp=8"], "parallel.pp: 8 pipeline stages (pp x pp_virtual_stages) but model.n_layers is 4"),
+    (["parallel.pp=2", "train.microbatches=1"], "train.microbatches: 1f1b needs at least parallel.pp (2)"),
+    (["parallel.pp=2", "parallel.pp_virtual_stages=2"],
+     "parallel.pp_virtual_stages: 2 stages per rank need parallel.pp_schedule=interleaved_1f1b"),
+    (["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=2",
+      "train.microbatches=5"], "train.microbatches: interleaved_1f1b needs a multiple"),
+    (["parallel.pp=2", "parallel.pp_split=3,2"], "parallel.pp_split: needs 2 positive counts summing to"),
+    (["parallel.pp=2", "train.micro_batch_size=4"], "train.micro_batch_size: with parallel.pp > 1"),
+    (["parallel.pp=2", "parallel.cp=2"], "parallel.cp: context parallelism inside pipeline stages"),
+    (["faulttol.inject.kind=boom"], "faulttol.inject.kind: must be one of none, sigkill"),
+    (["faulttol.snapshot.every=2"], "faulttol.snapshot.every: unknown key; did you mean 'every_steps'?"),
 ])
 def test_bad_values_name_the_field(override, message):
     with pytest.raises(ConfigError) as e:

@@ -19,7 +19,9 @@ def _train(rank, overrides, signal_at, resume):
     return r.losses, r.last_step, r.stopped_by_signal, r.resumed_from
 
 
-@pytest.mark.parametrize("world, layout", [(0, []), (2, ["parallel.dp_shard=2"])], ids=["single", "dp_shard2"])
+@pytest.mark.parametrize("world, layout", [(0, []), (2, ["parallel.dp_shard=2"]),
+                                           (2, ["parallel.pp=2", "parallel.dp_shard=1"])],
+                         ids=["single", "dp_shard2", "pp2"])
 def test_stop_and_resume_matches_uninterrupted(world, layout, overrides, tmp_path):
     base = overrides + [f"train.steps={STEPS}", "checkpoint.keep=1", "train.log_every=1"] + layout
     full = run_ranks(_train, world, base + [f"train.output_dir={tmp_path / 'full'}"], 0, None)[0][0]

@@ -17,11 +17,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from loomtrain.fsutil import atomic_write_text
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
+# Optimizer state keyed per parameter FQN ("state.<fqn>.exp_avg", "param_groups.<fqn>.lr"): pipeline
+# ranks hold different parameters and param groups, which the nested form does not restore.
+OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 def rng_state() -> dict:
@@ -67,7 +70,7 @@ class Checkpointer:
             self._pg = dist.new_group(backend="gloo")
 
     def _state(self, model, optimizer, scheduler, sampler, step: int) -> dict:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=OPTIONS)
         return {
             "model": model_sd,
             "optim": optim_sd,
@@ -139,7 +142,8 @@ class Checkpointer:
             raise FileNotFoundError(f"--resume: '{path}' is not a complete checkpoint (no .metadata)")
         state = self._state(model, optimizer, scheduler, sampler, 0)
         dcp.load(state, checkpoint_id=path)
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=OPTIONS)
         scheduler.load_state_dict(state["trainer"]["scheduler"])
         sampler.load_state_dict(state["trainer"]["sampler"])
         set_rng_state(state[f"rng_rank{self.rank}"])

@@ -60,7 +60,10 @@ class DataConfig:
 class ParallelConfig:
     """Degrees of each parallel dimension; their product must equal the world size."""
 
-    pp: int = 1  # pipeline stages
+    pp: int = 1  # pipeline-parallel ranks (stages per rank: pp_virtual_stages)
+    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b
+    pp_virtual_stages: int = 1  # stages per pipeline rank (> 1 needs interleaved_1f1b)
+    pp_split: str = ""  # layers per stage, e.g. "3,3,2" (pp * pp_virtual_stages numbers); empty = balanced
     dp_replicate: int = 1  # replicated data parallel (HSDP outer dimension)
     dp_shard: int = -1  # sharded data parallel (FSDP2); -1 = whatever the world size leaves
     cp: int = 1  # context (sequence) parallel
@@ -100,6 +103,7 @@ class TrainConfig:
     seed: int = 1234
     global_batch_size: int = 16  # sequences per optimizer step, over all data-parallel ranks
     micro_batch_size: int = 0  # sequences per rank per forward; 0 = no gradient accumulation
+    microbatches: int = 0  # pipeline microbatches per step (parallel.pp > 1); 0 = 2 * stages
     log_every: int = 1
     eval_every: int = 50  # 0 = never
     eval_batches: int = 4
@@ -183,6 +187,7 @@ CHOICES = {
     "parallel.activation_checkpoint": ("none", "full"),
     "parallel.cp_impl": ("tokenring", "ring", "ulysses", "auto"),
     "parallel.cp_topology": ("full_mesh", "ring"),
+    "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved_1f1b"),
     "optim.fused": ("auto", "true", "false"),
     "logging.wandb_mode": ("auto", "online", "offline"),
     "faulttol.inject.kind": ("none", "sigkill", "exception", "hang", "smp_kill", "node_loss"),
@@ -333,7 +338,9 @@ def validate(exp: Experiment) -> None:
               "checkpoint.keep", "data.max_documents", "logging.peak_tflops",
               "faulttol.snapshot.every_steps", "faulttol.persist_every_steps", "faulttol.ranks_per_node",
               "faulttol.ec_group_nodes", "faulttol.ec_parity", "faulttol.hang_timeout_s",
-              "faulttol.smp_idle_exit_s", "faulttol.inject.rank", "faulttol.inject.step", allow_zero=True)
+              "faulttol.smp_idle_exit_s", "faulttol.inject.rank", "faulttol.inject.step", "train.microbatches",
+              allow_zero=True)
+    _positive(exp, "parallel.pp_virtual_stages")
     m = exp.model
     if m.dim % m.n_heads:
         raise ConfigError(f"model.dim: must be divisible by model.n_heads ({m.n_heads}), got {m.dim}")
@@ -373,6 +380,7 @@ def validate(exp: Experiment) -> None:
             f"train.micro_batch_size: must divide train.global_batch_size ({exp.train.global_batch_size}), "
             f"got {exp.train.micro_batch_size}")
     _validate_faulttol(exp)
+    _validate_pipeline(exp)
 
 
 def _validate_faulttol(exp: Experiment) -> None:
@@ -386,10 +394,58 @@ def _validate_faulttol(exp: Experiment) -> None:
                           f"got {ft.inject.step}")
 
 
+def pipeline_stage_layers(n_layers: int, stages: int, split: str) -> list[int]:
+    """Layers per pipeline stage: the explicit ``parallel.pp_split``, or as even as possible with the extra
+    layers on middle stages first (the first stage also embeds, the last computes the output and loss)."""
+    if split:
+        try:
+            counts = [int(x) for x in split.split(",")]
+        except ValueError:
+            raise ConfigError(f"parallel.pp_split: expected comma-separated layer counts, got {split!r}") from None
+        if len(counts) != stages or any(c < 1 for c in counts) or sum(counts) != n_layers:
+            raise ConfigError(f"parallel.pp_split: needs {stages} positive counts summing to model.n_layers "
+                              f"({n_layers}), got {split!r}")
+        return counts
+    base, extra = divmod(n_layers, stages)
+    counts = [base] * stages
+    for i in (list(range(1, stages - 1)) + [0, stages - 1])[:extra]:
+        counts[i] += 1
+    return counts
+
+
+def pipeline_microbatches(exp: Experiment) -> int:
+    par = exp.parallel
+    return exp.train.microbatches or 2 * par.pp * par.pp_virtual_stages
+
+
+def _validate_pipeline(exp: Experiment) -> None:
+    par = exp.parallel
+    if par.pp == 1:
+        return
+    stages = par.pp * par.pp_virtual_stages
+    if par.pp_virtual_stages > 1 and par.pp_schedule != "interleaved_1f1b":
+        raise ConfigError(f"parallel.pp_virtual_stages: {par.pp_virtual_stages} stages per rank need "
+                          f"parallel.pp_schedule=interleaved_1f1b, got {par.pp_schedule}")
+    if stages > exp.model.n_layers:
+        raise ConfigError(f"parallel.pp: {stages} pipeline stages (pp x pp_virtual_stages) but model.n_layers is "
+                          f"{exp.model.n_layers}; at most one stage per layer")
+    pipeline_stage_layers(exp.model.n_layers, stages, par.pp_split)
+    m = pipeline_microbatches(exp)
+    if par.pp_schedule == "1f1b" and m < par.pp:
+        raise ConfigError(f"train.microbatches: 1f1b needs at least parallel.pp ({par.pp}) microbatches, got {m}")
+    if par.pp_schedule == "interleaved_1f1b" and m % max(1, m // par.pp):
+        raise ConfigError(f"train.microbatches: interleaved_1f1b needs a multiple of max(1, microbatches // pp) "
+                          f"(e.g. a multiple of parallel.pp = {par.pp}), got {m}")
+    if exp.train.micro_batch_size:
+        raise ConfigError("train.micro_batch_size: with parallel.pp > 1 the batch is split by train.microbatches; "
+                          "leave micro_batch_size at 0")
+    if par.cp > 1:
+        raise ConfigError("parallel.cp: context parallelism inside pipeline stages is not supported yet; "
+                          "use pp=1 or cp=1")
+
+
 def check_trainable(exp: Experiment) -> None:
-    """Reject dimensions that validate and plan but the trainer cannot run yet."""
-    if exp.parallel.pp > 1:
-        raise ConfigError("parallel.pp: pipeline parallelism is not built yet (planned only); use 1 to train")
+    """Reject dimensions that validate and plan but the trainer cannot run yet (none left)."""
 
 
 def save_config(exp: Experiment, path: str) -> None:

@@ -182,18 +182,22 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        bsz, seqlen = tokens.shape
+        """Token ids -> logits. A pipeline stage without embeddings takes hidden states instead, and one
+        without the output returns hidden states."""
+        bsz, seqlen = tokens.shape[:2]
         if position_ids is None:
             position_ids = torch.arange(seqlen, device=tokens.device).expand(bsz, seqlen)
-        if seqlen > self.args.max_seq_len:
-            raise ValueError(f"sequence length {seqlen} exceeds model.max_seq_len {self.args.max_seq_len}")
+        if position_ids.shape[1] > self.args.max_seq_len:
+            raise ValueError(f"sequence length {position_ids.shape[1]} exceeds model.max_seq_len {self.args.max_seq_len}")
         # One document per row: plain causal attention is exact and faster. Under context
         # parallelism this shard does not know the other shards' documents: keep the ids.
         if doc_ids is not None and self.context_parallel is None and bool((doc_ids[:, -1] == doc_ids[:, 0]).all()):
             doc_ids = None
         ctx = AttnContext(self.rope_cos[position_ids], self.rope_sin[position_ids], doc_ids,
                           self.attention_backend, self.context_parallel)
-        h = self.tok_embeddings(tokens)
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         for block in self.layers.values():
             h = block(h, ctx)
+        if self.output is None:
+            return h
         return self.output(self.norm(h))

@@ -24,9 +24,10 @@ from loomtrain.launch.env import DistEnv, init_distributed, read_env, shutdown
 from loomtrain.parallel.context import shard_sequence
 from loomtrain.parallel.mesh import ParallelDims
 from loomtrain.parallel.parallelize import parallelize_model
+from loomtrain.parallel.pipeline import build_schedule, build_stages, check_microbatches
 from loomtrain.trainer.attention import resolve_backend
 from loomtrain.trainer.checkpoint import STEP_DIR, Checkpointer, latest_checkpoint, rng_state, set_rng_state
-from loomtrain.trainer.config import Experiment, check_trainable, save_config
+from loomtrain.trainer.config import Experiment, check_trainable, pipeline_microbatches, save_config
 from loomtrain.trainer.metrics import MetricsSink, detect_peak_flops
 from loomtrain.trainer.model import ModelArgs, Transformer
 from loomtrain.trainer.optim import build_optimizer, build_scheduler
@@ -119,14 +120,25 @@ class Trainer:
         model.attention_backend = resolve_backend(exp.model.attention, env.device.type)
         model.to(env.device)
         self.loss_parallel = exp.parallel.loss_parallel and self.dims.tp > 1
-        parallelize_model(model, self.dims, self.mesh, loss_parallel=self.loss_parallel,
-                          activation_checkpoint=exp.parallel.activation_checkpoint, compile=exp.parallel.compile,
-                          param_dtype=self.dtype, cp_impl=self.cp_impl)
-        self.model = model
+        self.schedule = None
+        parts = [model]
+        if self.dims.pp > 1:  # this rank's pipeline stages, each a pruned copy laid over the rest of the mesh
+            check_microbatches(exp, self.dims.dp)
+            self.stage_ids, parts = build_stages(model, exp, self.mesh["pp"].get_local_rank())
+            del model
+        for part in parts:
+            parallelize_model(part, self.dims, self.mesh, loss_parallel=self.loss_parallel,
+                              activation_checkpoint=exp.parallel.activation_checkpoint, compile=exp.parallel.compile,
+                              param_dtype=self.dtype, cp_impl=self.cp_impl)
+        self.model = parts[0] if len(parts) == 1 else torch.nn.ModuleList(parts)
+        if self.dims.pp > 1:
+            self.schedule = build_schedule(exp, self.stage_ids, parts, self.mesh["pp"].get_group(), env.device)
+            n_stages = self.dims.pp * exp.parallel.pp_virtual_stages
+            self.first_stage, self.last_stage = 0 in self.stage_ids, n_stages - 1 in self.stage_ids
         # Without FSDP, bf16 runs under autocast (FSDP's MixedPrecisionPolicy casts when it is on).
         self.autocast = self.dtype == torch.bfloat16 and not self.dims.fsdp_enabled
 
-        self.optimizer = build_optimizer(model.parameters(), exp.optim, env.device)
+        self.optimizer = build_optimizer(self.model.parameters(), exp.optim, env.device)
         self.scheduler = build_scheduler(self.optimizer, exp.optim, tcfg.steps)
         self.ckpt = Checkpointer(os.path.join(tcfg.output_dir, "checkpoints"), exp.checkpoint.keep,
                                  exp.checkpoint.async_save, env.rank, env.device)
@@ -199,12 +211,40 @@ class Trainer:
             return loss_parallel()
         return contextlib.nullcontext()
 
+    def _pipeline(self, batch: dict, train: bool) -> torch.Tensor:
+        """Run the schedule over one rank batch (split into microbatches); the mean loss on every stage."""
+        batch = {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
+        args = (batch["input_ids"],) if self.first_stage else ()
+        target = batch["labels"] if self.last_stage else None
+        losses: list[torch.Tensor] = []
+        with self._loss_context():
+            run = self.schedule.step if train else self.schedule.eval
+            run(*args, target=target, losses=losses, position_ids=batch["position_ids"], doc_ids=batch["doc_ids"])
+        total = sum((_local(x).detach().float() for x in losses), torch.zeros((), device=self.env.device))
+        total = total / max(1, len(losses))
+        dist.all_reduce(total, group=self.mesh["pp"].get_group())  # only the last stage computed losses
+        return total
+
+    def _clip_gradients(self) -> torch.Tensor:
+        """Clip to ``optim.grad_clip`` by the norm over all parameters, across pipeline stages too."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.exp.optim.grad_clip or float("inf")
+        if self.dims.pp == 1:
+            return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        norm = _local(torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)) ** 2
+        dist.all_reduce(norm, group=self.mesh["pp"].get_group())
+        norm = norm.sqrt()
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+        return norm
+
     def train_step(self) -> tuple[float, float]:
         """One optimizer step over this rank's micro-batches; returns (global mean loss, grad norm)."""
         micro = self.batches.next_step()
         self.model.train()
         total = torch.zeros((), device=self.env.device)
-        for i, batch in enumerate(micro):
+        if self.schedule is not None:
+            total = self._pipeline(micro[0], train=True)
+        for i, batch in enumerate(micro if self.schedule is None else []):
             last = i == len(micro) - 1
             if self.dims.fsdp_enabled:
                 self.model.set_requires_gradient_sync(last)  # reduce-scatter once per step
@@ -213,9 +253,7 @@ class Trainer:
                 loss.backward()
             total += _local(loss).detach()
         self.ft.before_update()  # an in-flight snapshot must have copied the parameters first
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in self.model.parameters() if p.grad is not None],
-            self.exp.optim.grad_clip or float("inf"), foreach=True)
+        grad_norm = self._clip_gradients()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -231,6 +269,9 @@ class Trainer:
         total = torch.zeros((), device=self.env.device)
         batches = eval_batches(self.valid_data, tcfg.eval_batches, micro, self.dp_rank, self.dims.dp)
         for batch in batches:
+            if self.schedule is not None:
+                total += self._pipeline(batch, train=False)
+                continue
             with self._loss_context():
                 total += _local(self._loss(batch))
         dist.all_reduce(total, group=self.mesh["loss"].get_group())
@@ -329,6 +370,10 @@ class Trainer:
     def _announce(self) -> None:
         a = self.args
         cp = f" (cp attention: {self.cp_impl})" if self.cp_impl else ""
+        if self.schedule is not None:
+            par = self.exp.parallel
+            cp += (f" (pipeline: {par.pp_schedule}, {par.pp * par.pp_virtual_stages} stages, "
+                   f"{pipeline_microbatches(self.exp)} microbatches; this rank: stages {self.stage_ids})")
         print(f"loomtrain: {self.dims.describe()}{cp} on {self.env.device.type} ({self.env.backend}); "
               f"model {a.num_params() / 1e6:.2f}M params ({a.n_layers} layers, dim {a.dim}, "
               f"{a.n_heads}/{a.n_kv_heads} heads, vocab {a.vocab_size}); "
