@@ -89,7 +89,8 @@ def apply_fsdp(model: nn.Module, dp_mesh, param_dtype: torch.dtype) -> None:
 
 
 def parallelize_model(model: nn.Module, dims, mesh, *, loss_parallel: bool, activation_checkpoint: str,
-                      compile: bool, param_dtype: torch.dtype, cp_impl: str = "tokenring") -> None:
+                      compile: bool, param_dtype: torch.dtype, cp_impl: str = "tokenring", fsdp: bool = True) -> None:
+    """``fsdp=False`` leaves data parallelism to another engine (DeepSpeed)."""
     if dims.tp > 1:
         apply_tp(model, mesh["tp"], loss_parallel)
     if dims.cp > 1:
@@ -98,6 +99,6 @@ def parallelize_model(model: nn.Module, dims, mesh, *, loss_parallel: bool, acti
         apply_ac(model)
     if compile:
         apply_compile(model)
-    if dims.fsdp_enabled:
+    if dims.fsdp_enabled and fsdp:
         dp_mesh = mesh["dp_replicate", "dp_shard_cp"] if dims.dp_replicate > 1 else mesh["dp_shard_cp"]
         apply_fsdp(model, dp_mesh, param_dtype)

@@ -78,6 +78,9 @@ class ParallelConfig:
     activation_checkpoint: str = "none"  # none | full
     compile: bool = False  # torch.compile each decoder block
     loss_parallel: bool = True  # vocab-parallel cross entropy when tp > 1
+    dp_engine: str = "fsdp"  # fsdp (FSDP2 over the mesh) | deepspeed (ZeRO; data parallelism only)
+    zero_stage: int = 2  # with dp_engine=deepspeed: ZeRO stage 1, 2 or 3
+    zero_offload_optimizer: bool = False  # with dp_engine=deepspeed: optimizer state in CPU memory
 
 
 @dataclass
@@ -188,6 +191,7 @@ CHOICES = {
     "parallel.cp_impl": ("tokenring", "ring", "ulysses", "auto"),
     "parallel.cp_topology": ("full_mesh", "ring"),
     "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved_1f1b"),
+    "parallel.dp_engine": ("fsdp", "deepspeed"),
     "optim.fused": ("auto", "true", "false"),
     "logging.wandb_mode": ("auto", "online", "offline"),
     "faulttol.inject.kind": ("none", "sigkill", "exception", "hang", "smp_kill", "node_loss"),
@@ -381,6 +385,7 @@ def validate(exp: Experiment) -> None:
             f"got {exp.train.micro_batch_size}")
     _validate_faulttol(exp)
     _validate_pipeline(exp)
+    _validate_deepspeed(exp)
 
 
 def _validate_faulttol(exp: Experiment) -> None:
@@ -442,6 +447,23 @@ def _validate_pipeline(exp: Experiment) -> None:
     if par.cp > 1:
         raise ConfigError("parallel.cp: context parallelism inside pipeline stages is not supported yet; "
                           "use pp=1 or cp=1")
+
+
+def _validate_deepspeed(exp: Experiment) -> None:
+    par = exp.parallel
+    if par.zero_stage not in (1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage: must be 1, 2 or 3, got {par.zero_stage}")
+    if par.dp_engine != "deepspeed":
+        return
+    others = {d: getattr(par, d) for d in ("pp", "cp", "tp", "dp_replicate") if getattr(par, d) != 1}
+    if others:
+        raise ConfigError(f"parallel.dp_engine: deepspeed runs data parallelism only here; set "
+                          f"{', '.join(f'parallel.{d}=1' for d in others)} (or use dp_engine=fsdp)")
+    if exp.faulttol.snapshot.every_steps:
+        raise ConfigError("faulttol.snapshot.every_steps: in-memory snapshots need dp_engine=fsdp "
+                          "(ZeRO partitions are DeepSpeed's); use checkpoint.every_steps with deepspeed")
+    if exp.checkpoint.async_save:
+        raise ConfigError("checkpoint.async_save: not available with dp_engine=deepspeed")
 
 
 def check_trainable(exp: Experiment) -> None:

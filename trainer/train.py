@@ -129,7 +129,7 @@ class Trainer:
         for part in parts:
             parallelize_model(part, self.dims, self.mesh, loss_parallel=self.loss_parallel,
                               activation_checkpoint=exp.parallel.activation_checkpoint, compile=exp.parallel.compile,
-                              param_dtype=self.dtype, cp_impl=self.cp_impl)
+                              param_dtype=self.dtype, cp_impl=self.cp_impl, fsdp=exp.parallel.dp_engine == "fsdp")
         self.model = parts[0] if len(parts) == 1 else torch.nn.ModuleList(parts)
         if self.dims.pp > 1:
             self.schedule = build_schedule(exp, self.stage_ids, parts, self.mesh["pp"].get_group(), env.device)
@@ -142,6 +142,15 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, exp.optim, tcfg.steps)
         self.ckpt = Checkpointer(os.path.join(tcfg.output_dir, "checkpoints"), exp.checkpoint.keep,
                                  exp.checkpoint.async_save, env.rank, env.device)
+        self.ds = None
+        if exp.parallel.dp_engine == "deepspeed":  # ZeRO takes over optimizer, clipping and gradient averaging
+            from loomtrain.parallel.deepspeed_engine import DeepSpeedCheckpointer, initialize
+
+            self.ds, self.optimizer, self.scheduler = initialize(
+                self.model, self.optimizer, self.scheduler, exp, self.batches.micro_batch,
+                self.batches.accumulation_steps)
+            self.model = self.ds
+            self.ckpt = DeepSpeedCheckpointer(self.ckpt.root, exp.checkpoint.keep, env.rank, self.ds)
         self.step = 0
         self.resumed_from = None
         self.restored_from, self.restore_seconds = None, 0.0
@@ -244,6 +253,8 @@ class Trainer:
         total = torch.zeros((), device=self.env.device)
         if self.schedule is not None:
             total = self._pipeline(micro[0], train=True)
+        if self.ds is not None:
+            return self._deepspeed_step(micro)
         for i, batch in enumerate(micro if self.schedule is None else []):
             last = i == len(micro) - 1
             if self.dims.fsdp_enabled:
@@ -260,6 +271,17 @@ class Trainer:
         # Every (dp, cp) rank saw the same number of tokens: the global mean is the mean of means.
         dist.all_reduce(total, group=self.mesh["loss"].get_group())
         return total.item() / (self.dims.dp * self.dims.cp), float(_local(grad_norm))
+
+    def _deepspeed_step(self, micro: list[dict]) -> tuple[float, float]:
+        """The engine scales by accumulation, averages over data parallel, clips, steps and schedules."""
+        total = torch.zeros((), device=self.env.device)
+        for batch in micro:
+            loss = self._loss(batch)
+            self.ds.backward(loss)
+            self.ds.step()
+            total += loss.detach() / len(micro)
+        dist.all_reduce(total, group=self.mesh["loss"].get_group())
+        return total.item() / self.dims.dp, float(self.ds.get_global_grad_norm() or 0.0)
 
     @torch.no_grad()
     def evaluate(self) -> float:

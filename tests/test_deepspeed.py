@@ -1,0 +1,62 @@
+"""DeepSpeed ZeRO as the data-parallel engine trains like the FSDP path; its checkpoints resume exactly."""
+import signal
+
+import pytest
+
+from conftest import run_ranks, signal_self_after_step
+
+STEPS = 5
+
+
+def _train(rank, overrides, signal_at=0, resume=None):
+    from loomtrain.trainer import train as train_mod
+    from loomtrain.trainer.config import load_config
+
+    if signal_at and rank == 0:
+        signal_self_after_step(signal_at, signal.SIGTERM)
+    r = train_mod.run(load_config("tiny", overrides), resume=resume)
+    return r.losses, r.last_step, r.resumed_from
+
+
+@pytest.fixture(scope="module")
+def fsdp_losses(small_corpus, tmp_path_factory):
+    from conftest import TEST_OVERRIDES
+
+    ov = TEST_OVERRIDES + [f"data.prepared={small_corpus}", f"train.output_dir={tmp_path_factory.mktemp('fsdp')}",
+                           f"train.steps={STEPS}", "parallel.dp_shard=2", "train.micro_batch_size=2"]
+    return run_ranks(_train, 2, ov)[0][0]
+
+
+@pytest.mark.parametrize("zero", [["parallel.zero_stage=1"], ["parallel.zero_stage=2"], ["parallel.zero_stage=3"],
+                                  ["parallel.zero_stage=2", "parallel.zero_offload_optimizer=true"]],
+                         ids=["zero1", "zero2", "zero3", "zero2_offload"])
+def test_zero_stage_matches_fsdp(zero, fsdp_losses, overrides):
+    ov = overrides + [f"train.steps={STEPS}", "parallel.dp_shard=2", "train.micro_batch_size=2",
+                      "parallel.dp_engine=deepspeed"] + zero
+    for losses, last, _ in run_ranks(_train, 2, ov):
+        assert last == STEPS
+        for step, ref in fsdp_losses.items():
+            assert abs(losses[step] - ref) <= 1e-4 * abs(ref), (zero, step, losses[step], ref)
+    assert fsdp_losses[STEPS] < fsdp_losses[1]
+
+
+def test_deepspeed_checkpoint_resumes_exactly(overrides, tmp_path):
+    ov = overrides + [f"train.steps={STEPS}", "parallel.dp_shard=2", "parallel.dp_engine=deepspeed",
+                      "parallel.zero_stage=2", "checkpoint.keep=1"]
+    full = run_ranks(_train, 2, ov + [f"train.output_dir={tmp_path / 'full'}"])[0][0]
+    split = ov + [f"train.output_dir={tmp_path / 'split'}"]
+    first = run_ranks(_train, 2, split, 3)
+    assert all(last == 3 for _, last, _ in first)
+    assert (tmp_path / "split" / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    for losses, last, resumed in run_ranks(_train, 2, split, 0, "latest"):
+        assert resumed.endswith("step_00000003") and last == STEPS and sorted(losses) == [4, 5]
+        for step in (4, 5):
+            assert losses[step] == pytest.approx(full[step], rel=1e-6, abs=0)
+
+
+def test_deepspeed_with_tensor_parallel_is_refused():
+    from loomtrain.trainer.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"parallel.dp_engine: deepspeed runs data parallelism only here; set "
+                                          r"parallel.tp=1"):
+        load_config("tiny", ["parallel.dp_engine=deepspeed", "parallel.tp=2"])
