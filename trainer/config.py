@@ -444,9 +444,6 @@ def _validate_pipeline(exp: Experiment) -> None:
     if exp.train.micro_batch_size:
         raise ConfigError("train.micro_batch_size: with parallel.pp > 1 the batch is split by train.microbatches; "
                           "leave micro_batch_size at 0")
-    if par.cp > 1:
-        raise ConfigError("parallel.cp: context parallelism inside pipeline stages is not supported yet; "
-                          "use pp=1 or cp=1")
 
 
 def _validate_deepspeed(exp: Experiment) -> None:
@@ -467,7 +464,10 @@ def _validate_deepspeed(exp: Experiment) -> None:
 
 
 def check_trainable(exp: Experiment) -> None:
-    """Reject dimensions that validate and plan but the trainer cannot run yet (none left)."""
+    """Reject layouts that validate and plan but the trainer cannot run yet."""
+    if exp.parallel.pp > 1 and exp.parallel.cp > 1:
+        raise ConfigError("parallel.cp: context parallelism inside pipeline stages is not supported yet; "
+                          "use pp=1 or cp=1")
 
 
 def save_config(exp: Experiment, path: str) -> None:
