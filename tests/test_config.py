@@ -84,6 +84,8 @@ def test_override_parsing_keeps_yaml_types():
     ["train", "--nproc", "3", "--set", "parallel.tp=2"],
     ["train", "--set", "data.corpus=/does/not/exist"],
     ["train", "--set", "parallel.pp=2"],
+    ["train", "--nproc", "2", "--set", "parallel.pp=2", "--set", "train.microbatches=3"],  # 16 per rank
+    ["train", "--nproc", "4", "--set", "faulttol.ranks_per_node=3"],
     ["plan", "--world-size", "6", "--set", "parallel.tp=4"],
     ["plan", "--world-size", "0"],
     ["slurm", "--nodes", "0", "--gpus-per-node", "8"],
