@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 
+import torch
 import torch.distributed as dist
 
 from loomtrain.fsutil import atomic_write_text
@@ -62,8 +63,6 @@ class DeepSpeedCheckpointer:
         self.engine.save_checkpoint(self.root, tag=name + ".tmp", save_latest=False,
                                     client_state={"step": step, "sampler": sampler.state_dict()})
         # Every rank's RNG state: DeepSpeed keeps client_state from rank 0 only, so each rank adds a file.
-        import torch
-
         torch.save(rng_state(), os.path.join(tmp, f"loomtrain_rng_rank{self.rank}.pt"))
         dist.barrier()
         if self.rank == 0:
@@ -76,8 +75,6 @@ class DeepSpeedCheckpointer:
         return final
 
     def load(self, path: str, model, optimizer, scheduler, sampler) -> int:
-        import torch
-
         path = path.rstrip("/")
         rng_file = os.path.join(path, f"loomtrain_rng_rank{self.rank}.pt")
         if not os.path.isfile(rng_file):

@@ -250,29 +250,33 @@ class Trainer:
         """One optimizer step over this rank's micro-batches; returns (global mean loss, grad norm)."""
         micro = self.batches.next_step()
         self.model.train()
-        total = torch.zeros((), device=self.env.device)
-        if self.schedule is not None:
-            total = self._pipeline(micro[0], train=True)
         if self.ds is not None:
-            return self._deepspeed_step(micro)
-        for i, batch in enumerate(micro if self.schedule is None else []):
-            last = i == len(micro) - 1
+            total = self._deepspeed_step(micro)
+            grad_norm = float(self.ds.get_global_grad_norm() or 0.0)
+        else:
+            total = self._pipeline(micro[0], train=True) if self.schedule is not None else self._accumulate(micro)
+            self.ft.before_update()  # an in-flight snapshot must have copied the parameters first
+            grad_norm = float(_local(self._clip_gradients()))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+        # Every (dp, cp) rank saw the same number of tokens: the global mean is the mean of means.
+        dist.all_reduce(total, group=self.mesh["loss"].get_group())
+        return total.item() / (self.dims.dp * self.dims.cp), grad_norm
+
+    def _accumulate(self, micro: list[dict]) -> torch.Tensor:
+        """Forward and backward over the micro-batches (gradients averaged); this rank's mean loss."""
+        total = torch.zeros((), device=self.env.device)
+        for i, batch in enumerate(micro):
             if self.dims.fsdp_enabled:
-                self.model.set_requires_gradient_sync(last)  # reduce-scatter once per step
+                self.model.set_requires_gradient_sync(i == len(micro) - 1)  # reduce-scatter once per step
             with self._loss_context():
                 loss = self._loss(batch) / len(micro)
                 loss.backward()
             total += _local(loss).detach()
-        self.ft.before_update()  # an in-flight snapshot must have copied the parameters first
-        grad_norm = self._clip_gradients()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        # Every (dp, cp) rank saw the same number of tokens: the global mean is the mean of means.
-        dist.all_reduce(total, group=self.mesh["loss"].get_group())
-        return total.item() / (self.dims.dp * self.dims.cp), float(_local(grad_norm))
+        return total
 
-    def _deepspeed_step(self, micro: list[dict]) -> tuple[float, float]:
+    def _deepspeed_step(self, micro: list[dict]) -> torch.Tensor:
         """The engine scales by accumulation, averages over data parallel, clips, steps and schedules."""
         total = torch.zeros((), device=self.env.device)
         for batch in micro:
@@ -280,8 +284,7 @@ class Trainer:
             self.ds.backward(loss)
             self.ds.step()
             total += loss.detach() / len(micro)
-        dist.all_reduce(total, group=self.mesh["loss"].get_group())
-        return total.item() / self.dims.dp, float(self.ds.get_global_grad_norm() or 0.0)
+        return total
 
     @torch.no_grad()
     def evaluate(self) -> float:
