@@ -14,7 +14,7 @@ import threading
 import time
 
 from loomtrain.faulttol.layout import NodeLayout
-from loomtrain.faulttol.smp import SHM_DIR, SnapshotClient, orphan_segments, segment_prefix, socket_path
+from loomtrain.faulttol.smp import SnapshotClient, remove_segments, segment_prefix, socket_path
 
 EXIT_HANG = 124  # what timeout(1) uses
 
@@ -59,8 +59,7 @@ def _lose_node(node: int, smp_dir: str | None) -> None:
     """A node disappears: its SMP and its memory, then every rank on it (this one last)."""
     print(f"faulttol: injecting 'node_loss' of node {node}", file=sys.stderr, flush=True)
     info = _kill_smp(node, smp_dir)
-    for name in orphan_segments(segment_prefix(smp_dir, node)):  # the node's RAM is gone
-        os.unlink(os.path.join(SHM_DIR, name))
+    remove_segments(segment_prefix(smp_dir, node))  # the node's RAM is gone
     for pid in info["ranks"].values():
         if pid != os.getpid():
             try:

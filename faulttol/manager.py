@@ -1,7 +1,8 @@
 """The trainer's side of fault tolerance: SMP hookup, snapshots on schedule, restore, injection, watchdog.
 
-The trainer calls ``restore_point`` once after building model and optimizer, ``before_update``
-before each optimizer step, ``after_step`` after each step and ``close`` at the end.
+The trainer calls ``locate`` (and, if it found an epoch, ``snapshots.restore``) once after building
+model and optimizer, ``before_update`` before each optimizer step, ``after_step`` after each step
+and ``close`` at the end.
 """
 from __future__ import annotations
 
@@ -34,7 +35,6 @@ class FaultTolerance:
         self.every = self.cfg.snapshot.every_steps
         self.snapshots = None
         self.smp_dir = None
-        self.started_smp = False
         if self.every:
             self._connect(dims)
         self.watchdog = Watchdog(self.cfg.hang_timeout_s, env.rank)
@@ -45,15 +45,15 @@ class FaultTolerance:
         env, layout = self.env, self.layout
         self.smp_dir = smp_directory(self.exp)
         node = layout.node_of(env.rank)
+        client = SnapshotClient(socket_path(self.smp_dir, node))
         if env.rank == layout.node_ranks(node)[0]:  # the node's first rank makes sure its SMP is up
             # Launchers start SMPs; one missing (bare torchrun, or killed) is started here, detached.
-            self.started_smp = ensure_daemon(self.smp_dir, node, self.cfg.smp_idle_exit_s)
-            if self.started_smp:
+            if ensure_daemon(self.smp_dir, node, self.cfg.smp_idle_exit_s):
                 print(f"faulttol: started the snapshot process of node {node} ({self.smp_dir})", file=sys.stderr,
                       flush=True)
-            SnapshotClient(socket_path(self.smp_dir, node))._call(op="free_uncommitted")  # torn leftovers
+            client._call(op="free_uncommitted")  # torn leftovers
         dist.barrier()
-        SnapshotClient(socket_path(self.smp_dir, node))._call(op="register", rank=env.rank, pid=os.getpid())
+        client._call(op="register", rank=env.rank, pid=os.getpid())
         signature = "|".join([str(env.world_size), dims.describe(), repr(layout), repr(self.exp.model),
                               str(self.exp.data.seq_len), os.path.abspath(self.exp.train.output_dir)])
         self.snapshots = Snapshotter(layout, env.rank, self.smp_dir, f"{zlib.crc32(signature.encode()):08x}",

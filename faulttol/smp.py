@@ -59,16 +59,21 @@ class Attached:
             self._mmap.close()
 
 
-def _attach(name: str) -> Attached:
-    return Attached(name)
-
-
 def checksum(buf) -> int:
     return zlib.crc32(buf)
 
 
 def orphan_segments(prefix: str) -> list[str]:
     return sorted(f for f in os.listdir(SHM_DIR) if f.startswith(prefix + "-")) if os.path.isdir(SHM_DIR) else []
+
+
+def remove_segments(prefix: str) -> None:
+    """Unlink every segment named with ``prefix`` (left by a killed daemon, or a node's memory being lost)."""
+    for name in orphan_segments(prefix):
+        try:
+            os.unlink(os.path.join(SHM_DIR, name))
+        except FileNotFoundError:
+            pass
 
 
 class SnapshotDaemon:
@@ -81,8 +86,7 @@ class SnapshotDaemon:
         self.epochs: dict[int, dict[str, dict]] = {}
         self.ranks: dict[str, int] = {}  # trainer rank -> pid, for node-loss injection
         # A predecessor killed with SIGKILL could not unlink its segments; its index died with it.
-        for name in orphan_segments(prefix):
-            os.unlink(os.path.join(SHM_DIR, name))
+        remove_segments(prefix)
 
     def alloc(self, key: str, size: int) -> dict:
         free = shutil.disk_usage(SHM_DIR).free if os.path.isdir(SHM_DIR) else float("inf")
@@ -200,7 +204,7 @@ class SnapshotClient:
         for key, t in tensors.items():
             data = t.detach().contiguous().view(torch.uint8).reshape(-1).cpu()
             name = self._call(op="alloc", key=key, size=data.numel())["name"]
-            shm = _attach(name)
+            shm = Attached(name)
             try:
                 view = torch.frombuffer(shm.buf, dtype=torch.uint8, count=data.numel()) if data.numel() else None
                 if view is not None:
@@ -224,7 +228,7 @@ class SnapshotClient:
             out = {}
             for key, e in ep["owners"][owner].items():
                 try:
-                    shm = _attach(e["name"])
+                    shm = Attached(e["name"])
                 except FileNotFoundError:
                     break
                 try:
@@ -291,8 +295,7 @@ def stop_daemons(smp_dir: str, nodes: range | list[int]) -> None:
         client = SnapshotClient(socket_path(smp_dir, node))
         if client.alive():
             client.shutdown()
-        for name in orphan_segments(segment_prefix(smp_dir, node)):  # a SIGKILLed daemon's leftovers
-            os.unlink(os.path.join(SHM_DIR, name))
+        remove_segments(segment_prefix(smp_dir, node))  # a SIGKILLed daemon's leftovers
 
 
 def main(argv=None) -> int:

@@ -38,7 +38,7 @@ from torch.distributed.tensor import DTensor
 
 from loomtrain.faulttol.erasure import ReedSolomon
 from loomtrain.faulttol.layout import NodeLayout, choose_epoch
-from loomtrain.faulttol.smp import SnapshotClient, _attach, checksum, socket_path
+from loomtrain.faulttol.smp import Attached, SnapshotClient, checksum, socket_path
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -245,7 +245,7 @@ class Snapshotter:
                     name = self.client._call(op="alloc", key=f"r{src}c{j}", size=size)["name"]
                 except (ConnectionError, FileNotFoundError) as e:
                     raise RuntimeError(f"node {self.node}'s snapshot process is not answering ({e})") from None
-                shm = _attach(name)
+                shm = Attached(name)
                 segments.append(shm)
                 views[i] = torch.frombuffer(shm.buf, dtype=torch.uint8, count=size)
                 entries[f"r{src}c{j}"] = {"name": name, "size": size, "src": src, "chunk": j, "step": step,
@@ -280,7 +280,7 @@ class Snapshotter:
         for ep in epochs:
             for entry in ep["owners"].get(str(self.rank), {}).values():
                 try:
-                    shm = _attach(entry["name"])
+                    shm = Attached(entry["name"])
                 except FileNotFoundError:
                     continue
                 try:
@@ -318,7 +318,7 @@ class Snapshotter:
                     if holder != self.rank:
                         continue
                     entry = by_key[(src, j)]
-                    shm = _attach(entry["name"])
+                    shm = Attached(entry["name"])
                     segments.append(shm)
                     view = torch.frombuffer(shm.buf, dtype=torch.uint8, count=entry["size"])
                     if src == self.rank:
