@@ -21,12 +21,13 @@ in full, the same chunk causally, a later chunk is skipped. Partial results merg
 log-sum-exp in fp32; a block whose rows see no key contributes lse = -inf. Backward
 re-runs each block's kernel backward with the *final* out and lse, which gives exact
 partial gradients. ``doc_ids`` (local shard of per-token document ids, laid out like q)
-restricts attention to the same document.
+restricts attention to the same document: with sorted ids (packed documents) each chunk
+pair becomes unmasked rectangles, one per shared document, so flash kernels serve it;
+unsorted ids use a dense additive mask.
 
-Kernels: torch's CPU flash-attention op and its backward on CPU (fully masked rows, for
-which it returns lse 0, are set to -inf); on other devices (CUDA) an explicit fp32
-softmax twin with a hand-derived backward, tested on CPU by forcing it (``set_kernel``).
-Wiring flash-attn's lse-returning kernels in for CUDA is still to do.
+Kernels are picked per block at run time (``block_kernels.py``): torch's CPU flash op on
+CPU; flash-attn or torch's CUDA flash / memory-efficient ops on CUDA; an explicit fp32
+softmax twin elsewhere (``set_kernel`` forces one, as the tests do).
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ import torch
 import torch.distributed as dist
 
 from loomtrain.comms.p2p import account_collective, exchange
+from loomtrain.parallel import block_kernels as kernels
+from loomtrain.parallel.block_kernels import set_kernel  # noqa: F401  (public: force a block kernel)
 
 _REVERSE_GROUPS: dict = {}
 
@@ -101,23 +104,12 @@ def unshard_sequence(x_local: torch.Tensor, *, dim: int = 1, group=None, layout:
     return torch.cat([chunks[c] for c in range(_num_chunks(world, layout))], dim)
 
 
-# ----------------------------------------------------------------------------- kernels
-def _repeat_kv(t: torch.Tensor, rep: int) -> torch.Tensor:
-    return t if rep == 1 else t.repeat_interleave(rep, dim=2)
+# ----------------------------------------------------------------------------- documents
+_ALL = slice(None)
 
 
-def _reduce_kv(t: torch.Tensor, rep: int) -> torch.Tensor:
-    """Gradient of ``_repeat_kv``: sum the ``rep`` query heads that shared each KV head."""
-    if rep == 1:
-        return t
-    b, s, h, d = t.shape
-    return t.view(b, s, h // rep, rep, d).sum(3)
-
-
-def _mask(q_doc, k_doc, diagonal: bool, dtype) -> torch.Tensor | None:
-    """Additive (B, 1, Sq, Sk) mask for a chunk pair, or None when plain (causal) attention is exact."""
-    if q_doc is None:
-        return None
+def _mask(q_doc, k_doc, diagonal: bool, dtype) -> torch.Tensor:
+    """Additive (B, 1, Sq, Sk) mask allowing same-document keys (and only earlier ones on the diagonal)."""
     allowed = q_doc[:, :, None] == k_doc[:, None, :]
     if diagonal:
         allowed = allowed & torch.ones(allowed.shape[1:], dtype=torch.bool, device=allowed.device).tril()
@@ -125,70 +117,42 @@ def _mask(q_doc, k_doc, diagonal: bool, dtype) -> torch.Tensor | None:
     return mask.masked_fill_(~allowed, float("-inf")).unsqueeze(1)
 
 
-_KERNEL = "auto"  # auto | cpu_flash | math
+class _Docs:
+    """Every chunk's document ids, and how same-document attention of a chunk pair decomposes.
 
+    When each chunk's ids are sorted (packed documents are), a document occupies one run of rows
+    in every chunk, so a chunk pair's attention is a few unmasked rectangles (per batch row:
+    the documents both chunks hold). Those run on any kernel, flash ones included, and skip
+    the masked-out work. Unsorted ids fall back to one dense additive mask per pair.
+    """
 
-def set_kernel(name: str) -> None:
-    """Force the block kernel: ``cpu_flash`` (torch's CPU flash op), ``math`` (any device), ``auto``."""
-    global _KERNEL
-    if name not in ("auto", "cpu_flash", "math"):
-        raise ValueError(f"kernel: must be auto, cpu_flash or math, got {name!r}")
-    _KERNEL = name
+    def __init__(self, chunks: dict):
+        self.chunks = chunks
+        self.host = {c: t.cpu() for c, t in chunks.items()}  # one device-to-host copy per call
+        self.sorted = all(bool((t[:, 1:] >= t[:, :-1]).all()) for t in self.host.values())
+        self._rects: dict = {}
 
+    def pieces(self, qc: int, kc: int, causal: bool, dtype):
+        """[(batch rows, query rows, key rows, causal, mask or None)] covering the pair (qc, kc)."""
+        if not self.sorted:
+            return [(_ALL, _ALL, _ALL, causal, _mask(self.chunks[qc], self.chunks[kc], causal, dtype))]
+        key = (qc, kc, causal)
+        if key not in self._rects:
+            self._rects[key] = self._rectangles(self.host[qc], self.host[kc], causal)
+        return self._rects[key]
 
-def _use_cpu_flash(t: torch.Tensor) -> bool:
-    return _KERNEL == "cpu_flash" or (_KERNEL == "auto" and t.device.type == "cpu")
-
-
-def _bhsd(q, k, v):
-    rep = q.shape[2] // k.shape[2]
-    return rep, [t.transpose(1, 2) for t in (q, _repeat_kv(k, rep), _repeat_kv(v, rep))]
-
-
-def _math_scores(qt, kt, causal, mask):
-    scores = torch.matmul(qt.float(), kt.float().transpose(-1, -2)) * qt.shape[-1] ** -0.5
-    if mask is not None:
-        scores = scores + mask.float()
-    elif causal:
-        sq, sk = scores.shape[-2:]
-        keep = torch.ones(sq, sk, dtype=torch.bool, device=scores.device).tril()
-        scores = scores.masked_fill(~keep, float("-inf"))
-    return scores
-
-
-def _kernel_fwd(q, k, v, causal: bool, mask):
-    """(out (B,S,H,D) fp32, lse (B,H,S) fp32) of one block; rows that see nothing get lse = -inf."""
-    rep, (qt, kt, vt) = _bhsd(q, k, v)
-    if _use_cpu_flash(q):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            qt, kt, vt, 0.0, causal and mask is None, attn_mask=mask)
-        lse = lse.float()
-        if mask is not None:
-            dead = torch.isneginf(mask).all(-1)  # (B, 1, Sq): the kernel returns lse 0 there
-            lse = lse.masked_fill(dead, float("-inf"))
-        return out.transpose(1, 2).float(), lse
-    # Device-generic twin (CUDA without a faster kernel wired in yet): explicit softmax in fp32.
-    scores = _math_scores(qt, kt, causal, mask)
-    lse = torch.logsumexp(scores, -1)
-    probs = torch.nan_to_num(torch.exp(scores - lse.unsqueeze(-1)))
-    return torch.matmul(probs, vt.float()).transpose(1, 2), lse
-
-
-def _kernel_bwd(dout, q, k, v, out, lse, causal: bool, mask):
-    rep, (qt, kt, vt) = _bhsd(q, k, v)
-    if _use_cpu_flash(q):
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout.to(q.dtype).transpose(1, 2), qt, kt, vt, out.to(q.dtype).transpose(1, 2), lse.contiguous(), 0.0,
-            causal and mask is None, attn_mask=mask)
-    else:
-        do, o = dout.float().transpose(1, 2), out.float().transpose(1, 2)
-        probs = torch.nan_to_num(torch.exp(_math_scores(qt, kt, causal, mask) - lse.unsqueeze(-1)))
-        dv = torch.matmul(probs.transpose(-1, -2), do)
-        dp = torch.matmul(do, vt.float().transpose(-1, -2))
-        ds = probs * (dp - (do * o).sum(-1, keepdim=True)) * qt.shape[-1] ** -0.5
-        dq, dk = torch.matmul(ds, kt.float()), torch.matmul(ds.transpose(-1, -2), qt.float())
-    return (dq.transpose(1, 2).float(), _reduce_kv(dk.transpose(1, 2).float(), rep),
-            _reduce_kv(dv.transpose(1, 2).float(), rep))
+    @staticmethod
+    def _rectangles(q_doc, k_doc, causal):
+        rects = []
+        for b in range(q_doc.shape[0]):
+            ids, counts = torch.unique_consecutive(q_doc[b], return_counts=True)
+            starts = (counts.cumsum(0) - counts).tolist()
+            lo = torch.searchsorted(k_doc[b], ids).tolist()
+            hi = torch.searchsorted(k_doc[b], ids, right=True).tolist()
+            for start, n, k_lo, k_hi in zip(starts, counts.tolist(), lo, hi):
+                if k_hi > k_lo:  # on the diagonal the key rows are the query rows: causal stays exact
+                    rects.append((slice(b, b + 1), slice(start, start + n), slice(k_lo, k_hi), causal, None))
+        return rects
 
 
 def _pairs(q_chunks, k_chunks, causal: bool):
@@ -215,6 +179,16 @@ def merge_(out, lse, blk_out, blk_lse):
     lse.copy_(new_lse)
 
 
+def _work(q_chunks, k_chunks, causal, docs, dtype):
+    """(i, j, pieces) for every query chunk i / key chunk j pair with work (see ``_Docs.pieces``)."""
+    for i, j, diag in _pairs(q_chunks, k_chunks, causal):
+        c = diag and causal
+        if docs is None:
+            yield i, j, [(_ALL, _ALL, _ALL, c, None)]
+        else:
+            yield i, j, docs.pieces(q_chunks[i], k_chunks[j], c, dtype)
+
+
 def block_forward(q, k, v, q_chunks, k_chunks, causal, docs):
     """Attention of the query chunks in ``q`` over the key chunks in ``k``/``v``: (out fp32, lse)."""
     b, s, h, d = q.shape
@@ -222,10 +196,10 @@ def block_forward(q, k, v, q_chunks, k_chunks, causal, docs):
     lse = torch.full((b, h, s), float("-inf"), dtype=torch.float32, device=q.device)
     qs, ks, vs = _split(q, len(q_chunks), 1), _split(k, len(k_chunks), 1), _split(v, len(k_chunks), 1)
     outs, lses = _split(out, len(q_chunks), 1), _split(lse, len(q_chunks), 2)
-    for i, j, diag in _pairs(q_chunks, k_chunks, causal):
-        mask = _mask(docs[q_chunks[i]], docs[k_chunks[j]], diag and causal, q.dtype) if docs else None
-        o, l = _kernel_fwd(qs[i], ks[j], vs[j], diag and causal, mask)
-        merge_(outs[i], lses[i], o, l)
+    for i, j, pieces in _work(q_chunks, k_chunks, causal, docs, q.dtype):
+        for rows, qr, kr, c, mask in pieces:
+            o, l = kernels.forward(qs[i][rows, qr], ks[j][rows, kr], vs[j][rows, kr], c, mask)
+            merge_(outs[i][rows, qr], lses[i][rows, :, qr], o, l)
     return out, lse
 
 
@@ -238,12 +212,13 @@ def block_backward(dout, q, k, v, out, lse, q_chunks, k_chunks, causal, docs):
     qs, dos, os_, ls = _split(q, nq, 1), _split(dout, nq, 1), _split(out, nq, 1), _split(lse, nq, 2)
     ks, vs = _split(k, nk, 1), _split(v, nk, 1)
     dqs, dks, dvs = _split(dq, nq, 1), _split(dk, nk, 1), _split(dv, nk, 1)
-    for i, j, diag in _pairs(q_chunks, k_chunks, causal):
-        mask = _mask(docs[q_chunks[i]], docs[k_chunks[j]], diag and causal, q.dtype) if docs else None
-        a, b_, c = _kernel_bwd(dos[i], qs[i], ks[j], vs[j], os_[i], ls[i], diag and causal, mask)
-        dqs[i].add_(a)
-        dks[j].add_(b_)
-        dvs[j].add_(c)
+    for i, j, pieces in _work(q_chunks, k_chunks, causal, docs, q.dtype):
+        for rows, qr, kr, c, mask in pieces:
+            a, b_, c_ = kernels.backward(dos[i][rows, qr], qs[i][rows, qr], ks[j][rows, kr], vs[j][rows, kr],
+                                         os_[i][rows, qr], ls[i][rows, :, qr], c, mask)
+            dqs[i][rows, qr].add_(a)
+            dks[j][rows, kr].add_(b_)
+            dvs[j][rows, kr].add_(c_)
     return dq, dk, dv
 
 
@@ -252,7 +227,7 @@ def _doc_chunks(doc_ids, group, world, layout):
     if doc_ids is None:
         return None
     full = unshard_sequence(doc_ids, dim=1, group=group, layout=layout)
-    return dict(enumerate(full.chunk(_num_chunks(world, layout), 1)))
+    return _Docs(dict(enumerate(full.chunk(_num_chunks(world, layout), 1))))
 
 
 def _save(ctx, tensors, group, causal, layout, docs):

@@ -1,7 +1,8 @@
 """Context-parallel attention (TokenRing, ring, Ulysses) against single-device attention on the full sequence.
 
 Outputs, lse and dq/dk/dv within 1e-5 (fp32) on 2 and 4 gloo ranks; causal and not, zigzag and
-contiguous, GQA, odd sizes, packed documents; P2P message counts per strategy.
+contiguous, GQA, odd sizes, packed documents (sorted ids: unmasked rectangles) and unsorted
+document ids (dense masks, rows that see nothing in a block); P2P message counts per strategy.
 """
 
 import pytest
@@ -34,7 +35,9 @@ def make_inputs(seed, b, s, h, hkv, d, docs):
     g = torch.Generator().manual_seed(seed)
     q, k, v, dout = (torch.randn(b, s, n, d, generator=g) for n in (h, hkv, hkv, h))
     doc_ids = None
-    if docs:  # packed documents of uneven lengths, different per row
+    if docs == "random":  # unsorted ids: every token in one of 3 documents (dense-mask path)
+        doc_ids = torch.randint(0, 3, (b, s), generator=g)
+    elif docs:  # packed documents of uneven lengths, different per row (unmasked-rectangle path)
         cuts = torch.sort(torch.randint(1, s, (b, docs - 1), generator=g), dim=1).values
         doc_ids = torch.stack([torch.bucketize(torch.arange(s), c, right=True) for c in cuts])
     return q, k, v, dout, doc_ids
@@ -78,7 +81,7 @@ def _check_strategy(rank, strategy, case, kernel="auto"):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("case", ["causal_zigzag_gqa", "packed_documents", "noncausal_zigzag"])
+@pytest.mark.parametrize("case", ["causal_zigzag_gqa", "packed_documents", "noncausal_zigzag", "random_documents"])
 def test_device_generic_kernel_matches_full_attention(strategy, case):
     """The explicit-softmax twin (what runs on CUDA today) gives the same results, forced on CPU."""
     for errors, _, _, _ in run_ranks(_check_strategy, 2, strategy, CASES[case], "math"):
@@ -104,6 +107,7 @@ CASES = {
     "odd_sizes_5_heads": (1, 120, 5, 5, 12, True, "zigzag", 0),
     "packed_documents": (2, 48, 4, 2, 8, True, "zigzag", 4),
     "packed_documents_noncausal_contiguous": (1, 32, 4, 4, 8, False, "contiguous", 3),
+    "random_documents": (2, 48, 4, 2, 8, True, "zigzag", "random"),
 }
 
 
