@@ -492,14 +492,15 @@ def _ulysses(q, k, v, group, causal, layout, docs, want_lse=True):
 
 
 # ----------------------------------------------------------------------------- public API
-def _check(q, k, v, group, layout):
+def _check(q, k, v, group, layout, world=None):
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
         raise ValueError(f"expected q (B, S, H, D) and k, v (B, S, H_kv, D); got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"heads ({q.shape[2]}) must be a multiple of kv_heads ({k.shape[2]})")
     _chunk_ids(0, 1, layout)
-    _, world, _ = _group_info(group)
+    if world is None:
+        _, world, _ = _group_info(group)
     n = len(_chunk_ids(0, world, layout))
     if q.shape[1] % n:
         raise ValueError(f"local sequence length {q.shape[1]} must be divisible by {n} for layout {layout!r}")
@@ -513,6 +514,18 @@ def _run(fn, q, k, v, group, causal, layout, doc_ids, return_lse):
         out, lse = _ulysses(q, k, v, group, causal, layout, docs, return_lse)
     else:
         out, lse = fn.apply(q, k, v, group, causal, layout, docs)
+    return (out, lse) if return_lse else out
+
+
+def local_attention(q, k, v, *, causal=True, doc_ids=None, return_lse=False):
+    """Attention over a whole (unsharded) sequence through the block kernels, on one device.
+
+    With packed documents this is the fast path: one unmasked block per document instead of a
+    dense (S, S) mask whose cross-document work a masked kernel still pays for.
+    """
+    _check(q, k, v, None, "contiguous", world=1)
+    docs = _Docs({0: doc_ids}) if doc_ids is not None else None
+    out, lse = _LocalAttention.apply(q, k, v, (0,), causal, docs)
     return (out, lse) if return_lse else out
 
 

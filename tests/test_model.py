@@ -1,8 +1,10 @@
 """The Llama-style model: document masking, GQA attention, parameter and FLOP accounting."""
 import math
 
+import pytest
 import torch
 
+from loomtrain.parallel.context import local_attention
 from loomtrain.trainer.attention import attend, document_causal_mask, resolve_backend
 from loomtrain.trainer.model import ModelArgs, Transformer
 
@@ -30,16 +32,33 @@ def test_packed_documents_do_not_see_each_other():
     assert (unmasked[:, 10:] - alone_b).abs().max() > 1e-3  # without the mask document b would see a
 
 
-def test_gqa_attention_matches_explicit_softmax():
+@pytest.mark.parametrize("doc", [
+    [[0] * 4 + [1] * 5, [0] * 9],  # sorted (packed): one unmasked block per document
+    [[0, 1, 0, 1, 1, 2, 0, 2, 2], [0, 0, 0, 1, 1, 1, 1, 2, 3]],  # unsorted in row 0: dense-mask path
+])
+@pytest.mark.parametrize("per_document", [True, False])
+def test_gqa_attention_matches_explicit_softmax(monkeypatch, doc, per_document):
+    """Values and gradients of attention over packed documents against an explicit masked softmax,
+    through the per-document blocks and through SDPA with a dense mask."""
+    from loomtrain.trainer import attention
+
+    calls = []
+    monkeypatch.setattr(attention, "PER_DOCUMENT_MIN_SEQ", 0 if per_document else 10**9)
+    monkeypatch.setattr(attention, "local_attention", lambda *a, **kw: calls.append(1) or local_attention(*a, **kw))
     torch.manual_seed(1)
-    q, k, v = torch.randn(2, 9, 4, 8), torch.randn(2, 9, 2, 8), torch.randn(2, 9, 2, 8)
-    doc = torch.tensor([[0] * 4 + [1] * 5, [0] * 9])
+    doc = torch.tensor(doc)
+    q, k, v = (torch.randn(2, 9, h, 8, requires_grad=True) for h in (4, 2, 2))
+    dout = torch.randn(2, 9, 4, 8)
     out = attend(q, k, v, doc)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
     kr, vr = k.repeat_interleave(2, 2), v.repeat_interleave(2, 2)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, kr) / math.sqrt(8)
     scores = scores.masked_fill(~document_causal_mask(doc), float("-inf"))
     ref = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), vr)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, torch.autograd.grad(ref, (q, k, v), dout)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert len(calls) == per_document
 
 
 def test_parameter_count_and_flops():

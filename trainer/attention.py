@@ -1,5 +1,8 @@
 """Attention kernels chosen at run time: flash-attn on CUDA when installed, else torch SDPA.
 
+Packed documents without flash-attn go through ``parallel.context.local_attention``: one
+unmasked causal block per document rather than SDPA with a dense document mask.
+
 Inputs are ``(batch, seq, heads, head_dim)`` with ``kv_heads`` dividing ``heads``
 (grouped-query attention). ``doc_ids`` (batch, seq), when given, marks which packed
 document each token belongs to; attention stays inside a document.
@@ -10,6 +13,8 @@ import functools
 
 import torch
 import torch.nn.functional as F
+
+from loomtrain.parallel.context import local_attention
 
 
 @functools.lru_cache(maxsize=None)
@@ -40,7 +45,17 @@ def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     return (same_doc & causal).unsqueeze(1)
 
 
+# Below this length one batched masked SDPA call beats a kernel call per document (measured on
+# CPU, 2 threads: 16x256 tokens 2 docs/row 0.050 s dense vs 0.055 s blocks; 8x512 0.093 vs 0.067;
+# 1x4096 with 8 docs 0.75 vs 0.11).
+PER_DOCUMENT_MIN_SEQ = 512
+
+
 def _sdpa(q, k, v, doc_ids):
+    if doc_ids is not None and q.shape[1] >= PER_DOCUMENT_MIN_SEQ and not torch.compiler.is_compiling():
+        # One unmasked causal block per document (exact; skips all cross-document work, which a
+        # dense mask still computes). Compiled graphs keep the dense mask: it traces cleanly.
+        return local_attention(q, k, v, causal=True, doc_ids=doc_ids)
     rep = q.shape[2] // k.shape[2]
     if rep > 1:
         k = k.repeat_interleave(rep, dim=2)

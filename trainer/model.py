@@ -9,11 +9,13 @@ document boundary and RoPE positions restart at each document.
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from loomtrain.trainer.attention import attend
 
@@ -67,6 +69,11 @@ class AttnContext:
     doc_ids: torch.Tensor | None  # (B, S) or None when no row holds more than one document
     backend: str
     context_parallel: tuple | None = None  # (attention function, process group) when cp > 1
+
+
+def canonical_name(name: str) -> str:
+    """A parameter's name without the wrappers activation checkpointing and compile insert."""
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
 
 
 class RMSNorm(nn.Module):
@@ -160,25 +167,38 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
-        """Deterministic init from ``seed`` (same values on every rank before sharding)."""
-        gen = torch.Generator().manual_seed(seed)
-        std = self.args.init_std
-        out_std = std / math.sqrt(2 * self.args.n_layers)
+        """Deterministic init from ``seed``, whatever part of the model this rank holds and however it is
+        sharded: each parameter comes from its own generator keyed by its name, every rank generates
+        the full tensor and keeps its shard. So a model built on the meta device, parallelized and
+        materialized with ``to_empty`` never holds more than one full parameter at a time.
+        """
+        for name, param in self.named_parameters():
+            fqn = canonical_name(name)
+            std = self._init_std(fqn)
+            if std is None:  # norm weights
+                full = torch.ones(param.shape, device=param.device)
+            else:
+                gen = torch.Generator(param.device).manual_seed(
+                    (seed * 1_000_003 + zlib.crc32(fqn.encode())) % 2 ** 63)
+                full = torch.randn(param.shape, generator=gen, device=param.device) * std
+            if isinstance(param, DTensor):
+                full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+            param.copy_(full)
+        cos, sin = rope_tables(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
 
-        def normal_(t, s):
-            t.copy_(torch.randn(t.shape, generator=gen) * s)
-
-        normal_(self.tok_embeddings.weight, 1.0)
-        for block in self.layers.values():
-            for lin in (block.attention.wq, block.attention.wk, block.attention.wv, block.feed_forward.w1,
-                        block.feed_forward.w3):
-                normal_(lin.weight, std)
-            normal_(block.attention.wo.weight, out_std)
-            normal_(block.feed_forward.w2.weight, out_std)
-            block.attention_norm.reset_parameters()
-            block.ffn_norm.reset_parameters()
-        self.norm.reset_parameters()
-        normal_(self.output.weight, self.args.dim ** -0.5)
+    def _init_std(self, fqn: str) -> float | None:
+        """Standard deviation of a parameter's normal init (None: ones)."""
+        if fqn.endswith("norm.weight"):
+            return None
+        if fqn == "tok_embeddings.weight":
+            return 1.0
+        if fqn == "output.weight":
+            return self.args.dim ** -0.5
+        if fqn.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+            return self.args.init_std / math.sqrt(2 * self.args.n_layers)
+        return self.args.init_std
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -115,10 +115,9 @@ class Trainer:
         self.cp_impl = self._choose_cp_impl() if self.dims.cp > 1 else None
 
         torch.manual_seed(tcfg.seed)
-        model = Transformer(self.args)
-        model.init_weights(tcfg.seed)
+        with torch.device("meta"):  # no rank ever holds the whole model: built empty, sharded, then filled
+            model = Transformer(self.args)
         model.attention_backend = resolve_backend(exp.model.attention, env.device.type)
-        model.to(env.device)
         self.loss_parallel = exp.parallel.loss_parallel and self.dims.tp > 1
         self.schedule = None
         parts = [model]
@@ -130,6 +129,9 @@ class Trainer:
             parallelize_model(part, self.dims, self.mesh, loss_parallel=self.loss_parallel,
                               activation_checkpoint=exp.parallel.activation_checkpoint, compile=exp.parallel.compile,
                               param_dtype=self.dtype, cp_impl=self.cp_impl, fsdp=exp.parallel.dp_engine == "fsdp")
+        for part in parts:
+            part.to_empty(device=env.device)
+            part.init_weights(tcfg.seed)
         self.model = parts[0] if len(parts) == 1 else torch.nn.ModuleList(parts)
         if self.dims.pp > 1:
             self.schedule = build_schedule(exp, self.stage_ids, parts, self.mesh["pp"].get_group(), env.device)
