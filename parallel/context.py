@@ -31,6 +31,8 @@ softmax twin elsewhere (``set_kernel`` forces one, as the tests do).
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.distributed as dist
 
@@ -222,12 +224,36 @@ def block_backward(dout, q, k, v, out, lse, q_chunks, k_chunks, causal, docs):
     return dq, dk, dv
 
 
+_last_docs: tuple | None = None  # (weakref to doc_ids, its version, key, _Docs) of the last plan made
+
+
 def _doc_chunks(doc_ids, group, world, layout):
     """Every chunk's document ids, by global chunk index (one all-gather of a small int tensor)."""
     if doc_ids is None:
         return None
-    full = unshard_sequence(doc_ids, dim=1, group=group, layout=layout)
-    return _Docs(dict(enumerate(full.chunk(_num_chunks(world, layout), 1))))
+
+    def build():
+        full = unshard_sequence(doc_ids, dim=1, group=group, layout=layout)
+        return _Docs(dict(enumerate(full.chunk(_num_chunks(world, layout), 1))))
+
+    return _cached_docs(doc_ids, (tuple(dist.get_process_group_ranks(group)), layout), build)
+
+
+def _cached_docs(doc_ids, key, build):
+    """``build()``, made once per ``doc_ids`` tensor while it is alive and unmodified.
+
+    Every layer of a step passes the same ``doc_ids`` tensor: the gather, host copy and
+    rectangle plan are made once per step, not per layer. All ranks of a group hit or miss
+    together (same model, same calls), so a gather inside ``build`` stays collective.
+    """
+    global _last_docs
+    if _last_docs is not None:
+        ref, version, last_key, docs = _last_docs
+        if ref() is doc_ids and version == doc_ids._version and last_key == key:
+            return docs
+    docs = build()
+    _last_docs = (weakref.ref(doc_ids), doc_ids._version, key, docs)
+    return docs
 
 
 def _save(ctx, tensors, group, causal, layout, docs):
@@ -524,7 +550,7 @@ def local_attention(q, k, v, *, causal=True, doc_ids=None, return_lse=False):
     dense (S, S) mask whose cross-document work a masked kernel still pays for.
     """
     _check(q, k, v, None, "contiguous", world=1)
-    docs = _Docs({0: doc_ids}) if doc_ids is not None else None
+    docs = _cached_docs(doc_ids, "local", lambda: _Docs({0: doc_ids})) if doc_ids is not None else None
     out, lse = _LocalAttention.apply(q, k, v, (0,), causal, docs)
     return (out, lse) if return_lse else out
 

@@ -203,3 +203,37 @@ def test_cost_model_choices():
     assert t_ring > t_mesh
     fast = predict_seconds(gqa, 1e15, 0.0, 300e12)
     assert max(fast.values()) / min(fast.values()) < 1.01  # infinitely fast links: compute decides, all equal
+
+
+def _count_doc_gathers(rank):
+    import torch.distributed as dist
+
+    from loomtrain.parallel import context as cp
+
+    dist.init_process_group("gloo")
+    gathers = []
+    real = cp.unshard_sequence
+    cp.unshard_sequence = lambda *a, **kw: gathers.append(1) or real(*a, **kw)
+    try:
+        q, k, v, _, doc_ids = make_inputs(5, 1, 32, 4, 2, 8, 3)
+        ql, kl, vl, dl = (cp.shard_sequence(t) for t in (q, k, v, doc_ids))
+        first = cp.ring_attention(ql, kl, vl, doc_ids=dl)
+        counts = []
+        for _ in range(3):  # the layers of one step: same ids tensor
+            torch.testing.assert_close(cp.token_ring_attention(ql, kl, vl, doc_ids=dl), first)
+        counts.append(len(gathers))
+        cp.ring_attention(ql, kl, vl, doc_ids=dl.clone())  # next step: a new tensor
+        counts.append(len(gathers))
+        dl.add_(0)  # modified in place: the plan is made again
+        cp.ring_attention(ql, kl, vl, doc_ids=dl)
+        counts.append(len(gathers))
+        return counts
+    finally:
+        cp.unshard_sequence = real
+        dist.destroy_process_group()
+
+
+def test_document_plan_is_made_once_per_ids_tensor():
+    """One all-gather (and host copy, and rectangle plan) of the document ids per step, not per layer."""
+    for counts in run_ranks(_count_doc_gathers, 2):
+        assert counts == [1, 2, 3]
