@@ -130,7 +130,7 @@ class _Docs:
 
     def __init__(self, chunks: dict):
         self.chunks = chunks
-        self.host = {c: t.cpu() for c, t in chunks.items()}  # one device-to-host copy per call
+        self.host = {c: t.cpu() for c, t in chunks.items()}  # one device-to-host copy per plan (step)
         self.sorted = all(bool((t[:, 1:] >= t[:, :-1]).all()) for t in self.host.values())
         self._rects: dict = {}
 
