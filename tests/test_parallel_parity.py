@@ -3,6 +3,7 @@
 Losses over 6 steps within 1e-4 relative, final parameters (read back from each run's
 DCP checkpoint, resharded to full tensors) within 1e-5, fp32, on gloo.
 """
+import contextlib
 import os
 
 import pytest
@@ -151,26 +152,34 @@ def test_pipeline_matches_single_process(layout, references, small_corpus, tmp_p
         assert diff <= 1e-5, (layout, name, diff)
 
 
-def _initial_params(rank, overrides):
-    """Full values of this rank's parameters right after the trainer built them (meta -> shards)."""
-    from torch.distributed.tensor import DTensor
+@contextlib.contextmanager
+def _process_group(overrides):
+    """(experiment, env) of this forked rank, its process group torn down afterwards."""
+    import torch.distributed as dist
 
     from loomtrain.launch.env import init_distributed
     from loomtrain.trainer.config import load_config
-    from loomtrain.trainer.model import canonical_name
-    from loomtrain.trainer.train import Trainer
 
     exp = load_config("tiny", overrides)
     env = init_distributed(exp.parallel)
     try:
-        trainer = Trainer(exp, env)
-        return trainer.args, {canonical_name(n).split(".", 1)[1] if n[0].isdigit() else canonical_name(n):
-                (p.full_tensor() if isinstance(p, DTensor) else p.detach()).clone()
-                for n, p in trainer.model.named_parameters()}
+        yield exp, env
     finally:
-        import torch.distributed as dist
-
         dist.destroy_process_group()
+
+
+def _initial_params(rank, overrides):
+    """Full values of this rank's parameters right after the trainer built them (meta -> shards)."""
+    from torch.distributed.tensor import DTensor
+
+    from loomtrain.trainer.model import canonical_name
+    from loomtrain.trainer.train import Trainer
+
+    with _process_group(overrides) as (exp, env):
+        trainer = Trainer(exp, env)
+        return trainer.args, _unprefixed({canonical_name(n): (p.full_tensor() if isinstance(p, DTensor)
+                                                              else p.detach()).clone()
+                                          for n, p in trainer.model.named_parameters()})
 
 
 @pytest.mark.parametrize("layout", [
@@ -208,13 +217,9 @@ def _build_peak_memory(rank, overrides):
     """(peak resident growth while the trainer builds its model, bytes of this rank's parameter shards)."""
     from torch.distributed.tensor import DTensor
 
-    from loomtrain.launch.env import init_distributed
-    from loomtrain.trainer.config import load_config
     from loomtrain.trainer.train import Trainer
 
-    exp = load_config("tiny", overrides)
-    env = init_distributed(exp.parallel)
-    try:
+    with _process_group(overrides) as (exp, env):
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak (VmHWM) to the current resident size
         before = _proc_kib("VmRSS")
@@ -222,10 +227,6 @@ def _build_peak_memory(rank, overrides):
         grown = (_proc_kib("VmHWM") - before) * 1024
         local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() * 4 for p in trainer.model.parameters())
         return grown, local, trainer.args.num_params() * 4
-    finally:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
 
 
 def test_no_rank_materializes_the_whole_model(small_corpus, tmp_path):
