@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loomtrain.trainer.config import ConfigError
+from loomtrain.errors import ConfigError
 
 MAX_DATA, MAX_PARITY = 32, 8  # what faulttol.erasure.ReedSolomon supports
 

@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--time", default="24:00:00")
     s.add_argument("--job-name", default="loomtrain")
 
+    e = sub.add_parser("export", help="write a checkpoint (any layout) as a Hugging Face model directory")
+    e.add_argument("checkpoint", help="a checkpoint directory, e.g. runs/tiny/checkpoints/step_00000100")
+    e.add_argument("--hf", required=True, metavar="OUT_DIR", help="where to write config.json, model.safetensors "
+                                                                   "and the tokenizer")
+    e.add_argument("--config", default=None, help="the run's config (default: <run>/config.yaml two levels up)")
+
     d = sub.add_parser("data", help="data tools")
     dsub = d.add_subparsers(dest="data_command", required=True)
     dp = dsub.add_parser("prepare", help="tokenize a corpus into Megatron .bin/.idx files")
@@ -62,23 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def preflight(exp: Experiment, world_size: int, local_world_size: int | None = None) -> None:
-    """Checks that need no process group: degrees against the world size, node layout, data paths."""
+    """The experiment's checks (the ones ``train`` and ``plan`` run), then this machine's data paths."""
     from loomtrain.data.corpus import corpus_files
-    from loomtrain.data.loader import batch_layout
-    from loomtrain.faulttol.layout import NodeLayout
-    from loomtrain.parallel.mesh import ParallelDims
-    from loomtrain.trainer.config import check_trainable
+    from loomtrain.trainer.checks import check_experiment
 
-    check_trainable(exp)
-    dims = ParallelDims.from_config(exp.parallel, world_size)
-    NodeLayout.from_config(exp.faulttol, world_size, local_world_size or world_size)
-    from loomtrain.parallel.pipeline import check_microbatches
-
-    check_microbatches(exp, dims.dp)
-    try:
-        batch_layout(exp.train.global_batch_size, exp.train.micro_batch_size, dims.dp)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    check_experiment(exp, world_size, local_world_size)
     if exp.data.prepared:
         if not os.path.isfile(exp.data.prepared + ".json"):
             raise ConfigError(f"data.prepared: '{exp.data.prepared}.json' does not exist (run 'loomtrain data prepare')")
@@ -161,7 +155,20 @@ def cmd_data(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "plan": cmd_plan, "slurm": cmd_slurm, "data": cmd_data}
+def cmd_export(args) -> int:
+    from loomtrain.trainer.hf_export import export_hf
+
+    checkpoint = args.checkpoint.rstrip("/")
+    config = args.config or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))), "config.yaml")
+    if not os.path.isfile(config):
+        raise ConfigError(f"--config: '{config}' does not exist (pass the run's config.yaml)")
+    summary = export_hf(checkpoint, args.hf, load_config(config))
+    print(f"wrote {summary['out_dir']}: {summary['parameters'] / 1e6:.2f}M parameters in {summary['tensors']} tensors "
+          f"(LlamaForCausalLM), tokenizer.json (load with transformers' AutoModelForCausalLM / AutoTokenizer)")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "plan": cmd_plan, "slurm": cmd_slurm, "export": cmd_export, "data": cmd_data}
 
 
 def main(argv: list[str] | None = None) -> int:

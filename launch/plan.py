@@ -69,6 +69,7 @@ def step_estimate(exp, args: ModelArgs, dims: ParallelDims, gpus_per_node: int, 
     overlapped for ring and TokenRing).
     """
     from loomtrain.parallel.cp_cost import Shape, bytes_per_rank
+    from loomtrain.trainer.checks import cp_attention
 
     def link(name):
         spans = any(len({r // gpus_per_node for r in g}) > 1 for g in dims.groups(name)[:1])
@@ -101,17 +102,20 @@ def step_estimate(exp, args: ModelArgs, dims: ParallelDims, gpus_per_node: int, 
     cp = 0.0
     if dims.cp > 1:
         shape = Shape(micro, s, args.n_heads // dims.tp, args.n_kv_heads // dims.tp, args.head_dim, dims.cp, e)
-        impl = exp.parallel.cp_impl if exp.parallel.cp_impl != "auto" else "tokenring"
+        impl = cp_attention(exp, args, dims)  # what train will run
         cp = sum(bytes_per_rank(shape)[impl]) * layers * n_micro / link("cp")
-    exposed_cp = cp if exp.parallel.cp_impl == "ulysses" else max(0.0, cp - compute)
+    impl = cp_attention(exp, args, dims) if dims.cp > 1 else None
+    exposed_cp = cp if impl == "ulysses" else max(0.0, cp - compute)
     step = compute / (1 - bubble) + tp + max(0.0, fsdp + hsdp - compute) + exposed_cp
-    return {"compute_s": compute, "bubble": bubble, "tp_s": tp, "fsdp_s": fsdp + hsdp, "cp_s": cp,
+    return {"compute_s": compute, "bubble": bubble, "tp_s": tp, "fsdp_s": fsdp + hsdp, "cp_s": cp, "cp_impl": impl,
             "step_s": step, "mfu": compute / step}
 
 
 def plan(exp, world_size: int, gpus_per_node: int = 8, device_memory_gb: float = 80.0,
          peak_tflops: float = 0.0, intra_node_gbps: float = 3600.0, inter_node_gbps: float = 400.0) -> str:
-    dims = ParallelDims.from_config(exp.parallel, world_size)
+    from loomtrain.trainer.checks import check_experiment
+
+    dims = check_experiment(exp, world_size, min(gpus_per_node, world_size))  # refuses what train refuses
     sizes = build_fake_mesh(dims)
     vocab = exp.model.vocab_size or 50304
     args = ModelArgs.from_config(exp.model, vocab, exp.data.seq_len)
@@ -149,7 +153,7 @@ def plan(exp, world_size: int, gpus_per_node: int = 8, device_memory_gb: float =
               f"  compute {est['compute_s']:.3f} s, pipeline bubble {100 * est['bubble']:.1f}% "
               f"({exp.parallel.pp_schedule if dims.pp > 1 else 'no pipeline'}), "
               f"tensor-parallel {est['tp_s']:.3f} s exposed, FSDP/HSDP {est['fsdp_s']:.3f} s (overlapped), "
-              f"context-parallel {est['cp_s']:.3f} s",
+              f"context-parallel {est['cp_s']:.3f} s" + (f" ({est['cp_impl']})" if est["cp_impl"] else ""),
               f"  estimated step time {est['step_s']:.3f} s, MFU {100 * est['mfu']:.1f}% "
               "(upper bound: kernels assumed to run at peak)"]
     warnings = []

@@ -8,6 +8,7 @@ the sampler position and RNG states like the DCP ones.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 
@@ -45,6 +46,34 @@ def initialize(model, optimizer, scheduler, exp, micro_batch: int, accumulation:
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=ds_config(exp, micro_batch, accumulation), dist_init_required=False)
     return engine, optimizer, scheduler
+
+
+class DeepSpeedEngine:
+    """The data-parallel engine interface (``parallel/data_parallel.py``) over a DeepSpeed engine.
+
+    ZeRO averages gradients over the data-parallel ranks; the loss arrives already scaled
+    per token, so DeepSpeed's own division by the accumulation steps is switched off.
+    DeepSpeed wants ``step()`` after every micro-batch's backward (it updates only at the
+    accumulation boundary, clipping and scheduling itself), so :meth:`backward` calls it.
+    bf16 is DeepSpeed's (the module is cast), hence no autocast.
+    """
+
+    def __init__(self, ds, dims):
+        self.ds = ds
+        self.averaging_ranks = dims.dp * dims.cp
+
+    def precision(self):
+        return contextlib.nullcontext()
+
+    def accumulate(self, last: bool):
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss, scale_wrt_gas=False)
+        self.ds.step()
+
+    def step(self) -> float:
+        return float(self.ds.get_global_grad_norm() or 0.0)
 
 
 class DeepSpeedCheckpointer:

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from loomtrain.trainer.config import MESH_DIMS, ConfigError
+from loomtrain.errors import ConfigError
 
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")  # canonical order (also the default mesh_order)
 DEFAULT_ORDER = MESH_DIMS
 
 
@@ -81,15 +82,19 @@ class ParallelDims:
                  "loss": ("dp_replicate", "dp_shard", "cp")}
 
     def build_mesh(self, device_type: str) -> "Meshes":
-        """Build the named DeviceMesh (all five dims, size-1 ones included) plus flattened views."""
-        from torch.distributed.device_mesh import init_device_mesh
+        """Build the named DeviceMesh (all five dims, size-1 ones included) plus flattened views.
 
-        shape = tuple(getattr(self, n) for n in self.order)
-        root = init_device_mesh(device_type, shape, mesh_dim_names=self.order)
-        flat = {}
-        for name, parts in self.FLATTENED.items():
-            parts = tuple(sorted(parts, key=self.order.index))  # slicing wants mesh order
-            flat[name] = root[parts]._flatten(name)
+        ``order`` decides only which ranks share a group (the rank grid); the DeviceMesh itself
+        always has its dimensions in the canonical order ``MESH_DIMS``, so every slice and
+        flattening the trainer asks for (e.g. HSDP's ``("dp_replicate", "dp_shard_cp")``) is in
+        ascending dimension order whatever ``parallel.mesh_order`` says.
+        """
+        import torch
+        from torch.distributed.device_mesh import DeviceMesh
+
+        canonical = np.transpose(self.rank_grid(), [self.order.index(n) for n in MESH_DIMS])
+        root = DeviceMesh(device_type, torch.from_numpy(np.ascontiguousarray(canonical)), mesh_dim_names=MESH_DIMS)
+        flat = {name: root[parts]._flatten(name) for name, parts in self.FLATTENED.items()}
         return Meshes(root, flat)
 
     def describe(self) -> str:

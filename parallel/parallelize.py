@@ -1,45 +1,29 @@
-"""Lay a Transformer over a DeviceMesh: ``apply_tp``, ``apply_cp``, ``apply_ac``, ``apply_compile``, ``apply_fsdp``.
+"""Lay a model over a DeviceMesh: ``apply_tp``, ``apply_cp``, ``apply_ac``, ``apply_compile``, ``apply_fsdp``.
 
-Applied in that fixed order (``apply_cp`` after TP) by :func:`parallelize_model`, outside the model code
-(the torchtitan pattern). Tensor parallelism uses DTensor: column-wise q/k/v/w1/w3,
-row-wise wo/w2, sequence-parallel norms (activations between blocks are sharded on the
-sequence dimension), and a vocabulary-parallel loss when enabled. FSDP2 (``fully_shard``)
-shards over ``dp_shard_cp`` and replicates over ``dp_replicate`` (HSDP).
+Applied in that fixed order by :func:`parallelize_model`, outside the model code (the
+torchtitan pattern). Nothing here knows a module name: the model family supplies its plan
+(torchtitan's TrainSpec idea) through this protocol:
+
+- ``model.layers``: the repeated blocks (a ModuleDict); AC, compile and FSDP act per block;
+- ``model.tp_plan(loss_parallel) -> (plan, block_plan)``: ``parallelize_module`` plans;
+- ``model.fsdp_units() -> [[module, ...], ...]``: groups FSDP shards on their own;
+- ``model.context_parallel``: set here to (attention function, group) for the model's attention.
+
+FSDP2 (``fully_shard``) shards over ``dp_shard_cp`` and replicates over ``dp_replicate`` (HSDP).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed.tensor import Replicate, Shard
-from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
-                                               SequenceParallel, parallelize_module)
+from torch.distributed.tensor.parallel import parallelize_module
 
 
 def apply_tp(model: nn.Module, tp_mesh, loss_parallel: bool) -> None:
-    """Between blocks (and between pipeline stages) activations are sequence-sharded local tensors."""
-    plan = {
-        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
-        "norm": SequenceParallel(),
-        "output": ColwiseParallel(input_layouts=Shard(1),
-                                  output_layouts=Shard(-1) if loss_parallel else Replicate(),
-                                  use_local_output=not loss_parallel),
-    }
-    # A pipeline stage may lack embeddings or norm + output.
-    parallelize_module(model, tp_mesh, {k: v for k, v in plan.items() if getattr(model, k) is not None})
+    """DTensor tensor parallelism with the model's own plan."""
+    plan, block_plan = model.tp_plan(loss_parallel)
+    parallelize_module(model, tp_mesh, plan)
     for block in model.layers.values():
-        parallelize_module(block, tp_mesh, {
-            "attention_norm": SequenceParallel(),
-            "attention": PrepareModuleInput(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)),
-            "attention.wq": ColwiseParallel(),
-            "attention.wk": ColwiseParallel(),
-            "attention.wv": ColwiseParallel(),
-            "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
-            "ffn_norm": SequenceParallel(),
-            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-            "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
-            "feed_forward.w3": ColwiseParallel(),
-        })
+        parallelize_module(block, tp_mesh, block_plan)
 
 
 def apply_cp(model: nn.Module, dims, cp_mesh, impl: str) -> None:
@@ -77,20 +61,30 @@ def apply_compile(model: nn.Module) -> None:
         block.compile()
 
 
-def apply_fsdp(model: nn.Module, dp_mesh, param_dtype: torch.dtype) -> None:
+def apply_fsdp(model: nn.Module, dp_mesh, param_dtype: torch.dtype, pipeline: bool = False) -> None:
+    """Each block, each of the model's ``fsdp_units`` and then the root are FSDP units.
+
+    Parameters are resharded after forward (gathered again for backward) except where that
+    buys nothing: the last block and the final unit, which backward needs at once, and
+    everything under pipeline parallelism, whose schedule would re-gather each unit for
+    every microbatch (torchtitan's choice too).
+    """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     blocks = list(model.layers.values())
     for i, block in enumerate(blocks):
-        # The last block's parameters are needed again right away by backward: keep them.
-        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=not pipeline and i < len(blocks) - 1)
+    units = model.fsdp_units()
+    for j, unit in enumerate(units):
+        fully_shard(unit, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=not pipeline and j < len(units) - 1)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)
 
 
 def parallelize_model(model: nn.Module, dims, mesh, *, loss_parallel: bool, activation_checkpoint: str,
-                      compile: bool, param_dtype: torch.dtype, cp_impl: str = "tokenring", fsdp: bool = True) -> None:
-    """``fsdp=False`` leaves data parallelism to another engine (DeepSpeed)."""
+                      compile: bool, param_dtype: torch.dtype, cp_impl: str = "tokenring", fsdp: bool = True,
+                      pipeline: bool = False) -> None:
+    """``fsdp=False`` leaves data parallelism to another engine (DeepSpeed); ``pipeline``: this is a stage."""
     if dims.tp > 1:
         apply_tp(model, mesh["tp"], loss_parallel)
     if dims.cp > 1:
@@ -101,4 +95,4 @@ def parallelize_model(model: nn.Module, dims, mesh, *, loss_parallel: bool, acti
         apply_compile(model)
     if dims.fsdp_enabled and fsdp:
         dp_mesh = mesh["dp_replicate", "dp_shard_cp"] if dims.dp_replicate > 1 else mesh["dp_shard_cp"]
-        apply_fsdp(model, dp_mesh, param_dtype)
+        apply_fsdp(model, dp_mesh, param_dtype, pipeline)

@@ -10,73 +10,41 @@ every stage's forward; only hidden states go from stage to stage.
 """
 from __future__ import annotations
 
-import copy
-
-import torch
-import torch.nn.functional as F
 from torch import nn
 
-from loomtrain.trainer.config import pipeline_microbatches, pipeline_stage_layers
-
 SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved_1f1b": "ScheduleInterleaved1F1B"}
-
-
-def check_microbatches(exp, dp: int) -> None:
-    """Each data-parallel rank's batch must split into ``train.microbatches`` equal parts."""
-    from loomtrain.trainer.config import ConfigError
-
-    local, m = exp.train.global_batch_size // dp, pipeline_microbatches(exp)
-    if exp.parallel.pp > 1 and local % m:
-        raise ConfigError(f"train.microbatches: {m} must divide the per-rank batch {local} "
-                          f"(train.global_batch_size {exp.train.global_batch_size} / data-parallel {dp})")
 
 
 def stage_ids(pp_rank: int, pp: int, virtual: int) -> list[int]:
     return [pp_rank + i * pp for i in range(virtual)]
 
 
-def split_model(model: nn.Module, stage: int, n_stages: int, layers_per_stage: list[int]) -> nn.Module:
-    """A copy of ``model`` keeping only what stage ``stage`` computes."""
-    first = sum(layers_per_stage[:stage])
-    keep = {str(i) for i in range(first, first + layers_per_stage[stage])}
-    part = copy.deepcopy(model)
-    for name in list(part.layers):
-        if name not in keep:
-            del part.layers[name]
-    if stage != 0:
-        part.tok_embeddings = None
-    if stage != n_stages - 1:
-        part.norm = None
-        part.output = None
-    return part
+def build_stages(model: nn.Module, layers_per_stage: list[int], pp_rank: int, pp: int,
+                 virtual: int) -> tuple[list[int], list[nn.Module]]:
+    """(stage ids, stage modules) this pipeline rank holds; the model prunes its own copies
+    (``model.pipeline_stage(layer_names, first, last)``), so nothing here knows its modules."""
+    n_stages = pp * virtual
+    ids = stage_ids(pp_rank, pp, virtual)
+    names = list(model.layers)
+    parts = []
+    for s in ids:
+        first = sum(layers_per_stage[:s])
+        keep = set(names[first:first + layers_per_stage[s]])
+        parts.append(model.pipeline_stage(keep, first=s == 0, last=s == n_stages - 1))
+    return ids, parts
 
 
-def build_stages(model: nn.Module, exp, pp_rank: int) -> tuple[list[int], list[nn.Module]]:
-    """(stage ids, stage modules) this pipeline rank holds."""
-    par = exp.parallel
-    n_stages = par.pp * par.pp_virtual_stages
-    counts = pipeline_stage_layers(exp.model.n_layers, n_stages, par.pp_split)
-    ids = stage_ids(pp_rank, par.pp, par.pp_virtual_stages)
-    return ids, [split_model(model, s, n_stages, counts) for s in ids]
-
-
-def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy of one microbatch (the schedule averages microbatches)."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
-
-
-def build_schedule(exp, ids: list[int], parts: list[nn.Module], pp_group, device, loss_fn=token_loss):
-    """The configured schedule over this rank's stages."""
+def build_schedule(schedule: str, ids: list[int], parts: list[nn.Module], n_stages: int, microbatches: int,
+                   pp_group, device, loss_fn):
+    """The named schedule over this rank's stages. Gradients are not rescaled by the schedule:
+    ``loss_fn`` already returns the step's per-token-scaled loss (``trainer/step.py``)."""
     from torch.distributed import pipelining
 
-    par = exp.parallel
-    n_stages = par.pp * par.pp_virtual_stages
     stages = [pipelining.PipelineStage(part, s, n_stages, device, group=pp_group) for s, part in zip(ids, parts)]
-    cls = getattr(pipelining, SCHEDULES[par.pp_schedule])
-    microbatches = pipeline_microbatches(exp)
-    if par.pp_schedule == "interleaved_1f1b":
-        return cls(stages, n_microbatches=microbatches, loss_fn=loss_fn)
-    return cls(stages[0], n_microbatches=microbatches, loss_fn=loss_fn)
+    cls = getattr(pipelining, SCHEDULES[schedule])
+    if schedule == "interleaved_1f1b":
+        return cls(stages, n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)
+    return cls(stages[0], n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)
 
 
 def bubble_fraction(schedule: str, pp: int, microbatches: int, virtual: int = 1) -> float:

@@ -57,14 +57,6 @@ def test_bad_values_name_the_field(override, message):
     assert "\n" not in str(e.value)
 
 
-def test_pipeline_with_context_parallel_plans_but_does_not_train():
-    from loomtrain.trainer.config import check_trainable
-
-    exp = load_config("tiny", ["parallel.pp=2", "parallel.cp=2"])  # valid: `loomtrain plan` models it
-    with pytest.raises(ConfigError, match="parallel.cp: context parallelism inside pipeline stages"):
-        check_trainable(exp)
-
-
 def test_bad_yaml_and_missing_file(tmp_path):
     f = tmp_path / "bad.yaml"
     f.write_text("train: [unclosed\n")

@@ -1,7 +1,8 @@
 """Every parallel layout trains exactly like one process: same seed, data and global batch.
 
-Losses over 6 steps within 1e-4 relative, final parameters (read back from each run's
-DCP checkpoint, resharded to full tensors) within 1e-5, fp32, on gloo.
+Losses and gradient norms over 6 steps within 1e-4 relative (a x2 gradient-scale error moves
+the norm by 100%, the loss by < 1e-6), final parameters (read back from each run's DCP
+checkpoint, resharded to full tensors) within 1e-5, fp32, on gloo.
 """
 import contextlib
 import os
@@ -19,7 +20,23 @@ def _train(rank, overrides):
     from loomtrain.trainer.train import run
 
     result = run(load_config("tiny", overrides))
-    return result.losses, result.checkpoint
+    return result.losses, result.checkpoint, result.grad_norms
+
+
+def assert_matches(layout, results, reference, tmp_path):
+    """Every rank's losses and grad norms, and the saved parameters, against the single-process run."""
+    ref_losses, ref_params, ref_norms = reference
+    for losses, _, norms in results:  # every rank reports the same global loss and norm
+        assert sorted(losses) == list(range(1, STEPS + 1))
+        for step, ref in ref_losses.items():
+            assert abs(losses[step] - ref) <= 1e-4 * abs(ref), (layout, step, losses[step], ref)
+            assert abs(norms[step] - ref_norms[step]) <= 1e-4 * ref_norms[step], (layout, step, norms[step])
+    params = _unprefixed(full_params(results[0][1], tmp_path))
+    assert params.keys() == ref_params.keys()  # every stage's parameters were saved, under the unsplit names
+    for name, ref in ref_params.items():
+        diff = (params[name].float() - ref.float()).abs().max().item()
+        assert diff <= 1e-5, (layout, name, diff)
+    assert ref_losses[STEPS] < ref_losses[1]  # the run really trained
 
 
 def full_params(ckpt_dir, tmp_path):
@@ -43,8 +60,8 @@ def references(small_corpus, tmp_path_factory):
             out = tmp_path_factory.mktemp("ref")
             ov = TEST_OVERRIDES + [f"data.prepared={small_corpus}", f"train.output_dir={out / 'run'}",
                                    f"train.steps={STEPS}", "checkpoint.at_end=true"] + list(key)
-            [(losses, ckpt)] = run_ranks(_train, 0, ov)
-            cache[key] = losses, full_params(ckpt, out)
+            [(losses, ckpt, norms)] = run_ranks(_train, 0, ov)
+            cache[key] = losses, full_params(ckpt, out), norms
         return cache[key]
 
     return get
@@ -61,29 +78,23 @@ LAYOUTS = {
     "tp2_dp_shard2": ["parallel.tp=2", "parallel.dp_shard=2"],
     "dp_replicate2": ["parallel.dp_replicate=2", "parallel.dp_shard=1"],
     "tp2_accum2": ["parallel.tp=2", "parallel.dp_shard=1", "train.micro_batch_size=4"],
+    "hsdp2_tp2": ["parallel.dp_replicate=2", "parallel.dp_shard=1", "parallel.tp=2"],
+    # A non-default order (HSDP slicing crashed on it): ranks {0,2} replicate, {0,1} shard.
+    "hsdp_order_pp_shard_rep": ["parallel.dp_replicate=2", "parallel.dp_shard=2",
+                                "parallel.mesh_order=pp,dp_shard,dp_replicate,cp,tp"],
+    "dp_shard4_ac_compile": ["parallel.dp_shard=4", "parallel.activation_checkpoint=full", "parallel.compile=true"],
 }
+WORLD = {"tp2": 2, "dp_shard2": 2, "dp_replicate2": 2, "tp2_accum2": 2}  # the others: 4
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_layout_matches_single_process(layout, reference, small_corpus, tmp_path):
     from conftest import TEST_OVERRIDES
 
-    world = 4 if layout == "tp2_dp_shard2" else 2
+    world = WORLD.get(layout, 4)
     ov = TEST_OVERRIDES + [f"data.prepared={small_corpus}", f"train.output_dir={tmp_path / 'run'}",
                            f"train.steps={STEPS}", "checkpoint.at_end=true"] + LAYOUTS[layout]
-    results = run_ranks(_train, world, ov)
-    ref_losses, ref_params = reference
-    for losses, _ in results:  # every rank reports the same global loss
-        assert sorted(losses) == list(range(1, STEPS + 1))
-        for step, ref in ref_losses.items():
-            assert abs(losses[step] - ref) <= 1e-4 * abs(ref), (layout, step, losses[step], ref)
-    params = full_params(results[0][1], tmp_path)
-    assert params.keys() == ref_params.keys()
-    for name, ref in ref_params.items():
-        diff = (params[name].float() - ref.float()).abs().max().item()
-        assert diff <= 1e-5, (layout, name, diff)
-    # The run really trained: parameters moved away from their initial values.
-    assert ref_losses[STEPS] < ref_losses[1]
+    assert_matches(layout, run_ranks(_train, world, ov), reference, tmp_path)
 
 
 CP_LAYOUTS = {f"cp2_{second}_{impl}": ["parallel.cp=2", f"parallel.cp_impl={impl}"] +
@@ -103,15 +114,7 @@ def test_context_parallel_matches_single_process(layout, references, small_corpu
     model = MHA if layout == "cp2_tp2_ulysses" else ()
     ov = TEST_OVERRIDES + [f"data.prepared={small_corpus}", f"train.output_dir={tmp_path / 'run'}",
                            f"train.steps={STEPS}", "checkpoint.at_end=true"] + CP_LAYOUTS[layout] + list(model)
-    results = run_ranks(_train, 4, ov)
-    ref_losses, ref_params = references(model)
-    for losses, _ in results:
-        for step, ref in ref_losses.items():
-            assert abs(losses[step] - ref) <= 1e-4 * abs(ref), (layout, step, losses[step], ref)
-    params = full_params(results[0][1], tmp_path)
-    for name, ref in ref_params.items():
-        diff = (params[name].float() - ref.float()).abs().max().item()
-        assert diff <= 1e-5, (layout, name, diff)
+    assert_matches(layout, run_ranks(_train, 4, ov), references(model), tmp_path)
 
 
 PP_LAYOUTS = {  # name: (world, overrides); 4 layers so that pp=2 x 2 virtual stages and pp=4 fit
@@ -122,6 +125,7 @@ PP_LAYOUTS = {  # name: (world, overrides); 4 layers so that pp=2 x 2 virtual st
     "pp4_1f1b_split": (4, ["parallel.pp=4", "parallel.dp_shard=1", "train.microbatches=4"]),
     "pp2_dp_shard2": (4, ["parallel.pp=2", "parallel.dp_shard=2"]),
     "pp2_tp2": (4, ["parallel.pp=2", "parallel.tp=2", "parallel.dp_shard=1"]),
+    "pp2_dp_replicate2": (4, ["parallel.pp=2", "parallel.dp_replicate=2", "parallel.dp_shard=1"]),
 }
 FOUR_LAYERS = ("model.n_layers=4",)
 
@@ -139,17 +143,7 @@ def test_pipeline_matches_single_process(layout, references, small_corpus, tmp_p
     world, extra = PP_LAYOUTS[layout]
     ov = TEST_OVERRIDES + [f"data.prepared={small_corpus}", f"train.output_dir={tmp_path / 'run'}",
                            f"train.steps={STEPS}", "checkpoint.at_end=true"] + extra + list(FOUR_LAYERS)
-    results = run_ranks(_train, world, ov)
-    ref_losses, ref_params = references(FOUR_LAYERS)
-    for losses, _ in results:  # every stage reports the same global loss
-        assert sorted(losses) == list(range(1, STEPS + 1))
-        for step, ref in ref_losses.items():
-            assert abs(losses[step] - ref) <= 1e-4 * abs(ref), (layout, step, losses[step], ref)
-    params = _unprefixed(full_params(results[0][1], tmp_path))
-    assert params.keys() == ref_params.keys()  # every stage's parameters were saved, under the unsplit names
-    for name, ref in ref_params.items():
-        diff = (params[name].float() - ref.float()).abs().max().item()
-        assert diff <= 1e-5, (layout, name, diff)
+    assert_matches(layout, run_ranks(_train, world, ov), references(FOUR_LAYERS), tmp_path)
 
 
 @contextlib.contextmanager
@@ -241,3 +235,37 @@ def test_no_rank_materializes_the_whole_model(small_corpus, tmp_path):
     for grown, local, whole in run_ranks(_build_peak_memory, 4, ov):
         assert whole > 150e6 and local < 0.3 * whole, (local, whole)
         assert grown < 0.75 * whole, f"building grew this rank by {grown / 1e6:.0f} MB; whole model {whole / 1e6:.0f} MB"
+
+
+def _train_spying_logits(rank, overrides):
+    """(losses, dtypes of the logits the loss saw on this rank)."""
+    from loomtrain.trainer import step as step_mod
+    from loomtrain.trainer import train as train_mod
+    from loomtrain.trainer.config import load_config
+
+    seen, original = set(), step_mod.token_loss_sum
+
+    def spy(logits, labels):
+        seen.add(str(logits.dtype))
+        return original(logits, labels)
+
+    step_mod.token_loss_sum = train_mod.token_loss_sum = spy
+    return train_mod.run(load_config("tiny", overrides)).losses, seen
+
+
+@pytest.mark.parametrize("extra", [["parallel.dp_shard=1"], ["parallel.dp_shard=2"]], ids=["pp2", "pp2_dp_shard2"])
+def test_pipeline_bf16_runs_in_bf16(extra, small_corpus, tmp_path):
+    """bf16 under pipeline parallelism is real: autocast without FSDP (it used to run in fp32 there),
+    FSDP's mixed precision with it; losses near one bf16 process (bf16 rounding differs by layout)."""
+    from conftest import TEST_OVERRIDES
+
+    ov = TEST_OVERRIDES + [f"data.prepared={small_corpus}", f"train.steps={STEPS}", "model.dtype=bfloat16"] + \
+        list(FOUR_LAYERS)
+    [(ref, ref_seen)] = run_ranks(_train_spying_logits, 0, ov + [f"train.output_dir={tmp_path / 'ref'}"])
+    assert ref_seen == {"torch.bfloat16"}
+    results = run_ranks(_train_spying_logits, 4 if "parallel.dp_shard=2" in extra else 2,
+                        ov + [f"train.output_dir={tmp_path / 'pp'}", "parallel.pp=2"] + extra)
+    assert set().union(*(seen for _, seen in results)) == {"torch.bfloat16"}
+    for losses, _ in results:
+        for step in range(1, STEPS + 1):
+            assert losses[step] == pytest.approx(ref[step], rel=2e-2), step

@@ -9,6 +9,7 @@ interrupted save never looks like a checkpoint.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 import shutil
@@ -70,12 +71,18 @@ class Checkpointer:
             self._pg = dist.new_group(backend="gloo")
 
     def _state(self, model, optimizer, scheduler, sampler, step: int) -> dict:
+        """Keys are the same on every rank and every layout (DCP reshards tensors between layouts): the
+        RNG states of all ranks travel as one list, so a run resumed on another world size finds its key."""
         model_sd, optim_sd = get_state_dict(model, optimizer, options=OPTIONS)
+        states = [rng_state()]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            states = [None] * dist.get_world_size()
+            dist.all_gather_object(states, rng_state())
         return {
             "model": model_sd,
             "optim": optim_sd,
             "trainer": {"step": step, "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict()},
-            f"rng_rank{self.rank}": rng_state(),
+            "rng": pickle.dumps(states),  # one opaque value: its key does not depend on the world size
         }
 
     def save(self, model, optimizer, scheduler, sampler, step: int) -> str:
@@ -146,5 +153,8 @@ class Checkpointer:
                        options=OPTIONS)
         scheduler.load_state_dict(state["trainer"]["scheduler"])
         sampler.load_state_dict(state["trainer"]["sampler"])
-        set_rng_state(state[f"rng_rank{self.rank}"])
+        # Same world size: each rank continues its own streams (exact resume). Another layout has no
+        # such continuation; rank r takes saved rank r mod the saved world size.
+        saved = pickle.loads(state["rng"])
+        set_rng_state(saved[self.rank % len(saved)])
         return int(state["trainer"]["step"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -15,11 +16,9 @@ from typing import Any
 
 import yaml
 
+from loomtrain.errors import ConfigError
 from loomtrain.fsutil import atomic_write_text
-
-
-class ConfigError(ValueError):
-    """A user-caused configuration problem; the CLI prints it as one line and exits 2."""
+from loomtrain.parallel.mesh import MESH_DIMS
 
 
 @dataclass
@@ -68,8 +67,9 @@ class ParallelConfig:
     dp_shard: int = -1  # sharded data parallel (FSDP2); -1 = whatever the world size leaves
     cp: int = 1  # context (sequence) parallel
     tp: int = 1  # tensor parallel
-    cp_impl: str = "tokenring"  # context-parallel attention: tokenring | ring | ulysses | auto (cost model)
+    cp_impl: str = "auto"  # context-parallel attention: auto (cost model, from shape and cp links) | tokenring | ring | ulysses
     cp_link_gbps: float = 100.0  # for cp_impl=auto: bandwidth between cp peers per direction, Gbit/s
+    # (auto also assumes logging.peak_tflops, or the H100 datasheet figure when that is 0)
     cp_latency_us: float = 10.0  # for cp_impl=auto: per-transfer latency between cp peers
     cp_topology: str = "full_mesh"  # for cp_impl=auto: full_mesh (NVSwitch-like) | ring
     mesh_order: str = "pp,dp_replicate,dp_shard,cp,tp"  # outermost to innermost
@@ -196,7 +196,6 @@ CHOICES = {
     "logging.wandb_mode": ("auto", "online", "offline"),
     "faulttol.inject.kind": ("none", "sigkill", "exception", "hang", "smp_kill", "node_loss"),
 }
-MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
 
 def _coerce(path: str, value: Any, typ: type) -> Any:
@@ -373,9 +372,11 @@ def validate(exp: Experiment) -> None:
         raise ConfigError(f"parallel.mesh_order: must be a permutation of {','.join(MESH_DIMS)}, got {par.mesh_order!r}")
     if m.n_kv_heads % par.tp or m.n_heads % par.tp:
         raise ConfigError(f"parallel.tp: must divide model.n_heads ({m.n_heads}) and model.n_kv_heads ({m.n_kv_heads}), got {par.tp}")
-    if exp.data.seq_len % (2 * par.cp):
-        raise ConfigError(f"data.seq_len: must be divisible by 2*parallel.cp = {2 * par.cp} (zigzag layout), "
-                          f"got {exp.data.seq_len}")
+    # Sequence-parallel TP shards each rank's part of the sequence over tp; zigzag CP cuts it into 2*cp chunks.
+    unit = math.lcm(par.tp, 2 * par.cp, par.cp * par.tp) if par.cp > 1 else par.tp
+    if exp.data.seq_len % unit:
+        raise ConfigError(f"data.seq_len: must be divisible by {unit} (tp{' and 2*cp and cp*tp (zigzag)' if par.cp > 1 else ''} "
+                          f"for parallel.tp={par.tp}, cp={par.cp}), got {exp.data.seq_len}")
     if par.cp_impl == "ulysses" and (m.n_heads % (par.cp * par.tp) or m.n_kv_heads % (par.cp * par.tp)):
         raise ConfigError(f"parallel.cp_impl: ulysses needs model.n_heads ({m.n_heads}) and model.n_kv_heads "
                           f"({m.n_kv_heads}) divisible by cp*tp = {par.cp * par.tp}; use tokenring or ring")
@@ -461,13 +462,6 @@ def _validate_deepspeed(exp: Experiment) -> None:
                           "(ZeRO partitions are DeepSpeed's); use checkpoint.every_steps with deepspeed")
     if exp.checkpoint.async_save:
         raise ConfigError("checkpoint.async_save: not available with dp_engine=deepspeed")
-
-
-def check_trainable(exp: Experiment) -> None:
-    """Reject layouts that validate and plan but the trainer cannot run yet."""
-    if exp.parallel.pp > 1 and exp.parallel.cp > 1:
-        raise ConfigError("parallel.cp: context parallelism inside pipeline stages is not supported yet; "
-                          "use pp=1 or cp=1")
 
 
 def save_config(exp: Experiment, path: str) -> None:

@@ -200,6 +200,62 @@ class Transformer(nn.Module):
             return self.args.init_std / math.sqrt(2 * self.args.n_layers)
         return self.args.init_std
 
+    # ---- the model family's parallelisation plan: parallel/ asks, it knows no module names
+    def tp_plan(self, loss_parallel: bool) -> tuple[dict, dict]:
+        """(plan for this module, plan for each block) as ``parallelize_module`` takes them.
+
+        Column-wise q/k/v/w1/w3, row-wise wo/w2, sequence-parallel norms: between blocks
+        (and between pipeline stages) activations are sequence-sharded local tensors; the
+        output is vocabulary-sharded for the vocabulary-parallel loss.
+        """
+        from torch.distributed.tensor import Replicate, Shard
+        from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                                       SequenceParallel)
+
+        top = {
+            "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+            "norm": SequenceParallel(),
+            "output": ColwiseParallel(input_layouts=Shard(1),
+                                      output_layouts=Shard(-1) if loss_parallel else Replicate(),
+                                      use_local_output=not loss_parallel),
+        }
+        block = {
+            "attention_norm": SequenceParallel(),
+            "attention": PrepareModuleInput(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)),
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+            "ffn_norm": SequenceParallel(),
+            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+            "feed_forward.w3": ColwiseParallel(),
+        }
+        return {k: v for k, v in top.items() if getattr(self, k) is not None}, block  # a stage may lack some
+
+    def fsdp_units(self) -> list[list[nn.Module]]:
+        """Modules FSDP shards as units of their own besides the blocks (torchtitan's policy): the
+        embeddings, and the final norm with the output (used together, last in forward)."""
+        units = [[self.tok_embeddings], [m for m in (self.norm, self.output) if m is not None]]
+        return [u for u in units if u and u[0] is not None]
+
+    def pipeline_stage(self, layer_names: set[str], first: bool, last: bool) -> "Transformer":
+        """A copy keeping only the named layers, plus the embeddings on the first stage and norm +
+        output on the last (FQNs stay those of the unsplit model)."""
+        import copy
+
+        part = copy.deepcopy(self)
+        for name in list(part.layers):
+            if name not in layer_names:
+                del part.layers[name]
+        if not first:
+            part.tok_embeddings = None
+        if not last:
+            part.norm = None
+            part.output = None
+        return part
+
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids -> logits. A pipeline stage without embeddings takes hidden states instead, and one

@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import signal
@@ -14,30 +13,32 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from loomtrain.data.loader import PackedDataset, TrainBatches, eval_batches
 from loomtrain.data.prepare import prepare
-from loomtrain.faulttol.layout import NodeLayout
 from loomtrain.faulttol.manager import FaultTolerance
 from loomtrain.launch.env import DistEnv, init_distributed, read_env, shutdown
 from loomtrain.parallel.context import shard_sequence
-from loomtrain.parallel.mesh import ParallelDims
+from loomtrain.parallel.data_parallel import FSDPEngine
 from loomtrain.parallel.parallelize import parallelize_model
-from loomtrain.parallel.pipeline import build_schedule, build_stages, check_microbatches
+from loomtrain.parallel.pipeline import build_schedule, build_stages
 from loomtrain.trainer.attention import resolve_backend
 from loomtrain.trainer.checkpoint import STEP_DIR, Checkpointer, latest_checkpoint, rng_state, set_rng_state
-from loomtrain.trainer.config import Experiment, check_trainable, pipeline_microbatches, save_config
+from loomtrain.trainer.checks import check_experiment, check_vocab, cp_attention
+from loomtrain.trainer.config import Experiment, pipeline_microbatches, pipeline_stage_layers, save_config
+from loomtrain.trainer.loss import label_tokens, token_loss_sum
 from loomtrain.trainer.metrics import MetricsSink, detect_peak_flops
 from loomtrain.trainer.model import ModelArgs, Transformer
 from loomtrain.trainer.optim import build_optimizer, build_scheduler
+from loomtrain.trainer.step import MicroBatchSteps, PipelineSteps
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
 class TrainResult:
-    losses: dict[int, float] = field(default_factory=dict)  # step -> training loss
+    losses: dict[int, float] = field(default_factory=dict)  # step -> training loss (per-token mean)
+    grad_norms: dict[int, float] = field(default_factory=dict)  # step -> global gradient norm before clipping
     val_losses: dict[int, float] = field(default_factory=dict)
     last_step: int = 0
     stopped_by_signal: bool = False
@@ -82,7 +83,7 @@ class Trainer:
     def __init__(self, exp: Experiment, env: DistEnv, resume: str | None = None):
         self.exp, self.env = exp, env
         tcfg = exp.train
-        self.dims = ParallelDims.from_config(exp.parallel, env.world_size)
+        self.dims = check_experiment(exp, env.world_size, env.local_world_size)
         self.mesh = self.dims.build_mesh(env.device.type)
         self.dp_rank = self.mesh["dp"].get_local_rank()
         self.dtype = DTYPES[exp.model.dtype]
@@ -101,58 +102,66 @@ class Trainer:
 
         # Model: identical full init on every rank (seeded), then laid over the mesh.
         self.args = ModelArgs.from_config(exp.model, prepared.vocab_size, exp.data.seq_len)
-        if self.args.vocab_size < prepared.vocab_size:
-            raise ValueError(f"model.vocab_size: {self.args.vocab_size} is smaller than the tokenizer's "
-                             f"{prepared.vocab_size}")
-        if self.args.vocab_size % self.dims.tp:
-            raise ValueError(f"model.vocab_size: {self.args.vocab_size} must be divisible by parallel.tp {self.dims.tp}")
+        check_vocab(self.args.vocab_size, prepared.vocab_size, self.dims.tp)
         self.tokens_per_step = tcfg.global_batch_size * exp.data.seq_len
         self.flops_per_token = self.args.flops_per_token(exp.data.seq_len)
         if exp.logging.peak_tflops:
             self.peak_flops, self.peak_source = exp.logging.peak_tflops * 1e12, "logging.peak_tflops"
         else:
             self.peak_flops, self.peak_source = detect_peak_flops(env.device, self.dtype)
-        self.cp_impl = self._choose_cp_impl() if self.dims.cp > 1 else None
+        self.cp_impl = cp_attention(exp, self.args, self.dims) if self.dims.cp > 1 else None
 
         torch.manual_seed(tcfg.seed)
         with torch.device("meta"):  # no rank ever holds the whole model: built empty, sharded, then filled
             model = Transformer(self.args)
         model.attention_backend = resolve_backend(exp.model.attention, env.device.type)
         self.loss_parallel = exp.parallel.loss_parallel and self.dims.tp > 1
-        self.schedule = None
+        par = exp.parallel
         parts = [model]
         if self.dims.pp > 1:  # this rank's pipeline stages, each a pruned copy laid over the rest of the mesh
-            check_microbatches(exp, self.dims.dp)
-            self.stage_ids, parts = build_stages(model, exp, self.mesh["pp"].get_local_rank())
+            n_stages = par.pp * par.pp_virtual_stages
+            counts = pipeline_stage_layers(exp.model.n_layers, n_stages, par.pp_split)
+            self.stage_ids, parts = build_stages(model, counts, self.mesh["pp"].get_local_rank(), par.pp,
+                                                 par.pp_virtual_stages)
             del model
         for part in parts:
             parallelize_model(part, self.dims, self.mesh, loss_parallel=self.loss_parallel,
-                              activation_checkpoint=exp.parallel.activation_checkpoint, compile=exp.parallel.compile,
-                              param_dtype=self.dtype, cp_impl=self.cp_impl, fsdp=exp.parallel.dp_engine == "fsdp")
+                              activation_checkpoint=par.activation_checkpoint, compile=par.compile,
+                              param_dtype=self.dtype, cp_impl=self.cp_impl, fsdp=par.dp_engine == "fsdp",
+                              pipeline=self.dims.pp > 1)
         for part in parts:
             part.to_empty(device=env.device)
             part.init_weights(tcfg.seed)
         self.model = parts[0] if len(parts) == 1 else torch.nn.ModuleList(parts)
-        if self.dims.pp > 1:
-            self.schedule = build_schedule(exp, self.stage_ids, parts, self.mesh["pp"].get_group(), env.device)
-            n_stages = self.dims.pp * exp.parallel.pp_virtual_stages
-            self.first_stage, self.last_stage = 0 in self.stage_ids, n_stages - 1 in self.stage_ids
-        # Without FSDP, bf16 runs under autocast (FSDP's MixedPrecisionPolicy casts when it is on).
-        self.autocast = self.dtype == torch.bfloat16 and not self.dims.fsdp_enabled
 
         self.optimizer = build_optimizer(self.model.parameters(), exp.optim, env.device)
         self.scheduler = build_scheduler(self.optimizer, exp.optim, tcfg.steps)
         self.ckpt = Checkpointer(os.path.join(tcfg.output_dir, "checkpoints"), exp.checkpoint.keep,
                                  exp.checkpoint.async_save, env.rank, env.device)
-        self.ds = None
-        if exp.parallel.dp_engine == "deepspeed":  # ZeRO takes over optimizer, clipping and gradient averaging
-            from loomtrain.parallel.deepspeed_engine import DeepSpeedCheckpointer, initialize
+        # The data-parallel engine: how gradients are reduced and the update applied.
+        if par.dp_engine == "deepspeed":  # ZeRO takes over optimizer, clipping and gradient averaging
+            from loomtrain.parallel.deepspeed_engine import DeepSpeedCheckpointer, DeepSpeedEngine, initialize
 
-            self.ds, self.optimizer, self.scheduler = initialize(
-                self.model, self.optimizer, self.scheduler, exp, self.batches.micro_batch,
-                self.batches.accumulation_steps)
-            self.model = self.ds
-            self.ckpt = DeepSpeedCheckpointer(self.ckpt.root, exp.checkpoint.keep, env.rank, self.ds)
+            ds, self.optimizer, self.scheduler = initialize(self.model, self.optimizer, self.scheduler, exp,
+                                                            self.batches.micro_batch, self.batches.accumulation_steps)
+            self.model, self.engine = ds, DeepSpeedEngine(ds, self.dims)
+            self.ckpt = DeepSpeedCheckpointer(self.ckpt.root, exp.checkpoint.keep, env.rank, ds)
+        else:
+            self.engine = FSDPEngine(self.model, self.optimizer, self.scheduler, self.dims,
+                                     grad_clip=exp.optim.grad_clip, bf16=self.dtype == torch.bfloat16,
+                                     device=env.device,
+                                     pp_group=self.mesh["pp"].get_group() if self.dims.pp > 1 else None)
+        # How a step's micro-batches run: one after another, or through the pipeline schedule.
+        if self.dims.pp > 1:
+            n_stages = par.pp * par.pp_virtual_stages
+            make = lambda loss_fn: build_schedule(
+                par.pp_schedule, self.stage_ids, parts, n_stages, pipeline_microbatches(exp),
+                self.mesh["pp"].get_group(), env.device, loss_fn)
+            self.steps = PipelineSteps(make, self.engine, first=0 in self.stage_ids,
+                                       last=n_stages - 1 in self.stage_ids, pp_group=self.mesh["pp"].get_group(),
+                                       loss_parallel=self.loss_parallel, device=env.device)
+        else:
+            self.steps = MicroBatchSteps(self.engine, self._forward_loss_sum, self.loss_parallel, env.device)
         self.step = 0
         self.resumed_from = None
         self.restored_from, self.restore_seconds = None, 0.0
@@ -192,117 +201,45 @@ class Trainer:
             print(f"faulttol: WARNING: restarted with nothing to restore ({why}; no disk checkpoint): "
                   f"training again from step 0", file=sys.stderr, flush=True)
 
-    def _choose_cp_impl(self) -> str:
-        """The configured strategy, or (``auto``) the cost model's pick for this shape and link."""
-        par = self.exp.parallel
-        if par.cp_impl != "auto":
-            return par.cp_impl
-        from loomtrain.parallel.cp_cost import Shape, choose
-
-        a = self.args
-        micro = self.exp.train.micro_batch_size or self.batches.micro_batch
-        shape = Shape(micro, self.exp.data.seq_len, a.n_heads // self.dims.tp, a.n_kv_heads // self.dims.tp,
-                      a.head_dim, self.dims.cp, elem_bytes=2 if self.dtype == torch.bfloat16 else 4)
-        return choose(shape, par.cp_link_gbps * 1e9 / 8, par.cp_latency_us * 1e-6, self.peak_flops, par.cp_topology)
-
     # ------------------------------------------------------------------ steps
-    def _loss(self, batch: dict) -> torch.Tensor:
+    def _forward_loss_sum(self, batch: dict) -> torch.Tensor:
+        """This rank's summed token loss over one (host) micro-batch."""
         batch = {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
         if self.dims.cp > 1:  # this cp rank's zigzag part of every sequence (tokens, labels, positions, docs)
             group = self.mesh["cp"].get_group()
             batch = {k: shard_sequence(v, dim=1, group=group) for k, v in batch.items()}
-        with torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            logits = self.model(batch["input_ids"], batch["position_ids"], batch["doc_ids"])
-        return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
+        logits = self.model(batch["input_ids"], batch["position_ids"], batch["doc_ids"])
+        return token_loss_sum(logits, batch["labels"])
 
-    def _loss_context(self):
-        if self.loss_parallel:
-            from torch.distributed.tensor.parallel import loss_parallel
+    def _global_tokens(self, batches: list[dict]) -> int:
+        """Label tokens of the whole step over all data-parallel ranks (cp/tp/pp peers hold the same batch)."""
+        count = torch.tensor([label_tokens(batches)], dtype=torch.int64, device=self.env.device)
+        dist.all_reduce(count, group=self.mesh["dp"].get_group())
+        return int(count.item())
 
-            return loss_parallel()
-        return contextlib.nullcontext()
-
-    def _pipeline(self, batch: dict, train: bool) -> torch.Tensor:
-        """Run the schedule over one rank batch (split into microbatches); the mean loss on every stage."""
-        batch = {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
-        args = (batch["input_ids"],) if self.first_stage else ()
-        target = batch["labels"] if self.last_stage else None
-        losses: list[torch.Tensor] = []
-        with self._loss_context():
-            run = self.schedule.step if train else self.schedule.eval
-            run(*args, target=target, losses=losses, position_ids=batch["position_ids"], doc_ids=batch["doc_ids"])
-        total = sum((_local(x).detach().float() for x in losses), torch.zeros((), device=self.env.device))
-        total = total / max(1, len(losses))
-        dist.all_reduce(total, group=self.mesh["pp"].get_group())  # only the last stage computed losses
-        return total
-
-    def _clip_gradients(self) -> torch.Tensor:
-        """Clip to ``optim.grad_clip`` by the norm over all parameters, across pipeline stages too."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = self.exp.optim.grad_clip or float("inf")
-        if self.dims.pp == 1:
-            return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-        norm = _local(torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)) ** 2
-        dist.all_reduce(norm, group=self.mesh["pp"].get_group())
-        norm = norm.sqrt()
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
-        return norm
+    def _global_mean(self, local_sum: torch.Tensor, tokens: int) -> float:
+        dist.all_reduce(local_sum, group=self.mesh["loss"].get_group())  # dp x cp ranks hold disjoint tokens
+        return local_sum.item() / max(1, tokens)
 
     def train_step(self) -> tuple[float, float]:
-        """One optimizer step over this rank's micro-batches; returns (global mean loss, grad norm)."""
+        """One optimizer step: (per-token mean loss over the global batch, gradient norm)."""
         micro = self.batches.next_step()
+        tokens = self._global_tokens(micro)
         self.model.train()
-        if self.ds is not None:
-            total = self._deepspeed_step(micro)
-            grad_norm = float(self.ds.get_global_grad_norm() or 0.0)
-        else:
-            total = self._pipeline(micro[0], train=True) if self.schedule is not None else self._accumulate(micro)
-            self.ft.before_update()  # an in-flight snapshot must have copied the parameters first
-            grad_norm = float(_local(self._clip_gradients()))
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
-        # Every (dp, cp) rank saw the same number of tokens: the global mean is the mean of means.
-        dist.all_reduce(total, group=self.mesh["loss"].get_group())
-        return total.item() / (self.dims.dp * self.dims.cp), grad_norm
-
-    def _accumulate(self, micro: list[dict]) -> torch.Tensor:
-        """Forward and backward over the micro-batches (gradients averaged); this rank's mean loss."""
-        total = torch.zeros((), device=self.env.device)
-        for i, batch in enumerate(micro):
-            if self.dims.fsdp_enabled:
-                self.model.set_requires_gradient_sync(i == len(micro) - 1)  # reduce-scatter once per step
-            with self._loss_context():
-                loss = self._loss(batch) / len(micro)
-                loss.backward()
-            total += _local(loss).detach()
-        return total
-
-    def _deepspeed_step(self, micro: list[dict]) -> torch.Tensor:
-        """The engine scales by accumulation, averages over data parallel, clips, steps and schedules."""
-        total = torch.zeros((), device=self.env.device)
-        for batch in micro:
-            loss = self._loss(batch)
-            self.ds.backward(loss)
-            self.ds.step()
-            total += loss.detach() / len(micro)
-        return total
+        local_sum = self.steps.forward_backward(micro, self.engine.averaging_ranks / max(1, tokens))
+        self.ft.before_update()  # an in-flight snapshot must have copied the parameters first
+        grad_norm = self.engine.step()
+        return self._global_mean(local_sum, tokens), grad_norm
 
     @torch.no_grad()
     def evaluate(self) -> float:
         self.model.eval()
         tcfg = self.exp.train
         micro = tcfg.micro_batch_size or self.batches.micro_batch
-        total = torch.zeros((), device=self.env.device)
         batches = eval_batches(self.valid_data, tcfg.eval_batches, micro, self.dp_rank, self.dims.dp)
-        for batch in batches:
-            if self.schedule is not None:
-                total += self._pipeline(batch, train=False)
-                continue
-            with self._loss_context():
-                total += _local(self._loss(batch))
-        dist.all_reduce(total, group=self.mesh["loss"].get_group())
-        return total.item() / (len(batches) * self.dims.dp * self.dims.cp)
+        tokens = self._global_tokens(batches)
+        total = sum((self.steps.evaluate(b) for b in batches), torch.zeros((), device=self.env.device))
+        return self._global_mean(total, tokens)
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> TrainResult:
@@ -327,7 +264,7 @@ class Trainer:
                 loss, grad_norm = self.train_step()
                 step_time = time.perf_counter() - start
                 self.step += 1
-                result.losses[self.step] = loss
+                result.losses[self.step], result.grad_norms[self.step] = loss, grad_norm
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss} at step {self.step}")
                 record = None
@@ -397,7 +334,7 @@ class Trainer:
     def _announce(self) -> None:
         a = self.args
         cp = f" (cp attention: {self.cp_impl})" if self.cp_impl else ""
-        if self.schedule is not None:
+        if self.dims.pp > 1:
             par = self.exp.parallel
             cp += (f" (pipeline: {par.pp_schedule}, {par.pp * par.pp_virtual_stages} stages, "
                    f"{pipeline_microbatches(self.exp)} microbatches; this rank: stages {self.stage_ids})")
@@ -414,19 +351,10 @@ class Trainer:
               flush=True)
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's value (losses and norms are replicated), else the tensor itself."""
-    from torch.distributed.tensor import DTensor
-
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
 def run(exp: Experiment, resume: str | None = None) -> TrainResult:
     """Train ``exp`` in this process (one rank of whatever launched it)."""
-    check_trainable(exp)
     _, world, _, local_world, _ = read_env()
-    ParallelDims.from_config(exp.parallel, world)  # degrees vs world size, before any group starts
-    NodeLayout.from_config(exp.faulttol, world, local_world)
+    check_experiment(exp, world, local_world)  # before any process group starts
     env = init_distributed(exp.parallel)
     try:
         set_threads(exp, env)

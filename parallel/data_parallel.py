@@ -1,0 +1,70 @@
+"""The data-parallel engine as a strategy: how gradients are reduced and the update is applied.
+
+An engine owns precision (autocast or the engine's own), gradient sync across
+micro-batches, backward, clipping and the optimizer/scheduler step. ``averaging_ranks`` is
+how many ranks its gradient reduction averages over; the step path scales the summed loss
+by it so the update is the per-token mean of the global batch (``trainer/loss.py``).
+``parallel.dp_engine`` picks one: :class:`FSDPEngine` here, ``DeepSpeedEngine`` in
+``deepspeed_engine.py``. A data-parallel sync strategy that acts around the update
+(CO2, Streaming DiLoCo) wraps :meth:`step`.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+
+
+def local_value(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's value (losses and norms are replicated), else the tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+class FSDPEngine:
+    """FSDP2 over dp_shard x cp (replicated over dp_replicate), or no data parallelism at all.
+
+    Gradients are reduce-scattered in the last micro-batch's backward and averaged over all
+    dp x cp ranks. bf16 is FSDP's MixedPrecisionPolicy when FSDP is on, else autocast: both
+    keep fp32 master weights, and every step path (micro-batches or pipeline schedule)
+    runs inside :meth:`precision`.
+    """
+
+    def __init__(self, model, optimizer, scheduler, dims, *, grad_clip: float, bf16: bool, device,
+                 pp_group=None):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.averaging_ranks = dims.dp * dims.cp
+        self.grad_clip = grad_clip or float("inf")
+        self.fsdp = dims.fsdp_enabled
+        self.autocast = bf16 and not self.fsdp
+        self.device = device
+        self.pp_group = pp_group  # gradients norms add up over pipeline stages
+
+    def precision(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
+
+    def accumulate(self, last: bool):
+        """Context for one micro-batch's backward: reduce gradients only on the step's last one."""
+        if self.fsdp:
+            self.model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        """Clip by the global norm (across pipeline stages too), update, clear gradients; the norm."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.pp_group is None:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip, foreach=True)
+        else:
+            norm = local_value(torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)) ** 2
+            dist.all_reduce(norm, group=self.pp_group)
+            norm = norm.sqrt()
+            torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, norm, foreach=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return float(local_value(norm))

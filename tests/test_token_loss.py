@@ -1,0 +1,90 @@
+"""The loss is a per-token mean over the global batch, whatever the layout.
+
+Each step's batch is made uneven on purpose: labels of some sequences are masked with -100
+(so data-parallel ranks hold different numbers of label tokens), and every other micro-batch
+is cut to 40 of its 64 tokens. Loss, gradient norm and final parameters must equal one
+process over the same tokens (1e-5 relative, fp32). The old mean-of-means was off here.
+"""
+import pytest
+
+from conftest import run_ranks
+from test_parallel_parity import full_params
+
+STEPS = 4
+MASKED = [0, 50, 10, 63, 5, 30, 0, 60]  # labels masked at the start of global sequence i (of 8)
+
+
+def _uneven(rank, overrides, truncate):
+    from loomtrain.data import loader
+    from loomtrain.trainer.config import load_config
+    from loomtrain.trainer.train import run
+
+    original = loader.TrainBatches.next_step
+
+    def next_step(self):
+        out = []
+        for j, batch in enumerate(original(self)):
+            first = self.dp_rank * self.local_batch + j * self.micro_batch  # global index of its first sequence
+            if truncate and (first // self.micro_batch) % 2:
+                batch = {k: v[:, :40] for k, v in batch.items()}
+            batch = {k: v.clone() for k, v in batch.items()}
+            for r in range(batch["labels"].shape[0]):
+                batch["labels"][r, :MASKED[(first + r) % len(MASKED)]] = -100
+            out.append(batch)
+        return out
+
+    loader.TrainBatches.next_step = next_step
+    result = run(load_config("tiny", overrides))
+    return result.losses, result.grad_norms, result.checkpoint
+
+
+LAYOUTS = {  # name: (world, overrides, truncate); micro-batches of 2 sequences where the layout allows
+    "dp_shard2": (2, ["parallel.dp_shard=2", "train.micro_batch_size=2"], True),
+    "tp2_dp_shard2": (4, ["parallel.tp=2", "parallel.dp_shard=2", "train.micro_batch_size=2"], True),
+    "cp2_dp_shard2": (4, ["parallel.cp=2", "parallel.dp_shard=2", "train.micro_batch_size=2",
+                          "parallel.cp_impl=ring"], True),
+    "dp_replicate2_accum": (2, ["parallel.dp_replicate=2", "parallel.dp_shard=1", "train.micro_batch_size=2"], True),
+    "pp2_dp_shard2": (4, ["parallel.pp=2", "parallel.dp_shard=2", "model.n_layers=4"], False),
+    "deepspeed_dp2": (2, ["parallel.dp_engine=deepspeed", "parallel.dp_shard=2", "train.micro_batch_size=2"], True),
+}
+
+
+@pytest.fixture(scope="module")
+def uneven_reference(small_corpus, tmp_path_factory):
+    from conftest import TEST_OVERRIDES
+
+    cache = {}
+
+    def get(model, truncate):
+        key = (tuple(model), truncate)
+        if key not in cache:
+            out = tmp_path_factory.mktemp("uneven_ref")
+            ov = TEST_OVERRIDES + [f"data.prepared={small_corpus}", f"train.output_dir={out / 'run'}",
+                                   f"train.steps={STEPS}", "checkpoint.at_end=true", "train.micro_batch_size=2"]
+            [(losses, norms, ckpt)] = run_ranks(_uneven, 0, ov + list(model), truncate)
+            cache[key] = losses, norms, full_params(ckpt, out)
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_uneven_tokens_match_single_process(layout, uneven_reference, small_corpus, tmp_path):
+    from conftest import TEST_OVERRIDES
+
+    world, extra, truncate = LAYOUTS[layout]
+    model = [o for o in extra if o.startswith("model.")]
+    ref_losses, ref_norms, ref_params = uneven_reference(model, truncate)
+    ov = TEST_OVERRIDES + [f"data.prepared={small_corpus}", f"train.output_dir={tmp_path / 'run'}",
+                           f"train.steps={STEPS}", "checkpoint.at_end=true"] + extra
+    results = run_ranks(_uneven, world, ov, truncate)
+    for losses, norms, _ in results:
+        for step in range(1, STEPS + 1):
+            assert losses[step] == pytest.approx(ref_losses[step], rel=1e-5), (layout, step)
+            assert norms[step] == pytest.approx(ref_norms[step], rel=1e-5), (layout, step)
+    if layout.startswith("deepspeed"):
+        return  # DeepSpeed writes its own checkpoint format; its loss and norm already matched
+    params = full_params(results[0][2], tmp_path)
+    for name, ref in ref_params.items():
+        diff = (params[name].float() - ref.float()).abs().max().item()
+        assert diff <= 1e-5 * max(1.0, ref.abs().max().item()), (layout, name, diff)

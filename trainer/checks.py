@@ -1,0 +1,79 @@
+"""Every check of a whole experiment against a world size, in one place, before any process group starts.
+
+``train`` (``run``), ``plan`` and the CLI preflight all call :func:`check_experiment`, so the
+three refuse exactly the same experiments with the same one-line :class:`ConfigError`
+(the CLI prints it and exits 2). Static checks (types, choices, one-field ranges) are
+``config.validate``, which ``load_config`` already ran; this adds what depends on the
+world size, the node size and how the fields combine.
+"""
+from __future__ import annotations
+
+from loomtrain.errors import ConfigError
+from loomtrain.parallel.mesh import ParallelDims
+from loomtrain.trainer.config import Experiment, pipeline_microbatches, validate
+
+
+def check_experiment(exp: Experiment, world_size: int, local_world_size: int | None = None) -> ParallelDims:
+    """The experiment's ParallelDims for ``world_size`` ranks, or ConfigError naming the first bad field."""
+    validate(exp)
+    par = exp.parallel
+    if par.pp > 1 and par.cp > 1:
+        raise ConfigError("parallel.cp: context parallelism inside pipeline stages is not supported yet; "
+                          "use pp=1 or cp=1")
+    if par.compile and par.tp > 1:  # measured: tests/test_parallel_parity.py ran it before this refusal
+        raise ConfigError("parallel.compile: not with parallel.tp > 1 yet: compiled tensor-parallel blocks gave "
+                          "gradient norms 0.7% off eager (and crashed with activation checkpointing) on torch "
+                          "2.13; use compile with tp=1 or tp without compile")
+    dims = ParallelDims.from_config(par, world_size)
+    from loomtrain.faulttol.layout import NodeLayout
+
+    NodeLayout.from_config(exp.faulttol, world_size, local_world_size or world_size)
+    _check_batch(exp, dims)
+    return dims
+
+
+def _check_batch(exp: Experiment, dims: ParallelDims) -> None:
+    """The global batch splits over data parallel, micro-batches and pipeline microbatches."""
+    gbs, micro = exp.train.global_batch_size, exp.train.micro_batch_size
+    if gbs % dims.dp:
+        raise ConfigError(f"train.global_batch_size: {gbs} must be divisible by the data-parallel size {dims.dp} "
+                          f"(dp_replicate*dp_shard)")
+    local = gbs // dims.dp
+    if micro and local % micro:
+        raise ConfigError(f"train.micro_batch_size: {micro} must divide the per-rank batch {local} "
+                          f"(global_batch_size / data-parallel size)")
+    m = pipeline_microbatches(exp)
+    if dims.pp > 1 and local % m:
+        raise ConfigError(f"train.microbatches: {m} must divide the per-rank batch {local} "
+                          f"(train.global_batch_size {gbs} / data-parallel {dims.dp})")
+
+
+def check_vocab(vocab_size: int, tokenizer_vocab: int, tp: int) -> None:
+    """Once the tokenizer is known: the embedding covers it and splits over tensor parallel."""
+    if vocab_size < tokenizer_vocab:
+        raise ConfigError(f"model.vocab_size: {vocab_size} is smaller than the tokenizer's {tokenizer_vocab}")
+    if vocab_size % tp:
+        raise ConfigError(f"model.vocab_size: {vocab_size} must be divisible by parallel.tp {tp}")
+
+
+# Compute rate the cp_impl=auto choice assumes when logging.peak_tflops is not set: the H100 dense
+# datasheet figure (what `plan` assumes too). A constant, not a measurement: every rank and `plan`
+# make the same choice from the same config.
+REFERENCE_TFLOPS = {"bfloat16": 989.0, "float32": 494.0}
+
+
+def cp_attention(exp: Experiment, args, dims: ParallelDims) -> str:
+    """The context-parallel attention strategy: the configured one, or for ``auto`` the cost model's
+    fastest for this model shape and the configured cp links (``parallel.cp_link_gbps``, ``cp_latency_us``,
+    ``cp_topology``). A pure function of the experiment, so identical on every rank."""
+    par = exp.parallel
+    if par.cp_impl != "auto":
+        return par.cp_impl
+    from loomtrain.parallel.cp_cost import Shape, choose
+
+    local = exp.train.global_batch_size // dims.dp
+    micro = local // pipeline_microbatches(exp) if dims.pp > 1 else (exp.train.micro_batch_size or local)
+    shape = Shape(max(1, micro), exp.data.seq_len, args.n_heads // dims.tp, args.n_kv_heads // dims.tp,
+                  args.head_dim, dims.cp, elem_bytes=2 if exp.model.dtype == "bfloat16" else 4)
+    flops = (exp.logging.peak_tflops or REFERENCE_TFLOPS[exp.model.dtype]) * 1e12
+    return choose(shape, par.cp_link_gbps * 1e9 / 8, par.cp_latency_us * 1e-6, flops, par.cp_topology)

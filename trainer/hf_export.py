@@ -1,0 +1,158 @@
+"""``loomtrain export CHECKPOINT --hf OUT_DIR``: a checkpoint of any layout as a Hugging Face Llama model.
+
+Reads the model tensors of a DCP checkpoint at their global shapes (DCP reassembles the
+shards of whatever tp/dp/pp layout wrote them, without a process group), renames them to
+``LlamaForCausalLM``'s names and writes ``config.json``, ``model.safetensors`` and a tokenizer
+``AutoTokenizer`` loads. loomtrain's RoPE rotates adjacent pairs (x[2i], x[2i+1]); Hugging
+Face's rotates halves (x[i], x[i + d/2]), so the rows of q/k projections are permuted per head
+(the permutation Meta-to-HF conversion uses; q.k is unchanged because both are permuted alike).
+Needs ``safetensors`` (and ``tokenizers`` for the tokenizer): the ``dev`` extra.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import torch
+
+from loomtrain.errors import ConfigError
+from loomtrain.fsutil import atomic_write_text
+from loomtrain.trainer.model import ModelArgs, canonical_name
+
+EOS_TOKEN = "<|endoftext|>"
+_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
+_BLOCK_NAMES = {
+    "attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight", "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+_TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+              "output.weight": "lm_head.weight"}
+
+
+def read_model_state(checkpoint: str) -> dict[str, torch.Tensor]:
+    """Full (unsharded) model tensors of a DCP checkpoint, under the unsplit model's names."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    if not os.path.isfile(os.path.join(checkpoint, ".metadata")):
+        kind = "a DeepSpeed checkpoint (not supported by export)" if any(
+            f.startswith("loomtrain_rng_rank") for f in os.listdir(checkpoint)) else "not a complete DCP checkpoint"
+        raise ConfigError(f"CHECKPOINT: '{checkpoint}' is {kind}") if os.path.isdir(checkpoint) else \
+            ConfigError(f"CHECKPOINT: '{checkpoint}' is not a directory")
+    meta = dcp.FileSystemReader(checkpoint).read_metadata().state_dict_metadata
+    template = {key.split(".", 1)[1]: torch.empty(m.size, dtype=m.properties.dtype)
+                for key, m in meta.items() if key.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+    dcp.load({"model": template}, checkpoint_id=checkpoint, no_dist=True)
+    out = {}
+    for name, t in template.items():
+        name = canonical_name(name)
+        head, _, rest = name.partition(".")
+        out[rest if head.isdigit() else name] = t  # interleaved stages were saved under a ModuleList index
+    return out
+
+
+def _halves_rope(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows (head, pair i, member j) -> (head, member j, pair i): adjacent-pair RoPE to rotate-half RoPE."""
+    rows, cols = w.shape
+    return w.view(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def to_hf_state(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, t in state.items():
+        if name in _TOP_NAMES:
+            out[_TOP_NAMES[name]] = t
+            continue
+        m = _LAYER.match(name)
+        if not m or m.group(2) not in _BLOCK_NAMES:
+            raise ValueError(f"export: unexpected parameter '{name}' in the checkpoint")
+        if m.group(2) == "attention.wq.weight":
+            t = _halves_rope(t, args.n_heads)
+        elif m.group(2) == "attention.wk.weight":
+            t = _halves_rope(t, args.n_kv_heads)
+        out[f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}"] = t
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def hf_config(args: ModelArgs, eos_id: int, dtype: str) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.dim,
+        "intermediate_size": args.ffn_hidden, "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
+        "vocab_size": args.vocab_size, "max_position_embeddings": args.max_seq_len, "rms_norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
+        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
+        "bos_token_id": None, "eos_token_id": eos_id, "torch_dtype": dtype,
+    }
+
+
+def byte_tokenizer_json(eos_id: int) -> str:
+    """loomtrain's byte tokenizer (id = UTF-8 byte, ``eos_id`` ends a document) as a ``tokenizers`` model:
+    byte-level BPE with the 256 byte symbols as its vocabulary and no merges."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    symbols = ByteLevel.alphabet()  # the 256 printable stand-ins of the bytes, in GPT-2's mapping
+    byte_to_symbol = _gpt2_byte_symbols()
+    assert set(byte_to_symbol.values()) == set(symbols)
+    vocab = {byte_to_symbol[b]: b for b in range(256)}
+    vocab[EOS_TOKEN] = eos_id
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    from tokenizers import AddedToken
+
+    tok.add_special_tokens([AddedToken(EOS_TOKEN, special=True)])
+    return tok.to_str()
+
+
+def _gpt2_byte_symbols() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table (what ByteLevel pre-tokenization emits)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def export_hf(checkpoint: str, out_dir: str, exp) -> dict:
+    """Write the Hugging Face model directory; returns a summary for the CLI."""
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise ConfigError("export: needs the 'safetensors' package (pip install safetensors, or loomtrain[dev])") \
+            from None
+    from loomtrain.data.tokenizer import build_tokenizer
+
+    state = read_model_state(checkpoint)
+    tokenizer = build_tokenizer(exp.data.tokenizer)
+    vocab = state["tok_embeddings.weight"].shape[0]
+    args = ModelArgs.from_config(exp.model, vocab, exp.data.seq_len)
+    args.vocab_size = vocab
+    hf = to_hf_state(state, args)
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = os.path.join(out_dir, ".model.safetensors.tmp")
+    save_file(hf, tmp, metadata={"format": "pt"})
+    os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
+    dtype = str(next(iter(hf.values())).dtype).removeprefix("torch.")
+    atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(hf_config(args, tokenizer.eos_id, dtype), indent=2))
+    if exp.data.tokenizer == "byte":
+        atomic_write_text(os.path.join(out_dir, "tokenizer.json"), byte_tokenizer_json(tokenizer.eos_id))
+        eos = EOS_TOKEN
+    else:
+        with open(exp.data.tokenizer) as f:
+            atomic_write_text(os.path.join(out_dir, "tokenizer.json"), f.read())
+        eos = tokenizer._tok.id_to_token(tokenizer.eos_id) or EOS_TOKEN
+    atomic_write_text(os.path.join(out_dir, "tokenizer_config.json"), json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "model_max_length": args.max_seq_len,
+        "clean_up_tokenization_spaces": False}, indent=2))
+    return {"parameters": sum(t.numel() for t in hf.values()), "tensors": len(hf), "out_dir": out_dir}
