@@ -16,9 +16,11 @@ setup(
     package_dir={"loomtrain": "loomtrain", **{f"loomtrain.{p}": p for p in SUBPACKAGES}},
     package_data={"loomtrain.configs": ["*.yaml"]},
     include_package_data=True,
-    install_requires=["torch>=2.4", "numpy", "pyyaml", "tqdm"],
+    # torch 2.7: pipeline schedules' scale_grads switch (the per-token loss scales itself); the CI tests 2.13.
+    install_requires=["torch>=2.7", "numpy", "pyyaml", "tqdm"],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "deepspeed", "megatron-core", "wandb", "scipy", "tokenizers", "hypothesis"],
+        "dev": ["pytest", "pytest-timeout", "deepspeed", "megatron-core", "wandb", "scipy", "tokenizers", "hypothesis",
+                "transformers", "safetensors"],
         "gpu": ["flash-attn"],
     },
     entry_points={"console_scripts": ["loomtrain=loomtrain.launch.cli:main"]},

@@ -5,8 +5,11 @@ checked by the same code the trainer runs), then prints group sizes, which ranks
 share a node, parameter count, FLOPs per token and a per-device memory estimate.
 
 Memory model (per device): parameters, gradients and two AdamW moments in fp32, divided
-by tp x pp x (dp_shard*cp when FSDP shards); bf16 adds a 2-byte working copy of the
-gathered layer. Activations per layer follow Korthikanti et al. (2022) with flash
+by tp x pp x (dp_shard*cp when FSDP shards); with FSDP, the parameters gathered at once
+(three blocks and the output unit; every unit of a pipeline stage, which is not resharded
+after forward) and, with gradient accumulation or pipeline microbatches, the unsharded fp32
+gradients FSDP2 keeps until the last micro-batch's reduce-scatter; without FSDP, bf16 adds
+autocast's copy of about two layers. Activations per layer follow Korthikanti et al. (2022) with flash
 attention (no s^2 term): 34*s*b*h bytes in 16-bit, /tp with sequence parallelism, /cp;
 with full activation checkpointing only each layer's input (2*s*b*h) is kept plus one
 layer's working set. The loss keeps fp32 logits: 4*s*b*V/tp.
@@ -38,21 +41,44 @@ def build_fake_mesh(dims: ParallelDims):
 
 
 def memory_estimate(exp, args: ModelArgs, dims: ParallelDims, vocab: int) -> dict[str, float]:
+    """Bytes per device by kind (see the module docstring), with the FSDP policy of ``apply_fsdp``."""
     n = args.num_params()
     model_split = dims.tp * dims.pp
-    fsdp_split = dims.dp_shard * dims.cp if dims.fsdp_enabled else 1
+    fsdp = dims.fsdp_enabled and exp.parallel.dp_engine == "fsdp"
+    fsdp_split = dims.dp_shard * dims.cp if fsdp else 1
     states = n / model_split / fsdp_split
-    micro = exp.train.micro_batch_size or max(1, exp.train.global_batch_size // dims.dp)
+    local = max(1, exp.train.global_batch_size // dims.dp)
+    if dims.pp > 1:
+        from loomtrain.trainer.config import pipeline_microbatches
+
+        n_micro = pipeline_microbatches(exp)
+        micro = max(1, local // n_micro)
+    else:
+        micro = exp.train.micro_batch_size or local
+        n_micro = local // micro
     s, h, layers = exp.data.seq_len, args.dim, args.n_layers / dims.pp
     width = 2 if exp.model.dtype == "bfloat16" else 4
     per_layer = 34 * s * micro * h * (width / 2) / dims.tp / dims.cp
     act_full = per_layer * layers
     act_ckpt = (2 * s * micro * h * (width / 2) / dims.tp / dims.cp) * layers + per_layer
+    if dims.pp > 1:  # 1F1B keeps up to pp microbatches' activations in flight on the first stage (GPipe: all)
+        in_flight = n_micro if exp.parallel.pp_schedule == "gpipe" else min(n_micro, dims.pp)
+        act_full, act_ckpt = act_full * in_flight, act_ckpt * in_flight
     logits = 4 * s * micro * vocab / dims.tp / dims.cp
     out = {"parameters": 4 * states, "gradients": 4 * states, "optimizer": 8 * states,
            "activations": act_full + logits, "activations (checkpointed)": act_ckpt + logits}
-    if exp.model.dtype == "bfloat16":
-        out["bf16 working copy"] = 2 * n / model_split / max(1, args.n_layers) * 2  # ~2 gathered layers
+    if fsdp and fsdp_split > 1:
+        block = (n - 2 * vocab * h) / args.n_layers / dims.tp  # one block's parameters on this tp rank
+        head = vocab * h / dims.tp  # the output projection (the [norm, output] unit is kept after forward)
+        # Gathered at once: under pp every unit of the stage stays unsharded for the step (no reshard
+        # after forward); otherwise the block being computed, the prefetched next one, the last block
+        # (kept for backward) and the output unit.
+        gathered = block * layers + head if dims.pp > 1 else 3 * block + head
+        out["FSDP unsharded parameters"] = gathered * width
+        if n_micro > 1:  # gradient sync only on the last micro-batch: unsharded fp32 gradients until then
+            out["accumulation gradients (unsharded)"] = 4 * n / model_split
+    elif exp.model.dtype == "bfloat16":
+        out["bf16 working copy"] = 2 * n / model_split / max(1, args.n_layers) * 2  # autocast casts ~2 layers
     return out
 
 
@@ -115,7 +141,7 @@ def plan(exp, world_size: int, gpus_per_node: int = 8, device_memory_gb: float =
          peak_tflops: float = 0.0, intra_node_gbps: float = 3600.0, inter_node_gbps: float = 400.0) -> str:
     from loomtrain.trainer.checks import check_experiment
 
-    dims = check_experiment(exp, world_size, min(gpus_per_node, world_size))  # refuses what train refuses
+    dims = check_experiment(exp, world_size, min(gpus_per_node, world_size), "cuda")  # refuses what train refuses
     sizes = build_fake_mesh(dims)
     vocab = exp.model.vocab_size or 50304
     args = ModelArgs.from_config(exp.model, vocab, exp.data.seq_len)
@@ -141,10 +167,10 @@ def plan(exp, world_size: int, gpus_per_node: int = 8, device_memory_gb: float =
               "per-device memory estimate:"]
     mem = memory_estimate(exp, args, dims, args.vocab_size)
     for k, v in mem.items():
-        lines.append(f"  {k:<28}{v / GiB:>10.2f} GiB")
+        lines.append(f"  {k:<36}{v / GiB:>10.2f} GiB")
     ckpt = exp.parallel.activation_checkpoint == "full"
     total = sum(v for k, v in mem.items() if k != ("activations" if ckpt else "activations (checkpointed)"))
-    lines.append(f"  {'total (' + ('with' if ckpt else 'without') + ' checkpointing)':<28}{total / GiB:>10.2f} GiB"
+    lines.append(f"  {'total (' + ('with' if ckpt else 'without') + ' checkpointing)':<36}{total / GiB:>10.2f} GiB"
                  f"  of {device_memory_gb:g} GiB")
     peak = (peak_tflops or exp.logging.peak_tflops or (989.0 if exp.model.dtype == "bfloat16" else 494.0)) * 1e12
     est = step_estimate(exp, args, dims, gpus_per_node, peak, intra_node_gbps * 1e9 / 8, inter_node_gbps * 1e9 / 8)

@@ -293,29 +293,43 @@ class _RingAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
+        """K/V travel one way as in forward; each K/V owner's dK/dV accumulator travels one hop behind.
+
+        Both transfers overlap compute: the next K/V hop is in flight while this block computes, and
+        the accumulator this rank just added to is sent on while the next block computes (it is
+        received, added to and sent again; after ``world`` hops it is home). Only the last hop home
+        is exposed, which is what ``cp_cost.predict_seconds`` models.
+        """
         q, k, v, out, lse, group, causal, layout, docs, world, rank, mine = _restore(ctx)
+        nxt, prv = (rank + 1) % world, (rank - 1) % world
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         kv = torch.stack([k, v]).contiguous()
-        dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
+        incoming = None  # (pending transfer, buffer) of the accumulator arriving for this step's K/V owner
         for step in range(world):
+            if step < world - 1:  # the next K/V hop travels while this block computes
+                next_kv = torch.empty_like(kv)
+                kv_pending = exchange([(kv, nxt)], [(next_kv, prv)], group)
             owner = (rank - step) % world
             a, b, c = block_backward(dout, q, kv[0], kv[1], out, lse, mine, _chunk_ids(owner, world, layout),
                                      causal, docs)
             dq += a
-            dkv[0] += b
-            dkv[1] += c
-            if world == 1:
-                break
-            if step < world - 1:  # K/V and their gradient accumulators travel together
-                nkv, ndkv = torch.empty_like(kv), torch.empty_like(dkv)
-                exchange([(kv, (rank + 1) % world), (dkv, (rank + 1) % world)],
-                         [(nkv, (rank - 1) % world), (ndkv, (rank - 1) % world)], group).wait()
-                kv, dkv = nkv, ndkv
-            else:  # the finished accumulator goes home
-                home = torch.empty_like(dkv)
-                exchange([(dkv, (rank + 1) % world)], [(home, (rank - 1) % world)], group).wait()
-                dkv = home
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None
+            if incoming is None:
+                acc = torch.stack([b, c]).float()
+            else:
+                incoming[0].wait()
+                acc = incoming[1]
+                acc[0] += b
+                acc[1] += c
+            if world > 1:  # on to the next holder of this K/V (after the last step: its owner)
+                buf = torch.empty_like(acc)
+                incoming = (exchange([(acc, nxt)], [(buf, prv)], group), buf)
+            if step < world - 1:
+                kv_pending.wait()
+                kv = next_kv
+        if world > 1:
+            incoming[0].wait()
+            acc = incoming[1]
+        return dq.to(q.dtype), acc[0].to(k.dtype), acc[1].to(v.dtype), None, None, None, None
 
 
 # ----------------------------------------------------------------------------- TokenRing

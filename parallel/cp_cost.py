@@ -61,7 +61,8 @@ def predict_seconds(s: Shape, bandwidth: float, latency: float, flops: float,
     """Modelled fwd+bwd seconds per strategy for one rank. ``bandwidth`` in bytes/s per link direction.
 
     Step-level model of the code in ``parallel/context.py``: ring overlaps hop i+1 with
-    block i and, in backward, sends dK/dV home at the end; TokenRing overlaps Q's next hop
+    block i; in backward K/V and the dK/dV accumulator (one hop behind) both overlap the
+    blocks, and only the accumulator's last hop home is exposed; TokenRing overlaps Q's next hop
     with the current block and each block's results with the next block, leaving the last
     result transfer as a tail (at W=2 nothing overlaps the result); Ulysses overlaps nothing.
     """

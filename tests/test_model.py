@@ -85,3 +85,14 @@ def test_init_is_deterministic_by_seed():
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), n
     assert not torch.equal(a.output.weight, c.output.weight)
+
+
+def test_flash_varlen_metadata_marks_documents_and_rows():
+    """cu_seqlens for flash-attn's varlen kernel (built once per forward): row and document starts."""
+    import torch
+
+    from loomtrain.trainer.attention import flash_varlen_metadata
+
+    doc = torch.tensor([[0, 0, 0, 1, 1, 2], [0, 0, 0, 0, 0, 0]])
+    cu, max_len = flash_varlen_metadata(doc)
+    assert cu.tolist() == [0, 3, 5, 6, 12] and cu.dtype == torch.int32 and max_len == 6

@@ -68,30 +68,35 @@ def _sdpa(q, k, v, doc_ids):
     return out.transpose(1, 2)
 
 
-def _flash(q, k, v, doc_ids):  # pragma: no cover - needs CUDA + flash-attn
-    from flash_attn import flash_attn_func, flash_attn_varlen_func
-
-    if doc_ids is None:
-        return flash_attn_func(q, k, v, causal=True)
+def flash_varlen_metadata(doc_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(cu_seqlens, max document length) over the flattened (B*S) token stream; a row boundary is a
+    document boundary too. One host sync (the max length); built once per forward, not per layer."""
     bsz, seqlen = doc_ids.shape
-    # Document boundaries become cu_seqlens over the flattened (B*S) token stream; a row
-    # boundary is a document boundary too.
     flat = doc_ids + torch.arange(bsz, device=doc_ids.device)[:, None] * (doc_ids.max() + 1)
     starts = torch.ones_like(flat, dtype=torch.bool).flatten()
     starts[1:] = flat.flatten()[1:] != flat.flatten()[:-1]
     idx = starts.nonzero().flatten()
     cu = torch.cat([idx, torch.tensor([bsz * seqlen], device=idx.device)]).to(torch.int32)
-    max_len = int((cu[1:] - cu[:-1]).max())
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
+def _flash(q, k, v, doc_ids, varlen):  # pragma: no cover - needs CUDA + flash-attn
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
+
+    if doc_ids is None:
+        return flash_attn_func(q, k, v, causal=True)
+    cu, max_len = varlen if varlen is not None else flash_varlen_metadata(doc_ids)
     out = flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, max_len, max_len,
                                  causal=True)
     return out.view_as(q)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None,
-           backend: str = "sdpa", context_parallel: tuple | None = None) -> torch.Tensor:
+           backend: str = "sdpa", context_parallel: tuple | None = None, varlen=None) -> torch.Tensor:
+    """``varlen``: flash-attn document metadata made once per forward (``flash_varlen_metadata``)."""
     if context_parallel is not None:  # q/k/v are this rank's zigzag shard of the sequence
         fn, group = context_parallel
         return fn(q, k, v, group=group, causal=True, layout="zigzag", doc_ids=doc_ids)
     if backend == "flash":
-        return _flash(q, k, v, doc_ids)
+        return _flash(q, k, v, doc_ids, varlen)
     return _sdpa(q, k, v, doc_ids)

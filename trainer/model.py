@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from loomtrain.trainer.attention import attend
+from loomtrain.trainer.attention import attend, flash_varlen_metadata
 
 
 @dataclass
@@ -69,6 +69,7 @@ class AttnContext:
     doc_ids: torch.Tensor | None  # (B, S) or None when no row holds more than one document
     backend: str
     context_parallel: tuple | None = None  # (attention function, process group) when cp > 1
+    varlen: tuple | None = None  # flash-attn (cu_seqlens, max_len), made once per forward (and reused by recompute)
 
 
 def canonical_name(name: str) -> str:
@@ -121,7 +122,7 @@ class Attention(nn.Module):
         k = self.wk(x).view(bsz, seqlen, -1, self.head_dim)
         v = self.wv(x).view(bsz, seqlen, -1, self.head_dim)
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
-        out = attend(q, k, v, ctx.doc_ids, ctx.backend, ctx.context_parallel)
+        out = attend(q, k, v, ctx.doc_ids, ctx.backend, ctx.context_parallel, ctx.varlen)
         return self.wo(out.reshape(bsz, seqlen, -1))
 
 
@@ -267,10 +268,14 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence length {position_ids.shape[1]} exceeds model.max_seq_len {self.args.max_seq_len}")
         # One document per row: plain causal attention is exact and faster. Under context
         # parallelism this shard does not know the other shards' documents: keep the ids.
+        # (On CUDA this check and the flash metadata are the forward's host syncs: once, not per layer.)
         if doc_ids is not None and self.context_parallel is None and bool((doc_ids[:, -1] == doc_ids[:, 0]).all()):
             doc_ids = None
+        varlen = None
+        if doc_ids is not None and self.attention_backend == "flash" and self.context_parallel is None:
+            varlen = flash_varlen_metadata(doc_ids)
         ctx = AttnContext(self.rope_cos[position_ids], self.rope_sin[position_ids], doc_ids,
-                          self.attention_backend, self.context_parallel)
+                          self.attention_backend, self.context_parallel, varlen)
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         for block in self.layers.values():
             h = block(h, ctx)
