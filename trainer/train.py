@@ -213,12 +213,15 @@ class Trainer:
 
     def _global_tokens(self, batches: list[dict]) -> int:
         """Label tokens of the whole step over all data-parallel ranks (cp/tp/pp peers hold the same batch)."""
+        if self.dims.dp == 1:
+            return label_tokens(batches)
         count = torch.tensor([label_tokens(batches)], dtype=torch.int64, device=self.env.device)
         dist.all_reduce(count, group=self.mesh["dp"].get_group())
-        return int(count.item())
+        return int(count.item())  # the step's one host sync before compute: the loss scale is a Python float
 
     def _global_mean(self, local_sum: torch.Tensor, tokens: int) -> float:
-        dist.all_reduce(local_sum, group=self.mesh["loss"].get_group())  # dp x cp ranks hold disjoint tokens
+        if self.dims.dp * self.dims.cp > 1:
+            dist.all_reduce(local_sum, group=self.mesh["loss"].get_group())  # dp x cp ranks hold disjoint tokens
         return local_sum.item() / max(1, tokens)
 
     def train_step(self) -> tuple[float, float]:
