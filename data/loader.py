@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from loomtrain.data.indexed import IndexedTokens
+from loomtrain.errors import ConfigError
 
 
 class PackedDataset:
@@ -83,14 +84,15 @@ class ResumableSampler:
 
 
 def batch_layout(global_batch: int, micro_batch: int, dp_size: int) -> tuple[int, int]:
-    """(per-rank batch, micro-batch) for a global batch split over ``dp_size`` ranks; ValueError if it does not fit."""
+    """(per-rank batch, micro-batch) for a global batch split over ``dp_size`` ranks; ConfigError if it does not
+    fit (``trainer/checks.py`` calls this before any process group starts)."""
     if global_batch % dp_size:
-        raise ValueError(f"train.global_batch_size: {global_batch} must be divisible by the data-parallel "
+        raise ConfigError(f"train.global_batch_size: {global_batch} must be divisible by the data-parallel "
                          f"size {dp_size} (dp_replicate*dp_shard)")
     local = global_batch // dp_size
     micro = micro_batch or local
     if local % micro:
-        raise ValueError(f"train.micro_batch_size: {micro} must divide the per-rank batch {local} "
+        raise ConfigError(f"train.micro_batch_size: {micro} must divide the per-rank batch {local} "
                          f"(global_batch_size / data-parallel size)")
     return local, micro
 

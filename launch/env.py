@@ -72,8 +72,13 @@ def slurm_rendezvous(environ=None) -> tuple[str, str]:
     return addr, port
 
 
+def device_type_for(requested: str) -> str:
+    """``parallel.device`` resolved on this machine: cuda (asked for, or auto with CUDA present) or cpu."""
+    return "cuda" if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()) else "cpu"
+
+
 def choose_device(requested: str, local_rank: int) -> torch.device:
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+    if device_type_for(requested) == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("parallel.device: 'cuda' requested but CUDA is not available")
         torch.cuda.set_device(local_rank % torch.cuda.device_count())

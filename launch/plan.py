@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 
 from loomtrain.parallel.mesh import ParallelDims
+from loomtrain.trainer.checks import REFERENCE_TFLOPS, check_experiment, cp_attention, micro_layout
 from loomtrain.trainer.model import ModelArgs
 
 GiB = 1024 ** 3
@@ -47,15 +48,7 @@ def memory_estimate(exp, args: ModelArgs, dims: ParallelDims, vocab: int) -> dic
     fsdp = dims.fsdp_enabled and exp.parallel.dp_engine == "fsdp"
     fsdp_split = dims.dp_shard * dims.cp if fsdp else 1
     states = n / model_split / fsdp_split
-    local = max(1, exp.train.global_batch_size // dims.dp)
-    if dims.pp > 1:
-        from loomtrain.trainer.config import pipeline_microbatches
-
-        n_micro = pipeline_microbatches(exp)
-        micro = max(1, local // n_micro)
-    else:
-        micro = exp.train.micro_batch_size or local
-        n_micro = local // micro
+    micro, n_micro = micro_layout(exp, dims)
     s, h, layers = exp.data.seq_len, args.dim, args.n_layers / dims.pp
     width = 2 if exp.model.dtype == "bfloat16" else 4
     per_layer = 34 * s * micro * h * (width / 2) / dims.tp / dims.cp
@@ -95,7 +88,6 @@ def step_estimate(exp, args: ModelArgs, dims: ParallelDims, gpus_per_node: int, 
     overlapped for ring and TokenRing).
     """
     from loomtrain.parallel.cp_cost import Shape, bytes_per_rank
-    from loomtrain.trainer.checks import cp_attention
 
     def link(name):
         spans = any(len({r // gpus_per_node for r in g}) > 1 for g in dims.groups(name)[:1])
@@ -103,15 +95,8 @@ def step_estimate(exp, args: ModelArgs, dims: ParallelDims, gpus_per_node: int, 
 
     e = 2 if exp.model.dtype == "bfloat16" else 4
     from loomtrain.parallel.pipeline import bubble_fraction
-    from loomtrain.trainer.config import pipeline_microbatches
 
-    local = max(1, exp.train.global_batch_size // dims.dp)
-    if dims.pp > 1:  # the rank batch is split into pipeline microbatches
-        n_micro = pipeline_microbatches(exp)
-        micro = max(1, local // n_micro)
-    else:
-        micro = exp.train.micro_batch_size or local
-        n_micro = max(1, local // micro)
+    micro, n_micro = micro_layout(exp, dims)  # under pp: the schedule's microbatches
     s, h, layers = exp.data.seq_len, args.dim, args.n_layers / dims.pp
     tokens = exp.train.global_batch_size * s
     compute = tokens * args.flops_per_token(s) / (dims.world_size * peak_flops)
@@ -126,11 +111,10 @@ def step_estimate(exp, args: ModelArgs, dims: ParallelDims, gpus_per_node: int, 
     rep = dims.dp_replicate
     hsdp = 2 * params / shard * 4 * (rep - 1) / rep / link("dp_replicate") if rep > 1 else 0.0
     cp = 0.0
+    impl = cp_attention(exp, args, dims) if dims.cp > 1 else None  # what train will run
     if dims.cp > 1:
         shape = Shape(micro, s, args.n_heads // dims.tp, args.n_kv_heads // dims.tp, args.head_dim, dims.cp, e)
-        impl = cp_attention(exp, args, dims)  # what train will run
         cp = sum(bytes_per_rank(shape)[impl]) * layers * n_micro / link("cp")
-    impl = cp_attention(exp, args, dims) if dims.cp > 1 else None
     exposed_cp = cp if impl == "ulysses" else max(0.0, cp - compute)
     step = compute / (1 - bubble) + tp + max(0.0, fsdp + hsdp - compute) + exposed_cp
     return {"compute_s": compute, "bubble": bubble, "tp_s": tp, "fsdp_s": fsdp + hsdp, "cp_s": cp, "cp_impl": impl,
@@ -139,8 +123,6 @@ def step_estimate(exp, args: ModelArgs, dims: ParallelDims, gpus_per_node: int, 
 
 def plan(exp, world_size: int, gpus_per_node: int = 8, device_memory_gb: float = 80.0,
          peak_tflops: float = 0.0, intra_node_gbps: float = 3600.0, inter_node_gbps: float = 400.0) -> str:
-    from loomtrain.trainer.checks import check_experiment
-
     dims = check_experiment(exp, world_size, min(gpus_per_node, world_size), "cuda")  # refuses what train refuses
     sizes = build_fake_mesh(dims)
     vocab = exp.model.vocab_size or 50304
@@ -172,7 +154,7 @@ def plan(exp, world_size: int, gpus_per_node: int = 8, device_memory_gb: float =
     total = sum(v for k, v in mem.items() if k != ("activations" if ckpt else "activations (checkpointed)"))
     lines.append(f"  {'total (' + ('with' if ckpt else 'without') + ' checkpointing)':<36}{total / GiB:>10.2f} GiB"
                  f"  of {device_memory_gb:g} GiB")
-    peak = (peak_tflops or exp.logging.peak_tflops or (989.0 if exp.model.dtype == "bfloat16" else 494.0)) * 1e12
+    peak = (peak_tflops or exp.logging.peak_tflops or REFERENCE_TFLOPS[exp.model.dtype]) * 1e12
     est = step_estimate(exp, args, dims, gpus_per_node, peak, intra_node_gbps * 1e9 / 8, inter_node_gbps * 1e9 / 8)
     lines += ["", f"step estimate (model, not a measurement; peak {peak / 1e12:g} TFLOP/s/device, links "
                   f"{intra_node_gbps:g} Gbit/s in a node, {inter_node_gbps:g} Gbit/s between nodes):",

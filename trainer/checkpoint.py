@@ -70,12 +70,13 @@ class Checkpointer:
             # A group of its own: the background save's collectives must not interleave with training's.
             self._pg = dist.new_group(backend="gloo")
 
-    def _state(self, model, optimizer, scheduler, sampler, step: int) -> dict:
+    def _state(self, model, optimizer, scheduler, sampler, step: int, gather_rng: bool = True) -> dict:
         """Keys are the same on every rank and every layout (DCP reshards tensors between layouts): the
-        RNG states of all ranks travel as one list, so a run resumed on another world size finds its key."""
+        RNG states of all ranks travel as one list, so a run resumed on another world size finds its key.
+        ``gather_rng=False`` (a template to load into) skips the all-gather: DCP replaces the value."""
         model_sd, optim_sd = get_state_dict(model, optimizer, options=OPTIONS)
         states = [rng_state()]
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        if gather_rng and dist.is_initialized() and dist.get_world_size() > 1:
             states = [None] * dist.get_world_size()
             dist.all_gather_object(states, rng_state())
         return {
@@ -147,7 +148,7 @@ class Checkpointer:
         """Restore everything saved at ``path``; returns the step it was saved at."""
         if not os.path.isfile(os.path.join(path, ".metadata")):
             raise FileNotFoundError(f"--resume: '{path}' is not a complete checkpoint (no .metadata)")
-        state = self._state(model, optimizer, scheduler, sampler, 0)
+        state = self._state(model, optimizer, scheduler, sampler, 0, gather_rng=False)
         dcp.load(state, checkpoint_id=path)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=OPTIONS)

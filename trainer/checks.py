@@ -25,9 +25,9 @@ def check_experiment(exp: Experiment, world_size: int, local_world_size: int | N
         raise ConfigError("parallel.cp: context parallelism inside pipeline stages is not supported yet; "
                           "use pp=1 or cp=1")
     if device_type is None:
-        import torch
+        from loomtrain.launch.env import device_type_for
 
-        device_type = "cuda" if par.device == "cuda" or (par.device == "auto" and torch.cuda.is_available()) else "cpu"
+        device_type = device_type_for(par.device)
     if par.compile and par.tp > 1 and device_type == "cpu":  # measured by tests/test_parallel_parity.py before
         raise ConfigError("parallel.compile: not with parallel.tp > 1 on CPU: compiled tensor-parallel blocks gave "
                           "gradient norms 0.7% off eager (and crashed with activation checkpointing) on torch "
@@ -42,18 +42,25 @@ def check_experiment(exp: Experiment, world_size: int, local_world_size: int | N
 
 def _check_batch(exp: Experiment, dims: ParallelDims) -> None:
     """The global batch splits over data parallel, micro-batches and pipeline microbatches."""
-    gbs, micro = exp.train.global_batch_size, exp.train.micro_batch_size
-    if gbs % dims.dp:
-        raise ConfigError(f"train.global_batch_size: {gbs} must be divisible by the data-parallel size {dims.dp} "
-                          f"(dp_replicate*dp_shard)")
-    local = gbs // dims.dp
-    if micro and local % micro:
-        raise ConfigError(f"train.micro_batch_size: {micro} must divide the per-rank batch {local} "
-                          f"(global_batch_size / data-parallel size)")
+    from loomtrain.data.loader import batch_layout
+
+    gbs = exp.train.global_batch_size
+    local, _ = batch_layout(gbs, exp.train.micro_batch_size, dims.dp)
     m = pipeline_microbatches(exp)
     if dims.pp > 1 and local % m:
         raise ConfigError(f"train.microbatches: {m} must divide the per-rank batch {local} "
                           f"(train.global_batch_size {gbs} / data-parallel {dims.dp})")
+
+
+def micro_layout(exp: Experiment, dims: ParallelDims) -> tuple[int, int]:
+    """(sequences per forward, forwards per step) on one data-parallel rank: pipeline microbatches
+    under pp, else ``train.micro_batch_size`` (gradient accumulation) or the whole rank batch."""
+    local = max(1, exp.train.global_batch_size // dims.dp)
+    if dims.pp > 1:
+        n = pipeline_microbatches(exp)
+        return max(1, local // n), n
+    micro = exp.train.micro_batch_size or local
+    return micro, max(1, local // micro)
 
 
 def check_vocab(vocab_size: int, tokenizer_vocab: int, tp: int) -> None:
@@ -79,9 +86,8 @@ def cp_attention(exp: Experiment, args, dims: ParallelDims) -> str:
         return par.cp_impl
     from loomtrain.parallel.cp_cost import Shape, choose
 
-    local = exp.train.global_batch_size // dims.dp
-    micro = local // pipeline_microbatches(exp) if dims.pp > 1 else (exp.train.micro_batch_size or local)
-    shape = Shape(max(1, micro), exp.data.seq_len, args.n_heads // dims.tp, args.n_kv_heads // dims.tp,
+    micro, _ = micro_layout(exp, dims)
+    shape = Shape(micro, exp.data.seq_len, args.n_heads // dims.tp, args.n_kv_heads // dims.tp,
                   args.head_dim, dims.cp, elem_bytes=2 if exp.model.dtype == "bfloat16" else 4)
     flops = (exp.logging.peak_tflops or REFERENCE_TFLOPS[exp.model.dtype]) * 1e12
     return choose(shape, par.cp_link_gbps * 1e9 / 8, par.cp_latency_us * 1e-6, flops, par.cp_topology)

@@ -38,11 +38,12 @@ def read_model_state(checkpoint: str) -> dict[str, torch.Tensor]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    if not os.path.isdir(checkpoint):
+        raise ConfigError(f"CHECKPOINT: '{checkpoint}' is not a directory")
     if not os.path.isfile(os.path.join(checkpoint, ".metadata")):
-        kind = "a DeepSpeed checkpoint (not supported by export)" if any(
-            f.startswith("loomtrain_rng_rank") for f in os.listdir(checkpoint)) else "not a complete DCP checkpoint"
-        raise ConfigError(f"CHECKPOINT: '{checkpoint}' is {kind}") if os.path.isdir(checkpoint) else \
-            ConfigError(f"CHECKPOINT: '{checkpoint}' is not a directory")
+        deepspeed = any(f.startswith("loomtrain_rng_rank") for f in os.listdir(checkpoint))
+        kind = "a DeepSpeed checkpoint (not supported by export)" if deepspeed else "not a complete DCP checkpoint"
+        raise ConfigError(f"CHECKPOINT: '{checkpoint}' is {kind}")
     meta = dcp.FileSystemReader(checkpoint).read_metadata().state_dict_metadata
     template = {key.split(".", 1)[1]: torch.empty(m.size, dtype=m.properties.dtype)
                 for key, m in meta.items() if key.startswith("model.") and isinstance(m, TensorStorageMetadata)}
@@ -93,7 +94,7 @@ def hf_config(args: ModelArgs, eos_id: int, dtype: str) -> dict:
 def byte_tokenizer_json(eos_id: int) -> str:
     """loomtrain's byte tokenizer (id = UTF-8 byte, ``eos_id`` ends a document) as a ``tokenizers`` model:
     byte-level BPE with the 256 byte symbols as its vocabulary and no merges."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from tokenizers.pre_tokenizers import ByteLevel
 
     symbols = ByteLevel.alphabet()  # the 256 printable stand-ins of the bytes, in GPT-2's mapping
@@ -104,8 +105,6 @@ def byte_tokenizer_json(eos_id: int) -> str:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    from tokenizers import AddedToken
-
     tok.add_special_tokens([AddedToken(EOS_TOKEN, special=True)])
     return tok.to_str()
 
@@ -137,7 +136,7 @@ def export_hf(checkpoint: str, out_dir: str, exp) -> dict:
     tokenizer = build_tokenizer(exp.data.tokenizer)
     vocab = state["tok_embeddings.weight"].shape[0]
     args = ModelArgs.from_config(exp.model, vocab, exp.data.seq_len)
-    args.vocab_size = vocab
+    args.vocab_size = vocab  # the checkpoint's, even if --config names another run's
     hf = to_hf_state(state, args)
     os.makedirs(out_dir, exist_ok=True)
     tmp = os.path.join(out_dir, ".model.safetensors.tmp")

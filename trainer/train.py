@@ -117,9 +117,9 @@ class Trainer:
         model.attention_backend = resolve_backend(exp.model.attention, env.device.type)
         self.loss_parallel = exp.parallel.loss_parallel and self.dims.tp > 1
         par = exp.parallel
+        n_stages = par.pp * par.pp_virtual_stages
         parts = [model]
         if self.dims.pp > 1:  # this rank's pipeline stages, each a pruned copy laid over the rest of the mesh
-            n_stages = par.pp * par.pp_virtual_stages
             counts = pipeline_stage_layers(exp.model.n_layers, n_stages, par.pp_split)
             self.stage_ids, parts = build_stages(model, counts, self.mesh["pp"].get_local_rank(), par.pp,
                                                  par.pp_virtual_stages)
@@ -153,7 +153,6 @@ class Trainer:
                                      pp_group=self.mesh["pp"].get_group() if self.dims.pp > 1 else None)
         # How a step's micro-batches run: one after another, or through the pipeline schedule.
         if self.dims.pp > 1:
-            n_stages = par.pp * par.pp_virtual_stages
             make = lambda loss_fn: build_schedule(
                 par.pp_schedule, self.stage_ids, parts, n_stages, pipeline_microbatches(exp),
                 self.mesh["pp"].get_group(), env.device, loss_fn)
