@@ -33,15 +33,13 @@ import torch.nn.functional as F
 KERNELS = ("auto", "cpu_flash", "math", "sdpa_flash", "sdpa_efficient", "flash_attn")
 MASKABLE = ("cpu_flash", "math", "sdpa_efficient")
 _HALF = (torch.float16, torch.bfloat16)
-_forced = "auto"
 
 
-def set_kernel(name: str) -> None:
-    """Force a kernel for every block it can serve (masked blocks fall back to a maskable one)."""
-    global _forced
+def check_kernel(name: str) -> str:
+    """``name`` if it is a kernel (``auto``: chosen per block), else a ValueError naming the choices."""
     if name not in KERNELS:
         raise ValueError(f"kernel: must be one of {', '.join(KERNELS)}, got {name!r}")
-    _forced = name
+    return name
 
 
 @functools.cache
@@ -53,14 +51,15 @@ def flash_attn_installed() -> bool:
     return True
 
 
-def choose(q: torch.Tensor, masked: bool) -> str:
-    """The kernel for a block with queries like ``q`` (B, S, H, D), with or without an additive mask."""
-    return choose_for(q.device.type, q.dtype, q.shape[-1], masked)
+def choose(q: torch.Tensor, masked: bool, kernel: str = "auto") -> str:
+    """The kernel for a block with queries like ``q`` (B, S, H, D), with or without an additive mask.
+    A forced ``kernel`` serves every block it can (masked blocks fall back to a maskable one)."""
+    return choose_for(q.device.type, q.dtype, q.shape[-1], masked, kernel)
 
 
-def choose_for(device_type: str, dtype: torch.dtype, head_dim: int, masked: bool) -> str:
-    if _forced != "auto" and (not masked or _forced in MASKABLE):
-        return _forced
+def choose_for(device_type: str, dtype: torch.dtype, head_dim: int, masked: bool, kernel: str = "auto") -> str:
+    if kernel != "auto" and (not masked or kernel in MASKABLE):
+        return kernel
     if device_type == "cpu":
         return "cpu_flash"
     if device_type != "cuda":
@@ -70,17 +69,17 @@ def choose_for(device_type: str, dtype: torch.dtype, head_dim: int, masked: bool
     return "flash_attn" if flash_attn_installed() else "sdpa_flash"
 
 
-def forward(q, k, v, causal: bool, mask=None):
+def forward(q, k, v, causal: bool, mask=None, kernel: str = "auto"):
     """(out (B,S,H,D) fp32, lse (B,H,S) fp32) of one block; rows that see no key get lse = -inf, out 0.
 
     ``mask``: additive (B, 1, Sq, Sk) or None; ``causal`` is top-left aligned (Sq == Sk here).
     """
-    return _FORWARD[choose(q, mask is not None)](q, k, v, causal, mask)
+    return _FORWARD[choose(q, mask is not None, kernel)](q, k, v, causal, mask)
 
 
-def backward(dout, q, k, v, out, lse, causal: bool, mask=None):
+def backward(dout, q, k, v, out, lse, causal: bool, mask=None, kernel: str = "auto"):
     """(dq, dk, dv) in fp32 (dk, dv with k's heads) of one block, from the final ``out``/``lse``."""
-    return _BACKWARD[choose(q, mask is not None)](dout, q, k, v, out, lse, causal, mask)
+    return _BACKWARD[choose(q, mask is not None, kernel)](dout, q, k, v, out, lse, causal, mask)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -27,7 +27,12 @@ unsorted ids use a dense additive mask.
 
 Kernels are picked per block at run time (``block_kernels.py``): torch's CPU flash op on
 CPU; flash-attn or torch's CUDA flash / memory-efficient ops on CUDA; an explicit fp32
-softmax twin elsewhere (``set_kernel`` forces one, as the tests do).
+softmax twin elsewhere (``kernel=`` forces one, as the tests do).
+
+A model holds one :class:`ContextParallelAttention` per cp group: it owns the groups, the
+transfer channel, the kernel choice and the step's document plan (no module-global state).
+The functions ``token_ring_attention`` / ``ring_attention`` / ``ulysses_attention`` are one
+call of such an instance.
 """
 from __future__ import annotations
 
@@ -36,33 +41,8 @@ import weakref
 import torch
 import torch.distributed as dist
 
-from loomtrain.comms.p2p import account_collective, exchange
+from loomtrain.comms.p2p import P2P
 from loomtrain.parallel import block_kernels as kernels
-from loomtrain.parallel.block_kernels import set_kernel  # noqa: F401  (public: force a block kernel)
-
-_REVERSE_GROUPS: dict = {}
-
-
-def register_reverse_group(group, reverse) -> None:
-    """Use ``reverse`` (same ranks as ``group``) for TokenRing's result direction on ``group``.
-
-    Results travel on it so the two directions do not queue behind each other (on NCCL:
-    separate communicators, separate streams). Without it TokenRing uses ``group`` for both.
-    """
-    _REVERSE_GROUPS[tuple(dist.get_process_group_ranks(group))] = reverse
-
-
-def init_reverse_group(group=None):
-    """Create and register the reverse group for ``group`` (collective over the whole world)."""
-    group = group or dist.group.WORLD
-    reverse = dist.new_group(dist.get_process_group_ranks(group))
-    register_reverse_group(group, reverse)
-    return reverse
-
-
-def _reverse_group(group):
-    return _REVERSE_GROUPS.get(tuple(dist.get_process_group_ranks(group)), group)
-
 
 # ----------------------------------------------------------------------------- layout
 def _chunk_ids(rank: int, world: int, layout: str) -> tuple[int, ...]:
@@ -191,7 +171,7 @@ def _work(q_chunks, k_chunks, causal, docs, dtype):
             yield i, j, docs.pieces(q_chunks[i], k_chunks[j], c, dtype)
 
 
-def block_forward(q, k, v, q_chunks, k_chunks, causal, docs):
+def block_forward(q, k, v, q_chunks, k_chunks, causal, docs, kernel="auto"):
     """Attention of the query chunks in ``q`` over the key chunks in ``k``/``v``: (out fp32, lse)."""
     b, s, h, d = q.shape
     out = torch.zeros(b, s, h, d, dtype=torch.float32, device=q.device)
@@ -200,12 +180,12 @@ def block_forward(q, k, v, q_chunks, k_chunks, causal, docs):
     outs, lses = _split(out, len(q_chunks), 1), _split(lse, len(q_chunks), 2)
     for i, j, pieces in _work(q_chunks, k_chunks, causal, docs, q.dtype):
         for rows, qr, kr, c, mask in pieces:
-            o, l = kernels.forward(qs[i][rows, qr], ks[j][rows, kr], vs[j][rows, kr], c, mask)
+            o, l = kernels.forward(qs[i][rows, qr], ks[j][rows, kr], vs[j][rows, kr], c, mask, kernel)
             merge_(outs[i][rows, qr], lses[i][rows, :, qr], o, l)
     return out, lse
 
 
-def block_backward(dout, q, k, v, out, lse, q_chunks, k_chunks, causal, docs):
+def block_backward(dout, q, k, v, out, lse, q_chunks, k_chunks, causal, docs, kernel="auto"):
     """Partial (dq, dk, dv) of one block, given the final ``out``/``lse`` of the query rows."""
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
@@ -217,70 +197,59 @@ def block_backward(dout, q, k, v, out, lse, q_chunks, k_chunks, causal, docs):
     for i, j, pieces in _work(q_chunks, k_chunks, causal, docs, q.dtype):
         for rows, qr, kr, c, mask in pieces:
             a, b_, c_ = kernels.backward(dos[i][rows, qr], qs[i][rows, qr], ks[j][rows, kr], vs[j][rows, kr],
-                                         os_[i][rows, qr], ls[i][rows, :, qr], c, mask)
+                                         os_[i][rows, qr], ls[i][rows, :, qr], c, mask, kernel)
             dqs[i][rows, qr].add_(a)
             dks[j][rows, kr].add_(b_)
             dvs[j][rows, kr].add_(c_)
     return dq, dk, dv
 
 
-_last_docs: tuple | None = None  # (weakref to doc_ids, its version, key, _Docs) of the last plan made
+class _PlanCache:
+    """The document plan of the last ``doc_ids`` tensor, kept while it is alive and unmodified.
 
-
-def _doc_chunks(doc_ids, group, world, layout):
-    """Every chunk's document ids, by global chunk index (one all-gather of a small int tensor)."""
-    if doc_ids is None:
-        return None
-
-    def build():
-        full = unshard_sequence(doc_ids, dim=1, group=group, layout=layout)
-        return _Docs(dict(enumerate(full.chunk(_num_chunks(world, layout), 1))))
-
-    return _cached_docs(doc_ids, (tuple(dist.get_process_group_ranks(group)), layout), build)
-
-
-def _cached_docs(doc_ids, key, build):
-    """``build()``, made once per ``doc_ids`` tensor while it is alive and unmodified.
-
-    Every layer of a step passes the same ``doc_ids`` tensor: the gather, host copy and
-    rectangle plan are made once per step, not per layer. All ranks of a group hit or miss
-    together (same model, same calls), so a gather inside ``build`` stays collective.
+    Every layer of a step passes the same ``doc_ids`` tensor: the gather, host copy and rectangle
+    plan are made once per step, not per layer. All ranks of a group hit or miss together (same
+    model, same calls), so a gather inside ``build`` stays collective. One cache per attention
+    module: nothing is shared between modules or processes.
     """
-    global _last_docs
-    if _last_docs is not None:
-        ref, version, last_key, docs = _last_docs
-        if ref() is doc_ids and version == doc_ids._version and last_key == key:
-            return docs
-    docs = build()
-    _last_docs = (weakref.ref(doc_ids), doc_ids._version, key, docs)
-    return docs
+
+    def __init__(self):
+        self._last = None  # (weakref to doc_ids, its version, plan)
+
+    def get(self, doc_ids, build):
+        if self._last is not None:
+            ref, version, plan = self._last
+            if ref() is doc_ids and version == doc_ids._version:
+                return plan
+        plan = build()
+        self._last = (weakref.ref(doc_ids), doc_ids._version, plan)
+        return plan
 
 
-def _save(ctx, tensors, group, causal, layout, docs):
+def _save(ctx, tensors, attn, causal, docs):
     ctx.save_for_backward(*tensors)
-    ctx.meta = (group, causal, layout, docs)
+    ctx.meta = (attn, causal, docs)
 
 
 def _restore(ctx):
-    """(q, k, v, out, lse, group, causal, layout, docs, world, rank, my chunk ids) saved by forward."""
-    group, causal, layout, docs = ctx.meta
-    _, world, rank = _group_info(group)
-    return (*ctx.saved_tensors, group, causal, layout, docs, world, rank, _chunk_ids(rank, world, layout))
+    """(q, k, v, out, lse, attn, causal, docs) saved by forward."""
+    attn, causal, docs = ctx.meta
+    return (*ctx.saved_tensors, attn, causal, docs)
 
 
 # ----------------------------------------------------------------------------- ring attention
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, group, causal, layout, docs):
-        group, world, rank = _group_info(group)
-        mine = _chunk_ids(rank, world, layout)
+    def forward(ctx, q, k, v, attn, causal, docs):
+        world, rank, layout, mine = attn.world, attn.rank, attn.layout, attn.mine
         kv = torch.stack([k, v]).contiguous()
         out = lse = None
         for step in range(world):
             if step < world - 1:  # the next hop travels while this block computes
                 nxt = torch.empty_like(kv)
-                pending = exchange([(kv, (rank + 1) % world)], [(nxt, (rank - 1) % world)], group)
-            o, l = block_forward(q, kv[0], kv[1], mine, _chunk_ids((rank - step) % world, world, layout), causal, docs)
+                pending = attn.comm.exchange([(kv, (rank + 1) % world)], [(nxt, (rank - 1) % world)], attn.group)
+            o, l = block_forward(q, kv[0], kv[1], mine, _chunk_ids((rank - step) % world, world, layout), causal, docs,
+                                 attn.kernel)
             if out is None:
                 out, lse = o, l
             else:
@@ -288,7 +257,7 @@ class _RingAttention(torch.autograd.Function):
             if step < world - 1:
                 pending.wait()
                 kv = nxt
-        _save(ctx, (q, k, v, out, lse), group, causal, layout, docs)
+        _save(ctx, (q, k, v, out, lse), attn, causal, docs)
         return out.to(q.dtype), lse
 
     @staticmethod
@@ -300,7 +269,9 @@ class _RingAttention(torch.autograd.Function):
         received, added to and sent again; after ``world`` hops it is home). Only the last hop home
         is exposed, which is what ``cp_cost.predict_seconds`` models.
         """
-        q, k, v, out, lse, group, causal, layout, docs, world, rank, mine = _restore(ctx)
+        q, k, v, out, lse, attn, causal, docs = _restore(ctx)
+        world, rank, layout, mine = attn.world, attn.rank, attn.layout, attn.mine
+        exchange, group = attn.comm.exchange, attn.group
         nxt, prv = (rank + 1) % world, (rank - 1) % world
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         kv = torch.stack([k, v]).contiguous()
@@ -311,7 +282,7 @@ class _RingAttention(torch.autograd.Function):
                 kv_pending = exchange([(kv, nxt)], [(next_kv, prv)], group)
             owner = (rank - step) % world
             a, b, c = block_backward(dout, q, kv[0], kv[1], out, lse, mine, _chunk_ids(owner, world, layout),
-                                     causal, docs)
+                                     causal, docs, attn.kernel)
             dq += a
             if incoming is None:
                 acc = torch.stack([b, c]).float()
@@ -329,7 +300,7 @@ class _RingAttention(torch.autograd.Function):
         if world > 1:
             incoming[0].wait()
             acc = incoming[1]
-        return dq.to(q.dtype), acc[0].to(k.dtype), acc[1].to(v.dtype), None, None, None, None
+        return dq.to(q.dtype), acc[0].to(k.dtype), acc[1].to(v.dtype), None, None, None
 
 
 # ----------------------------------------------------------------------------- TokenRing
@@ -359,12 +330,13 @@ def _recv_buffers(packs, have: int, want: int) -> list[torch.Tensor]:
     return bufs
 
 
-def _travel(packs, rank, world, step, causal, layout, group):
+def _travel(packs, attn, step, causal):
     """Post: send the package held at ``step`` to rank-1, receive the one for ``step + 1`` from rank+1.
 
     ``packs`` are (tensor, seq_dim) pairs laid out as the owner's needed chunks at this step.
     Returns (pending, buffers). Only the chunks the receiver needs are sent.
     """
+    rank, world, layout = attn.rank, attn.world, attn.layout
     owner_now = (rank + step) % world
     have = _q_chunks_needed(owner_now, rank, world, causal, layout)
     send_to = (rank - 1) % world
@@ -373,72 +345,69 @@ def _travel(packs, rank, world, step, causal, layout, group):
     recv_chunks = _q_chunks_needed(owner_next, rank, world, causal, layout)
     sends = [(_rows(t, have, send_chunks, dim), send_to) for t, dim in packs]
     bufs = _recv_buffers(packs, len(have), len(recv_chunks))
-    return exchange(sends, [(b, (rank + 1) % world) for b in bufs], group), bufs
+    return attn.comm.exchange(sends, [(b, (rank + 1) % world) for b in bufs], attn.group), bufs
 
 
-def _return_results(results, rank, world, step, causal, layout, group, like):
-    """Send ``results`` (computed at ``step`` for owner rank+step) home; receive mine from rank-step."""
+def _return_results(results, attn, step, causal, like):
+    """Send ``results`` (computed at ``step`` for owner rank+step) home on the return group; receive
+    mine from rank-step."""
+    rank, world, layout = attn.rank, attn.world, attn.layout
     owner = (rank + step) % world
     source = (rank - step) % world
-    mine_all = _chunk_ids(rank, world, layout)
     recv_chunks = _q_chunks_needed(rank, source, world, causal, layout)
-    bufs = _recv_buffers(like, len(mine_all), len(recv_chunks))
-    pending = exchange([(r, owner) for r in results], [(b, source) for b in bufs], group)
+    bufs = _recv_buffers(like, len(attn.mine), len(recv_chunks))
+    pending = attn.comm.exchange([(r, owner) for r in results], [(b, source) for b in bufs], attn.reverse_group)
     return pending, bufs, recv_chunks
 
 
 class _TokenRing(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, group, causal, layout, docs):
-        group, world, rank = _group_info(group)
-        back = _reverse_group(group)
-        mine = _chunk_ids(rank, world, layout)
-        held = [(q, 1)]
-        q_next = _travel(held, rank, world, 0, causal, layout, group) if world > 1 else None
-        out, lse = block_forward(q, k, v, mine, mine, causal, docs)  # step 0: local, overlaps Q's first hop
+    def forward(ctx, q, k, v, attn, causal, docs):
+        world, rank, layout, mine = attn.world, attn.rank, attn.layout, attn.mine
+        q_next = _travel([(q, 1)], attn, 0, causal) if world > 1 else None
+        out, lse = block_forward(q, k, v, mine, mine, causal, docs, attn.kernel)  # step 0 overlaps Q's first hop
         returning = None
         for step in range(1, world):
             pending, [q_cur] = q_next
             pending.wait()
             if step < world - 1:  # prefetch the next Q while this block computes
-                q_next = _travel([(q_cur, 1)], rank, world, step, causal, layout, group)
+                q_next = _travel([(q_cur, 1)], attn, step, causal)
             owner = (rank + step) % world
             q_chunks = _q_chunks_needed(owner, rank, world, causal, layout)
-            o, l = block_forward(q_cur, k, v, q_chunks, mine, causal, docs)
+            o, l = block_forward(q_cur, k, v, q_chunks, mine, causal, docs, attn.kernel)
             if returning is not None:  # results of the previous step, sent one step late
                 _merge_returned(out, lse, returning, mine)
-            returning = _return_results([o, l], rank, world, step, causal, layout, back,
-                                        [(out, 1), (lse, 2)])
+            returning = _return_results([o, l], attn, step, causal, [(out, 1), (lse, 2)])
         if returning is not None:
             _merge_returned(out, lse, returning, mine)
-        _save(ctx, (q, k, v, out, lse), group, causal, layout, docs)
+        _save(ctx, (q, k, v, out, lse), attn, causal, docs)
         return out.to(q.dtype), lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, group, causal, layout, docs, world, rank, mine = _restore(ctx)
-        back = _reverse_group(group)
+        q, k, v, out, lse, attn, causal, docs = _restore(ctx)
+        world, rank, layout, mine = attn.world, attn.rank, attn.layout, attn.mine
         dout = dout.contiguous()
         packs = [(q, 1), (dout.to(q.dtype), 1), (out.to(q.dtype), 1), (lse, 2)]
-        nxt = _travel(packs, rank, world, 0, causal, layout, group) if world > 1 else None
-        dq, dk, dv = block_backward(dout, q, k, v, out, lse, mine, mine, causal, docs)
+        nxt = _travel(packs, attn, 0, causal) if world > 1 else None
+        dq, dk, dv = block_backward(dout, q, k, v, out, lse, mine, mine, causal, docs, attn.kernel)
         returning = None
         for step in range(1, world):
             pending, cur = nxt
             pending.wait()
             if step < world - 1:
-                nxt = _travel([(t, d) for t, (_, d) in zip(cur, packs)], rank, world, step, causal, layout, group)
+                nxt = _travel([(t, d) for t, (_, d) in zip(cur, packs)], attn, step, causal)
             owner = (rank + step) % world
             q_chunks = _q_chunks_needed(owner, rank, world, causal, layout)
-            a, b, c = block_backward(cur[1], cur[0], k, v, cur[2], cur[3], q_chunks, mine, causal, docs)
+            a, b, c = block_backward(cur[1], cur[0], k, v, cur[2], cur[3], q_chunks, mine, causal, docs, attn.kernel)
             dk += b
             dv += c
             if returning is not None:
                 _add_returned(dq, returning, mine)
-            returning = _return_results([a], rank, world, step, causal, layout, back, [(dq, 1)])
+            returning = _return_results([a], attn, step, causal, [(dq, 1)])
         if returning is not None:
             _add_returned(dq, returning, mine)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
 def _merge_returned(out, lse, returning, mine):
@@ -465,120 +434,173 @@ class _AllToAll(torch.autograd.Function):
     """(B, S_l, H, D) sequence-sharded <-> (B, W*S_l, H/W, D) head-sharded; backward is the reverse."""
 
     @staticmethod
-    def forward(ctx, x, group, to_heads: bool):
-        ctx.meta = (group, to_heads)
-        return _all_to_all(x, group, to_heads)
+    def forward(ctx, x, attn, to_heads: bool):
+        ctx.meta = (attn, to_heads)
+        return _all_to_all(x, attn, to_heads)
 
     @staticmethod
     def backward(ctx, grad):
-        group, to_heads = ctx.meta
-        return _all_to_all(grad.contiguous(), group, not to_heads), None, None
+        attn, to_heads = ctx.meta
+        return _all_to_all(grad.contiguous(), attn, not to_heads), None, None
 
 
-def _all_to_all(x, group, to_heads: bool):
-    world = dist.get_world_size(group)
+def _all_to_all(x, attn, to_heads: bool):
+    world = attn.world
     b = x.shape[0]
     if to_heads:
         s, h, d = x.shape[1], x.shape[2], x.shape[3]
         send = x.reshape(b, s, world, h // world, d).permute(2, 0, 1, 3, 4).contiguous()
         recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=group)  # recv[w] = rank w's sequence part, my heads
-        _count_all_to_all(send, world)
+        dist.all_to_all_single(recv, send, group=attn.group)  # recv[w] = rank w's sequence part, my heads
+        _count_all_to_all(attn, send)
         return recv.permute(1, 0, 2, 3, 4).reshape(b, world * s, h // world, d)
     s, h, d = x.shape[1] // world, x.shape[2], x.shape[3]
     send = x.reshape(b, world, s, h, d).permute(1, 0, 2, 3, 4).contiguous()
     recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)  # recv[w] = my sequence part, rank w's heads
-    _count_all_to_all(send, world)
+    dist.all_to_all_single(recv, send, group=attn.group)  # recv[w] = my sequence part, rank w's heads
+    _count_all_to_all(attn, send)
     return recv.permute(1, 2, 0, 3, 4).reshape(b, s, world * h, d)
 
 
-def _count_all_to_all(send, world):
-    account_collective(send.numel() * send.element_size() * (world - 1) // world, world - 1)
+def _count_all_to_all(attn, send):
+    attn.comm.collective(send.numel() * send.element_size() * (attn.world - 1) // attn.world, attn.world - 1)
 
 
 class _LocalAttention(torch.autograd.Function):
     """Full-sequence attention through the same block kernels (returns lse as well)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, chunks, causal, docs):
-        out, lse = block_forward(q, k, v, chunks, chunks, causal, docs)
+    def forward(ctx, q, k, v, chunks, causal, docs, kernel="auto"):
+        out, lse = block_forward(q, k, v, chunks, chunks, causal, docs, kernel)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.meta = (chunks, causal, docs)
+        ctx.meta = (chunks, causal, docs, kernel)
         return out.to(q.dtype), lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        chunks, causal, docs = ctx.meta
-        dq, dk, dv = block_backward(dout.contiguous(), q, k, v, out, lse, chunks, chunks, causal, docs)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        chunks, causal, docs, kernel = ctx.meta
+        dq, dk, dv = block_backward(dout.contiguous(), q, k, v, out, lse, chunks, chunks, causal, docs, kernel)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
-def _ulysses(q, k, v, group, causal, layout, docs, want_lse=True):
-    group, world, rank = _group_info(group)
+def _ulysses(q, k, v, attn, causal, docs, want_lse=True):
+    world, layout = attn.world, attn.layout
     if q.shape[2] % world or k.shape[2] % world:
         raise ValueError(f"ulysses_attention: heads ({q.shape[2]}) and kv_heads ({k.shape[2]}) must be divisible "
                          f"by the group size {world}")
     # After the all-to-all the sequence is in rank order of chunks: (chunks of rank 0, of rank 1, ...).
     order = [c for r in range(world) for c in _chunk_ids(r, world, layout)]
-    qh, kh, vh = (_AllToAll.apply(t, group, True) for t in (q, k, v))
-    out, lse = _LocalAttention.apply(qh, kh, vh, tuple(order), causal, docs)
-    out = _AllToAll.apply(out, group, False)
+    qh, kh, vh = (_AllToAll.apply(t, attn, True) for t in (q, k, v))
+    out, lse = _LocalAttention.apply(qh, kh, vh, tuple(order), causal, docs, attn.kernel)
+    out = _AllToAll.apply(out, attn, False)
     if not want_lse:
         return out, None
-    lse_seq = _all_to_all(lse.transpose(1, 2).unsqueeze(-1).contiguous(), group, False)
+    lse_seq = _all_to_all(lse.transpose(1, 2).unsqueeze(-1).contiguous(), attn, False)
     return out, lse_seq.squeeze(-1).transpose(1, 2)
 
 
 # ----------------------------------------------------------------------------- public API
-def _check(q, k, v, group, layout, world=None):
+def _check(q, k, v, layout, world):
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
         raise ValueError(f"expected q (B, S, H, D) and k, v (B, S, H_kv, D); got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"heads ({q.shape[2]}) must be a multiple of kv_heads ({k.shape[2]})")
-    _chunk_ids(0, 1, layout)
-    if world is None:
-        _, world, _ = _group_info(group)
     n = len(_chunk_ids(0, world, layout))
     if q.shape[1] % n:
         raise ValueError(f"local sequence length {q.shape[1]} must be divisible by {n} for layout {layout!r}")
 
 
-def _run(fn, q, k, v, group, causal, layout, doc_ids, return_lse):
-    _check(q, k, v, group, layout)
-    group, world, _ = _group_info(group)
-    docs = _doc_chunks(doc_ids, group, world, layout)
-    if fn is _ulysses:
-        out, lse = _ulysses(q, k, v, group, causal, layout, docs, return_lse)
-    else:
-        out, lse = fn.apply(q, k, v, group, causal, layout, docs)
-    return (out, lse) if return_lse else out
+IMPLS = ("tokenring", "ring", "ulysses")
 
 
-def local_attention(q, k, v, *, causal=True, doc_ids=None, return_lse=False):
-    """Attention over a whole (unsharded) sequence through the block kernels, on one device.
+class ContextParallelAttention:
+    """Attention over the shards a context-parallel group holds of each sequence.
+
+    One instance per model (per cp group) owns everything the hot path needs, so nothing is
+    module-global: the group, TokenRing's return group, the channel that posts and counts
+    transfers (``comm``; a ``comms.link_sim.SimulatedLink`` in benchmarks), the block kernel
+    (``auto``: chosen per block) and the cache of the current step's document plan.
+
+    ``reverse_group`` (same ranks as ``group``) carries TokenRing's results so the two directions
+    do not queue behind each other (on NCCL: separate communicators, separate streams); without
+    it both directions share ``group``.
+    """
+
+    def __init__(self, impl: str, group=None, *, reverse_group=None, layout: str = "zigzag", comm: P2P | None = None,
+                 kernel: str = "auto"):
+        if impl not in IMPLS:
+            raise ValueError(f"cp_impl: must be one of {', '.join(IMPLS)}, got {impl!r}")
+        _chunk_ids(0, 1, layout)
+        self.kernel = kernels.check_kernel(kernel)
+        self.impl = impl
+        self.group, self.world, self.rank = _group_info(group)
+        self.reverse_group = reverse_group if reverse_group is not None else self.group
+        self.layout = layout
+        self.mine = _chunk_ids(self.rank, self.world, layout)
+        self.comm = comm if comm is not None else P2P()
+        self._plans = _PlanCache()
+
+    def __call__(self, q, k, v, *, causal: bool = True, doc_ids=None, return_lse: bool = False):
+        """This rank's (B, S/W, H, D) output (and lse (B, H, S/W) with ``return_lse``)."""
+        _check(q, k, v, self.layout, self.world)
+        docs = self.document_plan(doc_ids)
+        if self.impl == "ulysses":
+            out, lse = _ulysses(q, k, v, self, causal, docs, return_lse)
+        else:
+            out, lse = {"tokenring": _TokenRing, "ring": _RingAttention}[self.impl].apply(q, k, v, self, causal, docs)
+        return (out, lse) if return_lse else out
+
+    def document_plan(self, doc_ids):
+        """Every chunk's document ids, by global chunk index (one all-gather of a small int tensor per step)."""
+        if doc_ids is None:
+            return None
+
+        def build():
+            full = unshard_sequence(doc_ids, dim=1, group=self.group, layout=self.layout)
+            return _Docs(dict(enumerate(full.chunk(_num_chunks(self.world, self.layout), 1))))
+
+        return self._plans.get(doc_ids, build)
+
+
+class DocumentAttention:
+    """Attention over whole (unsharded) sequences on one device through the block kernels.
 
     With packed documents this is the fast path: one unmasked block per document instead of a
-    dense (S, S) mask whose cross-document work a masked kernel still pays for.
+    dense (S, S) mask whose cross-document work a masked kernel still pays for. Like
+    :class:`ContextParallelAttention` it keeps the current step's document plan (one per instance).
     """
-    _check(q, k, v, None, "contiguous", world=1)
-    docs = _cached_docs(doc_ids, "local", lambda: _Docs({0: doc_ids})) if doc_ids is not None else None
-    out, lse = _LocalAttention.apply(q, k, v, (0,), causal, docs)
-    return (out, lse) if return_lse else out
+
+    def __init__(self, kernel: str = "auto"):
+        self.kernel = kernels.check_kernel(kernel)
+        self._plans = _PlanCache()
+
+    def __call__(self, q, k, v, *, causal: bool = True, doc_ids=None, return_lse: bool = False):
+        _check(q, k, v, "contiguous", 1)
+        docs = self._plans.get(doc_ids, lambda: _Docs({0: doc_ids})) if doc_ids is not None else None
+        out, lse = _LocalAttention.apply(q, k, v, (0,), causal, docs, self.kernel)
+        return (out, lse) if return_lse else out
 
 
-def token_ring_attention(q, k, v, *, group=None, causal=True, layout="zigzag", doc_ids=None, return_lse=False):
-    """TokenRing: Q travels, K/V stay, partial results return to the owner. See the module docstring."""
-    return _run(_TokenRing, q, k, v, group, causal, layout, doc_ids, return_lse)
+def local_attention(q, k, v, *, causal=True, doc_ids=None, return_lse=False, kernel="auto"):
+    """One call of :class:`DocumentAttention` (no plan kept between calls)."""
+    return DocumentAttention(kernel)(q, k, v, causal=causal, doc_ids=doc_ids, return_lse=return_lse)
 
 
-def ring_attention(q, k, v, *, group=None, causal=True, layout="zigzag", doc_ids=None, return_lse=False):
-    """Ring attention: Q stays, K/V travel one hop per step."""
-    return _run(_RingAttention, q, k, v, group, causal, layout, doc_ids, return_lse)
+def _one_call(impl):
+    def attention(q, k, v, *, group=None, causal=True, layout="zigzag", doc_ids=None, return_lse=False,
+                  reverse_group=None, comm=None, kernel="auto"):
+        attn = ContextParallelAttention(impl, group, reverse_group=reverse_group, layout=layout, comm=comm,
+                                        kernel=kernel)
+        return attn(q, k, v, causal=causal, doc_ids=doc_ids, return_lse=return_lse)
+
+    attention.__name__ = f"{impl}_attention"
+    attention.__doc__ = (f"One call of ``ContextParallelAttention({impl!r}, ...)`` (a model keeps one instance "
+                         f"instead, so the document plan is made once per step).")
+    return attention
 
 
-def ulysses_attention(q, k, v, *, group=None, causal=True, layout="zigzag", doc_ids=None, return_lse=False):
-    """Ulysses: all-to-all to head-sharded full sequences and back."""
-    return _run(_ulysses, q, k, v, group, causal, layout, doc_ids, return_lse)
+token_ring_attention = _one_call("tokenring")  # TokenRing: Q travels, K/V stay, partial results return to the owner
+ring_attention = _one_call("ring")  # ring attention: Q stays, K/V travel one hop per step
+ulysses_attention = _one_call("ulysses")  # Ulysses: all-to-all to head-sharded full sequences and back

@@ -5,8 +5,8 @@ micro-batches, backward, clipping and the optimizer/scheduler step. ``averaging_
 how many ranks its gradient reduction averages over; the step path scales the summed loss
 by it so the update is the per-token mean of the global batch (``trainer/loss.py``).
 ``parallel.dp_engine`` picks one: :class:`FSDPEngine` here, ``DeepSpeedEngine`` in
-``deepspeed_engine.py``. A data-parallel sync strategy that acts around the update
-(CO2, Streaming DiLoCo) wraps :meth:`step`.
+``deepspeed_engine.py``. The data-parallel sync strategy (``parallel/dp_sync.py``) acts
+around the update and calls :meth:`step`.
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ torchtitan pattern). Nothing here knows a module name: the model family supplies
 - ``model.layers``: the repeated blocks (a ModuleDict); AC, compile and FSDP act per block;
 - ``model.tp_plan(loss_parallel) -> (plan, block_plan)``: ``parallelize_module`` plans;
 - ``model.fsdp_units() -> [[module, ...], ...]``: groups FSDP shards on their own;
-- ``model.context_parallel``: set here to (attention function, group) for the model's attention.
+- ``model.context_parallel``: set here to the ``ContextParallelAttention`` its attention layers call.
 
 FSDP2 (``fully_shard``) shards over ``dp_shard_cp`` and replicates over ``dp_replicate`` (HSDP).
 """
@@ -32,19 +32,18 @@ def apply_cp(model: nn.Module, dims, cp_mesh, impl: str) -> None:
     TokenRing's second (result) direction needs a group per cp group; creating groups is
     collective over the world, so every rank creates all of them and keeps its own.
     """
-    from loomtrain.parallel import context
+    import torch.distributed as dist
 
+    from loomtrain.parallel.context import ContextParallelAttention
+
+    group, reverse = cp_mesh.get_group(), None
     if impl == "tokenring":
-        import torch.distributed as dist
-
-        mine = dist.get_process_group_ranks(cp_mesh.get_group())
+        mine = dist.get_process_group_ranks(group)
         for ranks in dims.groups("cp"):
-            group = dist.new_group(ranks)
+            created = dist.new_group(ranks)
             if ranks == mine:
-                context.register_reverse_group(cp_mesh.get_group(), group)
-    fn = {"tokenring": context.token_ring_attention, "ring": context.ring_attention,
-          "ulysses": context.ulysses_attention}[impl]
-    model.context_parallel = (fn, cp_mesh.get_group())
+                reverse = created
+    model.context_parallel = ContextParallelAttention(impl, group, reverse_group=reverse)
 
 
 def apply_ac(model: nn.Module) -> None:

@@ -28,39 +28,38 @@ STRATS = ("tokenring", "ring", "ulysses")
 def _bench_rank(rank, world, seq, heads, kv_heads, dim, repeats, gbps, latency_us):
     import torch.distributed as dist
 
-    from loomtrain.comms.p2p import STATS, LinkSimulator, set_link
+    from loomtrain.comms.link_sim import SimulatedLink
+    from loomtrain.comms.p2p import P2P
     from loomtrain.parallel import context as cp
 
     dist.init_process_group("gloo")
     try:
-        cp.init_reverse_group()
+        reverse = dist.new_group(list(range(world)))
         g = torch.Generator().manual_seed(0)
         q = torch.randn(1, seq, heads, dim, generator=g)
         k, v = (torch.randn(1, seq, kv_heads, dim, generator=g) for _ in range(2))
         dout = torch.randn(1, seq, heads, dim, generator=g)
-        if gbps:
-            set_link(LinkSimulator(latency_us * 1e-6, gbps * 1e9 / 8))
-        fns = {"tokenring": cp.token_ring_attention, "ring": cp.ring_attention, "ulysses": cp.ulysses_attention}
         result = {}
-        for name, fn in fns.items():
+        for name in cp.IMPLS:
             if name == "ulysses" and (heads % world or kv_heads % world):
                 continue
+            comm = SimulatedLink(latency_us * 1e-6, gbps * 1e9 / 8) if gbps else P2P()
+            attn = cp.ContextParallelAttention(name, reverse_group=reverse, comm=comm)
             ql, kl, vl = (cp.shard_sequence(t).requires_grad_() for t in (q, k, v))
             dl = cp.shard_sequence(dout)
             times = []
             for i in range(repeats + 1):
                 dist.barrier()
-                STATS.reset()
+                comm.stats.reset()
                 start = time.perf_counter()
-                fn(ql, kl, vl).backward(dl)
+                attn(ql, kl, vl).backward(dl)
                 elapsed = torch.tensor([time.perf_counter() - start])
                 dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # a step waits for the slowest rank
                 if i:  # first run warms up
                     times.append(elapsed.item())
-            result[name] = (statistics.median(times), STATS.bytes)
+            result[name] = (statistics.median(times), comm.stats.bytes)
         return result
     finally:
-        set_link(None)
         dist.destroy_process_group()
 
 

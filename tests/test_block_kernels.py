@@ -14,12 +14,6 @@ from loomtrain.parallel import block_kernels as kernels
 from loomtrain.parallel import context as cp
 
 
-@pytest.fixture(autouse=True)
-def _auto_kernel():
-    yield
-    kernels.set_kernel("auto")
-
-
 @pytest.mark.parametrize("device, dtype, head_dim, masked, flash_attn, expected", [
     ("cpu", torch.float32, 64, False, False, "cpu_flash"),
     ("cpu", torch.bfloat16, 64, True, True, "cpu_flash"),
@@ -37,11 +31,10 @@ def test_choice(monkeypatch, device, dtype, head_dim, masked, flash_attn, expect
 
 
 def test_forced_kernel_serves_only_what_it_can():
-    kernels.set_kernel("sdpa_flash")
-    assert kernels.choose_for("cpu", torch.bfloat16, 64, False) == "sdpa_flash"
-    assert kernels.choose_for("cpu", torch.bfloat16, 64, True) == "cpu_flash"  # no masks: falls back
+    assert kernels.choose_for("cpu", torch.bfloat16, 64, False, "sdpa_flash") == "sdpa_flash"
+    assert kernels.choose_for("cpu", torch.bfloat16, 64, True, "sdpa_flash") == "cpu_flash"  # no masks: falls back
     with pytest.raises(ValueError, match="kernel: must be one of"):
-        kernels.set_kernel("triton")
+        cp.ContextParallelAttention("ring", kernel="triton")
 
 
 def _meta(*shape, dtype):
@@ -53,13 +46,12 @@ def _meta(*shape, dtype):
 @pytest.mark.parametrize("k_chunks", [(0, 3), (1, 2)])
 def test_cuda_kernel_calls_on_meta(kernel, dtype, k_chunks):
     """A zigzag rank's block (chunks 0 and 3 of 4) against a diagonal and a full key block, GQA 8/2."""
-    kernels.set_kernel(kernel)
     b, s, h, hkv, d = 2, 24, 8, 2, 16
     q, dout = _meta(b, s, h, d, dtype=dtype), _meta(b, s, h, d, dtype=dtype)
     k, v = _meta(b, s, hkv, d, dtype=dtype), _meta(b, s, hkv, d, dtype=dtype)
-    out, lse = cp.block_forward(q, k, v, (0, 3), k_chunks, True, None)
+    out, lse = cp.block_forward(q, k, v, (0, 3), k_chunks, True, None, kernel)
     assert (out.shape, out.dtype, lse.shape, lse.dtype) == ((b, s, h, d), torch.float32, (b, h, s), torch.float32)
-    dq, dk, dv = cp.block_backward(dout, q, k, v, out, lse, (0, 3), k_chunks, True, None)
+    dq, dk, dv = cp.block_backward(dout, q, k, v, out, lse, (0, 3), k_chunks, True, None, kernel)
     assert [t.shape for t in (dq, dk, dv)] == [q.shape, k.shape, k.shape]
     assert {t.dtype for t in (dq, dk, dv)} == {torch.float32}
 
@@ -70,10 +62,9 @@ def test_efficient_kernel_with_unaligned_mask_on_meta():
     q, dout = _meta(b, sq, h, d, dtype=torch.float32), _meta(b, sq, h, d, dtype=torch.float32)
     k, v = _meta(b, sk, 2, d, dtype=torch.float32), _meta(b, sk, 2, d, dtype=torch.float32)
     mask = _meta(b, 1, sq, sk, dtype=torch.float32)
-    kernels.set_kernel("sdpa_efficient")
-    out, lse = kernels.forward(q, k, v, False, mask)
+    out, lse = kernels.forward(q, k, v, False, mask, "sdpa_efficient")
     assert (out.shape, lse.shape) == ((b, sq, h, d), (b, h, sq))
-    dq, dk, dv = kernels.backward(dout, q, k, v, out, lse, False, mask)
+    dq, dk, dv = kernels.backward(dout, q, k, v, out, lse, False, mask, "sdpa_efficient")
     assert [t.shape for t in (dq, dk, dv)] == [q.shape, k.shape, k.shape]
 
 

@@ -48,6 +48,7 @@ def test_shipped_configs_load_by_name():
     (["parallel.pp=2", "parallel.pp_split=3,2"], "parallel.pp_split: needs 2 positive counts summing to"),
     (["parallel.pp=2", "train.micro_batch_size=4"], "train.micro_batch_size: with parallel.pp > 1"),
     (["faulttol.inject.kind=boom"], "faulttol.inject.kind: must be one of none, sigkill"),
+    (["parallel.dp_sync=diloco"], "parallel.dp_sync: must be one of every_step"),
     (["faulttol.snapshot.every=2"], "faulttol.snapshot.every: unknown key; did you mean 'every_steps'?"),
 ])
 def test_bad_values_name_the_field(override, message):

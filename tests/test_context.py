@@ -46,13 +46,10 @@ def make_inputs(seed, b, s, h, hkv, d, docs):
 def _check_strategy(rank, strategy, case, kernel="auto"):
     import torch.distributed as dist
 
-    from loomtrain.comms.p2p import STATS
     from loomtrain.parallel import context as cp
 
-    cp.set_kernel(kernel)
     dist.init_process_group("gloo")
     try:
-        cp.init_reverse_group()
         b, s, h, hkv, d, causal, layout, docs = case
         q, k, v, dout, doc_ids = make_inputs(7, b, s, h, hkv, d, docs)
         ref_in = [t.clone().double().requires_grad_() for t in (q, k, v)]
@@ -60,13 +57,14 @@ def _check_strategy(rank, strategy, case, kernel="auto"):
         (ref_out * dout.double()).sum().backward()
         shard = lambda t, dim=1: cp.shard_sequence(t, dim=dim, layout=layout)  # noqa: E731
         ql, kl, vl = (shard(t).clone().requires_grad_() for t in (q, k, v))
-        fn = {"token_ring": cp.token_ring_attention, "ring": cp.ring_attention, "ulysses": cp.ulysses_attention}
-        STATS.reset()
-        out, lse = fn[strategy](ql, kl, vl, causal=causal, layout=layout, return_lse=True,
-                                doc_ids=shard(doc_ids) if doc_ids is not None else None)
-        fwd_msgs = STATS.messages
+        impl = {"token_ring": "tokenring"}.get(strategy, strategy)
+        attn = cp.ContextParallelAttention(impl, layout=layout, kernel=kernel,
+                                           reverse_group=dist.new_group(list(range(dist.get_world_size()))))
+        out, lse = attn(ql, kl, vl, causal=causal, return_lse=True,
+                        doc_ids=shard(doc_ids) if doc_ids is not None else None)
+        fwd_msgs = attn.comm.stats.messages
         out.backward(shard(dout))
-        bwd_msgs = STATS.messages - fwd_msgs
+        bwd_msgs = attn.comm.stats.messages - fwd_msgs
         errors = {
             "out": (out.double() - shard(ref_out)).abs().max().item(),
             "lse": (lse.double() - shard(ref_lse, 2)).abs().max().item(),
@@ -132,16 +130,16 @@ def test_matches_full_attention(world, strategy, case):
 def _forward_bytes(rank, causal):
     import torch.distributed as dist
 
-    from loomtrain.comms.p2p import STATS
+    from loomtrain.comms.p2p import P2P
     from loomtrain.parallel import context as cp
 
     dist.init_process_group("gloo")
     try:
         q, k, v, _, _ = make_inputs(3, 1, 32, 4, 4, 8, 0)
         ql, kl, vl = (cp.shard_sequence(t) for t in (q, k, v))
-        STATS.reset()
-        cp.token_ring_attention(ql, kl, vl, causal=causal)
-        return STATS.bytes
+        comm = P2P()
+        cp.token_ring_attention(ql, kl, vl, causal=causal, comm=comm)
+        return comm.stats.bytes
     finally:
         dist.destroy_process_group()
 
@@ -157,21 +155,19 @@ def test_token_ring_sends_half_of_wrapped_queries():
 def _bytes_by_strategy(rank):
     import torch.distributed as dist
 
-    from loomtrain.comms.p2p import STATS
     from loomtrain.parallel import context as cp
 
     dist.init_process_group("gloo")
     try:
         q, k, v, dout, _ = make_inputs(5, 2, 64, 8, 4, 16, 0)
         res = {}
-        for name, fn in (("tokenring", cp.token_ring_attention), ("ring", cp.ring_attention),
-                         ("ulysses", cp.ulysses_attention)):
+        for name in cp.IMPLS:
+            attn = cp.ContextParallelAttention(name)
             ql, kl, vl = (cp.shard_sequence(t).requires_grad_() for t in (q, k, v))
-            STATS.reset()
-            out = fn(ql, kl, vl)
-            fwd = STATS.bytes
+            out = attn(ql, kl, vl)
+            fwd = attn.comm.stats.bytes
             out.backward(cp.shard_sequence(dout))
-            res[name] = (fwd, STATS.bytes - fwd)
+            res[name] = (fwd, attn.comm.stats.bytes - fwd)
         return res
     finally:
         dist.destroy_process_group()
@@ -217,15 +213,18 @@ def _count_doc_gathers(rank):
     try:
         q, k, v, _, doc_ids = make_inputs(5, 1, 32, 4, 2, 8, 3)
         ql, kl, vl, dl = (cp.shard_sequence(t) for t in (q, k, v, doc_ids))
-        first = cp.ring_attention(ql, kl, vl, doc_ids=dl)
+        ring, tokenring = cp.ContextParallelAttention("ring"), cp.ContextParallelAttention("tokenring")
+        first = ring(ql, kl, vl, doc_ids=dl)
         counts = []
         for _ in range(3):  # the layers of one step: same ids tensor
-            torch.testing.assert_close(cp.token_ring_attention(ql, kl, vl, doc_ids=dl), first)
+            torch.testing.assert_close(ring(ql, kl, vl, doc_ids=dl), first)
         counts.append(len(gathers))
-        cp.ring_attention(ql, kl, vl, doc_ids=dl.clone())  # next step: a new tensor
+        torch.testing.assert_close(tokenring(ql, kl, vl, doc_ids=dl), first)  # another module: its own plan
+        counts.append(len(gathers))
+        ring(ql, kl, vl, doc_ids=dl.clone())  # next step: a new tensor
         counts.append(len(gathers))
         dl.add_(0)  # modified in place: the plan is made again
-        cp.ring_attention(ql, kl, vl, doc_ids=dl)
+        ring(ql, kl, vl, doc_ids=dl)
         counts.append(len(gathers))
         return counts
     finally:
@@ -234,6 +233,41 @@ def _count_doc_gathers(rank):
 
 
 def test_document_plan_is_made_once_per_ids_tensor():
-    """One all-gather (and host copy, and rectangle plan) of the document ids per step, not per layer."""
+    """One all-gather (and host copy, and rectangle plan) of the document ids per step and module, not
+    per layer; each attention module keeps its own plan."""
     for counts in run_ranks(_count_doc_gathers, 2):
-        assert counts == [1, 2, 3]
+        assert counts == [1, 2, 3, 4]
+
+
+def _two_modules(rank):
+    import time
+
+    import torch.distributed as dist
+
+    from loomtrain.comms.link_sim import SimulatedLink
+    from loomtrain.parallel import context as cp
+
+    dist.init_process_group("gloo")
+    try:
+        q, k, v, _, _ = make_inputs(2, 1, 32, 4, 2, 8, 0)
+        ql, kl, vl = (cp.shard_sequence(t) for t in (q, k, v))
+        fast = cp.ContextParallelAttention("ring")
+        slow = cp.ContextParallelAttention("ring", comm=SimulatedLink(latency_s=0.05))
+        timings = []
+        for attn in (fast, slow, fast):
+            dist.barrier()
+            start = time.perf_counter()
+            attn(ql, kl, vl)
+            timings.append(time.perf_counter() - start)
+        return fast.comm.stats.messages, slow.comm.stats.messages, timings
+    finally:
+        dist.destroy_process_group()
+
+
+def test_modules_own_their_channel_and_link():
+    """Two attention modules in one process: each counts only its own transfers, and the simulated link
+    of one (50 ms per batch of transfers) does not slow the other, even after it ran."""
+    for fast_msgs, slow_msgs, (fast1, slow, fast2) in run_ranks(_two_modules, 2):
+        assert (fast_msgs, slow_msgs) == (2, 1)  # ring on 2 ranks: one K/V hop per forward
+        assert slow >= 0.05
+        assert fast2 < 0.05, fast2

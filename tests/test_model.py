@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from loomtrain.parallel.context import local_attention
+from loomtrain.parallel.context import DocumentAttention
 from loomtrain.trainer.attention import attend, document_causal_mask, resolve_backend
 from loomtrain.trainer.model import ModelArgs, Transformer
 
@@ -44,7 +44,8 @@ def test_gqa_attention_matches_explicit_softmax(monkeypatch, doc, per_document):
 
     calls = []
     monkeypatch.setattr(attention, "PER_DOCUMENT_MIN_SEQ", 0 if per_document else 10**9)
-    monkeypatch.setattr(attention, "local_attention", lambda *a, **kw: calls.append(1) or local_attention(*a, **kw))
+    real = DocumentAttention.__call__
+    monkeypatch.setattr(DocumentAttention, "__call__", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     torch.manual_seed(1)
     doc = torch.tensor(doc)
     q, k, v = (torch.randn(2, 9, h, 8, requires_grad=True) for h in (4, 2, 2))

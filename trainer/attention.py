@@ -1,6 +1,6 @@
 """Attention kernels chosen at run time: flash-attn on CUDA when installed, else torch SDPA.
 
-Packed documents without flash-attn go through ``parallel.context.local_attention``: one
+Packed documents without flash-attn go through ``parallel.context.DocumentAttention``: one
 unmasked causal block per document rather than SDPA with a dense document mask.
 
 Inputs are ``(batch, seq, heads, head_dim)`` with ``kv_heads`` dividing ``heads``
@@ -14,7 +14,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from loomtrain.parallel.context import local_attention
+from loomtrain.parallel.context import DocumentAttention
 
 
 @functools.lru_cache(maxsize=None)
@@ -51,11 +51,11 @@ def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
 PER_DOCUMENT_MIN_SEQ = 512
 
 
-def _sdpa(q, k, v, doc_ids):
+def _sdpa(q, k, v, doc_ids, documents):
     if doc_ids is not None and q.shape[1] >= PER_DOCUMENT_MIN_SEQ and not torch.compiler.is_compiling():
         # One unmasked causal block per document (exact; skips all cross-document work, which a
         # dense mask still computes). Compiled graphs keep the dense mask: it traces cleanly.
-        return local_attention(q, k, v, causal=True, doc_ids=doc_ids)
+        return (documents or DocumentAttention())(q, k, v, causal=True, doc_ids=doc_ids)
     rep = q.shape[2] // k.shape[2]
     if rep > 1:
         k = k.repeat_interleave(rep, dim=2)
@@ -92,11 +92,12 @@ def _flash(q, k, v, doc_ids, varlen):  # pragma: no cover - needs CUDA + flash-a
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None,
-           backend: str = "sdpa", context_parallel: tuple | None = None, varlen=None) -> torch.Tensor:
-    """``varlen``: flash-attn document metadata made once per forward (``flash_varlen_metadata``)."""
-    if context_parallel is not None:  # q/k/v are this rank's zigzag shard of the sequence
-        fn, group = context_parallel
-        return fn(q, k, v, group=group, causal=True, layout="zigzag", doc_ids=doc_ids)
+           backend: str = "sdpa", context_parallel=None, varlen=None, documents=None) -> torch.Tensor:
+    """``context_parallel``: the model's ``ContextParallelAttention`` (q/k/v are then this rank's zigzag
+    shard); ``varlen``: flash-attn document metadata and ``documents``: a ``DocumentAttention`` holding
+    the per-document plan, both made once per forward rather than per layer."""
+    if context_parallel is not None:
+        return context_parallel(q, k, v, causal=True, doc_ids=doc_ids)
     if backend == "flash":
         return _flash(q, k, v, doc_ids, varlen)
-    return _sdpa(q, k, v, doc_ids)
+    return _sdpa(q, k, v, doc_ids, documents)

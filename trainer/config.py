@@ -81,6 +81,7 @@ class ParallelConfig:
     dp_engine: str = "fsdp"  # fsdp (FSDP2 over the mesh) | deepspeed (ZeRO; data parallelism only)
     zero_stage: int = 2  # with dp_engine=deepspeed: ZeRO stage 1, 2 or 3
     zero_offload_optimizer: bool = False  # with dp_engine=deepspeed: optimizer state in CPU memory
+    dp_sync: str = "every_step"  # how data-parallel replicas stay in sync: every_step (gradients averaged each step)
 
 
 @dataclass
@@ -192,6 +193,7 @@ CHOICES = {
     "parallel.cp_topology": ("full_mesh", "ring"),
     "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved_1f1b"),
     "parallel.dp_engine": ("fsdp", "deepspeed"),
+    "parallel.dp_sync": ("every_step",),
     "optim.fused": ("auto", "true", "false"),
     "logging.wandb_mode": ("auto", "online", "offline"),
     "faulttol.inject.kind": ("none", "sigkill", "exception", "hang", "smp_kill", "node_loss"),

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from loomtrain.parallel.context import DocumentAttention
 from loomtrain.trainer.attention import attend, flash_varlen_metadata
 
 
@@ -68,8 +69,9 @@ class AttnContext:
     sin: torch.Tensor
     doc_ids: torch.Tensor | None  # (B, S) or None when no row holds more than one document
     backend: str
-    context_parallel: tuple | None = None  # (attention function, process group) when cp > 1
+    context_parallel: object = None  # the model's ContextParallelAttention when cp > 1
     varlen: tuple | None = None  # flash-attn (cu_seqlens, max_len), made once per forward (and reused by recompute)
+    documents: object = None  # a DocumentAttention keeping this forward's per-document plan (one device)
 
 
 def canonical_name(name: str) -> str:
@@ -122,7 +124,7 @@ class Attention(nn.Module):
         k = self.wk(x).view(bsz, seqlen, -1, self.head_dim)
         v = self.wv(x).view(bsz, seqlen, -1, self.head_dim)
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
-        out = attend(q, k, v, ctx.doc_ids, ctx.backend, ctx.context_parallel, ctx.varlen)
+        out = attend(q, k, v, ctx.doc_ids, ctx.backend, ctx.context_parallel, ctx.varlen, ctx.documents)
         return self.wo(out.reshape(bsz, seqlen, -1))
 
 
@@ -164,7 +166,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.attention_backend = "sdpa"
-        self.context_parallel = None  # set by parallel.parallelize.apply_cp
+        self.context_parallel = None  # a ContextParallelAttention, set by parallel.parallelize.apply_cp
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
@@ -271,11 +273,14 @@ class Transformer(nn.Module):
         # (On CUDA this check and the flash metadata are the forward's host syncs: once, not per layer.)
         if doc_ids is not None and self.context_parallel is None and bool((doc_ids[:, -1] == doc_ids[:, 0]).all()):
             doc_ids = None
-        varlen = None
-        if doc_ids is not None and self.attention_backend == "flash" and self.context_parallel is None:
-            varlen = flash_varlen_metadata(doc_ids)
+        varlen = documents = None
+        if doc_ids is not None and self.context_parallel is None:
+            if self.attention_backend == "flash":
+                varlen = flash_varlen_metadata(doc_ids)
+            else:
+                documents = DocumentAttention()  # lives for this forward (and its recompute)
         ctx = AttnContext(self.rope_cos[position_ids], self.rope_sin[position_ids], doc_ids,
-                          self.attention_backend, self.context_parallel, varlen)
+                          self.attention_backend, self.context_parallel, varlen, documents)
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         for block in self.layers.values():
             h = block(h, ctx)

@@ -20,6 +20,7 @@ from loomtrain.faulttol.manager import FaultTolerance
 from loomtrain.launch.env import DistEnv, init_distributed, read_env, shutdown
 from loomtrain.parallel.context import shard_sequence
 from loomtrain.parallel.data_parallel import FSDPEngine
+from loomtrain.parallel.dp_sync import build_sync
 from loomtrain.parallel.parallelize import parallelize_model
 from loomtrain.parallel.pipeline import build_schedule, build_stages
 from loomtrain.trainer.attention import resolve_backend
@@ -151,6 +152,7 @@ class Trainer:
                                      grad_clip=exp.optim.grad_clip, bf16=self.dtype == torch.bfloat16,
                                      device=env.device,
                                      pp_group=self.mesh["pp"].get_group() if self.dims.pp > 1 else None)
+        self.sync = build_sync(par.dp_sync, self.engine)  # what keeps data-parallel replicas in step
         # How a step's micro-batches run: one after another, or through the pipeline schedule.
         if self.dims.pp > 1:
             make = lambda loss_fn: build_schedule(
@@ -230,7 +232,7 @@ class Trainer:
         self.model.train()
         local_sum = self.steps.forward_backward(micro, self.engine.averaging_ranks / max(1, tokens))
         self.ft.before_update()  # an in-flight snapshot must have copied the parameters first
-        grad_norm = self.engine.step()
+        grad_norm = self.sync.step()
         return self._global_mean(local_sum, tokens), grad_norm
 
     @torch.no_grad()
