@@ -17,10 +17,11 @@ setup(
     package_data={"loomtrain.configs": ["*.yaml"]},
     include_package_data=True,
     # torch 2.7: pipeline schedules' scale_grads switch (the per-token loss scales itself); the CI tests 2.13.
-    install_requires=["torch>=2.7", "numpy", "pyyaml", "tqdm"],
+    install_requires=["torch>=2.7", "numpy", "pyyaml", "tqdm", "filelock"],
     extras_require={
         "dev": ["pytest", "pytest-timeout", "deepspeed", "megatron-core", "wandb", "scipy", "tokenizers", "hypothesis",
-                "transformers", "safetensors"],
+                "transformers", "safetensors", "pyarrow"],
+        "data": ["pyarrow", "tokenizers"],  # Parquet corpora (Hugging Face datasets on disk), tokenizer.json
         "gpu": ["flash-attn"],
     },
     entry_points={"console_scripts": ["loomtrain=loomtrain.launch.cli:main"]},

@@ -1,7 +1,10 @@
-"""Corpus readers: yield ``(name, text)`` documents in a deterministic order.
+"""Corpus readers: stream ``(name, text)`` documents in a deterministic order.
 
 The default corpus is the running interpreter's own standard library source: real text
-no one here wrote, present on every machine, with long-tail document lengths.
+no one here wrote, present on every machine, with long-tail document lengths. A corpus is
+also a text file, a folder (files matching ``data.file_glob``), a ``.jsonl`` file (one document
+per line) or a Parquet file or folder (the format Hugging Face datasets are distributed in),
+read by row groups so memory stays flat. JSONL and Parquet take the text from ``data.text_key``.
 """
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ import json
 import os
 import sysconfig
 from typing import Iterator
+
+from loomtrain.errors import ConfigError
 
 
 def stdlib_root() -> str:
@@ -34,37 +39,75 @@ def corpus_files(spec: str, file_glob: str) -> list[str]:
     if os.path.isdir(path):
         files = _walk(path, [p.strip() for p in file_glob.split(",") if p.strip()])
         if not files:
-            raise FileNotFoundError(f"data.corpus: folder '{spec}' holds no files matching data.file_glob ({file_glob})")
+            raise ConfigError(f"data.corpus: folder '{spec}' holds no files matching data.file_glob ({file_glob})")
         return files
     if os.path.isfile(path):
         return [path]
-    raise FileNotFoundError(f"data.corpus: '{spec}' is not 'stdlib', an existing file, or a folder")
+    raise ConfigError(f"data.corpus: '{spec}' is not 'stdlib', an existing file, or a folder")
 
 
-def read_documents(spec: str, file_glob: str = "*.txt", jsonl_key: str = "text",
-                   max_documents: int = 0) -> Iterator[tuple[str, str]]:
-    """Documents of a corpus: one per file, or one per line of a ``.jsonl`` file."""
+def corpus_bytes(spec: str, file_glob: str) -> int:
+    """Bytes on disk of the corpus (for progress and ETA)."""
+    return sum(os.path.getsize(p) for p in corpus_files(spec, file_glob))
+
+
+def _jsonl(path: str, text_key: str) -> Iterator[tuple[str, str, int]]:
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)[text_key]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ConfigError(f"data.text_key: {path}:{lineno} is not a JSON object with key "
+                                  f"'{text_key}'") from None
+            yield f"{path}:{lineno}", str(text), len(line)
+
+
+def _parquet(path: str, text_key: str) -> Iterator[tuple[str, str, int]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ConfigError(f"data.corpus: '{path}' is Parquet, which needs pyarrow (pip install 'loomtrain[data]')") from None
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid / OSError for a damaged file
+        raise ConfigError(f"data.corpus: '{path}' is not a readable Parquet file ({e})") from None
+    if text_key not in pf.schema_arrow.names:
+        raise ConfigError(f"data.text_key: '{path}' has no field '{text_key}' (fields: "
+                          f"{', '.join(pf.schema_arrow.names)})")
+    row = 0
+    size = os.path.getsize(path)
+    total_rows = max(1, pf.metadata.num_rows)
+    for group in range(pf.num_row_groups):
+        texts = pf.read_row_group(group, columns=[text_key]).column(0).to_pylist()
+        for text in texts:
+            row += 1
+            if text:
+                yield f"{path}#{row - 1}", str(text), size // total_rows
+
+
+def _whole_file(path: str) -> Iterator[tuple[str, str, int]]:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    if text:
+        yield path, text, os.path.getsize(path)
+
+
+def read_documents(spec: str, file_glob: str = "*.txt", text_key: str = "text",
+                   max_documents: int = 0, with_bytes: bool = False) -> Iterator[tuple]:
+    """Documents of a corpus as a stream: ``(name, text)``, or ``(name, text, bytes on disk)`` with
+    ``with_bytes`` (what progress counts)."""
     count = 0
     for path in corpus_files(spec, file_glob):
         if path.endswith(".jsonl"):
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        text = json.loads(line)[jsonl_key]
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise ValueError(f"data.corpus: {path}:{lineno} is not a JSON object with key "
-                                         f"'{jsonl_key}' (set data.jsonl_key)") from None
-                    yield f"{path}:{lineno}", str(text)
-                    count += 1
-                    if max_documents and count >= max_documents:
-                        return
-            continue
-        with open(path, encoding="utf-8", errors="replace") as f:
-            text = f.read()
-        if text:
-            yield path, text
+            docs = _jsonl(path, text_key)
+        elif path.endswith(".parquet"):
+            docs = _parquet(path, text_key)
+        else:
+            docs = _whole_file(path)
+        for name, text, nbytes in docs:
+            yield (name, text, nbytes) if with_bytes else (name, text)
             count += 1
             if max_documents and count >= max_documents:
                 return

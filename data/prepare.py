@@ -1,9 +1,17 @@
 """Corpus -> tokenized train/validation IndexedDataset files, cached by what went in.
 
-Each document is stored followed by the tokenizer's end-of-document token, so the
-``.bin`` file *is* the packed token stream and document starts come from the index.
-A document goes to validation by a seeded draw, so the split does not depend on the
-order files are read in.
+Documents are read as a stream, tokenized in ``data.workers`` processes (batches of documents
+in flight, a bounded number at a time, results written in corpus order) and appended to the
+``.bin``/``.idx`` writers, so memory does not grow with the corpus. Each document is stored
+followed by the tokenizer's end-of-document token, so the ``.bin`` file *is* the packed token
+stream and document starts come from the index. A document goes to validation by a seeded
+draw in corpus order (the first document always trains; the last validates if nothing else
+did), so the split does not depend on the number of workers.
+
+One writer per cache: whoever takes the file lock ``<prefix>.lock`` writes, everyone else
+(other ranks, other nodes on a shared filesystem, another job) waits on the lock, not in a
+collective, and then reads. ``<prefix>.json`` is written last and marks the cache complete; a
+writer that dies leaves only ``*.tmp-<pid>*`` files, removed by the next writer.
 """
 from __future__ import annotations
 
@@ -11,24 +19,29 @@ import hashlib
 import json
 import os
 import sys
+import time
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 
-from loomtrain.data.corpus import corpus_files, read_documents
-from loomtrain.data.indexed import token_dtype, write_indexed
+from loomtrain.data.corpus import corpus_bytes, corpus_files, read_documents
+from loomtrain.data.indexed import IndexedTokens, IndexedWriter, token_dtype, write_indexed
 from loomtrain.data.tokenizer import build_tokenizer
+from loomtrain.errors import ConfigError
 from loomtrain.fsutil import atomic_write_text
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+BATCH_CHARS = 1 << 20  # text per tokenizer task
+IN_FLIGHT_PER_WORKER = 2  # tasks queued per worker: bounds memory, keeps workers busy
 
 
 @dataclass
 class PreparedData:
     train_prefix: str
-    valid_prefix: str
+    valid_prefix: str | None
     vocab_size: int
-    eos_id: int
+    eos_id: int | None
     meta: dict
 
 
@@ -43,7 +56,7 @@ def cache_key(data_cfg) -> str:
     if tok != "byte":
         st = os.stat(tok)
         tok = f"{os.path.abspath(tok)}:{st.st_size}:{int(st.st_mtime)}"
-    h.update(f"{tok}|{data_cfg.valid_fraction}|{data_cfg.max_documents}|{data_cfg.jsonl_key}|{FORMAT_VERSION}".encode())
+    h.update(f"{tok}|{data_cfg.valid_fraction}|{data_cfg.max_documents}|{data_cfg.text_key}|{FORMAT_VERSION}".encode())
     return h.hexdigest()[:16]
 
 
@@ -53,59 +66,255 @@ def _corpus_label(spec: str) -> str:
     return os.path.basename(os.path.normpath(spec)).replace(".", "_") or "corpus"
 
 
-def prepare(data_cfg, out_prefix: str | None = None, writer: str = "auto", progress: bool = False) -> PreparedData:
-    """Tokenize the corpus into ``<prefix>_train`` and ``<prefix>_valid`` unless already cached."""
-    if data_cfg.prepared and out_prefix is None:
-        return load_prepared(data_cfg.prepared)
-    if out_prefix is None:
-        cache = os.path.expanduser(data_cfg.cache_dir)
-        out_prefix = os.path.join(cache, f"{_corpus_label(data_cfg.corpus)}-{cache_key(data_cfg)}", "tokens")
-    if os.path.isfile(out_prefix + ".json"):
-        return load_prepared(out_prefix)
+def default_prefix(data_cfg) -> str:
+    cache = os.path.expanduser(data_cfg.cache_dir)
+    return os.path.join(cache, f"{_corpus_label(data_cfg.corpus)}-{cache_key(data_cfg)}", "tokens")
 
+
+def prepare(data_cfg, out_prefix: str | None = None, writer: str = "builtin", progress: bool = False,
+            workers: int | None = None, on_wait=None, need_valid: bool = False) -> PreparedData:
+    """Tokenize the corpus into ``<prefix>_train`` and ``<prefix>_valid`` unless already cached.
+
+    Safe to call from every rank of every node at once: one writes, the rest wait and read.
+    ``on_wait(message)`` is told once when this call waits for another writer.
+    """
+    if data_cfg.prepared and out_prefix is None:
+        return load_prepared(data_cfg, need_valid)
+    out_prefix = out_prefix or default_prefix(data_cfg)
+    if _complete(out_prefix):
+        return _load_ours(out_prefix)
+    from filelock import FileLock, Timeout
+
+    os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
+    lock = FileLock(out_prefix + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        (on_wait or _print_wait)(f"data: another process is writing {out_prefix}; waiting for it (lock "
+                                 f"{out_prefix}.lock)")
+        lock.acquire(poll_interval=0.5)
+    try:
+        if not _complete(out_prefix):  # a writer may have finished while we waited
+            _remove_leftovers(out_prefix)
+            _write(data_cfg, out_prefix, writer, progress, workers or data_cfg.workers or os.cpu_count() or 1)
+    finally:
+        lock.release()
+    return _load_ours(out_prefix)
+
+
+def _print_wait(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _complete(prefix: str) -> bool:
+    """The marker exists and both splits' files match their index (a cache a crash left half-written is not)."""
+    if not os.path.isfile(prefix + ".json"):
+        return False
+    try:
+        with open(prefix + ".json") as f:
+            meta = json.load(f)
+        if meta.get("format_version") != FORMAT_VERSION:
+            return False
+        IndexedTokens(prefix + "_train")
+        IndexedTokens(prefix + "_valid")
+    except (ValueError, OSError):
+        return False
+    return True
+
+
+def _remove_leftovers(prefix: str) -> None:
+    """Files of an earlier writer that died (we hold the lock: no writer is alive)."""
+    folder, base = os.path.split(os.path.abspath(prefix))
+    for name in os.listdir(folder):
+        if name.startswith(base) and (".tmp-" in name or name == base + ".json"):
+            os.unlink(os.path.join(folder, name))
+
+
+# ----------------------------------------------------------------------------- tokenizing
+_TOKENIZER = None
+
+
+def _init_worker(spec: str) -> None:
+    global _TOKENIZER
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _TOKENIZER = build_tokenizer(spec)
+
+
+def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens of every text, each followed by EOS, back to back; their lengths)."""
+    eos = np.asarray([_TOKENIZER.eos_id], dtype=np.int64)
+    parts, lengths = [], np.empty(len(texts), dtype=np.int64)
+    for i, text in enumerate(texts):
+        ids = _TOKENIZER.encode(text)
+        parts.append(ids)
+        parts.append(eos)
+        lengths[i] = len(ids) + 1
+    return (np.concatenate(parts) if parts else np.zeros(0, np.int64)), lengths
+
+
+def _batches(documents, progress_bar):
+    """Lists of texts of about BATCH_CHARS characters, in corpus order."""
+    batch, chars = [], 0
+    for _, text, nbytes in documents:
+        batch.append(text)
+        chars += len(text)
+        if progress_bar is not None:
+            progress_bar.update(nbytes)
+        if chars >= BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def tokenized_batches(documents, tokenizer_spec: str, workers: int, progress_bar=None):
+    """Yield ``(tokens, lengths)`` per batch in corpus order; ``workers`` processes tokenize, at most
+    ``IN_FLIGHT_PER_WORKER`` batches each in flight (Pool.imap would read the whole corpus ahead)."""
+    batches = _batches(documents, progress_bar)
+    if workers <= 1:
+        _init_worker(tokenizer_spec)
+        for texts in batches:
+            yield _encode(texts)
+        return
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_spec,)) as pool:
+        pending = deque()
+        for texts in batches:
+            pending.append(pool.apply_async(_encode, (texts,)))
+            if len(pending) >= workers * IN_FLIGHT_PER_WORKER:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+class _Split:
+    """Routes each document to train or validation by a seeded draw in corpus order."""
+
+    def __init__(self, out_prefix: str, dtype, valid_fraction: float):
+        self.writers = {"train": IndexedWriter(out_prefix + "_train", dtype),
+                        "valid": IndexedWriter(out_prefix + "_valid", dtype)}
+        self.valid_fraction = valid_fraction
+        self.rng = np.random.default_rng(0)
+        self.seen = 0
+        self.pending = None  # the last document, held back: it validates if nothing else did
+
+    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        draws = self.rng.random(len(lengths)) < self.valid_fraction
+        if self.seen == 0 and len(draws):
+            draws[0] = False  # the first document always trains
+        ends = np.cumsum(lengths)
+        starts = ends - lengths
+        for split in ("train", "valid"):
+            sel = np.flatnonzero(draws == (split == "valid"))
+            if len(lengths):  # the batch's last document waits for the next one
+                sel = sel[sel != len(lengths) - 1]
+            if len(sel):
+                self._flush_pending()
+                flat = np.concatenate([tokens[starts[i]:ends[i]] for i in sel])
+                self.writers[split].add_documents(flat, lengths[sel])
+        if len(lengths):
+            self._flush_pending()
+            last = len(lengths) - 1
+            self.pending = (tokens[starts[last]:ends[last]].copy(), bool(draws[last]))
+        self.seen += len(lengths)
+
+    def _flush_pending(self) -> None:
+        if self.pending is not None:
+            toks, valid = self.pending
+            self.writers["valid" if valid else "train"].add_document(toks)
+            self.pending = None
+
+    def finish(self) -> None:
+        if self.pending is not None:
+            toks, valid = self.pending
+            needs_valid = self.valid_fraction > 0 and self.writers["valid"].documents == 0
+            needs_train = self.writers["train"].documents == 0
+            self.writers["valid" if (valid or needs_valid) and not needs_train else "train"].add_document(toks)
+            self.pending = None
+        for w in self.writers.values():
+            w.finalize()
+
+    def abort(self) -> None:
+        for w in self.writers.values():
+            w.abort()
+
+
+def _write(data_cfg, out_prefix: str, writer: str, progress: bool, workers: int) -> None:
     tokenizer = build_tokenizer(data_cfg.tokenizer)
     dtype = token_dtype(tokenizer.vocab_size)
-    docs = list(read_documents(data_cfg.corpus, data_cfg.file_glob, data_cfg.jsonl_key, data_cfg.max_documents))
-    if len(docs) < 2:
-        raise ValueError(f"data.corpus: '{data_cfg.corpus}' holds {len(docs)} document(s); need at least 2")
-    rng = np.random.default_rng(0)
-    is_valid = rng.random(len(docs)) < data_cfg.valid_fraction
-    if data_cfg.valid_fraction > 0 and not is_valid.any():
-        is_valid[-1] = True
-    if is_valid.all():
-        is_valid[0] = False
-    eos = np.asarray([tokenizer.eos_id], dtype=np.int64)
-    stats = {"train": [0, 0], "valid": [0, 0]}
+    documents = read_documents(data_cfg.corpus, data_cfg.file_glob, data_cfg.text_key, data_cfg.max_documents,
+                               with_bytes=True)
+    bar = None
+    if progress:
+        from tqdm import tqdm
 
-    def encoded(split_valid: bool):
-        iterator = [(n, t) for (n, t), v in zip(docs, is_valid) if v == split_valid]
-        if progress:
-            from tqdm import tqdm
-
-            iterator = tqdm(iterator, desc=f"tokenizing {'valid' if split_valid else 'train'}", unit="doc")
-        key = "valid" if split_valid else "train"
-        for _, text in iterator:
-            ids = np.concatenate([tokenizer.encode(text), eos])
-            stats[key][0] += 1
-            stats[key][1] += len(ids)
-            yield ids
-
-    used = write_indexed(out_prefix + "_train", encoded(False), dtype, writer)
-    write_indexed(out_prefix + "_valid", encoded(True), dtype, writer)
+        bar = tqdm(total=corpus_bytes(data_cfg.corpus, data_cfg.file_glob), unit="B", unit_scale=True,
+                   unit_divisor=1024, desc=f"tokenizing ({workers} worker{'s' * (workers > 1)})", smoothing=0.1)
+    start = time.perf_counter()
+    split = _Split(out_prefix, dtype, data_cfg.valid_fraction)
+    try:
+        for tokens, lengths in tokenized_batches(documents, data_cfg.tokenizer, workers, bar):
+            split.add(tokens, lengths)
+        if split.seen < 2:
+            raise ConfigError(f"data.corpus: '{data_cfg.corpus}' holds {split.seen} document(s); need at least 2")
+        split.finish()
+    except BaseException:
+        split.abort()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    train, valid = split.writers["train"], split.writers["valid"]
     meta = {
         "format_version": FORMAT_VERSION, "corpus": data_cfg.corpus, "tokenizer": tokenizer.name,
-        "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "writer": used,
-        "train_documents": stats["train"][0], "train_tokens": stats["train"][1],
-        "valid_documents": stats["valid"][0], "valid_tokens": stats["valid"][1],
+        "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "writer": "builtin", "workers": workers,
+        "train_documents": train.documents, "train_tokens": train.tokens,
+        "valid_documents": valid.documents, "valid_tokens": valid.tokens,
+        "seconds": round(time.perf_counter() - start, 3),
     }
+    if writer == "megatron":  # rewrite both splits through megatron-core's builder (same bytes; tested)
+        for name in ("train", "valid"):
+            data = IndexedTokens(f"{out_prefix}_{name}")
+            write_indexed(f"{out_prefix}_{name}", (np.array(data[i]) for i in range(len(data))), dtype, "megatron")
+        meta["writer"] = "megatron"
     atomic_write_text(out_prefix + ".json", json.dumps(meta, indent=2))  # written last: marks the cache complete
-    return load_prepared(out_prefix)
 
 
-def load_prepared(prefix: str) -> PreparedData:
-    meta_path = prefix + ".json"
-    if not os.path.isfile(meta_path):
-        raise FileNotFoundError(f"data.prepared: '{meta_path}' does not exist (run 'loomtrain data prepare')")
-    with open(meta_path) as f:
+# ----------------------------------------------------------------------------- reading
+def _load_ours(prefix: str) -> PreparedData:
+    with open(prefix + ".json") as f:
         meta = json.load(f)
     return PreparedData(prefix + "_train", prefix + "_valid", meta["vocab_size"], meta["eos_id"], meta)
+
+
+def load_prepared(data_cfg, need_valid: bool = False) -> PreparedData:
+    """``data.prepared``: loomtrain's prefix (``<prefix>.json`` beside ``_train``/``_valid``) or an existing
+    Megatron ``.bin``/``.idx`` pair, read as it is (documents from its ``document_indices``).
+    ``need_valid``: evaluation will run, so a validation split must exist."""
+    prefix = os.path.expanduser(data_cfg.prepared)
+    if os.path.isfile(prefix + ".json"):
+        return _load_ours(prefix)
+    if not (os.path.isfile(prefix + ".idx") or os.path.isfile(prefix + ".bin")):
+        raise ConfigError(f"data.prepared: neither '{prefix}.json' (loomtrain) nor '{prefix}.bin/.idx' (Megatron) "
+                          f"exists (run 'loomtrain data prepare')")
+    train = IndexedTokens(prefix)
+    valid = None
+    if data_cfg.valid_prepared:
+        valid = os.path.expanduser(data_cfg.valid_prepared)
+        IndexedTokens(valid, field="data.valid_prepared")
+    elif need_valid:
+        raise ConfigError(f"data.valid_prepared: '{prefix}' is a Megatron dataset without a validation split; "
+                          f"give one here or set train.eval_every=0")
+    if data_cfg.vocab_size:
+        vocab, eos, source = data_cfg.vocab_size, None, "data.vocab_size"
+    elif data_cfg.tokenizer != "byte":
+        tok = build_tokenizer(data_cfg.tokenizer)
+        vocab, eos, source = tok.vocab_size, tok.eos_id, data_cfg.tokenizer
+    else:
+        raise ConfigError(f"data.vocab_size: '{prefix}' is a Megatron dataset; give its vocabulary size "
+                          f"(data.vocab_size) or its tokenizer.json (data.tokenizer)")
+    meta = {"format": "megatron", "vocab_size": vocab, "vocab_source": source, "eos_id": eos,
+            "train_documents": train.num_documents, "train_tokens": len(train.tokens), "train_sequences": len(train)}
+    return PreparedData(prefix, valid, vocab, eos, meta)

@@ -63,26 +63,32 @@ def build_parser() -> argparse.ArgumentParser:
     dp = dsub.add_parser("prepare", help="tokenize a corpus into Megatron .bin/.idx files")
     _common(dp)
     dp.add_argument("--output", default=None, help="output prefix (default: the cache under data.cache_dir)")
-    dp.add_argument("--writer", choices=("auto", "megatron", "builtin"), default="auto")
+    dp.add_argument("--writer", choices=("builtin", "megatron"), default="builtin",
+                    help="builtin: streaming, byte-identical to megatron-core's builder; megatron: the builder itself")
+    dp.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: data.workers, else cores)")
     return parser
 
 
 def preflight(exp: Experiment, world_size: int, local_world_size: int | None = None) -> None:
     """The experiment's checks (the ones ``train`` and ``plan`` run), then this machine's data paths."""
     from loomtrain.data.corpus import corpus_files
-    from loomtrain.trainer.checks import check_experiment
+    from loomtrain.trainer.checks import check_experiment, check_vocab
 
-    check_experiment(exp, world_size, local_world_size)
-    if exp.data.prepared:
-        if not os.path.isfile(exp.data.prepared + ".json"):
-            raise ConfigError(f"data.prepared: '{exp.data.prepared}.json' does not exist (run 'loomtrain data prepare')")
-    else:
-        try:
-            corpus_files(exp.data.corpus, exp.data.file_glob)
-        except FileNotFoundError as e:
-            raise ConfigError(str(e)) from None
+    dims = check_experiment(exp, world_size, local_world_size)
     if exp.data.tokenizer != "byte" and not os.path.isfile(exp.data.tokenizer):
         raise ConfigError(f"data.tokenizer: '{exp.data.tokenizer}' is neither 'byte' nor an existing tokenizer.json")
+    if exp.data.prepared:
+        from loomtrain.data.prepare import load_prepared
+
+        prepared = load_prepared(exp.data, need_valid=bool(exp.train.eval_every))
+        vocab, source = prepared.vocab_size, prepared.meta.get("vocab_source", exp.data.prepared)
+    else:
+        corpus_files(exp.data.corpus, exp.data.file_glob)
+        from loomtrain.data.tokenizer import build_tokenizer
+
+        vocab, source = build_tokenizer(exp.data.tokenizer).vocab_size, exp.data.tokenizer
+    if exp.model.vocab_size:
+        check_vocab(exp.model.vocab_size, vocab, dims.tp, source)
 
 
 def cmd_train(args) -> int:
@@ -147,8 +153,12 @@ def cmd_data(args) -> int:
     from loomtrain.data.prepare import prepare
 
     exp = load_config(args.config, args.overrides)
-    prepared = prepare(exp.data, out_prefix=args.output, writer=args.writer, progress=True)
+    prepared = prepare(exp.data, out_prefix=args.output, writer=args.writer, progress=True, workers=args.workers)
     m = prepared.meta
+    if prepared.valid_prefix is None or "valid_documents" not in m:
+        print(f"data.prepared is already a Megatron dataset: {m['train_documents']:,} documents, "
+              f"{m['train_tokens']:,} tokens at {prepared.train_prefix}.bin/.idx; nothing to prepare")
+        return 0
     print(f"train: {m['train_documents']:,} documents, {m['train_tokens']:,} tokens -> {prepared.train_prefix}.bin/.idx")
     print(f"valid: {m['valid_documents']:,} documents, {m['valid_tokens']:,} tokens -> {prepared.valid_prefix}.bin/.idx")
     print(f"use it with: --set data.prepared={prepared.train_prefix[:-len('_train')]}")

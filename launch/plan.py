@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 
 from loomtrain.parallel.mesh import ParallelDims
-from loomtrain.trainer.checks import REFERENCE_TFLOPS, check_experiment, cp_attention, micro_layout
+from loomtrain.trainer.checks import REFERENCE_TFLOPS, check_experiment, cp_attention, micro_layout, tokens_per_step
 from loomtrain.trainer.model import ModelArgs
 
 GiB = 1024 ** 3
@@ -98,7 +98,7 @@ def step_estimate(exp, args: ModelArgs, dims: ParallelDims, gpus_per_node: int, 
 
     micro, n_micro = micro_layout(exp, dims)  # under pp: the schedule's microbatches
     s, h, layers = exp.data.seq_len, args.dim, args.n_layers / dims.pp
-    tokens = exp.train.global_batch_size * s
+    tokens = tokens_per_step(exp)
     compute = tokens * args.flops_per_token(s) / (dims.world_size * peak_flops)
     bubble = bubble_fraction(exp.parallel.pp_schedule, dims.pp, n_micro, exp.parallel.pp_virtual_stages)
     act = s / dims.cp * micro * h * e
@@ -140,11 +140,13 @@ def plan(exp, world_size: int, gpus_per_node: int = 8, device_memory_gb: float =
         lines.append(f"{name:<14}{sizes[name]:>6}{world_size // sizes[name]:>8}  (flattened)")
     n = args.num_params()
     fpt = args.flops_per_token(exp.data.seq_len)
-    tokens = exp.train.global_batch_size * exp.data.seq_len
+    tokens = tokens_per_step(exp)
     lines += ["", f"model: {n / 1e9:.3f}B parameters ({args.n_layers} layers, dim {args.dim}, "
                   f"{args.n_heads}/{args.n_kv_heads} heads, ffn {args.ffn_hidden}, vocab {args.vocab_size})",
               f"FLOPs per token: {fpt / 1e9:.2f} GFLOP (6N + causal attention at seq {exp.data.seq_len})",
-              f"batch: {exp.train.global_batch_size} sequences x {exp.data.seq_len} = {tokens:,} tokens/step, "
+              (f"batch: whole documents up to {tokens:,} tokens/step (rows of {exp.data.seq_len}), "
+               if exp.data.batching == "documents" else
+               f"batch: {exp.train.global_batch_size} sequences x {exp.data.seq_len} = {tokens:,} tokens/step, ") +
               f"{fpt * tokens / 1e15:.2f} PFLOP/step", "",
               "per-device memory estimate:"]
     mem = memory_estimate(exp, args, dims, args.vocab_size)

@@ -19,11 +19,14 @@ def _uneven(rank, overrides, truncate):
     from loomtrain.trainer.config import load_config
     from loomtrain.trainer.train import run
 
-    original = loader.TrainBatches.next_step
+    original = loader.TrainBatches.build
+    built = []
 
-    def next_step(self):
+    def build(self, position):
+        built.append(position)
         out = []
-        for j, batch in enumerate(original(self)):
+        micro, nxt = original(self, position)
+        for j, batch in enumerate(micro):
             first = self.dp_rank * self.local_batch + j * self.micro_batch  # global index of its first sequence
             if truncate and (first // self.micro_batch) % 2:
                 batch = {k: v[:, :40] for k, v in batch.items()}
@@ -31,10 +34,11 @@ def _uneven(rank, overrides, truncate):
             for r in range(batch["labels"].shape[0]):
                 batch["labels"][r, :MASKED[(first + r) % len(MASKED)]] = -100
             out.append(batch)
-        return out
+        return out, nxt
 
-    loader.TrainBatches.next_step = next_step
+    loader.TrainBatches.build = build
     result = run(load_config("tiny", overrides))
+    assert built, "the uneven batches were never built: the patch missed the trainer's batch path"
     return result.losses, result.grad_norms, result.checkpoint
 
 
@@ -88,3 +92,31 @@ def test_uneven_tokens_match_single_process(layout, uneven_reference, small_corp
     for name, ref in ref_params.items():
         diff = (params[name].float() - ref.float()).abs().max().item()
         assert diff <= 1e-5 * max(1.0, ref.abs().max().item()), (layout, name, diff)
+
+
+def _documents_run(rank, overrides):
+    from loomtrain.trainer.config import load_config
+    from loomtrain.trainer.train import run
+
+    result = run(load_config("tiny", overrides))
+    return result.losses, result.grad_norms
+
+
+DOCUMENTS = ["data.batching=documents", "train.global_batch_tokens=600", "data.max_doc_tokens=48", "train.steps=3"]
+
+
+@pytest.mark.parametrize("world, extra", [
+    (2, ["parallel.dp_shard=2", "train.micro_batch_size=2"]),
+    (4, ["parallel.cp=2", "parallel.dp_shard=2", "parallel.cp_impl=ring"]),
+])
+def test_whole_document_batches_match_single_process(world, extra, small_corpus, tmp_path):
+    """data.batching=documents: each rank packs its token-balanced share of the step's documents into rows;
+    loss and grad norm equal one process over the same documents (1e-5)."""
+    from conftest import TEST_OVERRIDES
+
+    base = TEST_OVERRIDES + [f"data.prepared={small_corpus}"] + DOCUMENTS
+    [(ref_losses, ref_norms)] = run_ranks(_documents_run, 0, base + [f"train.output_dir={tmp_path / 'one'}"])
+    for losses, norms in run_ranks(_documents_run, world, base + extra + [f"train.output_dir={tmp_path / 'many'}"]):
+        for step in ref_losses:
+            assert losses[step] == pytest.approx(ref_losses[step], rel=1e-5), step
+            assert norms[step] == pytest.approx(ref_norms[step], rel=1e-5), step

@@ -44,6 +44,9 @@ def _check_batch(exp: Experiment, dims: ParallelDims) -> None:
     """The global batch splits over data parallel, micro-batches and pipeline microbatches."""
     from loomtrain.data.loader import batch_layout
 
+    if exp.data.batching == "documents":
+        _check_documents(exp, dims)
+        return
     gbs = exp.train.global_batch_size
     local, _ = batch_layout(gbs, exp.train.micro_batch_size, dims.dp)
     m = pipeline_microbatches(exp)
@@ -52,10 +55,41 @@ def _check_batch(exp: Experiment, dims: ParallelDims) -> None:
                           f"(train.global_batch_size {gbs} / data-parallel {dims.dp})")
 
 
+def _check_documents(exp: Experiment, dims: ParallelDims) -> None:
+    """Whole-document batches: a token budget, pieces that fit a row, a layout with a variable number
+    of micro-batches per step."""
+    d, budget = exp.data, exp.train.global_batch_tokens
+    max_doc = d.max_doc_tokens or d.seq_len
+    if budget <= 0:
+        raise ConfigError("train.global_batch_tokens: data.batching=documents needs a token budget per step (> 0)")
+    if max_doc > d.seq_len:
+        raise ConfigError(f"data.max_doc_tokens: {max_doc} must be <= data.seq_len ({d.seq_len}), the longest row")
+    if budget < max_doc:
+        raise ConfigError(f"train.global_batch_tokens: {budget} must be >= data.max_doc_tokens ({max_doc})")
+    if dims.pp > 1:
+        raise ConfigError("data.batching: documents gives a varying number of rows per step; pipeline schedules "
+                          "need a fixed one (use parallel.pp=1 or batching=windows)")
+    if exp.parallel.dp_engine == "deepspeed":
+        raise ConfigError("data.batching: documents is not available with parallel.dp_engine=deepspeed (its "
+                          "accumulation steps are fixed)")
+
+
+def tokens_per_step(exp: Experiment) -> int:
+    """Tokens of one optimizer step: windows x seq_len, or the documents' token budget."""
+    if exp.data.batching == "documents":
+        return exp.train.global_batch_tokens
+    return exp.train.global_batch_size * exp.data.seq_len
+
+
+def rows_per_step(exp: Experiment) -> int:
+    """Sequences of ``data.seq_len`` per step (documents: the fewest rows the budget packs into)."""
+    return max(1, -(-tokens_per_step(exp) // exp.data.seq_len))
+
+
 def micro_layout(exp: Experiment, dims: ParallelDims) -> tuple[int, int]:
     """(sequences per forward, forwards per step) on one data-parallel rank: pipeline microbatches
     under pp, else ``train.micro_batch_size`` (gradient accumulation) or the whole rank batch."""
-    local = max(1, exp.train.global_batch_size // dims.dp)
+    local = max(1, rows_per_step(exp) // dims.dp)
     if dims.pp > 1:
         n = pipeline_microbatches(exp)
         return max(1, local // n), n
@@ -63,10 +97,11 @@ def micro_layout(exp: Experiment, dims: ParallelDims) -> tuple[int, int]:
     return micro, max(1, local // micro)
 
 
-def check_vocab(vocab_size: int, tokenizer_vocab: int, tp: int) -> None:
+def check_vocab(vocab_size: int, tokenizer_vocab: int, tp: int, source: str = "the tokenizer") -> None:
     """Once the tokenizer is known: the embedding covers it and splits over tensor parallel."""
     if vocab_size < tokenizer_vocab:
-        raise ConfigError(f"model.vocab_size: {vocab_size} is smaller than the tokenizer's {tokenizer_vocab}")
+        raise ConfigError(f"model.vocab_size: {vocab_size} is smaller than the vocabulary of {source} "
+                          f"({tokenizer_vocab})")
     if vocab_size % tp:
         raise ConfigError(f"model.vocab_size: {vocab_size} must be divisible by parallel.tp {tp}")
 

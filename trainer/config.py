@@ -44,15 +44,20 @@ class ModelConfig:
 class DataConfig:
     """Where tokens come from and how they are packed."""
 
-    corpus: str = "stdlib"  # stdlib | a text file | a folder of text files | a .jsonl file
-    jsonl_key: str = "text"  # field holding the document text in JSONL corpora
-    file_glob: str = "*.py,*.txt,*.md,*.rst"  # files read from a folder corpus
+    corpus: str = "stdlib"  # stdlib | a text file | a folder | a .jsonl file | a .parquet file or folder of them
+    text_key: str = "text"  # field holding the document text in JSONL and Parquet corpora
+    file_glob: str = "*.py,*.txt,*.md,*.rst,*.jsonl,*.parquet"  # files read from a folder corpus
     tokenizer: str = "byte"  # byte | path to a Hugging Face tokenizer.json
-    prepared: str = ""  # prefix of prepared .bin/.idx files; empty = prepare into cache_dir
+    prepared: str = ""  # a prepared prefix (loomtrain's, with <prefix>.json) or a Megatron .bin/.idx prefix
+    valid_prepared: str = ""  # with a Megatron data.prepared: the validation .bin/.idx prefix (optional)
+    vocab_size: int = 0  # with a Megatron data.prepared: its vocabulary (0 = data.tokenizer's)
     cache_dir: str = "~/.cache/loomtrain"  # where prepared token files are cached
-    seq_len: int = 256  # tokens per packed training sequence
+    workers: int = 0  # tokenizer processes for preparation; 0 = this machine's cores
+    seq_len: int = 256  # tokens per packed training sequence (batching: windows) / longest row (documents)
     valid_fraction: float = 0.02  # fraction of documents held out for validation
     max_documents: int = 0  # 0 = all documents of the corpus
+    batching: str = "windows"  # windows (fixed seq_len windows) | documents (whole documents up to a token budget)
+    max_doc_tokens: int = 0  # batching=documents: longer documents are cut into pieces of this many; 0 = seq_len
 
 
 @dataclass
@@ -106,7 +111,8 @@ class TrainConfig:
     steps: int = 100
     seed: int = 1234
     global_batch_size: int = 16  # sequences per optimizer step, over all data-parallel ranks
-    micro_batch_size: int = 0  # sequences per rank per forward; 0 = no gradient accumulation
+    micro_batch_size: int = 0  # sequences per rank per forward (rows with data.batching=documents); 0 = all at once
+    global_batch_tokens: int = 0  # data.batching=documents: predicted tokens per optimizer step, all ranks
     microbatches: int = 0  # pipeline microbatches per step (parallel.pp > 1); 0 = 2 * stages
     log_every: int = 1
     eval_every: int = 50  # 0 = never
@@ -194,6 +200,7 @@ CHOICES = {
     "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved_1f1b"),
     "parallel.dp_engine": ("fsdp", "deepspeed"),
     "parallel.dp_sync": ("every_step",),
+    "data.batching": ("windows", "documents"),
     "optim.fused": ("auto", "true", "false"),
     "logging.wandb_mode": ("auto", "online", "offline"),
     "faulttol.inject.kind": ("none", "sigkill", "exception", "hang", "smp_kill", "node_loss"),
@@ -340,7 +347,7 @@ def validate(exp: Experiment) -> None:
     _positive(exp, "model.ffn_hidden", "model.vocab_size", "model.max_seq_len", "train.micro_batch_size",
               "train.eval_every", "train.eval_batches", "train.threads", "parallel.cp_latency_us", "optim.warmup_steps",
               "optim.weight_decay", "optim.grad_clip", "optim.eps", "checkpoint.every_steps",
-              "checkpoint.keep", "data.max_documents", "logging.peak_tflops",
+              "checkpoint.keep", "data.max_documents", "data.workers", "data.vocab_size", "data.max_doc_tokens", "train.global_batch_tokens", "logging.peak_tflops",
               "faulttol.snapshot.every_steps", "faulttol.persist_every_steps", "faulttol.ranks_per_node",
               "faulttol.ec_group_nodes", "faulttol.ec_parity", "faulttol.hang_timeout_s",
               "faulttol.smp_idle_exit_s", "faulttol.inject.rank", "faulttol.inject.step", "train.microbatches",

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from loomtrain.data.loader import PackedDataset, TrainBatches, eval_batches
+from loomtrain.data.loader import PackedDataset, Prefetcher, build_batch_plan, eval_batches
 from loomtrain.data.prepare import prepare
 from loomtrain.faulttol.manager import FaultTolerance
 from loomtrain.launch.env import DistEnv, init_distributed, read_env, shutdown
@@ -25,7 +25,7 @@ from loomtrain.parallel.parallelize import parallelize_model
 from loomtrain.parallel.pipeline import build_schedule, build_stages
 from loomtrain.trainer.attention import resolve_backend
 from loomtrain.trainer.checkpoint import STEP_DIR, Checkpointer, latest_checkpoint, rng_state, set_rng_state
-from loomtrain.trainer.checks import check_experiment, check_vocab, cp_attention
+from loomtrain.trainer.checks import check_experiment, check_vocab, cp_attention, tokens_per_step
 from loomtrain.trainer.config import Experiment, pipeline_microbatches, pipeline_stage_layers, save_config
 from loomtrain.trainer.loss import label_tokens, token_loss_sum
 from loomtrain.trainer.metrics import MetricsSink, detect_peak_flops
@@ -89,22 +89,21 @@ class Trainer:
         self.dp_rank = self.mesh["dp"].get_local_rank()
         self.dtype = DTYPES[exp.model.dtype]
 
-        # Data: node-local rank 0 prepares (or finds cached) token files, the others wait.
-        if env.local_rank == 0:
-            prepared = prepare(exp.data, progress=env.is_main and tcfg.progress)
-        dist.barrier()
-        if env.local_rank != 0:
-            prepared = prepare(exp.data)
+        # Data: every rank asks for the token files; one process writes them under a file lock, the
+        # rest wait on the lock (not in a collective that could time out) and read.
+        prepared = prepare(exp.data, progress=env.is_main and tcfg.progress, on_wait=self._data_wait,
+                           need_valid=bool(tcfg.eval_every))
         self.prepared = prepared
         self.train_data = PackedDataset(prepared.train_prefix, exp.data.seq_len)
         self.valid_data = PackedDataset(prepared.valid_prefix, exp.data.seq_len) if tcfg.eval_every else None
-        self.batches = TrainBatches(self.train_data, tcfg.seed, tcfg.global_batch_size, tcfg.micro_batch_size,
-                                    self.dp_rank, self.dims.dp)
+        self.batches = Prefetcher(build_batch_plan(exp, self.train_data, self.dp_rank, self.dims.dp),
+                                  pin_memory=env.device.type == "cuda")
 
         # Model: identical full init on every rank (seeded), then laid over the mesh.
         self.args = ModelArgs.from_config(exp.model, prepared.vocab_size, exp.data.seq_len)
-        check_vocab(self.args.vocab_size, prepared.vocab_size, self.dims.tp)
-        self.tokens_per_step = tcfg.global_batch_size * exp.data.seq_len
+        check_vocab(self.args.vocab_size, prepared.vocab_size, self.dims.tp,
+                    prepared.meta.get("vocab_source", prepared.meta.get("tokenizer", "the tokenizer")))
+        self.tokens_per_step = tokens_per_step(exp)
         self.flops_per_token = self.args.flops_per_token(exp.data.seq_len)
         if exp.logging.peak_tflops:
             self.peak_flops, self.peak_source = exp.logging.peak_tflops * 1e12, "logging.peak_tflops"
@@ -169,6 +168,10 @@ class Trainer:
         self.ft = FaultTolerance(exp, env, self.dims)
         self._restore(resume)
 
+    def _data_wait(self, message: str) -> None:
+        if self.env.is_main:
+            print(message, file=sys.stderr, flush=True)
+
     def _restore(self, resume: str | None) -> None:
         """Newest of: the in-memory snapshot (after a restart), the disk checkpoint asked for; else step 0."""
         ft = self.ft
@@ -178,7 +181,7 @@ class Trainer:
         if located is not None and located.epoch >= disk_step:
             restored = ft.snapshots.restore(located, self.model, self.optimizer)
             self.scheduler.load_state_dict(restored.host["scheduler"])
-            self.batches.sampler.load_state_dict(restored.host["sampler"])
+            self.batches.load_state_dict(restored.host["sampler"])
             set_rng_state(restored.host["rng"])
             self.step, self.restored_from, self.restore_seconds = restored.step, "memory", restored.seconds
             self.resumed_from = f"memory snapshot of step {restored.step}"
@@ -192,7 +195,7 @@ class Trainer:
         loud = ft.restarted and ft.snapshots is not None
         if path:
             start = time.perf_counter()
-            self.step = self.ckpt.load(path, self.model, self.optimizer, self.scheduler, self.batches.sampler)
+            self.step = self.ckpt.load(path, self.model, self.optimizer, self.scheduler, self.batches)
             self.resumed_from, self.restored_from = path, "disk"
             self.restore_seconds = time.perf_counter() - start
             if loud and self.env.is_main:
@@ -239,7 +242,7 @@ class Trainer:
     def evaluate(self) -> float:
         self.model.eval()
         tcfg = self.exp.train
-        micro = tcfg.micro_batch_size or self.batches.micro_batch
+        micro = tcfg.micro_batch_size or self.batches.micro_batch or 1
         batches = eval_batches(self.valid_data, tcfg.eval_batches, micro, self.dp_rank, self.dims.dp)
         tokens = self._global_tokens(batches)
         total = sum((self.steps.evaluate(b) for b in batches), torch.zeros((), device=self.env.device))
@@ -303,11 +306,11 @@ class Trainer:
                 if self.step < tcfg.steps and (flush or self.ft.persist_due(self.step)
                                                or (every and self.step % every == 0)):
                     result.checkpoint = self.ckpt.save(self.model, self.optimizer, self.scheduler,
-                                                       self.batches.sampler, self.step)
+                                                       self.batches, self.step)
                     stop.flush = False
             if result.stopped_by_signal or exp.checkpoint.at_end:
                 result.checkpoint = self.ckpt.save(self.model, self.optimizer, self.scheduler,
-                                                   self.batches.sampler, self.step)
+                                                   self.batches, self.step)
             self.ckpt.wait()
             if self.ft.snapshots is not None:
                 self.ft.snapshots.wait()
@@ -332,7 +335,7 @@ class Trainer:
 
     def _host_state(self) -> dict:
         """What a snapshot holds besides model and optimizer tensors."""
-        return {"scheduler": self.scheduler.state_dict(), "sampler": self.batches.sampler.state_dict(),
+        return {"scheduler": self.scheduler.state_dict(), "sampler": self.batches.state_dict(),
                 "rng": rng_state()}
 
     def _announce(self) -> None:
@@ -342,12 +345,17 @@ class Trainer:
             par = self.exp.parallel
             cp += (f" (pipeline: {par.pp_schedule}, {par.pp * par.pp_virtual_stages} stages, "
                    f"{pipeline_microbatches(self.exp)} microbatches; this rank: stages {self.stage_ids})")
+        d = self.exp.data
+        if d.batching == "documents":
+            batch = (f"batch: whole documents up to {self.tokens_per_step:,} tokens (pieces of at most "
+                     f"{d.max_doc_tokens or d.seq_len}, rows of {d.seq_len})")
+        else:
+            batch = (f"batch {self.exp.train.global_batch_size} x {d.seq_len} tokens "
+                     f"({self.batches.accumulation_steps} micro-steps/rank)")
         print(f"loomtrain: {self.dims.describe()}{cp} on {self.env.device.type} ({self.env.backend}); "
               f"model {a.num_params() / 1e6:.2f}M params ({a.n_layers} layers, dim {a.dim}, "
               f"{a.n_heads}/{a.n_kv_heads} heads, vocab {a.vocab_size}); "
-              f"batch {self.exp.train.global_batch_size} x {self.exp.data.seq_len} tokens "
-              f"({self.batches.accumulation_steps} micro-steps/rank); "
-              f"data {self.prepared.meta['train_tokens']:,} train tokens; peak {self.peak_flops / 1e12:.3g} "
+              f"{batch}; data {self.prepared.meta['train_tokens']:,} train tokens; peak {self.peak_flops / 1e12:.3g} "
               f"TFLOP/s/device ({self.peak_source})"
               + (f"; resumed from {self.resumed_from} at step {self.step}" if self.resumed_from else "")
               + (f"; snapshots every {self.ft.every} steps to memory, {self.ft.layout.describe()}"
