@@ -51,20 +51,21 @@ def corpus_bytes(spec: str, file_glob: str) -> int:
     return sum(os.path.getsize(p) for p in corpus_files(spec, file_glob))
 
 
+def _json_text(line, where: str, text_key: str) -> str:
+    try:
+        return str(json.loads(line)[text_key])
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        raise ConfigError(f"data.text_key: {where} is not a JSON object with key '{text_key}'") from None
+
+
 def _jsonl(path: str, text_key: str) -> Iterator[tuple[str, str, int]]:
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)[text_key]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ConfigError(f"data.text_key: {path}:{lineno} is not a JSON object with key "
-                                  f"'{text_key}'") from None
-            yield f"{path}:{lineno}", str(text), len(line)
+            if line.strip():
+                yield f"{path}:{lineno}", _json_text(line, f"{path}:{lineno}", text_key), len(line)
 
 
-def _parquet(path: str, text_key: str) -> Iterator[tuple[str, str, int]]:
+def _parquet_file(path: str, text_key: str):
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -76,6 +77,11 @@ def _parquet(path: str, text_key: str) -> Iterator[tuple[str, str, int]]:
     if text_key not in pf.schema_arrow.names:
         raise ConfigError(f"data.text_key: '{path}' has no field '{text_key}' (fields: "
                           f"{', '.join(pf.schema_arrow.names)})")
+    return pf
+
+
+def _parquet(path: str, text_key: str) -> Iterator[tuple[str, str, int]]:
+    pf = _parquet_file(path, text_key)
     row = 0
     size = os.path.getsize(path)
     total_rows = max(1, pf.metadata.num_rows)
@@ -111,3 +117,66 @@ def read_documents(spec: str, file_glob: str = "*.txt", text_key: str = "text",
             count += 1
             if max_documents and count >= max_documents:
                 return
+
+
+# ----------------------------------------------------------------------------- parallel reading
+TASK_BYTES = 4 << 20  # corpus bytes per reading task
+
+
+def read_tasks(spec: str, file_glob: str, text_key: str) -> Iterator[tuple]:
+    """The corpus cut into tasks of about ``TASK_BYTES`` that workers read on their own, in corpus order:
+    ``("files", paths, bytes)``, ``("jsonl", path, start, end)`` (a byte range; a line belongs to the
+    range holding its first byte) or ``("parquet", path, row_group, bytes)``. Parquet schemas are
+    checked here, before any work."""
+    group, size = [], 0
+    for path in corpus_files(spec, file_glob):
+        if path.endswith((".jsonl", ".parquet")):
+            if group:
+                yield ("files", tuple(group), size)
+                group, size = [], 0
+            if path.endswith(".jsonl"):
+                n = os.path.getsize(path)
+                for start in range(0, n, TASK_BYTES):
+                    yield ("jsonl", path, start, min(n, start + TASK_BYTES))
+            else:
+                pf = _parquet_file(path, text_key)
+                total = max(1, pf.metadata.num_rows)
+                for g in range(pf.num_row_groups):
+                    rows = pf.metadata.row_group(g).num_rows
+                    yield ("parquet", path, g, os.path.getsize(path) * rows // total)
+            continue
+        group.append(path)
+        size += os.path.getsize(path)
+        if size >= TASK_BYTES:
+            yield ("files", tuple(group), size)
+            group, size = [], 0
+    if group:
+        yield ("files", tuple(group), size)
+
+
+def task_bytes(task: tuple) -> int:
+    return task[3] - task[2] if task[0] == "jsonl" else task[-1]
+
+
+def task_texts(task: tuple, text_key: str) -> list[str]:
+    """The documents of one task, in order."""
+    kind, path = task[0], task[1]
+    if kind == "files":
+        return [text for p in path for _, text, _ in _whole_file(p)]
+    if kind == "parquet":
+        column = _parquet_file(path, text_key).read_row_group(task[2], columns=[text_key]).column(0)
+        return [str(t) for t in column.to_pylist() if t]
+    start, end = task[2], task[3]
+    texts = []
+    with open(path, "rb") as f:
+        if start:
+            f.seek(start - 1)
+            f.readline()  # the line holding byte start-1 belongs to the previous range
+        while f.tell() < end:
+            at = f.tell()
+            line = f.readline()
+            if not line:
+                break
+            if line.strip():
+                texts.append(_json_text(line, f"{path} at byte {at}", text_key))
+    return texts

@@ -1,8 +1,9 @@
 """Corpus -> tokenized train/validation IndexedDataset files, cached by what went in.
 
-Documents are read as a stream, tokenized in ``data.workers`` processes (batches of documents
-in flight, a bounded number at a time, results written in corpus order) and appended to the
-``.bin``/``.idx`` writers, so memory does not grow with the corpus. Each document is stored
+The corpus is cut into tasks of a few MB (groups of files, byte ranges of a JSONL file, Parquet
+row groups); ``data.workers`` processes each read and tokenize a task (a bounded number in flight,
+results written in corpus order) and the tokens are appended to the ``.bin``/``.idx`` writers, so
+memory does not grow with the corpus and the files do not depend on the worker count. Each document is stored
 followed by the tokenizer's end-of-document token, so the ``.bin`` file *is* the packed token
 stream and document starts come from the index. A document goes to validation by a seeded
 draw in corpus order (the first document always trains; the last validates if nothing else
@@ -25,14 +26,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from loomtrain.data.corpus import corpus_bytes, corpus_files, read_documents
+from loomtrain.data.corpus import corpus_bytes, corpus_files, read_tasks, task_bytes, task_texts
 from loomtrain.data.indexed import IndexedTokens, IndexedWriter, token_dtype, write_indexed
 from loomtrain.data.tokenizer import build_tokenizer
 from loomtrain.errors import ConfigError
 from loomtrain.fsutil import atomic_write_text
 
 FORMAT_VERSION = 2
-BATCH_CHARS = 1 << 20  # text per tokenizer task
 IN_FLIGHT_PER_WORKER = 2  # tasks queued per worker: bounds memory, keeps workers busy
 
 
@@ -131,62 +131,49 @@ def _remove_leftovers(prefix: str) -> None:
 
 
 # ----------------------------------------------------------------------------- tokenizing
-_TOKENIZER = None
+_WORKER = None  # (tokenizer, text_key, token dtype) of this process
 
 
-def _init_worker(spec: str) -> None:
-    global _TOKENIZER
+def _init_worker(spec: str, text_key: str, dtype) -> None:
+    global _WORKER
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _TOKENIZER = build_tokenizer(spec)
+    _WORKER = (build_tokenizer(spec), text_key, np.dtype(dtype))
 
 
-def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens of every text, each followed by EOS, back to back; their lengths)."""
-    eos = np.asarray([_TOKENIZER.eos_id], dtype=np.int64)
-    parts, lengths = [], np.empty(len(texts), dtype=np.int64)
-    for i, text in enumerate(texts):
-        ids = _TOKENIZER.encode(text)
-        parts.append(ids)
-        parts.append(eos)
-        lengths[i] = len(ids) + 1
-    return (np.concatenate(parts) if parts else np.zeros(0, np.int64)), lengths
+def _tokenize_task(task) -> tuple[np.ndarray, np.ndarray]:
+    """Read one corpus task and tokenize it: (tokens of every document, each followed by EOS, back to back,
+    in the file dtype; their lengths). Workers read their own input, so only tokens cross processes."""
+    tokenizer, text_key, dtype = _WORKER
+    eos = np.asarray([tokenizer.eos_id], dtype=dtype)
+    parts, lengths = [], []
+    for text in task_texts(task, text_key):
+        ids = tokenizer.encode(text).astype(dtype)
+        parts += (ids, eos)
+        lengths.append(len(ids) + 1)
+    return (np.concatenate(parts) if parts else np.zeros(0, dtype)), np.asarray(lengths, dtype=np.int64)
 
 
-def _batches(documents, progress_bar):
-    """Lists of texts of about BATCH_CHARS characters, in corpus order."""
-    batch, chars = [], 0
-    for _, text, nbytes in documents:
-        batch.append(text)
-        chars += len(text)
-        if progress_bar is not None:
-            progress_bar.update(nbytes)
-        if chars >= BATCH_CHARS:
-            yield batch
-            batch, chars = [], 0
-    if batch:
-        yield batch
-
-
-def tokenized_batches(documents, tokenizer_spec: str, workers: int, progress_bar=None):
-    """Yield ``(tokens, lengths)`` per batch in corpus order; ``workers`` processes tokenize, at most
-    ``IN_FLIGHT_PER_WORKER`` batches each in flight (Pool.imap would read the whole corpus ahead)."""
-    batches = _batches(documents, progress_bar)
+def tokenized_tasks(tasks, init_args: tuple, workers: int):
+    """Yield ``(task, tokens, lengths)`` in corpus order; ``workers`` processes read and tokenize, at most
+    ``IN_FLIGHT_PER_WORKER`` tasks each in flight (Pool.imap would queue the whole corpus ahead)."""
     if workers <= 1:
-        _init_worker(tokenizer_spec)
-        for texts in batches:
-            yield _encode(texts)
+        _init_worker(*init_args)
+        for task in tasks:
+            yield (task, *_tokenize_task(task))
         return
     import multiprocessing as mp
 
     ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_spec,)) as pool:
+    with ctx.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
         pending = deque()
-        for texts in batches:
-            pending.append(pool.apply_async(_encode, (texts,)))
+        for task in tasks:
+            pending.append((task, pool.apply_async(_tokenize_task, (task,))))
             if len(pending) >= workers * IN_FLIGHT_PER_WORKER:
-                yield pending.popleft().get()
+                task_, result = pending.popleft()
+                yield (task_, *result.get())
         while pending:
-            yield pending.popleft().get()
+            task_, result = pending.popleft()
+            yield (task_, *result.get())
 
 
 class _Split:
@@ -244,8 +231,7 @@ class _Split:
 def _write(data_cfg, out_prefix: str, writer: str, progress: bool, workers: int) -> None:
     tokenizer = build_tokenizer(data_cfg.tokenizer)
     dtype = token_dtype(tokenizer.vocab_size)
-    documents = read_documents(data_cfg.corpus, data_cfg.file_glob, data_cfg.text_key, data_cfg.max_documents,
-                               with_bytes=True)
+    tasks = read_tasks(data_cfg.corpus, data_cfg.file_glob, data_cfg.text_key)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -254,9 +240,17 @@ def _write(data_cfg, out_prefix: str, writer: str, progress: bool, workers: int)
                    unit_divisor=1024, desc=f"tokenizing ({workers} worker{'s' * (workers > 1)})", smoothing=0.1)
     start = time.perf_counter()
     split = _Split(out_prefix, dtype, data_cfg.valid_fraction)
+    limit = data_cfg.max_documents
     try:
-        for tokens, lengths in tokenized_batches(documents, data_cfg.tokenizer, workers, bar):
+        for task, tokens, lengths in tokenized_tasks(tasks, (data_cfg.tokenizer, data_cfg.text_key, dtype), workers):
+            if limit and split.seen + len(lengths) > limit:  # the last task needed, cut to the limit
+                lengths = lengths[:limit - split.seen]
+                tokens = tokens[:int(lengths.sum())]
             split.add(tokens, lengths)
+            if bar is not None:
+                bar.update(task_bytes(task))
+            if limit and split.seen >= limit:
+                break
         if split.seen < 2:
             raise ConfigError(f"data.corpus: '{data_cfg.corpus}' holds {split.seen} document(s); need at least 2")
         split.finish()

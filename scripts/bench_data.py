@@ -10,6 +10,7 @@ Flat memory shows as the same peak for a 10x larger corpus.
 (pieces of at most ``--max-doc-tokens``), over ``--steps`` steps of ``--budget`` tokens.
 
     python scripts/bench_data.py prepare --corpus-mb 200 2000 --workers 1 2
+    python scripts/bench_data.py prepare --corpus-mb 50 --workers 1 2 --tokenizer bpe
     python scripts/bench_data.py lengths --max-doc-tokens 65536 --budget 1048576 --steps 50
 """
 from __future__ import annotations
@@ -49,12 +50,29 @@ def _peak_kib(pid_self=True) -> int:
     return usage.ru_maxrss  # KiB on Linux
 
 
-def _prepare_child(corpus: str, out: str, workers: int, q) -> None:
+def train_bpe(path: str, vocab: int = 8192) -> str:
+    """A byte-level BPE ``tokenizer.json`` trained on the standard library (a realistic tokenizer cost)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from loomtrain.data.corpus import read_documents
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator((t for _, t in read_documents("stdlib", "*.py")), trainer=trainer)
+    tok.save(path)
+    return path
+
+
+def _prepare_child(corpus: str, out: str, workers: int, tokenizer: str, q) -> None:
     from loomtrain.data.prepare import prepare
     from loomtrain.trainer.config import DataConfig
 
     start = time.perf_counter()
-    p = prepare(DataConfig(corpus=corpus, valid_fraction=0.01), out_prefix=out, workers=workers, progress=True)
+    p = prepare(DataConfig(corpus=corpus, valid_fraction=0.01, tokenizer=tokenizer), out_prefix=out,
+                workers=workers, progress=True)
     seconds = time.perf_counter() - start
     q.put({"seconds": seconds, "tokens": p.meta["train_tokens"] + p.meta["valid_tokens"],
            "main_peak_mib": _peak_kib(True) / 1024, "worker_peak_mib": _peak_kib(False) / 1024})
@@ -63,6 +81,7 @@ def _prepare_child(corpus: str, out: str, workers: int, q) -> None:
 def bench_prepare(args) -> None:
     rows = []
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        tokenizer = train_bpe(os.path.join(tmp, "bpe.json")) if args.tokenizer == "bpe" else "byte"
         for mb in args.corpus_mb:
             corpus = os.path.join(tmp, f"corpus{mb}.jsonl")
             size = make_corpus(corpus, mb)
@@ -70,7 +89,7 @@ def bench_prepare(args) -> None:
                 out = os.path.join(tmp, f"out{mb}_{workers}", "tokens")
                 ctx = mp.get_context("fork")
                 q = ctx.Queue()
-                proc = ctx.Process(target=_prepare_child, args=(corpus, out, workers, q))
+                proc = ctx.Process(target=_prepare_child, args=(corpus, out, workers, tokenizer, q))
                 proc.start()
                 res = q.get()
                 proc.join()
@@ -79,7 +98,8 @@ def bench_prepare(args) -> None:
                     os.unlink(os.path.join(os.path.dirname(out), name))
             os.unlink(corpus)
     print(f"\n{os.cpu_count()} cores; JSONL corpus from the Python {sys.version_info.major}."
-          f"{sys.version_info.minor} standard library; byte tokenizer\n")
+          f"{sys.version_info.minor} standard library; "
+          f"{'byte-level BPE (8192, trained on the stdlib)' if args.tokenizer == 'bpe' else 'byte'} tokenizer\n")
     print("| corpus (MB) | workers | seconds | MB/s | tokens | peak RSS main (MiB) | peak RSS per worker (MiB) |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for mb, workers, r in rows:
@@ -116,6 +136,7 @@ def main():
     a = sub.add_parser("prepare")
     a.add_argument("--corpus-mb", type=int, nargs="+", default=[200, 2000])
     a.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    a.add_argument("--tokenizer", choices=("byte", "bpe"), default="byte")
     a.add_argument("--tmp", default=None, help="where the generated corpus goes (default: the system temp dir)")
     b = sub.add_parser("lengths")
     b.add_argument("--corpus", default="stdlib")

@@ -57,15 +57,15 @@ def test_streaming_writer_is_byte_identical_to_megatron_with_sentences(tmp_path)
 def test_prepare_gives_the_same_files_with_1_and_2_workers(tmp_path):
     corpus = _jsonl_corpus(tmp_path / "c.jsonl", 3000)
     cfg = DataConfig(corpus=corpus, valid_fraction=0.1)
-    import loomtrain.data.prepare as prep
+    import loomtrain.data.corpus as corpus_mod
 
-    old = prep.BATCH_CHARS
-    prep.BATCH_CHARS = 4096  # many batches in flight, results must still land in corpus order
+    old = corpus_mod.TASK_BYTES
+    corpus_mod.TASK_BYTES = 4096  # many byte ranges in flight, split mid-line: results must land in corpus order
     try:
         one = prepare(cfg, out_prefix=str(tmp_path / "w1" / "t"), workers=1)
         two = prepare(cfg, out_prefix=str(tmp_path / "w2" / "t"), workers=2)
     finally:
-        prep.BATCH_CHARS = old
+        corpus_mod.TASK_BYTES = old
     assert _files(tmp_path / "w1" / "t") == _files(tmp_path / "w2" / "t")
     assert one.meta["train_documents"] + one.meta["valid_documents"] == 3000
     assert 150 < one.meta["valid_documents"] < 450 and two.meta["workers"] == 2
