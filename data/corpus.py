@@ -154,6 +154,20 @@ def read_tasks(spec: str, file_glob: str, text_key: str) -> Iterator[tuple]:
         yield ("files", tuple(group), size)
 
 
+def check_corpus(spec: str, file_glob: str, text_key: str) -> None:
+    """Fail before any file is written: every Parquet file has the field, every JSONL file's first record
+    has the key (later bad lines still fail, naming the byte offset, and leave nothing behind)."""
+    for path in corpus_files(spec, file_glob):
+        if path.endswith(".parquet"):
+            _parquet_file(path, text_key)
+        elif path.endswith(".jsonl"):
+            with open(path, "rb") as f:
+                for lineno, line in enumerate(f, 1):
+                    if line.strip():
+                        _json_text(line, f"{path}:{lineno}", text_key)
+                        break
+
+
 def task_bytes(task: tuple) -> int:
     return task[3] - task[2] if task[0] == "jsonl" else task[-1]
 

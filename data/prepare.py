@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from loomtrain.data.corpus import corpus_bytes, corpus_files, read_tasks, task_bytes, task_texts
+from loomtrain.data.corpus import check_corpus, corpus_bytes, corpus_files, read_tasks, task_bytes, task_texts
 from loomtrain.data.indexed import IndexedTokens, IndexedWriter, token_dtype, write_indexed
 from loomtrain.data.tokenizer import build_tokenizer
 from loomtrain.errors import ConfigError
@@ -83,6 +83,7 @@ def prepare(data_cfg, out_prefix: str | None = None, writer: str = "builtin", pr
     out_prefix = out_prefix or default_prefix(data_cfg)
     if _complete(out_prefix):
         return _load_ours(out_prefix)
+    check_corpus(data_cfg.corpus, data_cfg.file_glob, data_cfg.text_key)  # bad input: fail before writing anything
     from filelock import FileLock, Timeout
 
     os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)

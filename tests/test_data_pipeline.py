@@ -181,6 +181,18 @@ def test_corrupt_or_missing_index_is_one_line_exit_2(tmp_path, capsys):
     assert not (tmp_path / "run").exists()  # nothing written
 
 
+def test_bad_corpus_record_is_one_line_exit_2_and_nothing_written(tmp_path, capsys):
+    from loomtrain.launch.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"body": "no text field"}) + "\n")
+    out = tmp_path / "out" / "tokens"
+    assert main(["data", "prepare", "--set", f"data.corpus={bad}", "--output", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: data.text_key: {bad}:1 is not a JSON object with key "
+                                                f"'text'")
+    assert not (tmp_path / "out").exists()
+
+
 def test_tokenizer_vocabulary_larger_than_the_model_is_refused(tmp_path, capsys):
     from loomtrain.launch.cli import main
 
@@ -212,7 +224,7 @@ def test_parquet_corpus_streams_row_groups(tmp_path):
     assert _files(tmp_path / "pq" / "t") == _files(tmp_path / "js" / "t")
     with pytest.raises(ConfigError, match=r"data.text_key: '.*train-00000-of-00002.parquet' has no field 'text'"):
         prepare(DataConfig(corpus=str(folder)), out_prefix=str(tmp_path / "bad" / "t"))
-    assert not list((tmp_path / "bad").glob("t_*"))  # nothing written
+    assert not (tmp_path / "bad").exists()  # nothing written
 
 
 # ----------------------------------------------------------------------------- sampling

@@ -20,8 +20,10 @@ def _train(rank, overrides, signal_at, resume):
 
 
 @pytest.mark.parametrize("world, layout", [(0, []), (2, ["parallel.dp_shard=2"]),
-                                           (2, ["parallel.pp=2", "parallel.dp_shard=1"])],
-                         ids=["single", "dp_shard2", "pp2"])
+                                           (2, ["parallel.pp=2", "parallel.dp_shard=1"]),
+                                           (2, ["parallel.dp_shard=2", "data.batching=documents",
+                                                "train.global_batch_tokens=500", "data.max_doc_tokens=40"])],
+                         ids=["single", "dp_shard2", "pp2", "documents_dp2"])
 def test_stop_and_resume_matches_uninterrupted(world, layout, overrides, tmp_path):
     base = overrides + [f"train.steps={STEPS}", "checkpoint.keep=1", "train.log_every=1"] + layout
     full = run_ranks(_train, world, base + [f"train.output_dir={tmp_path / 'full'}"], 0, None)[0][0]
