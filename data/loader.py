@@ -266,7 +266,32 @@ def _pack_rows(lengths: list[int], items: list[int], capacity: int) -> list[list
     return rows
 
 
-class DocumentBatches:
+class DocumentPosition:
+    """The resumable position of a plan over a ``DocumentStream`` (``self.data``, ``seed``, ``budget``)."""
+
+    _position = (0, 0)
+
+    @property
+    def position(self):
+        return self._position
+
+    def advance(self, position) -> None:
+        self._position = tuple(position)
+
+    def state_dict(self) -> dict:
+        return {"documents_started": self._position[0], "piece": self._position[1], "seed": self.seed,
+                "num_documents": self.data.num_documents, "budget": self.budget}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "documents_started" not in state:
+            raise ValueError("checkpoint: its data position is for data.batching=windows, this run uses documents")
+        if int(state["num_documents"]) != self.data.num_documents or int(state["seed"]) != self.seed:
+            raise ValueError(f"checkpoint: data state is for {state['num_documents']} documents / seed "
+                             f"{state['seed']}, this run has {self.data.num_documents} / {self.seed} (different data?)")
+        self._position = (int(state["documents_started"]), int(state["piece"]))
+
+
+class DocumentBatches(DocumentPosition):
     """``documents``: per step, whole documents up to ``global_batch_tokens``; this rank's share packed
     into rows of ``seq_len`` and split into micro-batches of ``micro_batch`` rows (0: one micro-batch).
     Every rank holds the same number of rows (padding rows are unlabelled), so collectives line up."""
@@ -277,11 +302,6 @@ class DocumentBatches:
         self.micro_batch, self.dp_rank, self.dp_size = micro_batch, dp_rank, dp_size
         self.stream = DocumentStream(data, seed, max_doc_tokens)
         self.seed = seed
-        self._position = (0, 0)
-
-    @property
-    def position(self):
-        return self._position
 
     @property
     def accumulation_steps(self) -> int:  # varies per step; the trainer does not rely on it
@@ -322,25 +342,10 @@ class DocumentBatches:
                    for i in range(0, n_rows, micro)]
         return batches, nxt
 
-    def advance(self, position) -> None:
-        self._position = tuple(position)
-
     def next_step(self) -> list[dict[str, torch.Tensor]]:
         micro, nxt = self.build(self._position)
         self.advance(nxt)
         return micro
-
-    def state_dict(self) -> dict:
-        return {"documents_started": self._position[0], "piece": self._position[1], "seed": self.seed,
-                "num_documents": self.data.num_documents, "budget": self.budget}
-
-    def load_state_dict(self, state: dict) -> None:
-        if "documents_started" not in state:
-            raise ValueError("checkpoint: its data position is for data.batching=windows, this run uses documents")
-        if int(state["num_documents"]) != self.data.num_documents or int(state["seed"]) != self.seed:
-            raise ValueError(f"checkpoint: data state is for {state['num_documents']} documents / seed "
-                             f"{state['seed']}, this run has {self.data.num_documents} / {self.seed} (different data?)")
-        self._position = (int(state["documents_started"]), int(state["piece"]))
 
 
 # ----------------------------------------------------------------------------- prefetch

@@ -166,6 +166,9 @@ def plan(exp, world_size: int, gpus_per_node: int = 8, device_memory_gb: float =
               f"context-parallel {est['cp_s']:.3f} s" + (f" ({est['cp_impl']})" if est["cp_impl"] else ""),
               f"  estimated step time {est['step_s']:.3f} s, MFU {100 * est['mfu']:.1f}% "
               "(upper bound: kernels assumed to run at peak)"]
+    if exp.parallel.sp_mode == "adaptive":
+        lines += [""] + adaptive_sample(exp, args, dims.world_size, gpus_per_node, peak, intra_node_gbps,
+                                        inter_node_gbps)
     warnings = []
     if dims.tp > gpus_per_node:
         warnings.append(f"tp={dims.tp} spans nodes ({gpus_per_node} devices per node): tensor-parallel traffic "
@@ -178,3 +181,58 @@ def plan(exp, world_size: int, gpus_per_node: int = 8, device_memory_gb: float =
                         "parallel.pp_schedule=interleaved_1f1b with pp_virtual_stages > 1")
     lines += [""] + [f"warning: {w}" for w in warnings] if warnings else []
     return "\n".join(lines)
+
+
+def adaptive_sample(exp, args: ModelArgs, world: int, gpus_per_node: int, peak: float, intra_gbps: float,
+                    inter_gbps: float) -> list[str]:
+    """A sample step plan of ``sp_mode: adaptive``: synthetic long-tailed lengths (Pareto 1.1 from 512 tokens
+    to data.max_doc_tokens) filling train.global_batch_tokens, planned with the cost model the trainer uses
+    (declared alphas, or ones derived from the peak FLOP/s here: the trainer fits them on the machine)."""
+    import heapq
+    import random
+
+    from loomtrain.parallel.adaptive_sp import plan_groups
+    from loomtrain.parallel.cp_cost import Shape, attention_flops
+    from loomtrain.parallel.sp_cost import SequenceCost
+    from loomtrain.trainer.checks import sp_degrees
+
+    par, d = exp.parallel, exp.data
+    max_doc, capacity = d.max_doc_tokens or d.seq_len, d.seq_len
+    a1 = par.sp_alpha1 or attention_flops(Shape(1, 1024, args.n_heads, args.n_kv_heads, args.head_dim, 1)) \
+        * args.n_layers / 1024 ** 2 / peak
+    a2 = par.sp_alpha2 or 6.0 * args.num_params(embeddings=False) / peak
+    cost = SequenceCost(a1, a2, args.n_heads, args.n_kv_heads, args.head_dim, args.n_layers,
+                        2 if exp.model.dtype == "bfloat16" else 4, intra_gbps * 1e9 / 8, inter_gbps * 1e9 / 8,
+                        par.cp_latency_us * 1e-6, gpus_per_node, par.cp_topology)
+    rng, lengths = random.Random(0), []
+    while sum(lengths) < exp.train.global_batch_tokens:
+        lengths.append(int(min(max_doc, 512 * (1 - rng.random()) ** (-1 / 1.1))))
+    plan = plan_groups(lengths, world, capacity, cost, degrees=sp_degrees(par, world),
+                       ranks_per_node=gpus_per_node if world % gpus_per_node == 0 and gpus_per_node < world else None)
+    out = [f"adaptive sp, sample step ({len(lengths)} synthetic long-tailed sequences, {sum(lengths):,} tokens, "
+           f"longest {max(lengths):,}; {capacity:,} tokens per device):"]
+    by_size = {}
+    for ranks, seqs in plan.groups:
+        longest = max(lengths[i] for i in seqs)
+        by_size.setdefault(len(ranks), []).append((len(seqs), longest, cost.strategy(longest, len(ranks))))
+    for size in sorted(by_size, reverse=True):
+        groups = by_size[size]
+        strategies = sorted({g[2] for g in groups})
+        out.append(f"  {len(groups):>4} group(s) of {size:>4} rank(s): {sum(g[0] for g in groups):>5} sequences, "
+                   f"longest {max(g[1] for g in groups):>8,} tokens, attention {'/'.join(strategies)}")
+    statics = {}
+    for deg in (2 ** k for k in range(20)):
+        if deg > world:
+            break
+        if world % deg or any(-(-L // deg) > capacity for L in lengths):
+            continue
+        heap = [(0.0, g) for g in range(world // deg)]
+        for L in sorted(lengths, reverse=True):
+            load, g = heapq.heappop(heap)
+            heapq.heappush(heap, (load + cost(L, deg), g))
+        statics[deg] = max(h[0] for h in heap)
+    best = min(statics, key=statics.get) if statics else None
+    vs = (f"; best static degree {best}: {statics[best]:.3f} s ({statics[best] / plan.makespan:.2f}x)" if best
+          else "; no static degree holds the longest sequence")
+    out.append(f"  predicted makespan {plan.makespan:.3f} s ({plan.method}){vs}")
+    return out

@@ -65,12 +65,23 @@ def _group_info(group):
 def shard_sequence(x: torch.Tensor, *, dim: int = 1, group=None, layout: str = "zigzag") -> torch.Tensor:
     """This rank's part of the full tensor ``x`` along ``dim``."""
     _, world, rank = _group_info(group)
+    return shard_for(x, rank, world, dim=dim, layout=layout)
+
+
+def shard_for(x: torch.Tensor, rank: int, world: int, *, dim: int = 1, layout: str = "zigzag") -> torch.Tensor:
+    """Group rank ``rank``'s part of ``x`` along ``dim`` on a group of ``world`` (no process group needed:
+    a data loader cuts each rank's part before the step)."""
     n = _num_chunks(world, layout)
     if x.shape[dim] % n:
         raise ValueError(f"sequence length {x.shape[dim]} must be divisible by {n} for layout {layout!r} "
                          f"on {world} ranks")
     parts = x.chunk(n, dim)
     return torch.cat([parts[c] for c in _chunk_ids(rank, world, layout)], dim)
+
+
+def zigzag_multiple(world: int) -> int:
+    """Sequence lengths a group of ``world`` ranks can split (zigzag: 2 chunks per rank)."""
+    return 2 * world if world > 1 else 1
 
 
 def unshard_sequence(x_local: torch.Tensor, *, dim: int = 1, group=None, layout: str = "zigzag") -> torch.Tensor:

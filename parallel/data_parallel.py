@@ -33,7 +33,7 @@ class FSDPEngine:
     """
 
     def __init__(self, model, optimizer, scheduler, dims, *, grad_clip: float, bf16: bool, device,
-                 pp_group=None):
+                 pp_group=None, uneven: bool = False):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.averaging_ranks = dims.dp * dims.cp
         self.grad_clip = grad_clip or float("inf")
@@ -41,6 +41,9 @@ class FSDPEngine:
         self.autocast = bf16 and not self.fsdp
         self.device = device
         self.pp_group = pp_group  # gradients norms add up over pipeline stages
+        # Ranks run different numbers of micro-batches (adaptive sp): parameters stay gathered until the last
+        # backward of the step, which alone reduces gradients, so every rank makes the same collectives.
+        self.uneven = uneven and self.fsdp
 
     def precision(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
@@ -49,6 +52,8 @@ class FSDPEngine:
         """Context for one micro-batch's backward: reduce gradients only on the step's last one."""
         if self.fsdp:
             self.model.set_requires_gradient_sync(last)
+            if self.uneven:
+                self.model.set_reshard_after_backward(last)
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:

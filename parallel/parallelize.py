@@ -60,30 +60,32 @@ def apply_compile(model: nn.Module) -> None:
         block.compile()
 
 
-def apply_fsdp(model: nn.Module, dp_mesh, param_dtype: torch.dtype, pipeline: bool = False) -> None:
+def apply_fsdp(model: nn.Module, dp_mesh, param_dtype: torch.dtype, keep_gathered: bool = False) -> None:
     """Each block, each of the model's ``fsdp_units`` and then the root are FSDP units.
 
     Parameters are resharded after forward (gathered again for backward) except where that
     buys nothing: the last block and the final unit, which backward needs at once, and
-    everything under pipeline parallelism, whose schedule would re-gather each unit for
-    every microbatch (torchtitan's choice too).
+    everything with ``keep_gathered``: under pipeline parallelism, whose schedule would re-gather each
+    unit for every microbatch (torchtitan's choice too), and under adaptive sequence parallelism,
+    whose ranks run different numbers of micro-batches (one gather per step keeps collectives aligned).
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     blocks = list(model.layers.values())
     for i, block in enumerate(blocks):
-        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=not pipeline and i < len(blocks) - 1)
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=not keep_gathered and i < len(blocks) - 1)
     units = model.fsdp_units()
     for j, unit in enumerate(units):
-        fully_shard(unit, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=not pipeline and j < len(units) - 1)
+        fully_shard(unit, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=not keep_gathered and j < len(units) - 1)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)
 
 
 def parallelize_model(model: nn.Module, dims, mesh, *, loss_parallel: bool, activation_checkpoint: str,
                       compile: bool, param_dtype: torch.dtype, cp_impl: str = "tokenring", fsdp: bool = True,
-                      pipeline: bool = False) -> None:
-    """``fsdp=False`` leaves data parallelism to another engine (DeepSpeed); ``pipeline``: this is a stage."""
+                      keep_gathered: bool = False) -> None:
+    """``fsdp=False`` leaves data parallelism to another engine (DeepSpeed); ``keep_gathered``: FSDP units stay
+    gathered from the first forward to the step's last backward (pipeline stages, adaptive sp)."""
     if dims.tp > 1:
         apply_tp(model, mesh["tp"], loss_parallel)
     if dims.cp > 1:
@@ -94,4 +96,4 @@ def parallelize_model(model: nn.Module, dims, mesh, *, loss_parallel: bool, acti
         apply_compile(model)
     if dims.fsdp_enabled and fsdp:
         dp_mesh = mesh["dp_replicate", "dp_shard_cp"] if dims.dp_replicate > 1 else mesh["dp_shard_cp"]
-        apply_fsdp(model, dp_mesh, param_dtype, pipeline)
+        apply_fsdp(model, dp_mesh, param_dtype, keep_gathered)

@@ -22,7 +22,8 @@ def test_defaults_file_and_cli_precedence(tmp_path):
 
 
 def test_shipped_configs_load_by_name():
-    for name in ("tiny", "cpu_tp2_dp2", "cpu_long_cp2", "llama8b_64k_cluster"):
+    for name in ("tiny", "cpu_tp2_dp2", "cpu_long_cp2", "llama8b_64k_cluster", "cpu_adaptive_sp",
+                 "llama8b_512k_adaptive_cluster"):
         load_config(name)
 
 

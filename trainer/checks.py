@@ -47,6 +47,8 @@ def _check_batch(exp: Experiment, dims: ParallelDims) -> None:
     if exp.data.batching == "documents":
         _check_documents(exp, dims)
         return
+    if exp.parallel.sp_mode == "adaptive":
+        raise ConfigError("parallel.sp_mode: adaptive plans whole documents; set data.batching=documents")
     gbs = exp.train.global_batch_size
     local, _ = batch_layout(gbs, exp.train.micro_batch_size, dims.dp)
     m = pipeline_microbatches(exp)
@@ -58,11 +60,13 @@ def _check_batch(exp: Experiment, dims: ParallelDims) -> None:
 def _check_documents(exp: Experiment, dims: ParallelDims) -> None:
     """Whole-document batches: a token budget, pieces that fit a row, a layout with a variable number
     of micro-batches per step."""
-    d, budget = exp.data, exp.train.global_batch_tokens
+    d, budget, par = exp.data, exp.train.global_batch_tokens, exp.parallel
     max_doc = d.max_doc_tokens or d.seq_len
     if budget <= 0:
         raise ConfigError("train.global_batch_tokens: data.batching=documents needs a token budget per step (> 0)")
-    if max_doc > d.seq_len:
+    if par.sp_mode == "adaptive":
+        _check_adaptive(exp, dims, max_doc)
+    elif max_doc > d.seq_len:
         raise ConfigError(f"data.max_doc_tokens: {max_doc} must be <= data.seq_len ({d.seq_len}), the longest row")
     if budget < max_doc:
         raise ConfigError(f"train.global_batch_tokens: {budget} must be >= data.max_doc_tokens ({max_doc})")
@@ -72,6 +76,34 @@ def _check_documents(exp: Experiment, dims: ParallelDims) -> None:
     if exp.parallel.dp_engine == "deepspeed":
         raise ConfigError("data.batching: documents is not available with parallel.dp_engine=deepspeed (its "
                           "accumulation steps are fixed)")
+
+
+def sp_degrees(par, world: int) -> list[int] | None:
+    """``parallel.sp_degrees`` as a list (None: any size), or ConfigError."""
+    if not par.sp_degrees.strip():
+        return None
+    try:
+        ds = sorted({int(x) for x in par.sp_degrees.split(",") if x.strip()})
+    except ValueError:
+        raise ConfigError(f"parallel.sp_degrees: expected group sizes like '1,2,4', got {par.sp_degrees!r}") from None
+    if not ds or ds[0] < 1 or ds[-1] > world:
+        raise ConfigError(f"parallel.sp_degrees: sizes must be in 1..{world} (the pool), got {par.sp_degrees!r}")
+    return ds
+
+
+def _check_adaptive(exp: Experiment, dims: ParallelDims, max_doc: int) -> None:
+    """Adaptive sequence parallelism: every rank is one data x context pool (FSDP over all of it)."""
+    par, d = exp.parallel, exp.data
+    others = [f"parallel.{k}={getattr(dims, k)}" for k in ("tp", "pp", "cp", "dp_replicate") if getattr(dims, k) > 1]
+    if others:
+        raise ConfigError(f"parallel.sp_mode: adaptive makes every rank one data x context pool (groups are chosen "
+                          f"per step); set {', '.join(others)} to 1")
+    if par.dp_engine != "fsdp":
+        raise ConfigError("parallel.sp_mode: adaptive needs parallel.dp_engine=fsdp")
+    ds = sp_degrees(par, dims.world_size) or [dims.world_size]
+    if max_doc > d.seq_len * max(ds):
+        raise ConfigError(f"data.max_doc_tokens: {max_doc} does not fit the largest group ({max(ds)} ranks x "
+                          f"data.seq_len {d.seq_len} tokens per rank)")
 
 
 def tokens_per_step(exp: Experiment) -> int:

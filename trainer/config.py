@@ -87,6 +87,11 @@ class ParallelConfig:
     zero_stage: int = 2  # with dp_engine=deepspeed: ZeRO stage 1, 2 or 3
     zero_offload_optimizer: bool = False  # with dp_engine=deepspeed: optimizer state in CPU memory
     dp_sync: str = "every_step"  # how data-parallel replicas stay in sync: every_step (gradients averaged each step)
+    sp_mode: str = "static"  # static (the cp degree above) | adaptive (every step: groups sized to its sequences)
+    sp_degrees: str = ""  # adaptive: allowed group sizes, e.g. "1,2,4,8"; empty = any size
+    sp_alpha1: float = 0.0  # adaptive cost model: attention s^2 coefficient; 0 = fit from a calibration run
+    sp_alpha2: float = 0.0  # adaptive cost model: per-token coefficient; 0 = fit from a calibration run
+    sp_inter_node_gbps: float = 25.0  # adaptive cost model: bandwidth of groups that span nodes (cp_link_gbps inside)
 
 
 @dataclass
@@ -201,6 +206,7 @@ CHOICES = {
     "parallel.dp_engine": ("fsdp", "deepspeed"),
     "parallel.dp_sync": ("every_step",),
     "data.batching": ("windows", "documents"),
+    "parallel.sp_mode": ("static", "adaptive"),
     "optim.fused": ("auto", "true", "false"),
     "logging.wandb_mode": ("auto", "online", "offline"),
     "faulttol.inject.kind": ("none", "sigkill", "exception", "hang", "smp_kill", "node_loss"),
@@ -347,7 +353,8 @@ def validate(exp: Experiment) -> None:
     _positive(exp, "model.ffn_hidden", "model.vocab_size", "model.max_seq_len", "train.micro_batch_size",
               "train.eval_every", "train.eval_batches", "train.threads", "parallel.cp_latency_us", "optim.warmup_steps",
               "optim.weight_decay", "optim.grad_clip", "optim.eps", "checkpoint.every_steps",
-              "checkpoint.keep", "data.max_documents", "data.workers", "data.vocab_size", "data.max_doc_tokens", "train.global_batch_tokens", "logging.peak_tflops",
+              "checkpoint.keep", "data.max_documents", "data.workers", "data.vocab_size", "data.max_doc_tokens", "train.global_batch_tokens",
+              "parallel.sp_alpha1", "parallel.sp_alpha2", "parallel.sp_inter_node_gbps", "logging.peak_tflops",
               "faulttol.snapshot.every_steps", "faulttol.persist_every_steps", "faulttol.ranks_per_node",
               "faulttol.ec_group_nodes", "faulttol.ec_parity", "faulttol.hang_timeout_s",
               "faulttol.smp_idle_exit_s", "faulttol.inject.rank", "faulttol.inject.step", "train.microbatches",

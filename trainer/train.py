@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from loomtrain.data.loader import PackedDataset, Prefetcher, build_batch_plan, eval_batches
+from loomtrain.data.loader import PackedDataset, Prefetcher, eval_batches
 from loomtrain.data.prepare import prepare
 from loomtrain.faulttol.manager import FaultTolerance
 from loomtrain.launch.env import DistEnv, init_distributed, read_env, shutdown
-from loomtrain.parallel.context import shard_sequence
 from loomtrain.parallel.data_parallel import FSDPEngine
 from loomtrain.parallel.dp_sync import build_sync
+from loomtrain.parallel.hybrid_dp import longest_sequence, sequence_parallel
 from loomtrain.parallel.parallelize import parallelize_model
 from loomtrain.parallel.pipeline import build_schedule, build_stages
 from loomtrain.trainer.attention import resolve_backend
@@ -96,13 +96,15 @@ class Trainer:
         self.prepared = prepared
         self.train_data = PackedDataset(prepared.train_prefix, exp.data.seq_len)
         self.valid_data = PackedDataset(prepared.valid_prefix, exp.data.seq_len) if tcfg.eval_every else None
-        self.batches = Prefetcher(build_batch_plan(exp, self.train_data, self.dp_rank, self.dims.dp),
-                                  pin_memory=env.device.type == "cuda")
 
         # Model: identical full init on every rank (seeded), then laid over the mesh.
-        self.args = ModelArgs.from_config(exp.model, prepared.vocab_size, exp.data.seq_len)
+        self.args = ModelArgs.from_config(exp.model, prepared.vocab_size, longest_sequence(exp, env.world_size))
         check_vocab(self.args.vocab_size, prepared.vocab_size, self.dims.tp,
                     prepared.meta.get("vocab_source", prepared.meta.get("tokenizer", "the tokenizer")))
+        # Sequence parallelism (static cp, or adaptive groups per step) and the batch plan that feeds it.
+        self.sp, plan = sequence_parallel(exp, self.args, self.dims, self.mesh, self.train_data, self.dp_rank,
+                                          env.device, env.local_world_size)
+        self.batches = Prefetcher(plan, pin_memory=env.device.type == "cuda")
         self.tokens_per_step = tokens_per_step(exp)
         self.flops_per_token = self.args.flops_per_token(exp.data.seq_len)
         if exp.logging.peak_tflops:
@@ -128,7 +130,7 @@ class Trainer:
             parallelize_model(part, self.dims, self.mesh, loss_parallel=self.loss_parallel,
                               activation_checkpoint=par.activation_checkpoint, compile=par.compile,
                               param_dtype=self.dtype, cp_impl=self.cp_impl, fsdp=par.dp_engine == "fsdp",
-                              pipeline=self.dims.pp > 1)
+                              keep_gathered=self.dims.pp > 1 or par.sp_mode == "adaptive")
         for part in parts:
             part.to_empty(device=env.device)
             part.init_weights(tcfg.seed)
@@ -150,7 +152,8 @@ class Trainer:
             self.engine = FSDPEngine(self.model, self.optimizer, self.scheduler, self.dims,
                                      grad_clip=exp.optim.grad_clip, bf16=self.dtype == torch.bfloat16,
                                      device=env.device,
-                                     pp_group=self.mesh["pp"].get_group() if self.dims.pp > 1 else None)
+                                     pp_group=self.mesh["pp"].get_group() if self.dims.pp > 1 else None,
+                                     uneven=par.sp_mode == "adaptive")
         self.sync = build_sync(par.dp_sync, self.engine)  # what keeps data-parallel replicas in step
         # How a step's micro-batches run: one after another, or through the pipeline schedule.
         if self.dims.pp > 1:
@@ -208,11 +211,9 @@ class Trainer:
     # ------------------------------------------------------------------ steps
     def _forward_loss_sum(self, batch: dict) -> torch.Tensor:
         """This rank's summed token loss over one (host) micro-batch."""
+        batch = self.sp.prepare(self.model, batch)  # this rank's part of the tokens, and its attention
         batch = {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
-        if self.dims.cp > 1:  # this cp rank's zigzag part of every sequence (tokens, labels, positions, docs)
-            group = self.mesh["cp"].get_group()
-            batch = {k: shard_sequence(v, dim=1, group=group) for k, v in batch.items()}
-        logits = self.model(batch["input_ids"], batch["position_ids"], batch["doc_ids"])
+        logits = self.model(batch["input_ids"], batch["position_ids"], batch.get("doc_ids"))
         return token_loss_sum(logits, batch["labels"])
 
     def _global_tokens(self, batches: list[dict]) -> int:
@@ -231,6 +232,7 @@ class Trainer:
     def train_step(self) -> tuple[float, float]:
         """One optimizer step: (per-token mean loss over the global batch, gradient norm)."""
         micro = self.batches.next_step()
+        self.sp.begin_step(micro)  # adaptive sp: process groups for rank sets this plan uses first
         tokens = self._global_tokens(micro)
         self.model.train()
         local_sum = self.steps.forward_backward(micro, self.engine.averaging_ranks / max(1, tokens))
@@ -348,7 +350,9 @@ class Trainer:
         d = self.exp.data
         if d.batching == "documents":
             batch = (f"batch: whole documents up to {self.tokens_per_step:,} tokens (pieces of at most "
-                     f"{d.max_doc_tokens or d.seq_len}, rows of {d.seq_len})")
+                     f"{d.max_doc_tokens or d.seq_len}, " + (f"adaptive sp groups, {d.seq_len} tokens per rank)"
+                                                              if self.exp.parallel.sp_mode == "adaptive" else
+                                                              f"rows of {d.seq_len})"))
         else:
             batch = (f"batch {self.exp.train.global_batch_size} x {d.seq_len} tokens "
                      f"({self.batches.accumulation_steps} micro-steps/rank)")

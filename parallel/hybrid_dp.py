@@ -1,0 +1,199 @@
+"""Sequence parallelism as a strategy: a static cp degree, or hybrid data parallelism with adaptive groups.
+
+``parallel.sp_mode`` picks one. Both answer the trainer's two questions: what to do at the start of a
+step (``begin_step``) and how one micro-batch meets the model (``prepare``: the rank's part of the
+tokens and the attention the model uses for it).
+
+- :class:`StaticSP`: every sequence is split over the mesh's cp group (zigzag); the model's
+  ``ContextParallelAttention`` was fixed when it was parallelized.
+- :class:`AdaptiveSP` (ByteScale's hybrid data parallelism with FlexSP's planner): all ranks are one
+  pool. Every step :class:`AdaptiveBatches` plans groups with ``adaptive_sp.plan_groups`` from the
+  step's document lengths and the fitted cost model (identically on every rank, on the prefetch
+  thread while the previous step trains), and hands each rank only the sequences its group runs,
+  already cut to the rank's zigzag part. A group of one runs plain attention with no CP traffic.
+  Ranks may run different numbers of sequences: FSDP keeps parameters gathered over the step and
+  reduces gradients once, after the last one (``FSDPEngine(uneven=True)``), so collectives line up.
+  Process groups are created collectively at the start of a step for rank sets not seen before
+  (every rank knows the whole plan, so all make the same calls in the same order) and cached.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from loomtrain.data.loader import DocumentPosition, DocumentStream
+from loomtrain.parallel.adaptive_sp import plan_groups
+from loomtrain.parallel.context import ContextParallelAttention, shard_for, zigzag_multiple
+
+IMPL_CODES = ("none", "tokenring", "ring", "ulysses")
+
+
+class StaticSP:
+    """The mesh's cp group splits every sequence (nothing to do when cp = 1)."""
+
+    def __init__(self, cp_group=None):
+        self.cp_group = cp_group
+
+    def begin_step(self, micro) -> None:
+        pass
+
+    def prepare(self, model, batch: dict) -> dict:
+        if self.cp_group is None:
+            return batch
+        from loomtrain.parallel.context import shard_sequence
+
+        return {k: shard_sequence(v, dim=1, group=self.cp_group) for k, v in batch.items()}
+
+
+class SequenceGroups:
+    """Process groups by rank set, created collectively and kept; one attention module per (ranks, strategy)."""
+
+    def __init__(self):
+        self.groups: dict[tuple, tuple] = {}  # ranks -> (group, reverse group)
+        self.attention: dict[tuple, ContextParallelAttention] = {}
+        self.created = 0
+
+    def ensure(self, rank_sets) -> None:
+        """Every rank calls this with the same sets (the whole step plan): missing groups are made in order."""
+        for ranks in sorted({tuple(r) for r in rank_sets if len(r) > 1}):
+            if ranks not in self.groups:
+                self.groups[ranks] = (dist.new_group(list(ranks)), dist.new_group(list(ranks)))
+                self.created += 1
+
+    def module(self, ranks: tuple, impl: str) -> ContextParallelAttention:
+        key = (ranks, impl)
+        if key not in self.attention:
+            group, reverse = self.groups[ranks]
+            self.attention[key] = ContextParallelAttention(impl, group, reverse_group=reverse)
+        return self.attention[key]
+
+
+class AdaptiveSP:
+    def __init__(self):
+        self.groups = SequenceGroups()
+
+    def begin_step(self, micro) -> None:
+        ranges = micro[0]["sp_plan"].tolist()  # (start, size) of every group of this step's plan
+        self.groups.ensure(tuple(range(a, a + d)) for a, d in ranges)
+
+    def prepare(self, model, batch: dict) -> dict:
+        if "sp_group" not in batch:  # evaluation windows: each rank its own, no context parallelism
+            model.context_parallel = None
+            return batch
+        batch = dict(batch)
+        start, size = batch.pop("sp_group").tolist()
+        impl = IMPL_CODES[int(batch.pop("sp_impl"))]
+        batch.pop("sp_plan")
+        model.context_parallel = None if size == 1 else self.groups.module(tuple(range(start, start + size)), impl)
+        return batch
+
+
+class AdaptiveBatches(DocumentPosition):
+    """Whole documents up to the token budget per step, planned onto groups; this rank's sequences only.
+
+    Each micro-batch is one sequence (batch 1) cut to this rank's zigzag part, padded to a length its
+    group can split (padding unlabelled), with the group (``sp_group``: start, size), the strategy and the
+    step's whole plan (``sp_plan``) as small tensors. An idle rank gets one unlabelled two-token sequence,
+    so it still joins the step's gradient reduction.
+    """
+
+    def __init__(self, data, seed: int, global_batch_tokens: int, max_doc_tokens: int, capacity: int, rank: int,
+                 world: int, cost, degrees=None, ranks_per_node: int | None = None):
+        self.data, self.budget, self.capacity = data, global_batch_tokens, capacity
+        self.rank, self.world, self.cost = rank, world, cost
+        self.degrees, self.ranks_per_node = degrees, ranks_per_node
+        self.stream = DocumentStream(data, seed, max_doc_tokens)
+        self.seed = seed
+        self.micro_batch = 1
+
+    @property
+    def accumulation_steps(self) -> int:
+        return 1
+
+    def plan(self, position=None):
+        pieces, nxt = self.stream.pieces(self._position if position is None else position, self.budget)
+        lengths = [n for _, n in pieces]
+        plan = plan_groups(lengths, self.world, self.capacity, self.cost, degrees=self.degrees,
+                           ranks_per_node=self.ranks_per_node, time_limit_s=30.0)
+        return plan, pieces, nxt
+
+    def _sequence(self, start: int, n: int, ranks: tuple, impl: str, plan_ranges) -> dict[str, torch.Tensor]:
+        d = len(ranks)
+        m = zigzag_multiple(d)
+        padded = -(-n // m) * m
+        toks = np.asarray(self.data.tokens[start:start + n + 1], dtype=np.int64)
+        seq = {"input_ids": np.zeros(padded, np.int64), "labels": np.full(padded, -100, np.int64),
+               "position_ids": np.arange(padded, dtype=np.int64)}
+        seq["input_ids"][:n] = toks[:-1]
+        seq["labels"][:n] = toks[1:]
+        out = {k: torch.from_numpy(v).unsqueeze(0) for k, v in seq.items()}
+        if d > 1:
+            out = {k: shard_for(v, self.rank - ranks[0], d, dim=1) for k, v in out.items()}
+        out["sp_group"] = torch.tensor([ranks[0], d])
+        out["sp_impl"] = torch.tensor(IMPL_CODES.index(impl))
+        out["sp_plan"] = plan_ranges
+        return out
+
+    def build(self, position):
+        plan, pieces, nxt = self.plan(position)
+        ranges = torch.tensor([[r[0], len(r)] for r, _ in plan.groups], dtype=torch.int64)
+        mine = plan.group_of(self.rank)
+        if mine is None:  # idle this step: one unlabelled sequence of its own
+            batch = self._sequence(pieces[0][0], 0, (self.rank,), "none", ranges)
+            batch = {k: (v if k.startswith("sp_") else torch.zeros(1, 2, dtype=torch.int64)) for k, v in batch.items()}
+            batch["labels"].fill_(-100)
+            return [batch], nxt
+        ranks, seqs = mine
+        micro = [self._sequence(pieces[i][0], pieces[i][1], ranks, self.cost.strategy(pieces[i][1], len(ranks)),
+                                ranges) for i in seqs]
+        return micro, nxt
+
+
+
+
+def longest_sequence(exp, world: int) -> int:
+    """The longest token row the model sees (its RoPE table): a window, or an adaptive sequence padded for
+    the widest group."""
+    d = exp.data
+    if exp.parallel.sp_mode != "adaptive":
+        return d.seq_len
+    return max(d.seq_len, -(-(d.max_doc_tokens or d.seq_len) // (2 * world)) * 2 * world)
+
+
+def adaptive_cost(exp, model_args, device, world: int, ranks_per_node: int):
+    """The planner's cost model: declared coefficients, or fitted on rank 0 (cached) and broadcast, so every
+    rank plans with the same numbers."""
+    from loomtrain.parallel.sp_cost import SequenceCost, calibrate
+
+    par = exp.parallel
+    links = dict(intra_bw=par.cp_link_gbps * 1e9 / 8, inter_bw=par.sp_inter_node_gbps * 1e9 / 8,
+                 latency_s=par.cp_latency_us * 1e-6, ranks_per_node=ranks_per_node, topology=par.cp_topology,
+                 impls=("tokenring", "ring", "ulysses") if par.cp_impl == "auto" else (par.cp_impl,))
+    if par.sp_alpha1 or par.sp_alpha2:
+        alphas = [par.sp_alpha1, par.sp_alpha2]
+    else:
+        alphas = [None, None]
+        if dist.get_rank() == 0:
+            fitted = calibrate(model_args, device, exp.data.cache_dir, **links)
+            alphas = [fitted.alpha1, fitted.alpha2]
+        dist.broadcast_object_list(alphas, src=0)
+    return SequenceCost(alphas[0], alphas[1], model_args.n_heads, model_args.n_kv_heads, model_args.head_dim,
+                        model_args.n_layers, **links)
+
+
+def sequence_parallel(exp, model_args, dims, mesh, train_data, dp_rank: int, device, ranks_per_node: int):
+    """(strategy, batch plan) for ``parallel.sp_mode``."""
+    from loomtrain.data.loader import build_batch_plan
+    from loomtrain.trainer.checks import sp_degrees
+
+    if exp.parallel.sp_mode != "adaptive":
+        cp_group = mesh["cp"].get_group() if dims.cp > 1 else None
+        return StaticSP(cp_group), build_batch_plan(exp, train_data, dp_rank, dims.dp)
+    world = dims.world_size
+    cost = adaptive_cost(exp, model_args, device, world, ranks_per_node)
+    t, d = exp.train, exp.data
+    plan = AdaptiveBatches(train_data.data, t.seed, t.global_batch_tokens, d.max_doc_tokens or d.seq_len, d.seq_len,
+                           dist.get_rank(), world, cost, sp_degrees(exp.parallel, world),
+                           ranks_per_node if world % ranks_per_node == 0 and ranks_per_node < world else None)
+    return AdaptiveSP(), plan
