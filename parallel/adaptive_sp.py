@@ -12,8 +12,9 @@ busiest group's summed sequence times) is as small as it can find. The search is
 2. **Improvement.** Idle ranks widen or split the busiest group, sequences move off it while that
    lowers the makespan (bounded number of moves).
 3. **Exact refinement on small steps.** With few sequences and slots, a MILP (HiGHS, through
-   ``scipy.optimize.milp``) over every (size, copy) slot finds the optimum; it is used when it
-   proves optimality within ``time_limit_s`` (always, at these sizes) and beats step 2.
+   ``scipy.optimize.milp``) over every (size, copy) slot, bounded by a node limit (deterministic, unlike
+   a time limit), improves on step 2 when it can; ``time_limit_s`` is only a safety net, and a search it
+   cuts short is discarded.
 
 Groups are then placed on contiguous ranks; with ``ranks_per_node`` a group never straddles a node
 unless it is made of whole nodes (sizes above a node must be multiples of it).
@@ -30,6 +31,7 @@ GRID_STEP = 1.005  # target makespans tried: lower bound x 1.005^k
 MAX_MOVES = 256  # improvement moves per plan
 EXACT_MAX_SEQS = 10  # the MILP refinement runs at or below these sizes
 EXACT_MAX_SLOTS = 64
+EXACT_NODE_LIMIT = 5000
 
 
 @dataclass
@@ -119,9 +121,10 @@ def _pack(lengths, order, smallest, degrees, M, world, T):
 
 def _greedy(lengths, world, degrees, smallest, T):
     n = len(lengths)
-    # Lower bounds: the longest single sequence at the widest group that holds it, and the work (rank-seconds
+    # Lower bounds: the longest single sequence on its fastest group, and the work (rank-seconds
     # at each sequence's smallest group) spread over the pool.
-    fastest = max(min(T(lengths[i], d) for d in degrees[smallest[i]:]) for i in range(n))
+    longest = max(range(n), key=lambda i: (lengths[i], -i))  # T grows with L at every size: its best is the bound
+    fastest = min(T(lengths[longest], d) for d in degrees[smallest[longest]:])
     work = sum(T(lengths[i], degrees[smallest[i]]) * degrees[smallest[i]] for i in range(n)) / world
     lo = max(fastest, work, 1e-12)
     order = sorted(range(n), key=lambda i: (-lengths[i], i))
@@ -258,9 +261,12 @@ def _exact(lengths, world, degrees, smallest, T, time_limit_s):
             ub.append(np.inf)
     integrality = np.ones(nv)
     integrality[-1] = 0
+    # A node limit, not a time limit, bounds the search, so the result does not depend on the machine's speed
+    # (HiGHS is deterministic); the time limit is only a safety net, and a plan it cut short is not used.
     res = milp(c, constraints=LinearConstraint(np.array(rows), lb, ub), integrality=integrality,
-               bounds=Bounds(np.zeros(nv), upper), options={"time_limit": time_limit_s, "presolve": True})
-    if res.status != 0 or res.x is None:
+               bounds=Bounds(np.zeros(nv), upper),
+               options={"time_limit": time_limit_s, "node_limit": EXACT_NODE_LIMIT, "mip_rel_gap": 1e-4})
+    if res.x is None or (res.status != 0 and "node" not in str(res.message).lower()):
         return None
     x = res.x[:nx].reshape(n, P) > 0.5
     groups = []
@@ -312,7 +318,7 @@ def _place(groups, world: int, ranks_per_node: int | None):
     return placed, crosses
 
 
-def plan_groups(lengths, world: int, capacity: int, time_fn, *, degrees=None, time_limit_s: float = 1.0,
+def plan_groups(lengths, world: int, capacity: int, time_fn, *, degrees=None, time_limit_s: float = 10.0,
                 ranks_per_node: int | None = None, exact: bool = True) -> Plan:
     """Groups of ranks and the sequences each runs, minimising the step's makespan (see the module docstring).
 

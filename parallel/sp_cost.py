@@ -47,23 +47,24 @@ class SequenceCost:
         ref = self._shape(1024, 1)
         return attention_flops(ref) * self.layers / max(self.alpha1 * 1024 ** 2, 1e-30)
 
-    def strategy(self, L: int, d: int) -> str:
-        if d == 1:
-            return "none"
+    def _attention(self, L: int, d: int) -> tuple[str, float]:
+        """(strategy, seconds per layer) of the fastest allowed strategy for one sequence on d ranks."""
         s = self._shape(L, d)
         t = predict_seconds(s, self.bandwidth(d), self.latency_s, self._flops(), self.topology)
         if s.heads % d or s.kv_heads % d:
             t.pop("ulysses")
-        allowed = {k: v for k, v in t.items() if k in self.impls}
-        return min(allowed or t, key=(allowed or t).get)  # a forced ulysses that cannot split the heads: the best other
+        allowed = {k: v for k, v in t.items() if k in self.impls} or t  # a forced ulysses that cannot split
+        best = min(allowed, key=allowed.get)
+        return best, allowed[best]
+
+    def strategy(self, L: int, d: int) -> str:
+        return "none" if d == 1 else self._attention(L, d)[0]
 
     def __call__(self, L: int, d: int) -> float:
         linear = self.alpha2 * L / d
         if d == 1:
             return linear + self.alpha1 * L * L
-        per_layer = predict_seconds(self._shape(L, d), self.bandwidth(d), self.latency_s, self._flops(),
-                                    self.topology)[self.strategy(L, d)]
-        return linear + self.layers * per_layer
+        return linear + self.layers * self._attention(L, d)[1]
 
     def to_dict(self) -> dict:
         return asdict(self)
