@@ -117,18 +117,24 @@ def _adaptive_run(rank, overrides, record):
     from loomtrain.trainer.config import load_config
     from loomtrain.trainer.train import run
 
-    plans = []
+    plans, created, rank_sets = [], [], set()
     if record:
-        original = hybrid_dp.AdaptiveBatches.plan
+        original, ensure = hybrid_dp.AdaptiveBatches.plan, hybrid_dp.SequenceGroups.ensure
 
         def plan(self, position=None):
             out = original(self, position)
             plans.append([(len(r), len(s)) for r, s in out[0].groups])
+            rank_sets.update(r for r, _ in out[0].groups if len(r) > 1)
             return out
 
+        def ensure_and_count(self, sets):
+            ensure(self, sets)
+            created.append(self.created)
+
         hybrid_dp.AdaptiveBatches.plan = plan
+        hybrid_dp.SequenceGroups.ensure = ensure_and_count
     result = run(load_config("tiny", overrides))
-    return result.losses, result.grad_norms, result.checkpoint, plans
+    return result.losses, result.grad_norms, result.checkpoint, (plans, created, len(rank_sets))
 
 
 ADAPTIVE = ["data.batching=documents", "train.global_batch_tokens=900", "train.steps=5", "checkpoint.at_end=true",
@@ -171,8 +177,11 @@ def test_adaptive_training_matches_one_process(impl, max_doc, sizes, paragraphs,
         for step in ref_losses:
             assert losses[step] == pytest.approx(ref_losses[step], rel=1e-5), step
             assert norms[step] == pytest.approx(ref_norms[step], rel=1e-5), step
-    plans = results[0][3]
-    assert all(p == plans for *_, p in results)  # every rank planned the same
+    plans, created, distinct = results[0][3]
+    assert all(r[3][0] == plans for r in results)  # every rank planned the same
+    # groups are created once per rank set and reused: no step creates one its plan's sets already had
+    # (the plans also cover the prefetched steps, hence <=)
+    assert created[-1] <= distinct and created == sorted(created), (created, distinct)
     assert {d for plan in plans for d, _ in plan} == sizes, plans
     assert any(len({n for _, n in plan}) > 1 for plan in plans), plans  # uneven sequence counts per group
     (tmp_path / "a").mkdir()
