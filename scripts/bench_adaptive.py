@@ -21,6 +21,7 @@ the cost model's choice (ulysses | ring | tokenring; none for one device).
 
     python scripts/bench_adaptive.py quality longtail speed
     python scripts/bench_adaptive.py train
+    ip netns exec slow python scripts/bench_adaptive.py train --link-gbps 0.2   # shaped loopback (TESTING.md)
 """
 from __future__ import annotations
 
@@ -199,7 +200,7 @@ def train(args):
     base = ["model.dim=128", "model.n_layers=2", "model.n_heads=8", "model.n_kv_heads=4", "train.progress=false",
             "train.eval_every=0", "train.threads=1", "checkpoint.at_end=false", "data.batching=documents",
             f"train.global_batch_tokens={args.budget}", f"data.max_doc_tokens={args.max_doc}", f"train.steps={args.train_steps}",
-            "train.log_every=1"]
+            "train.log_every=1", f"parallel.cp_link_gbps={args.link_gbps}"]
     layouts = {"adaptive (pool of 4)": ["parallel.sp_mode=adaptive", f"data.seq_len={args.max_doc // 4}"],
                "static cp=4": ["parallel.cp=4", "parallel.dp_shard=1", f"data.seq_len={args.max_doc}"],
                "static cp=2 x dp=2": ["parallel.cp=2", "parallel.dp_shard=2", f"data.seq_len={args.max_doc}"]}
@@ -228,6 +229,8 @@ def main():
     p.add_argument("--budget", type=int, default=16384)
     p.add_argument("--max-doc", type=int, default=4096)
     p.add_argument("--train-steps", type=int, default=6)
+    p.add_argument("--link-gbps", type=float, default=100.0,
+                   help="train: the link speed the cost models are told (parallel.cp_link_gbps)")
     args = p.parse_args()
     for what in args.what:
         globals()[what](args)
