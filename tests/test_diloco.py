@@ -1,0 +1,146 @@
+"""Streaming DiLoCo on its own (any loop) and the block-scaled quantization of its exchange."""
+
+import pytest
+import torch
+
+from conftest import run_ranks
+from loomtrain.parallel.dp_sync import DiLoCo, strided_fragments
+from loomtrain.parallel.quantize import BLOCK, dequantize, quantize, wire_bytes
+
+
+def _one_weight_layers(n=2):
+    layers = torch.nn.ModuleList(torch.nn.Linear(1, 1, bias=False) for _ in range(n))
+    for layer in layers:
+        torch.nn.init.ones_(layer.weight)
+    return layers
+
+
+def _run_constant_gradient(steps, grad=2.0, **kw):
+    """torchft's regression setup: every weight starts at 1, every inner step sees gradient ``grad``,
+    inner SGD lr 1; returns each layer's weight after every step."""
+    layers = _one_weight_layers()
+    inner = torch.optim.SGD(layers.parameters(), lr=1.0)
+    kw = {"sync_every": 6, "outer_lr": 2.0, "outer_momentum": 0.0, "nesterov": False} | kw
+    DiLoCo(list(layers), inner, **kw)
+    trace = []
+    for _ in range(steps):
+        for p in layers.parameters():
+            p.grad = torch.full_like(p, grad)
+        inner.step()
+        trace.append([layer.weight.item() for layer in layers])
+    return trace
+
+
+def test_reproduces_torchfts_published_regression():
+    trace = _run_constant_gradient(15)
+    assert [trace[s - 1][0] for s in (3, 9, 15)] == [-11, -35, -59]
+    assert [trace[s - 1][1] for s in (6, 12)] == [-23, -47]
+
+
+def test_delay_and_alpha_in_closed_form():
+    # tau = 1: layer 0's delta is taken after step 2 (local 1 - 2*2 = -3): delta 4, global 1 - 2*4 = -7 at step 3
+    assert _run_constant_gradient(3, fragment_sync_delay=1)[2][0] == -7
+    # alpha = 0.5 at step 3: local -5, global -11 -> (-11 + -5) / 2
+    assert _run_constant_gradient(3, fragment_update_alpha=0.5)[2][0] == -8
+    # Nesterov momentum 0.9 on the first outer step: buf = g, update = g + 0.9 g = 1.9 * 6, lr 2
+    assert _run_constant_gradient(3, outer_momentum=0.9, nesterov=True)[2][0] == pytest.approx(1 - 2 * 1.9 * 6)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"sync_every": 5}, "sync_every: 5 must be a positive multiple of the number of fragments"),
+    ({"sync_every": 6, "fragment_sync_delay": 3}, "fragment_sync_delay: must be in \\[0, sync_every/fragments = 3\\)"),
+    ({"sync_every": 6, "fragment_update_alpha": 1.5}, "fragment_update_alpha: must be in \\[0, 1\\]"),
+    ({"sync_every": 6, "quantize": "fp8"}, "quantize: must be one of none, int8, fp4"),
+])
+def test_bad_settings_name_the_field(kw, message):
+    layers = _one_weight_layers()
+    with pytest.raises(ValueError, match=message):
+        DiLoCo(list(layers), torch.optim.SGD(layers.parameters(), lr=1.0), **kw)
+
+
+def test_state_round_trip_continues_the_same_run():
+    layers = _one_weight_layers()
+    inner = torch.optim.SGD(layers.parameters(), lr=1.0)
+    d = DiLoCo(list(layers), inner, sync_every=6, fragment_sync_delay=1, outer_momentum=0.9)
+    for _ in range(5):  # stop after step 5: layer 1's delta (due at step 6) is in flight
+        for p in layers.parameters():
+            p.grad = torch.full_like(p, 2.0)
+        inner.step()
+    state, weights = d.state_dict(), [p.detach().clone() for p in layers.parameters()]
+    d.close()
+    fresh = _one_weight_layers()
+    with torch.no_grad():
+        for p, w in zip(fresh.parameters(), weights):
+            p.copy_(w)
+    inner2 = torch.optim.SGD(fresh.parameters(), lr=1.0)
+    DiLoCo(list(fresh), inner2, sync_every=6, fragment_sync_delay=1, outer_momentum=0.9).load_state_dict(state)
+    for _ in range(7):
+        for model, opt in ((layers, inner), (fresh, inner2)):
+            for p in model.parameters():
+                p.grad = torch.full_like(p, 2.0)
+            opt.step()
+    # the first instance was closed (its hook removed): only the restored one keeps syncing
+    expected = _run_constant_gradient(12, fragment_sync_delay=1, outer_momentum=0.9, nesterov=True, outer_lr=0.7)
+    assert [p.item() for p in fresh.parameters()] == pytest.approx(expected[-1])
+
+
+def test_strided_fragments():
+    blocks = [torch.nn.Linear(1, 1) for _ in range(6)]
+    frags = strided_fragments(blocks, 3)
+    assert [[blocks.index(b) for b in f] for f in frags] == [[0, 3], [1, 4], [2, 5]]
+    with pytest.raises(ValueError, match="fragments: must be in 1..6"):
+        strided_fragments(blocks, 7)
+
+
+# ----------------------------------------------------------------------------- quantization
+@pytest.mark.parametrize("kind", ["int8", "fp4"])
+def test_quantization_error_bound_and_exact_values(kind):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, generator=g) * torch.logspace(-3, 2, 1000)
+    payload, scale = quantize(x, kind)
+    back = dequantize(payload, scale, kind, x.numel())
+    blocks = torch.nn.functional.pad(x, (0, (-x.numel()) % BLOCK)).view(-1, BLOCK)
+    unit = blocks.abs().amax(1) / (127 if kind == "int8" else 6)
+    bound = (unit / 2 if kind == "int8" else unit).repeat_interleave(BLOCK)[: x.numel()]
+    assert ((back - x).abs() <= bound * (1 + 1e-6)).all()
+    assert payload.numel() == (1024 if kind == "int8" else 512) and payload.dtype == torch.uint8
+    assert payload.numel() + 4 * scale.numel() == wire_bytes(x.numel(), kind)
+    grid = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6]) if kind == "fp4" else torch.arange(-127, 128).float()
+    exact = grid[torch.randint(0, len(grid), (BLOCK * 3,), generator=g)] * 0.25
+    exact[::BLOCK] = grid.abs().max() * 0.25  # every block reaches the top of the grid: scale = 0.25 exactly
+    if kind == "fp4":
+        exact[1::2] *= -1
+    assert torch.equal(dequantize(*quantize(exact, kind), kind, exact.numel()), exact)
+
+
+def _workers(rank, kind, world):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    try:
+        torch.manual_seed(0)
+        layers = torch.nn.ModuleList(torch.nn.Linear(8, 8, bias=False) for _ in range(2))
+        inner = torch.optim.SGD(layers.parameters(), lr=0.1)
+        d = DiLoCo(list(layers), inner, sync_every=4, outer_lr=0.7, outer_momentum=0.9, quantize=kind)
+        g = torch.Generator().manual_seed(rank)  # every worker sees different data
+        for _ in range(8):
+            inner.zero_grad()
+            layers[1](layers[0](torch.randn(4, 8, generator=g))).pow(2).sum().backward()
+            inner.step()
+        return [p.detach().clone() for p in d.global_[0] + d.global_[1]], d.stats, \
+            [p.detach().clone() for p in layers.parameters()]
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind", ["none", "fp4"])
+def test_workers_agree_and_count_bytes(kind):
+    results = run_ranks(_workers, 2, kind, 2)
+    (g0, stats, local0), (g1, _, local1) = results
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # every worker holds the same global copy
+    # step 8 synced fragment 1 last: its local weights are the global copy (alpha 0) on both workers
+    torch.testing.assert_close(local0[1], local1[1], rtol=0, atol=0)
+    syncs = 8 // 2  # a fragment every h = 2 steps
+    assert stats["bytes"] == syncs * wire_bytes(64, kind)
+    assert not torch.equal(local0[0], local1[0])  # fragment 0 has taken local steps since its sync
