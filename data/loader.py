@@ -224,7 +224,7 @@ class DocumentStream:
             predicted = end - start - 1
             if predicted <= 0:
                 empty_run += 1
-                if empty_run > self.data.num_documents:
+                if empty_run >= 2 * self.data.num_documents:  # a whole epoch of them (runs may span two)
                     raise ConfigError("data.batching: documents: every document is empty")
                 piece = 0
                 continue
@@ -395,8 +395,13 @@ class Prefetcher:
                     except queue.Full:
                         continue
                 position = nxt
-        except BaseException as e:  # handed to the training thread, which raises it
-            self._queue.put((None, None, e))
+        except BaseException as e:  # handed to the training thread, which raises it (unless it is closing us)
+            while not self._stop.is_set():
+                try:
+                    self._queue.put((None, None, e), timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
 
     def next_step(self) -> list[dict[str, torch.Tensor]]:
         batches, nxt, error = self._queue.get()

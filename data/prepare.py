@@ -51,11 +51,11 @@ def cache_key(data_cfg) -> str:
     files = corpus_files(data_cfg.corpus, data_cfg.file_glob)
     for path in files:
         st = os.stat(path)
-        h.update(f"{path}\0{st.st_size}\0{int(st.st_mtime)}\n".encode())
+        h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\n".encode())
     tok = data_cfg.tokenizer
     if tok != "byte":
         st = os.stat(tok)
-        tok = f"{os.path.abspath(tok)}:{st.st_size}:{int(st.st_mtime)}"
+        tok = f"{os.path.abspath(tok)}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
     h.update(f"{tok}|{data_cfg.valid_fraction}|{data_cfg.max_documents}|{data_cfg.text_key}|{FORMAT_VERSION}".encode())
     return h.hexdigest()[:16]
 
@@ -126,8 +126,8 @@ def _complete(prefix: str) -> bool:
 def _remove_leftovers(prefix: str) -> None:
     """Files of an earlier writer that died (we hold the lock: no writer is alive)."""
     folder, base = os.path.split(os.path.abspath(prefix))
-    for name in os.listdir(folder):
-        if name.startswith(base) and (".tmp-" in name or name == base + ".json"):
+    for name in os.listdir(folder):  # only this prefix's files: a sibling prefix may be another job's
+        if name.startswith((base + "_train.tmp-", base + "_valid.tmp-")) or name == base + ".json":
             os.unlink(os.path.join(folder, name))
 
 
@@ -163,18 +163,22 @@ def tokenized_tasks(tasks, init_args: tuple, workers: int):
             yield (task, *_tokenize_task(task))
         return
     import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
 
-    ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
+    # spawn, not fork: the caller may be a trainer with communication threads running (forkserver's
+    # server does not survive the fork of a forked rank either); and a worker that dies (say, killed for
+    # memory) raises BrokenProcessPool here instead of hanging the writer and everyone waiting on its lock.
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=init_args) as pool:
         pending = deque()
         for task in tasks:
-            pending.append((task, pool.apply_async(_tokenize_task, (task,))))
+            pending.append((task, pool.submit(_tokenize_task, task)))
             if len(pending) >= workers * IN_FLIGHT_PER_WORKER:
                 task_, result = pending.popleft()
-                yield (task_, *result.get())
+                yield (task_, *result.result())
         while pending:
             task_, result = pending.popleft()
-            yield (task_, *result.get())
+            yield (task_, *result.result())
 
 
 class _Split:

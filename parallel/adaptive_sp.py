@@ -262,11 +262,14 @@ def _exact(lengths, world, degrees, smallest, T, time_limit_s):
     integrality = np.ones(nv)
     integrality[-1] = 0
     # A node limit, not a time limit, bounds the search, so the result does not depend on the machine's speed
-    # (HiGHS is deterministic); the time limit is only a safety net, and a plan it cut short is not used.
+    # (HiGHS is deterministic). An incumbent the node limit stopped at is used (HiGHS reports it as
+    # "Solution limit reached"); with an explicit ``time_limit_s`` a search the clock cut short is not.
+    options = {"node_limit": EXACT_NODE_LIMIT, "mip_rel_gap": 1e-4}
+    if time_limit_s is not None:
+        options["time_limit"] = time_limit_s
     res = milp(c, constraints=LinearConstraint(np.array(rows), lb, ub), integrality=integrality,
-               bounds=Bounds(np.zeros(nv), upper),
-               options={"time_limit": time_limit_s, "node_limit": EXACT_NODE_LIMIT, "mip_rel_gap": 1e-4})
-    if res.x is None or (res.status != 0 and "node" not in str(res.message).lower()):
+               bounds=Bounds(np.zeros(nv), upper), options=options)
+    if res.x is None or (res.status != 0 and "solution limit" not in str(res.message).lower()):
         return None
     x = res.x[:nx].reshape(n, P) > 0.5
     groups = []
@@ -318,7 +321,7 @@ def _place(groups, world: int, ranks_per_node: int | None):
     return placed, crosses
 
 
-def plan_groups(lengths, world: int, capacity: int, time_fn, *, degrees=None, time_limit_s: float = 10.0,
+def plan_groups(lengths, world: int, capacity: int, time_fn, *, degrees=None, time_limit_s: float | None = 10.0,
                 ranks_per_node: int | None = None, exact: bool = True) -> Plan:
     """Groups of ranks and the sequences each runs, minimising the step's makespan (see the module docstring).
 

@@ -115,7 +115,7 @@ class AdaptiveBatches(DocumentPosition):
         pieces, nxt = self.stream.pieces(self._position if position is None else position, self.budget)
         lengths = [n for _, n in pieces]
         plan = plan_groups(lengths, self.world, self.capacity, self.cost, degrees=self.degrees,
-                           ranks_per_node=self.ranks_per_node, time_limit_s=30.0)
+                           ranks_per_node=self.ranks_per_node, time_limit_s=None)  # no clock: same plan on all ranks
         return plan, pieces, nxt
 
     def _sequence(self, start: int, n: int, ranks: tuple, impl: str, plan_ranges) -> dict[str, torch.Tensor]:
@@ -127,6 +127,7 @@ class AdaptiveBatches(DocumentPosition):
                "position_ids": np.arange(padded, dtype=np.int64)}
         seq["input_ids"][:n] = toks[:-1]
         seq["labels"][:n] = toks[1:]
+        seq["position_ids"][n:] = np.arange(padded - n)  # padding: small positions (inside the RoPE table)
         out = {k: torch.from_numpy(v).unsqueeze(0) for k, v in seq.items()}
         if d > 1:
             out = {k: shard_for(v, self.rank - ranks[0], d, dim=1) for k, v in out.items()}

@@ -235,3 +235,21 @@ def test_plan_shows_a_sample_adaptive_step(capsys):
     assert main(["plan", "llama8b_512k_adaptive_cluster", "--world-size", "512"]) == 0
     out = capsys.readouterr().out
     assert "adaptive sp, sample step" in out and "group(s) of" in out and "predicted makespan" in out
+
+
+def test_padding_positions_stay_inside_the_rope_table(tmp_path):
+    """A piece padded for its group (here 7 tokens on 3 ranks: 12) gets small positions on the padding, so
+    the longest position is the longest piece's, whatever the group size."""
+    import numpy as np
+    import torch
+
+    from loomtrain.data.indexed import IndexedTokens, write_indexed
+    from loomtrain.parallel.hybrid_dp import AdaptiveBatches
+
+    write_indexed(str(tmp_path / "d"), [np.arange(1, 9)], np.uint16)
+    batches = AdaptiveBatches(IndexedTokens(str(tmp_path / "d")), 0, 100, 7, 4, 0, 3, cost)
+    parts = [AdaptiveBatches(batches.data, 0, 100, 7, 4, r, 3, cost)._sequence(0, 7, (0, 1, 2), "ring",
+                                                                                 torch.zeros(1, 2))
+             for r in range(3)]
+    assert sum(p["position_ids"].shape[1] for p in parts) == 12
+    assert max(p["position_ids"].max().item() for p in parts) == 6  # the old padding reached 11

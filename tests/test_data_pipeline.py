@@ -359,3 +359,38 @@ def test_prefetcher_reports_the_position_handed_out(tmp_path):
             torch.testing.assert_close(a, b)
     finally:
         ahead.close()
+
+
+def test_many_empty_documents_are_skipped_not_an_error(tmp_path):
+    docs = [np.asarray([256])] * 9 + [np.asarray([5, 6, 7, 256])]  # nine documents that predict nothing
+    write_indexed(str(tmp_path / "e"), docs, np.uint16)
+    plan = DocumentBatches(IndexedTokens(str(tmp_path / "e")), seed=0, global_batch_tokens=3, max_doc_tokens=3,
+                           seq_len=4, micro_batch=0, dp_rank=0, dp_size=1)
+    for _ in range(3):
+        assert plan.step_lengths() == [3]
+        plan.next_step()
+
+
+def test_leftover_cleanup_spares_a_sibling_prefix(tmp_path):
+    from loomtrain.data.prepare import _remove_leftovers
+
+    for name in ("owt_train.tmp-1.bin", "owt.json", "owt2_train.tmp-2.bin", "owt2.json"):
+        (tmp_path / name).write_text("x")
+    _remove_leftovers(str(tmp_path / "owt"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["owt2.json", "owt2_train.tmp-2.bin"]
+
+
+def test_a_dead_tokenizer_worker_fails_the_writer_instead_of_hanging(tmp_path, monkeypatch):
+    from concurrent.futures.process import BrokenProcessPool
+
+    import loomtrain.data.prepare as prep
+
+    corpus = _jsonl_corpus(tmp_path / "c.jsonl", 50)
+    monkeypatch.setattr(prep, "_tokenize_task", _die)
+    with pytest.raises(BrokenProcessPool):
+        prepare(DataConfig(corpus=corpus), out_prefix=str(tmp_path / "out" / "t"), workers=2)
+    assert not list((tmp_path / "out").glob("t_*")) and not (tmp_path / "out" / "t.json").exists()
+
+
+def _die(task):
+    os._exit(9)  # a worker killed mid-task (the OOM killer)
