@@ -382,26 +382,25 @@ class Prefetcher:
                                         name="loomtrain-prefetch")
         self._thread.start()
 
+    def _put(self, item) -> None:
+        """Queue ``item`` unless the consumer is closing us (never block past a stop)."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
     def _run(self, position) -> None:
         try:
             while not self._stop.is_set():
                 batches, nxt = self.plan.build(position)
                 if self.pin:
                     batches = [{k: v.pin_memory() for k, v in b.items()} for b in batches]
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put((batches, nxt, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                self._put((batches, nxt, None))
                 position = nxt
-        except BaseException as e:  # handed to the training thread, which raises it (unless it is closing us)
-            while not self._stop.is_set():
-                try:
-                    self._queue.put((None, None, e), timeout=0.1)
-                    return
-                except queue.Full:
-                    continue
+        except BaseException as e:  # handed to the training thread, which raises it
+            self._put((None, None, e))
 
     def next_step(self) -> list[dict[str, torch.Tensor]]:
         batches, nxt, error = self._queue.get()
