@@ -58,11 +58,11 @@ def _json_text(line, where: str, text_key: str) -> str:
         raise ConfigError(f"data.text_key: {where} is not a JSON object with key '{text_key}'") from None
 
 
-def _jsonl(path: str, text_key: str) -> Iterator[tuple[str, str, int]]:
+def _jsonl(path: str, text_key: str) -> Iterator[tuple[str, str]]:
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if line.strip():
-                yield f"{path}:{lineno}", _json_text(line, f"{path}:{lineno}", text_key), len(line)
+                yield f"{path}:{lineno}", _json_text(line, f"{path}:{lineno}", text_key)
 
 
 def _parquet_file(path: str, text_key: str):
@@ -80,30 +80,32 @@ def _parquet_file(path: str, text_key: str):
     return pf
 
 
-def _parquet(path: str, text_key: str) -> Iterator[tuple[str, str, int]]:
+def _row_group(pf, group: int, text_key: str) -> list:
+    """One Parquet row group's texts (None where a row has none)."""
+    return pf.read_row_group(group, columns=[text_key]).column(0).to_pylist()
+
+
+def _parquet(path: str, text_key: str) -> Iterator[tuple[str, str]]:
     pf = _parquet_file(path, text_key)
     row = 0
-    size = os.path.getsize(path)
-    total_rows = max(1, pf.metadata.num_rows)
     for group in range(pf.num_row_groups):
-        texts = pf.read_row_group(group, columns=[text_key]).column(0).to_pylist()
-        for text in texts:
+        for text in _row_group(pf, group, text_key):
             row += 1
             if text:
-                yield f"{path}#{row - 1}", str(text), size // total_rows
+                yield f"{path}#{row - 1}", str(text)
 
 
-def _whole_file(path: str) -> Iterator[tuple[str, str, int]]:
+def _whole_file(path: str) -> Iterator[tuple[str, str]]:
     with open(path, encoding="utf-8", errors="replace") as f:
         text = f.read()
     if text:
-        yield path, text, os.path.getsize(path)
+        yield path, text
 
 
 def read_documents(spec: str, file_glob: str = "*.txt", text_key: str = "text",
-                   max_documents: int = 0, with_bytes: bool = False) -> Iterator[tuple]:
-    """Documents of a corpus as a stream: ``(name, text)``, or ``(name, text, bytes on disk)`` with
-    ``with_bytes`` (what progress counts)."""
+                   max_documents: int = 0) -> Iterator[tuple[str, str]]:
+    """Documents of a corpus as a stream of ``(name, text)``, one after another (``read_tasks`` cuts the
+    corpus for parallel readers instead)."""
     count = 0
     for path in corpus_files(spec, file_glob):
         if path.endswith(".jsonl"):
@@ -112,8 +114,8 @@ def read_documents(spec: str, file_glob: str = "*.txt", text_key: str = "text",
             docs = _parquet(path, text_key)
         else:
             docs = _whole_file(path)
-        for name, text, nbytes in docs:
-            yield (name, text, nbytes) if with_bytes else (name, text)
+        for doc in docs:
+            yield doc
             count += 1
             if max_documents and count >= max_documents:
                 return
@@ -176,10 +178,9 @@ def task_texts(task: tuple, text_key: str) -> list[str]:
     """The documents of one task, in order."""
     kind, path = task[0], task[1]
     if kind == "files":
-        return [text for p in path for _, text, _ in _whole_file(p)]
+        return [text for p in path for _, text in _whole_file(p)]
     if kind == "parquet":
-        column = _parquet_file(path, text_key).read_row_group(task[2], columns=[text_key]).column(0)
-        return [str(t) for t in column.to_pylist() if t]
+        return [str(t) for t in _row_group(_parquet_file(path, text_key), task[2], text_key) if t]
     start, end = task[2], task[3]
     texts = []
     with open(path, "rb") as f:

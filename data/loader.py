@@ -371,10 +371,6 @@ class Prefetcher:
     def accumulation_steps(self):
         return self.plan.accumulation_steps
 
-    @property
-    def sampler(self):  # the plan's sampler (windows), for callers that inspect it
-        return getattr(self.plan, "sampler", None)
-
     def _start(self) -> None:
         self._queue = queue.Queue(maxsize=self.depth)
         self._stop = threading.Event()

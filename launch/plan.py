@@ -188,10 +188,9 @@ def adaptive_sample(exp, args: ModelArgs, world: int, gpus_per_node: int, peak: 
     """A sample step plan of ``sp_mode: adaptive``: synthetic long-tailed lengths (Pareto 1.1 from 512 tokens
     to data.max_doc_tokens) filling train.global_batch_tokens, planned with the cost model the trainer uses
     (declared alphas, or ones derived from the peak FLOP/s here: the trainer fits them on the machine)."""
-    import heapq
     import random
 
-    from loomtrain.parallel.adaptive_sp import plan_groups
+    from loomtrain.parallel.adaptive_sp import plan_groups, static_makespan
     from loomtrain.parallel.cp_cost import Shape, attention_flops
     from loomtrain.parallel.sp_cost import SequenceCost
     from loomtrain.trainer.checks import sp_degrees
@@ -220,17 +219,9 @@ def adaptive_sample(exp, args: ModelArgs, world: int, gpus_per_node: int, peak: 
         strategies = sorted({g[2] for g in groups})
         out.append(f"  {len(groups):>4} group(s) of {size:>4} rank(s): {sum(g[0] for g in groups):>5} sequences, "
                    f"longest {max(g[1] for g in groups):>8,} tokens, attention {'/'.join(strategies)}")
-    statics = {}
-    for deg in (2 ** k for k in range(20)):
-        if deg > world:
-            break
-        if world % deg or any(-(-L // deg) > capacity for L in lengths):
-            continue
-        heap = [(0.0, g) for g in range(world // deg)]
-        for L in sorted(lengths, reverse=True):
-            load, g = heapq.heappop(heap)
-            heapq.heappush(heap, (load + cost(L, deg), g))
-        statics[deg] = max(h[0] for h in heap)
+    statics = {deg: static_makespan(lengths, world, capacity, cost, deg)
+               for deg in (2 ** k for k in range(world.bit_length())) if deg <= world}
+    statics = {deg: t for deg, t in statics.items() if t < float("inf")}
     best = min(statics, key=statics.get) if statics else None
     vs = (f"; best static degree {best}: {statics[best]:.3f} s ({statics[best] / plan.makespan:.2f}x)" if best
           else "; no static degree holds the longest sequence")

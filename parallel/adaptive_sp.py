@@ -354,6 +354,18 @@ def plan_groups(lengths, world: int, capacity: int, time_fn, *, degrees=None, ti
     return Plan(placed, makespan, method, crosses, lengths)
 
 
+def static_makespan(lengths, world: int, capacity: int, time_fn, degree: int) -> float:
+    """The baseline: one fixed group size, world/degree groups, longest sequence first to the least-loaded
+    group (inf when the degree does not divide the pool or a sequence does not fit)."""
+    if world % degree or any(math.ceil(L / degree) > capacity for L in lengths):
+        return math.inf
+    heap = [(0.0, g) for g in range(world // degree)]
+    for L in sorted(lengths, reverse=True):
+        load, g = heapq.heappop(heap)
+        heapq.heappush(heap, (load + time_fn(L, degree), g))
+    return max(h[0] for h in heap)
+
+
 def exact_makespan(lengths, world: int, capacity: int, time_fn, degrees=None) -> float:
     """The optimum by enumeration (every set partition of the sequences, every size per block): small
     instances only, for tests and ``scripts/bench_adaptive.py``."""

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from loomtrain.data.loader import DocumentPosition, DocumentStream
 from loomtrain.parallel.adaptive_sp import plan_groups
-from loomtrain.parallel.context import ContextParallelAttention, shard_for, zigzag_multiple
+from loomtrain.parallel.context import ContextParallelAttention, shard_for, shard_sequence, zigzag_multiple
 
 IMPL_CODES = ("none", "tokenring", "ring", "ulysses")
 
@@ -41,8 +41,6 @@ class StaticSP:
     def prepare(self, model, batch: dict) -> dict:
         if self.cp_group is None:
             return batch
-        from loomtrain.parallel.context import shard_sequence
-
         return {k: shard_sequence(v, dim=1, group=self.cp_group) for k, v in batch.items()}
 
 
@@ -149,8 +147,6 @@ class AdaptiveBatches(DocumentPosition):
         micro = [self._sequence(pieces[i][0], pieces[i][1], ranks, self.cost.strategy(pieces[i][1], len(ranks)),
                                 ranges) for i in seqs]
         return micro, nxt
-
-
 
 
 def longest_sequence(exp, world: int) -> int:

@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from loomtrain.parallel.cp_cost import Shape, attention_flops, predict_seconds
 
@@ -65,9 +65,6 @@ class SequenceCost:
         if d == 1:
             return linear + self.alpha1 * L * L
         return linear + self.layers * self._attention(L, d)[1]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def fit(lengths, seconds) -> tuple[float, float]:

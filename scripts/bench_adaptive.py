@@ -26,7 +26,6 @@ the cost model's choice (ulysses | ring | tokenring; none for one device).
 from __future__ import annotations
 
 import argparse
-import heapq
 import json
 import math
 import os
@@ -45,16 +44,6 @@ def declared_cost(impls=("tokenring", "ring", "ulysses")):
 
     return SequenceCost(alpha1=2.3e-9, alpha2=1.2e-4, heads=32, kv_heads=8, head_dim=128, layers=32, elem_bytes=2,
                         intra_bw=200e9, inter_bw=25e9, latency_s=10e-6, ranks_per_node=8, impls=impls)
-
-
-def static_makespan(lengths, world, d, T):
-    if world % d or any(-(-L // d) > CAPACITY for L in lengths):
-        return math.inf
-    heap = [(0.0, g) for g in range(world // d)]
-    for L in sorted(lengths, reverse=True):
-        load, g = heapq.heappop(heap)
-        heapq.heappush(heap, (load + T(L, d), g))
-    return max(h[0] for h in heap)
 
 
 def megatron_makespan(lengths, world, T):
@@ -125,7 +114,7 @@ def quality(args):
 
 
 def longtail(args):
-    from loomtrain.parallel.adaptive_sp import plan_groups
+    from loomtrain.parallel.adaptive_sp import plan_groups, static_makespan
 
     T = declared_cost()
     T_uly = declared_cost(impls=("ulysses",))
@@ -142,7 +131,7 @@ def longtail(args):
             rows = []
             for lengths in batches:
                 a = plan_groups(lengths, world, CAPACITY, T, ranks_per_node=8).makespan
-                statics = {d: static_makespan(lengths, world, d, T) for d in (2 ** k for k in range(11)) if d <= world}
+                statics = {d: static_makespan(lengths, world, CAPACITY, T, d) for d in (2 ** k for k in range(11)) if d <= world}
                 d_best = min(statics, key=statics.get)
                 pow2 = [2 ** k for k in range(11) if 2 ** k <= world]
                 f = plan_groups(lengths, world, CAPACITY, T_uly, degrees=pow2, ranks_per_node=8).makespan

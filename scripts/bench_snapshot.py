@@ -85,7 +85,7 @@ def _bench_rank(rank, overrides, steps, out_dir):
     ckpt = Checkpointer(os.path.join(out_dir, "dcp"), keep=1, async_save=True, rank=rank)
     dist.barrier()
     t0 = time.perf_counter()
-    path = ckpt.save(tr.model, tr.optimizer, tr.scheduler, tr.batches.sampler, tr.step)
+    path = ckpt.save(tr.model, tr.optimizer, tr.scheduler, tr.batches, tr.step)
     dcp_async_s = time.perf_counter() - t0
     ckpt.wait()
 
@@ -100,7 +100,7 @@ def _bench_rank(rank, overrides, steps, out_dir):
     memory_restore_s = time.perf_counter() - t0
     dist.barrier()
     t0 = time.perf_counter()
-    ckpt.load(path, tr.model, tr.optimizer, tr.scheduler, tr.batches.sampler)
+    ckpt.load(path, tr.model, tr.optimizer, tr.scheduler, tr.batches)
     disk_restore_s = time.perf_counter() - t0
     tr.ft.close(finished=True)
     shutdown()

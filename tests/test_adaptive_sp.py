@@ -7,7 +7,7 @@ from conftest import run_ranks
 import pytest
 
 from loomtrain.errors import ConfigError
-from loomtrain.parallel.adaptive_sp import exact_makespan, plan_groups
+from loomtrain.parallel.adaptive_sp import exact_makespan, plan_groups, static_makespan
 
 
 def cost(L, d):
@@ -85,24 +85,13 @@ def hop_cost(L, d):
 
 
 def test_beats_the_best_static_degree_on_a_long_tail():
-    import heapq
-
     rng = random.Random(11)
     lengths = [min(int(rng.paretovariate(1.1) * 300), 1 << 16) for _ in range(256)]
     world, cap = 32, 8192
     plan = plan_groups(lengths, world, cap, hop_cost)
     check_valid(plan, lengths, world, cap, hop_cost)
 
-    def static(d):  # world/d groups of d ranks, longest sequences first to the least-loaded group
-        heap = [(0.0, g) for g in range(world // d)]
-        for L in sorted(lengths, reverse=True):
-            if -(-L // d) > cap:
-                return float("inf")
-            load, g = heapq.heappop(heap)
-            heapq.heappush(heap, (load + hop_cost(L, d), g))
-        return max(h[0] for h in heap)
-
-    best_static = min(static(d) for d in (1, 2, 4, 8, 16, 32))
+    best_static = min(static_makespan(lengths, world, cap, hop_cost, d) for d in (1, 2, 4, 8, 16, 32))
     assert plan.makespan * 1.3 <= best_static, (plan.makespan, best_static)
 
 
