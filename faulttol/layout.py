@@ -92,21 +92,24 @@ class NodeLayout:
         return f"{self.nodes} {kind} x {self.ranks_per_node} ranks, {ec}"
 
 
-def choose_epoch(inventories: list[dict], layout: NodeLayout, signature: str) -> tuple[int, dict] | None:
-    """Newest epoch from which every rank can rebuild its payload, and where its chunks are.
+def choose_epoch(inventories: list[list[dict]], layout: NodeLayout) -> tuple[tuple[int, int], dict] | None:
+    """Newest epoch — by (attempt, epoch): one generation's chunks are never mixed with another's — from
+    which every rank can rebuild its payload, and where its chunks are.
 
-    ``inventories[h]`` is what holder rank ``h`` has committed and verified:
-    ``{epoch: [{"src", "chunk", "signature", ...}, ...]}``. Returns ``(epoch, sources)`` with
-    ``sources[src] = {chunk: holder}`` (the k chunks to use, data chunks preferred), or None.
+    ``inventories[h]`` lists the committed, verified entries holder rank ``h`` has (already filtered to
+    this run and configuration): ``{"attempt", "step", "src", "chunk", ...}``. Returns
+    ``((attempt, epoch), sources)`` with ``sources[src] = {chunk: holder}`` (the k chunks to use, data
+    chunks preferred), or None.
     """
-    epochs = sorted({int(e) for inv in inventories for e in inv}, reverse=True)
+    generations = sorted({(int(e["attempt"]), int(e["step"])) for inv in inventories for e in inv}, reverse=True)
     k = layout.data
-    for epoch in epochs:
+    for generation in generations:
         found: dict[int, dict[int, int]] = {r: {} for r in range(layout.world)}
         for holder, inv in enumerate(inventories):
-            for entry in inv.get(epoch, inv.get(str(epoch), [])):
-                if entry["signature"] == signature and layout.holder(entry["src"], entry["chunk"]) == holder:
+            for entry in inv:
+                if (int(entry["attempt"]), int(entry["step"])) == generation and \
+                        0 <= entry["src"] < layout.world and layout.holder(entry["src"], entry["chunk"]) == holder:
                     found[entry["src"]][entry["chunk"]] = holder
         if all(len(chunks) >= k for chunks in found.values()):
-            return epoch, {src: dict(sorted(chunks.items())[:k]) for src, chunks in found.items()}
+            return generation, {src: dict(sorted(chunks.items())[:k]) for src, chunks in found.items()}
     return None

@@ -6,6 +6,9 @@ and ``close`` at the end.
 """
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import json
 import os
 import sys
 import tempfile
@@ -15,9 +18,10 @@ import torch.distributed as dist
 
 from loomtrain.faulttol.inject import Watchdog, attempt, maybe_inject
 from loomtrain.faulttol.layout import NodeLayout
-from loomtrain.faulttol.smp import SnapshotClient, ensure_daemon, socket_path, stop_daemons
+from loomtrain.faulttol.smp import SnapshotClient, ensure_daemon, secure_directory, socket_path, stop_daemons
 
 SMP_DIR_ENV = "LOOMTRAIN_SMP_DIR"
+RUN_ID_ENV = "LOOMTRAIN_RUN_ID"
 
 
 def smp_directory(exp) -> str:
@@ -28,6 +32,42 @@ def smp_directory(exp) -> str:
     return os.path.join(tempfile.gettempdir(), f"loomtrain-smp-{os.getuid()}-{zlib.crc32(key.encode()):08x}")
 
 
+def run_id() -> str:
+    """Fixed at launch and the same in every restart: loomtrain's launcher (or the test harness),
+    torchrun's rendezvous id, or Slurm's job id. Empty when nothing names the run."""
+    for var in (RUN_ID_ENV, "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID"):
+        value = os.environ.get(var, "")
+        if value and value != "none":
+            return value
+    return ""
+
+
+def code_version() -> str:
+    """A hash of loomtrain's source: a snapshot written by other code is not this run's state."""
+    import loomtrain
+
+    digest = hashlib.sha256(loomtrain.__version__.encode())
+    roots = [os.path.dirname(loomtrain.__file__)] + [
+        os.path.dirname(importlib.util.find_spec(f"loomtrain.{sub}").origin) for sub in CODE_PACKAGES]
+    for root in roots:
+        for name in sorted(os.listdir(root)):
+            if name.endswith(".py"):
+                with open(os.path.join(root, name), "rb") as f:
+                    digest.update(name.encode() + b"\0" + f.read())
+    return digest.hexdigest()[:16]
+
+
+CODE_PACKAGES = ("trainer", "parallel", "comms", "faulttol", "data", "launch")
+
+
+def state_signature(exp, env, dims, layout) -> str:
+    """What must be equal for a snapshot to be this run's state: the full resolved config, the world and
+    mesh, the node layout and the code."""
+    config = json.dumps(exp.to_dict(), sort_keys=True, default=str)
+    parts = [config, str(env.world_size), dims.describe(), repr(layout), code_version()]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
 class FaultTolerance:
     def __init__(self, exp, env, dims):
         self.exp, self.env, self.cfg = exp, env, exp.faulttol
@@ -35,6 +75,8 @@ class FaultTolerance:
         self.every = self.cfg.snapshot.every_steps
         self.snapshots = None
         self.smp_dir = None
+        self.run = run_id()
+        self.snapshot_failures = 0
         if self.every:
             self._connect(dims)
         self.watchdog = Watchdog(self.cfg.hang_timeout_s, env.rank)
@@ -43,30 +85,37 @@ class FaultTolerance:
         from loomtrain.faulttol.snapshot import Snapshotter
 
         env, layout = self.env, self.layout
-        self.smp_dir = smp_directory(self.exp)
+        self.smp_dir = secure_directory(smp_directory(self.exp))
         node = layout.node_of(env.rank)
-        client = SnapshotClient(socket_path(self.smp_dir, node))
+        client = SnapshotClient(socket_path(self.smp_dir, node), run=self.run, attempt=attempt())
         if env.rank == layout.node_ranks(node)[0]:  # the node's first rank makes sure its SMP is up
             # Launchers start SMPs; one missing (bare torchrun, or killed) is started here, detached.
             if ensure_daemon(self.smp_dir, node, self.cfg.smp_idle_exit_s):
                 print(f"faulttol: started the snapshot process of node {node} ({self.smp_dir})", file=sys.stderr,
                       flush=True)
-            client._call(op="free_uncommitted")  # torn leftovers
+            client.register(env.rank)  # first: a new run or attempt drops what can never serve it
         dist.barrier()
-        client._call(op="register", rank=env.rank, pid=os.getpid())
-        signature = "|".join([str(env.world_size), dims.describe(), repr(layout), repr(self.exp.model),
-                              str(self.exp.data.seq_len), os.path.abspath(self.exp.train.output_dir)])
-        self.snapshots = Snapshotter(layout, env.rank, self.smp_dir, f"{zlib.crc32(signature.encode()):08x}",
-                                     env.device)
+        if env.rank != layout.node_ranks(node)[0]:
+            client.register(env.rank)
+        self.snapshots = Snapshotter(layout, env.rank, self.smp_dir, state_signature(self.exp, env, dims, layout),
+                                     env.device, run=self.run, attempt=attempt(),
+                                     timeout_s=self.cfg.snapshot.timeout_s, idle_exit_s=self.cfg.smp_idle_exit_s)
+
+    @property
+    def attempt(self) -> int:
+        return attempt()
 
     @property
     def restarted(self) -> bool:
         return attempt() > 0
 
     def locate(self):
-        """(Located or None, why not) — collective."""
+        """(Located or None, why not) — collective. Memory serves only a restart of the same run: a fresh
+        start (attempt 0) never loads a snapshot, whatever an SMP still holds."""
         if self.snapshots is None:
             return None, "snapshots are off (faulttol.snapshot.every_steps=0)"
+        if not self.restarted:
+            return None, "a fresh start does not load memory snapshots"
         return self.snapshots.locate()
 
     def before_update(self) -> None:
@@ -76,11 +125,17 @@ class FaultTolerance:
     def after_step(self, step: int, model, optimizer, host_state) -> None:
         """Snapshot if due, fire an injected fault if due, and tell the watchdog we are alive."""
         if self.snapshots is not None:
-            self.snapshots.raise_error()
+            self.report_failures()
             if step % self.every == 0:
                 self.snapshots.start(step, model, optimizer, host_state())
         maybe_inject(self.cfg.inject, self.env.rank, step, self.layout, self.smp_dir)
         self.watchdog.beat()
+
+    def report_failures(self) -> None:
+        """Warn about (and count) snapshots that failed; training goes on without them."""
+        for line in self.snapshots.poll():
+            self.snapshot_failures += 1
+            print(f"faulttol: WARNING: {line}", file=sys.stderr, flush=True)
 
     def persist_due(self, step: int) -> bool:
         return bool(self.cfg.persist_every_steps) and step % self.cfg.persist_every_steps == 0
@@ -91,6 +146,7 @@ class FaultTolerance:
         if self.snapshots is None or not finished:
             return
         self.snapshots.wait()
+        self.report_failures()
         dist.barrier()
         node = self.layout.node_of(self.env.rank)
         if self.env.rank == self.layout.node_ranks(node)[0]:

@@ -3,38 +3,75 @@
 The SMP is its own process (started by the launcher in its own session, not as a child
 of a trainer), so a trainer killed with SIGKILL loses nothing: the SMP created every
 segment and only the SMP unlinks them. Trainers talk to it over a Unix socket with
-one JSON object per line:
+one JSON object per line, each carrying the run's secret:
 
-- ``alloc {key, size}``: create a segment (after checking /dev/shm has room: tmpfs
-  allocates lazily, so an overfull /dev/shm would otherwise kill the writer with SIGBUS);
-- ``commit {epoch, owner, entries}``: the owner's (a rank's) segments of that epoch are
-  complete, with one checksum per segment; only committed entries are ever served, the
-  two newest epochs are kept and older ones unlinked (a failure during a snapshot falls
-  back to the previous epoch);
-- ``latest``: committed epochs, newest first; ``free_uncommitted``: drop a torn
-  snapshot's leftovers; ``register {rank, pid}`` / ``ping``: which trainer processes
-  live on this node; ``shutdown``: unlink everything and exit.
+- ``register {rank, pid, run, attempt}``: a trainer of generation (run, attempt) lives on this
+  node. A new run drops every epoch of the previous one (they can never serve it); a new
+  attempt drops the torn leftovers of the last; an older attempt is refused (a fence);
+- ``alloc {key, size, epoch, run, attempt}``: a segment for chunk ``key`` of a snapshot. Space is
+  reserved for real (``posix_fallocate``: tmpfs allocates lazily, so an unreserved segment can
+  kill its writer with SIGBUS), and segments are reused: once two complete epochs are held,
+  the oldest one's segments serve the next snapshot (peak: two epochs, not three);
+- ``commit {epoch, owner, entries, run, attempt}``: the owner's (a rank's) segments of that epoch
+  are complete. Only committed entries are served; the two newest complete epochs, ordered by
+  (attempt, epoch), are kept; a commit older than both is refused, not silently dropped;
+  re-committing an epoch frees the segments it replaces;
+- ``latest``: committed epochs, newest first; ``free_uncommitted``: drop a torn snapshot's
+  leftovers; ``ping``: pid, prefix, generation, ranks; ``shutdown``: unlink everything and exit.
 
-Clients map segments by name (plain mmap of /dev/shm/<name>), never through Python's
-resource tracker, which would unlink a segment when it believes the attaching process died.
-The daemon imports no torch, so it starts in a fraction of a second.
+Each connection is served by a thread of its own with a timeout: a client that dies, stalls
+or sends garbage costs its own request only. The committed index is kept in a file next to
+the socket, so an SMP restarted after SIGKILL adopts its predecessor's segments; SIGTERM
+(scancel, a time limit) unlinks every segment before exiting. The socket lives in a
+directory of mode 0700 owned by the user, and the SMP checks each peer's uid.
+
+Clients map segments by name (plain mmap), never through Python's resource tracker, which
+would unlink a segment when it believes the attaching process died. The daemon imports no
+torch, so it starts in a fraction of a second.
 """
 from __future__ import annotations
 
 import argparse
+import hmac
 import json
 import mmap
 import os
-import shutil
+import re
+import secrets
+import signal
 import socket
+import stat
+import struct
 import subprocess
 import sys
+import threading
 import time
 import uuid
 import zlib
 
+from loomtrain.fsutil import atomic_write_text
+
 KEEP_EPOCHS = 2
-SHM_DIR = "/dev/shm"
+SHM_DIR_ENV = "LOOMTRAIN_SHM_DIR"  # where segments live: /dev/shm unless a test mounts a small tmpfs
+REQUEST_TIMEOUT_S = 30.0  # a client that sends nothing for this long loses its connection
+CLIENT_TIMEOUT_S = 120.0  # a client waits this long for a reply (alloc of GBs takes a moment)
+MAX_REQUEST = 16 << 20
+SEGMENT_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+class SMPError(RuntimeError):
+    """The SMP refused a request or could not be reached."""
+
+
+def shm_dir() -> str:
+    return os.environ.get(SHM_DIR_ENV, "/dev/shm")
+
+
+def segment_path(name: str) -> str:
+    """/dev/shm/<name> for a name the SMP handed out; anything else (a path, '..') is refused."""
+    if not isinstance(name, str) or not SEGMENT_NAME.fullmatch(name):
+        raise SMPError(f"snapshot: invalid segment name {name!r}")
+    return os.path.join(shm_dir(), name)
 
 
 class Attached:
@@ -45,7 +82,7 @@ class Attached:
     """
 
     def __init__(self, name: str):
-        fd = os.open(os.path.join(SHM_DIR, name.lstrip("/")), os.O_RDWR)
+        fd = os.open(segment_path(name), os.O_RDWR | os.O_NOFOLLOW)
         try:
             size = os.fstat(fd).st_size
             self._mmap = mmap.mmap(fd, size) if size else None
@@ -63,147 +100,420 @@ def checksum(buf) -> int:
     return zlib.crc32(buf)
 
 
+def secure_directory(path: str) -> str:
+    """Create ``path`` with mode 0700, or check that an existing one is ours and closed to others."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise SMPError(f"snapshot: directory {path} must be a directory owned by uid {os.getuid()} with mode 0700 "
+                       f"(it is uid {st.st_uid}, mode {oct(st.st_mode & 0o7777)}); remove it or choose another")
+    return path
+
+
+def index_path(socket_file: str) -> str:
+    """Where an SMP keeps its committed index (for a successor to adopt)."""
+    return os.path.splitext(socket_file)[0] + ".index.json"
+
+
+def secret_path(socket_file: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(socket_file)), "secret")
+
+
+def load_secret(socket_file: str, create: bool = False) -> str:
+    """The run's shared secret, kept in a 0600 file in the SMP directory (created once, atomically)."""
+    path = secret_path(socket_file)
+    if create and not os.path.exists(path):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+        except FileExistsError:  # another rank or daemon won the race
+            pass
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd) as f:
+        st = os.fstat(f.fileno())
+        if st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise SMPError(f"snapshot: {path} must be owned by uid {os.getuid()} with mode 0600")
+        return f.read().strip()
+
+
 def orphan_segments(prefix: str) -> list[str]:
-    return sorted(f for f in os.listdir(SHM_DIR) if f.startswith(prefix + "-")) if os.path.isdir(SHM_DIR) else []
+    d = shm_dir()
+    return sorted(f for f in os.listdir(d) if f.startswith(prefix + "-")) if os.path.isdir(d) else []
 
 
 def remove_segments(prefix: str) -> None:
     """Unlink every segment named with ``prefix`` (left by a killed daemon, or a node's memory being lost)."""
     for name in orphan_segments(prefix):
         try:
-            os.unlink(os.path.join(SHM_DIR, name))
+            os.unlink(os.path.join(shm_dir(), name))
         except FileNotFoundError:
             pass
 
 
-class SnapshotDaemon:
-    def __init__(self, socket_path: str, prefix: str, idle_exit_s: float = 0.0):
-        self.socket_path, self.prefix, self.idle_exit_s = socket_path, prefix, idle_exit_s
-        # name -> size. Segments are files in /dev/shm created here, not SharedMemory objects: Python's
-        # resource tracker would unlink them if this daemon were killed (and could not tell it apart).
-        self.segments: dict[str, int] = {}
-        # Committed, by epoch: {epoch: {owner: {key: {name, size, crc, ...}}}}
-        self.epochs: dict[int, dict[str, dict]] = {}
-        self.ranks: dict[str, int] = {}  # trainer rank -> pid, for node-loss injection
-        # A predecessor killed with SIGKILL could not unlink its segments; its index died with it.
-        remove_segments(prefix)
+def _newest_first(epochs: dict) -> list[int]:
+    return sorted(epochs, key=lambda e: (epochs[e]["attempt"], e), reverse=True)
 
-    def alloc(self, key: str, size: int) -> dict:
-        free = shutil.disk_usage(SHM_DIR).free if os.path.isdir(SHM_DIR) else float("inf")
-        if size > free:
-            return {"error": f"snapshot: /dev/shm has {free / 2**20:.1f} MiB free, segment '{key}' needs "
-                             f"{size / 2**20:.1f} MiB (raise the shm size or snapshot less often)"}
-        name = f"{self.prefix}-{uuid.uuid4().hex[:12]}"
-        fd = os.open(os.path.join(SHM_DIR, name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+
+class SnapshotDaemon:
+    """The SMP's state and request handling; ``serve`` runs it on a socket."""
+
+    def __init__(self, socket_path: str, prefix: str, idle_exit_s: float = 0.0,
+                 request_timeout_s: float = REQUEST_TIMEOUT_S):
+        self.socket_path, self.prefix = socket_path, prefix
+        self.idle_exit_s, self.request_timeout_s = idle_exit_s, request_timeout_s
+        self.index_path = index_path(socket_path)
+        self.secret = load_secret(socket_path, create=True)
+        self.lock = threading.Lock()
+        self.segments: dict[str, int] = {}  # every segment this SMP owns: name -> size
+        self.pending: dict[str, tuple[int, str]] = {}  # allocated, not yet committed: name -> (epoch, key)
+        self.pool: dict[str, int] = {}  # evicted segments waiting to be reused: name -> size
+        # Committed, by epoch: {epoch: {"attempt", "complete", "owners": {owner: {key: entry}}}}
+        self.epochs: dict[int, dict] = {}
+        self.run, self.attempt = "", 0
+        self.ranks: dict[str, int] = {}  # trainer rank -> pid (this attempt), for node-loss injection
+        self._stop = threading.Event()
+        self._last_request = time.monotonic()
+        self._adopt()
+
+    # ------------------------------------------------------------------ the committed index
+    def _adopt(self) -> None:
+        """Take over a SIGKILLed predecessor's committed segments; unlink whatever else carries our prefix."""
         try:
-            os.ftruncate(fd, max(1, size))
+            with open(self.index_path) as f:
+                index = json.load(f)
+            self.run, self.attempt = str(index["run"]), int(index["attempt"])
+            self.ranks = {str(k): int(v) for k, v in index.get("ranks", {}).items()}
+            for epoch, ep in index["epochs"].items():
+                owners = {}
+                for owner, entries in ep["owners"].items():
+                    if all(self._present(e) for e in entries.values()):
+                        owners[owner] = entries
+                if owners:
+                    self.epochs[int(epoch)] = {"attempt": int(ep["attempt"]), "complete": bool(ep["complete"]),
+                                               "owners": owners}
+        except FileNotFoundError:
+            pass
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            print(f"smp: ignoring an unreadable index {self.index_path} ({e})", file=sys.stderr, flush=True)
+            self.epochs.clear()
+        for ep in self.epochs.values():
+            for entries in ep["owners"].values():
+                for e in entries.values():
+                    self.segments[e["name"]] = int(e["size"])
+        for name in orphan_segments(self.prefix):
+            if name not in self.segments:
+                self._unlink(name)
+        if self.epochs:
+            print(f"smp: adopted epochs {sorted(self.epochs)} of run {self.run!r} from {self.index_path}",
+                  file=sys.stderr, flush=True)
+
+    def _present(self, entry: dict) -> bool:
+        try:
+            name = str(entry["name"])
+            return name.startswith(self.prefix + "-") and os.stat(segment_path(name)).st_size == max(
+                1, int(entry["size"]))
+        except (OSError, SMPError, KeyError, ValueError):
+            return False
+
+    def _save_index(self) -> None:
+        index = {"run": self.run, "attempt": self.attempt, "ranks": self.ranks,
+                 "epochs": {str(e): ep for e, ep in self.epochs.items()}}
+        atomic_write_text(self.index_path, json.dumps(index))
+
+    # ------------------------------------------------------------------ segments
+    def _unlink(self, name: str) -> None:
+        try:
+            os.unlink(os.path.join(shm_dir(), name))
+        except FileNotFoundError:  # removed from outside (a wiped node, an operator)
+            pass
+
+    def _free(self, name: str) -> None:
+        self.segments.pop(name, None)
+        self.pending.pop(name, None)
+        self.pool.pop(name, None)
+        self._unlink(name)
+
+    def _retire(self, name: str) -> None:
+        """A segment no epoch needs any more: keep it for reuse."""
+        self.pending.pop(name, None)
+        if name in self.segments:
+            self.pool[name] = self.segments[name]
+
+    def _drop_epoch(self, epoch: int, reuse: bool = True) -> None:
+        for entries in self.epochs.pop(epoch)["owners"].values():
+            for e in entries.values():
+                (self._retire if reuse else self._free)(e["name"])
+
+    def _create(self, size: int) -> dict:
+        name = f"{self.prefix}-{uuid.uuid4().hex[:12]}"
+        path = os.path.join(shm_dir(), name)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            while True:
+                try:
+                    os.posix_fallocate(fd, 0, max(1, size))  # reserve the pages now, not at the first write
+                    break
+                except OSError as e:
+                    if not self.pool:
+                        os.unlink(path)
+                        return {"error": f"snapshot: {shm_dir()} cannot hold a segment of {size / 2**20:.1f} MiB "
+                                         f"({e.strerror}; raise the shm size or snapshot less often)"}
+                    for pooled in list(self.pool):  # segments of sizes nobody asks for any more
+                        self._free(pooled)
         finally:
             os.close(fd)
         self.segments[name] = size
         return {"name": name}
 
-    def commit(self, epoch: int, owner: str, entries: dict) -> dict:
-        missing = [k for k, e in entries.items() if e["name"] not in self.segments]
-        if missing:
-            return {"error": f"commit: unknown segments for {missing}"}
-        self.epochs.setdefault(epoch, {})[owner] = entries
-        for old in sorted(self.epochs)[:-KEEP_EPOCHS]:
-            for owned in self.epochs.pop(old).values():
-                for e in owned.values():
-                    self._free(e["name"])
+    def _complete(self) -> list[int]:
+        return [e for e in _newest_first(self.epochs) if self.epochs[e]["complete"]]
+
+    def _too_old(self, epoch: int) -> dict | None:
+        """An epoch older than every complete epoch kept would be evicted at once: refuse it, loudly."""
+        complete = self._complete()
+        if len(complete) >= KEEP_EPOCHS and epoch not in self.epochs and \
+                (self.attempt, epoch) < (self.epochs[complete[-1]]["attempt"], complete[-1]):
+            return {"error": f"snapshot: epoch {epoch} is older than the {KEEP_EPOCHS} complete epochs held "
+                             f"{sorted(complete)}; not kept"}
+        return None
+
+    # ------------------------------------------------------------------ requests
+    def _fence(self, req: dict) -> dict | None:
+        run, attempt = str(req.get("run", "")), int(req.get("attempt", 0))
+        if run != self.run or attempt != self.attempt:
+            return {"error": f"snapshot: request of run {run!r} attempt {attempt} refused: this node serves run "
+                             f"{self.run!r} attempt {self.attempt} (a stale trainer, or one that did not register)"}
+        return None
+
+    def register(self, rank: str, pid: int, run: str, attempt: int) -> dict:
+        if run != self.run:
+            if self.epochs:
+                print(f"smp: run {run!r} registered; dropping epochs {sorted(self.epochs)} of run {self.run!r}",
+                      file=sys.stderr, flush=True)
+            for epoch in list(self.epochs):
+                self._drop_epoch(epoch)
+            self.run, self.attempt, self.ranks = run, attempt, {}
+            self.free_uncommitted()
+        elif attempt < self.attempt:
+            return {"error": f"snapshot: attempt {attempt} of run {run!r} refused: attempt {self.attempt} is running"}
+        elif attempt > self.attempt:
+            self.attempt, self.ranks = attempt, {}
+            self.free_uncommitted()
+        self.ranks[rank] = pid
+        self._save_index()
         return {"ok": True}
 
-    def _free(self, name: str) -> None:
-        if self.segments.pop(name, None) is not None:
-            try:
-                os.unlink(os.path.join(SHM_DIR, name))
-            except FileNotFoundError:  # removed from outside (a wiped node, an operator)
-                pass
+    def alloc(self, key: str, size: int, epoch: int) -> dict:
+        if size < 0:
+            return {"error": f"alloc: size must be >= 0, got {size}"}
+        if refused := self._too_old(epoch):
+            return refused
+        for name, (older, _) in list(self.pending.items()):
+            if older < epoch:  # a snapshot of this attempt that failed before its commit
+                self._retire(name)
+        complete = self._complete()
+        if len(complete) >= KEEP_EPOCHS and epoch not in self.epochs:
+            self._drop_epoch(complete[-1])  # double buffering: the oldest complete epoch becomes the new one
+            self._save_index()
+        for name, pooled in self.pool.items():
+            if pooled == size:
+                del self.pool[name]
+                break
+        else:
+            reply = self._create(size)
+            if "error" in reply:
+                return reply
+            name = reply["name"]
+        self.pending[name] = (epoch, key)
+        return {"name": name}
+
+    def commit(self, epoch: int, owner: str, entries: dict) -> dict:
+        if epoch in self.epochs and self.epochs[epoch]["attempt"] != self.attempt:
+            self._drop_epoch(epoch)  # the same step number of an earlier generation: never mixed with this one
+        names = [e.get("name") if isinstance(e, dict) else None for e in entries.values()]
+        held = self.epochs.get(epoch, {}).get("owners", {}).get(owner, {})
+        held_names = {e["name"] for e in held.values()}
+        unknown = [n for n in names if n not in self.pending and n not in held_names]
+        if unknown:
+            return {"error": f"commit: unknown segments {unknown}"}
+        if refused := self._too_old(epoch):
+            for n in names:
+                self._retire(n)
+            return refused
+        for name in held_names - set(names):  # a re-commit replaces what the owner had
+            self._retire(name)
+        for n in names:
+            self.pending.pop(n, None)
+        ep = self.epochs.setdefault(epoch, {"attempt": self.attempt, "complete": False, "owners": {}})
+        ep["owners"][owner] = entries
+        ep["complete"] = set(self.ranks or [owner]) <= set(ep["owners"])  # every trainer of the node committed
+        if ep["complete"]:
+            for name in list(self.pool):  # the snapshot took what it needed; the rest is surplus
+                self._free(name)
+        for old in self._complete()[KEEP_EPOCHS:]:
+            self._drop_epoch(old)
+        newest_complete = self._complete()[:1]
+        for old in list(self.epochs):  # incomplete epochs older than the newest complete one never serve
+            if newest_complete and not self.epochs[old]["complete"] and \
+                    (self.epochs[old]["attempt"], old) < (self.epochs[newest_complete[0]]["attempt"], newest_complete[0]):
+                self._drop_epoch(old)
+        self._save_index()
+        return {"ok": True}
 
     def free_all(self) -> None:
         for name in list(self.segments):
             self._free(name)
+        self.epochs.clear()
+        try:
+            os.unlink(self.index_path)
+        except FileNotFoundError:
+            pass
 
     def free_uncommitted(self) -> dict:
-        """Drop segments no committed epoch refers to (a torn snapshot's leftovers)."""
-        live = {e["name"] for ep in self.epochs.values() for owned in ep.values() for e in owned.values()}
+        """Drop segments no committed epoch refers to (a torn snapshot's leftovers, the reuse pool)."""
+        live = {e["name"] for ep in self.epochs.values() for owned in ep["owners"].values() for e in owned.values()}
         for name in [n for n in self.segments if n not in live]:
             self._free(name)
         return {"ok": True}
 
     def handle(self, req: dict) -> dict:
+        """One request -> one reply; a malformed request is answered with an error, never raised."""
+        if not isinstance(req, dict) or not hmac.compare_digest(str(req.get("secret", "")), self.secret):
+            return {"error": "snapshot: unauthorized (wrong or missing secret)"}
         op = req.get("op")
-        if op == "alloc":
-            return self.alloc(req["key"], int(req["size"]))
-        if op == "commit":
-            return self.commit(int(req["epoch"]), str(req.get("owner", "0")), req["entries"])
-        if op == "latest":
-            return {"epochs": [{"epoch": e, "owners": self.epochs[e]} for e in sorted(self.epochs, reverse=True)]}
-        if op == "free_uncommitted":
-            return self.free_uncommitted()
-        if op == "register":
-            self.ranks[str(req["rank"])] = int(req["pid"])
-            return {"ok": True}
-        if op == "ping":
-            return {"ok": True, "pid": os.getpid(), "prefix": self.prefix, "ranks": self.ranks}
+        try:
+            with self.lock:
+                if op in ("alloc", "commit") and (refused := self._fence(req)):
+                    return refused
+                if op == "alloc":
+                    return self.alloc(str(req["key"]), int(req["size"]), int(req["epoch"]))
+                if op == "commit":
+                    if not isinstance(req["entries"], dict):
+                        return {"error": "commit: entries must be an object"}
+                    return self.commit(int(req["epoch"]), str(req["owner"]), req["entries"])
+                if op == "latest":
+                    return {"run": self.run, "attempt": self.attempt,
+                            "epochs": [{"epoch": e, "attempt": self.epochs[e]["attempt"],
+                                        "complete": self.epochs[e]["complete"], "owners": self.epochs[e]["owners"]}
+                                       for e in _newest_first(self.epochs)]}
+                if op == "free_uncommitted":
+                    return self.free_uncommitted()
+                if op == "register":
+                    return self.register(str(req["rank"]), int(req["pid"]), str(req.get("run", "")),
+                                         int(req.get("attempt", 0)))
+                if op == "ping":
+                    return {"ok": True, "pid": os.getpid(), "prefix": self.prefix, "ranks": self.ranks,
+                            "run": self.run, "attempt": self.attempt}
+                if op == "shutdown":
+                    self.free_all()  # before replying: the caller may check for leftovers next
+                    self._stop.set()
+                    return {"ok": True}
+        except (KeyError, ValueError, TypeError) as e:
+            return {"error": f"snapshot: malformed {op!r} request ({type(e).__name__}: {e})"}
         return {"error": f"unknown op {op!r}"}
 
+    # ------------------------------------------------------------------ serving
+    def _peer_is_us(self, conn: socket.socket) -> bool:
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _, uid, _ = struct.unpack("3i", creds)
+        return uid == os.getuid()
+
+    def _serve_connection(self, conn: socket.socket) -> None:
+        """One client, isolated: its failures (gone, stalled, garbage) end its connection only."""
+        try:
+            with conn:
+                if not self._peer_is_us(conn):
+                    return
+                conn.settimeout(self.request_timeout_s)
+                with conn.makefile("rwb") as f:
+                    while not self._stop.is_set():
+                        line = f.readline(MAX_REQUEST)
+                        if not line:
+                            return
+                        self._last_request = time.monotonic()
+                        try:
+                            reply = self.handle(json.loads(line))
+                        except ValueError as e:  # not JSON
+                            reply = {"error": f"snapshot: request is not JSON ({e})"}
+                        f.write(json.dumps(reply).encode() + b"\n")
+                        f.flush()
+        except OSError:  # the client went away mid-request or timed out: its problem, not the node's
+            pass
+
     def serve(self) -> None:
-        if os.path.exists(self.socket_path):
+        if os.path.lexists(self.socket_path):
             os.unlink(self.socket_path)
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        server.bind(self.socket_path)
-        server.listen(64)
-        if self.idle_exit_s:
-            server.settimeout(self.idle_exit_s)
+        old_umask = os.umask(0o177)
         try:
-            while True:
+            server.bind(self.socket_path)  # created 0600 whatever the caller's umask
+        finally:
+            os.umask(old_umask)
+        server.listen(64)
+        server.settimeout(0.2)
+        signal.signal(signal.SIGTERM, lambda *_: self._stop.set())  # scancel, time limit: free, then exit
+        try:
+            while not self._stop.is_set():
                 try:
                     conn, _ = server.accept()
-                except TimeoutError:  # nobody used us for idle_exit_s: the job is gone
-                    return
-                with conn, conn.makefile("rw") as f:
-                    for line in f:
-                        req = json.loads(line)
-                        if req.get("op") == "shutdown":
-                            self.free_all()  # before replying: the caller may check for leftovers next
-                            f.write(json.dumps({"ok": True}) + "\n")
-                            f.flush()
-                            return
-                        f.write(json.dumps(self.handle(req)) + "\n")
-                        f.flush()
+                except TimeoutError:
+                    if self.idle_exit_s and time.monotonic() - self._last_request > self.idle_exit_s:
+                        return  # nobody used us for idle_exit_s: the job is gone
+                    continue
+                threading.Thread(target=self._serve_connection, args=(conn,), daemon=True).start()
         finally:
-            self.free_all()
+            with self.lock:
+                self.free_all()
             server.close()
-            if os.path.exists(self.socket_path):
+            if os.path.lexists(self.socket_path):
                 os.unlink(self.socket_path)
 
 
 class SnapshotClient:
     """A trainer's view of its node's SMP: write an epoch of named byte tensors, read the newest intact one."""
 
-    def __init__(self, socket_path: str):
-        self.socket_path = socket_path
+    def __init__(self, socket_path: str, run: str = "", attempt: int = 0, timeout_s: float = CLIENT_TIMEOUT_S):
+        self.socket_path, self.run, self.attempt, self.timeout_s = socket_path, run, attempt, timeout_s
+        self._secret = None
 
-    def _call(self, **req) -> dict:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.connect(self.socket_path)
-            with s.makefile("rw") as f:
-                f.write(json.dumps(req) + "\n")
-                f.flush()
-                reply = json.loads(f.readline())
+    def _call(self, timeout_s: float | None = None, **req) -> dict:
+        try:
+            if self._secret is None:
+                self._secret = load_secret(self.socket_path)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(timeout_s or self.timeout_s)
+                s.connect(self.socket_path)
+                with s.makefile("rwb") as f:
+                    f.write(json.dumps(req | {"secret": self._secret}).encode() + b"\n")
+                    f.flush()
+                    line = f.readline(MAX_REQUEST)
+            reply = json.loads(line) if line else None
+        except (OSError, ValueError) as e:
+            raise SMPError(f"snapshot process at {self.socket_path} is not answering ({type(e).__name__}: {e})") from e
+        if reply is None:
+            raise SMPError(f"snapshot process at {self.socket_path} closed the connection without a reply")
         if "error" in reply:
-            raise RuntimeError(reply["error"])
+            raise SMPError(reply["error"])
         return reply
 
+    def register(self, rank: int) -> dict:
+        return self._call(op="register", rank=rank, pid=os.getpid(), run=self.run, attempt=self.attempt)
+
+    def alloc(self, key: str, size: int, epoch: int) -> str:
+        return self._call(op="alloc", key=key, size=size, epoch=epoch, run=self.run, attempt=self.attempt)["name"]
+
+    def commit(self, epoch: int, owner: str, entries: dict) -> dict:
+        return self._call(op="commit", epoch=epoch, owner=owner, entries=entries, run=self.run, attempt=self.attempt)
+
     def write_epoch(self, epoch: int, tensors: dict, commit: bool = True, owner: str = "0") -> dict:
-        """Copy each tensor's bytes into a fresh SMP segment, then commit the epoch (all or nothing)."""
+        """Copy each tensor's bytes into an SMP segment, then commit the epoch (all or nothing)."""
         import torch
 
         entries = {}
         for key, t in tensors.items():
             data = t.detach().contiguous().view(torch.uint8).reshape(-1).cpu()
-            name = self._call(op="alloc", key=key, size=data.numel())["name"]
+            name = self.alloc(key, data.numel(), epoch)
             shm = Attached(name)
             try:
                 view = torch.frombuffer(shm.buf, dtype=torch.uint8, count=data.numel()) if data.numel() else None
@@ -215,7 +525,7 @@ class SnapshotClient:
             finally:
                 shm.close()
         if commit:
-            self._call(op="commit", epoch=epoch, owner=owner, entries=entries)
+            self.commit(epoch, owner, entries)
         return entries
 
     def read_latest(self, owner: str = "0") -> tuple[int, dict] | None:
@@ -247,11 +557,11 @@ class SnapshotClient:
     def shutdown(self) -> None:
         self._call(op="shutdown")
 
-    def alive(self) -> bool:
+    def alive(self, timeout_s: float = 5.0) -> bool:
         try:
-            self._call(op="ping")
+            self._call(op="ping", timeout_s=timeout_s)
             return True
-        except (OSError, ValueError):
+        except SMPError:
             return False
 
 
@@ -261,22 +571,25 @@ def socket_path(smp_dir: str, node: int) -> str:
 
 
 def segment_prefix(smp_dir: str, node: int) -> str:
-    """Stable per (job directory, node): a restarted daemon finds and removes its predecessor's orphans."""
+    """Stable per (job directory, node): a restarted daemon finds its predecessor's segments."""
     return f"lt{zlib.crc32(os.path.abspath(smp_dir).encode()):08x}n{node}"
 
 
-def start_daemon(smp_dir: str, node: int, idle_exit_s: float = 0.0, timeout_s: float = 30.0) -> int:
+def start_daemon(smp_dir: str, node: int, idle_exit_s: float = 0.0, timeout_s: float = 30.0,
+                 env: dict | None = None) -> int:
     """Start node ``node``'s SMP in a session of its own (no trainer's death takes it down); returns its pid."""
-    os.makedirs(smp_dir, exist_ok=True)
+    secure_directory(smp_dir)
     sock = socket_path(smp_dir, node)
+    load_secret(sock, create=True)
     proc = subprocess.Popen([sys.executable, "-m", "loomtrain.faulttol.smp", "--socket", sock,
                              "--prefix", segment_prefix(smp_dir, node), "--idle-exit-s", str(idle_exit_s)],
-                            start_new_session=True, stdin=subprocess.DEVNULL)
+                            start_new_session=True, stdin=subprocess.DEVNULL,
+                            env=dict(os.environ, **env) if env else None)
     client = SnapshotClient(sock)
     deadline = time.monotonic() + timeout_s
-    while not client.alive():
+    while not client.alive(timeout_s=1.0):
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"snapshot process for node {node} did not start (socket {sock})")
+            raise SMPError(f"snapshot process for node {node} did not start (socket {sock})")
         time.sleep(0.02)
     return proc.pid
 
@@ -296,6 +609,9 @@ def stop_daemons(smp_dir: str, nodes: range | list[int]) -> None:
         if client.alive():
             client.shutdown()
         remove_segments(segment_prefix(smp_dir, node))  # a SIGKILLed daemon's leftovers
+        index = index_path(socket_path(smp_dir, node))
+        if os.path.exists(index):
+            os.unlink(index)
 
 
 def main(argv=None) -> int:
@@ -304,6 +620,7 @@ def main(argv=None) -> int:
     p.add_argument("--prefix", default=f"loomtrain-{os.getpid()}")
     p.add_argument("--idle-exit-s", type=float, default=0.0, help="exit after this long without a request; 0 = never")
     a = p.parse_args(argv)
+    secure_directory(os.path.dirname(os.path.abspath(a.socket)))
     SnapshotDaemon(a.socket, a.prefix, a.idle_exit_s).serve()
     return 0
 

@@ -1,20 +1,25 @@
 """Asynchronous in-memory snapshots, erasure-coded across nodes, and restoring from them.
 
 A snapshot of step s is each rank's *payload*: the local shards of every model and
-optimizer tensor (in ``get_state_dict`` order), followed by a pickle of the small rest
-(LR scheduler, data-sampler position, RNG states, the optimizer's hyperparameters).
+optimizer tensor (in ``get_state_dict`` order), followed by JSON of the small rest (LR
+scheduler, data-sampler position, RNG states, the optimizer's hyperparameters, the state's
+layout: names, dtypes, shapes). Nothing read back from shared memory is unpickled.
 
 1. ``start`` (main thread, after optimizer step s) records the small rest and hands the
    tensors to a background thread, which copies them into a host staging buffer (on CUDA
    the copy is issued on a side stream right away). Training goes on; only the *next*
    optimizer step waits (``before_update``) until the copy is done.
 2. The background thread splits the payload into k chunks, adds m parity chunks
-   (``ReedSolomon``), sends chunk j to the stripe member j places further on (another
-   node) and receives the chunks it holds for others straight into shared-memory
-   segments of its node's snapshot process (SMP), with a CRC each.
-3. Two-phase commit: only when every rank has written all it holds (an all-reduce on a
-   gloo group of the snapshot's own) does each rank commit its entries in its SMP. A
-   failure before that leaves an uncommitted (torn) epoch that is never served.
+   (``ReedSolomon``), computes each chunk's CRC at the source, reserves the segments it
+   will hold in its node's snapshot process (SMP), and — once every rank has reserved
+   (an agreement) — sends chunk j to the stripe member j places further on (another node),
+   receiving the chunks it holds for others straight into the segments and checking them
+   against the source CRCs.
+3. Two-phase commit: only when every rank has written and verified all it holds (a second
+   agreement, on a gloo group of the snapshot's own) does each rank commit its entries,
+   tagged with the run, attempt, epoch and source, in its SMP. A failure anywhere skips that
+   snapshot (counted, reported by ``poll``), leaves an uncommitted epoch that is never served,
+   and training goes on.
 
 ``locate`` + ``restore`` reverse it: every rank reports the committed, checksum-valid
 chunks its SMP holds, all ranks pick the newest epoch from which every payload can be
@@ -24,10 +29,12 @@ optimizer in place.
 """
 from __future__ import annotations
 
+import datetime
 import math
-import pickle
+import sys
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -36,9 +43,10 @@ import torch.utils._pytree as pytree
 from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.distributed.tensor import DTensor
 
+from loomtrain.faulttol import codec
 from loomtrain.faulttol.erasure import ReedSolomon
 from loomtrain.faulttol.layout import NodeLayout, choose_epoch
-from loomtrain.faulttol.smp import Attached, SnapshotClient, checksum, socket_path
+from loomtrain.faulttol.smp import Attached, SMPError, SnapshotClient, checksum, ensure_daemon, socket_path
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -48,16 +56,25 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.detach().reshape(-1).view(torch.uint8)
 
 
-def flatten_state(model, optimizer) -> list[torch.Tensor]:
-    """The live local tensors of the model and optimizer state, in a fixed order.
+def flatten_state(model, optimizer) -> tuple[list[torch.Tensor], list[list]]:
+    """The live local tensors of the model and optimizer state in a fixed order, and their layout
+    ([name, dtype, local shape] each: what a restore must find again, not just the byte sizes).
 
     ``get_state_dict`` also materializes optimizer state that does not exist yet (a fresh
     optimizer), so a restore can copy into it. Tensors are the *live* local shards.
     """
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    leaves, _ = pytree.tree_flatten((model_sd, optim_sd))
-    return [(leaf.to_local() if isinstance(leaf, DTensor) else leaf) for leaf in leaves
-            if isinstance(leaf, torch.Tensor)]
+    leaves, _ = pytree.tree_flatten_with_path(get_state_dict(model, optimizer))
+    tensors, layout = [], []
+    for path, leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            local = leaf.to_local() if isinstance(leaf, DTensor) else leaf
+            tensors.append(local)
+            layout.append([pytree.keystr(path), str(local.dtype).removeprefix("torch."), list(local.shape)])
+    return tensors, layout
+
+
+def _crc(t: torch.Tensor) -> int:
+    return zlib.crc32(t.numpy()) if t.numel() else 0
 
 
 def _state_ids(optimizer) -> list[int]:
@@ -89,6 +106,7 @@ def _nbytes(t: torch.Tensor) -> int:
 @dataclass
 class Located:
     epoch: int
+    attempt: int  # the generation that wrote it: chunks of two generations are never combined
     sources: dict[int, dict[int, int]]  # src rank -> {chunk: holder rank}
     entries: list[dict]  # every holder's committed entries of that epoch (all_gathered)
 
@@ -102,27 +120,38 @@ class Restored:
 
 
 class Snapshotter:
-    def __init__(self, layout: NodeLayout, rank: int, smp_dir: str, signature: str, device: torch.device):
+    """One rank's side of the snapshots. A failed snapshot is skipped, counted and reported by ``poll``;
+    training never stops for one (the previous epoch still serves, and the next snapshot retries)."""
+
+    def __init__(self, layout: NodeLayout, rank: int, smp_dir: str, signature: str, device: torch.device, *,
+                 run: str = "", attempt: int = 0, timeout_s: float = 120.0, idle_exit_s: float = 0.0):
         self.layout, self.rank, self.signature, self.device = layout, rank, signature, device
-        self.client = SnapshotClient(socket_path(smp_dir, layout.node_of(rank)))
+        self.run, self.attempt = run, attempt
+        self.smp_dir, self.idle_exit_s = smp_dir, idle_exit_s
         self.node = layout.node_of(rank)
-        # Groups of their own: the background thread's collectives never interleave with training's.
-        self.world_group = dist.new_group(backend="gloo")
+        self.client = SnapshotClient(socket_path(smp_dir, self.node), run=run, attempt=attempt, timeout_s=timeout_s)
+        # Groups of their own: the background thread's collectives never interleave with training's, and a
+        # peer that died mid-exchange ends this snapshot with an error after timeout_s instead of a hang.
+        timeout = datetime.timedelta(seconds=timeout_s)
+        self.world_group = dist.new_group(backend="gloo", timeout=timeout)
         self.stripe_group = None
         for ranks in layout.stripes():
-            group = dist.new_group(ranks, backend="gloo") if layout.group_nodes > 1 else None
+            group = dist.new_group(ranks, backend="gloo", timeout=timeout) if layout.group_nodes > 1 else None
             if rank in ranks:
                 self.stripe_group = group
         self.stripe = layout.stripe(rank)
         self.me = layout.member(rank)
         self.code = ReedSolomon(layout.data, layout.parity) if layout.parity else None
         self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self._failures: list[str] = []  # failed snapshots not yet reported by poll()
+        self.failures = 0  # failed snapshots, cumulative
+        self.late = 0  # snapshots that had to wait for the previous one to finish
         self._copied = threading.Event()
         self._copied.set()
         self._cuda_event = None
         self._staging: torch.Tensor | None = None
         self._tensors: list[torch.Tensor] | None = None  # live local state tensors, flattened once
+        self._layout: list[list] = []
         self._tensor_ids: list[int] = []
         self.committed: list[int] = []  # epochs this rank committed, oldest first
         self.last_stall_s = 0.0  # main-thread time of the newest start()
@@ -133,15 +162,21 @@ class Snapshotter:
     def start(self, step: int, model, optimizer, host: dict) -> None:
         """Begin snapshot ``step``; returns once the copy is under way (the previous snapshot must be done)."""
         t0 = time.perf_counter()
+        if self._thread is not None and self._thread.is_alive():
+            self.late += 1  # the interval is shorter than a snapshot takes: say so instead of stretching it quietly
+            if self.late in (1, 10, 100) or self.late % 1000 == 0:
+                print(f"faulttol: WARNING: rank {self.rank}: snapshot of step {step} waits for the previous one "
+                      f"({self.late} time(s) so far; one takes {self.last_seconds:.2f}s in the background): "
+                      f"raise faulttol.snapshot.every_steps", file=sys.stderr, flush=True)
         self.wait()
         if self._tensors is None or _state_ids(optimizer) != self._tensor_ids:
             # get_state_dict costs milliseconds; its tensors are the live ones, updated in place.
-            self._tensors = flatten_state(model, optimizer)
+            self._tensors, self._layout = flatten_state(model, optimizer)
             self._tensor_ids = _state_ids(optimizer)
         tensors = self._tensors
-        sizes = [_nbytes(t) for t in tensors]
-        meta = pickle.dumps({"step": step, "host": host, "optimizer": _hyperparameters(optimizer), "sizes": sizes})
-        tensor_bytes = sum(sizes)
+        meta = codec.dumps({"step": step, "rank": self.rank, "host": host, "optimizer": _hyperparameters(optimizer),
+                            "layout": self._layout})
+        tensor_bytes = sum(_nbytes(t) for t in tensors)
         payload = tensor_bytes + len(meta)
         chunk = 8 * max(1, math.ceil(payload / (self.layout.data * 8)))  # int64 words for the bitwise codes
         need = chunk * self.layout.data
@@ -179,113 +214,142 @@ class Snapshotter:
         else:
             self._copied.wait()
         self.wait_s += time.perf_counter() - t0
-        self.raise_error()
 
-    def raise_error(self) -> None:
-        if self._error is not None:
-            err, self._error = self._error, None
-            raise RuntimeError(f"snapshot failed on rank {self.rank}: {err}") from err
+    def poll(self) -> list[str]:
+        """Failed snapshots since the last call, one line each (the caller warns and counts)."""
+        out, self._failures = self._failures, []
+        return out
 
     def wait(self) -> None:
-        """Block until the running snapshot is committed (or failed: then raise)."""
+        """Block until the running snapshot is committed or has failed (see ``poll``)."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        self.raise_error()
+
+    def _agree(self, ok: bool) -> bool:
+        """Collective: did every rank get this far?"""
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.world_group)
+        return bool(flag.item())
 
     def _run(self, step, staging, tensors, payload, tensor_bytes, chunk) -> None:
-        t0 = time.perf_counter()
-        ok, failure = True, None
-        try:
-            if tensors is not None:
-                self._copy_into(staging, tensors)
-            else:
-                self._cuda_event.synchronize()
-            self._copied.set()
-            entries = self._write_chunks(step, staging, payload, tensor_bytes, chunk)
-        except BaseException as e:
-            # Reported to the main thread at once (it raises at its next check, and peers stuck in the
-            # exchange with this rank then fail too); still take part in the agreement if peers get there.
-            ok, failure = False, e
-            self._error = e
-            self._copied.set()
-        try:
-            flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.world_group)
-            if ok and flag.item() == 0:
-                failure = RuntimeError(f"snapshot of step {step} failed on another rank; not committed")
-            elif ok:
-                self.client._call(op="commit", epoch=step, owner=str(self.rank), entries=entries)
-                self.committed.append(step)
-        except BaseException as e:
-            failure = failure or e
-        self.last_seconds = time.perf_counter() - t0
-        if failure is not None and self._error is None:
-            self._error = failure
+        """Copy, encode and reserve (local) | agree | exchange and verify | agree | commit.
 
-    def _write_chunks(self, step, staging, payload, tensor_bytes, chunk) -> dict:
-        """Encode, exchange over the stripe and write every chunk this rank holds into its SMP."""
-        k, n = self.layout.data, self.layout.group_nodes
-        chunks = [staging[i * chunk:(i + 1) * chunk] for i in range(k)]
-        if self.code is not None:
-            chunks += self.code.encode(chunks)
-        # What each stripe member sends: chunk sizes and payload lengths differ between ranks.
-        mine = torch.tensor([chunk, payload, tensor_bytes], dtype=torch.int64)
-        if n > 1:
-            sizes = [torch.zeros(3, dtype=torch.int64) for _ in range(n)]
-            dist.all_gather(sizes, mine, group=self.stripe_group)
-        else:
-            sizes = [mine]
-        segments, views, entries = [], {}, {}
+        The first agreement keeps a rank whose SMP is dead or full from leaving its peers waiting in the
+        exchange; the second makes the commit all or nothing. A failure anywhere skips this snapshot only.
+        """
+        t0 = time.perf_counter()
+        failure, views, segments = None, {}, []
         try:
-            for i, src in enumerate(self.stripe):  # this rank holds chunk (me - i) mod n of member i
-                j = (self.me - i) % n
-                size, src_payload, src_tensor_bytes = (int(v) for v in sizes[i])
+            try:
+                if tensors is not None:
+                    self._copy_into(staging, tensors)
+                else:
+                    self._cuda_event.synchronize()
+            finally:
+                self._copied.set()
+            try:
+                chunks, entries, sources = self._prepare(step, staging, payload, tensor_bytes, chunk, views, segments)
+            except (SMPError, OSError) as e:
+                failure, entries = f"{e}", None
+            if not self._agree(failure is None):
+                failure = failure or "another rank could not prepare it"
+            else:
                 try:
-                    name = self.client._call(op="alloc", key=f"r{src}c{j}", size=size)["name"]
-                except (ConnectionError, FileNotFoundError) as e:
-                    raise RuntimeError(f"node {self.node}'s snapshot process is not answering ({e})") from None
-                shm = Attached(name)
-                segments.append(shm)
-                views[i] = torch.frombuffer(shm.buf, dtype=torch.uint8, count=size)
-                entries[f"r{src}c{j}"] = {"name": name, "size": size, "src": src, "chunk": j, "step": step,
-                                          "payload": src_payload, "tensor_bytes": src_tensor_bytes,
-                                          "signature": self.signature}
-            views[self.me].copy_(chunks[0])
-            ops = []
-            for j in range(1, n):
-                ops.append(dist.P2POp(dist.isend, chunks[j], self.stripe[(self.me + j) % n], self.stripe_group))
-                ops.append(dist.P2POp(dist.irecv, views[(self.me - j) % n], self.stripe[(self.me - j) % n],
-                                      self.stripe_group))
-            for work in dist.batch_isend_irecv(ops) if ops else []:
-                work.wait()
-            del ops
-            views.clear()
-            for shm, entry in zip(segments, entries.values()):
-                entry["crc"] = checksum(shm.buf[:entry["size"]])
+                    self._exchange(chunks, views, entries, sources)
+                except (SMPError, RuntimeError) as e:
+                    failure = f"{e}"
+                if not self._agree(failure is None):
+                    failure = failure or "another rank's exchange failed"
+                else:
+                    try:
+                        self.client.commit(step, str(self.rank), entries)
+                        self.committed.append(step)
+                    except SMPError as e:
+                        failure = f"{e}"
+        except BaseException as e:  # a collective timed out, a peer died: never take training down
+            failure = f"{type(e).__name__}: {e}"
         finally:
             views.clear()
             for shm in segments:
                 shm.close()
-        return entries
+        self.last_seconds = time.perf_counter() - t0
+        if failure is not None:
+            self.failures += 1
+            self._failures.append(f"snapshot of step {step} skipped on rank {self.rank}: {failure}")
+
+    def _smp_up(self) -> None:
+        """The node's first rank restarts a dead SMP (it adopts its predecessor's committed epochs)."""
+        if self.rank == self.layout.node_ranks(self.node)[0] and not self.client.alive():
+            ensure_daemon(self.smp_dir, self.node, self.idle_exit_s)
+            if self.client._call(op="ping")["run"] != self.run:  # it had no index to adopt
+                self.client.register(self.rank)
+            print(f"faulttol: restarted the snapshot process of node {self.node}", file=sys.stderr, flush=True)
+
+    def _prepare(self, step, staging, payload, tensor_bytes, chunk, views, segments):
+        """Encode, learn what each stripe member sends (sizes, source CRCs) and reserve a segment for each."""
+        k, n = self.layout.data, self.layout.group_nodes
+        chunks = [staging[i * chunk:(i + 1) * chunk] for i in range(k)]
+        if self.code is not None:
+            chunks += self.code.encode(chunks)
+        # CRCs at the source: a holder checks what it received, a restore what it rebuilt.
+        mine = torch.tensor([chunk, payload, tensor_bytes] + [_crc(c) for c in chunks], dtype=torch.int64)
+        if n > 1:
+            sources = [torch.zeros(3 + n, dtype=torch.int64) for _ in range(n)]
+            dist.all_gather(sources, mine, group=self.stripe_group)
+        else:
+            sources = [mine]
+        self._smp_up()
+        entries = {}
+        for i, src in enumerate(self.stripe):  # this rank holds chunk (me - i) mod n of member i
+            j = (self.me - i) % n
+            size, src_payload, src_tensor_bytes, *crcs = (int(v) for v in sources[i])
+            name = self.client.alloc(f"r{src}c{j}", size, step)
+            shm = Attached(name)
+            segments.append(shm)
+            views[i] = torch.frombuffer(shm.buf, dtype=torch.uint8, count=size)
+            entries[f"r{src}c{j}"] = {"name": name, "size": size, "src": src, "chunk": j, "step": step,
+                                      "run": self.run, "attempt": self.attempt, "crc": crcs[j],
+                                      "data_crcs": crcs[:k], "payload": src_payload,
+                                      "tensor_bytes": src_tensor_bytes, "signature": self.signature}
+        return chunks, entries, sources
+
+    def _exchange(self, chunks, views, entries, sources) -> None:
+        """Send chunk j to the member j places on, receive into the reserved segments, verify each."""
+        n = self.layout.group_nodes
+        views[self.me].copy_(chunks[0])
+        ops = []
+        for j in range(1, n):
+            ops.append(dist.P2POp(dist.isend, chunks[j], self.stripe[(self.me + j) % n], self.stripe_group))
+            ops.append(dist.P2POp(dist.irecv, views[(self.me - j) % n], self.stripe[(self.me - j) % n],
+                                  self.stripe_group))
+        for work in dist.batch_isend_irecv(ops) if ops else []:
+            work.wait()
+        del ops
+        for i, entry in zip(range(n), entries.values()):
+            if _crc(views[i]) != entry["crc"]:
+                raise RuntimeError(f"chunk {entry['chunk']} of rank {entry['src']} arrived corrupted "
+                                   f"(CRC differs from the source's)")
 
     # ------------------------------------------------------------------ restoring
-    def _inventory(self) -> dict[int, list[dict]]:
-        """Committed entries this rank holds whose checksum still matches, by epoch."""
-        out: dict[int, list[dict]] = {}
+    def _inventory(self) -> list[dict]:
+        """Committed entries of this run that this rank holds and whose bytes still match the source's CRC."""
+        out = []
         try:
             epochs = self.client._call(op="latest")["epochs"]
-        except (ConnectionError, FileNotFoundError):
+        except SMPError:
             return out
         for ep in epochs:
             for entry in ep["owners"].get(str(self.rank), {}).values():
+                if entry.get("run") != self.run or entry.get("signature") != self.signature:
+                    continue
                 try:
                     shm = Attached(entry["name"])
-                except FileNotFoundError:
+                except (FileNotFoundError, SMPError):
                     continue
                 try:
                     if checksum(shm.buf[:entry["size"]]) == entry["crc"]:
-                        out.setdefault(int(ep["epoch"]), []).append(entry)
+                        out.append(entry)
                 finally:
                     shm.close()
         return out
@@ -294,23 +358,67 @@ class Snapshotter:
         """Collective: the newest epoch every rank can rebuild, or None and why not."""
         inventories = [None] * self.layout.world
         dist.all_gather_object(inventories, self._inventory(), group=self.world_group)
-        found = choose_epoch(inventories, self.layout, self.signature)
+        found = choose_epoch(inventories, self.layout)
         if found is None:
-            held = sorted({e for inv in inventories for e in inv})
-            why = ("no snapshot in memory" if not held else
+            held = sorted({e["step"] for inv in inventories for e in inv})
+            why = ("no snapshot of this run in memory" if not held else
                    f"epochs {held} in memory, but none with {self.layout.data} of {self.layout.group_nodes} "
                    f"chunks for every rank (more nodes lost than ec_parity={self.layout.parity}, or a torn snapshot)")
             return None, why
-        epoch, sources = found
-        entries = [e for inv in inventories for e in inv.get(epoch, [])]
-        return Located(epoch, sources, entries), ""
+        (attempt, epoch), sources = found
+        entries = [e for inv in inventories for e in inv if (e["attempt"], e["step"]) == (attempt, epoch)]
+        return Located(epoch, attempt, sources, entries), ""
 
     def restore(self, located: Located, model, optimizer) -> Restored:
-        """Collective: bring every rank's payload of ``located.epoch`` home and load it in place."""
+        """Collective: bring every rank's payload of ``located.epoch`` home, verify it, and load it in place.
+
+        Every chunk is checked against its source CRC on arrival and the rebuilt payload against the
+        source's data-chunk CRCs; the state is touched only once every rank has verified its payload,
+        so a failure (``RestoreFailed`` on every rank) leaves a fresh model for the disk fallback.
+        """
         t0 = time.perf_counter()
         k = self.layout.data
         by_key = {(e["src"], e["chunk"]): e for e in located.entries}
         mine = located.sources[self.rank]
+        entry = by_key[(self.rank, next(iter(mine)))]
+        problem, meta, payload = None, None, None
+        try:
+            received = self._gather_chunks(located, by_key)
+            bad = [j for j, t in received.items() if _crc(t) != by_key[(self.rank, j)]["crc"]]
+            if bad:
+                raise RuntimeError(f"chunks {bad} arrived corrupted")
+            data = [received[j] for j in range(k)] if all(j in received for j in range(k)) \
+                else self.code.decode(received)
+            if [_crc(d) for d in data] != entry["data_crcs"]:
+                raise RuntimeError("the rebuilt payload does not match the source's CRCs")
+            payload = torch.cat(data)[:entry["payload"]]
+            meta = codec.loads(payload[entry["tensor_bytes"]:].numpy().tobytes())
+            if meta["step"] != located.epoch or meta["rank"] != self.rank:
+                raise RuntimeError(f"payload is step {meta['step']} of rank {meta['rank']}, expected step "
+                                   f"{located.epoch} of rank {self.rank}")
+            tensors, layout = flatten_state(model, optimizer)  # also creates a fresh optimizer's state
+            if layout != meta["layout"]:
+                diff = next(((a, b) for a, b in zip(layout, meta["layout"]) if a != b),
+                            (f"{len(layout)} tensors", f"{len(meta['layout'])} tensors"))
+                raise RuntimeError(f"the model/optimizer state no longer has the snapshot's layout "
+                                   f"(now {diff[0]}, snapshot {diff[1]})")
+        except Exception as e:  # noqa: BLE001 - any failure here must reach the agreement, not hang peers
+            problem = f"{type(e).__name__}: {e}"
+        flag = torch.tensor([0 if problem else 1], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.world_group)
+        if not flag.item():
+            raise RestoreFailed(f"rank {self.rank}: {problem}" if problem else "another rank could not verify its part")
+        offset = 0
+        for t in tensors:
+            n = _nbytes(t)
+            _as_bytes(t).copy_(payload[offset:offset + n])
+            offset += n
+        _set_hyperparameters(optimizer, meta["optimizer"])
+        rebuilt = sum(1 for chunks in located.sources.values() if any(j >= k for j in chunks))
+        return Restored(located.epoch, meta["host"], time.perf_counter() - t0, rebuilt)
+
+    def _gather_chunks(self, located: Located, by_key: dict) -> dict[int, torch.Tensor]:
+        """Send the chunks this rank holds to their owners; receive the k this rank needs."""
         ops, received, segments, sends = [], {}, [], []
         try:
             for src, chunks in located.sources.items():  # chunks I hold that their owners need
@@ -327,7 +435,7 @@ class Snapshotter:
                     else:
                         sends.append(view)
                         ops.append(dist.P2POp(dist.isend, view, src, self.stripe_group))
-            for j, holder in mine.items():
+            for j, holder in located.sources[self.rank].items():
                 if holder != self.rank:
                     received[j] = torch.empty(by_key[(self.rank, j)]["size"], dtype=torch.uint8)
                     ops.append(dist.P2POp(dist.irecv, received[j], holder, self.stripe_group))
@@ -338,22 +446,8 @@ class Snapshotter:
             sends.clear()
             for shm in segments:
                 shm.close()
-        if all(j in received for j in range(k)):
-            data = [received[j] for j in range(k)]
-        else:
-            data = self.code.decode(received)
-        entry = by_key[(self.rank, next(iter(mine)))]
-        payload = torch.cat(data)[:entry["payload"]]
-        meta = pickle.loads(payload[entry["tensor_bytes"]:].numpy().tobytes())
+        return received
 
-        tensors = flatten_state(model, optimizer)  # also creates a fresh optimizer's state
-        sizes = [_nbytes(t) for t in tensors]
-        if sizes != meta["sizes"]:
-            raise RuntimeError("snapshot: the model/optimizer state no longer has the snapshot's layout")
-        offset = 0
-        for t, n in zip(tensors, sizes):
-            _as_bytes(t).copy_(payload[offset:offset + n])
-            offset += n
-        _set_hyperparameters(optimizer, meta["optimizer"])
-        rebuilt = sum(1 for chunks in located.sources.values() if any(j >= k for j in chunks))
-        return Restored(located.epoch, meta["host"], time.perf_counter() - t0, rebuilt)
+
+class RestoreFailed(RuntimeError):
+    """Restoring from memory failed on some rank; every rank raises it, and nothing was loaded."""

@@ -13,6 +13,7 @@ import signal
 import socket
 import time
 import traceback
+import uuid
 from multiprocessing.connection import wait as wait_any
 
 import torch
@@ -68,6 +69,10 @@ def _fork_ranks(fn, world_size: int, args, env: dict, launcher: str):
     return procs, pipes
 
 
+def _new_run() -> str:
+    return f"forked-{uuid.uuid4().hex[:12]}"
+
+
 def _reap(procs, grace: float = 5.0) -> None:
     for p in procs:
         p.join(grace)
@@ -83,7 +88,7 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 300.0, env: dict | No
     ``world_size=0`` runs one forked process with no distributed environment (single-process mode).
     Returns the per-rank results; raises with the child's traceback if any rank failed.
     """
-    procs, pipes = _fork_ranks(fn, world_size, args, env or {}, launcher)
+    procs, pipes = _fork_ranks(fn, world_size, args, {"LOOMTRAIN_RUN_ID": _new_run()} | (env or {}), launcher)
     results, errors = [], []
     try:
         for rank, conn in enumerate(pipes):
@@ -111,8 +116,9 @@ def run_ranks_restarting(fn, world_size: int, *args, max_restarts: int = 1, time
     and one line per failed attempt saying which rank failed and how.
     """
     failures = []
+    run_env = {"LOOMTRAIN_RUN_ID": _new_run()} | (env or {})  # one run: its attempts share the id
     for attempt in range(max_restarts + 1):
-        attempt_env = dict(env or {}, LOOMTRAIN_ATTEMPT=str(attempt))
+        attempt_env = dict(run_env, LOOMTRAIN_ATTEMPT=str(attempt))
         procs, pipes = _fork_ranks(fn, world_size, args, attempt_env, "torchrun")
         results: dict[int, object] = {}
         failed = None

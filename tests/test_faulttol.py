@@ -1,6 +1,7 @@
 """Fault tolerance end to end: a run hit by an injected fault restarts, restores from the in-memory
 snapshot (rebuilding a lost node's chunks from parity) and finishes bit-identical to an uninterrupted run."""
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -51,26 +52,64 @@ def test_bad_layouts_are_one_line_errors(kw, world, message):
         NodeLayout.from_config(_ft(**kw), world, world)
 
 
-def test_choose_epoch_never_picks_a_torn_or_foreign_snapshot():
+def test_choose_epoch_never_picks_a_torn_snapshot_or_mixes_generations():
     layout = NodeLayout.from_config(_ft(ranks_per_node=1, ec_parity=1), 4, 4)  # k=3, m=1
 
-    def held(holder, epoch_sig):
-        return {e: [{"src": src, "chunk": j, "signature": sig}
-                    for src in range(4) for j in range(4) if layout.holder(src, j) == holder]
-                for e, sig in epoch_sig.items()}
+    def held(holder, generations):
+        return [{"src": src, "chunk": j, "attempt": a, "step": e}
+                for a, e in generations for src in range(4) for j in range(4) if layout.holder(src, j) == holder]
 
-    inv = [held(h, {4: "s", 6: "s"}) for h in range(4)]
-    assert choose_epoch(inv, layout, "s")[0] == 6
-    inv[2].pop(6)  # epoch 6 committed on holder 2 only partially (torn): one node missing is still fine
-    assert choose_epoch(inv, layout, "s")[0] == 6
-    inv[3].pop(6)  # two holders without epoch 6: too few chunks -> fall back to 4
-    epoch, sources = choose_epoch(inv, layout, "s")
-    assert epoch == 4 and all(sorted(c) == [0, 1, 2] for c in sources.values())  # data chunks preferred
-    assert choose_epoch([held(h, {4: "other-run"}) for h in range(4)], layout, "s") is None
+    def drop(inv, generation):
+        return [e for e in inv if (e["attempt"], e["step"]) != generation]
+
+    inv = [held(h, [(0, 4), (0, 6)]) for h in range(4)]
+    assert choose_epoch(inv, layout)[0] == (0, 6)
+    inv[2] = drop(inv[2], (0, 6))  # epoch 6 committed on holder 2 only partially (torn): one node missing is fine
+    assert choose_epoch(inv, layout)[0] == (0, 6)
+    inv[3] = drop(inv[3], (0, 6))  # two holders without epoch 6: too few chunks -> fall back to 4
+    generation, sources = choose_epoch(inv, layout)
+    assert generation == (0, 4) and all(sorted(c) == [0, 1, 2] for c in sources.values())  # data chunks preferred
+    # Epoch 6 of attempt 0 on holders 0 and 1, epoch 6 of attempt 1 on holders 2 and 3: together they would
+    # be "4 chunks of epoch 6", but chunks of two generations never make one payload.
+    mixed = [held(h, [(0, 4), (0, 6) if h < 2 else (1, 6)]) for h in range(4)]
+    assert choose_epoch(mixed, layout)[0] == (0, 4)
+    assert choose_epoch([held(h, [(1, 2), (0, 8)]) for h in range(4)], layout)[0] == (1, 2)  # newest generation
+    assert choose_epoch([[] for _ in range(4)], layout) is None
+
+
+def test_host_state_round_trips_as_json_and_cannot_run_code():
+    import pickle
+    import random
+
+    import numpy as np
+
+    from loomtrain.faulttol import codec
+    from loomtrain.trainer.checkpoint import rng_state
+
+    state = {"rng": rng_state(), "optimizer": [[{"lr": 1e-3, "betas": (0.9, 0.95)}], {3: {"step": 7}}],
+             "sampler": {"consumed": 12, "seed": 0}, "nan": float("nan"), "bytes": b"\x00\xff",
+             "bf16": torch.tensor([1.5, -2.0], dtype=torch.bfloat16), "empty": torch.empty(0, 3)}
+    back = codec.loads(codec.dumps(state))
+    assert back["optimizer"] == [[{"lr": 1e-3, "betas": (0.9, 0.95)}], {3: {"step": 7}}]  # tuples, int keys kept
+    assert torch.equal(back["rng"]["torch"], state["rng"]["torch"]) and back["bytes"] == b"\x00\xff"
+    assert torch.equal(back["bf16"], state["bf16"]) and back["bf16"].dtype == torch.bfloat16
+    assert back["empty"].shape == (0, 3) and back["nan"] != back["nan"]
+    np.random.set_state(back["rng"]["numpy"])
+    random.setstate(back["rng"]["python"])
+    assert np.random.rand() == (np.random.set_state(state["rng"]["numpy"]) or np.random.rand())
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch /tmp/loomtrain-pwned",))
+
+    with pytest.raises(ValueError):  # pickle bytes (what a forged segment would hold) are not JSON
+        codec.loads(pickle.dumps(Evil()))
+    with pytest.raises(TypeError, match="cannot store a Evil"):
+        codec.dumps({"x": Evil()})
 
 
 # ---------------------------------------------------------------- end to end
-def _train(rank, overrides):
+def _train(rank, overrides, resume=None):
     from loomtrain.trainer import train as train_mod
     from loomtrain.trainer.config import load_config
 
@@ -85,8 +124,8 @@ def _train(rank, overrides):
         return out
 
     trainer_cls.fit = fit_and_keep_params
-    r = train_mod.run(load_config("tiny", overrides))
-    return r.losses, r.restored_from, r.last_step, r.snapshots, params
+    r = train_mod.run(load_config("tiny", overrides), resume=resume)
+    return r.losses, r.restored_from, r.last_step, r.snapshots, params, r.snapshot_failures
 
 
 @pytest.fixture
@@ -125,7 +164,7 @@ def _faulty(overrides, smp_dir, inject, extra=()):
 
 
 def _assert_identical_after(results, reference, restored_step):
-    for (losses, _, last, _, params), (ref_losses, *_, ref_params) in zip(results, reference):
+    for (losses, _, last, _, params, _), (ref_losses, *_, ref_params, _) in zip(results, reference):
         assert last == STEPS and sorted(losses) == list(range(restored_step + 1, STEPS + 1))
         for step in losses:
             assert losses[step] == ref_losses[step], step  # bit-identical, not approximately
@@ -133,13 +172,65 @@ def _assert_identical_after(results, reference, restored_step):
             assert torch.equal(p, ref_params[name]), name
 
 
-@pytest.mark.parametrize("kind, rank", [("sigkill", 1), ("exception", 2), ("hang", 0), ("smp_kill", 3),
+@pytest.mark.parametrize("kind, rank", [("sigkill", 1), ("exception", 2), ("hang", 0),
                                         ("node_loss", 0), ("node_loss", 1), ("node_loss", 2), ("node_loss", 3)])
 def test_fault_is_survived_from_memory_bit_identically(kind, rank, overrides, smp_dir, uninterrupted):
     results, failures = _faulty(overrides, smp_dir, (kind, rank, 5))
     assert len(failures) == 1, failures  # it did fail once, and the restarted attempt ran through
     assert all(r[1] == "memory" for r in results)
     _assert_identical_after(results, uninterrupted, restored_step=4)
+
+
+def test_a_killed_smp_is_restarted_and_adopted_without_stopping_training(overrides, smp_dir, uninterrupted, capfd):
+    ov = overrides + FT + ["faulttol.inject={kind: smp_kill, rank: 3, step: 5}"]
+    results = run_ranks(_train, WORLD, ov, env={"LOOMTRAIN_SMP_DIR": smp_dir}, timeout=180)
+    err = capfd.readouterr().err
+    assert "smp: adopted epochs [2, 4]" in err and "restarted the snapshot process of node 3" in err
+    assert all(r[1] is None and r[3] == [2, 4, 6, 8] and r[5] == 0 for r in results)  # nothing was lost
+    _assert_identical_after(results, uninterrupted, restored_step=0)
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a small tmpfs")
+
+
+@needs_root
+def test_failed_snapshots_are_skipped_counted_and_training_goes_on(overrides, smp_dir, uninterrupted, tmp_path,
+                                                                    capfd):
+    """A /dev/shm too small for any chunk: every snapshot fails; training must not."""
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(shm)], check=True)
+    try:
+        stop_daemons(smp_dir, range(WORLD))
+        for node in range(WORLD):  # the SMPs see the small tmpfs
+            start_daemon(smp_dir, node, env={"LOOMTRAIN_SHM_DIR": str(shm)})
+        results = run_ranks(_train, WORLD, overrides + FT, env={"LOOMTRAIN_SMP_DIR": smp_dir,
+                                                                "LOOMTRAIN_SHM_DIR": str(shm)}, timeout=180)
+    finally:
+        stop_daemons(smp_dir, range(WORLD))
+        subprocess.run(["umount", str(shm)], check=True)
+    assert all(r[3] == [] and r[5] == STEPS // EVERY for r in results)
+    assert "snapshot of step 2 skipped on rank" in capfd.readouterr().err
+    _assert_identical_after(results, uninterrupted, restored_step=0)
+    metrics = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    # Logged before that step's own snapshot starts; snapshot 6's failure may still be in flight.
+    assert metrics[-1]["step"] == STEPS and metrics[-1]["snapshot_failures"] in (STEPS // EVERY - 2, STEPS // EVERY - 1)
+
+
+@pytest.mark.parametrize("resume", [None, "step_00000002"])
+def test_a_fresh_start_never_loads_a_stale_snapshot(resume, overrides, smp_dir, uninterrupted, tmp_path, capfd):
+    """A run killed at step 5 leaves epochs 2 and 4 in its SMPs. Relaunching (same config, a new run) must
+    start where the user says — step 0, or the --resume checkpoint — not from that memory."""
+    with pytest.raises(AssertionError, match="rank 1 died"):
+        run_ranks_restarting(_train, WORLD, overrides + FT + ["faulttol.persist_every_steps=2",
+                                                              "faulttol.inject={kind: sigkill, rank: 1, step: 5}"],
+                             max_restarts=0, env={"LOOMTRAIN_SMP_DIR": smp_dir}, timeout=180)
+    path = str(tmp_path / "run" / "checkpoints" / resume) if resume else None
+    results = run_ranks(_train, WORLD, overrides + FT, path, env={"LOOMTRAIN_SMP_DIR": smp_dir}, timeout=180)
+    assert all(r[1] == ("disk" if resume else None) for r in results)
+    _assert_identical_after(results, uninterrupted, restored_step=2 if resume else 0)
+    if resume:
+        assert f"resume: step 2 from the disk checkpoint {path}" in capfd.readouterr().out
 
 
 def test_snapshot_torn_by_the_failure_is_never_loaded(overrides, smp_dir, uninterrupted):
@@ -183,7 +274,7 @@ def test_sigusr1_writes_a_checkpoint_and_training_goes_on(overrides, tmp_path):
         signal_self_after_step(3, signal.SIGUSR1)
         return _train(rank, ov)
 
-    losses, _, last, _, _ = run_ranks(train, 0, overrides + ["train.steps=5"])[0]
+    losses, _, last, *_ = run_ranks(train, 0, overrides + ["train.steps=5"])[0]
     assert last == 5 and sorted(losses) == [1, 2, 3, 4, 5]
     assert (tmp_path / "run" / "checkpoints" / "step_00000003" / ".metadata").exists()
 

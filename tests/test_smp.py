@@ -1,37 +1,60 @@
 """The snapshot daemon owns shared memory: a SIGKILLed writer loses nothing, torn or corrupt epochs are
-never served, two epochs are kept, nothing leaks after shutdown."""
+never served, two epochs are kept, a broken client costs only its own request, a restarted daemon adopts
+its predecessor's epochs, stale generations are fenced off, and only the user's processes get in."""
+import json
 import os
 import signal
+import socket
+import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
 import torch
 
-from loomtrain.faulttol.smp import SnapshotClient
+from loomtrain.faulttol.smp import SHM_DIR_ENV, Attached, SMPError, SnapshotClient, load_secret, start_daemon
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount a tmpfs / switch uid)")
+
+
+def _start(sock, prefix, env=None):
+    # Its own session: not a child a trainer's process group could take down with it.
+    proc = subprocess.Popen([sys.executable, "-m", "loomtrain.faulttol.smp", "--socket", sock, "--prefix", prefix],
+                            start_new_session=True, env=env)
+    client = SnapshotClient(sock)
+    for _ in range(400):
+        if client.alive(timeout_s=1.0):
+            return proc
+        assert proc.poll() is None, "the SMP exited at start"
+        time.sleep(0.05)
+    raise AssertionError("the SMP did not start")
 
 
 @pytest.fixture
 def smp(tmp_path):
     sock = str(tmp_path / "smp.sock")
     prefix = f"lt-test-{os.getpid()}-{time.monotonic_ns() % 10**9}"
-    # Its own session: not a child a trainer's process group could take down with it.
-    proc = subprocess.Popen([sys.executable, "-m", "loomtrain.faulttol.smp", "--socket", sock, "--prefix", prefix],
-                            start_new_session=True)
-    for _ in range(200):
-        if os.path.exists(sock):
-            break
-        time.sleep(0.05)
+    proc = _start(sock, prefix)
     yield SnapshotClient(sock), prefix, proc
     if proc.poll() is None:
         SnapshotClient(sock).shutdown()
         proc.wait(10)
-    assert not [f for f in os.listdir("/dev/shm") if f.startswith(prefix)], "shared memory leaked"
+    assert not segments(prefix), "shared memory leaked"
 
 
-def segments(prefix):
-    return sorted(f for f in os.listdir("/dev/shm") if f.startswith(prefix))
+def segments(prefix, shm="/dev/shm"):
+    return sorted(f for f in os.listdir(shm) if f.startswith(prefix))
+
+
+def raw_request(sock, payload: bytes, read=True):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(sock)
+        s.sendall(payload)
+        return s.makefile("rb").readline() if read else None
 
 
 WRITER = """
@@ -66,11 +89,14 @@ def test_sigkilled_writer_loses_nothing_and_torn_epoch_is_ignored(smp, tmp_path)
     assert len(segments(prefix)) == 2
 
 
-def test_two_epochs_kept_and_corruption_falls_back(smp):
+def test_two_epochs_kept_segments_reused_and_corruption_falls_back(smp):
     client, prefix, _ = smp
-    for e in (1, 2, 3):
+    names = set()
+    for e in range(1, 7):
         client.write_epoch(e, {"x": torch.full((10,), float(e), dtype=torch.bfloat16)})
-    assert len(segments(prefix)) == 2  # epoch 1 unlinked when 3 was committed
+        names |= {ep["owners"]["0"]["x"]["name"] for ep in client._call(op="latest")["epochs"]}
+        assert len(segments(prefix)) == min(e, 2)  # never a third epoch's worth, not even while writing
+    assert len(names) == 2  # six snapshots, two segments: the oldest epoch's segment serves the next one
     newest = client._call(op="latest")["epochs"][0]["owners"]["0"]["x"]["name"]
     with open(f"/dev/shm/{newest}", "r+b") as f:  # a bit flip in the newest epoch
         f.seek(3)
@@ -78,11 +104,140 @@ def test_two_epochs_kept_and_corruption_falls_back(smp):
         f.seek(3)
         f.write(bytes([b[0] ^ 0x40]))
     epoch, state = client.read_latest()
-    assert epoch == 2 and torch.equal(state["x"], torch.full((10,), 2.0, dtype=torch.bfloat16))
+    assert epoch == 5 and torch.equal(state["x"], torch.full((10,), 5.0, dtype=torch.bfloat16))
 
 
-def test_full_dev_shm_is_a_clear_error(smp):
+@needs_root
+def test_full_shm_is_refused_at_alloc_not_by_sigbus_later(tmp_path):
+    """tmpfs allocates lazily: a size check passes for every rank, then writers die of SIGBUS. Reserve for real."""
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(shm)], check=True)
+    sock, prefix = str(tmp_path / "s.sock"), "lt-full"
+    proc = _start(sock, prefix, env=dict(os.environ, **{SHM_DIR_ENV: str(shm)}))
+    try:
+        client = SnapshotClient(sock)
+        first = client.alloc("a", 600 << 10, epoch=1)
+        with pytest.raises(SMPError, match=r"cannot hold a segment of 0\.6 MiB \(No space left on device"):
+            client.alloc("b", 600 << 10, epoch=1)  # 600 KiB more do not fit in 1 MiB: refused now
+        assert segments(prefix, shm) == [first]
+        client.shutdown()
+        proc.wait(10)
+        assert segments(prefix, shm) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        subprocess.run(["umount", str(shm)], check=True)
+
+
+def test_a_client_that_dies_or_misbehaves_costs_only_its_request(smp):
+    client, prefix, proc = smp
+    client.write_epoch(1, {"w": torch.arange(100, dtype=torch.float32)})
+    secret = load_secret(client.socket_path)
+    sock = client.socket_path
+    # A trainer SIGKILLed between send and reply: the request arrives, nobody reads the answer.
+    raw_request(sock, json.dumps({"op": "latest", "secret": secret}).encode() + b"\n", read=False)
+    for bad in (b"this is not json\n", b'{"op": "commit", "secret": "%s"}\n' % secret.encode(),
+                b'{"op": "alloc", "size": "many", "key": 1, "epoch": 1, "secret": "%s"}\n' % secret.encode(),
+                b'["a list"]\n', b'{"op": "latest"}\n'):
+        reply = json.loads(raw_request(sock, bad))
+        assert "error" in reply, bad
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stalled:  # connected, sends nothing
+        stalled.connect(sock)
+        t0 = time.monotonic()
+        epoch, state = client.read_latest()  # others are served meanwhile
+        assert time.monotonic() - t0 < 5
+    assert proc.poll() is None and epoch == 1 and torch.equal(state["w"], torch.arange(100, dtype=torch.float32))
+    assert len(segments(prefix)) == 1
+
+
+def test_sigterm_frees_everything_and_a_sigkilled_smp_is_adopted(tmp_path):
+    sock, prefix = str(tmp_path / "s.sock"), f"lt-adopt-{os.getpid()}"
+    proc = _start(sock, prefix)
+    client = SnapshotClient(sock)
+    client.write_epoch(3, {"w": torch.arange(10, dtype=torch.float32)})
+    client.write_epoch(4, {"w": torch.ones(10)}, commit=False)  # torn
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    assert len(segments(prefix)) == 2  # nobody could unlink them
+    proc = _start(sock, prefix)  # the successor finds the index and adopts epoch 3
+    try:
+        epoch, state = client.read_latest()
+        assert epoch == 3 and torch.equal(state["w"], torch.arange(10, dtype=torch.float32))
+        assert len(segments(prefix)) == 1  # the torn epoch's segment went
+    finally:
+        proc.send_signal(signal.SIGTERM)  # scancel / a time limit
+        proc.wait(10)
+    assert proc.returncode == 0 and segments(prefix) == []
+    assert not os.path.exists(sock)
+
+
+def test_generations_are_fenced_and_eviction_keeps_the_newest(smp):
     client, prefix, _ = smp
-    with pytest.raises(RuntimeError, match=r"snapshot: /dev/shm has .* MiB free, segment 'huge' needs"):
-        client._call(op="alloc", key="huge", size=1 << 50)
-    assert segments(prefix) == []
+    old = SnapshotClient(client.socket_path, run="A", attempt=0)
+    new = SnapshotClient(client.socket_path, run="A", attempt=1)
+    old.register(0)
+    old.write_epoch(10, {"w": torch.zeros(4)})
+    new.register(0)  # the restarted trainer
+    with pytest.raises(SMPError, match="attempt 0 of run .A. refused: attempt 1 is running"):
+        old.register(0)
+    with pytest.raises(SMPError, match="refused: this node serves run 'A' attempt 1"):
+        old.write_epoch(12, {"w": torch.zeros(4)})  # a zombie of the old attempt cannot commit
+    for e in (98, 100):
+        new.write_epoch(e, {"w": torch.full((4,), float(e))})
+    assert [ep["epoch"] for ep in client._call(op="latest")["epochs"]] == [100, 98]
+    with pytest.raises(SMPError, match=r"epoch 52 is older than the 2 complete epochs held \[98, 100\]"):
+        new.write_epoch(52, {"w": torch.zeros(4)})
+    new.write_epoch(100, {"w": torch.full((4,), 7.0)})  # a re-commit replaces (and frees) what it had
+    epoch, state = SnapshotClient(client.socket_path).read_latest()
+    assert epoch == 100 and state["w"].tolist() == [7.0] * 4
+    new.write_epoch(102, {"w": torch.zeros(4)})
+    assert len(segments(prefix)) == 2  # two epochs of one segment: nothing leaked by the refusal or re-commit
+    SnapshotClient(client.socket_path, run="B").register(0)  # a fresh run: run A's epochs can never serve it
+    assert client._call(op="latest")["epochs"] == [] and segments(prefix) == []
+
+
+def test_directory_socket_names_and_peers_are_checked(tmp_path, smp):
+    open_dir = tmp_path / "open"
+    open_dir.mkdir(mode=0o755)
+    os.chmod(open_dir, 0o755)
+    with pytest.raises(SMPError, match="must be a directory owned by uid .* with mode 0700"):
+        start_daemon(str(open_dir), 0)
+    client, prefix, _ = smp
+    assert stat.S_IMODE(os.stat(client.socket_path).st_mode) == 0o600
+    with pytest.raises(SMPError, match="invalid segment name"):
+        Attached("../../tmp/x")
+    reply = json.loads(raw_request(client.socket_path, b'{"op": "shutdown", "secret": "guess"}\n'))
+    assert reply["error"].startswith("snapshot: unauthorized")
+    assert client.alive()
+
+
+@needs_root
+def test_other_users_are_refused():
+    d = tempfile.mkdtemp(prefix="lt-peer-")  # under /tmp: pytest's own directories are closed to others
+    sock = os.path.join(d, "s.sock")
+    proc = _start(sock, f"lt-peer-{os.getpid()}")
+    client = SnapshotClient(sock)
+    try:
+        os.chmod(d, 0o755)
+        os.chmod(sock, 0o666)  # even with the file modes opened up, the peer's uid is checked
+        secret = load_secret(sock)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.setuid(65534)
+                line = raw_request(sock, json.dumps({"op": "shutdown", "secret": secret}).encode() + b"\n")
+                os._exit(0 if line == b"" else 1)
+            except ConnectionResetError:  # closed on us without an answer
+                os._exit(0)
+            except BaseException as e:
+                print(f"other user: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                os._exit(2)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0  # connected, closed without an answer
+        assert proc.poll() is None and client.alive()
+    finally:
+        os.chmod(d, 0o700)
+        client.shutdown()
+        proc.wait(10)
+        shutil.rmtree(d)

@@ -152,6 +152,7 @@ class SnapshotConfig:
     """In-memory snapshots held by each node's snapshot process (SMP)."""
 
     every_steps: int = 0  # snapshot every N optimizer steps; 0 = off
+    timeout_s: float = 120.0  # a snapshot whose exchange or SMP request takes longer is skipped (training goes on)
 
 
 @dataclass
@@ -349,7 +350,7 @@ def validate(exp: Experiment) -> None:
     _positive(exp, "model.dim", "model.n_layers", "model.n_heads", "model.n_kv_heads",
               "model.ffn_multiple_of", "model.norm_eps", "model.rope_theta", "data.seq_len",
               "train.steps", "train.global_batch_size", "train.log_every", "optim.lr",
-              "parallel.cp_link_gbps")
+              "parallel.cp_link_gbps", "faulttol.snapshot.timeout_s")
     _positive(exp, "model.ffn_hidden", "model.vocab_size", "model.max_seq_len", "train.micro_batch_size",
               "train.eval_every", "train.eval_batches", "train.threads", "parallel.cp_latency_us", "optim.warmup_steps",
               "optim.weight_decay", "optim.grad_clip", "optim.eps", "checkpoint.every_steps",

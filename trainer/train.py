@@ -17,6 +17,7 @@ import torch.distributed as dist
 from loomtrain.data.loader import PackedDataset, Prefetcher, eval_batches
 from loomtrain.data.prepare import prepare
 from loomtrain.faulttol.manager import FaultTolerance
+from loomtrain.faulttol.snapshot import RestoreFailed
 from loomtrain.launch.env import DistEnv, init_distributed, read_env, shutdown
 from loomtrain.parallel.data_parallel import FSDPEngine
 from loomtrain.parallel.dp_sync import build_sync
@@ -48,6 +49,7 @@ class TrainResult:
     restored_from: str | None = None  # memory | disk | None (a fresh start)
     restore_seconds: float = 0.0
     snapshots: list[int] = field(default_factory=list)  # steps whose in-memory snapshot this rank committed
+    snapshot_failures: int = 0  # snapshots skipped after a failure (training went on)
 
 
 class StopFlag:
@@ -176,23 +178,41 @@ class Trainer:
             print(message, file=sys.stderr, flush=True)
 
     def _restore(self, resume: str | None) -> None:
-        """Newest of: the in-memory snapshot (after a restart), the disk checkpoint asked for; else step 0."""
+        """Where the state comes from, in an order users can predict (and the log says which and why):
+
+        - a fresh start (attempt 0): ``--resume PATH`` or ``--resume latest`` from disk, else step 0. Memory
+          snapshots are never loaded, whatever an SMP still holds;
+        - a restart of the same run (the launcher restarted the ranks): the newest of this run's memory
+          snapshot (same run id, config and code) and the latest checkpoint under the output directory,
+          else ``--resume PATH`` again.
+        """
         ft = self.ft
-        path = latest_checkpoint(self.ckpt.root) if resume in ("latest", "auto") or ft.restarted else resume
+        if ft.restarted:
+            explicit = resume if resume not in (None, "latest", "auto") else None
+            path = latest_checkpoint(self.ckpt.root) or explicit
+        else:
+            path = latest_checkpoint(self.ckpt.root) if resume in ("latest", "auto") else resume
         located, why = ft.locate()
         disk_step = int(m.group(1)) if path and (m := STEP_DIR.match(os.path.basename(path.rstrip("/")))) else -1
         if located is not None and located.epoch >= disk_step:
-            restored = ft.snapshots.restore(located, self.model, self.optimizer)
-            self.scheduler.load_state_dict(restored.host["scheduler"])
-            self.batches.load_state_dict(restored.host["sampler"])
-            set_rng_state(restored.host["rng"])
-            self.step, self.restored_from, self.restore_seconds = restored.step, "memory", restored.seconds
-            self.resumed_from = f"memory snapshot of step {restored.step}"
-            if self.env.is_main:
-                rebuilt = f"; rebuilt {restored.rebuilt} rank(s)' state from parity" if restored.rebuilt else ""
-                print(f"faulttol: restored step {restored.step} from memory in {restored.seconds:.2f}s{rebuilt}",
-                      flush=True)
-            return
+            try:
+                restored = ft.snapshots.restore(located, self.model, self.optimizer)
+            except RestoreFailed as e:
+                why = f"restoring step {located.epoch} failed: {e}"
+            else:
+                self.scheduler.load_state_dict(restored.host["scheduler"])
+                self.batches.load_state_dict(restored.host["sampler"])
+                set_rng_state(restored.host["rng"])
+                self.step, self.restored_from, self.restore_seconds = restored.step, "memory", restored.seconds
+                self.resumed_from = f"memory snapshot of step {restored.step}"
+                if self.env.is_main:
+                    rebuilt = f"; rebuilt {restored.rebuilt} rank(s)' state from parity" if restored.rebuilt else ""
+                    disk = f"disk has step {disk_step}" if disk_step >= 0 else "no disk checkpoint"
+                    print(f"faulttol: restored step {restored.step} from memory in {restored.seconds:.2f}s "
+                          f"(restart {ft.attempt} of run {ft.run or '(unnamed)'}; {disk}){rebuilt}", flush=True)
+                return
+        elif located is not None:
+            why = f"memory has step {located.epoch}, the disk checkpoint is newer"
         if resume == "latest" and path is None:
             raise FileNotFoundError(f"--resume: no checkpoint under '{self.ckpt.root}'")
         loud = ft.restarted and ft.snapshots is not None
@@ -201,9 +221,13 @@ class Trainer:
             self.step = self.ckpt.load(path, self.model, self.optimizer, self.scheduler, self.batches)
             self.resumed_from, self.restored_from = path, "disk"
             self.restore_seconds = time.perf_counter() - start
-            if loud and self.env.is_main:
-                print(f"faulttol: WARNING: memory snapshots could not serve ({why}); restored step {self.step} "
-                      f"from the disk checkpoint {path} in {self.restore_seconds:.2f}s", file=sys.stderr, flush=True)
+            if self.env.is_main:
+                if loud:
+                    print(f"faulttol: WARNING: memory snapshots could not serve ({why}); restored step {self.step} "
+                          f"from the disk checkpoint {path} in {self.restore_seconds:.2f}s", file=sys.stderr,
+                          flush=True)
+                else:
+                    print(f"resume: step {self.step} from the disk checkpoint {path} ({why})", flush=True)
         elif ft.restarted and self.env.is_main:
             print(f"faulttol: WARNING: restarted with nothing to restore ({why}; no disk checkpoint): "
                   f"training again from step 0", file=sys.stderr, flush=True)
@@ -284,6 +308,8 @@ class Trainer:
                               "mfu": self.flops_per_token * tps / (self.peak_flops * env.world_size),
                               "step_time_s": step_time, "tokens": self.step * self.tokens_per_step,
                               "time": time.time()}
+                    if self.ft.snapshots is not None:
+                        record["snapshot_failures"] = self.ft.snapshot_failures
                 if tcfg.eval_every and (self.step % tcfg.eval_every == 0 or self.step == tcfg.steps):
                     val = self.evaluate()
                     result.val_losses[self.step] = val
@@ -316,7 +342,9 @@ class Trainer:
             self.ckpt.wait()
             if self.ft.snapshots is not None:
                 self.ft.snapshots.wait()
+                self.ft.report_failures()
                 result.snapshots = list(self.ft.snapshots.committed)
+                result.snapshot_failures = self.ft.snapshot_failures
             finished = True
         finally:
             self.ft.close(finished)
