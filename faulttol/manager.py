@@ -11,14 +11,14 @@ import importlib.util
 import json
 import os
 import sys
-import tempfile
-import zlib
 
+import torch
 import torch.distributed as dist
 
 from loomtrain.faulttol.inject import Watchdog, attempt, maybe_inject
 from loomtrain.faulttol.layout import NodeLayout
-from loomtrain.faulttol.smp import SnapshotClient, ensure_daemon, secure_directory, socket_path, stop_daemons
+from loomtrain.faulttol.smp import (SMPError, SnapshotClient, ensure_daemon, job_directory, secure_directory,
+                                   socket_path, stop_daemons)
 
 SMP_DIR_ENV = "LOOMTRAIN_SMP_DIR"
 RUN_ID_ENV = "LOOMTRAIN_RUN_ID"
@@ -26,10 +26,7 @@ RUN_ID_ENV = "LOOMTRAIN_RUN_ID"
 
 def smp_directory(exp) -> str:
     """Where the node SMPs' sockets live: the launcher's choice, else one per job and output directory."""
-    if os.environ.get(SMP_DIR_ENV):
-        return os.environ[SMP_DIR_ENV]
-    key = f"{os.path.abspath(exp.train.output_dir)}|{os.environ.get('SLURM_JOB_ID', '')}"
-    return os.path.join(tempfile.gettempdir(), f"loomtrain-smp-{os.getuid()}-{zlib.crc32(key.encode()):08x}")
+    return os.environ.get(SMP_DIR_ENV) or job_directory(exp.train.output_dir, os.environ.get("SLURM_JOB_ID", ""))
 
 
 def run_id() -> str:
@@ -88,15 +85,29 @@ class FaultTolerance:
         self.smp_dir = secure_directory(smp_directory(self.exp))
         node = layout.node_of(env.rank)
         client = SnapshotClient(socket_path(self.smp_dir, node), run=self.run, attempt=attempt())
-        if env.rank == layout.node_ranks(node)[0]:  # the node's first rank makes sure its SMP is up
-            # Launchers start SMPs; one missing (bare torchrun, or killed) is started here, detached.
-            if ensure_daemon(self.smp_dir, node, self.cfg.smp_idle_exit_s):
-                print(f"faulttol: started the snapshot process of node {node} ({self.smp_dir})", file=sys.stderr,
-                      flush=True)
-            client.register(env.rank)  # first: a new run or attempt drops what can never serve it
+        first = env.rank == layout.node_ranks(node)[0]
+        problem = None
+        try:
+            if first:  # the node's first rank makes sure its SMP is up
+                # Launchers start SMPs; one missing (bare torchrun, or killed) is started here, detached.
+                if ensure_daemon(self.smp_dir, node, self.cfg.smp_idle_exit_s):
+                    print(f"faulttol: started the snapshot process of node {node} ({self.smp_dir})",
+                          file=sys.stderr, flush=True)
+                client.register(env.rank)  # first: a new run or attempt drops what can never serve it
+        except SMPError as e:
+            problem = str(e)
         dist.barrier()
-        if env.rank != layout.node_ranks(node)[0]:
-            client.register(env.rank)
+        try:
+            if not first and problem is None:
+                client.register(env.rank)
+        except SMPError as e:
+            problem = str(e)
+        flag = torch.tensor([0 if problem else 1], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # snapshots on every rank, or on none
+        if not flag.item():
+            print(f"faulttol: WARNING: in-memory snapshots are off for this run: "
+                  f"{problem or 'another node could not reach its snapshot process'}", file=sys.stderr, flush=True)
+            return
         self.snapshots = Snapshotter(layout, env.rank, self.smp_dir, state_signature(self.exp, env, dims, layout),
                                      env.device, run=self.run, attempt=attempt(),
                                      timeout_s=self.cfg.snapshot.timeout_s, idle_exit_s=self.cfg.smp_idle_exit_s)

@@ -38,12 +38,14 @@ import mmap
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import stat
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -452,6 +454,7 @@ class SnapshotDaemon:
             os.umask(old_umask)
         server.listen(64)
         server.settimeout(0.2)
+        atomic_write_text(pid_path(self.socket_path), str(os.getpid()))  # for sweep_dead, after a SIGKILL
         signal.signal(signal.SIGTERM, lambda *_: self._stop.set())  # scancel, time limit: free, then exit
         try:
             while not self._stop.is_set():
@@ -466,8 +469,10 @@ class SnapshotDaemon:
             with self.lock:
                 self.free_all()
             server.close()
-            if os.path.lexists(self.socket_path):
-                os.unlink(self.socket_path)
+            for leftover in (self.socket_path, pid_path(self.socket_path)):
+                if os.path.lexists(leftover):
+                    os.unlink(leftover)
+            _remove_if_unused(os.path.dirname(os.path.abspath(self.socket_path)))
 
 
 class SnapshotClient:
@@ -566,8 +571,96 @@ class SnapshotClient:
 
 
 # ---------------------------------------------------------------- starting and stopping daemons
+SMP_DIR_PREFIX = "loomtrain-smp-"
+
+
+def job_directory(output_dir: str, job_id: str = "") -> str:
+    """The SMP directory of a job (bare torchrun or Slurm) on this host: one per output directory and job."""
+    key = f"{os.path.abspath(output_dir)}|{job_id}"
+    return os.path.join(tempfile.gettempdir(), f"{SMP_DIR_PREFIX}{os.getuid()}-{zlib.crc32(key.encode()):08x}")
+
+
 def socket_path(smp_dir: str, node: int) -> str:
     return os.path.join(smp_dir, f"node{node}.sock")
+
+
+def pid_path(socket_file: str) -> str:
+    return os.path.splitext(socket_file)[0] + ".pid"
+
+
+def _alive(pid: int) -> bool:
+    """The process exists and is not a zombie (a SIGKILLed SMP whose parent has not reaped it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive, and not ours to judge
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _remove_if_unused(d: str, min_age_s: float = 0.0) -> None:
+    """Remove an SMP directory loomtrain named once no SMP uses it (nothing but the secret is left),
+    if old enough. A directory a user or launcher chose is theirs to remove."""
+    if not os.path.basename(d).startswith(SMP_DIR_PREFIX):
+        return
+    try:
+        if set(os.listdir(d)) <= {"secret"} and time.time() - os.stat(d).st_mtime >= min_age_s:
+            shutil.rmtree(d, ignore_errors=True)
+    except OSError:
+        pass
+
+
+def sweep_dead() -> list[str]:
+    """Remove the segments, index and socket of every SMP of this user on this host whose process is gone
+    (SIGKILLed with its job, a node's trainers killed by Slurm): the cleanup that also runs after SIGKILL,
+    at the next start of an SMP on the host. Returns the directories swept."""
+    swept, root = [], tempfile.gettempdir()
+    for entry in os.listdir(root):
+        d = os.path.join(root, entry)
+        if not entry.startswith(SMP_DIR_PREFIX):
+            continue
+        try:
+            st = os.lstat(d)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+                continue
+            pid_files = [f for f in os.listdir(d) if f.endswith(".pid")]
+        except OSError:
+            continue
+        for pid_file in pid_files:
+            try:
+                with open(os.path.join(d, pid_file)) as f:
+                    pid = int(f.read().strip() or 0)
+            except (OSError, ValueError):
+                continue
+            if pid and _alive(pid):
+                continue
+            node = pid_file.removesuffix(".pid").removeprefix("node")
+            if not node.isdigit():
+                continue
+            remove_segments(segment_prefix(d, int(node)))
+            sock = socket_path(d, int(node))
+            for leftover in (index_path(sock), sock, os.path.join(d, pid_file)):
+                if os.path.lexists(leftover):
+                    os.unlink(leftover)
+            swept.append(d)
+        _remove_if_unused(d, min_age_s=600)  # an old directory nobody serves from (a job started may be new)
+    return swept
+
+
+def cleanup_job(output_dir: str, job_id: str) -> None:
+    """Stop the job's SMPs on this host and remove everything they held (the sbatch script's last step)."""
+    d = job_directory(output_dir, job_id)
+    if not os.path.isdir(d):
+        return
+    nodes = [int(f[4:-5]) for f in os.listdir(d) if f.startswith("node") and f.endswith(".sock") and f[4:-5].isdigit()]
+    nodes += [int(f[4:-4]) for f in os.listdir(d) if f.startswith("node") and f.endswith(".pid") and f[4:-4].isdigit()]
+    stop_daemons(d, sorted(set(nodes)))
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def segment_prefix(smp_dir: str, node: int) -> str:
@@ -578,6 +671,8 @@ def segment_prefix(smp_dir: str, node: int) -> str:
 def start_daemon(smp_dir: str, node: int, idle_exit_s: float = 0.0, timeout_s: float = 30.0,
                  env: dict | None = None) -> int:
     """Start node ``node``'s SMP in a session of its own (no trainer's death takes it down); returns its pid."""
+    for swept in sweep_dead():
+        print(f"smp: removed the leftovers of a dead snapshot process in {swept}", file=sys.stderr, flush=True)
     secure_directory(smp_dir)
     sock = socket_path(smp_dir, node)
     load_secret(sock, create=True)
@@ -606,20 +701,36 @@ def stop_daemons(smp_dir: str, nodes: range | list[int]) -> None:
     """Shut down (unlinking every segment) the SMPs of ``nodes`` that are still running."""
     for node in nodes:
         client = SnapshotClient(socket_path(smp_dir, node))
-        if client.alive():
+        try:
+            pid = client._call(op="ping", timeout_s=5.0)["pid"]
             client.shutdown()
+            deadline = time.monotonic() + 10
+            while _alive(pid) and time.monotonic() < deadline:  # gone before the caller looks for leftovers
+                time.sleep(0.02)
+        except SMPError:
+            pass
         remove_segments(segment_prefix(smp_dir, node))  # a SIGKILLed daemon's leftovers
-        index = index_path(socket_path(smp_dir, node))
-        if os.path.exists(index):
-            os.unlink(index)
+        for leftover in (index_path(socket_path(smp_dir, node)), pid_path(socket_path(smp_dir, node))):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
+    _remove_if_unused(smp_dir)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="loomtrain.faulttol.smp", description="node snapshot daemon")
-    p.add_argument("--socket", required=True)
+    p.add_argument("--cleanup-job", metavar="OUTPUT_DIR", default=None,
+                   help="instead of serving: stop this host's SMPs of the job (SLURM_JOB_ID) writing to OUTPUT_DIR "
+                        "and remove their segments, and those of any dead SMP of this user")
+    p.add_argument("--socket")
     p.add_argument("--prefix", default=f"loomtrain-{os.getpid()}")
     p.add_argument("--idle-exit-s", type=float, default=0.0, help="exit after this long without a request; 0 = never")
     a = p.parse_args(argv)
+    if a.cleanup_job:
+        cleanup_job(a.cleanup_job, os.environ.get("SLURM_JOB_ID", ""))
+        sweep_dead()
+        return 0
+    if not a.socket:
+        p.error("--socket is required")
     secure_directory(os.path.dirname(os.path.abspath(a.socket)))
     SnapshotDaemon(a.socket, a.prefix, a.idle_exit_s).serve()
     return 0

@@ -51,6 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--partition", default=None)
     s.add_argument("--time", default="24:00:00")
     s.add_argument("--job-name", default="loomtrain")
+    s.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per node's task (default: 8 per GPU)")
+    s.add_argument("--mem", default=None, help="memory per node, as sbatch takes it (e.g. 400G; default: Slurm's)")
+    s.add_argument("--max-restarts", type=int, default=3, help="torchrun restarts of a node's ranks after a failure")
+    s.add_argument("--preempt-lead-s", type=int, default=None,
+                   help="seconds of warning before the time limit (default: estimated from the model's save time)")
+    s.add_argument("--no-requeue", dest="requeue", action="store_false",
+                   help="after checkpointing on the pre-emption warning, end instead of requeueing the job")
+    s.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
+                   help="any other #SBATCH line, e.g. --sbatch-arg=--account=proj (repeatable)")
 
     e = sub.add_parser("export", help="write a checkpoint (any layout) as a Hugging Face model directory")
     e.add_argument("checkpoint", help="a checkpoint directory, e.g. runs/tiny/checkpoints/step_00000100")
@@ -140,11 +149,17 @@ def cmd_plan(args) -> int:
 def cmd_slurm(args) -> int:
     from loomtrain.launch.slurm import write_sbatch
 
-    _at_least_one(nodes=args.nodes, gpus_per_node=args.gpus_per_node)
+    if args.max_restarts < 0:
+        raise ConfigError(f"--max-restarts: must be >= 0, got {args.max_restarts}")
+    _at_least_one(nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                  **{k: v for k, v in (("cpus_per_task", args.cpus_per_task), ("preempt_lead_s", args.preempt_lead_s))
+                     if v is not None})
     exp = load_config(args.config, args.overrides)
     preflight(exp, args.nodes * args.gpus_per_node, args.gpus_per_node)
     path = write_sbatch(exp, resolve_config_path(args.config), args.overrides, args.nodes, args.gpus_per_node,
-                        args.output, args.partition, args.time, args.job_name)
+                        args.output, args.partition, args.time, args.job_name, max_restarts=args.max_restarts,
+                        cpus_per_task=args.cpus_per_task, mem=args.mem, preempt_lead_s=args.preempt_lead_s,
+                        requeue=args.requeue, sbatch_args=args.sbatch_arg)
     print(f"wrote {path}  (submit with: sbatch {path})")
     return 0
 

@@ -1,6 +1,19 @@
-"""Write an sbatch script: one ``torchrun`` per node, c10d rendezvous on the job's first node."""
+"""Write an sbatch script: one ``torchrun`` per node, c10d rendezvous on the job's first node.
+
+What the script does on Slurm's pre-emption warning (``--signal=B:USR1@LEAD``, sent LEAD
+seconds before the time limit, or ``scancel --signal=USR1 --batch JOBID``), as tried under a
+real Slurm 22.05: the trap writes ``<output_dir>/STOP``; the trainer sees it at the end of
+its step, checkpoints, and every rank exits 0, so torchrun and srun exit 0 as well. Signals
+are not forwarded: srun turns a SIGTERM into SIGKILL of its tasks, torchrun exits 1 on
+SIGTERM (a clean stop recorded as FAILED) and gives its workers 30 s, and USR1 kills torchrun.
+The batch shell waits for srun in a loop (a trap interrupts ``wait``) and, after a stop on
+the warning, requeues the job (``--requeue``), which resumes from that checkpoint
+(``--resume auto``). Logs are appended across requeues. A last step on every node removes the
+job's snapshot segments, whatever state the trainers left them in.
+"""
 from __future__ import annotations
 
+import math
 import os
 import shlex
 
@@ -12,37 +25,85 @@ TEMPLATE = """#!/bin/bash
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node={gpus}
 #SBATCH --cpus-per-task={cpus}
-#SBATCH --time={time}
-#SBATCH --signal=B:USR1@120
+{mem_line}#SBATCH --time={time}
+#SBATCH --signal=B:USR1@{lead}
 #SBATCH --output={output_dir}/slurm-%j.out
-{partition_line}
+#SBATCH --open-mode=append
+#SBATCH --requeue
+{partition_line}{extra_lines}
 # Written by `loomtrain slurm`. One torchrun per node; ranks meet at the first node of the job.
-set -euo pipefail
+# The pre-emption warning comes {lead} s before the time limit: enough for a step and a checkpoint of
+# this model ({save_estimate}).
+set -uo pipefail  # not -e: a trap interrupts `wait` with a non-zero status
 head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_ADDR=$head_node
 export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
-export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-8}}
-# Forward Slurm's pre-emption warning (USR1) to the trainer as SIGTERM: it checkpoints and exits.
-trap 'kill -TERM $srun_pid 2>/dev/null' USR1
+export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{threads}}}
+stop_file={stop_file}
+preempted=0
+on_warning() {{
+  preempted=1
+  echo "loomtrain: pre-emption warning: asking the trainer to checkpoint and stop ($stop_file)"
+  touch "$stop_file"
+}}
+trap on_warning USR1
+echo "loomtrain: job $SLURM_JOB_ID start $(date -Is) (requeue count ${{SLURM_RESTART_COUNT:-0}})"
 srun --kill-on-bad-exit=1 torchrun \\
   --nnodes={nodes} --nproc-per-node={gpus} \\
-  --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID" \\
-  --max-restarts={max_restarts} \\
+  --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" \\
+  --rdzv-id="$SLURM_JOB_ID.${{SLURM_RESTART_COUNT:-0}}" --max-restarts={max_restarts} \\
   -m loomtrain.launch.train {args} --resume auto &
 srun_pid=$!
-wait $srun_pid
+status=0
+while kill -0 "$srun_pid" 2>/dev/null; do
+  wait "$srun_pid"
+  status=$?
+done
+# Snapshot segments never outlive the job (also after a SIGKILLed trainer or snapshot process).
+srun --ntasks-per-node=1 --overlap python -m loomtrain.faulttol.smp --cleanup-job {output_dir_q} || true
+if [ "$preempted" = 1 ] && [ "$status" = 0 ] && [ "{requeue}" = 1 ]; then
+  echo "loomtrain: checkpointed on the pre-emption warning; requeueing job $SLURM_JOB_ID"
+  scontrol requeue "$SLURM_JOB_ID"
+fi
+exit "$status"
 """
+
+SAVE_GBPS = 1.0  # assumed checkpoint write speed per node (GB/s) when estimating the pre-emption lead time
+
+
+def preemption_lead_s(exp, nodes: int) -> tuple[int, str]:
+    """Seconds of warning to ask for: three times an estimated checkpoint save, plus a step's worth, >= 120."""
+    from loomtrain.trainer.model import ModelArgs
+
+    params = ModelArgs.from_config(exp.model, exp.model.vocab_size or 50304, exp.data.seq_len).num_params()
+    state_bytes = params * (4 + 4 + 8)  # fp32 parameters + gradients' room + AdamW's two moments
+    save_s = state_bytes / nodes / (SAVE_GBPS * 1e9)
+    lead = max(120, int(math.ceil(3 * save_s)) + 60)
+    return lead, f"{params / 1e9:.2f}B parameters, ~{state_bytes / 1e9:.1f} GB of state, ~{save_s:.0f} s to save " \
+                 f"per node at {SAVE_GBPS:g} GB/s"
 
 
 def write_sbatch(exp, config_path: str, overrides: list[str], nodes: int, gpus_per_node: int,
                  output: str | None = None, partition: str | None = None, time: str = "24:00:00",
-                 job_name: str = "loomtrain", max_restarts: int = 3) -> str:
+                 job_name: str = "loomtrain", max_restarts: int = 3, cpus_per_task: int | None = None,
+                 mem: str | None = None, preempt_lead_s: int | None = None, requeue: bool = True,
+                 sbatch_args: list[str] | None = None) -> str:
+    """The sbatch script for ``exp``; returns its path. ``cpus_per_task`` defaults to 8 per GPU."""
+    from loomtrain.trainer.train import STOP_FILE
+
     out_dir = os.path.abspath(exp.train.output_dir)
     path = output or os.path.join(out_dir, "launch.sbatch")
     args = " ".join([shlex.quote(os.path.abspath(config_path))] + [f"--set {shlex.quote(o)}" for o in overrides])
-    text = TEMPLATE.format(job_name=job_name, nodes=nodes, gpus=gpus_per_node, cpus=max(1, 8 * gpus_per_node),
-                           time=time, output_dir=out_dir, max_restarts=max_restarts, args=args,
-                           partition_line=f"#SBATCH --partition={partition}" if partition else "")
+    cpus = cpus_per_task or max(1, 8 * gpus_per_node)
+    lead, estimate = preemption_lead_s(exp, nodes)
+    text = TEMPLATE.format(
+        job_name=job_name, nodes=nodes, gpus=gpus_per_node, cpus=cpus, time=time, output_dir=out_dir,
+        output_dir_q=shlex.quote(out_dir), max_restarts=max_restarts, args=args, lead=preempt_lead_s or lead,
+        save_estimate=estimate, threads=max(1, cpus // max(1, gpus_per_node)),
+        stop_file=shlex.quote(os.path.join(out_dir, STOP_FILE)), requeue=int(requeue),
+        mem_line=f"#SBATCH --mem={mem}\n" if mem else "",
+        partition_line=f"#SBATCH --partition={partition}\n" if partition else "",
+        extra_lines="".join(f"#SBATCH {a}\n" for a in sbatch_args or []))
     atomic_write_text(path, text)
     os.chmod(path, 0o755)
     return path

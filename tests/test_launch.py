@@ -75,7 +75,17 @@ def test_sbatch_script(tmp_path, capsys):
     assert "--rdzv-backend=c10d" in text and "-m loomtrain.launch.train" in text
     assert "--set train.steps=5" in text and "--resume auto" in text
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    assert "#SBATCH --cpus-per-task=16" in text and "#SBATCH --open-mode=append" in text  # 8 per GPU by default
+    assert "kill -TERM" not in text and "set -e" not in text  # srun would SIGKILL; a trapped wait would exit
+    assert main(["slurm", "tiny", "--nodes", "4", "--gpus-per-node", "2", "--output", str(script), "--cpus-per-task",
+                 "3", "--mem", "64G", "--no-requeue", "--preempt-lead-s", "600", "--sbatch-arg=--account=proj",
+                 "--set", "parallel.tp=2"]) == 0
+    text = script.read_text()
+    assert all(line in text.splitlines() for line in ("#SBATCH --cpus-per-task=3", "#SBATCH --mem=64G",
+                                                       "#SBATCH --signal=B:USR1@600", "#SBATCH --account=proj"))
+    assert '[ "0" = 1 ]' in text  # no requeue
     assert main(["slurm", "tiny", "--nodes", "3", "--gpus-per-node", "1", "--set", "parallel.tp=2"]) == 2
+    assert main(["slurm", "tiny", "--nodes", "1", "--gpus-per-node", "1", "--cpus-per-task", "0"]) == 2
 
 
 def test_plan_at_cluster_scale(capsys):

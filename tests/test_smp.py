@@ -241,3 +241,22 @@ def test_other_users_are_refused():
         client.shutdown()
         proc.wait(10)
         shutil.rmtree(d)
+
+
+def test_a_dead_smps_leftovers_are_swept_at_the_next_start():
+    """SIGKILLed with its job (no SIGTERM handler runs): the next SMP started on the host removes them."""
+    from loomtrain.faulttol.smp import segment_prefix, socket_path, stop_daemons, sweep_dead
+
+    d = tempfile.mkdtemp(prefix="loomtrain-smp-")  # where jobs' SMP directories live
+    try:
+        pid = start_daemon(d, 0)
+        SnapshotClient(socket_path(d, 0)).write_epoch(1, {"w": torch.ones(1000)})
+        assert len(segments(segment_prefix(d, 0))) == 1
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(0.5)
+        assert d in sweep_dead()
+        assert segments(segment_prefix(d, 0)) == [] and not os.path.exists(socket_path(d, 0))
+        pid = start_daemon(d, 0)  # and a later SMP in the same directory starts clean
+        stop_daemons(d, [0])
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

@@ -52,14 +52,30 @@ class TrainResult:
     snapshot_failures: int = 0  # snapshots skipped after a failure (training went on)
 
 
-class StopFlag:
-    """SIGTERM/SIGINT ask the loop to finish its step, checkpoint and exit; SIGUSR1 to checkpoint and go on
-    (Slurm's pre-emption warning: /dev/shm, and the in-memory snapshots with it, do not survive a requeue)."""
+STOP_FILE = "STOP"  # `touch <output_dir>/STOP`: finish the step, checkpoint, exit 0 (the sbatch script's pre-emption)
 
-    def __init__(self):
+
+class StopFlag:
+    """SIGTERM/SIGINT or a ``STOP`` file in the output directory ask the loop to finish its step, checkpoint
+    and exit; SIGUSR1 to checkpoint and go on. The file is what the generated sbatch script uses on Slurm's
+    pre-emption warning: signals would have to pass srun (which turns SIGTERM into SIGKILL) and torchrun
+    (which exits non-zero on SIGTERM and gives its workers 30 s)."""
+
+    def __init__(self, stop_file: str | None = None):
         self.requested = False
         self.flush = False
+        self.stop_file = stop_file
         self._previous = {}
+
+    def file_requested(self) -> bool:
+        """The stop file exists (consumed: a requeued job must not stop again at its first step)."""
+        if self.stop_file is None or not os.path.exists(self.stop_file):
+            return False
+        try:
+            os.unlink(self.stop_file)
+        except FileNotFoundError:
+            pass
+        return True
 
     def install(self):
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
@@ -281,7 +297,7 @@ class Trainer:
                              restore_seconds=self.restore_seconds)
         sink = MetricsSink(tcfg.output_dir, exp.logging, exp.to_dict(), env.is_main,
                            resume_step=self.step if self.resumed_from else None)
-        stop = StopFlag()
+        stop = StopFlag(os.path.join(tcfg.output_dir, STOP_FILE))
         stop.install()
         bar = None
         if env.is_main:
@@ -359,6 +375,9 @@ class Trainer:
 
     def _stop_requested(self, stop: StopFlag) -> tuple[bool, bool]:
         """(stop, flush to disk): all ranks agree if any of them got the signal (so they act at the same step)."""
+        if self.env.is_main and stop.file_requested():
+            print(f"found {stop.stop_file}: checkpointing and stopping", flush=True)
+            stop.requested = True
         flag = torch.tensor([float(stop.requested), float(stop.flush)], device=self.env.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag[0].item()), bool(flag[1].item())

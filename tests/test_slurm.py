@@ -1,0 +1,186 @@
+"""The generated sbatch script under a real Slurm (Debian's slurm-wlm 22.05: slurmctld + slurmd on loopback,
+two placeholder GPUs): the pre-emption warning writes a checkpoint and requeues, the requeued job resumes
+with the losses of an uninterrupted run, a rank killed inside the job is restored from memory, scancel
+leaves nothing in /dev/shm. Needs root and the packages (``.ci/run`` installs them)."""
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+
+import pytest
+
+from conftest import TEST_OVERRIDES, free_port, run_ranks
+
+HAVE_SLURM = all(shutil.which(c) for c in ("slurmctld", "slurmd", "munged", "sbatch", "scontrol"))
+pytestmark = pytest.mark.skipif(not HAVE_SLURM or os.geteuid() != 0,
+                                reason="needs root and Debian's slurm-wlm + munge (installed by .ci/run)")
+
+STEPS = 300
+CONF = """ClusterName=loomtrain-test
+SlurmctldHost={host}(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+StateSaveLocation={d}/state
+SlurmdSpoolDir={d}/spool
+SlurmctldPidFile={d}/slurmctld.pid
+SlurmdPidFile={d}/slurmd.pid
+SlurmctldLogFile={d}/slurmctld.log
+SlurmdLogFile={d}/slurmd.log
+SlurmctldPort={ctld_port}
+SlurmdPort={d_port}
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+GresTypes=gpu
+MpiDefault=none
+ReturnToService=2
+KillWait=30
+MinJobAge=600
+NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=4000 Gres=gpu:2 State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """A one-host Slurm cluster for this module; its environment (SLURM_CONF) for the commands."""
+    d = tmp_path_factory.mktemp("slurm")
+    host = socket.gethostname().split(".")[0]
+    for sub in ("state", "spool"):
+        (d / sub).mkdir()
+    for i in range(2):  # slurmd 22.05 drops GPUs without device files ("Removing file-less GPU")
+        subprocess.run(["mknod", str(d / f"fakegpu{i}"), "c", "1", "3"], check=True)
+    (d / "slurm.conf").write_text(CONF.format(host=host, d=d, ctld_port=free_port(), d_port=free_port(),
+                                              cpus=os.cpu_count()))
+    (d / "gres.conf").write_text(f"NodeName={host} Name=gpu File={d}/fakegpu[0-1]\n")
+    env = dict(os.environ, SLURM_CONF=str(d / "slurm.conf"))
+    started_munge = subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode != 0
+    if started_munge:
+        os.makedirs("/run/munge", exist_ok=True)
+        subprocess.run(["munged", "--force"], check=True, capture_output=True)
+    subprocess.run(["slurmctld", "-f", env["SLURM_CONF"]], check=True, env=env)
+    subprocess.run(["slurmd", "-f", env["SLURM_CONF"]], check=True, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while "idle" not in subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True,
+                                           env=env).stdout:
+            assert time.monotonic() < deadline, (d / "slurmd.log").read_text()[-2000:]
+            time.sleep(0.5)
+        yield env
+    finally:
+        subprocess.run(["scontrol", "shutdown"], env=env, capture_output=True)
+        for pid_file in ("slurmd.pid", "slurmctld.pid"):
+            try:
+                os.kill(int((d / pid_file).read_text()), 15)
+            except (OSError, ValueError):
+                pass
+        if started_munge:
+            subprocess.run(["pkill", "-x", "munged"])
+
+
+def _job(env, job: str) -> dict:
+    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, env=env).stdout
+    return dict(re.findall(r"(\w+)=(\S+)", out))
+
+
+def _wait(env, job: str, states: set[str], timeout: float = 240, log: str | None = None) -> dict:
+    deadline = time.monotonic() + timeout
+    while (info := _job(env, job)).get("JobState") not in states:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job {job} is {info.get('JobState')}, waited for {states}:\n"
+                                 + (open(log).read()[-3000:] if log and os.path.exists(log) else ""))
+        time.sleep(0.5)
+    return info
+
+
+def _submit(env, tmp_path, corpus, extra=(), max_restarts=0) -> tuple[str, str, list[str]]:
+    from loomtrain.launch.cli import main
+
+    out = tmp_path / "run"
+    sets = TEST_OVERRIDES + [f"data.prepared={corpus}", f"train.output_dir={out}", f"train.steps={STEPS}",
+                             "parallel.dp_shard=2", "faulttol.snapshot.every_steps=2", "train.log_every=1",
+                             "faulttol.hang_timeout_s=30"] + list(extra)
+    args = ["slurm", "tiny", "--nodes", "1", "--gpus-per-node", "2", "--cpus-per-task", str(os.cpu_count()),
+            "--time", "10:00", "--max-restarts", str(max_restarts)]
+    for s in sets:
+        args += ["--set", s]
+    assert main(args) == 0
+    sub = subprocess.run(["sbatch", "--parsable", str(out / "launch.sbatch")], capture_output=True, text=True,
+                         env=env, check=True)
+    job = sub.stdout.strip().split(";")[0]
+    return job, str(out / f"slurm-{job}.out"), sets
+
+
+def _losses(run_dir) -> dict[int, float]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def _reference(rank, overrides):
+    from loomtrain.trainer import train as train_mod
+    from loomtrain.trainer.config import load_config
+
+    return train_mod.run(load_config("tiny", overrides)).losses
+
+
+def _leftovers(before: set[str]) -> list[str]:
+    return sorted(f for f in set(os.listdir("/dev/shm")) - before if f.startswith("lt")) + \
+        sorted(f for f in os.listdir("/tmp") if f.startswith("loomtrain-smp-"))
+
+
+def test_preemption_warning_checkpoints_requeues_and_resumes_identically(slurm, small_corpus, tmp_path):
+    before = set(os.listdir("/dev/shm"))
+    job, log, sets = _submit(slurm, tmp_path, small_corpus)
+    _wait(slurm, job, {"RUNNING"}, log=log)
+    deadline = time.monotonic() + 120
+    while not (os.path.exists(log) and re.search(r"^step=2\d ", open(log).read(), re.M)):
+        assert time.monotonic() < deadline, open(log).read()[-3000:] if os.path.exists(log) else "no log"
+        time.sleep(0.2)
+    # What `#SBATCH --signal=B:USR1@LEAD` sends before the time limit.
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm, check=True)
+    _wait(slurm, job, {"PENDING"}, log=log)  # requeued by the script after its checkpoint
+    subprocess.run(["scontrol", "update", f"jobid={job}", "starttime=now"], env=slurm, check=True)  # skip the delay
+    info = _wait(slurm, job, {"COMPLETED", "FAILED", "CANCELLED"}, log=log)
+    text = open(log).read()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", text[-3000:]
+    stopped = int(re.search(r"stopped by signal after step (\d+)", text).group(1))
+    assert "requeue count 0" in text and "requeue count 1" in text  # one log, appended across the requeue
+    assert f"resume: step {stopped} from the disk checkpoint" in text
+    reference = run_ranks(_reference, 2, [s for s in sets if not s.startswith("train.output_dir")]
+                          + [f"train.output_dir={tmp_path / 'ref'}"])[0]
+    losses = _losses(tmp_path / "run")
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert all(losses[s] == reference[s] for s in losses), "losses differ from the uninterrupted run"
+    assert _leftovers(before) == []
+
+
+def test_rank_killed_inside_the_job_is_restored_from_memory(slurm, small_corpus, tmp_path):
+    before = set(os.listdir("/dev/shm"))
+    job, log, _ = _submit(slurm, tmp_path, small_corpus, ["faulttol.inject={kind: sigkill, rank: 1, step: 5}"],
+                          max_restarts=1)
+    info = _wait(slurm, job, {"COMPLETED", "FAILED", "CANCELLED"}, log=log)
+    text = open(log).read()
+    assert info["JobState"] == "COMPLETED", text[-3000:]
+    assert "restored step 4 from memory" in text and f"step={STEPS} " in text
+    assert _leftovers(before) == []
+
+
+def test_scancel_leaves_nothing_behind(slurm, small_corpus, tmp_path):
+    before = set(os.listdir("/dev/shm"))
+    job, log, _ = _submit(slurm, tmp_path, small_corpus, ["train.steps=100000"])
+    _wait(slurm, job, {"RUNNING"}, log=log)
+    deadline = time.monotonic() + 120
+    while not [f for f in set(os.listdir("/dev/shm")) - before if f.startswith("lt")]:  # snapshots are in memory
+        assert time.monotonic() < deadline, open(log).read()[-3000:] if os.path.exists(log) else "no log"
+        time.sleep(0.2)
+    subprocess.run(["scancel", job], env=slurm, check=True)
+    _wait(slurm, job, {"CANCELLED"}, log=log)
+    deadline = time.monotonic() + 60
+    while _leftovers(before):  # the job's processes get SIGTERM first: the SMP frees its segments
+        assert time.monotonic() < deadline, _leftovers(before)
+        time.sleep(0.5)
