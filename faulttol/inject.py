@@ -1,8 +1,9 @@
 """Fault injection (``faulttol.inject``) and the hang watchdog.
 
-Faults fire once, right after the configured optimizer step, and only on a job's first
-attempt (torch elastic's ``TORCHELASTIC_RESTART_COUNT``, or ``LOOMTRAIN_ATTEMPT`` from the
-test harness), so the restarted group runs through.
+Faults fire once, right after the configured optimizer step (``snapshot_kill``: inside a
+phase of that step's snapshot, or of its restore), and only on the configured attempt
+(``faulttol.inject.attempt``, default 0: torch elastic's ``TORCHELASTIC_RESTART_COUNT``, or
+``LOOMTRAIN_ATTEMPT`` from the test harness), so the restarted group runs through.
 """
 from __future__ import annotations
 
@@ -28,9 +29,27 @@ class InjectedFault(RuntimeError):
     pass
 
 
+def _due(cfg, rank: int, step: int) -> bool:
+    return cfg.kind != "none" and step == cfg.step and attempt() == cfg.attempt and rank == cfg.rank
+
+
+def snapshot_phase_fault(cfg, rank: int):
+    """For ``snapshot_kill``: a hook the snapshot thread calls at each phase (None when not configured)."""
+    if cfg.kind != "snapshot_kill":
+        return None
+
+    def hook(phase: str, step: int) -> None:
+        if phase == cfg.phase and _due(cfg, rank, step):
+            print(f"faulttol: injecting 'snapshot_kill' on rank {rank} inside the '{phase}' phase of the "
+                  f"snapshot of step {step}", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
 def maybe_inject(cfg, rank: int, step: int, layout: NodeLayout, smp_dir: str | None) -> None:
     """Fire ``cfg`` (an InjectConfig) if this is its rank, its step, and the first attempt."""
-    if cfg.kind == "none" or step != cfg.step or attempt() != 0 or rank != cfg.rank:
+    if cfg.kind == "snapshot_kill" or not _due(cfg, rank, step):
         return
     if cfg.kind == "node_loss":
         _lose_node(layout.node_of(rank), smp_dir)
@@ -73,12 +92,15 @@ class Watchdog:
     """Exit the process when the training loop makes no progress for ``timeout_s`` (a hang).
 
     A hung rank holds its peers in a collective; exiting lets the launcher see a failure
-    and restart the group. Armed after the first step (compilation and warm-up are slow).
+    and restart the group. Armed from construction: until the first step it allows
+    ``startup_s`` (snapshot-process hookup, process-group creation, restore, the first step's
+    compilation), then ``timeout_s`` between steps.
     """
 
-    def __init__(self, timeout_s: float, rank: int):
-        self.timeout_s, self.rank = timeout_s, rank
-        self._last = None
+    def __init__(self, timeout_s: float, rank: int, startup_s: float = 0.0):
+        self.timeout_s, self.rank, self.startup_s = timeout_s, rank, max(startup_s, timeout_s)
+        self._last = time.monotonic()
+        self._started = False
         self._stop = threading.Event()
         self._thread = None
         if timeout_s > 0:
@@ -87,14 +109,17 @@ class Watchdog:
 
     def beat(self) -> None:
         self._last = time.monotonic()
+        self._started = True
 
     def stop(self) -> None:
         self._stop.set()
 
     def _watch(self) -> None:
         while not self._stop.wait(min(1.0, self.timeout_s / 4)):
-            if self._last is not None and time.monotonic() - self._last > self.timeout_s:
-                print(f"faulttol: watchdog: rank {self.rank} made no progress for {self.timeout_s:g}s; "
+            limit = self.timeout_s if self._started else self.startup_s
+            if time.monotonic() - self._last > limit:
+                phase = "between steps" if self._started else "before its first step"
+                print(f"faulttol: watchdog: rank {self.rank} made no progress for {limit:g}s {phase}; "
                       f"exiting so the launcher restarts the group. Stacks:", file=sys.stderr, flush=True)
                 faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
                 os._exit(EXIT_HANG)

@@ -15,7 +15,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from loomtrain.faulttol.inject import Watchdog, attempt, maybe_inject
+from loomtrain.faulttol.inject import Watchdog, attempt, maybe_inject, snapshot_phase_fault
 from loomtrain.faulttol.layout import NodeLayout
 from loomtrain.faulttol.smp import (SMPError, SnapshotClient, ensure_daemon, job_directory, secure_directory,
                                    socket_path, stop_daemons)
@@ -74,9 +74,10 @@ class FaultTolerance:
         self.smp_dir = None
         self.run = run_id()
         self.snapshot_failures = 0
+        # Armed first: SMP hookup, snapshot groups and the restore can hang too.
+        self.watchdog = Watchdog(self.cfg.hang_timeout_s, env.rank, self.cfg.startup_timeout_s)
         if self.every:
             self._connect(dims)
-        self.watchdog = Watchdog(self.cfg.hang_timeout_s, env.rank)
 
     def _connect(self, dims) -> None:
         from loomtrain.faulttol.snapshot import Snapshotter
@@ -110,7 +111,8 @@ class FaultTolerance:
             return
         self.snapshots = Snapshotter(layout, env.rank, self.smp_dir, state_signature(self.exp, env, dims, layout),
                                      env.device, run=self.run, attempt=attempt(),
-                                     timeout_s=self.cfg.snapshot.timeout_s, idle_exit_s=self.cfg.smp_idle_exit_s)
+                                     timeout_s=self.cfg.snapshot.timeout_s, idle_exit_s=self.cfg.smp_idle_exit_s,
+                                     fault=snapshot_phase_fault(self.cfg.inject, env.rank))
 
     @property
     def attempt(self) -> int:

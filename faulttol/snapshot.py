@@ -124,9 +124,11 @@ class Snapshotter:
     training never stops for one (the previous epoch still serves, and the next snapshot retries)."""
 
     def __init__(self, layout: NodeLayout, rank: int, smp_dir: str, signature: str, device: torch.device, *,
-                 run: str = "", attempt: int = 0, timeout_s: float = 120.0, idle_exit_s: float = 0.0):
+                 run: str = "", attempt: int = 0, timeout_s: float = 120.0, idle_exit_s: float = 0.0,
+                 fault=None):
         self.layout, self.rank, self.signature, self.device = layout, rank, signature, device
         self.run, self.attempt = run, attempt
+        self._fault = fault or (lambda phase, step: None)  # fault injection: called at each phase (tests)
         self.smp_dir, self.idle_exit_s = smp_dir, idle_exit_s
         self.node = layout.node_of(rank)
         self.client = SnapshotClient(socket_path(smp_dir, self.node), run=run, attempt=attempt, timeout_s=timeout_s)
@@ -246,17 +248,18 @@ class Snapshotter:
                     self._copy_into(staging, tensors)
                 else:
                     self._cuda_event.synchronize()
+                self._fault("copy", step)
             finally:
                 self._copied.set()
             try:
-                chunks, entries, sources = self._prepare(step, staging, payload, tensor_bytes, chunk, views, segments)
+                chunks, entries = self._prepare(step, staging, payload, tensor_bytes, chunk, views, segments)
             except (SMPError, OSError) as e:
                 failure, entries = f"{e}", None
             if not self._agree(failure is None):
                 failure = failure or "another rank could not prepare it"
             else:
                 try:
-                    self._exchange(chunks, views, entries, sources)
+                    self._exchange(step, chunks, views, entries)
                 except (SMPError, RuntimeError) as e:
                     failure = f"{e}"
                 if not self._agree(failure is None):
@@ -264,6 +267,7 @@ class Snapshotter:
                 else:
                     try:
                         self.client.commit(step, str(self.rank), entries)
+                        self._fault("commit", step)
                         self.committed.append(step)
                     except SMPError as e:
                         failure = f"{e}"
@@ -305,6 +309,7 @@ class Snapshotter:
             j = (self.me - i) % n
             size, src_payload, src_tensor_bytes, *crcs = (int(v) for v in sources[i])
             name = self.client.alloc(f"r{src}c{j}", size, step)
+            self._fault("request", step)
             shm = Attached(name)
             segments.append(shm)
             views[i] = torch.frombuffer(shm.buf, dtype=torch.uint8, count=size)
@@ -312,9 +317,9 @@ class Snapshotter:
                                       "run": self.run, "attempt": self.attempt, "crc": crcs[j],
                                       "data_crcs": crcs[:k], "payload": src_payload,
                                       "tensor_bytes": src_tensor_bytes, "signature": self.signature}
-        return chunks, entries, sources
+        return chunks, entries
 
-    def _exchange(self, chunks, views, entries, sources) -> None:
+    def _exchange(self, step, chunks, views, entries) -> None:
         """Send chunk j to the member j places on, receive into the reserved segments, verify each."""
         n = self.layout.group_nodes
         views[self.me].copy_(chunks[0])
@@ -323,9 +328,11 @@ class Snapshotter:
             ops.append(dist.P2POp(dist.isend, chunks[j], self.stripe[(self.me + j) % n], self.stripe_group))
             ops.append(dist.P2POp(dist.irecv, views[(self.me - j) % n], self.stripe[(self.me - j) % n],
                                   self.stripe_group))
-        for work in dist.batch_isend_irecv(ops) if ops else []:
+        works = dist.batch_isend_irecv(ops) if ops else []
+        self._fault("exchange", step)
+        for work in works:
             work.wait()
-        del ops
+        del ops, works
         for i, entry in zip(range(n), entries.values()):
             if _crc(views[i]) != entry["crc"]:
                 raise RuntimeError(f"chunk {entry['chunk']} of rank {entry['src']} arrived corrupted "
@@ -384,6 +391,7 @@ class Snapshotter:
         problem, meta, payload = None, None, None
         try:
             received = self._gather_chunks(located, by_key)
+            self._fault("restore", located.epoch)
             bad = [j for j, t in received.items() if _crc(t) != by_key[(self.rank, j)]["crc"]]
             if bad:
                 raise RuntimeError(f"chunks {bad} arrived corrupted")

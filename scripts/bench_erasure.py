@@ -2,7 +2,11 @@
 
 GB/s counts the data bytes protected (k shards). Decode loses the first min(m, k) data
 shards (the worst case: every lost shard must be rebuilt from parity). memcpy is
-``torch.Tensor.copy_`` of the k data shards into preallocated buffers.
+``torch.Tensor.copy_`` of the k data shards into preallocated buffers. Beside loomtrain's
+torch code, the same data through ISA-L (Intel's SIMD erasure codes) as liberasurecode
+exposes it to Python (``pyeclib``, ``pip install pyeclib``: its wheels bundle ISA-L): the
+whole buffer as bytes in, k+m fragments with 80-byte headers out, as a user of that library
+gets it (copies included).
 
     python scripts/bench_erasure.py --mib 64 --repeats 5
 """
@@ -38,9 +42,9 @@ def main():
     torch.set_num_threads(a.threads)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{a.threads} thread(s); {a.mib} MiB of data per code, median of {a.repeats}\n")
-    print("| (k, m) | memcpy GB/s | encode GB/s | encode / memcpy | decode GB/s (lose min(m,k) data) | "
+    print("| (k, m) | code | memcpy GB/s | encode GB/s | encode / memcpy | decode GB/s (lose min(m,k) data) | "
           "decode / memcpy |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for k, m in ((4, 1), (4, 2), (8, 2)):
         per = a.mib * 2 ** 20 // k
         data = [torch.randint(0, 256, (per,), dtype=torch.uint8) for _ in range(k)]
@@ -52,8 +56,24 @@ def main():
         t_copy = timed(lambda: [c.copy_(d) for c, d in zip(copies, data)], a.repeats)
         t_enc = timed(lambda: rs.encode(data), a.repeats)
         t_dec = timed(lambda: rs.decode(shards), a.repeats)
-        print(f"| ({k}, {m}) | {total / t_copy:.2f} | {total / t_enc:.2f} | {t_copy / t_enc:.3f} | "
-              f"{total / t_dec:.2f} | {t_copy / t_dec:.3f} |", flush=True)
+        print(f"| ({k}, {m}) | loomtrain (torch, bitwise) | {total / t_copy:.2f} | {total / t_enc:.2f} | "
+              f"{t_copy / t_enc:.3f} | {total / t_dec:.2f} | {t_copy / t_dec:.3f} |", flush=True)
+        for ec_type in ("isa_l_rs_cauchy", "isa_l_rs_vand"):
+            try:
+                from pyeclib.ec_iface import ECDriver
+
+                driver = ECDriver(k=k, m=m, ec_type=ec_type)
+            except Exception as e:  # noqa: BLE001 - not installed, or this backend missing
+                print(f"| ({k}, {m}) | pyeclib {ec_type}: unavailable ({type(e).__name__}) | | | | | |")
+                continue
+            blob = torch.cat(data).numpy().tobytes()
+            fragments = driver.encode(blob)
+            t_enc = timed(lambda: driver.encode(blob), a.repeats)
+            kept = fragments[min(m, k):min(m, k) + k]
+            assert driver.decode(kept) == blob
+            t_dec = timed(lambda: driver.decode(kept), a.repeats)
+            print(f"| ({k}, {m}) | pyeclib {ec_type} (ISA-L) | {total / t_copy:.2f} | {total / t_enc:.2f} | "
+                  f"{t_copy / t_enc:.3f} | {total / t_dec:.2f} | {t_copy / t_dec:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

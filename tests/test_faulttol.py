@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -239,6 +240,92 @@ def test_snapshot_torn_by_the_failure_is_never_loaded(overrides, smp_dir, uninte
     results, failures = _faulty(overrides, smp_dir, ("sigkill", 2, 6))
     assert len(failures) == 1 and all(r[1] == "memory" for r in results)
     _assert_identical_after(results, uninterrupted, restored_step=4)
+
+
+@pytest.mark.parametrize("phase", ["copy", "request", "exchange", "commit"])
+def test_sigkill_inside_each_snapshot_phase_restores_a_whole_epoch(phase, overrides, smp_dir, uninterrupted):
+    """Killed inside the step-6 snapshot: before its commit nothing of epoch 6 may serve; after this rank's
+    commit, epoch 6 serves only if every rank committed it (the others may be killed first), else 4."""
+    ov = overrides + FT + [f"faulttol.inject={{kind: snapshot_kill, rank: 2, step: 6, phase: {phase}}}"]
+    results, failures = run_ranks_restarting(_train, WORLD, ov, max_restarts=1, env={"LOOMTRAIN_SMP_DIR": smp_dir},
+                                             timeout=180)
+    assert len(failures) == 1 and "rank 2 died" in failures[0] and all(r[1] == "memory" for r in results)
+    restored = min(results[0][0]) - 1
+    assert restored == 4 if phase != "commit" else restored in (4, 6)
+    _assert_identical_after(results, uninterrupted, restored_step=restored)
+
+
+def _killed_at_step_5_on_attempt_0(rank, overrides):
+    if rank == 1 and os.environ["LOOMTRAIN_ATTEMPT"] == "0":
+        signal_self_after_step(5, signal.SIGKILL)
+    return _train(rank, overrides)
+
+
+def test_two_faults_the_second_during_the_restore(overrides, smp_dir, uninterrupted):
+    """Rank 1 dies after step 5; restarted, rank 3 dies while restoring epoch 4; the third attempt restores
+    epoch 4 (nothing of it was consumed or freed by the failed restore) and finishes bit-identical."""
+    ov = overrides + FT + ["faulttol.inject={kind: snapshot_kill, phase: restore, rank: 3, step: 4, attempt: 1}"]
+    results, failures = run_ranks_restarting(_killed_at_step_5_on_attempt_0, WORLD, ov, max_restarts=2,
+                                             env={"LOOMTRAIN_SMP_DIR": smp_dir}, timeout=180)
+    assert len(failures) == 2 and "rank 1 died" in failures[0] and "rank 3 died" in failures[1], failures
+    assert all(r[1] == "memory" for r in results)
+    _assert_identical_after(results, uninterrupted, restored_step=4)
+
+
+def test_random_kills_from_outside_leave_the_run_bit_identical(overrides, smp_dir, tmp_path):
+    """Three SIGKILLs sent from outside at random moments (mid-step, mid-snapshot, mid-restore: wherever they
+    land), each after the run made progress; the finished run equals an undisturbed one bit for bit."""
+    import random
+    import threading
+
+    from loomtrain.faulttol.smp import SMPError, SnapshotClient, socket_path
+
+    steps = 24
+    ov = overrides + FT + [f"train.steps={steps}"]
+    reference = run_ranks(_train, WORLD, [o for o in ov if not o.startswith("train.output_dir")]
+                          + [f"train.output_dir={tmp_path / 'reference'}"], env={"LOOMTRAIN_SMP_DIR": smp_dir})
+    for node in range(WORLD):
+        start_daemon(smp_dir, node)  # the reference's clean end shut them down
+    rng, kills, done = random.Random(1234), [], threading.Event()
+
+    def progressed(attempt: int) -> bool:
+        """Attempt ``attempt`` is running and has committed a snapshot of its own."""
+        try:
+            latest = SnapshotClient(socket_path(smp_dir, 0))._call(op="latest")
+        except SMPError:
+            return False
+        return latest["attempt"] == attempt and any(e["attempt"] == attempt and e["complete"]
+                                                    for e in latest["epochs"])
+
+    def killer():
+        while len(kills) < 3 and not done.is_set():
+            attempt = len(kills)  # each kill ends one attempt
+            if not progressed(attempt):
+                time.sleep(0.05)
+                continue
+            time.sleep(rng.uniform(0.0, 0.4))
+            node = rng.randrange(WORLD)
+            try:
+                info = SnapshotClient(socket_path(smp_dir, node))._call(op="ping")
+                if info["attempt"] == attempt:
+                    os.kill(next(iter(info["ranks"].values())), signal.SIGKILL)
+                    kills.append((attempt, node))
+            except (SMPError, ProcessLookupError, StopIteration):
+                pass
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        results, failures = run_ranks_restarting(_train, WORLD, ov, max_restarts=5, env={"LOOMTRAIN_SMP_DIR": smp_dir},
+                                                 timeout=240)
+    finally:
+        done.set()
+        thread.join()
+    assert len(kills) == 3 and len(failures) >= 3, (kills, failures)
+    for (losses, _, last, _, params, _), (ref_losses, *_, ref_params, _) in zip(results, reference):
+        assert last == steps and losses and max(losses) == steps
+        assert all(losses[s] == ref_losses[s] for s in losses)
+        assert all(torch.equal(p, ref_params[n]) for n, p in params.items())
 
 
 def test_memory_that_cannot_serve_falls_back_to_disk_loudly(overrides, smp_dir, uninterrupted, capfd):

@@ -157,11 +157,14 @@ class SnapshotConfig:
 
 @dataclass
 class InjectConfig:
-    """A fault fired once, on the first attempt only (tests and demos)."""
+    """A fault fired once, on one attempt only (tests and demos)."""
 
-    kind: str = "none"  # none | sigkill | exception | hang | smp_kill | node_loss
+    kind: str = "none"  # none | sigkill | exception | hang | smp_kill | node_loss | snapshot_kill
     rank: int = 0  # the rank that fails (node_loss: every rank of this rank's node)
-    step: int = 1  # fires right after this optimizer step
+    step: int = 1  # fires right after this optimizer step (snapshot_kill: inside the snapshot of this step)
+    phase: str = "exchange"  # snapshot_kill: SIGKILL inside this phase: copy | request | exchange | commit |
+    #                          restore (step = the epoch being restored; use with attempt >= 1)
+    attempt: int = 0  # fires on this attempt only (0 = the first run; 1 = after the first restart)
 
 
 @dataclass
@@ -174,6 +177,7 @@ class FaultTolConfig:
     ec_group_nodes: int = 0  # nodes per erasure-coding group (k + m); 0 = all nodes
     ec_parity: int = 1  # parity chunks m per group: any m nodes of a group may be lost
     hang_timeout_s: float = 600.0  # watchdog: exit when a step makes no progress this long; 0 = off
+    startup_timeout_s: float = 1800.0  # ... and before the first step (SMP hookup, restore, compilation)
     smp_idle_exit_s: float = 1800.0  # an SMP the trainer had to start exits after this long unused
     inject: InjectConfig = field(default_factory=InjectConfig)
 
@@ -210,7 +214,8 @@ CHOICES = {
     "parallel.sp_mode": ("static", "adaptive"),
     "optim.fused": ("auto", "true", "false"),
     "logging.wandb_mode": ("auto", "online", "offline"),
-    "faulttol.inject.kind": ("none", "sigkill", "exception", "hang", "smp_kill", "node_loss"),
+    "faulttol.inject.kind": ("none", "sigkill", "exception", "hang", "smp_kill", "node_loss", "snapshot_kill"),
+    "faulttol.inject.phase": ("copy", "request", "exchange", "commit", "restore"),
 }
 
 
@@ -357,8 +362,9 @@ def validate(exp: Experiment) -> None:
               "checkpoint.keep", "data.max_documents", "data.workers", "data.vocab_size", "data.max_doc_tokens", "train.global_batch_tokens",
               "parallel.sp_alpha1", "parallel.sp_alpha2", "parallel.sp_inter_node_gbps", "logging.peak_tflops",
               "faulttol.snapshot.every_steps", "faulttol.persist_every_steps", "faulttol.ranks_per_node",
-              "faulttol.ec_group_nodes", "faulttol.ec_parity", "faulttol.hang_timeout_s",
-              "faulttol.smp_idle_exit_s", "faulttol.inject.rank", "faulttol.inject.step", "train.microbatches",
+              "faulttol.ec_group_nodes", "faulttol.ec_parity", "faulttol.hang_timeout_s", "faulttol.startup_timeout_s",
+              "faulttol.smp_idle_exit_s", "faulttol.inject.rank", "faulttol.inject.step", "faulttol.inject.attempt",
+              "train.microbatches",
               allow_zero=True)
     _positive(exp, "parallel.pp_virtual_stages")
     m = exp.model
