@@ -20,9 +20,10 @@ setup(
     install_requires=["torch>=2.7", "numpy", "pyyaml", "tqdm", "filelock"],
     extras_require={
         "dev": ["pytest", "pytest-timeout", "deepspeed", "megatron-core", "wandb", "scipy", "tokenizers", "hypothesis",
-                "transformers", "safetensors", "pyarrow"],
+                "transformers", "safetensors", "pyarrow", "pyeclib"],
         "data": ["pyarrow", "tokenizers"],  # Parquet corpora (Hugging Face datasets on disk), tokenizer.json
         "gpu": ["flash-attn"],
+        "ec": ["pyeclib"],  # ISA-L's erasure-code kernels (bundled in its wheel) for CPU snapshots
     },
     entry_points={"console_scripts": ["loomtrain=loomtrain.launch.cli:main"]},
 )

@@ -18,6 +18,12 @@ arithmetic (matrix inversion for decoding) uses log/exp tables.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import glob
+import importlib.util
+import os
+
 import torch
 
 POLY = 0x11D
@@ -70,6 +76,58 @@ def gf_invert_matrix(rows: list[list[int]]) -> list[list[int]]:
                 f = a[r][col]
                 a[r] = [x ^ gf_mul(f, y) for x, y in zip(a[r], a[col])]
     return [row[n:] for row in a]
+
+
+ERASURE_ENV = "LOOMTRAIN_ERASURE"  # auto (ISA-L when found) | torch
+ISAL_BLOCK = 1 << 26  # bytes per ec_encode_data call (its length is a C int)
+_isal_lib = None
+
+
+def _isal_candidates() -> list[str]:
+    """The system's ISA-L (Debian: libisal2), else the copy bundled with pyeclib's wheel."""
+    found = [p for p in (ctypes.util.find_library("isal"),) if p]
+    spec = importlib.util.find_spec("pyeclib")
+    if spec is not None and spec.submodule_search_locations:
+        libs = os.path.join(os.path.dirname(list(spec.submodule_search_locations)[0]), "pyeclib.libs")
+        found += sorted(glob.glob(os.path.join(libs, "libisal*.so*")))
+    return found
+
+
+def isal():
+    """Intel ISA-L's erasure-code kernels (SIMD table lookups, GF(2^8) with the same 0x11D polynomial), or
+    None. Only ``ec_init_tables`` and ``ec_encode_data`` are used: loomtrain's own generator matrix and
+    shard buffers, so parity is bit-identical to the torch code's and any mix of the two decodes."""
+    global _isal_lib
+    if _isal_lib is None:
+        _isal_lib = False
+        if os.environ.get(ERASURE_ENV, "auto") != "torch":
+            for path in _isal_candidates():
+                try:
+                    lib = ctypes.CDLL(path)  # a CDLL call releases the GIL: training threads keep running
+                    lib.ec_init_tables.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+                    lib.ec_init_tables.restype = None
+                    lib.ec_encode_data.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 3
+                    lib.ec_encode_data.restype = None
+                except (OSError, AttributeError):
+                    continue
+                _isal_lib = lib
+                break
+    return _isal_lib or None
+
+
+def _apply_isal(lib, rows: list[list[int]], inputs: list[torch.Tensor], length: int) -> list[torch.Tensor]:
+    k, r = len(inputs), len(rows)
+    coefficients = (ctypes.c_ubyte * (k * r))(*[c for row in rows for c in row])
+    tables = ctypes.create_string_buffer(32 * k * r)
+    lib.ec_init_tables(k, r, coefficients, tables)
+    sources = [s.contiguous() for s in inputs]
+    outs = [torch.empty(length, dtype=torch.uint8) for _ in rows]
+    for lo in range(0, length, ISAL_BLOCK):
+        n = min(ISAL_BLOCK, length - lo)
+        data = (ctypes.c_void_p * k)(*[s.data_ptr() + lo for s in sources])
+        coding = (ctypes.c_void_p * r)(*[o.data_ptr() + lo for o in outs])
+        lib.ec_encode_data(n, k, r, tables, data, coding)
+    return outs
 
 
 def _mul2(w: torch.Tensor) -> torch.Tensor:
@@ -131,6 +189,8 @@ class ReedSolomon:
         return s.contiguous().view(torch.int64)
 
     def _apply(self, rows: list[list[int]], inputs: list[torch.Tensor], length: int) -> list[torch.Tensor]:
+        if length and inputs[0].device.type == "cpu" and (lib := isal()) is not None:
+            return _apply_isal(lib, rows, inputs, length)
         padded = -(-length // 8) * 8
         words = [self._words(s, padded) for s in inputs]
         outs = [torch.empty(padded // 8, dtype=torch.int64, device=inputs[0].device) for _ in rows]

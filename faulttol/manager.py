@@ -11,10 +11,12 @@ import importlib.util
 import json
 import os
 import sys
+import uuid
 
 import torch
 import torch.distributed as dist
 
+from loomtrain.fsutil import atomic_write_text
 from loomtrain.faulttol.inject import Watchdog, attempt, maybe_inject, snapshot_phase_fault
 from loomtrain.faulttol.layout import NodeLayout
 from loomtrain.faulttol.smp import (SMPError, SnapshotClient, ensure_daemon, job_directory, secure_directory,
@@ -22,6 +24,7 @@ from loomtrain.faulttol.smp import (SMPError, SnapshotClient, ensure_daemon, job
 
 SMP_DIR_ENV = "LOOMTRAIN_SMP_DIR"
 RUN_ID_ENV = "LOOMTRAIN_RUN_ID"
+RUN_ID_FILE = ".run_id"  # in the output directory, when no launcher names the run
 
 
 def smp_directory(exp) -> str:
@@ -72,7 +75,7 @@ class FaultTolerance:
         self.every = self.cfg.snapshot.every_steps
         self.snapshots = None
         self.smp_dir = None
-        self.run = run_id()
+        self.attempt, self.run = self._agree_generation()
         self.snapshot_failures = 0
         # Armed first: SMP hookup, snapshot groups and the restore can hang too.
         self.watchdog = Watchdog(self.cfg.hang_timeout_s, env.rank, self.cfg.startup_timeout_s)
@@ -85,7 +88,7 @@ class FaultTolerance:
         env, layout = self.env, self.layout
         self.smp_dir = secure_directory(smp_directory(self.exp))
         node = layout.node_of(env.rank)
-        client = SnapshotClient(socket_path(self.smp_dir, node), run=self.run, attempt=attempt())
+        client = SnapshotClient(socket_path(self.smp_dir, node), run=self.run, attempt=self.attempt)
         first = env.rank == layout.node_ranks(node)[0]
         problem = None
         try:
@@ -95,13 +98,13 @@ class FaultTolerance:
                     print(f"faulttol: started the snapshot process of node {node} ({self.smp_dir})",
                           file=sys.stderr, flush=True)
                 client.register(env.rank)  # first: a new run or attempt drops what can never serve it
-        except SMPError as e:
+        except (SMPError, OSError) as e:
             problem = str(e)
         dist.barrier()
         try:
             if not first and problem is None:
                 client.register(env.rank)
-        except SMPError as e:
+        except (SMPError, OSError) as e:
             problem = str(e)
         flag = torch.tensor([0 if problem else 1], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # snapshots on every rank, or on none
@@ -110,17 +113,34 @@ class FaultTolerance:
                   f"{problem or 'another node could not reach its snapshot process'}", file=sys.stderr, flush=True)
             return
         self.snapshots = Snapshotter(layout, env.rank, self.smp_dir, state_signature(self.exp, env, dims, layout),
-                                     env.device, run=self.run, attempt=attempt(),
+                                     env.device, run=self.run, attempt=self.attempt,
                                      timeout_s=self.cfg.snapshot.timeout_s, idle_exit_s=self.cfg.smp_idle_exit_s,
                                      fault=snapshot_phase_fault(self.cfg.inject, env.rank))
 
-    @property
-    def attempt(self) -> int:
-        return attempt()
+    def _agree_generation(self) -> tuple[int, str]:
+        """(attempt, run id), the same on every rank. torchrun's agents count restarts per node (a node whose
+        workers did not fail restarts without counting), so the attempt is the largest any rank saw. Without
+        a launcher-given run id, rank 0 names the run at its first attempt and keeps the name in the output
+        directory for the restarts (a relaunch is a new run, whatever an old SMP still holds)."""
+        count = torch.tensor([attempt()], dtype=torch.int64)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        current = int(count.item())
+        name = [run_id()]
+        if not name[0]:
+            if self.env.is_main:
+                path = os.path.join(self.exp.train.output_dir, RUN_ID_FILE)
+                if current > 0 and os.path.exists(path):
+                    with open(path) as f:
+                        name[0] = f.read().strip()
+                if not name[0]:
+                    name[0] = f"run-{uuid.uuid4().hex[:12]}"
+                    atomic_write_text(path, name[0])
+            dist.broadcast_object_list(name, src=0)
+        return current, name[0]
 
     @property
     def restarted(self) -> bool:
-        return attempt() > 0
+        return self.attempt > 0
 
     def locate(self):
         """(Located or None, why not) — collective. Memory serves only a restart of the same run: a fresh

@@ -32,6 +32,7 @@ torch, so it starts in a fraction of a second.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hmac
 import json
 import mmap
@@ -165,6 +166,14 @@ class SnapshotDaemon:
         self.socket_path, self.prefix = socket_path, prefix
         self.idle_exit_s, self.request_timeout_s = idle_exit_s, request_timeout_s
         self.index_path = index_path(socket_path)
+        # One SMP per socket, taken before anything else: a second one (started because this one looked dead)
+        # would otherwise adopt, and unlink, what this one is writing.
+        self._lock = open(pid_path(socket_path) + ".lock", "a")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise SMPError(f"snapshot: another snapshot process serves {socket_path}") from None
         self.secret = load_secret(socket_path, create=True)
         self.lock = threading.Lock()
         self.segments: dict[str, int] = {}  # every segment this SMP owns: name -> size
@@ -330,7 +339,7 @@ class SnapshotDaemon:
         self.pending[name] = (epoch, key)
         return {"name": name}
 
-    def commit(self, epoch: int, owner: str, entries: dict) -> dict:
+    def commit(self, epoch: int, owner: str, entries: dict, seal: bool = False) -> dict:
         if epoch in self.epochs and self.epochs[epoch]["attempt"] != self.attempt:
             self._drop_epoch(epoch)  # the same step number of an earlier generation: never mixed with this one
         names = [e.get("name") if isinstance(e, dict) else None for e in entries.values()]
@@ -349,16 +358,24 @@ class SnapshotDaemon:
             self.pending.pop(n, None)
         ep = self.epochs.setdefault(epoch, {"attempt": self.attempt, "complete": False, "owners": {}})
         ep["owners"][owner] = entries
-        ep["complete"] = set(self.ranks or [owner]) <= set(ep["owners"])  # every trainer of the node committed
-        if ep["complete"]:
-            for name in list(self.pool):  # the snapshot took what it needed; the rest is surplus
-                self._free(name)
+        if seal:
+            self.seal(epoch)
+        self._save_index()
+        return {"ok": True}
+
+    def seal(self, epoch: int) -> dict:
+        """Every rank of the job committed ``epoch`` (the trainers agreed on it): it now counts as complete,
+        for keeping and for eviction. An epoch committed here but not everywhere never evicts one that is."""
+        if epoch not in self.epochs or self.epochs[epoch]["attempt"] != self.attempt:
+            return {"error": f"seal: epoch {epoch} of attempt {self.attempt} is not held"}
+        self.epochs[epoch]["complete"] = True
+        for name in list(self.pool):  # the snapshot took what it needed; the rest is surplus
+            self._free(name)
         for old in self._complete()[KEEP_EPOCHS:]:
             self._drop_epoch(old)
-        newest_complete = self._complete()[:1]
-        for old in list(self.epochs):  # incomplete epochs older than the newest complete one never serve
-            if newest_complete and not self.epochs[old]["complete"] and \
-                    (self.epochs[old]["attempt"], old) < (self.epochs[newest_complete[0]]["attempt"], newest_complete[0]):
+        newest = (self.attempt, epoch)
+        for old in list(self.epochs):  # unsealed epochs older than a sealed one never serve
+            if not self.epochs[old]["complete"] and (self.epochs[old]["attempt"], old) < newest:
                 self._drop_epoch(old)
         self._save_index()
         return {"ok": True}
@@ -381,19 +398,24 @@ class SnapshotDaemon:
 
     def handle(self, req: dict) -> dict:
         """One request -> one reply; a malformed request is answered with an error, never raised."""
-        if not isinstance(req, dict) or not hmac.compare_digest(str(req.get("secret", "")), self.secret):
+        if not isinstance(req, dict) or not hmac.compare_digest(str(req.get("secret", "")).encode(),
+                                                                self.secret.encode()):
             return {"error": "snapshot: unauthorized (wrong or missing secret)"}
         op = req.get("op")
         try:
             with self.lock:
-                if op in ("alloc", "commit") and (refused := self._fence(req)):
+                if self._stop.is_set():
+                    return {"error": "snapshot: this snapshot process is shutting down"}
+                if op in ("alloc", "commit", "seal") and (refused := self._fence(req)):
                     return refused
                 if op == "alloc":
                     return self.alloc(str(req["key"]), int(req["size"]), int(req["epoch"]))
                 if op == "commit":
                     if not isinstance(req["entries"], dict):
                         return {"error": "commit: entries must be an object"}
-                    return self.commit(int(req["epoch"]), str(req["owner"]), req["entries"])
+                    return self.commit(int(req["epoch"]), str(req["owner"]), req["entries"], bool(req.get("seal")))
+                if op == "seal":
+                    return self.seal(int(req["epoch"]))
                 if op == "latest":
                     return {"run": self.run, "attempt": self.attempt,
                             "epochs": [{"epoch": e, "attempt": self.epochs[e]["attempt"],
@@ -436,14 +458,17 @@ class SnapshotDaemon:
                         self._last_request = time.monotonic()
                         try:
                             reply = self.handle(json.loads(line))
-                        except ValueError as e:  # not JSON
-                            reply = {"error": f"snapshot: request is not JSON ({e})"}
+                        except (ValueError, RecursionError) as e:  # not JSON, or absurdly nested
+                            reply = {"error": f"snapshot: request is not usable JSON ({type(e).__name__})"}
                         f.write(json.dumps(reply).encode() + b"\n")
                         f.flush()
         except OSError:  # the client went away mid-request or timed out: its problem, not the node's
             pass
+        except Exception as e:  # noqa: BLE001 - e.g. JSON nested too deep: still only this client's problem
+            print(f"smp: dropped a client: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
 
     def serve(self) -> None:
+        lock = self._lock
         if os.path.lexists(self.socket_path):
             os.unlink(self.socket_path)
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -461,17 +486,19 @@ class SnapshotDaemon:
                 try:
                     conn, _ = server.accept()
                 except TimeoutError:
-                    if self.idle_exit_s and time.monotonic() - self._last_request > self.idle_exit_s:
-                        return  # nobody used us for idle_exit_s: the job is gone
+                    if self.idle_exit_s and time.monotonic() - self._last_request > self.idle_exit_s and \
+                            not any(_alive(pid) for pid in self.ranks.values()):
+                        return  # unused for idle_exit_s and none of its trainers lives: the job is gone
                     continue
                 threading.Thread(target=self._serve_connection, args=(conn,), daemon=True).start()
         finally:
             with self.lock:
                 self.free_all()
             server.close()
-            for leftover in (self.socket_path, pid_path(self.socket_path)):
+            for leftover in (self.socket_path, pid_path(self.socket_path), pid_path(self.socket_path) + ".lock"):
                 if os.path.lexists(leftover):
                     os.unlink(leftover)
+            lock.close()
             _remove_if_unused(os.path.dirname(os.path.abspath(self.socket_path)))
 
 
@@ -499,6 +526,9 @@ class SnapshotClient:
         if reply is None:
             raise SMPError(f"snapshot process at {self.socket_path} closed the connection without a reply")
         if "error" in reply:
+            if reply["error"].startswith("snapshot: unauthorized") and self._secret is not None:
+                self._secret = None  # a restarted SMP may have written a new secret: read it once more
+                return self._call(timeout_s, **req)
             raise SMPError(reply["error"])
         return reply
 
@@ -510,6 +540,9 @@ class SnapshotClient:
 
     def commit(self, epoch: int, owner: str, entries: dict) -> dict:
         return self._call(op="commit", epoch=epoch, owner=owner, entries=entries, run=self.run, attempt=self.attempt)
+
+    def seal(self, epoch: int) -> dict:
+        return self._call(op="seal", epoch=epoch, run=self.run, attempt=self.attempt)
 
     def write_epoch(self, epoch: int, tensors: dict, commit: bool = True, owner: str = "0") -> dict:
         """Copy each tensor's bytes into an SMP segment, then commit the epoch (all or nothing)."""
@@ -529,8 +562,9 @@ class SnapshotClient:
                                 "dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape)}
             finally:
                 shm.close()
-        if commit:
-            self.commit(epoch, owner, entries)
+        if commit:  # one writer: its commit is the whole epoch
+            self._call(op="commit", epoch=epoch, owner=owner, entries=entries, run=self.run, attempt=self.attempt,
+                       seal=True)
         return entries
 
     def read_latest(self, owner: str = "0") -> tuple[int, dict] | None:
@@ -615,14 +649,15 @@ def _remove_if_unused(d: str, min_age_s: float = 0.0) -> None:
         pass
 
 
-def sweep_dead() -> list[str]:
+def sweep_dead(keep: str | None = None) -> list[str]:
     """Remove the segments, index and socket of every SMP of this user on this host whose process is gone
     (SIGKILLed with its job, a node's trainers killed by Slurm): the cleanup that also runs after SIGKILL,
-    at the next start of an SMP on the host. Returns the directories swept."""
+    at the next start of an SMP on the host. ``keep``: a directory not to touch (the one an SMP is about to
+    start in: it adopts its predecessor's segments). Returns the directories swept."""
     swept, root = [], tempfile.gettempdir()
     for entry in os.listdir(root):
         d = os.path.join(root, entry)
-        if not entry.startswith(SMP_DIR_PREFIX):
+        if not entry.startswith(SMP_DIR_PREFIX) or (keep and os.path.abspath(d) == os.path.abspath(keep)):
             continue
         try:
             st = os.lstat(d)
@@ -671,7 +706,7 @@ def segment_prefix(smp_dir: str, node: int) -> str:
 def start_daemon(smp_dir: str, node: int, idle_exit_s: float = 0.0, timeout_s: float = 30.0,
                  env: dict | None = None) -> int:
     """Start node ``node``'s SMP in a session of its own (no trainer's death takes it down); returns its pid."""
-    for swept in sweep_dead():
+    for swept in sweep_dead(keep=smp_dir):
         print(f"smp: removed the leftovers of a dead snapshot process in {swept}", file=sys.stderr, flush=True)
     secure_directory(smp_dir)
     sock = socket_path(smp_dir, node)
@@ -691,8 +726,16 @@ def start_daemon(smp_dir: str, node: int, idle_exit_s: float = 0.0, timeout_s: f
 
 def ensure_daemon(smp_dir: str, node: int, idle_exit_s: float = 0.0) -> bool:
     """Start node ``node``'s SMP unless one answers; True if it had to be started."""
-    if SnapshotClient(socket_path(smp_dir, node)).alive():
+    sock = socket_path(smp_dir, node)
+    if SnapshotClient(sock).alive():
         return False
+    try:
+        with open(pid_path(sock)) as f:
+            pid = int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        pid = 0
+    if pid and _alive(pid):  # busy (a long allocation), not dead: a second SMP must not start
+        raise SMPError(f"snapshot process {pid} of node {node} is alive but not answering")
     start_daemon(smp_dir, node, idle_exit_s)
     return True
 

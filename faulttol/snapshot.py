@@ -148,6 +148,7 @@ class Snapshotter:
         self._failures: list[str] = []  # failed snapshots not yet reported by poll()
         self.failures = 0  # failed snapshots, cumulative
         self.late = 0  # snapshots that had to wait for the previous one to finish
+        self.broken = False  # a snapshot collective failed: the snapshot groups are out of step, stop using them
         self._copied = threading.Event()
         self._copied.set()
         self._cuda_event = None
@@ -163,6 +164,8 @@ class Snapshotter:
     # ------------------------------------------------------------------ taking snapshots
     def start(self, step: int, model, optimizer, host: dict) -> None:
         """Begin snapshot ``step``; returns once the copy is under way (the previous snapshot must be done)."""
+        if self.broken:
+            return
         t0 = time.perf_counter()
         if self._thread is not None and self._thread.is_alive():
             self.late += 1  # the interval is shorter than a snapshot takes: say so instead of stretching it quietly
@@ -235,13 +238,33 @@ class Snapshotter:
         return bool(flag.item())
 
     def _run(self, step, staging, tensors, payload, tensor_bytes, chunk) -> None:
-        """Copy, encode and reserve (local) | agree | exchange and verify | agree | commit.
+        """Local phases separated by agreements, so every rank reaches every collective in the same order
+        whatever failed where: copy, encode | agree | sizes and source CRCs over the stripe, reserve segments
+        in the SMP | agree | exchange and verify | agree | commit | agree | seal.
 
-        The first agreement keeps a rank whose SMP is dead or full from leaving its peers waiting in the
-        exchange; the second makes the commit all or nothing. A failure anywhere skips this snapshot only.
+        A rank whose SMP is dead or full never leaves its peers waiting in the exchange, and an epoch is
+        sealed (counts as complete in every SMP) only once every rank committed it. A failure skips this
+        snapshot only; a collective that itself fails (a timeout) turns snapshots off on that rank.
         """
         t0 = time.perf_counter()
-        failure, views, segments = None, {}, []
+        failure, views, segments, entries, chunks = None, {}, [], None, None
+
+        def local(what, fn):
+            nonlocal failure
+            if failure is None:
+                try:
+                    return fn()
+                except Exception as e:  # noqa: BLE001 - reported by poll(); training goes on
+                    failure = f"{what}: {e}" if isinstance(e, SMPError) else f"{what}: {type(e).__name__}: {e}"
+            return None
+
+        def agreed(what) -> bool:
+            nonlocal failure
+            if self._agree(failure is None):
+                return True
+            failure = failure or f"another rank could not {what}"
+            return False
+
         try:
             try:
                 if tensors is not None:
@@ -251,28 +274,22 @@ class Snapshotter:
                 self._fault("copy", step)
             finally:
                 self._copied.set()
-            try:
-                chunks, entries = self._prepare(step, staging, payload, tensor_bytes, chunk, views, segments)
-            except (SMPError, OSError) as e:
-                failure, entries = f"{e}", None
-            if not self._agree(failure is None):
-                failure = failure or "another rank could not prepare it"
-            else:
-                try:
-                    self._exchange(step, chunks, views, entries)
-                except (SMPError, RuntimeError) as e:
-                    failure = f"{e}"
-                if not self._agree(failure is None):
-                    failure = failure or "another rank's exchange failed"
-                else:
-                    try:
-                        self.client.commit(step, str(self.rank), entries)
-                        self._fault("commit", step)
-                        self.committed.append(step)
-                    except SMPError as e:
-                        failure = f"{e}"
-        except BaseException as e:  # a collective timed out, a peer died: never take training down
-            failure = f"{type(e).__name__}: {e}"
+            chunks = local("encode", lambda: self._encode(staging, chunk))
+            if agreed("encode"):
+                sources = self._gather_sources(chunks, chunk, payload, tensor_bytes)
+                entries = local("reserve", lambda: self._reserve(step, sources, views, segments))
+                if agreed("reserve its segments") and \
+                        local("exchange", lambda: self._exchange(step, chunks, views, entries)) is None and \
+                        agreed("exchange its chunks"):
+                    local("commit", lambda: (self.client.commit(step, str(self.rank), entries),
+                                             self._fault("commit", step)))
+                    if agreed("commit"):
+                        local("seal", lambda: self.client.seal(step))
+                        if failure is None:
+                            self.committed.append(step)
+        except BaseException as e:  # a collective failed (timeout, a dead peer): the groups are out of step
+            failure = f"{type(e).__name__}: {e}; in-memory snapshots are off on this rank from now on"
+            self.broken = True
         finally:
             views.clear()
             for shm in segments:
@@ -283,26 +300,33 @@ class Snapshotter:
             self._failures.append(f"snapshot of step {step} skipped on rank {self.rank}: {failure}")
 
     def _smp_up(self) -> None:
-        """The node's first rank restarts a dead SMP (it adopts its predecessor's committed epochs)."""
+        """Make sure this rank's SMP serves this generation: the node's first rank restarts a dead one (it
+        adopts its predecessor's committed epochs); every rank registers again with one that lost them."""
         if self.rank == self.layout.node_ranks(self.node)[0] and not self.client.alive():
             ensure_daemon(self.smp_dir, self.node, self.idle_exit_s)
-            if self.client._call(op="ping")["run"] != self.run:  # it had no index to adopt
-                self.client.register(self.rank)
             print(f"faulttol: restarted the snapshot process of node {self.node}", file=sys.stderr, flush=True)
+        info = self.client._call(op="ping")
+        if (info["run"], info["attempt"]) != (self.run, self.attempt) or str(self.rank) not in info["ranks"]:
+            self.client.register(self.rank)
 
-    def _prepare(self, step, staging, payload, tensor_bytes, chunk, views, segments):
-        """Encode, learn what each stripe member sends (sizes, source CRCs) and reserve a segment for each."""
-        k, n = self.layout.data, self.layout.group_nodes
-        chunks = [staging[i * chunk:(i + 1) * chunk] for i in range(k)]
-        if self.code is not None:
-            chunks += self.code.encode(chunks)
-        # CRCs at the source: a holder checks what it received, a restore what it rebuilt.
+    def _encode(self, staging, chunk) -> list[torch.Tensor]:
+        chunks = [staging[i * chunk:(i + 1) * chunk] for i in range(self.layout.data)]
+        return chunks + (self.code.encode(chunks) if self.code is not None else [])
+
+    def _gather_sources(self, chunks, chunk, payload, tensor_bytes) -> list[torch.Tensor]:
+        """Collective over the stripe: what each member sends (sizes differ between ranks) and, computed at
+        the source, the CRC of every chunk (a holder checks what it received, a restore what it rebuilt)."""
+        n = self.layout.group_nodes
         mine = torch.tensor([chunk, payload, tensor_bytes] + [_crc(c) for c in chunks], dtype=torch.int64)
-        if n > 1:
-            sources = [torch.zeros(3 + n, dtype=torch.int64) for _ in range(n)]
-            dist.all_gather(sources, mine, group=self.stripe_group)
-        else:
-            sources = [mine]
+        if n == 1:
+            return [mine]
+        sources = [torch.zeros(3 + n, dtype=torch.int64) for _ in range(n)]
+        dist.all_gather(sources, mine, group=self.stripe_group)
+        return sources
+
+    def _reserve(self, step, sources, views, segments) -> dict:
+        """A segment in this node's SMP for every chunk this rank holds, mapped; the entries to commit."""
+        k, n = self.layout.data, self.layout.group_nodes
         self._smp_up()
         entries = {}
         for i, src in enumerate(self.stripe):  # this rank holds chunk (me - i) mod n of member i
@@ -317,7 +341,7 @@ class Snapshotter:
                                       "run": self.run, "attempt": self.attempt, "crc": crcs[j],
                                       "data_crcs": crcs[:k], "payload": src_payload,
                                       "tensor_bytes": src_tensor_bytes, "signature": self.signature}
-        return chunks, entries
+        return entries
 
     def _exchange(self, step, chunks, views, entries) -> None:
         """Send chunk j to the member j places on, receive into the reserved segments, verify each."""

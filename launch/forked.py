@@ -143,6 +143,14 @@ def run_ranks_restarting(fn, world_size: int, *args, max_restarts: int = 1, time
                         failed = f"attempt {attempt}: rank {rank} raised:\n{payload}"
                         break
                     results[rank] = pickle.loads(payload)
+            if failed is not None and "raised" in failed:
+                # A peer's "connection closed" often arrives before the dead rank's EOF: name the dead one.
+                deadline = time.monotonic() + 2.0
+                while time.monotonic() < deadline and not any((p.exitcode or 0) < 0 for p in procs):
+                    time.sleep(0.05)
+                dead = [r for r, p in enumerate(procs) if (p.exitcode or 0) < 0]
+                if dead:
+                    failed = f"attempt {attempt}: rank {dead[0]} died (exit code {procs[dead[0]].exitcode})"
         finally:
             if failed is not None:
                 for p in procs:  # the rest of the group is stuck in collectives with the dead rank

@@ -48,6 +48,7 @@ on_warning() {{
 }}
 trap on_warning USR1
 echo "loomtrain: job $SLURM_JOB_ID start $(date -Is) (requeue count ${{SLURM_RESTART_COUNT:-0}})"
+rm -f "$stop_file"  # a warning that came after the last step of an earlier run
 srun --kill-on-bad-exit=1 torchrun \\
   --nnodes={nodes} --nproc-per-node={gpus} \\
   --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" \\
@@ -56,11 +57,16 @@ srun --kill-on-bad-exit=1 torchrun \\
 srun_pid=$!
 status=0
 while kill -0 "$srun_pid" 2>/dev/null; do
-  wait "$srun_pid"
-  status=$?
+  wait "$srun_pid"  # returns early when the trap runs
 done
+wait "$srun_pid"  # srun's own exit status, also when it ended while the trap ran
+status=$?
 # Snapshot segments never outlive the job (also after a SIGKILLed trainer or snapshot process).
 srun --ntasks-per-node=1 --overlap python -m loomtrain.faulttol.smp --cleanup-job {output_dir_q} || true
+if [ -e "$stop_file" ]; then  # training ended before it saw the request: nothing left to requeue for
+  rm -f "$stop_file"
+  preempted=0
+fi
 if [ "$preempted" = 1 ] && [ "$status" = 0 ] && [ "{requeue}" = 1 ]; then
   echo "loomtrain: checkpointed on the pre-emption warning; requeueing job $SLURM_JOB_ID"
   scontrol requeue "$SLURM_JOB_ID"
@@ -92,6 +98,11 @@ def write_sbatch(exp, config_path: str, overrides: list[str], nodes: int, gpus_p
     from loomtrain.trainer.train import STOP_FILE
 
     out_dir = os.path.abspath(exp.train.output_dir)
+    if any(c.isspace() or c == "%" for c in out_dir):
+        from loomtrain.errors import ConfigError
+
+        raise ConfigError(f"train.output_dir: an sbatch script cannot name a path with spaces or '%' in #SBATCH "
+                          f"lines, got '{out_dir}'")
     path = output or os.path.join(out_dir, "launch.sbatch")
     args = " ".join([shlex.quote(os.path.abspath(config_path))] + [f"--set {shlex.quote(o)}" for o in overrides])
     cpus = cpus_per_task or max(1, 8 * gpus_per_node)

@@ -3,10 +3,11 @@
 GB/s counts the data bytes protected (k shards). Decode loses the first min(m, k) data
 shards (the worst case: every lost shard must be rebuilt from parity). memcpy is
 ``torch.Tensor.copy_`` of the k data shards into preallocated buffers. Beside loomtrain's
-torch code, the same data through ISA-L (Intel's SIMD erasure codes) as liberasurecode
-exposes it to Python (``pyeclib``, ``pip install pyeclib``: its wheels bundle ISA-L): the
-whole buffer as bytes in, k+m fragments with 80-byte headers out, as a user of that library
-gets it (copies included).
+torch code: loomtrain's same code run by ISA-L's SIMD kernel (``ec_encode_data`` on the
+shard buffers, what ``ReedSolomon`` uses on CPU when it finds ISA-L: the system's libisal or
+the copy in ``pyeclib``'s wheel), and ISA-L as liberasurecode exposes it to Python
+(``pyeclib``): the whole buffer as bytes in, k+m fragments with 80-byte headers out, as a
+user of that library gets it (copies included).
 
     python scripts/bench_erasure.py --mib 64 --repeats 5
 """
@@ -20,6 +21,7 @@ import time
 
 import torch
 
+from loomtrain.faulttol import erasure
 from loomtrain.faulttol.erasure import ReedSolomon
 
 
@@ -50,14 +52,21 @@ def main():
         data = [torch.randint(0, 256, (per,), dtype=torch.uint8) for _ in range(k)]
         copies = [torch.empty_like(d) for d in data]
         rs = ReedSolomon(k, m)
-        parity = rs.encode(data)
-        shards = {i: s for i, s in enumerate(data + parity) if i >= min(m, k)}
         total = per * k / 1e9
         t_copy = timed(lambda: [c.copy_(d) for c, d in zip(copies, data)], a.repeats)
-        t_enc = timed(lambda: rs.encode(data), a.repeats)
-        t_dec = timed(lambda: rs.decode(shards), a.repeats)
-        print(f"| ({k}, {m}) | loomtrain (torch, bitwise) | {total / t_copy:.2f} | {total / t_enc:.2f} | "
-              f"{t_copy / t_enc:.3f} | {total / t_dec:.2f} | {t_copy / t_dec:.3f} |", flush=True)
+        for kernel in ("torch", "isa-l"):
+            erasure._isal_lib = False if kernel == "torch" else None  # None: look ISA-L up again
+            if kernel == "isa-l" and erasure.isal() is None:
+                print(f"| ({k}, {m}) | loomtrain, ISA-L kernel: not found (apt install libisal2, or pip install "
+                      f"pyeclib) | | | | | |")
+                continue
+            parity = rs.encode(data)
+            shards = {i: s for i, s in enumerate(data + parity) if i >= min(m, k)}
+            t_enc = timed(lambda: rs.encode(data), a.repeats)
+            t_dec = timed(lambda: rs.decode(shards), a.repeats)
+            name = "loomtrain (torch, bitwise)" if kernel == "torch" else "loomtrain (ISA-L kernel, same code)"
+            print(f"| ({k}, {m}) | {name} | {total / t_copy:.2f} | {total / t_enc:.2f} | "
+                  f"{t_copy / t_enc:.3f} | {total / t_dec:.2f} | {t_copy / t_dec:.3f} |", flush=True)
         for ec_type in ("isa_l_rs_cauchy", "isa_l_rs_vand"):
             try:
                 from pyeclib.ec_iface import ECDriver

@@ -6,7 +6,35 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from loomtrain.faulttol import erasure
 from loomtrain.faulttol.erasure import EXP, ReedSolomon, _combine, gf_invert_matrix, gf_mul
+
+
+@pytest.fixture(scope="module", autouse=True, params=["torch", "isa-l"])
+def kernel(request):
+    """Every test runs on both kernels: the torch code (GPU tensors, and the fallback) and ISA-L's on CPU."""
+    erasure._isal_lib = False if request.param == "torch" else None
+    if request.param == "isa-l" and erasure.isal() is None:
+        pytest.skip("ISA-L not found (pip install pyeclib, or apt install libisal2)")
+    yield request.param
+    erasure._isal_lib = None
+
+
+def test_isal_and_torch_compute_the_same_parity(kernel):
+    """Snapshots encoded on one machine decode on another whichever kernel each has."""
+    if kernel != "isa-l":
+        pytest.skip("compares the two kernels: runs once, in the ISA-L pass")
+    for k, m, n in [(1, 1, 1), (3, 2, 7), (4, 3, 1000), (8, 2, 4097), (32, 8, 65), (5, 1, 8)]:
+        data = [torch.randint(0, 256, (n,), dtype=torch.uint8) for _ in range(k)]
+        rs = ReedSolomon(k, m)
+        fast = rs.encode(data)
+        erasure._isal_lib = False
+        slow = rs.encode(data)
+        lost = {i: s for i, s in enumerate(data + slow) if i >= min(m, k)}
+        slow_decoded = rs.decode(lost)
+        erasure._isal_lib = None
+        assert all(torch.equal(a, b) for a, b in zip(fast, slow)), (k, m, n)
+        assert all(torch.equal(a, b) for a, b in zip(rs.decode(lost), slow_decoded)), (k, m, n)
 
 
 def test_word_arithmetic_matches_scalar_field_for_every_constant():
@@ -77,14 +105,15 @@ def test_clear_errors():
 
 
 def test_blocks_are_stitched_correctly(monkeypatch):
-    from loomtrain.faulttol import erasure
-
     monkeypatch.setattr(erasure, "BLOCK_WORDS", 3)  # many blocks and a ragged last one
+    monkeypatch.setattr(erasure, "ISAL_BLOCK", 24)
     rs = ReedSolomon(3, 3)
     data = [torch.randint(0, 256, (203,), dtype=torch.uint8) for _ in range(3)]
     monkeypatch.setattr(erasure, "BLOCK_WORDS", 1 << 17)
+    monkeypatch.setattr(erasure, "ISAL_BLOCK", 1 << 26)
     reference = rs.encode(data)
     monkeypatch.setattr(erasure, "BLOCK_WORDS", 3)
+    monkeypatch.setattr(erasure, "ISAL_BLOCK", 24)
     assert all(torch.equal(a, b) for a, b in zip(rs.encode(data), reference))
     rebuilt = rs.decode({1: data[1], 3: reference[0], 5: reference[2]})
     assert all(torch.equal(a, b) for a, b in zip(rebuilt, data))

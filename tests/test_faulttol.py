@@ -109,6 +109,34 @@ def test_host_state_round_trips_as_json_and_cannot_run_code():
         codec.dumps({"x": Evil()})
 
 
+def _generations(rank, out):
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from loomtrain.faulttol.manager import FaultTolerance
+
+    os.environ.pop("LOOMTRAIN_RUN_ID", None)  # plain torchrun: no launcher names the run
+    dist.init_process_group("gloo")
+    me = SimpleNamespace(env=SimpleNamespace(is_main=rank == 0), exp=SimpleNamespace(train=SimpleNamespace(
+        output_dir=out)))
+    seen = []
+    for attempts in ([0, 0], [1, 0], [0, 0], [2, 2]):  # a launch, an uneven restart, a relaunch, its restart
+        os.environ["LOOMTRAIN_ATTEMPT"] = str(attempts[rank])
+        seen.append(FaultTolerance._agree_generation(me))
+    dist.destroy_process_group()
+    return seen
+
+
+def test_every_rank_agrees_on_the_attempt_and_a_relaunch_is_a_new_run(tmp_path):
+    """torchrun's agents count restarts per node; without a run id from the launcher each launch names its run."""
+    first, second = run_ranks(_generations, 2, str(tmp_path))
+    assert first == second  # the same (attempt, run) on every rank
+    (a0, launch), (a1, restart), (a2, relaunch), (a3, relaunch_restart) = first
+    assert (a0, a1, a2, a3) == (0, 1, 0, 2)  # the restart counts as one although only node 0 saw it
+    assert restart == launch and relaunch != launch and relaunch_restart == relaunch and launch.startswith("run-")
+
+
 # ---------------------------------------------------------------- end to end
 def _train(rank, overrides, resume=None):
     from loomtrain.trainer import train as train_mod

@@ -139,7 +139,8 @@ def test_a_client_that_dies_or_misbehaves_costs_only_its_request(smp):
     raw_request(sock, json.dumps({"op": "latest", "secret": secret}).encode() + b"\n", read=False)
     for bad in (b"this is not json\n", b'{"op": "commit", "secret": "%s"}\n' % secret.encode(),
                 b'{"op": "alloc", "size": "many", "key": 1, "epoch": 1, "secret": "%s"}\n' % secret.encode(),
-                b'["a list"]\n', b'{"op": "latest"}\n'):
+                b'["a list"]\n', b'{"op": "latest"}\n', '{"op": "latest", "secret": "\u00e9"}\n'.encode(),
+                b"[" * 100000 + b"\n"):
         reply = json.loads(raw_request(sock, bad))
         assert "error" in reply, bad
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stalled:  # connected, sends nothing
@@ -241,6 +242,66 @@ def test_other_users_are_refused():
         client.shutdown()
         proc.wait(10)
         shutil.rmtree(d)
+
+
+def test_a_dead_smps_leftovers_are_adopted_by_its_successor_and_swept_by_others():
+    """SIGKILLed with its job (no SIGTERM handler runs): an SMP started for the same directory adopts the
+    committed epochs; an SMP started anywhere else on the host removes them once nobody will."""
+    from loomtrain.faulttol.smp import segment_prefix, socket_path, stop_daemons, sweep_dead
+
+    d = tempfile.mkdtemp(prefix="loomtrain-smp-")  # where jobs' SMP directories live
+    try:
+        pid = start_daemon(d, 0)
+        client = SnapshotClient(socket_path(d, 0))
+        client.write_epoch(1, {"w": torch.ones(1000)})
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pid = start_daemon(d, 0)  # the successor: its start must not sweep its own directory
+        epoch, state = client.read_latest()
+        assert epoch == 1 and torch.equal(state["w"], torch.ones(1000))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        assert d in sweep_dead()  # e.g. another job's SMP starting on this host
+        assert segments(segment_prefix(d, 0)) == [] and not os.path.exists(socket_path(d, 0))
+        start_daemon(d, 0)  # and a later SMP in the same directory starts clean
+        assert SnapshotClient(socket_path(d, 0)).read_latest() is None
+        stop_daemons(d, [0])
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_a_busy_smp_is_not_replaced_and_idle_exit_waits_for_its_trainers(tmp_path):
+    from loomtrain.faulttol.smp import SnapshotDaemon, ensure_daemon, socket_path, stop_daemons
+
+    d = str(tmp_path / "smp")
+    pid = start_daemon(d, 0, idle_exit_s=1.0)
+    try:
+        with pytest.raises(SMPError, match="another snapshot process serves"):
+            SnapshotDaemon(socket_path(d, 0), "lt-second")  # would have adopted, and unlinked, our segments
+        SnapshotClient(socket_path(d, 0), run="r").register(0)  # this process is the node's trainer
+        os.kill(pid, signal.SIGSTOP)  # stalled (a huge allocation), not dead
+        try:
+            with pytest.raises(SMPError, match="alive but not answering"):
+                ensure_daemon(d, 0)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        time.sleep(2.5)  # > idle_exit_s without a request, but its trainer lives: it must stay
+        assert SnapshotClient(socket_path(d, 0)).alive()
+    finally:
+        stop_daemons(d, [0])
+
+
+def test_an_epoch_committed_on_some_nodes_only_never_evicts_the_last_sealed_one(smp):
+    """Node B's commit of 3 failed: A holds 3 unsealed. Allocating and committing 4 (also failing elsewhere)
+    must leave A's sealed epoch 2, the newest every node has."""
+    client, prefix, _ = smp
+    for e in (1, 2):
+        client.write_epoch(e, {"w": torch.full((4,), float(e))})  # sealed
+    for e in (3, 4):
+        entries = client.write_epoch(e, {"w": torch.full((4,), float(e))}, commit=False)
+        client.commit(e, "0", entries)  # committed here, never sealed: the trainers did not all commit it
+    held = {ep["epoch"]: ep["complete"] for ep in client._call(op="latest")["epochs"]}
+    assert held.get(2) is True and held.get(3) is False and held.get(4) is False, held
 
 
 def test_a_dead_smps_leftovers_are_swept_at_the_next_start():
