@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 
-from loomtrain.faulttol.layout import NodeLayout
 from loomtrain.faulttol.smp import SnapshotClient, remove_segments, segment_prefix, socket_path
 
 EXIT_HANG = 124  # what timeout(1) uses
@@ -47,12 +46,12 @@ def snapshot_phase_fault(cfg, rank: int):
     return hook
 
 
-def maybe_inject(cfg, rank: int, step: int, layout: NodeLayout, smp_dir: str | None) -> None:
+def maybe_inject(cfg, rank: int, step: int, node: str | None, smp_dir: str | None) -> None:
     """Fire ``cfg`` (an InjectConfig) if this is its rank, its step, and the first attempt."""
     if cfg.kind == "snapshot_kill" or not _due(cfg, rank, step):
         return
     if cfg.kind == "node_loss":
-        _lose_node(layout.node_of(rank), smp_dir)
+        _lose_node(node, smp_dir)
     print(f"faulttol: injecting '{cfg.kind}' on rank {rank} after step {step}", file=sys.stderr, flush=True)
     if cfg.kind == "sigkill":
         os.kill(os.getpid(), signal.SIGKILL)
@@ -62,19 +61,19 @@ def maybe_inject(cfg, rank: int, step: int, layout: NodeLayout, smp_dir: str | N
         while True:  # the watchdog has to notice
             time.sleep(1.0)
     elif cfg.kind == "smp_kill":
-        _kill_smp(layout.node_of(rank), smp_dir)
+        _kill_smp(node, smp_dir)
 
 
-def _kill_smp(node: int, smp_dir: str | None) -> dict:
+def _kill_smp(node: str | None, smp_dir: str | None) -> dict:
     """SIGKILL node ``node``'s snapshot process (it cannot unlink anything); returns what it reported."""
-    if smp_dir is None:
+    if smp_dir is None or node is None:
         raise InjectedFault("faulttol.inject: smp_kill/node_loss need snapshots on (faulttol.snapshot.every_steps)")
     info = SnapshotClient(socket_path(smp_dir, node))._call(op="ping")
     os.kill(info["pid"], signal.SIGKILL)
     return info
 
 
-def _lose_node(node: int, smp_dir: str | None) -> None:
+def _lose_node(node: str | None, smp_dir: str | None) -> None:
     """A node disappears: its SMP and its memory, then every rank on it (this one last)."""
     print(f"faulttol: injecting 'node_loss' of node {node}", file=sys.stderr, flush=True)
     info = _kill_smp(node, smp_dir)

@@ -31,6 +31,7 @@ class NodeLayout:
     group_nodes: int  # n = k + m
     parity: int  # m (0 when a group is a single node: nothing to protect across nodes)
     simulated: bool = False  # nodes are groups of ranks on one host, not hosts
+    stride: int = 1  # an EC group's nodes are this far apart (one per rack when it is the nodes per rack)
 
     @classmethod
     def from_config(cls, ft, world: int, local_world: int) -> NodeLayout:
@@ -46,12 +47,17 @@ class NodeLayout:
             raise ConfigError(f"faulttol.ec_group_nodes: must divide the number of nodes ({nodes}), got {n}")
         if n > 1 and parity >= n:
             raise ConfigError(f"faulttol.ec_parity: must be smaller than the EC group's {n} nodes, got {parity}")
+        stride = ft.ec_group_stride
+        if n > 1 and nodes % (n * stride):
+            raise ConfigError(f"faulttol.ec_group_stride: groups of {n} nodes every {stride} nodes need a multiple "
+                              f"of {n * stride} nodes, have {nodes}")
         if n - parity > MAX_DATA:
             raise ConfigError(f"faulttol.ec_group_nodes: at most {MAX_DATA + parity} nodes per group with "
                               f"ec_parity={parity}, got {n}")
         if ft.inject.kind != "none" and not 0 <= ft.inject.rank < world:
             raise ConfigError(f"faulttol.inject.rank: must be in [0, {world}), got {ft.inject.rank}")
-        return cls(world, rpn, n, parity, simulated=bool(ft.ranks_per_node) and ft.ranks_per_node != local_world)
+        return cls(world, rpn, n, parity, simulated=bool(ft.ranks_per_node) and ft.ranks_per_node != local_world,
+                   stride=stride if n > 1 else 1)
 
     @property
     def nodes(self) -> int:
@@ -67,11 +73,17 @@ class NodeLayout:
     def node_ranks(self, node: int) -> list[int]:
         return list(range(node * self.ranks_per_node, (node + 1) * self.ranks_per_node))
 
+    def group_of(self, node: int) -> list[int]:
+        """The nodes of ``node``'s EC group, in member order: ``group_nodes`` nodes ``stride`` apart inside a
+        block of ``group_nodes * stride`` consecutive nodes (stride 1: consecutive nodes)."""
+        span = self.group_nodes * self.stride
+        first = node // span * span + node % self.stride
+        return [first + i * self.stride for i in range(self.group_nodes)]
+
     def stripe(self, rank: int) -> list[int]:
         """The ranks, one per node of this rank's EC group, that exchange chunks with it (position = member)."""
-        group = self.node_of(rank) // self.group_nodes
         local = rank % self.ranks_per_node
-        return [(group * self.group_nodes + i) * self.ranks_per_node + local for i in range(self.group_nodes)]
+        return [node * self.ranks_per_node + local for node in self.group_of(self.node_of(rank))]
 
     def stripes(self) -> list[list[int]]:
         """Every stripe, in the same order on every rank (for creating their process groups)."""
@@ -87,7 +99,8 @@ class NodeLayout:
 
     def describe(self) -> str:
         kind = "simulated nodes" if self.simulated else "nodes"
-        ec = (f"EC groups of {self.group_nodes} nodes (k={self.data}, m={self.parity}: any {self.parity} "
+        spread = f", every {self.stride}th node" if self.stride > 1 else ""
+        ec = (f"EC groups of {self.group_nodes} nodes{spread} (k={self.data}, m={self.parity}: any {self.parity} "
               f"node(s) per group may be lost)" if self.parity else "no erasure coding (one node per group)")
         return f"{self.nodes} {kind} x {self.ranks_per_node} ranks, {ec}"
 
@@ -108,8 +121,10 @@ def choose_epoch(inventories: list[list[dict]], layout: NodeLayout) -> tuple[tup
         for holder, inv in enumerate(inventories):
             for entry in inv:
                 if (int(entry["attempt"]), int(entry["step"])) == generation and \
-                        0 <= entry["src"] < layout.world and layout.holder(entry["src"], entry["chunk"]) == holder:
-                    found[entry["src"]][entry["chunk"]] = holder
+                        0 <= entry["src"] < layout.world and 0 <= entry["chunk"] < layout.group_nodes:
+                    # Any holder serves: after hosts were renumbered or replaced, chunks are not where
+                    # layout.holder would put them now (their CRCs were checked by the holder).
+                    found[entry["src"]].setdefault(entry["chunk"], holder)
         if all(len(chunks) >= k for chunks in found.values()):
             return generation, {src: dict(sorted(chunks.items())[:k]) for src, chunks in found.items()}
     return None

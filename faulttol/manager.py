@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import socket
 import sys
 import uuid
 
@@ -19,17 +20,32 @@ import torch.distributed as dist
 from loomtrain.fsutil import atomic_write_text
 from loomtrain.faulttol.inject import Watchdog, attempt, maybe_inject, snapshot_phase_fault
 from loomtrain.faulttol.layout import NodeLayout
-from loomtrain.faulttol.smp import (SMPError, SnapshotClient, ensure_daemon, job_directory, secure_directory,
-                                   socket_path, stop_daemons)
+from loomtrain.faulttol.smp import (SMPError, SnapshotClient, ensure_daemon, host_label, job_directory,
+                                   secure_directory, socket_path, stop_daemons)
+from loomtrain.errors import ConfigError
 
 SMP_DIR_ENV = "LOOMTRAIN_SMP_DIR"
 RUN_ID_ENV = "LOOMTRAIN_RUN_ID"
+HOST_ID_ENV = "LOOMTRAIN_HOST_ID"
 RUN_ID_FILE = ".run_id"  # in the output directory, when no launcher names the run
 
 
 def smp_directory(exp) -> str:
     """Where the node SMPs' sockets live: the launcher's choice, else one per job and output directory."""
     return os.environ.get(SMP_DIR_ENV) or job_directory(exp.train.output_dir, os.environ.get("SLURM_JOB_ID", ""))
+
+
+def host_key() -> str:
+    """Which machine this is, stable across renumbering and restarts, different after a reboot or on a
+    replacement host: the hostname and the kernel's boot id (``LOOMTRAIN_HOST_ID`` overrides)."""
+    if os.environ.get(HOST_ID_ENV):
+        return os.environ[HOST_ID_ENV]
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}:{boot}"
 
 
 def run_id() -> str:
@@ -87,9 +103,9 @@ class FaultTolerance:
 
         env, layout = self.env, self.layout
         self.smp_dir = secure_directory(smp_directory(self.exp))
-        node = layout.node_of(env.rank)
+        self.node = node = self._agree_nodes()
         client = SnapshotClient(socket_path(self.smp_dir, node), run=self.run, attempt=self.attempt)
-        first = env.rank == layout.node_ranks(node)[0]
+        first = env.rank == layout.node_ranks(layout.node_of(env.rank))[0]
         problem = None
         try:
             if first:  # the node's first rank makes sure its SMP is up
@@ -113,9 +129,31 @@ class FaultTolerance:
                   f"{problem or 'another node could not reach its snapshot process'}", file=sys.stderr, flush=True)
             return
         self.snapshots = Snapshotter(layout, env.rank, self.smp_dir, state_signature(self.exp, env, dims, layout),
+                                     node,
                                      env.device, run=self.run, attempt=self.attempt,
                                      timeout_s=self.cfg.snapshot.timeout_s, idle_exit_s=self.cfg.smp_idle_exit_s,
                                      fault=snapshot_phase_fault(self.cfg.inject, env.rank))
+
+    def _agree_nodes(self) -> str:
+        """This rank's node label, checked against every rank's: a real node is its host (hostname and boot
+        id, or ``LOOMTRAIN_HOST_ID``), so a host whose ranks were renumbered at a new rendezvous, or that
+        moved to another place in the mesh, still finds its SMP and the chunks in it. Simulated nodes are
+        numbered. The ranks of one node must share a host; two nodes never do."""
+        layout, rank = self.layout, self.env.rank
+        if os.environ.get(HOST_ID_ENV) or not layout.simulated:
+            label = host_label(host_key())
+        else:
+            label = str(layout.node_of(rank))
+        labels = [None] * self.env.world_size
+        dist.all_gather_object(labels, label)
+        for node in range(layout.nodes):
+            ranks = layout.node_ranks(node)
+            mine = {labels[r] for r in ranks}
+            if len(mine) != 1 or any(labels[r] in mine for r in range(layout.world) if r not in ranks):
+                raise ConfigError(f"faulttol.ranks_per_node: ranks {ranks[0]}..{ranks[-1]} should form one node "
+                                  f"(one host each), but their hosts are {sorted(mine)} and other ranks share "
+                                  f"them; set ranks_per_node to the ranks per host, or 0")
+        return label
 
     def _agree_generation(self) -> tuple[int, str]:
         """(attempt, run id), the same on every rank. torchrun's agents count restarts per node (a node whose
@@ -161,7 +199,7 @@ class FaultTolerance:
             self.report_failures()
             if step % self.every == 0:
                 self.snapshots.start(step, model, optimizer, host_state())
-        maybe_inject(self.cfg.inject, self.env.rank, step, self.layout, self.smp_dir)
+        maybe_inject(self.cfg.inject, self.env.rank, step, getattr(self, "node", None), self.smp_dir)
         self.watchdog.beat()
 
     def report_failures(self) -> None:
@@ -181,6 +219,5 @@ class FaultTolerance:
         self.snapshots.wait()
         self.report_failures()
         dist.barrier()
-        node = self.layout.node_of(self.env.rank)
-        if self.env.rank == self.layout.node_ranks(node)[0]:
-            stop_daemons(self.smp_dir, [node])  # the job is done: its memory snapshots go with it
+        if self.env.rank == self.layout.node_ranks(self.layout.node_of(self.env.rank))[0]:
+            stop_daemons(self.smp_dir, [self.node])  # the job is done: its memory snapshots go with it

@@ -614,8 +614,31 @@ def job_directory(output_dir: str, job_id: str = "") -> str:
     return os.path.join(tempfile.gettempdir(), f"{SMP_DIR_PREFIX}{os.getuid()}-{zlib.crc32(key.encode()):08x}")
 
 
-def socket_path(smp_dir: str, node: int) -> str:
-    return os.path.join(smp_dir, f"node{node}.sock")
+NODE_LABEL = re.compile(r"[A-Za-z0-9]{1,32}")
+
+
+def host_label(host_key: str) -> str:
+    """A file-name-safe label for a host key (hostname and boot id): what names its SMP's files."""
+    return f"h{zlib.crc32(host_key.encode()):08x}"
+
+
+def node_label(node: int | str) -> str:
+    """Simulated nodes are numbered (0, 1, ...); real ones are labelled by host (``host_label``)."""
+    label = str(node)
+    if not NODE_LABEL.fullmatch(label):
+        raise SMPError(f"snapshot: invalid node label {label!r}")
+    return label
+
+
+def socket_path(smp_dir: str, node: int | str) -> str:
+    return os.path.join(smp_dir, f"node{node_label(node)}.sock")
+
+
+def directory_nodes(smp_dir: str) -> list[str]:
+    """The node labels with an SMP socket or pid file in ``smp_dir``."""
+    names = os.listdir(smp_dir) if os.path.isdir(smp_dir) else []
+    found = {m.group(1) for n in names if (m := re.fullmatch(r"node([A-Za-z0-9]{1,32})\.(sock|pid)", n))}
+    return sorted(found)
 
 
 def pid_path(socket_file: str) -> str:
@@ -675,10 +698,10 @@ def sweep_dead(keep: str | None = None) -> list[str]:
             if pid and _alive(pid):
                 continue
             node = pid_file.removesuffix(".pid").removeprefix("node")
-            if not node.isdigit():
+            if not NODE_LABEL.fullmatch(node):
                 continue
-            remove_segments(segment_prefix(d, int(node)))
-            sock = socket_path(d, int(node))
+            remove_segments(segment_prefix(d, node))
+            sock = socket_path(d, node)
             for leftover in (index_path(sock), sock, os.path.join(d, pid_file)):
                 if os.path.lexists(leftover):
                     os.unlink(leftover)
@@ -690,20 +713,17 @@ def sweep_dead(keep: str | None = None) -> list[str]:
 def cleanup_job(output_dir: str, job_id: str) -> None:
     """Stop the job's SMPs on this host and remove everything they held (the sbatch script's last step)."""
     d = job_directory(output_dir, job_id)
-    if not os.path.isdir(d):
-        return
-    nodes = [int(f[4:-5]) for f in os.listdir(d) if f.startswith("node") and f.endswith(".sock") and f[4:-5].isdigit()]
-    nodes += [int(f[4:-4]) for f in os.listdir(d) if f.startswith("node") and f.endswith(".pid") and f[4:-4].isdigit()]
-    stop_daemons(d, sorted(set(nodes)))
-    shutil.rmtree(d, ignore_errors=True)
+    if os.path.isdir(d):
+        stop_daemons(d, directory_nodes(d))
+        shutil.rmtree(d, ignore_errors=True)
 
 
-def segment_prefix(smp_dir: str, node: int) -> str:
+def segment_prefix(smp_dir: str, node: int | str) -> str:
     """Stable per (job directory, node): a restarted daemon finds its predecessor's segments."""
-    return f"lt{zlib.crc32(os.path.abspath(smp_dir).encode()):08x}n{node}"
+    return f"lt{zlib.crc32(os.path.abspath(smp_dir).encode()):08x}n{node_label(node)}"
 
 
-def start_daemon(smp_dir: str, node: int, idle_exit_s: float = 0.0, timeout_s: float = 30.0,
+def start_daemon(smp_dir: str, node: int | str, idle_exit_s: float = 0.0, timeout_s: float = 30.0,
                  env: dict | None = None) -> int:
     """Start node ``node``'s SMP in a session of its own (no trainer's death takes it down); returns its pid."""
     for swept in sweep_dead(keep=smp_dir):
@@ -724,7 +744,7 @@ def start_daemon(smp_dir: str, node: int, idle_exit_s: float = 0.0, timeout_s: f
     return proc.pid
 
 
-def ensure_daemon(smp_dir: str, node: int, idle_exit_s: float = 0.0) -> bool:
+def ensure_daemon(smp_dir: str, node: int | str, idle_exit_s: float = 0.0) -> bool:
     """Start node ``node``'s SMP unless one answers; True if it had to be started."""
     sock = socket_path(smp_dir, node)
     if SnapshotClient(sock).alive():
@@ -740,7 +760,7 @@ def ensure_daemon(smp_dir: str, node: int, idle_exit_s: float = 0.0) -> bool:
     return True
 
 
-def stop_daemons(smp_dir: str, nodes: range | list[int]) -> None:
+def stop_daemons(smp_dir: str, nodes) -> None:
     """Shut down (unlinking every segment) the SMPs of ``nodes`` that are still running."""
     for node in nodes:
         client = SnapshotClient(socket_path(smp_dir, node))

@@ -123,15 +123,16 @@ class Snapshotter:
     """One rank's side of the snapshots. A failed snapshot is skipped, counted and reported by ``poll``;
     training never stops for one (the previous epoch still serves, and the next snapshot retries)."""
 
-    def __init__(self, layout: NodeLayout, rank: int, smp_dir: str, signature: str, device: torch.device, *,
+    def __init__(self, layout: NodeLayout, rank: int, smp_dir: str, signature: str, node: int | str,
+                 device: torch.device, *,
                  run: str = "", attempt: int = 0, timeout_s: float = 120.0, idle_exit_s: float = 0.0,
                  fault=None):
         self.layout, self.rank, self.signature, self.device = layout, rank, signature, device
         self.run, self.attempt = run, attempt
         self._fault = fault or (lambda phase, step: None)  # fault injection: called at each phase (tests)
         self.smp_dir, self.idle_exit_s = smp_dir, idle_exit_s
-        self.node = layout.node_of(rank)
-        self.client = SnapshotClient(socket_path(smp_dir, self.node), run=run, attempt=attempt, timeout_s=timeout_s)
+        self.node = node  # this rank's node's SMP: its host, not a rank number (see FaultTolerance)
+        self.client = SnapshotClient(socket_path(smp_dir, node), run=run, attempt=attempt, timeout_s=timeout_s)
         # Groups of their own: the background thread's collectives never interleave with training's, and a
         # peer that died mid-exchange ends this snapshot with an error after timeout_s instead of a hang.
         timeout = datetime.timedelta(seconds=timeout_s)
@@ -302,7 +303,7 @@ class Snapshotter:
     def _smp_up(self) -> None:
         """Make sure this rank's SMP serves this generation: the node's first rank restarts a dead one (it
         adopts its predecessor's committed epochs); every rank registers again with one that lost them."""
-        if self.rank == self.layout.node_ranks(self.node)[0] and not self.client.alive():
+        if self.rank == self.layout.node_ranks(self.layout.node_of(self.rank))[0] and not self.client.alive():
             ensure_daemon(self.smp_dir, self.node, self.idle_exit_s)
             print(f"faulttol: restarted the snapshot process of node {self.node}", file=sys.stderr, flush=True)
         info = self.client._call(op="ping")
@@ -370,8 +371,13 @@ class Snapshotter:
             epochs = self.client._call(op="latest")["epochs"]
         except SMPError:
             return out
+        rpn = self.layout.ranks_per_node
         for ep in epochs:
-            for entry in ep["owners"].get(str(self.rank), {}).values():
+            # What this node's SMP holds, whichever ranks wrote it: the host may have had other rank numbers
+            # then. Each of its ranks reports the owners with its own place inside the node.
+            mine = [entries for owner, entries in ep["owners"].items()
+                    if owner.isdigit() and int(owner) % rpn == self.rank % rpn]
+            for entry in (e for entries in mine for e in entries.values()):
                 if entry.get("run") != self.run or entry.get("signature") != self.signature:
                     continue
                 try:
@@ -450,7 +456,8 @@ class Snapshotter:
         return Restored(located.epoch, meta["host"], time.perf_counter() - t0, rebuilt)
 
     def _gather_chunks(self, located: Located, by_key: dict) -> dict[int, torch.Tensor]:
-        """Send the chunks this rank holds to their owners; receive the k this rank needs."""
+        """Send the chunks this rank holds to their owners; receive the k this rank needs. Over the world
+        group: after a renumbering or a replaced host, a chunk's holder need not be in its owner's stripe."""
         ops, received, segments, sends = [], {}, [], []
         try:
             for src, chunks in located.sources.items():  # chunks I hold that their owners need
@@ -466,11 +473,11 @@ class Snapshotter:
                         del view
                     else:
                         sends.append(view)
-                        ops.append(dist.P2POp(dist.isend, view, src, self.stripe_group))
+                        ops.append(dist.P2POp(dist.isend, view, src, self.world_group))
             for j, holder in located.sources[self.rank].items():
                 if holder != self.rank:
                     received[j] = torch.empty(by_key[(self.rank, j)]["size"], dtype=torch.uint8)
-                    ops.append(dist.P2POp(dist.irecv, received[j], holder, self.stripe_group))
+                    ops.append(dist.P2POp(dist.irecv, received[j], holder, self.world_group))
             for work in dist.batch_isend_irecv(ops) if ops else []:
                 work.wait()
         finally:

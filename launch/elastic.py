@@ -30,10 +30,12 @@ def node_snapshot_processes(exp, nproc: int):
         yield None
         return
     from loomtrain.faulttol.layout import NodeLayout
-    from loomtrain.faulttol.manager import SMP_DIR_ENV
-    from loomtrain.faulttol.smp import start_daemon, stop_daemons
+    from loomtrain.faulttol.manager import HOST_ID_ENV, SMP_DIR_ENV, host_key
+    from loomtrain.faulttol.smp import directory_nodes, host_label, start_daemon, stop_daemons
 
-    nodes = range(NodeLayout.from_config(exp.faulttol, nproc, nproc).nodes)
+    layout = NodeLayout.from_config(exp.faulttol, nproc, nproc)
+    # The labels the ranks will look for (FaultTolerance._agree_nodes): simulated nodes by number, else this host.
+    nodes = range(layout.nodes) if layout.simulated and not os.environ.get(HOST_ID_ENV) else [host_label(host_key())]
     smp_dir = tempfile.mkdtemp(prefix="loomtrain-smp-")
     previous = os.environ.get(SMP_DIR_ENV)
     try:
@@ -42,7 +44,7 @@ def node_snapshot_processes(exp, nproc: int):
         os.environ[SMP_DIR_ENV] = smp_dir  # the workers inherit it
         yield smp_dir
     finally:
-        stop_daemons(smp_dir, nodes)
+        stop_daemons(smp_dir, directory_nodes(smp_dir))  # also any a rank had to start
         shutil.rmtree(smp_dir, ignore_errors=True)
         if previous is None:
             os.environ.pop(SMP_DIR_ENV, None)

@@ -3,6 +3,7 @@ snapshot (rebuilding a lost node's chunks from parity) and finishes bit-identica
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -41,6 +42,25 @@ def test_any_m_node_losses_leave_k_chunks_of_every_payload(world, rpn, group, pa
         for rank in range(world):
             alive = [j for j in range(group) if layout.node_of(layout.holder(rank, j)) not in lost]
             assert len(alive) >= layout.data
+
+
+def test_a_stride_spreads_each_ec_group_over_racks():
+    """8 nodes in 4 racks of 2 (nodes 2i, 2i+1). Consecutive groups of 4 lose 2 nodes with a rack (m=1 is
+    not enough); with ec_group_stride=2 every group has one node per rack, so any rack may go."""
+    racks = [(2 * i, 2 * i + 1) for i in range(4)]
+
+    def survives_every_rack(layout):
+        return all(len([j for j in range(4) if layout.node_of(layout.holder(r, j)) not in rack]) >= layout.data
+                   for rack in racks for r in range(8))
+
+    consecutive = NodeLayout.from_config(_ft(ranks_per_node=1, ec_group_nodes=4, ec_parity=1), 8, 8)
+    spread = NodeLayout.from_config(_ft(ranks_per_node=1, ec_group_nodes=4, ec_parity=1, ec_group_stride=2), 8, 8)
+    assert consecutive.group_of(0) == [0, 1, 2, 3] and spread.group_of(0) == [0, 2, 4, 6]
+    assert spread.group_of(5) == [1, 3, 5, 7] and sorted(sum(spread.stripes(), [])) == list(range(8))
+    assert not survives_every_rack(consecutive) and survives_every_rack(spread)
+    with pytest.raises(ConfigError, match="faulttol.ec_group_stride: groups of 4 nodes every 3 nodes need a "
+                                          "multiple of 12 nodes, have 8"):
+        NodeLayout.from_config(_ft(ranks_per_node=1, ec_group_nodes=4, ec_group_stride=3), 8, 8)
 
 
 @pytest.mark.parametrize("kw, world, message", [
@@ -354,6 +374,36 @@ def test_random_kills_from_outside_leave_the_run_bit_identical(overrides, smp_di
         assert last == steps and losses and max(losses) == steps
         assert all(losses[s] == ref_losses[s] for s in losses)
         assert all(torch.equal(p, ref_params[n]) for n, p in params.items())
+
+
+def _on_hosts(rank, overrides, hosts_by_attempt):
+    attempt = int(os.environ["LOOMTRAIN_ATTEMPT"])
+    os.environ["LOOMTRAIN_HOST_ID"] = hosts_by_attempt[min(attempt, len(hosts_by_attempt) - 1)][rank]
+    return _train(rank, overrides)
+
+
+@pytest.mark.parametrize("restart", ["renumbered", "replaced"])
+def test_hosts_renumbered_or_replaced_at_the_restart_still_restore_from_memory(restart, overrides, smp_dir,
+                                                                                 uninterrupted, capfd):
+    """A new rendezvous orders hosts differently (every rank on another host than before), or brings a new
+    host in place of one: nodes are hosts, not rank numbers, so memory still serves (parity rebuilds what
+    the replaced host held)."""
+    from loomtrain.faulttol.smp import directory_nodes
+
+    first = ["host-a", "host-b", "host-c", "host-d"]
+    then = first[1:] + first[:1] if restart == "renumbered" else first[:3] + ["host-e"]
+    ov = overrides + FT + ["faulttol.inject={kind: sigkill, rank: 1, step: 5}"]
+    try:
+        results, failures = run_ranks_restarting(_on_hosts, WORLD, ov, [first, then], max_restarts=1,
+                                                 env={"LOOMTRAIN_SMP_DIR": smp_dir}, timeout=180)
+    finally:
+        stop_daemons(smp_dir, directory_nodes(smp_dir))
+    assert len(failures) == 1 and all(r[1] == "memory" for r in results), failures
+    _assert_identical_after(results, uninterrupted, restored_step=4)
+    rebuilt = re.search(r"rebuilt (\d+) rank\(s\)' state from parity", capfd.readouterr().out)
+    # Renumbered: every chunk is still on some host (fetched from wherever it is). Replaced: host-d's chunk of
+    # every payload is gone with it; for the 3 payloads whose lost chunk was a data chunk, parity rebuilds it.
+    assert (rebuilt is None) if restart == "renumbered" else (rebuilt and rebuilt.group(1) == str(WORLD - 1))
 
 
 def test_memory_that_cannot_serve_falls_back_to_disk_loudly(overrides, smp_dir, uninterrupted, capfd):

@@ -175,6 +175,8 @@ class FaultTolConfig:
     persist_every_steps: int = 0  # also write a DCP checkpoint to disk every N steps; 0 = never
     ranks_per_node: int = 0  # 0 = real nodes (LOCAL_WORLD_SIZE); N simulates nodes of N ranks on one host
     ec_group_nodes: int = 0  # nodes per erasure-coding group (k + m); 0 = all nodes
+    ec_group_stride: int = 1  # a group takes every Nth node: set N to the nodes per rack/switch, so that
+    #                           losing one rack costs each group at most one node
     ec_parity: int = 1  # parity chunks m per group: any m nodes of a group may be lost
     hang_timeout_s: float = 600.0  # watchdog: exit when a step makes no progress this long; 0 = off
     startup_timeout_s: float = 1800.0  # ... and before the first step (SMP hookup, restore, compilation)
@@ -352,6 +354,7 @@ def validate(exp: Experiment) -> None:
         v = _get(exp, p)
         if v not in choices:
             raise ConfigError(f"{p}: must be one of {', '.join(choices)}, got {v!r}")
+    _positive(exp, "faulttol.ec_group_stride")
     _positive(exp, "model.dim", "model.n_layers", "model.n_heads", "model.n_kv_heads",
               "model.ffn_multiple_of", "model.norm_eps", "model.rope_theta", "data.seq_len",
               "train.steps", "train.global_batch_size", "train.log_every", "optim.lr",
