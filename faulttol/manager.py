@@ -91,6 +91,7 @@ class FaultTolerance:
         self.every = self.cfg.snapshot.every_steps
         self.snapshots = None
         self.smp_dir = None
+        self.node = None
         self.attempt, self.run = self._agree_generation()
         self.snapshot_failures = 0
         # Armed first: SMP hookup, snapshot groups and the restore can hang too.
@@ -102,17 +103,35 @@ class FaultTolerance:
         from loomtrain.faulttol.snapshot import Snapshotter
 
         env, layout = self.env, self.layout
-        self.smp_dir = secure_directory(smp_directory(self.exp))
         self.node = node = self._agree_nodes()
-        client = SnapshotClient(socket_path(self.smp_dir, node), run=self.run, attempt=self.attempt)
         first = env.rank == layout.node_ranks(layout.node_of(env.rank))[0]
-        problem = None
+        problem, seen = None, -1
         try:
+            self.smp_dir = secure_directory(smp_directory(self.exp))
             if first:  # the node's first rank makes sure its SMP is up
                 # Launchers start SMPs; one missing (bare torchrun, or killed) is started here, detached.
                 if ensure_daemon(self.smp_dir, node, self.cfg.smp_idle_exit_s):
                     print(f"faulttol: started the snapshot process of node {node} ({self.smp_dir})",
                           file=sys.stderr, flush=True)
+        except (SMPError, OSError) as e:
+            problem = str(e)
+        dist.barrier()
+        try:
+            if problem is None:
+                info = SnapshotClient(socket_path(self.smp_dir, node))._call(op="ping")
+                seen = info["attempt"] if info["run"] == self.run else -1
+        except (SMPError, OSError) as e:
+            problem = str(e)
+        # Restart counters are per node: a failure on node A, then one on node B, both read "1". The SMPs
+        # remember which attempt of this run they served, so each restart gets a number of its own.
+        newest = torch.tensor([seen], dtype=torch.int64)
+        dist.all_reduce(newest, op=dist.ReduceOp.MAX)
+        if self.attempt > 0 or int(newest.item()) >= 0:
+            self.attempt = max(self.attempt, int(newest.item()) + 1)
+        client = SnapshotClient(socket_path(self.smp_dir, node), run=self.run, attempt=self.attempt) \
+            if self.smp_dir else None
+        try:
+            if first and problem is None:
                 client.register(env.rank)  # first: a new run or attempt drops what can never serve it
         except (SMPError, OSError) as e:
             problem = str(e)
@@ -199,7 +218,7 @@ class FaultTolerance:
             self.report_failures()
             if step % self.every == 0:
                 self.snapshots.start(step, model, optimizer, host_state())
-        maybe_inject(self.cfg.inject, self.env.rank, step, getattr(self, "node", None), self.smp_dir)
+        maybe_inject(self.cfg.inject, self.env.rank, step, self.node, self.smp_dir)
         self.watchdog.beat()
 
     def report_failures(self) -> None:

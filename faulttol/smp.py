@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import hashlib
 import hmac
 import json
 import mmap
@@ -169,11 +170,15 @@ class SnapshotDaemon:
         # One SMP per socket, taken before anything else: a second one (started because this one looked dead)
         # would otherwise adopt, and unlink, what this one is writing.
         self._lock = open(pid_path(socket_path) + ".lock", "a")
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.close()
-            raise SMPError(f"snapshot: another snapshot process serves {socket_path}") from None
+        for attempt in range(50):  # a liveness probe (_serving) holds it for an instant
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == 49:
+                    self._lock.close()
+                    raise SMPError(f"snapshot: another snapshot process serves {socket_path}") from None
+                time.sleep(0.01)
         self.secret = load_secret(socket_path, create=True)
         self.lock = threading.Lock()
         self.segments: dict[str, int] = {}  # every segment this SMP owns: name -> size
@@ -619,7 +624,7 @@ NODE_LABEL = re.compile(r"[A-Za-z0-9]{1,32}")
 
 def host_label(host_key: str) -> str:
     """A file-name-safe label for a host key (hostname and boot id): what names its SMP's files."""
-    return f"h{zlib.crc32(host_key.encode()):08x}"
+    return "h" + hashlib.sha256(host_key.encode()).hexdigest()[:24]
 
 
 def node_label(node: int | str) -> str:
@@ -660,6 +665,20 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def _serving(socket_file: str) -> bool:
+    """An SMP holds this socket's lock (it is alive, even if too busy to answer or not yet listening)."""
+    try:
+        with open(pid_path(socket_file) + ".lock", "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            return False
+    except OSError:
+        return False
+
+
 def _remove_if_unused(d: str, min_age_s: float = 0.0) -> None:
     """Remove an SMP directory loomtrain named once no SMP uses it (nothing but the secret is left),
     if old enough. A directory a user or launcher chose is theirs to remove."""
@@ -690,19 +709,12 @@ def sweep_dead(keep: str | None = None) -> list[str]:
         except OSError:
             continue
         for pid_file in pid_files:
-            try:
-                with open(os.path.join(d, pid_file)) as f:
-                    pid = int(f.read().strip() or 0)
-            except (OSError, ValueError):
-                continue
-            if pid and _alive(pid):
-                continue
             node = pid_file.removesuffix(".pid").removeprefix("node")
-            if not NODE_LABEL.fullmatch(node):
+            if not NODE_LABEL.fullmatch(node) or _serving(socket_path(d, node)):
                 continue
             remove_segments(segment_prefix(d, node))
             sock = socket_path(d, node)
-            for leftover in (index_path(sock), sock, os.path.join(d, pid_file)):
+            for leftover in (index_path(sock), sock, os.path.join(d, pid_file), os.path.join(d, pid_file) + ".lock"):
                 if os.path.lexists(leftover):
                     os.unlink(leftover)
             swept.append(d)
@@ -749,13 +761,8 @@ def ensure_daemon(smp_dir: str, node: int | str, idle_exit_s: float = 0.0) -> bo
     sock = socket_path(smp_dir, node)
     if SnapshotClient(sock).alive():
         return False
-    try:
-        with open(pid_path(sock)) as f:
-            pid = int(f.read().strip() or 0)
-    except (OSError, ValueError):
-        pid = 0
-    if pid and _alive(pid):  # busy (a long allocation), not dead: a second SMP must not start
-        raise SMPError(f"snapshot process {pid} of node {node} is alive but not answering")
+    if _serving(sock):  # busy (a long allocation), not dead: a second SMP must not start
+        raise SMPError(f"the snapshot process of node {node} is alive but not answering")
     start_daemon(smp_dir, node, idle_exit_s)
     return True
 

@@ -149,6 +149,7 @@ class Snapshotter:
         self._failures: list[str] = []  # failed snapshots not yet reported by poll()
         self.failures = 0  # failed snapshots, cumulative
         self.late = 0  # snapshots that had to wait for the previous one to finish
+        self._leaked: list = []  # mappings kept open after a failed transfer
         self.broken = False  # a snapshot collective failed: the snapshot groups are out of step, stop using them
         self._copied = threading.Event()
         self._copied.set()
@@ -293,8 +294,11 @@ class Snapshotter:
             self.broken = True
         finally:
             views.clear()
-            for shm in segments:
-                shm.close()
+            if failure is not None and failure.startswith("exchange") or self.broken:
+                self._leaked.extend(segments)  # a transfer may still write into them: never unmap under it
+            else:
+                for shm in segments:
+                    shm.close()
         self.last_seconds = time.perf_counter() - t0
         if failure is not None:
             self.failures += 1
@@ -403,7 +407,8 @@ class Snapshotter:
                    f"chunks for every rank (more nodes lost than ec_parity={self.layout.parity}, or a torn snapshot)")
             return None, why
         (attempt, epoch), sources = found
-        entries = [e for inv in inventories for e in inv if (e["attempt"], e["step"]) == (attempt, epoch)]
+        entries = [dict(e, holder=h) for h, inv in enumerate(inventories) for e in inv
+                   if (e["attempt"], e["step"]) == (attempt, epoch)]
         return Located(epoch, attempt, sources, entries), ""
 
     def restore(self, located: Located, model, optimizer) -> Restored:
@@ -415,7 +420,10 @@ class Snapshotter:
         """
         t0 = time.perf_counter()
         k = self.layout.data
-        by_key = {(e["src"], e["chunk"]): e for e in located.entries}
+        by_key = {}  # (src, chunk) -> the entry of the holder choose_epoch picked (a chunk may be held twice)
+        for e in located.entries:
+            if (e["src"], e["chunk"]) not in by_key or located.sources[e["src"]].get(e["chunk"]) == e["holder"]:
+                by_key[(e["src"], e["chunk"])] = e
         mine = located.sources[self.rank]
         entry = by_key[(self.rank, next(iter(mine)))]
         problem, meta, payload = None, None, None

@@ -406,6 +406,27 @@ def test_hosts_renumbered_or_replaced_at_the_restart_still_restore_from_memory(r
     assert (rebuilt is None) if restart == "renumbered" else (rebuilt and rebuilt.group(1) == str(WORLD - 1))
 
 
+def _uneven_restart_counters(rank, overrides):
+    """torchrun's agents count a restart only on the node whose workers failed: rank 1's node fails first,
+    rank 3's next, so the counters read (0,0,0,0), then (1,1,0,0), then (1,1,1,1)."""
+    attempt = int(os.environ["LOOMTRAIN_ATTEMPT"])
+    os.environ["LOOMTRAIN_ATTEMPT"] = str([[0, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]][attempt][rank])
+    if (attempt, rank) in ((0, 1), (1, 3)):
+        signal_self_after_step(3 if attempt == 0 else 5, signal.SIGKILL)
+    return _train(rank, overrides)
+
+
+def test_every_restart_is_a_new_generation_even_when_node_counters_repeat(overrides, smp_dir, uninterrupted,
+                                                                            capfd):
+    results, failures = run_ranks_restarting(_uneven_restart_counters, WORLD, overrides + FT, max_restarts=2,
+                                             env={"LOOMTRAIN_SMP_DIR": smp_dir}, timeout=180)
+    assert len(failures) == 2 and all(r[1] == "memory" for r in results), failures
+    out = capfd.readouterr().out
+    assert "restored step 2 from memory" in out and "restart 1 of run" in out
+    assert "restored step 4 from memory" in out and "restart 2 of run" in out  # not "restart 1" twice
+    _assert_identical_after(results, uninterrupted, restored_step=4)
+
+
 def test_memory_that_cannot_serve_falls_back_to_disk_loudly(overrides, smp_dir, uninterrupted, capfd):
     # No parity: a lost node takes chunks nobody else has; the step-4 disk checkpoint serves instead.
     results, failures = _faulty(overrides, smp_dir, ("node_loss", 1, 5),
