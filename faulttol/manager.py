@@ -105,42 +105,44 @@ class FaultTolerance:
         env, layout = self.env, self.layout
         self.node = node = self._agree_nodes()
         first = env.rank == layout.node_ranks(layout.node_of(env.rank))[0]
-        problem, seen = None, -1
-        try:
-            self.smp_dir = secure_directory(smp_directory(self.exp))
-            if first:  # the node's first rank makes sure its SMP is up
-                # Launchers start SMPs; one missing (bare torchrun, or killed) is started here, detached.
-                if ensure_daemon(self.smp_dir, node, self.cfg.smp_idle_exit_s):
-                    print(f"faulttol: started the snapshot process of node {node} ({self.smp_dir})",
-                          file=sys.stderr, flush=True)
-        except (SMPError, OSError) as e:
-            problem = str(e)
-        dist.barrier()
-        try:
+        problem, client = None, None
+
+        def guarded(fn):
+            """Run a local step unless an earlier one failed; a failure is recorded, never raised (every
+            rank must still reach the collectives below)."""
+            nonlocal problem
             if problem is None:
-                info = SnapshotClient(socket_path(self.smp_dir, node))._call(op="ping")
-                seen = info["attempt"] if info["run"] == self.run else -1
-        except (SMPError, OSError) as e:
-            problem = str(e)
+                try:
+                    return fn()
+                except (SMPError, OSError) as e:
+                    problem = str(e)
+            return None
+
+        def connect():
+            nonlocal client
+            self.smp_dir = secure_directory(smp_directory(self.exp))
+            client = SnapshotClient(socket_path(self.smp_dir, node), run=self.run)
+            # Launchers start SMPs; one missing (bare torchrun, or killed) is started here, detached.
+            if first and ensure_daemon(self.smp_dir, node, self.cfg.smp_idle_exit_s):
+                print(f"faulttol: started the snapshot process of node {node} ({self.smp_dir})",
+                      file=sys.stderr, flush=True)
+
+        guarded(connect)  # the node's first rank makes sure its SMP is up
+        dist.barrier()
+        info = guarded(lambda: client._call(op="ping"))
         # Restart counters are per node: a failure on node A, then one on node B, both read "1". The SMPs
         # remember which attempt of this run they served, so each restart gets a number of its own.
-        newest = torch.tensor([seen], dtype=torch.int64)
+        newest = torch.tensor([info["attempt"] if info and info["run"] == self.run else -1], dtype=torch.int64)
         dist.all_reduce(newest, op=dist.ReduceOp.MAX)
         if self.attempt > 0 or int(newest.item()) >= 0:
             self.attempt = max(self.attempt, int(newest.item()) + 1)
-        client = SnapshotClient(socket_path(self.smp_dir, node), run=self.run, attempt=self.attempt) \
-            if self.smp_dir else None
-        try:
-            if first and problem is None:
-                client.register(env.rank)  # first: a new run or attempt drops what can never serve it
-        except (SMPError, OSError) as e:
-            problem = str(e)
+        if client is not None:
+            client.attempt = self.attempt
+        if first:
+            guarded(lambda: client.register(env.rank))  # first: a new run or attempt drops what can never serve it
         dist.barrier()
-        try:
-            if not first and problem is None:
-                client.register(env.rank)
-        except (SMPError, OSError) as e:
-            problem = str(e)
+        if not first:
+            guarded(lambda: client.register(env.rank))
         flag = torch.tensor([0 if problem else 1], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # snapshots on every rank, or on none
         if not flag.item():

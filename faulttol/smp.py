@@ -169,7 +169,7 @@ class SnapshotDaemon:
         self.index_path = index_path(socket_path)
         # One SMP per socket, taken before anything else: a second one (started because this one looked dead)
         # would otherwise adopt, and unlink, what this one is writing.
-        self._lock = open(pid_path(socket_path) + ".lock", "a")
+        self._lock = open(lock_path(socket_path), "a")
         for attempt in range(50):  # a liveness probe (_serving) holds it for an instant
             try:
                 fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -484,7 +484,6 @@ class SnapshotDaemon:
             os.umask(old_umask)
         server.listen(64)
         server.settimeout(0.2)
-        atomic_write_text(pid_path(self.socket_path), str(os.getpid()))  # for sweep_dead, after a SIGKILL
         signal.signal(signal.SIGTERM, lambda *_: self._stop.set())  # scancel, time limit: free, then exit
         try:
             while not self._stop.is_set():
@@ -500,9 +499,7 @@ class SnapshotDaemon:
             with self.lock:
                 self.free_all()
             server.close()
-            for leftover in (self.socket_path, pid_path(self.socket_path), pid_path(self.socket_path) + ".lock"):
-                if os.path.lexists(leftover):
-                    os.unlink(leftover)
+            remove_node_files(self.socket_path, self.prefix)
             lock.close()
             _remove_if_unused(os.path.dirname(os.path.abspath(self.socket_path)))
 
@@ -640,14 +637,25 @@ def socket_path(smp_dir: str, node: int | str) -> str:
 
 
 def directory_nodes(smp_dir: str) -> list[str]:
-    """The node labels with an SMP socket or pid file in ``smp_dir``."""
+    """The node labels with an SMP socket or lock file in ``smp_dir``."""
     names = os.listdir(smp_dir) if os.path.isdir(smp_dir) else []
-    found = {m.group(1) for n in names if (m := re.fullmatch(r"node([A-Za-z0-9]{1,32})\.(sock|pid)", n))}
+    found = {m.group(1) for n in names if (m := re.fullmatch(r"node([A-Za-z0-9]{1,32})\.(sock|lock)", n))}
     return sorted(found)
 
 
-def pid_path(socket_file: str) -> str:
-    return os.path.splitext(socket_file)[0] + ".pid"
+def lock_path(socket_file: str) -> str:
+    """The file an SMP holds an exclusive flock on while it lives (the kernel drops it at any death)."""
+    return os.path.splitext(socket_file)[0] + ".lock"
+
+
+def remove_node_files(socket_file: str, prefix: str) -> None:
+    """Everything of one node's SMP: its segments, index, socket and lock file."""
+    remove_segments(prefix)
+    for leftover in (index_path(socket_file), socket_file, lock_path(socket_file)):
+        try:
+            os.unlink(leftover)
+        except FileNotFoundError:
+            pass
 
 
 def _alive(pid: int) -> bool:
@@ -668,7 +676,7 @@ def _alive(pid: int) -> bool:
 def _serving(socket_file: str) -> bool:
     """An SMP holds this socket's lock (it is alive, even if too busy to answer or not yet listening)."""
     try:
-        with open(pid_path(socket_file) + ".lock", "a") as lock:
+        with open(lock_path(socket_file), "a") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -705,19 +713,13 @@ def sweep_dead(keep: str | None = None) -> list[str]:
             st = os.lstat(d)
             if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
                 continue
-            pid_files = [f for f in os.listdir(d) if f.endswith(".pid")]
+            nodes = directory_nodes(d)
         except OSError:
             continue
-        for pid_file in pid_files:
-            node = pid_file.removesuffix(".pid").removeprefix("node")
-            if not NODE_LABEL.fullmatch(node) or _serving(socket_path(d, node)):
-                continue
-            remove_segments(segment_prefix(d, node))
-            sock = socket_path(d, node)
-            for leftover in (index_path(sock), sock, os.path.join(d, pid_file), os.path.join(d, pid_file) + ".lock"):
-                if os.path.lexists(leftover):
-                    os.unlink(leftover)
-            swept.append(d)
+        for node in nodes:
+            if not _serving(socket_path(d, node)):
+                remove_node_files(socket_path(d, node), segment_prefix(d, node))
+                swept.append(d)
         _remove_if_unused(d, min_age_s=600)  # an old directory nobody serves from (a job started may be new)
     return swept
 
@@ -779,10 +781,7 @@ def stop_daemons(smp_dir: str, nodes) -> None:
                 time.sleep(0.02)
         except SMPError:
             pass
-        remove_segments(segment_prefix(smp_dir, node))  # a SIGKILLed daemon's leftovers
-        for leftover in (index_path(socket_path(smp_dir, node)), pid_path(socket_path(smp_dir, node))):
-            if os.path.exists(leftover):
-                os.unlink(leftover)
+        remove_node_files(socket_path(smp_dir, node), segment_prefix(smp_dir, node))  # a SIGKILLed one's too
     _remove_if_unused(smp_dir)
 
 

@@ -147,7 +147,6 @@ class Snapshotter:
         self.code = ReedSolomon(layout.data, layout.parity) if layout.parity else None
         self._thread: threading.Thread | None = None
         self._failures: list[str] = []  # failed snapshots not yet reported by poll()
-        self.failures = 0  # failed snapshots, cumulative
         self.late = 0  # snapshots that had to wait for the previous one to finish
         self._leaked: list = []  # mappings kept open after a failed transfer
         self.broken = False  # a snapshot collective failed: the snapshot groups are out of step, stop using them
@@ -301,7 +300,6 @@ class Snapshotter:
                     shm.close()
         self.last_seconds = time.perf_counter() - t0
         if failure is not None:
-            self.failures += 1
             self._failures.append(f"snapshot of step {step} skipped on rank {self.rank}: {failure}")
 
     def _smp_up(self) -> None:
@@ -450,9 +448,7 @@ class Snapshotter:
                                    f"(now {diff[0]}, snapshot {diff[1]})")
         except Exception as e:  # noqa: BLE001 - any failure here must reach the agreement, not hang peers
             problem = f"{type(e).__name__}: {e}"
-        flag = torch.tensor([0 if problem else 1], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.world_group)
-        if not flag.item():
+        if not self._agree(problem is None):
             raise RestoreFailed(f"rank {self.rank}: {problem}" if problem else "another rank could not verify its part")
         offset = 0
         for t in tensors:
