@@ -188,7 +188,8 @@ class SnapshotDaemon:
         self.epochs: dict[int, dict] = {}
         self.run, self.attempt = "", 0
         self.ranks: dict[str, int] = {}  # trainer rank -> pid (this attempt), for node-loss injection
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # the serving loop exits
+        self._closing = threading.Event()  # shutdown answered: refuse the rest, stop once the reply is out
         self._last_request = time.monotonic()
         self._adopt()
 
@@ -409,7 +410,7 @@ class SnapshotDaemon:
         op = req.get("op")
         try:
             with self.lock:
-                if self._stop.is_set():
+                if self._stop.is_set() or self._closing.is_set():
                     return {"error": "snapshot: this snapshot process is shutting down"}
                 if op in ("alloc", "commit", "seal") and (refused := self._fence(req)):
                     return refused
@@ -436,7 +437,7 @@ class SnapshotDaemon:
                             "run": self.run, "attempt": self.attempt}
                 if op == "shutdown":
                     self.free_all()  # before replying: the caller may check for leftovers next
-                    self._stop.set()
+                    self._closing.set()  # the serving loop stops once this reply is written
                     return {"ok": True}
         except (KeyError, ValueError, TypeError) as e:
             return {"error": f"snapshot: malformed {op!r} request ({type(e).__name__}: {e})"}
@@ -465,8 +466,12 @@ class SnapshotDaemon:
                             reply = self.handle(json.loads(line))
                         except (ValueError, RecursionError) as e:  # not JSON, or absurdly nested
                             reply = {"error": f"snapshot: request is not usable JSON ({type(e).__name__})"}
-                        f.write(json.dumps(reply).encode() + b"\n")
-                        f.flush()
+                        try:
+                            f.write(json.dumps(reply).encode() + b"\n")
+                            f.flush()
+                        finally:
+                            if self._closing.is_set():  # exiting earlier could cut the shutdown reply off
+                                self._stop.set()
         except OSError:  # the client went away mid-request or timed out: its problem, not the node's
             pass
         except Exception as e:  # noqa: BLE001 - e.g. JSON nested too deep: still only this client's problem

@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
@@ -321,3 +322,40 @@ def test_a_dead_smps_leftovers_are_swept_at_the_next_start():
         stop_daemons(d, [0])
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def test_the_shutdown_reply_is_written_before_the_smp_stops_serving(tmp_path, monkeypatch):
+    """CI once lost this race: the serving loop saw the stop flag and the process exited while the connection
+    thread was still writing the reply, so the client read nothing. A slow reply writer must not lose it."""
+    import loomtrain.faulttol.smp as smp_module
+    from loomtrain.faulttol.smp import SnapshotDaemon
+    d = tmp_path / "smp"
+    d.mkdir(mode=0o700)
+    daemon = SnapshotDaemon(str(d / "s.sock"), f"lt-race-{os.getpid()}")
+    served, seen = threading.Event(), {}
+    real_dumps = json.dumps
+
+    def slow_dumps(obj, *a, **kw):
+        if obj == {"ok": True} and "served" not in seen:
+            time.sleep(0.6)  # longer than the serving loop's 0.2 s accept timeout
+            seen["served"] = served.is_set()
+        return real_dumps(obj, *a, **kw)
+
+    def ask():
+        client = SnapshotClient(str(d / "s.sock"))
+        while not client.alive(timeout_s=1.0):
+            time.sleep(0.05)
+        monkeypatch.setattr(smp_module.json, "dumps", slow_dumps)
+        try:
+            client.shutdown()
+            seen["reply"] = True
+        except SMPError as e:
+            seen["reply"] = str(e)
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    daemon.serve()  # signal handlers need the main thread
+    served.set()
+    asker.join(10)
+    assert seen["served"] is False, "the SMP stopped serving before its shutdown reply was written"
+    assert seen["reply"] is True
