@@ -17,6 +17,7 @@ import uuid
 import torch
 import torch.distributed as dist
 
+from loomtrain.comms import traffic
 from loomtrain.fsutil import atomic_write_text
 from loomtrain.faulttol.inject import Watchdog, attempt, maybe_inject, snapshot_phase_fault
 from loomtrain.faulttol.layout import NodeLayout
@@ -85,6 +86,7 @@ def state_signature(exp, env, dims, layout) -> str:
 
 
 class FaultTolerance:
+    @traffic.counted_as("snapshot")
     def __init__(self, exp, env, dims):
         self.exp, self.env, self.cfg = exp, env, exp.faulttol
         self.layout = NodeLayout.from_config(self.cfg, env.world_size, env.local_world_size)
@@ -201,6 +203,7 @@ class FaultTolerance:
     def restarted(self) -> bool:
         return self.attempt > 0
 
+    @traffic.counted_as("snapshot")
     def locate(self):
         """(Located or None, why not) — collective. Memory serves only a restart of the same run: a fresh
         start (attempt 0) never loads a snapshot, whatever an SMP still holds."""
@@ -214,12 +217,15 @@ class FaultTolerance:
         if self.snapshots is not None:
             self.snapshots.before_update()
 
-    def after_step(self, step: int, model, optimizer, host_state) -> None:
-        """Snapshot if due, fire an injected fault if due, and tell the watchdog we are alive."""
+    @traffic.counted_as("snapshot")
+    def after_step(self, step: int, model, optimizer, host_state, extra_state=None) -> None:
+        """Snapshot if due, fire an injected fault if due, and tell the watchdog we are alive.
+        ``host_state()``: the small rest; ``extra_state()``: more live tensors by name (called first)."""
         if self.snapshots is not None:
             self.report_failures()
             if step % self.every == 0:
-                self.snapshots.start(step, model, optimizer, host_state())
+                extra = extra_state() if extra_state is not None else None
+                self.snapshots.start(step, model, optimizer, host_state(), extra)
         maybe_inject(self.cfg.inject, self.env.rank, step, self.node, self.smp_dir)
         self.watchdog.beat()
 
@@ -232,6 +238,7 @@ class FaultTolerance:
     def persist_due(self, step: int) -> bool:
         return bool(self.cfg.persist_every_steps) and step % self.cfg.persist_every_steps == 0
 
+    @traffic.counted_as("snapshot")
     def close(self, finished: bool) -> None:
         """Stop the watchdog; after a clean end, finish the last snapshot and shut the node's SMP down."""
         self.watchdog.stop()

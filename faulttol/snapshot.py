@@ -43,6 +43,7 @@ import torch.utils._pytree as pytree
 from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.distributed.tensor import DTensor
 
+from loomtrain.comms import traffic
 from loomtrain.faulttol import codec
 from loomtrain.faulttol.erasure import ReedSolomon
 from loomtrain.faulttol.layout import NodeLayout, choose_epoch
@@ -56,14 +57,15 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.detach().reshape(-1).view(torch.uint8)
 
 
-def flatten_state(model, optimizer) -> tuple[list[torch.Tensor], list[list]]:
-    """The live local tensors of the model and optimizer state in a fixed order, and their layout
-    ([name, dtype, local shape] each: what a restore must find again, not just the byte sizes).
+def flatten_state(model, optimizer, extra: dict | None = None) -> tuple[list[torch.Tensor], list[list]]:
+    """The live local tensors of the model and optimizer state (and ``extra``: the data-parallel sync's
+    outer state) in a fixed order, and their layout ([name, dtype, local shape] each: what a restore
+    must find again, not just the byte sizes).
 
     ``get_state_dict`` also materializes optimizer state that does not exist yet (a fresh
     optimizer), so a restore can copy into it. Tensors are the *live* local shards.
     """
-    leaves, _ = pytree.tree_flatten_with_path(get_state_dict(model, optimizer))
+    leaves, _ = pytree.tree_flatten_with_path((get_state_dict(model, optimizer), extra or {}))
     tensors, layout = [], []
     for path, leaf in leaves:
         if isinstance(leaf, torch.Tensor):
@@ -163,8 +165,9 @@ class Snapshotter:
         self.last_seconds = 0.0  # background time of the newest snapshot (copy + encode + exchange + commit)
 
     # ------------------------------------------------------------------ taking snapshots
-    def start(self, step: int, model, optimizer, host: dict) -> None:
-        """Begin snapshot ``step``; returns once the copy is under way (the previous snapshot must be done)."""
+    def start(self, step: int, model, optimizer, host: dict, extra: dict | None = None) -> None:
+        """Begin snapshot ``step``; returns once the copy is under way (the previous snapshot must be done).
+        ``extra``: more live tensors by name (the sync's outer state), restored in place like the rest."""
         if self.broken:
             return
         t0 = time.perf_counter()
@@ -175,10 +178,11 @@ class Snapshotter:
                       f"({self.late} time(s) so far; one takes {self.last_seconds:.2f}s in the background): "
                       f"raise faulttol.snapshot.every_steps", file=sys.stderr, flush=True)
         self.wait()
-        if self._tensors is None or _state_ids(optimizer) != self._tensor_ids:
+        ids = _state_ids(optimizer) + [id(t) for t in (extra or {}).values()]
+        if self._tensors is None or ids != self._tensor_ids:
             # get_state_dict costs milliseconds; its tensors are the live ones, updated in place.
-            self._tensors, self._layout = flatten_state(model, optimizer)
-            self._tensor_ids = _state_ids(optimizer)
+            self._tensors, self._layout = flatten_state(model, optimizer, extra)
+            self._tensor_ids = ids
         tensors = self._tensors
         meta = codec.dumps({"step": step, "rank": self.rank, "host": host, "optimizer": _hyperparameters(optimizer),
                             "layout": self._layout})
@@ -238,6 +242,7 @@ class Snapshotter:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.world_group)
         return bool(flag.item())
 
+    @traffic.counted_as("snapshot")
     def _run(self, step, staging, tensors, payload, tensor_bytes, chunk) -> None:
         """Local phases separated by agreements, so every rank reaches every collective in the same order
         whatever failed where: copy, encode | agree | sizes and source CRCs over the stripe, reserve segments
@@ -393,6 +398,7 @@ class Snapshotter:
                     shm.close()
         return out
 
+    @traffic.counted_as("snapshot")
     def locate(self) -> tuple[Located | None, str]:
         """Collective: the newest epoch every rank can rebuild, or None and why not."""
         inventories = [None] * self.layout.world
@@ -409,7 +415,8 @@ class Snapshotter:
                    if (e["attempt"], e["step"]) == (attempt, epoch)]
         return Located(epoch, attempt, sources, entries), ""
 
-    def restore(self, located: Located, model, optimizer) -> Restored:
+    @traffic.counted_as("snapshot")
+    def restore(self, located: Located, model, optimizer, extra: dict | None = None) -> Restored:
         """Collective: bring every rank's payload of ``located.epoch`` home, verify it, and load it in place.
 
         Every chunk is checked against its source CRC on arrival and the rebuilt payload against the
@@ -440,7 +447,7 @@ class Snapshotter:
             if meta["step"] != located.epoch or meta["rank"] != self.rank:
                 raise RuntimeError(f"payload is step {meta['step']} of rank {meta['rank']}, expected step "
                                    f"{located.epoch} of rank {self.rank}")
-            tensors, layout = flatten_state(model, optimizer)  # also creates a fresh optimizer's state
+            tensors, layout = flatten_state(model, optimizer, extra)  # also creates a fresh optimizer's state
             if layout != meta["layout"]:
                 diff = next(((a, b) for a, b in zip(layout, meta["layout"]) if a != b),
                             (f"{len(layout)} tensors", f"{len(meta['layout'])} tensors"))

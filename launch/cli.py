@@ -106,7 +106,8 @@ def cmd_train(args) -> int:
         raise ConfigError(f"--nproc: must be >= 1, got {args.nproc}")
     if args.max_restarts < 0:
         raise ConfigError(f"--max-restarts: must be >= 0, got {args.max_restarts}")
-    if args.resume not in (None, "latest", "auto") and not os.path.isfile(os.path.join(args.resume, ".metadata")):
+    if args.resume not in (None, "latest", "auto") and not any(
+            os.path.isfile(os.path.join(args.resume, *parts, ".metadata")) for parts in ((), ("worker000",))):
         raise ConfigError(f"--resume: '{args.resume}' is not a complete checkpoint directory (no .metadata)")
     from loomtrain.launch.env import read_env
 

@@ -24,7 +24,8 @@ def local_value(t: torch.Tensor) -> torch.Tensor:
 
 
 class FSDPEngine:
-    """FSDP2 over dp_shard x cp (replicated over dp_replicate), or no data parallelism at all.
+    """FSDP2 over dp_shard x cp (replicated over dp_replicate unless its replicas take local updates), or
+    no data parallelism at all.
 
     Gradients are reduce-scattered in the last micro-batch's backward and averaged over all
     dp x cp ranks. bf16 is FSDP's MixedPrecisionPolicy when FSDP is on, else autocast: both
@@ -35,7 +36,7 @@ class FSDPEngine:
     def __init__(self, model, optimizer, scheduler, dims, *, grad_clip: float, bf16: bool, device,
                  pp_group=None, uneven: bool = False):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.averaging_ranks = dims.dp * dims.cp
+        self.averaging_ranks = dims.grad_averaging_ranks
         self.grad_clip = grad_clip or float("inf")
         self.fsdp = dims.fsdp_enabled
         self.autocast = bf16 and not self.fsdp

@@ -82,7 +82,8 @@ class DeepSpeedCheckpointer:
     def __init__(self, ckpt_root: str, keep: int, rank: int, engine):
         self.root, self.keep, self.rank, self.engine = ckpt_root, keep, rank, engine
 
-    def save(self, model, optimizer, scheduler, sampler, step: int) -> str:
+    def save(self, model, optimizer, scheduler, sampler, step: int, sync=None) -> str:
+        """``sync``: always every_step under DeepSpeed (config checks refuse the others): nothing to save."""
         name = f"step_{step:08d}"
         final, tmp = os.path.join(self.root, name), os.path.join(self.root, name + ".tmp")
         if self.rank == 0:
@@ -103,7 +104,7 @@ class DeepSpeedCheckpointer:
         dist.barrier()
         return final
 
-    def load(self, path: str, model, optimizer, scheduler, sampler) -> int:
+    def load(self, path: str, model, optimizer, scheduler, sampler, sync=None) -> int:
         path = path.rstrip("/")
         rng_file = os.path.join(path, f"loomtrain_rng_rank{self.rank}.pt")
         if not os.path.isfile(rng_file):

@@ -1,16 +1,43 @@
 """Data-parallel synchronisation as a strategy: what keeps the replicas' parameters in step.
 
 ``parallel.dp_sync`` picks one. The trainer calls :meth:`step` once per optimizer step, after
-forward/backward: it applies the update and returns the gradient norm. A strategy that syncs
-less often (CO2, Streaming DiLoCo) wraps the engine's update with its own outer step and keeps
-its outer state in ``state_dict``; the training loop does not change.
+forward/backward: it applies the update and returns the gradient norm.
+
+- ``every_step``: gradients are averaged over every data-parallel rank inside each step.
+- ``diloco`` (:class:`DiLoCo`) and ``co2`` (:class:`CO2`): each ``dp_replicate`` replica is a *worker*
+  that takes local steps (FSDP/TP/CP/PP inside it as usual) and the workers meet in an outer step.
+  Both hook the inner optimizer's ``step``, so they also run under any plain loop.
+
+Outer state lives on each rank's local shards (fp32), so under FSDP it is sharded over the worker's
+ranks (ZeRO-style) for free: rank r of every worker holds the same shard and syncs it with its peers
+of the ``dp_replicate`` group. Checkpoints and snapshots take :meth:`OuterSync.state_tensors` (live
+buffers, copied in place on restore) and :meth:`OuterSync.host_state`; averages still in flight are
+waited for first (:meth:`OuterSync.settle`).
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-from loomtrain.parallel.quantize import KINDS, PendingMean, wire_bytes
+from loomtrain.comms import traffic
+from loomtrain.parallel.quantize import KINDS, PendingMean
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A parameter's local shard (a DTensor's local tensor, which aliases the parameter's storage)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+class Resolved:
+    """An average that has arrived (restored, or waited for before a snapshot)."""
+
+    def __init__(self, value: torch.Tensor):
+        self.value = value
+
+    def wait(self) -> torch.Tensor:
+        return self.value
 
 
 class EveryStep:
@@ -23,22 +50,109 @@ class EveryStep:
     def step(self) -> float:
         return self.engine.step()
 
-    def state_dict(self) -> dict:
+    def state_tensors(self) -> dict:
         return {}
 
+    def host_state(self) -> dict:
+        return {}
+
+    def checkpoint_tensors(self) -> dict:
+        return {}
+
+    def settle(self) -> None:
+        pass
+
+    def load_host_state(self, state: dict | None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class OuterSync:
+    """What DiLoCo and CO2 share: per-parameter fp32 anchors of the local shards, the hook on the inner
+    optimizer, and named state for checkpoints and snapshots.
+
+    ``groups``: lists of parameters (DiLoCo's fragments; CO2 has one). ``names``: parameter -> stable key
+    (the trainer passes fully qualified names, so pipeline stages never collide); default ``f<i>.<j>``.
+    """
+
+    def __init__(self, groups, inner_optimizer, group, names: dict | None, engine=None):
+        if group is None and dist.is_available() and dist.is_initialized():
+            group = dist.group.WORLD
+        self.group, self.engine = group, engine
+        self.local = [list(ps) for ps in groups]
+        self.keys = [[(names or {}).get(p, f"f{f}.{j}") for j, p in enumerate(ps)] for f, ps in enumerate(self.local)]
+        self.anchor = [[torch.nn.Parameter(_local(p).detach().float().clone()) for p in ps] for ps in self.local]
+        self.inflight = [[torch.zeros_like(a) for a in ps] for ps in self.anchor]  # arrived averages (settle)
+        self.t = 0
+        self._hook = inner_optimizer.register_step_post_hook(lambda *_: self.after_inner_step())
+
+    # The trainer's strategy interface (the engine clips, updates and schedules; the hook does the rest).
+    def step(self) -> float:
+        return self.engine.step()
+
+    def after_inner_step(self) -> None:
+        raise NotImplementedError
+
+    def _tensor_sets(self) -> dict[str, list[list[torch.Tensor]]]:
+        """Named families of per-parameter tensors that make up the state (besides ``host_state``)."""
+        return {"anchor": self.anchor, "inflight": self.inflight}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Live fp32 buffers by name; a restore copies into them (call :meth:`settle` first)."""
+        return {f"{kind}.{key}": t for kind, sets in self._tensor_sets().items()
+                for keys, ts in zip(self.keys, sets) for key, t in zip(keys, ts)}
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """:meth:`state_tensors` laid out like their parameters (DTensors where those are), for DCP."""
+        from torch.distributed.tensor import DTensor
+
+        out = {}
+        for kind, sets in self._tensor_sets().items():
+            for params, keys, ts in zip(self.local, self.keys, sets):
+                for p, key, t in zip(params, keys, ts):
+                    out[f"{kind}.{key}"] = DTensor.from_local(t, p.device_mesh, p.placements, run_check=False,
+                                                              shape=p.shape, stride=p.stride()) \
+                        if isinstance(p, DTensor) else t
+        return out
+
+    def load_checkpoint_tensors(self, loaded: dict[str, torch.Tensor]) -> None:
+        live = self.state_tensors()
+        with torch.no_grad():
+            for key, t in loaded.items():
+                live[key].copy_(_local(t))
+
+    def state_dict(self) -> dict:
+        """For loops of your own: copies of the outer tensors (averages in flight waited for) and counters."""
+        self.settle()
+        return {"tensors": {k: t.detach().clone() for k, t in self.state_tensors().items()},
+                "host": self.host_state()}
+
     def load_state_dict(self, state: dict) -> None:
-        if state:
-            raise ValueError(f"dp_sync every_step keeps no state; got keys {sorted(state)}")
+        self.load_checkpoint_tensors(state["tensors"])
+        self.load_host_state(state["host"])
+
+    ANCHORED = ("anchor",)  # state that starts as a copy of the parameters; the rest starts at zero
+
+    def reset(self) -> None:
+        """Anchor on the current parameters with no outer history (a start from a checkpoint without it)."""
+        with torch.no_grad():
+            for kind, sets in self._tensor_sets().items():
+                for params, ts in zip(self.local, sets):
+                    for p, t in zip(params, ts):
+                        if kind in self.ANCHORED:
+                            t.copy_(_local(p))
+                        else:
+                            t.zero_()
+        self.t = 0
+        self._clear_pending()
+
+    def close(self) -> None:
+        self._hook.remove()
 
 
-SYNCS = {"every_step": EveryStep}
-
-
-def build_sync(name: str, engine):
-    return SYNCS[name](engine)
-
-
-class DiLoCo:
+class DiLoCo(OuterSync):
     """Streaming DiLoCo (arXiv 2501.18512), usable with any loop: ``loss.backward(); inner_optimizer.step()``.
 
     It hooks ``inner_optimizer.step``. With inner steps t = 1, 2, ..., H = ``sync_every``, F fragments and
@@ -52,14 +166,13 @@ class DiLoCo:
       theta_global[f] with gradient mean(delta), and the fragment's local parameters become
       (1 - alpha) * theta_global[f] + alpha * theta_local[f] (alpha = ``fragment_update_alpha``).
 
-    ``fragments``: modules (use :func:`strided_fragments` to cut a model's blocks into strided groups, as
+    ``fragments``: modules or lists of parameters (use :func:`strided_fragments` to cut a model's blocks into strided groups, as
     the paper recommends). ``group=None``: the default group when one is initialised, else one worker.
-    ``stats``: bytes and messages this worker sent for the outer syncs.
     """
 
     def __init__(self, fragments, inner_optimizer, *, group=None, sync_every: int, fragment_sync_delay: int = 0,
                  fragment_update_alpha: float = 0.0, outer_lr: float = 0.7, outer_momentum: float = 0.9,
-                 nesterov: bool = True, quantize: str = "none"):
+                 nesterov: bool = True, quantize: str = "none", names: dict | None = None, engine=None):
         fragments = list(fragments)
         n = len(fragments)
         if n < 1:
@@ -75,61 +188,157 @@ class DiLoCo:
             raise ValueError(f"dp_sync.diloco.fragment_update_alpha: must be in [0, 1], got {fragment_update_alpha}")
         if quantize not in KINDS:
             raise ValueError(f"dp_sync.diloco.quantize: must be one of {', '.join(KINDS)}, got {quantize!r}")
-        if group is None and dist.is_available() and dist.is_initialized():
-            group = dist.group.WORLD
-        self.group, self.quantize = group, quantize
-        self.delay, self.alpha, self.sync_every = fragment_sync_delay, fragment_update_alpha, sync_every
-        self.local = [[p for p in f.parameters()] for f in fragments]
-        self.global_ = [[torch.nn.Parameter(p.detach().float().clone()) for p in ps] for ps in self.local]
+        super().__init__([list(f.parameters() if isinstance(f, torch.nn.Module) else f) for f in fragments],
+                         inner_optimizer, group, names, engine)
+        self.quantize, self.delay, self.alpha, self.sync_every = quantize, fragment_sync_delay, \
+            fragment_update_alpha, sync_every
         self.outer = [torch.optim.SGD(g, lr=outer_lr, momentum=outer_momentum, nesterov=nesterov and outer_momentum > 0)
-                      for g in self.global_]
+                      for g in self.anchor]
+        self.momentum = [[] for _ in self.anchor]
+        if outer_momentum > 0:  # created now (torch's first step gives the same update from a zero buffer), so
+            for f, (opt, gs) in enumerate(zip(self.outer, self.anchor)):  # checkpoints always hold it
+                for g in gs:
+                    opt.state[g]["momentum_buffer"] = torch.zeros_like(g)
+                self.momentum[f] = [opt.state[g]["momentum_buffer"] for g in gs]
         self.pending: dict[int, list] = {}
-        self.t = 0
-        self.stats = {"bytes": 0, "messages": 0}
-        self._hook = inner_optimizer.register_step_post_hook(lambda *_: self.after_inner_step())
+
+    def _tensor_sets(self):
+        return super()._tensor_sets() | ({"momentum": self.momentum} if any(self.momentum) else {})
 
     def _fragment(self, t: int) -> int:
         return (t // self.h - 1) % len(self.local)
 
+    @traffic.counted_as("dp_sync")
     def after_inner_step(self) -> None:
         """Called after every inner step (by the hook)."""
         self.t += 1
         t = self.t
         if (t + self.delay) % self.h == 0:  # start averaging the fragment due at t + delay
             f = self._fragment(t + self.delay)
-            deltas = [g.detach() - p.detach().float() for g, p in zip(self.global_[f], self.local[f])]
+            deltas = [g.detach() - _local(p).detach().float() for g, p in zip(self.anchor[f], self.local[f])]
             self.pending[f] = [PendingMean(d, self.quantize, self.group) for d in deltas]
-            if self.group is not None and dist.get_world_size(self.group) > 1:
-                self.stats["bytes"] += sum(wire_bytes(d.numel(), self.quantize) for d in deltas)
-                self.stats["messages"] += len(deltas) * (1 if self.quantize == "none" else 2)
         if t % self.h == 0:
             f = self._fragment(t)
             with torch.no_grad():
-                for g, pending in zip(self.global_[f], self.pending.pop(f)):
+                for g, pending in zip(self.anchor[f], self.pending.pop(f)):
                     g.grad = pending.wait().to(g.dtype)
                 self.outer[f].step()
                 self.outer[f].zero_grad(set_to_none=True)
-                for g, p in zip(self.global_[f], self.local[f]):
-                    p.copy_(((1 - self.alpha) * g + self.alpha * p.float()).to(p.dtype))
+                for g, p in zip(self.anchor[f], self.local[f]):
+                    local = _local(p)
+                    local.copy_(((1 - self.alpha) * g + self.alpha * local.float()).to(local.dtype))
 
-    def state_dict(self) -> dict:
-        """Inner-step count, global copies and outer optimizer states (in-flight averages are waited for)."""
-        return {"t": self.t, "global": [[g.detach().clone() for g in gs] for gs in self.global_],
-                "outer": [o.state_dict() for o in self.outer],
-                "pending": {f: [p.wait() for p in ps] for f, ps in self.pending.items()}}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.t = int(state["t"])
+    def settle(self) -> None:
+        """Wait for the averages in flight and keep them in the ``inflight`` buffers (for a snapshot)."""
         with torch.no_grad():
-            for gs, saved in zip(self.global_, state["global"]):
-                for g, s in zip(gs, saved):
-                    g.copy_(s)
-        for o, s in zip(self.outer, state["outer"]):
-            o.load_state_dict(s)
-        self.pending = {int(f): [PendingMean(m, "none", None) for m in ms] for f, ms in state["pending"].items()}
+            for f, pendings in self.pending.items():
+                self.pending[f] = [Resolved(buf.copy_(p.wait())) for buf, p in zip(self.inflight[f], pendings)]
 
-    def close(self) -> None:
-        self._hook.remove()
+    def host_state(self) -> dict:
+        return {"t": self.t, "pending": sorted(self.pending)}
+
+    def load_host_state(self, state: dict | None) -> None:
+        if not state:  # saved by another dp_sync method: start the outer schedule over from here
+            self.reset()
+            return
+        self.t = int(state["t"])
+        self.pending = {int(f): [Resolved(buf) for buf in self.inflight[int(f)]] for f in state["pending"]}
+
+    def _clear_pending(self) -> None:
+        self.pending = {}
+
+
+class CO2(OuterSync):
+    """CO2 (arXiv 2401.16265): local steps with the outer all-reduce fully overlapped, one round late.
+
+    Every tau = ``sync_every`` inner steps (round k ends), on each worker:
+
+    1. delta_k = start - theta: the round's local movement; a *copy* is averaged over ``group`` in the
+       background (never the live parameters), and ``start`` becomes theta after step 3;
+    2. D_{k-1} = mean(delta_{k-1}), started one round ago, is waited for (round 1 has none);
+    3. the outer step, per parameter tensor, with state identical on every worker:
+         staleness gap penalty  Lambda = 1 + lambda * ||u_{k-1}|| / (||D_{k-1}|| + eps), where u_{k-1} is
+                                the outer update applied one round ago: how far the anchor moved since
+                                D_{k-1} was measured from it (lambda = ``staleness_penalty``);
+         outer momentum         m_k = beta * m_{k-1} + D_{k-1} / Lambda          (beta = ``outer_momentum``)
+         momentum clipping      m_k = clamp(m_k, -phi, phi), element-wise, in place   (phi = ``clip``; 0 = off)
+         update                 u_k = -alpha * m_k;  anchor += u_k                 (alpha = ``outer_lr``)
+       and the local parameters become anchor + (theta - start): the overlapped round's own progress is
+       kept on top of the averaged one, so no local step is thrown away.
+
+    With a constant gradient g (inner SGD lr eta) and alpha = 1, lambda = 0, beta = 0 this is exactly
+    single-worker SGD one round late; tests check it in closed form. The paper's exact form of the
+    penalty is not in its public code (a constant divisor there, and the clamp's result is discarded);
+    this is our reading, built so that every worker computes the same outer step.
+    """
+
+    EPS = 1e-12
+    ANCHORED = ("anchor", "start")
+
+    def __init__(self, params, inner_optimizer, *, group=None, sync_every: int, outer_lr: float = 1.0,
+                 outer_momentum: float = 0.5, staleness_penalty: float = 0.5, clip: float = 1.0,
+                 names: dict | None = None, engine=None):
+        if sync_every < 1:
+            raise ValueError(f"dp_sync.co2.sync_every: must be >= 1, got {sync_every}")
+        if not 0.0 <= outer_momentum < 1.0:
+            raise ValueError(f"dp_sync.co2.outer_momentum: must be in [0, 1), got {outer_momentum}")
+        if staleness_penalty < 0 or clip < 0 or outer_lr <= 0:
+            raise ValueError("dp_sync.co2: staleness_penalty and clip must be >= 0 and outer_lr > 0")
+        super().__init__([list(params)], inner_optimizer, group, names, engine)
+        self.tau, self.lr, self.beta, self.lam, self.clip = sync_every, outer_lr, outer_momentum, \
+            staleness_penalty, clip
+        self.momentum = [[torch.zeros_like(a) for a in self.anchor[0]]]
+        self.start = [[a.detach().clone() for a in self.anchor[0]]]
+        self.last_update = [[torch.zeros_like(a) for a in self.anchor[0]]]  # u_{k-1}, for the gap penalty
+        self.pending: list | None = None
+
+    def _tensor_sets(self):
+        return super()._tensor_sets() | {"momentum": self.momentum, "start": self.start,
+                                         "last_update": self.last_update}
+
+    @traffic.counted_as("dp_sync")
+    def after_inner_step(self) -> None:
+        self.t += 1
+        if self.t % self.tau:
+            return
+        with torch.no_grad():
+            params = [_local(p) for p in self.local[0]]
+            deltas = [s - p.float() for s, p in zip(self.start[0], params)]  # fresh tensors: copies
+            arrived, self.pending = self.pending, [PendingMean(d, "none", self.group) for d in deltas]
+            if arrived is not None:
+                for i, (pending, p) in enumerate(zip(arrived, params)):
+                    self._outer_step(i, pending.wait(), p)
+            for s, p in zip(self.start[0], params):
+                s.copy_(p)
+
+    def _outer_step(self, i: int, mean_delta: torch.Tensor, p: torch.Tensor) -> None:
+        anchor, m, u = self.anchor[0][i], self.momentum[0][i], self.last_update[0][i]
+        penalty = 1.0 + self.lam * float(u.norm()) / (float(mean_delta.norm()) + self.EPS) if self.lam else 1.0
+        m.mul_(self.beta).add_(mean_delta, alpha=1.0 / penalty)
+        if self.clip:
+            m.clamp_(-self.clip, self.clip)  # in place: the clip the public code computes and throws away
+        u.copy_(m).mul_(-self.lr)
+        progress = p.float() - self.start[0][i]
+        anchor.add_(u)
+        p.copy_((anchor + progress).to(p.dtype))
+
+    def settle(self) -> None:
+        if self.pending is not None:
+            with torch.no_grad():
+                self.pending = [Resolved(buf.copy_(p.wait())) for buf, p in zip(self.inflight[0], self.pending)]
+
+    def host_state(self) -> dict:
+        return {"t": self.t, "pending": self.pending is not None}
+
+    def load_host_state(self, state: dict | None) -> None:
+        if not state:
+            self.reset()
+            return
+        self.t = int(state["t"])
+        self.pending = [Resolved(buf) for buf in self.inflight[0]] if state["pending"] else None
+
+    def _clear_pending(self) -> None:
+        self.pending = None
 
 
 def strided_fragments(blocks, n: int):
@@ -138,3 +347,25 @@ def strided_fragments(blocks, n: int):
     if not 1 <= n <= len(blocks):
         raise ValueError(f"dp_sync.diloco.fragments: must be in 1..{len(blocks)} (blocks), got {n}")
     return [torch.nn.ModuleList(blocks[i::n]) for i in range(n)]
+
+
+def build_sync(exp, engine, *, blocks, params, names: dict, group):
+    """The strategy ``exp.parallel.dp_sync`` names, over this rank's ``params``: ``blocks`` (the repeated
+    layers) are cut into strided fragments; parameters outside them (embeddings, head) join the first."""
+    method = exp.parallel.dp_sync
+    if method == "every_step":
+        return EveryStep(engine)
+    in_blocks = {id(p) for b in blocks for p in b.parameters()}
+    others = [p for p in params if id(p) not in in_blocks]
+    if method == "diloco":
+        cfg = exp.dp_sync.diloco
+        fragments = [list(f.parameters()) for f in strided_fragments(blocks, min(cfg.fragments, len(blocks)))]
+        fragments[0] += others
+        return DiLoCo(fragments, engine.optimizer, group=group, sync_every=cfg.sync_every,
+                      fragment_sync_delay=cfg.fragment_sync_delay, fragment_update_alpha=cfg.fragment_update_alpha,
+                      outer_lr=cfg.outer_lr, outer_momentum=cfg.outer_momentum, nesterov=cfg.nesterov,
+                      quantize=cfg.quantize, names=names, engine=engine)
+    cfg = exp.dp_sync.co2
+    return CO2([p for b in blocks for p in b.parameters()] + others, engine.optimizer, group=group, sync_every=cfg.sync_every, outer_lr=cfg.outer_lr,
+               outer_momentum=cfg.outer_momentum, staleness_penalty=cfg.staleness_penalty, clip=cfg.clip,
+               names=names, engine=engine)

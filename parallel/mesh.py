@@ -27,6 +27,9 @@ class ParallelDims:
     tp: int = 1
     world_size: int = 1
     order: tuple[str, ...] = field(default=DEFAULT_ORDER)
+    # dp_replicate replicas are workers that take local steps and sync by an outer step (parallel.dp_sync
+    # diloco | co2): gradients are averaged, and FSDP shards, inside a worker only.
+    local_updates: bool = False
 
     def __post_init__(self):
         self.order = tuple(self.order)
@@ -53,7 +56,8 @@ class ParallelDims:
     @classmethod
     def from_config(cls, par, world_size: int) -> "ParallelDims":
         order = tuple(s.strip() for s in par.mesh_order.split(","))
-        return cls(par.pp, par.dp_replicate, par.dp_shard, par.cp, par.tp, world_size, order)
+        return cls(par.pp, par.dp_replicate, par.dp_shard, par.cp, par.tp, world_size, order,
+                   local_updates=par.dp_sync != "every_step")
 
     @property
     def degrees(self) -> dict[str, int]:
@@ -65,7 +69,12 @@ class ParallelDims:
 
     @property
     def fsdp_enabled(self) -> bool:
-        return self.dp_shard * self.cp > 1 or self.dp_replicate > 1
+        return self.dp_shard * self.cp > 1 or (self.dp_replicate > 1 and not self.local_updates)
+
+    @property
+    def grad_averaging_ranks(self) -> int:
+        """Ranks whose gradients are averaged every step: all dp x cp ranks, or one worker's."""
+        return (self.dp_shard if self.local_updates else self.dp) * self.cp
 
     def rank_grid(self) -> np.ndarray:
         """Ranks arranged as an array with one axis per dimension, in ``order``."""
@@ -77,6 +86,11 @@ class ParallelDims:
         axis = self.order.index(name)
         moved = np.moveaxis(grid, axis, -1).reshape(-1, grid.shape[axis])
         return [list(map(int, g)) for g in moved]
+
+    def workers(self) -> list[list[int]]:
+        """Each dp_replicate replica's ranks (a worker, when replicas take local updates), by replica."""
+        grid = np.moveaxis(self.rank_grid(), self.order.index("dp_replicate"), 0)
+        return [sorted(map(int, g.flatten())) for g in grid]
 
     FLATTENED = {"dp": ("dp_replicate", "dp_shard"), "dp_shard_cp": ("dp_shard", "cp"),
                  "loss": ("dp_replicate", "dp_shard", "cp")}
@@ -105,9 +119,20 @@ class ParallelDims:
 class Meshes:
     """The root mesh plus its flattened views; ``meshes["tp"]``, ``meshes["dp"]``, ``meshes["tp", "cp"]``."""
 
+    # What each dimension's traffic is for (comms/traffic.py); the flattened token/loss groups are "other".
+    PURPOSES = {"dp_shard": "fsdp", "dp_shard_cp": "fsdp", "dp_replicate": "dp_sync", "cp": "cp", "tp": "tp",
+                "pp": "pp"}
+
     def __init__(self, root, flattened: dict):
         self.root = root
         self.flattened = flattened
+
+    def label_traffic(self) -> None:
+        """Count every mesh group's bytes under its purpose (HSDP's replica all-reduce is dp_sync traffic)."""
+        from loomtrain.comms import traffic
+
+        for name, purpose in self.PURPOSES.items():
+            traffic.label(self[name], purpose)
 
     def __getitem__(self, key):
         if isinstance(key, str) and key in self.flattened:

@@ -95,5 +95,6 @@ def parallelize_model(model: nn.Module, dims, mesh, *, loss_parallel: bool, acti
     if compile:
         apply_compile(model)
     if dims.fsdp_enabled and fsdp:
-        dp_mesh = mesh["dp_replicate", "dp_shard_cp"] if dims.dp_replicate > 1 else mesh["dp_shard_cp"]
+        hsdp = dims.dp_replicate > 1 and not dims.local_updates  # workers with local updates shard inside only
+        dp_mesh = mesh["dp_replicate", "dp_shard_cp"] if hsdp else mesh["dp_shard_cp"]
         apply_fsdp(model, dp_mesh, param_dtype, keep_gathered)

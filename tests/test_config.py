@@ -49,7 +49,21 @@ def test_shipped_configs_load_by_name():
     (["parallel.pp=2", "parallel.pp_split=3,2"], "parallel.pp_split: needs 2 positive counts summing to"),
     (["parallel.pp=2", "train.micro_batch_size=4"], "train.micro_batch_size: with parallel.pp > 1"),
     (["faulttol.inject.kind=boom"], "faulttol.inject.kind: must be one of none, sigkill"),
-    (["parallel.dp_sync=diloco"], "parallel.dp_sync: must be one of every_step"),
+    (["parallel.dp_sync=localsgd"], "parallel.dp_sync: must be one of every_step, diloco, co2"),
+    (["parallel.dp_sync=diloco"], "parallel.dp_sync: diloco syncs replicas over parallel.dp_replicate, which must "
+                                  "be >= 2"),
+    (["parallel.dp_sync=co2", "parallel.dp_replicate=2", "parallel.dp_engine=deepspeed"],
+     "parallel.dp_sync: co2 runs on parallel.dp_engine=fsdp"),
+    (["parallel.dp_sync=diloco", "parallel.dp_replicate=2", "dp_sync.diloco.fragments=2", "dp_sync.diloco.sync_every=5"],
+     "dp_sync.diloco.sync_every: 5 must be a multiple of dp_sync.diloco.fragments (2)"),
+    (["parallel.dp_sync=diloco", "parallel.dp_replicate=2", "dp_sync.diloco.sync_every=4",
+      "dp_sync.diloco.fragments=2", "dp_sync.diloco.fragment_sync_delay=2"],
+     "dp_sync.diloco.fragment_sync_delay: must be < sync_every/fragments = 2, got 2"),
+    (["parallel.dp_sync=diloco", "parallel.dp_replicate=2", "dp_sync.diloco.fragment_update_alpha=1.5"],
+     "dp_sync.diloco.fragment_update_alpha: must be in [0, 1], got 1.5"),
+    (["parallel.dp_sync=diloco", "parallel.dp_replicate=2", "dp_sync.diloco.quantize=fp8"],
+     "dp_sync.diloco.quantize: must be one of none, int8, fp4"),
+    (["parallel.dp_sync=co2", "parallel.dp_replicate=2", "dp_sync.co2.clip=-1"], "dp_sync.co2.clip: must be >= 0"),
     (["faulttol.snapshot.every=2"], "faulttol.snapshot.every: unknown key; did you mean 'every_steps'?"),
 ])
 def test_bad_values_name_the_field(override, message):

@@ -116,8 +116,11 @@ def test_quantization_error_bound_and_exact_values(kind):
 def _workers(rank, kind, world):
     import torch.distributed as dist
 
+    from loomtrain.comms import traffic
+
     dist.init_process_group("gloo")
     try:
+        traffic.install()
         torch.manual_seed(0)
         layers = torch.nn.ModuleList(torch.nn.Linear(8, 8, bias=False) for _ in range(2))
         inner = torch.optim.SGD(layers.parameters(), lr=0.1)
@@ -127,7 +130,7 @@ def _workers(rank, kind, world):
             inner.zero_grad()
             layers[1](layers[0](torch.randn(4, 8, generator=g))).pow(2).sum().backward()
             inner.step()
-        return [p.detach().clone() for p in d.global_[0] + d.global_[1]], d.stats, \
+        return [p.detach().clone() for p in d.anchor[0] + d.anchor[1]], traffic.counts(), \
             [p.detach().clone() for p in layers.parameters()]
     finally:
         dist.destroy_process_group()
@@ -141,6 +144,6 @@ def test_workers_agree_and_count_bytes(kind):
         torch.testing.assert_close(a, b, rtol=0, atol=0)  # every worker holds the same global copy
     # step 8 synced fragment 1 last: its local weights are the global copy (alpha 0) on both workers
     torch.testing.assert_close(local0[1], local1[1], rtol=0, atol=0)
-    syncs = 8 // 2  # a fragment every h = 2 steps
-    assert stats["bytes"] == syncs * wire_bytes(64, kind)
+    syncs = 8 // 2  # a fragment every h = 2 steps; 2 workers: all-reduce 2(n-1)/n * 4 bytes, or (n-1) * payload
+    assert stats["dp_sync"] == syncs * wire_bytes(64, kind)  # counted at the transport, under dp_sync
     assert not torch.equal(local0[0], local1[0])  # fragment 0 has taken local steps since its sync

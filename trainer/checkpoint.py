@@ -1,8 +1,10 @@
 """Distributed checkpoints with ``torch.distributed.checkpoint`` (DCP), optionally asynchronous.
 
 A checkpoint is the directory ``<output_dir>/checkpoints/step_NNNNNNNN``: model and
-optimizer (each rank writes its shards), LR scheduler, data-sampler position, step and
-every rank's RNG states. It is written under a ``.tmp`` name and renamed by rank 0 once
+optimizer (each rank writes its shards), LR scheduler, data-sampler position, step,
+every rank's RNG states and the data-parallel sync's outer state. Workers that take local
+updates (``parallel.dp_sync: diloco | co2``) hold different parameters, which DCP would
+deduplicate as replicas: each writes its own ``worker<NNN>`` directory inside the step's. It is written under a ``.tmp`` name and renamed by rank 0 once
 every rank has finished, and ``latest`` is rewritten atomically after that, so an
 interrupted save never looks like a checkpoint.
 """
@@ -20,6 +22,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from loomtrain.comms import traffic
 from loomtrain.fsutil import atomic_write_text
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -57,8 +60,15 @@ def latest_checkpoint(ckpt_root: str) -> str | None:
     return found[-1][1] if found else None
 
 
+def _dcp_dir(step_dir: str, worker: int | None) -> str:
+    return step_dir if worker is None else os.path.join(step_dir, f"worker{worker:03d}")
+
+
 class Checkpointer:
-    def __init__(self, ckpt_root: str, keep: int, async_save: bool, rank: int, device: torch.device | str = "cpu"):
+    """``workers``: (this rank's worker, every worker's ranks) when replicas take local updates, else None."""
+
+    def __init__(self, ckpt_root: str, keep: int, async_save: bool, rank: int, device: torch.device | str = "cpu",
+                 workers: tuple[int, list[list[int]]] | None = None):
         self.root = ckpt_root
         self.device = device  # where the default group's collectives take their tensors
         self.keep = keep
@@ -66,11 +76,17 @@ class Checkpointer:
         self.rank = rank
         self._pending = None  # (future, tmp_dir, final_dir)
         self._pg = None
-        if async_save and dist.is_initialized():
+        self.worker = workers[0] if workers else None
+        if workers:  # every rank creates every worker's group, in the same order
+            groups = [dist.new_group(ranks, backend="gloo") for ranks in workers[1]]
+            self._pg = groups[self.worker]
+            traffic.label(self._pg, "checkpoint")
+        elif async_save and dist.is_initialized():
             # A group of its own: the background save's collectives must not interleave with training's.
             self._pg = dist.new_group(backend="gloo")
+            traffic.label(self._pg, "checkpoint")
 
-    def _state(self, model, optimizer, scheduler, sampler, step: int, gather_rng: bool = True) -> dict:
+    def _state(self, model, optimizer, scheduler, sampler, step: int, gather_rng: bool = True, sync=None) -> dict:
         """Keys are the same on every rank and every layout (DCP reshards tensors between layouts): the
         RNG states of all ranks travel as one list, so a run resumed on another world size finds its key.
         ``gather_rng=False`` (a template to load into) skips the all-gather: DCP replaces the value."""
@@ -79,14 +95,19 @@ class Checkpointer:
         if gather_rng and dist.is_initialized() and dist.get_world_size() > 1:
             states = [None] * dist.get_world_size()
             dist.all_gather_object(states, rng_state())
-        return {
+        state = {
             "model": model_sd,
             "optim": optim_sd,
             "trainer": {"step": step, "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict()},
             "rng": pickle.dumps(states),  # one opaque value: its key does not depend on the world size
         }
+        if sync is not None and (tensors := sync.checkpoint_tensors()):
+            sync.settle()  # averages in flight are part of the state
+            state["dp_sync"] = {"tensors": tensors, "host": pickle.dumps(sync.host_state())}
+        return state
 
-    def save(self, model, optimizer, scheduler, sampler, step: int) -> str:
+    @traffic.counted_as("checkpoint")
+    def save(self, model, optimizer, scheduler, sampler, step: int, sync=None) -> str:
         self.wait()
         final = os.path.join(self.root, f"step_{step:08d}")
         tmp = final + ".tmp"
@@ -95,15 +116,17 @@ class Checkpointer:
             os.makedirs(tmp, exist_ok=True)
         if dist.is_initialized():
             dist.barrier()
-        state = self._state(model, optimizer, scheduler, sampler, step)
+        state = self._state(model, optimizer, scheduler, sampler, step, sync=sync)
+        target = _dcp_dir(tmp, self.worker)
         if self.async_save:
-            future = dcp.async_save(state, checkpoint_id=tmp, process_group=self._pg)
+            future = dcp.async_save(state, checkpoint_id=target, process_group=self._pg)
             self._pending = (future, tmp, final)
         else:
-            dcp.save(state, checkpoint_id=tmp)
+            dcp.save(state, checkpoint_id=target, process_group=self._pg)
             self._commit(tmp, final)
         return final
 
+    @traffic.counted_as("checkpoint")
     def wait(self) -> None:
         """Finish a pending asynchronous save (commit it)."""
         if self._pending is None:
@@ -113,6 +136,7 @@ class Checkpointer:
         future.result()
         self._commit(tmp, final)
 
+    @traffic.counted_as("checkpoint")
     def poll(self) -> None:
         """Commit a finished asynchronous save without blocking when it is still running.
 
@@ -144,14 +168,27 @@ class Checkpointer:
         if dist.is_initialized():
             dist.barrier()
 
-    def load(self, path: str, model, optimizer, scheduler, sampler) -> int:
-        """Restore everything saved at ``path``; returns the step it was saved at."""
-        if not os.path.isfile(os.path.join(path, ".metadata")):
-            raise FileNotFoundError(f"--resume: '{path}' is not a complete checkpoint (no .metadata)")
-        state = self._state(model, optimizer, scheduler, sampler, 0, gather_rng=False)
-        dcp.load(state, checkpoint_id=path)
+    @traffic.counted_as("checkpoint")
+    def load(self, path: str, model, optimizer, scheduler, sampler, sync=None) -> int:
+        """Restore everything saved at ``path``; returns the step it was saved at. A checkpoint without the
+        sync's outer state (saved by another ``parallel.dp_sync``) restarts the outer schedule from it."""
+        source = _dcp_dir(path, self.worker)
+        if not os.path.isfile(os.path.join(source, ".metadata")):
+            other = os.path.join(path, ".metadata") if self.worker is not None else _dcp_dir(path, 0) + "/.metadata"
+            hint = (" (it was saved under another parallel.dp_sync: every_step writes one checkpoint, diloco and "
+                    "co2 one per worker)") if os.path.isfile(other) else ""
+            raise FileNotFoundError(f"--resume: '{source}' is not a complete checkpoint (no .metadata){hint}")
+        state = self._state(model, optimizer, scheduler, sampler, 0, gather_rng=False, sync=sync)
+        saved_keys = dcp.FileSystemReader(source).read_metadata().state_dict_metadata
+        if "dp_sync" in state and "dp_sync.host" not in saved_keys:
+            del state["dp_sync"]
+        dcp.load(state, checkpoint_id=source, process_group=self._pg)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=OPTIONS)
+        if sync is not None:
+            if "dp_sync" in state:
+                sync.load_checkpoint_tensors(state["dp_sync"]["tensors"])
+            sync.load_host_state(pickle.loads(state["dp_sync"]["host"]) if "dp_sync" in state else None)
         scheduler.load_state_dict(state["trainer"]["scheduler"])
         sampler.load_state_dict(state["trainer"]["sampler"])
         # Same world size: each rank continues its own streams (exact resume). Another layout has no

@@ -86,7 +86,9 @@ class ParallelConfig:
     dp_engine: str = "fsdp"  # fsdp (FSDP2 over the mesh) | deepspeed (ZeRO; data parallelism only)
     zero_stage: int = 2  # with dp_engine=deepspeed: ZeRO stage 1, 2 or 3
     zero_offload_optimizer: bool = False  # with dp_engine=deepspeed: optimizer state in CPU memory
-    dp_sync: str = "every_step"  # how data-parallel replicas stay in sync: every_step (gradients averaged each step)
+    dp_sync: str = "every_step"  # how dp_replicate replicas stay in sync: every_step (gradients averaged each
+    #   step) | diloco (Streaming DiLoCo: local steps, fragments synced in turn) | co2 (local steps, the outer
+    #   update all-reduced in the background, applied one round late); settings in the dp_sync section
     sp_mode: str = "static"  # static (the cp degree above) | adaptive (every step: groups sized to its sequences)
     sp_degrees: str = ""  # adaptive: allowed group sizes, e.g. "1,2,4,8"; empty = any size
     sp_alpha1: float = 0.0  # adaptive cost model: attention s^2 coefficient; 0 = fit from a calibration run
@@ -185,6 +187,39 @@ class FaultTolConfig:
 
 
 @dataclass
+class DiLoCoConfig:
+    """Streaming DiLoCo (arXiv 2501.18512): ``parallel.dp_sync: diloco``; torchft's semantics."""
+
+    sync_every: int = 100  # H: inner steps per full round; every H/fragments steps one fragment syncs
+    fragments: int = 1  # F: strided groups of layers synced in turn (1 = plain DiLoCo)
+    fragment_sync_delay: int = 0  # tau: inner steps a fragment's average overlaps (< sync_every / fragments)
+    fragment_update_alpha: float = 0.0  # weight kept on the local parameters when the outer step lands
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    nesterov: bool = True
+    quantize: str = "none"  # none | int8 | fp4: outer gradients on the wire (one fp32 scale per 64 values)
+
+
+@dataclass
+class CO2Config:
+    """CO2 (arXiv 2401.16265): ``parallel.dp_sync: co2``."""
+
+    sync_every: int = 10  # tau: local steps per outer round; the round's all-reduce overlaps the next tau
+    outer_lr: float = 1.0
+    outer_momentum: float = 0.5
+    staleness_penalty: float = 0.5  # lambda of the staleness gap penalty (0 = off)
+    clip: float = 1.0  # outer momentum clipping threshold (0 = off)
+
+
+@dataclass
+class DPSyncConfig:
+    """Settings of the data-parallel sync methods (``parallel.dp_sync`` picks one)."""
+
+    diloco: DiLoCoConfig = field(default_factory=DiLoCoConfig)
+    co2: CO2Config = field(default_factory=CO2Config)
+
+
+@dataclass
 class Experiment:
     """A whole experiment: one YAML file."""
 
@@ -196,6 +231,7 @@ class Experiment:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     faulttol: FaultTolConfig = field(default_factory=FaultTolConfig)
+    dp_sync: DPSyncConfig = field(default_factory=DPSyncConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -211,7 +247,8 @@ CHOICES = {
     "parallel.cp_topology": ("full_mesh", "ring"),
     "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved_1f1b"),
     "parallel.dp_engine": ("fsdp", "deepspeed"),
-    "parallel.dp_sync": ("every_step",),
+    "parallel.dp_sync": ("every_step", "diloco", "co2"),
+    "dp_sync.diloco.quantize": ("none", "int8", "fp4"),
     "data.batching": ("windows", "documents"),
     "parallel.sp_mode": ("static", "adaptive"),
     "optim.fused": ("auto", "true", "false"),
@@ -411,6 +448,7 @@ def validate(exp: Experiment) -> None:
             f"train.micro_batch_size: must divide train.global_batch_size ({exp.train.global_batch_size}), "
             f"got {exp.train.micro_batch_size}")
     _validate_faulttol(exp)
+    _validate_dp_sync(exp)
     _validate_pipeline(exp)
     _validate_deepspeed(exp)
 
@@ -424,6 +462,44 @@ def _validate_faulttol(exp: Experiment) -> None:
     if ft.inject.kind != "none" and ft.inject.step >= exp.train.steps:
         raise ConfigError(f"faulttol.inject.step: must be before the last step (train.steps={exp.train.steps}), "
                           f"got {ft.inject.step}")
+
+
+def _validate_dp_sync(exp: Experiment) -> None:
+    """The sync method's own settings, and what it needs from the layout (world-size-free checks)."""
+    par, d, c = exp.parallel, exp.dp_sync.diloco, exp.dp_sync.co2
+    if par.dp_sync == "every_step":
+        return
+    if par.dp_replicate < 2:
+        raise ConfigError(f"parallel.dp_sync: {par.dp_sync} syncs replicas over parallel.dp_replicate, which must "
+                          f"be >= 2 (got {par.dp_replicate})")
+    if par.dp_engine == "deepspeed":
+        raise ConfigError(f"parallel.dp_sync: {par.dp_sync} runs on parallel.dp_engine=fsdp (DeepSpeed averages "
+                          "gradients every step itself)")
+    if par.sp_mode == "adaptive":
+        raise ConfigError(f"parallel.dp_sync: {par.dp_sync} is not supported with parallel.sp_mode=adaptive")
+    if par.dp_sync == "diloco":
+        _positive(exp, "dp_sync.diloco.sync_every", "dp_sync.diloco.fragments")
+        _positive(exp, "dp_sync.diloco.outer_lr")
+        _positive(exp, "dp_sync.diloco.fragment_sync_delay", "dp_sync.diloco.outer_momentum", allow_zero=True)
+        if d.fragments > exp.model.n_layers:
+            raise ConfigError(f"dp_sync.diloco.fragments: must be <= model.n_layers ({exp.model.n_layers}), "
+                              f"got {d.fragments}")
+        if d.sync_every % d.fragments:
+            raise ConfigError(f"dp_sync.diloco.sync_every: {d.sync_every} must be a multiple of "
+                              f"dp_sync.diloco.fragments ({d.fragments})")
+        if d.fragment_sync_delay >= d.sync_every // d.fragments:
+            raise ConfigError(f"dp_sync.diloco.fragment_sync_delay: must be < sync_every/fragments = "
+                              f"{d.sync_every // d.fragments}, got {d.fragment_sync_delay}")
+        if not 0.0 <= d.fragment_update_alpha <= 1.0:
+            raise ConfigError(f"dp_sync.diloco.fragment_update_alpha: must be in [0, 1], got {d.fragment_update_alpha}")
+        if not d.outer_momentum < 1.0:
+            raise ConfigError(f"dp_sync.diloco.outer_momentum: must be in [0, 1), got {d.outer_momentum}")
+    else:
+        _positive(exp, "dp_sync.co2.sync_every", "dp_sync.co2.outer_lr")
+        _positive(exp, "dp_sync.co2.staleness_penalty", "dp_sync.co2.clip", "dp_sync.co2.outer_momentum",
+                  allow_zero=True)
+        if not c.outer_momentum < 1.0:
+            raise ConfigError(f"dp_sync.co2.outer_momentum: must be in [0, 1), got {c.outer_momentum}")
 
 
 def pipeline_stage_layers(n_layers: int, stages: int, split: str) -> list[int]:

@@ -34,20 +34,26 @@ _TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight
 
 
 def read_model_state(checkpoint: str) -> dict[str, torch.Tensor]:
-    """Full (unsharded) model tensors of a DCP checkpoint, under the unsplit model's names."""
+    """Full (unsharded) model tensors of a DCP checkpoint, under the unsplit model's names. A run whose
+    workers took local updates (dp_sync diloco | co2) saved one checkpoint per worker: what is read is the
+    outer model they share (the sync's anchors), not one worker's local parameters."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     if not os.path.isdir(checkpoint):
         raise ConfigError(f"CHECKPOINT: '{checkpoint}' is not a directory")
+    prefix = "model."
+    if not os.path.isfile(os.path.join(checkpoint, ".metadata")) and \
+            os.path.isfile(os.path.join(checkpoint, "worker000", ".metadata")):
+        checkpoint, prefix = os.path.join(checkpoint, "worker000"), "dp_sync.tensors.anchor."
     if not os.path.isfile(os.path.join(checkpoint, ".metadata")):
         deepspeed = any(f.startswith("loomtrain_rng_rank") for f in os.listdir(checkpoint))
         kind = "a DeepSpeed checkpoint (not supported by export)" if deepspeed else "not a complete DCP checkpoint"
         raise ConfigError(f"CHECKPOINT: '{checkpoint}' is {kind}")
     meta = dcp.FileSystemReader(checkpoint).read_metadata().state_dict_metadata
-    template = {key.split(".", 1)[1]: torch.empty(m.size, dtype=m.properties.dtype)
-                for key, m in meta.items() if key.startswith("model.") and isinstance(m, TensorStorageMetadata)}
-    dcp.load({"model": template}, checkpoint_id=checkpoint, no_dist=True)
+    template = {key[len(prefix):]: torch.empty(m.size, dtype=m.properties.dtype)
+                for key, m in meta.items() if key.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
+    dcp.load({prefix + k: v for k, v in template.items()}, checkpoint_id=checkpoint, no_dist=True)
     out = {}
     for name, t in template.items():
         name = canonical_name(name)

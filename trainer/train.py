@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from loomtrain.comms import traffic
 from loomtrain.data.loader import PackedDataset, Prefetcher, eval_batches
 from loomtrain.data.prepare import prepare
 from loomtrain.faulttol.manager import FaultTolerance
@@ -104,6 +105,8 @@ class Trainer:
         tcfg = exp.train
         self.dims = check_experiment(exp, env.world_size, env.local_world_size)
         self.mesh = self.dims.build_mesh(env.device.type)
+        traffic.install()  # bytes sent per purpose, logged with the metrics
+        self.mesh.label_traffic()
         self.dp_rank = self.mesh["dp"].get_local_rank()
         self.dtype = DTYPES[exp.model.dtype]
 
@@ -156,8 +159,10 @@ class Trainer:
 
         self.optimizer = build_optimizer(self.model.parameters(), exp.optim, env.device)
         self.scheduler = build_scheduler(self.optimizer, exp.optim, tcfg.steps)
+        workers = (self.mesh["dp_replicate"].get_local_rank(), self.dims.workers()) if self.dims.local_updates \
+            else None  # replicas with local updates hold different parameters: a checkpoint per worker
         self.ckpt = Checkpointer(os.path.join(tcfg.output_dir, "checkpoints"), exp.checkpoint.keep,
-                                 exp.checkpoint.async_save, env.rank, env.device)
+                                 exp.checkpoint.async_save, env.rank, env.device, workers=workers)
         # The data-parallel engine: how gradients are reduced and the update applied.
         if par.dp_engine == "deepspeed":  # ZeRO takes over optimizer, clipping and gradient averaging
             from loomtrain.parallel.deepspeed_engine import DeepSpeedCheckpointer, DeepSpeedEngine, initialize
@@ -172,7 +177,11 @@ class Trainer:
                                      device=env.device,
                                      pp_group=self.mesh["pp"].get_group() if self.dims.pp > 1 else None,
                                      uneven=par.sp_mode == "adaptive")
-        self.sync = build_sync(par.dp_sync, self.engine)  # what keeps data-parallel replicas in step
+        # What keeps the data-parallel replicas in step: gradients every step, or outer steps between workers.
+        self.sync = build_sync(exp, self.engine, blocks=[b for part in parts for b in part.layers.values()],
+                               params=[p for part in parts for p in part.parameters()],
+                               names={p: n for part in parts for n, p in part.named_parameters()},
+                               group=self.mesh["dp_replicate"].get_group())
         # How a step's micro-batches run: one after another, or through the pipeline schedule.
         if self.dims.pp > 1:
             make = lambda loss_fn: build_schedule(
@@ -212,10 +221,11 @@ class Trainer:
         disk_step = int(m.group(1)) if path and (m := STEP_DIR.match(os.path.basename(path.rstrip("/")))) else -1
         if located is not None and located.epoch >= disk_step:
             try:
-                restored = ft.snapshots.restore(located, self.model, self.optimizer)
+                restored = ft.snapshots.restore(located, self.model, self.optimizer, self.sync.state_tensors())
             except RestoreFailed as e:
                 why = f"restoring step {located.epoch} failed: {e}"
             else:
+                self.sync.load_host_state(restored.host["dp_sync"])
                 self.scheduler.load_state_dict(restored.host["scheduler"])
                 self.batches.load_state_dict(restored.host["sampler"])
                 set_rng_state(restored.host["rng"])
@@ -234,7 +244,8 @@ class Trainer:
         loud = ft.restarted and ft.snapshots is not None
         if path:
             start = time.perf_counter()
-            self.step = self.ckpt.load(path, self.model, self.optimizer, self.scheduler, self.batches)
+            self.step = self.ckpt.load(path, self.model, self.optimizer, self.scheduler, self.batches,
+                                       sync=self.sync)
             self.resumed_from, self.restored_from = path, "disk"
             self.restore_seconds = time.perf_counter() - start
             if self.env.is_main:
@@ -256,16 +267,28 @@ class Trainer:
         logits = self.model(batch["input_ids"], batch["position_ids"], batch.get("doc_ids"))
         return token_loss_sum(logits, batch["labels"])
 
+    @traffic.counted_as("other")
     def _global_tokens(self, batches: list[dict]) -> int:
-        """Label tokens of the whole step over all data-parallel ranks (cp/tp/pp peers hold the same batch)."""
-        if self.dims.dp == 1:
+        """Label tokens of the step over the ranks whose gradients are averaged together: every data-parallel
+        rank, or one worker's when replicas take local updates (cp/tp/pp peers hold the same batch)."""
+        dims = self.dims
+        averaged = dims.dp_shard if dims.local_updates else dims.dp
+        if averaged == 1:
             return label_tokens(batches)
         count = torch.tensor([label_tokens(batches)], dtype=torch.int64, device=self.env.device)
-        dist.all_reduce(count, group=self.mesh["dp"].get_group())
+        dist.all_reduce(count, group=self.mesh["dp_shard" if dims.local_updates else "dp"].get_group())
         return int(count.item())  # the step's one host sync before compute: the loss scale is a Python float
 
+    @traffic.counted_as("other")
     def _global_mean(self, local_sum: torch.Tensor, tokens: int) -> float:
-        if self.dims.dp * self.dims.cp > 1:
+        """The per-token mean over every data-parallel rank (``tokens`` as :meth:`_global_tokens` counts)."""
+        dims = self.dims
+        if dims.local_updates:  # tokens are one worker's: each of its dp_shard x cp ranks adds its share
+            both = torch.stack([local_sum.double(), local_sum.new_tensor(tokens / (dims.dp_shard * dims.cp),
+                                                                         dtype=torch.float64)])
+            dist.all_reduce(both, group=self.mesh["loss"].get_group())
+            return both[0].item() / max(1, round(both[1].item()))
+        if dims.dp * dims.cp > 1:
             dist.all_reduce(local_sum, group=self.mesh["loss"].get_group())  # dp x cp ranks hold disjoint tokens
         return local_sum.item() / max(1, tokens)
 
@@ -326,6 +349,7 @@ class Trainer:
                               "time": time.time()}
                     if self.ft.snapshots is not None:
                         record["snapshot_failures"] = self.ft.snapshot_failures
+                    record |= self._bytes_sent()
                 if tcfg.eval_every and (self.step % tcfg.eval_every == 0 or self.step == tcfg.steps):
                     val = self.evaluate()
                     result.val_losses[self.step] = val
@@ -337,11 +361,12 @@ class Trainer:
                                         mfu=f"{100 * record.get('mfu', 0):.1f}%", refresh=False)
                     elif env.is_main:
                         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                       for k, v in record.items() if k != "time"), flush=True)
+                                       for k, v in record.items() if k != "time" and not k.startswith("bytes_")),
+                              flush=True)
                 if bar is not None:
                     bar.update(1)
                 self.ckpt.poll()
-                self.ft.after_step(self.step, self.model, self.optimizer, self._host_state)
+                self.ft.after_step(self.step, self.model, self.optimizer, self._host_state, self._sync_tensors)
                 stopping, flush = self._stop_requested(stop)
                 if stopping:
                     result.stopped_by_signal = True
@@ -350,11 +375,11 @@ class Trainer:
                 if self.step < tcfg.steps and (flush or self.ft.persist_due(self.step)
                                                or (every and self.step % every == 0)):
                     result.checkpoint = self.ckpt.save(self.model, self.optimizer, self.scheduler,
-                                                       self.batches, self.step)
+                                                       self.batches, self.step, sync=self.sync)
                     stop.flush = False
             if result.stopped_by_signal or exp.checkpoint.at_end:
                 result.checkpoint = self.ckpt.save(self.model, self.optimizer, self.scheduler,
-                                                   self.batches, self.step)
+                                                   self.batches, self.step, sync=self.sync)
             self.ckpt.wait()
             if self.ft.snapshots is not None:
                 self.ft.snapshots.wait()
@@ -373,6 +398,7 @@ class Trainer:
             print(f"stopped by signal after step {self.step}; checkpoint saved to {result.checkpoint}", flush=True)
         return result
 
+    @traffic.counted_as("other")
     def _stop_requested(self, stop: StopFlag) -> tuple[bool, bool]:
         """(stop, flush to disk): all ranks agree if any of them got the signal (so they act at the same step)."""
         if self.env.is_main and stop.file_requested():
@@ -383,9 +409,25 @@ class Trainer:
         return bool(flag[0].item()), bool(flag[1].item())
 
     def _host_state(self) -> dict:
-        """What a snapshot holds besides model and optimizer tensors."""
+        """What a snapshot holds besides model, optimizer and outer-sync tensors."""
         return {"scheduler": self.scheduler.state_dict(), "sampler": self.batches.state_dict(),
-                "rng": rng_state()}
+                "rng": rng_state(), "dp_sync": self.sync.host_state()}
+
+    def _sync_tensors(self) -> dict:
+        """The outer sync's live tensors for a snapshot, with averages in flight arrived."""
+        self.sync.settle()
+        return self.sync.state_tensors()
+
+    @traffic.counted_as("other")
+    def _bytes_sent(self) -> dict:
+        """Bytes sent so far per purpose (comms/traffic.py): summed over ranks, and the busiest rank's."""
+        mine = torch.tensor([float(v) for v in traffic.counts().values()], dtype=torch.float64, device=self.env.device)
+        every = mine.new_empty(self.env.world_size * mine.numel())
+        dist.all_gather_into_tensor(every, mine)
+        every = every.view(self.env.world_size, -1)
+        total, busiest = every.sum(0).cpu(), every.max(0).values.cpu()
+        return {f"bytes_{p}": int(total[i]) for i, p in enumerate(traffic.PURPOSES)} | \
+            {f"bytes_max_rank_{p}": int(busiest[i]) for i, p in enumerate(traffic.PURPOSES)}
 
     def _announce(self) -> None:
         a = self.args

@@ -1,0 +1,189 @@
+"""Bytes each rank sends, per purpose, counted where torch.distributed is called (the transport).
+
+Every collective and point-to-point call goes through one of two Python layers: ``torch.distributed``'s
+c10d functions (FSDP2, pipelining, context parallelism, the data-parallel syncs, snapshots) and the
+functional collectives DTensor uses (tensor parallelism). :func:`install` wraps both once per process;
+each call adds the bytes *this rank puts on the wire* to the purpose its process group was labelled
+with (:func:`label`; unlabelled groups count as ``other``), or to the purpose a :func:`counted_as` block
+names on this thread (a group can serve two purposes: a mesh dimension that spans the world *is* the
+world group, which also carries the trainer's small control collectives). A call made inside another counted call
+(an alias, ``all_gather_object``'s inner gathers) is not counted twice.
+
+Bytes per call, n ranks in the group, S the bytes of the tensor named (the bandwidth-optimal ring
+algorithms, the same accounting as NCCL's bus bandwidth):
+
+- ``all_reduce``: 2(n-1)/n * S (reduce-scatter, then all-gather);
+- ``all_gather``: (n-1) * S_in; ``reduce_scatter``: (n-1)/n * S_in; ``all_to_all``: (n-1)/n * S_in;
+- ``broadcast``: the source sends (n-1) * S (gloo's one-to-all), the others nothing;
+- ``send``/``isend``: S; receives: nothing.
+
+What a quantized exchange sends is whatever tensors it hands to these calls (payload and scales), so
+compression shows up as it really is. Collectives inside ``torch.compile``d regions are not seen.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import threading
+from collections import Counter
+
+import torch
+import torch.distributed as dist
+
+PURPOSES = ("dp_sync", "fsdp", "tp", "cp", "pp", "snapshot", "checkpoint", "other")
+
+_lock = threading.Lock()
+_depth = threading.local()  # per thread: nesting depth of counted calls, counted_as purpose
+_labels: dict[str, str] = {}  # process group name -> purpose
+_bytes: Counter = Counter()
+_messages: Counter = Counter()
+_installed = False
+
+
+def label(group, purpose: str) -> None:
+    """Count ``group``'s traffic (a ProcessGroup, or a 1-D DeviceMesh) as ``purpose``."""
+    if purpose not in PURPOSES:
+        raise ValueError(f"traffic: purpose must be one of {', '.join(PURPOSES)}, got {purpose!r}")
+    if hasattr(group, "get_group"):
+        group = group.get_group()
+    _labels[group.group_name] = purpose
+
+
+@contextlib.contextmanager
+def counted_as(purpose: str):
+    """Count this thread's calls inside the block as ``purpose``, whatever their group."""
+    if purpose not in PURPOSES:
+        raise ValueError(f"traffic: purpose must be one of {', '.join(PURPOSES)}, got {purpose!r}")
+    previous = getattr(_depth, "purpose", None)
+    _depth.purpose = purpose
+    try:
+        yield
+    finally:
+        _depth.purpose = previous
+
+
+def counts() -> dict[str, int]:
+    """Bytes this rank has sent so far, per purpose (every purpose present, zeros included)."""
+    with _lock:
+        return {p: int(_bytes[p]) for p in PURPOSES}
+
+
+def messages() -> dict[str, int]:
+    with _lock:
+        return {p: int(_messages[p]) for p in PURPOSES}
+
+
+def reset() -> None:
+    with _lock:
+        _bytes.clear()
+        _messages.clear()
+
+
+def _nbytes(t) -> int:
+    if isinstance(t, (list, tuple)):
+        return sum(_nbytes(x) for x in t)
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+
+def _c10d_group(group):
+    return group if group is not None else dist.group.WORLD
+
+
+def _funcol_group(group, tag=""):
+    from torch.distributed import _functional_collectives as funcol
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(funcol._resolve_group_name(group, tag))
+
+
+def _add(group, nbytes: float) -> None:
+    purpose = getattr(_depth, "purpose", None) or _labels.get(group.group_name, "other")
+    with _lock:
+        _bytes[purpose] += int(nbytes)
+        _messages[purpose] += 1
+
+
+# name -> (argument holding the tensor that sets S, bytes sent as a function of (S, n, args))
+_RING = {
+    "all_reduce": lambda s, n, a: 2 * (n - 1) * s / n,
+    "all_gather": lambda s, n, a: (n - 1) * s,
+    "reduce_scatter": lambda s, n, a: (n - 1) * s / n,
+    "all_to_all": lambda s, n, a: (n - 1) * s / n,
+    "send": lambda s, n, a: s,
+}
+
+
+C10D = {  # function: (tensor argument, formula)
+    "all_reduce": ("tensor", "all_reduce"), "all_reduce_coalesced": ("tensors", "all_reduce"),
+    "all_gather": ("tensor", "all_gather"), "all_gather_into_tensor": ("input_tensor", "all_gather"),
+    "all_gather_single": ("input_tensor", "all_gather"), "all_gather_coalesced": ("input_tensor_list", "all_gather"),
+    "reduce_scatter": ("output", "all_gather"),  # (n-1) * S_out = (n-1)/n * S_in
+    "reduce_scatter_tensor": ("input", "reduce_scatter"), "reduce_scatter_single": ("input", "reduce_scatter"),
+    "all_to_all_single": ("input", "all_to_all"), "all_to_all": ("input_tensor_list", "all_to_all"),
+    "send": ("tensor", "send"), "isend": ("tensor", "send"), "broadcast": ("tensor", "broadcast"),
+}
+FUNCOL = {
+    "all_reduce": ("self", "all_reduce"), "all_reduce_coalesced": ("self", "all_reduce"),
+    "all_gather_single": ("self", "all_gather"), "all_gather_tensor": ("self", "all_gather"),
+    "all_gather_single_autograd": ("self", "all_gather"), "all_gather_tensor_autograd": ("self", "all_gather"),
+    "reduce_scatter_single": ("self", "reduce_scatter"), "reduce_scatter_tensor": ("self", "reduce_scatter"),
+    "reduce_scatter_single_autograd": ("self", "reduce_scatter"),
+    "reduce_scatter_tensor_autograd": ("self", "reduce_scatter"),
+    "all_to_all_single": ("self", "all_to_all"), "all_to_all_single_autograd": ("self", "all_to_all"),
+    "broadcast": ("self", "broadcast"),
+}
+
+
+def _counted(fn, tensor_arg: str, formula: str, functional: bool):
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        outermost = getattr(_depth, "n", 0) == 0
+        if outermost:
+            try:
+                bound = signature.bind(*args, **kwargs)
+                a = bound.arguments
+                group = _funcol_group(a.get("group"), a.get("tag", "")) if functional else \
+                    _c10d_group(a.get("group"))
+                n, s = group.size(), _nbytes(a.get(tensor_arg))
+                if formula == "broadcast":
+                    src = a.get("src") if a.get("group_src") is None else dist.get_global_rank(group, a["group_src"])
+                    sent = (n - 1) * s if src == dist.get_rank() else 0
+                else:
+                    sent = _RING[formula](s, n, a)
+                _add(group, sent)
+            except Exception:  # noqa: BLE001 - accounting must never break a collective; torch raises its own
+                pass
+        _depth.n = getattr(_depth, "n", 0) + 1
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _depth.n -= 1
+
+    wrapper.__loomtrain_counted__ = True
+    return wrapper
+
+
+def install() -> None:
+    """Wrap torch.distributed's c10d and functional collectives (idempotent; per process)."""
+    global _installed
+    if _installed:
+        return
+    from torch.distributed import _functional_collectives as funcol
+    from torch.distributed import distributed_c10d as c10d
+
+    for name, (arg, formula) in C10D.items():
+        fn = getattr(c10d, name, None)
+        if fn is None or getattr(fn, "__loomtrain_counted__", False):
+            continue
+        wrapped = _counted(fn, arg, formula, functional=False)
+        setattr(c10d, name, wrapped)  # calls inside c10d (batch_isend_irecv's op.op, *_object helpers)
+        if getattr(dist, name, None) is fn:
+            setattr(dist, name, wrapped)  # calls through the public namespace (FSDP2, pipelining, ours)
+    for name, (arg, formula) in FUNCOL.items():
+        fn = getattr(funcol, name, None)
+        if fn is not None and not getattr(fn, "__loomtrain_counted__", False):
+            setattr(funcol, name, _counted(fn, arg, formula, functional=True))
+    _installed = True

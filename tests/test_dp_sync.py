@@ -1,0 +1,228 @@
+"""Data-parallel sync methods in the trainer (parallel.dp_sync: diloco | co2 over dp_replicate) and CO2 on
+its own: closed-form updates, replicas that agree, outer state through checkpoints and snapshots, and the
+bytes each method sends, counted at the transport."""
+import json
+import signal
+
+import pytest
+import torch
+
+from conftest import run_ranks, signal_self_after_step
+from loomtrain.parallel.dp_sync import CO2
+from loomtrain.parallel.quantize import wire_bytes
+
+
+def _co2_constant_gradient(steps, **kw):
+    """One weight starting at 1, gradient 2 every inner step, inner SGD lr 1, tau = 2; the weight after
+    each step and the CO2 object."""
+    w = torch.nn.Parameter(torch.ones(1))
+    inner = torch.optim.SGD([w], lr=1.0)
+    co2 = CO2([w], inner, **({"sync_every": 2, "outer_lr": 1.0, "outer_momentum": 0.0, "staleness_penalty": 0.0,
+                              "clip": 0.0} | kw))
+    trace = []
+    for _ in range(steps):
+        w.grad = torch.full_like(w, 2.0)
+        inner.step()
+        trace.append(w.item())
+    return trace, co2
+
+
+def test_co2_update_in_closed_form():
+    # alpha 1, no momentum, no penalty: one round late, nothing lost: plain SGD at every step
+    trace, co2 = _co2_constant_gradient(6)
+    assert trace == [1 - 2 * t for t in range(1, 7)]
+    assert co2.anchor[0][0].item() == -7  # round 2's average lands at step 6: anchor 1 - 4 - 4
+    # staleness gap penalty: at step 6 the anchor moved by u = -4 since D = 4 was measured:
+    # Lambda = 1 + 1 * 4 / 4 = 2, m = 2, anchor -3 - 2 = -5, weight -5 + (-11 - -7) = -9
+    assert _co2_constant_gradient(6, staleness_penalty=1.0)[0][5] == -9
+    # outer momentum 0.5: m = 0.5 * 4 + 4 = 6 at step 6: anchor -3 - 6 = -9, weight -9 - 4 = -13
+    assert _co2_constant_gradient(6, outer_momentum=0.5)[0][5] == -13
+
+
+def test_co2_clip_really_clips_the_momentum():
+    trace, co2 = _co2_constant_gradient(4, clip=1.0)
+    assert co2.momentum[0][0].item() == 1.0  # clamp_(-1, 1) of 4, in place
+    assert trace[3] == 0 - 4  # anchor 1 - 1, plus round 2's own progress -4
+
+
+def _co2_workers(rank, world):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
+        inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        co2 = CO2(model.parameters(), inner, sync_every=3, outer_momentum=0.5, staleness_penalty=0.5, clip=0.05)
+        g = torch.Generator().manual_seed(rank)  # every worker sees different data
+        for _ in range(12):
+            inner.zero_grad()
+            model(torch.randn(16, 8, generator=g)).pow(2).mean().backward()
+            inner.step()
+        return [a.detach().clone() for a in co2.anchor[0]], [p.detach().clone() for p in model.parameters()]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_co2_replicas_keep_one_outer_model():
+    (a0, p0), (a1, p1) = run_ranks(_co2_workers, 2, 2)
+    for x, y in zip(a0, a1):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    assert any(not torch.equal(x, y) for x, y in zip(p0, p1))  # local models differ by their own last round
+
+
+def _train(rank, overrides, resume=None, signal_at=0):
+    from loomtrain.trainer import train as train_mod
+    from loomtrain.trainer.config import load_config
+
+    if signal_at:
+        signal_self_after_step(signal_at, signal.SIGTERM)
+    captured = {}
+    original = train_mod.Trainer.fit
+
+    def fit(self):
+        result = original(self)
+        captured["restored_from"] = result.restored_from
+        sync = self.sync
+        captured["anchor"] = {k: v.detach().clone() for k, v in sync.state_tensors().items()
+                              if k.startswith("anchor.")}
+        captured["params"] = {n: p.detach().to_local().clone() if hasattr(p, "to_local") else p.detach().clone()
+                              for n, p in self.model.named_parameters()}
+        return result
+
+    train_mod.Trainer.fit = fit
+    r = train_mod.run(load_config("tiny", overrides), resume=resume)
+    return r.losses, captured
+
+
+def _metrics(run_dir):
+    with open(run_dir / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+DILOCO = ["parallel.dp_sync=diloco", "parallel.dp_replicate=2", "dp_sync.diloco.sync_every=2",
+          "dp_sync.diloco.fragments=2", "train.steps=6"]
+
+
+@pytest.mark.parametrize("quantize", ["none", "fp4"])
+def test_diloco_workers_agree_and_bytes_match_the_formula(overrides, tmp_path, quantize):
+    ov = overrides + DILOCO + [f"dp_sync.diloco.quantize={quantize}", "checkpoint.at_end=true"]
+    results = run_ranks(_train, 2, ov)
+    (losses, a), (_, b) = results
+    # The export reads the outer model the workers share out of the per-worker checkpoint.
+    from loomtrain.trainer.hf_export import read_model_state
+
+    exported = read_model_state(str(tmp_path / "run" / "checkpoints" / "step_00000006"))
+    assert exported.keys() == {k.removeprefix("anchor.") for k in a["anchor"]}
+    for k, t in a["anchor"].items():
+        assert torch.equal(exported[k.removeprefix("anchor.")], t), k
+    assert a["anchor"] and a["anchor"].keys() == b["anchor"].keys()
+    for k in a["anchor"]:
+        torch.testing.assert_close(a["anchor"][k], b["anchor"][k], rtol=0, atol=0)  # one global model
+    # Fragment 1 (the odd layer) synced at step 6, the last: with alpha 0 both workers hold the global copy.
+    synced = [n for n in a["params"] if n.startswith("layers.1.")]
+    assert synced
+    for n in synced:
+        torch.testing.assert_close(a["params"][n], b["params"][n], rtol=0, atol=0)
+    assert any(not torch.equal(a["params"][n], b["params"][n]) for n in a["params"] if n.startswith("layers.0."))
+    assert losses[6] < losses[1]
+    # Bytes: each h = 1 step one fragment's outer gradient goes out, every parameter tensor on its own.
+    numels = {0: [], 1: []}
+    for n, p in a["params"].items():
+        numels[1 if n.startswith("layers.1.") else 0].append(p.numel())
+    per_sync = {f: sum(2 * 4 * x // 2 if quantize == "none" else wire_bytes(x, quantize) for x in xs)
+                for f, xs in numels.items()}  # 2 workers: all-reduce 2(n-1)/n * 4 bytes, or (n-1) * payload
+    expected = sum(per_sync[(t - 1) % 2] for t in range(1, 7))
+    final = _metrics(tmp_path / "run")[-1]
+    assert final["bytes_dp_sync"] == 2 * expected  # summed over both workers
+    assert final["bytes_max_rank_dp_sync"] == expected
+    assert final["bytes_fsdp"] == 0  # one rank per worker: nothing sharded
+
+
+def _param_count(captured) -> int:
+    return sum(p.numel() for p in captured["params"].values())
+
+
+def test_every_step_sends_every_gradient_every_step_and_co2_once_a_round(overrides, tmp_path):
+    """The DDP baseline (dp_replicate=2: FSDP2's replica all-reduce is dp_sync traffic) against CO2 with
+    tau = 2: the same formula, 2(n-1)/n * 4 bytes a parameter, every step vs every other step."""
+    ddp = run_ranks(_train, 2, overrides + ["parallel.dp_replicate=2", "train.steps=6"])
+    p = _param_count(ddp[0][1])
+    assert _metrics(tmp_path / "run")[-1]["bytes_max_rank_dp_sync"] == 6 * 4 * p
+    out = tmp_path / "co2"
+    co2 = run_ranks(_train, 2, overrides + ["parallel.dp_sync=co2", "parallel.dp_replicate=2", "train.steps=6",
+                                            "dp_sync.co2.sync_every=2", f"train.output_dir={out}"])
+    assert _metrics(out)[-1]["bytes_max_rank_dp_sync"] == 3 * 4 * p
+    (_, a), (_, b) = co2
+    for k in a["anchor"]:
+        torch.testing.assert_close(a["anchor"][k], b["anchor"][k], rtol=0, atol=0)  # one outer model
+
+
+def test_diloco_shards_its_outer_state_over_the_workers_fsdp_ranks(overrides, tmp_path):
+    """dp_replicate=2 x dp_shard=2: FSDP inside each worker, and each rank keeps (and syncs) only its shard of
+    the outer state, with the same shard of the other worker."""
+    results = run_ranks(_train, 4, overrides + DILOCO + ["parallel.dp_shard=2"])
+    ranks = [captured for _, captured in results]
+    full = sum(p.numel() for p in ranks[0]["params"].values()) + sum(p.numel() for p in ranks[1]["params"].values())
+    mine = sum(a.numel() for a in ranks[0]["anchor"].values())
+    assert mine == sum(p.numel() for p in ranks[0]["params"].values()) < full  # a shard, not the model
+    # Mesh order pp, dp_replicate, dp_shard: ranks 0 and 2 hold shard 0 of workers 0 and 1.
+    for k in ranks[0]["anchor"]:
+        torch.testing.assert_close(ranks[0]["anchor"][k], ranks[2]["anchor"][k], rtol=0, atol=0)
+        torch.testing.assert_close(ranks[1]["anchor"][k], ranks[3]["anchor"][k], rtol=0, atol=0)
+    final = _metrics(tmp_path / "run")[-1]
+    assert final["bytes_fsdp"] > 0 and final["bytes_dp_sync"] > 0
+
+
+RESUMABLE = {
+    "diloco": ["parallel.dp_sync=diloco", "dp_sync.diloco.sync_every=4", "dp_sync.diloco.fragments=2",
+               "dp_sync.diloco.fragment_sync_delay=1", "dp_sync.diloco.fragment_update_alpha=0.5"],
+    "co2": ["parallel.dp_sync=co2", "dp_sync.co2.sync_every=2", "dp_sync.co2.outer_momentum=0.5"],
+}
+
+
+@pytest.mark.parametrize("method", sorted(RESUMABLE))
+def test_stop_and_resume_from_disk_equals_an_uninterrupted_run(method, overrides, tmp_path):
+    """Stopped at step 3, where an average is in flight (DiLoCo: the fragment due at step 4, started at 3;
+    CO2: round 1's, started at step 2): the resumed run ends bit-identical to an uninterrupted one."""
+    base = overrides + RESUMABLE[method] + ["parallel.dp_replicate=2", "train.steps=6"]
+    full = run_ranks(_train, 2, base)
+    out = [f"train.output_dir={tmp_path / 'split'}"]
+    run_ranks(_train, 2, base + out, None, 3)
+    assert sorted((tmp_path / "split" / "checkpoints" / "step_00000003").iterdir()) == \
+        [tmp_path / "split" / "checkpoints" / "step_00000003" / f"worker00{w}" for w in (0, 1)]
+    resumed = run_ranks(_train, 2, base + out, "latest")
+    for (losses, captured), (ref_losses, ref) in zip(resumed, full):
+        assert sorted(losses) == [4, 5, 6]
+        assert all(losses[s] == ref_losses[s] for s in losses)
+        for n, p in captured["params"].items():
+            assert torch.equal(p, ref["params"][n]), n
+        for k, a in captured["anchor"].items():
+            assert torch.equal(a, ref["anchor"][k]), k
+
+
+@pytest.mark.parametrize("method", sorted(RESUMABLE))
+def test_a_killed_worker_resumes_from_memory_snapshots_with_its_outer_state(method, overrides, tmp_path):
+    from conftest import run_ranks_restarting
+    from loomtrain.faulttol.smp import start_daemon, stop_daemons
+
+    smp = str(tmp_path / "smp")
+    for node in range(2):
+        start_daemon(smp, node)
+    try:
+        base = overrides + RESUMABLE[method] + ["parallel.dp_replicate=2", "train.steps=6",
+                                                "faulttol.snapshot.every_steps=1", "faulttol.ranks_per_node=1"]
+        env = {"LOOMTRAIN_SMP_DIR": smp}
+        full = run_ranks(_train, 2, base + [f"train.output_dir={tmp_path / 'full'}"], env=env)
+        for node in range(2):
+            start_daemon(smp, node)  # the clean end shut them down
+        results, failures = run_ranks_restarting(
+            _train, 2, base + ["faulttol.inject={kind: sigkill, rank: 1, step: 3}"], max_restarts=1, env=env)
+    finally:
+        stop_daemons(smp, range(2))
+    assert len(failures) == 1
+    for (losses, captured), (ref_losses, ref) in zip(results, full):
+        assert captured["restored_from"] == "memory" and min(losses) in (3, 4) and max(losses) == 6
+        assert all(losses[s] == ref_losses[s] for s in losses)
+        for n, p in captured["params"].items():
+            assert torch.equal(p, ref["params"][n]), n
