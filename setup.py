@@ -23,8 +23,8 @@ setup(
                 "transformers", "safetensors", "pyarrow", "pyeclib"],
         "data": ["pyarrow", "tokenizers"],  # Parquet corpora (Hugging Face datasets on disk), tokenizer.json
         "gpu": ["flash-attn"],
-        "ec": ["pyeclib"],
-        "bench": ["matplotlib"],  # the plots of scripts/bench_*.py  # ISA-L's erasure-code kernels (bundled in its wheel) for CPU snapshots
+        "ec": ["pyeclib"],  # ISA-L's erasure-code kernels (bundled in its wheel) for CPU snapshots
+        "bench": ["matplotlib"],  # the plots of scripts/bench_*.py
     },
     entry_points={"console_scripts": ["loomtrain=loomtrain.launch.cli:main"]},
 )

@@ -6,19 +6,26 @@ functional collectives DTensor uses (tensor parallelism). :func:`install` wraps 
 each call adds the bytes *this rank puts on the wire* to the purpose its process group was labelled
 with (:func:`label`; unlabelled groups count as ``other``), or to the purpose a :func:`counted_as` block
 names on this thread (a group can serve two purposes: a mesh dimension that spans the world *is* the
-world group, which also carries the trainer's small control collectives). A call made inside another counted call
-(an alias, ``all_gather_object``'s inner gathers) is not counted twice.
+world group, which also carries the trainer's small control collectives). A call made inside another
+counted call (``all_gather_into_tensor`` is ``all_gather_single`` underneath) is not counted twice; the
+``*_object`` helpers are counted through the tensor collectives they make.
 
 Bytes per call, n ranks in the group, S the bytes of the tensor named (the bandwidth-optimal ring
 algorithms, the same accounting as NCCL's bus bandwidth):
 
 - ``all_reduce``: 2(n-1)/n * S (reduce-scatter, then all-gather);
 - ``all_gather``: (n-1) * S_in; ``reduce_scatter``: (n-1)/n * S_in; ``all_to_all``: (n-1)/n * S_in;
-- ``broadcast``: the source sends (n-1) * S (gloo's one-to-all), the others nothing;
+- ``broadcast``, ``scatter``: the source sends (n-1) * S (gloo's one-to-all), the others nothing;
+  ``gather``: every rank but the destination sends S; ``reduce``: (n-1)/n * S;
 - ``send``/``isend``: S; receives: nothing.
 
+Counts are this process's since it started (a resumed run starts again from zero).
+
 What a quantized exchange sends is whatever tensors it hands to these calls (payload and scales), so
-compression shows up as it really is. Collectives inside ``torch.compile``d regions are not seen.
+compression shows up as it really is. Collectives inside ``torch.compile``d regions are counted when
+traced, not when run (``parallel.compile: true`` with tp: ``bytes_tp`` undercounts). Functional
+collectives' coalesced variants and DTensor's mesh_broadcast/mesh_scatter (set-up, not training) are not
+wrapped.
 """
 from __future__ import annotations
 
@@ -122,6 +129,7 @@ C10D = {  # function: (tensor argument, formula)
     "reduce_scatter_tensor": ("input", "reduce_scatter"), "reduce_scatter_single": ("input", "reduce_scatter"),
     "all_to_all_single": ("input", "all_to_all"), "all_to_all": ("input_tensor_list", "all_to_all"),
     "send": ("tensor", "send"), "isend": ("tensor", "send"), "broadcast": ("tensor", "broadcast"),
+    "scatter": ("tensor", "broadcast"), "gather": ("tensor", "gather"), "reduce": ("tensor", "reduce_scatter"),
 }
 FUNCOL = {
     "all_reduce": ("self", "all_reduce"), "all_reduce_coalesced": ("self", "all_reduce"),
@@ -133,6 +141,15 @@ FUNCOL = {
     "all_to_all_single": ("self", "all_to_all"), "all_to_all_single_autograd": ("self", "all_to_all"),
     "broadcast": ("self", "broadcast"),
 }
+
+
+def _is_root(a: dict, key: str, group, functional: bool) -> bool:
+    """This rank is the call's source/destination (functional collectives name it by group rank)."""
+    if functional:
+        return a.get(key) == dist.get_rank(group)
+    if a.get(f"group_{key}") is not None:
+        return a[f"group_{key}"] == dist.get_rank(group)
+    return a.get(key, 0) == dist.get_rank()
 
 
 def _counted(fn, tensor_arg: str, formula: str, functional: bool):
@@ -148,9 +165,10 @@ def _counted(fn, tensor_arg: str, formula: str, functional: bool):
                 group = _funcol_group(a.get("group"), a.get("tag", "")) if functional else \
                     _c10d_group(a.get("group"))
                 n, s = group.size(), _nbytes(a.get(tensor_arg))
-                if formula == "broadcast":
-                    src = a.get("src") if a.get("group_src") is None else dist.get_global_rank(group, a["group_src"])
-                    sent = (n - 1) * s if src == dist.get_rank() else 0
+                if formula in ("broadcast", "gather"):
+                    key = "src" if formula == "broadcast" else "dst"
+                    root = _is_root(a, key, group, functional)
+                    sent = ((n - 1) * s if root else 0) if formula == "broadcast" else (0 if root else s)
                 else:
                     sent = _RING[formula](s, n, a)
                 _add(group, sent)

@@ -463,14 +463,16 @@ class SnapshotDaemon:
                             return
                         self._last_request = time.monotonic()
                         try:
-                            reply = self.handle(json.loads(line))
+                            req = json.loads(line)
+                            reply = self.handle(req)
                         except (ValueError, RecursionError) as e:  # not JSON, or absurdly nested
-                            reply = {"error": f"snapshot: request is not usable JSON ({type(e).__name__})"}
+                            req, reply = None, {"error": f"snapshot: request is not usable JSON ({type(e).__name__})"}
+                        shut_down = isinstance(req, dict) and req.get("op") == "shutdown" and reply.get("ok")
                         try:
                             f.write(json.dumps(reply).encode() + b"\n")
                             f.flush()
                         finally:
-                            if self._closing.is_set():  # exiting earlier could cut the shutdown reply off
+                            if shut_down:  # only once this reply is out: exiting earlier could cut it off
                                 self._stop.set()
         except OSError:  # the client went away mid-request or timed out: its problem, not the node's
             pass

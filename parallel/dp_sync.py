@@ -16,6 +16,9 @@ waited for first (:meth:`OuterSync.settle`).
 """
 from __future__ import annotations
 
+import contextlib
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -28,6 +31,15 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _replicas(p: torch.Tensor) -> int:
+    """Ranks of the worker holding the same values of ``p`` (a DTensor's replicated mesh dimensions)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(p, DTensor):
+        return 1
+    return math.prod(p.device_mesh.size(i) for i, pl in enumerate(p.placements) if pl.is_replicate())
 
 
 class Resolved:
@@ -64,6 +76,9 @@ class EveryStep:
 
     def load_host_state(self, state: dict | None) -> None:
         pass
+
+    def outer_model(self):
+        return contextlib.nullcontext()
 
     def close(self) -> None:
         pass
@@ -135,9 +150,15 @@ class OuterSync:
 
     ANCHORED = ("anchor",)  # state that starts as a copy of the parameters; the rest starts at zero
 
+    @traffic.counted_as("dp_sync")
     def reset(self) -> None:
-        """Anchor on the current parameters with no outer history (a start from a checkpoint without it)."""
+        """Collective over the workers: average the parameters (they differ after local steps), anchor on
+        the average and forget the outer history (a start from a checkpoint without a loadable one)."""
         with torch.no_grad():
+            for params in self.local:
+                means = [PendingMean(_local(p), "none", self.group) for p in params]
+                for p, mean in zip(params, means):
+                    _local(p).copy_(mean.wait())
             for kind, sets in self._tensor_sets().items():
                 for params, ts in zip(self.local, sets):
                     for p, t in zip(params, ts):
@@ -147,6 +168,35 @@ class OuterSync:
                             t.zero_()
         self.t = 0
         self._clear_pending()
+
+    @contextlib.contextmanager
+    def outer_model(self):
+        """The parameters temporarily replaced by the outer model the workers share (for evaluation)."""
+        with torch.no_grad():
+            saved = [[_local(p).detach().clone() for p in ps] for ps in self.local]
+            for ps, anchors in zip(self.local, self.anchor):
+                for p, a in zip(ps, anchors):
+                    _local(p).copy_(a)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for ps, copies in zip(self.local, saved):
+                    for p, c in zip(ps, copies):
+                        _local(p).copy_(c)
+
+    def signature(self) -> dict:
+        """What a saved outer state must match to be loaded (else the outer schedule restarts)."""
+        return {"method": type(self).__name__, "groups": [len(ps) for ps in self.local],
+                "tensors": sorted(self._tensor_sets())}
+
+    def load_host_state(self, state: dict | None) -> None:
+        """Counters and in-flight averages of a saved state; none, or one of another method or layout
+        (``signature``): anchor on the current parameters and start the outer schedule over."""
+        if not state or state.get("signature") != self.signature():
+            self.reset()
+            return
+        self._load_host(state)
 
     def close(self) -> None:
         self._hook.remove()
@@ -190,8 +240,7 @@ class DiLoCo(OuterSync):
             raise ValueError(f"dp_sync.diloco.quantize: must be one of {', '.join(KINDS)}, got {quantize!r}")
         super().__init__([list(f.parameters() if isinstance(f, torch.nn.Module) else f) for f in fragments],
                          inner_optimizer, group, names, engine)
-        self.quantize, self.delay, self.alpha, self.sync_every = quantize, fragment_sync_delay, \
-            fragment_update_alpha, sync_every
+        self.quantize, self.delay, self.alpha = quantize, fragment_sync_delay, fragment_update_alpha
         self.outer = [torch.optim.SGD(g, lr=outer_lr, momentum=outer_momentum, nesterov=nesterov and outer_momentum > 0)
                       for g in self.anchor]
         self.momentum = [[] for _ in self.anchor]
@@ -235,12 +284,12 @@ class DiLoCo(OuterSync):
                 self.pending[f] = [Resolved(buf.copy_(p.wait())) for buf, p in zip(self.inflight[f], pendings)]
 
     def host_state(self) -> dict:
-        return {"t": self.t, "pending": sorted(self.pending)}
+        return {"signature": self.signature(), "t": self.t, "pending": sorted(self.pending)}
 
-    def load_host_state(self, state: dict | None) -> None:
-        if not state:  # saved by another dp_sync method: start the outer schedule over from here
-            self.reset()
-            return
+    def signature(self) -> dict:
+        return super().signature() | {"h": self.h, "delay": self.delay}
+
+    def _load_host(self, state: dict) -> None:
         self.t = int(state["t"])
         self.pending = {int(f): [Resolved(buf) for buf in self.inflight[int(f)]] for f in state["pending"]}
 
@@ -256,10 +305,12 @@ class CO2(OuterSync):
     1. delta_k = start - theta: the round's local movement; a *copy* is averaged over ``group`` in the
        background (never the live parameters), and ``start`` becomes theta after step 3;
     2. D_{k-1} = mean(delta_{k-1}), started one round ago, is waited for (round 1 has none);
-    3. the outer step, per parameter tensor, with state identical on every worker:
+    3. the outer step, with state identical on every worker:
          staleness gap penalty  Lambda = 1 + lambda * ||u_{k-1}|| / (||D_{k-1}|| + eps), where u_{k-1} is
                                 the outer update applied one round ago: how far the anchor moved since
-                                D_{k-1} was measured from it (lambda = ``staleness_penalty``);
+                                D_{k-1} was measured from it (lambda = ``staleness_penalty``); norms over
+                                the whole model (every shard of the worker, replicas counted once), so
+                                the step does not depend on how the worker is sharded;
          outer momentum         m_k = beta * m_{k-1} + D_{k-1} / Lambda          (beta = ``outer_momentum``)
          momentum clipping      m_k = clamp(m_k, -phi, phi), element-wise, in place   (phi = ``clip``; 0 = off)
          update                 u_k = -alpha * m_k;  anchor += u_k                 (alpha = ``outer_lr``)
@@ -277,7 +328,7 @@ class CO2(OuterSync):
 
     def __init__(self, params, inner_optimizer, *, group=None, sync_every: int, outer_lr: float = 1.0,
                  outer_momentum: float = 0.5, staleness_penalty: float = 0.5, clip: float = 1.0,
-                 names: dict | None = None, engine=None):
+                 names: dict | None = None, engine=None, worker_group=None):
         if sync_every < 1:
             raise ValueError(f"dp_sync.co2.sync_every: must be >= 1, got {sync_every}")
         if not 0.0 <= outer_momentum < 1.0:
@@ -287,14 +338,13 @@ class CO2(OuterSync):
         super().__init__([list(params)], inner_optimizer, group, names, engine)
         self.tau, self.lr, self.beta, self.lam, self.clip = sync_every, outer_lr, outer_momentum, \
             staleness_penalty, clip
+        self.worker_group = worker_group  # the worker's ranks, for model-wide norms (None: one rank)
         self.momentum = [[torch.zeros_like(a) for a in self.anchor[0]]]
         self.start = [[a.detach().clone() for a in self.anchor[0]]]
-        self.last_update = [[torch.zeros_like(a) for a in self.anchor[0]]]  # u_{k-1}, for the gap penalty
         self.pending: list | None = None
 
     def _tensor_sets(self):
-        return super()._tensor_sets() | {"momentum": self.momentum, "start": self.start,
-                                         "last_update": self.last_update}
+        return super()._tensor_sets() | {"momentum": self.momentum, "start": self.start}
 
     @traffic.counted_as("dp_sync")
     def after_inner_step(self) -> None:
@@ -306,20 +356,34 @@ class CO2(OuterSync):
             deltas = [s - p.float() for s, p in zip(self.start[0], params)]  # fresh tensors: copies
             arrived, self.pending = self.pending, [PendingMean(d, "none", self.group) for d in deltas]
             if arrived is not None:
-                for i, (pending, p) in enumerate(zip(arrived, params)):
-                    self._outer_step(i, pending.wait(), p)
+                means = [pending.wait() for pending in arrived]
+                penalty = self._penalty(means)
+                for i, (mean_delta, p) in enumerate(zip(means, params)):
+                    self._outer_step(i, mean_delta, p, penalty)
             for s, p in zip(self.start[0], params):
                 s.copy_(p)
 
-    def _outer_step(self, i: int, mean_delta: torch.Tensor, p: torch.Tensor) -> None:
-        anchor, m, u = self.anchor[0][i], self.momentum[0][i], self.last_update[0][i]
-        penalty = 1.0 + self.lam * float(u.norm()) / (float(mean_delta.norm()) + self.EPS) if self.lam else 1.0
+    def _penalty(self, means: list[torch.Tensor]) -> float:
+        """Lambda: ||u_{k-1}|| = alpha * ||m_{k-1}|| (the momentum still holds m_{k-1}) against ||D_{k-1}||."""
+        if not self.lam:
+            return 1.0
+        sq = torch.zeros(2, dtype=torch.float64, device=means[0].device)
+        for p, m, d in zip(self.local[0], self.momentum[0], means):
+            share = 1.0 / _replicas(p)
+            sq[0] += share * m.double().square().sum()
+            sq[1] += share * d.double().square().sum()
+        if self.worker_group is not None and dist.get_world_size(self.worker_group) > 1:
+            dist.all_reduce(sq, group=self.worker_group)
+        moved, measured = (self.lr * sq[0].sqrt()).item(), sq[1].sqrt().item()
+        return 1.0 + self.lam * moved / (measured + self.EPS)
+
+    def _outer_step(self, i: int, mean_delta: torch.Tensor, p: torch.Tensor, penalty: float) -> None:
+        anchor, m = self.anchor[0][i], self.momentum[0][i]
         m.mul_(self.beta).add_(mean_delta, alpha=1.0 / penalty)
         if self.clip:
             m.clamp_(-self.clip, self.clip)  # in place: the clip the public code computes and throws away
-        u.copy_(m).mul_(-self.lr)
         progress = p.float() - self.start[0][i]
-        anchor.add_(u)
+        anchor.add_(m, alpha=-self.lr)
         p.copy_((anchor + progress).to(p.dtype))
 
     def settle(self) -> None:
@@ -328,12 +392,9 @@ class CO2(OuterSync):
                 self.pending = [Resolved(buf.copy_(p.wait())) for buf, p in zip(self.inflight[0], self.pending)]
 
     def host_state(self) -> dict:
-        return {"t": self.t, "pending": self.pending is not None}
+        return {"signature": self.signature(), "t": self.t, "pending": self.pending is not None}
 
-    def load_host_state(self, state: dict | None) -> None:
-        if not state:
-            self.reset()
-            return
+    def _load_host(self, state: dict) -> None:
         self.t = int(state["t"])
         self.pending = [Resolved(buf) for buf in self.inflight[0]] if state["pending"] else None
 
@@ -349,7 +410,7 @@ def strided_fragments(blocks, n: int):
     return [torch.nn.ModuleList(blocks[i::n]) for i in range(n)]
 
 
-def build_sync(exp, engine, *, blocks, params, names: dict, group):
+def build_sync(exp, engine, *, blocks, params, names: dict, group, worker_group=None):
     """The strategy ``exp.parallel.dp_sync`` names, over this rank's ``params``: ``blocks`` (the repeated
     layers) are cut into strided fragments; parameters outside them (embeddings, head) join the first."""
     method = exp.parallel.dp_sync
@@ -359,13 +420,14 @@ def build_sync(exp, engine, *, blocks, params, names: dict, group):
     others = [p for p in params if id(p) not in in_blocks]
     if method == "diloco":
         cfg = exp.dp_sync.diloco
-        fragments = [list(f.parameters()) for f in strided_fragments(blocks, min(cfg.fragments, len(blocks)))]
+        fragments = [list(f.parameters()) for f in strided_fragments(blocks, cfg.fragments)]
         fragments[0] += others
         return DiLoCo(fragments, engine.optimizer, group=group, sync_every=cfg.sync_every,
                       fragment_sync_delay=cfg.fragment_sync_delay, fragment_update_alpha=cfg.fragment_update_alpha,
                       outer_lr=cfg.outer_lr, outer_momentum=cfg.outer_momentum, nesterov=cfg.nesterov,
                       quantize=cfg.quantize, names=names, engine=engine)
     cfg = exp.dp_sync.co2
-    return CO2([p for b in blocks for p in b.parameters()] + others, engine.optimizer, group=group, sync_every=cfg.sync_every, outer_lr=cfg.outer_lr,
-               outer_momentum=cfg.outer_momentum, staleness_penalty=cfg.staleness_penalty, clip=cfg.clip,
-               names=names, engine=engine)
+    return CO2([p for b in blocks for p in b.parameters()] + others, engine.optimizer, group=group,
+               sync_every=cfg.sync_every, outer_lr=cfg.outer_lr, outer_momentum=cfg.outer_momentum,
+               staleness_penalty=cfg.staleness_penalty, clip=cfg.clip, names=names, engine=engine,
+               worker_group=worker_group)

@@ -8,10 +8,11 @@ tokens and wall clock, bytes each worker sent (counted by loomtrain at the trans
 the kernel: ``tx_bytes`` of the rank's interface, TCP/IP included). Needs root (namespaces, tc).
 
     pip install -e '.[bench]'                      # matplotlib, for the plot
-    python scripts/bench_slow_links.py --steps 480 --rate 100mbit --out BENCH_DIR
+    python scripts/bench_slow_links.py --steps 480 --rate 100mbit --sync-every 120 --sweep 30,60 --out BENCH_DIR
     python scripts/bench_slow_links.py --report BENCH_DIR   # table (Markdown) and the PNG again
 
-Every namespace is removed at the end, also on failure or Ctrl-C.
+Every namespace is removed at the end, also on failure or Ctrl-C. Runs already in ``--out``'s results.json
+(an interrupted invocation) are kept and skipped.
 """
 from __future__ import annotations
 
@@ -185,6 +186,9 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=60)
     ap.add_argument("--rate", default="100mbit", help="tbf rate of the shaped runs (each direction of each rank)")
     ap.add_argument("--methods", default="ddp,diloco,streaming_diloco_fp4,co2")
+    ap.add_argument("--sweep", default="32,64", help="more sync_every values for Streaming DiLoCo (fp4, multiples of "
+                                                     "its 4 fragments), on the unshaped link only: the bytes/quality "
+                                                     "trade-off; CO2 without outer momentum there too")
     ap.add_argument("--links", default="unshaped,shaped")
     ap.add_argument("--out", default="runs/bench_slow_links")
     ap.add_argument("--report", metavar="DIR", help="only print the table (and redraw the plot) of a finished run")
@@ -202,13 +206,21 @@ def main() -> None:
     prepared = prepare(exp.data, progress=True).train_prefix[:-len("_train")]
     chosen = {k: v for k, v in methods(args.sync_every, args.co2_every).items() if k in args.methods.split(",")}
     common = [f"train.steps={args.steps}", f"train.eval_every={args.eval_every}"]
-    results: dict[str, list] = {}
+    saved = os.path.join(args.out, "results.json")
+    results: dict[str, list] = json.load(open(saved)) if os.path.exists(saved) else {}
     port = PORT
     with Network() as net, open(os.path.join(args.out, "train.log"), "w") as log:
         for link in args.links.split(","):
             net.shape(args.rate if link == "shaped" else None)
-            for name, ov in chosen.items():
+            runs = dict(chosen)
+            if link == "unshaped" and args.sweep:
+                for h in args.sweep.split(","):
+                    runs[f"streaming_diloco_fp4_h{h}"] = methods(int(h), args.co2_every)["streaming_diloco_fp4"]
+                runs["co2_momentum0"] = methods(args.sync_every, args.co2_every)["co2"] + ["dp_sync.co2.outer_momentum=0"]
+            for name, ov in runs.items():
                 port += 1
+                if any(r["name"] == name for r in results.get(link, [])):
+                    continue  # done by an earlier, interrupted invocation (--out is the same)
                 print(f"[{link}] {name} ...", flush=True)
                 run = train(f"{link}-{name}", ov + common, args.out, prepared, port, log)
                 s = summarize(run) | {"name": name}

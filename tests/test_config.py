@@ -64,6 +64,9 @@ def test_shipped_configs_load_by_name():
     (["parallel.dp_sync=diloco", "parallel.dp_replicate=2", "dp_sync.diloco.quantize=fp8"],
      "dp_sync.diloco.quantize: must be one of none, int8, fp4"),
     (["parallel.dp_sync=co2", "parallel.dp_replicate=2", "dp_sync.co2.clip=-1"], "dp_sync.co2.clip: must be >= 0"),
+    (["parallel.dp_sync=diloco", "parallel.dp_replicate=2", "parallel.pp=2", "model.n_layers=4",
+      "dp_sync.diloco.fragments=4", "dp_sync.diloco.sync_every=8"],
+     "dp_sync.diloco.fragments: must be <= 2, the layers of the pipeline rank with the fewest"),
     (["faulttol.snapshot.every=2"], "faulttol.snapshot.every: unknown key; did you mean 'every_steps'?"),
 ])
 def test_bad_values_name_the_field(override, message):

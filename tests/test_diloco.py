@@ -84,6 +84,19 @@ def test_state_round_trip_continues_the_same_run():
     assert [p.item() for p in fresh.parameters()] == pytest.approx(expected[-1])
 
 
+def test_outer_model_is_swapped_in_and_out():
+    layers = _one_weight_layers()
+    inner = torch.optim.SGD(layers.parameters(), lr=1.0)
+    d = DiLoCo(list(layers), inner, sync_every=6, outer_lr=2.0, outer_momentum=0.0, nesterov=False)
+    for _ in range(4):  # layer 0 synced at step 3 (global -11), then one local step: -13; layer 1 never: -7
+        for p in layers.parameters():
+            p.grad = torch.full_like(p, 2.0)
+        inner.step()
+    with d.outer_model():
+        assert [p.item() for p in layers.parameters()] == [-11, 1]  # what the workers share
+    assert [p.item() for p in layers.parameters()] == [-13, -7]  # each worker's own again
+
+
 def test_strided_fragments():
     blocks = [torch.nn.Linear(1, 1) for _ in range(6)]
     frags = strided_fragments(blocks, 3)

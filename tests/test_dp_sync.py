@@ -201,6 +201,22 @@ def test_stop_and_resume_from_disk_equals_an_uninterrupted_run(method, overrides
             assert torch.equal(a, ref["anchor"][k]), k
 
 
+def test_resuming_under_another_method_restarts_the_outer_schedule(overrides, tmp_path):
+    """A DiLoCo checkpoint resumed as CO2: parameters and optimizer load, the outer state does not (another
+    method's), and CO2 anchors on the loaded parameters; every_step checkpoints are refused by name."""
+    base = overrides + ["parallel.dp_replicate=2", "train.steps=6"]
+    run_ranks(_train, 2, base + RESUMABLE["diloco"], None, 3)
+    resumed = run_ranks(_train, 2, base + RESUMABLE["co2"], "latest")
+    assert sorted(resumed[0][0]) == [4, 5, 6]
+    for (_, a), (_, b) in [resumed]:
+        for k in a["anchor"]:
+            torch.testing.assert_close(a["anchor"][k], b["anchor"][k], rtol=0, atol=0)
+    out = [f"train.output_dir={tmp_path / 'ddp'}"]
+    run_ranks(_train, 2, base + out, None, 3)
+    with pytest.raises(AssertionError, match="saved under another parallel.dp_sync"):
+        run_ranks(_train, 2, base + out + RESUMABLE["diloco"], "latest")
+
+
 @pytest.mark.parametrize("method", sorted(RESUMABLE))
 def test_a_killed_worker_resumes_from_memory_snapshots_with_its_outer_state(method, overrides, tmp_path):
     from conftest import run_ranks_restarting

@@ -101,9 +101,10 @@ class Checkpointer:
             "trainer": {"step": step, "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict()},
             "rng": pickle.dumps(states),  # one opaque value: its key does not depend on the world size
         }
-        if sync is not None and (tensors := sync.checkpoint_tensors()):
+        if sync is not None:
             sync.settle()  # averages in flight are part of the state
-            state["dp_sync"] = {"tensors": tensors, "host": pickle.dumps(sync.host_state())}
+            if tensors := sync.checkpoint_tensors():
+                state["dp_sync"] = {"tensors": tensors, "host": pickle.dumps(sync.host_state())}
         return state
 
     @traffic.counted_as("checkpoint")
@@ -169,9 +170,19 @@ class Checkpointer:
             dist.barrier()
 
     @traffic.counted_as("checkpoint")
+    def _same_outer_state(self, source: str, sync) -> bool:
+        """The checkpoint holds an outer state this sync can load (same method, fragments, tensors)."""
+        if "dp_sync.host" not in dcp.FileSystemReader(source).read_metadata().state_dict_metadata:
+            return False
+        probe = {"dp_sync": {"host": b""}}
+        dcp.load(probe, checkpoint_id=source, process_group=self._pg)
+        return pickle.loads(probe["dp_sync"]["host"]).get("signature") == sync.signature()
+
     def load(self, path: str, model, optimizer, scheduler, sampler, sync=None) -> int:
-        """Restore everything saved at ``path``; returns the step it was saved at. A checkpoint without the
-        sync's outer state (saved by another ``parallel.dp_sync``) restarts the outer schedule from it."""
+        """Restore everything saved at ``path``; returns the step it was saved at. An outer state saved by
+        another dp_sync method or layout (diloco <-> co2, other fragments) is not loaded: the outer
+        schedule restarts from the loaded parameters. every_step and diloco/co2 checkpoints are laid out
+        differently (one DCP directory, or one per worker) and refuse each other."""
         source = _dcp_dir(path, self.worker)
         if not os.path.isfile(os.path.join(source, ".metadata")):
             other = os.path.join(path, ".metadata") if self.worker is not None else _dcp_dir(path, 0) + "/.metadata"
@@ -179,9 +190,8 @@ class Checkpointer:
                     "co2 one per worker)") if os.path.isfile(other) else ""
             raise FileNotFoundError(f"--resume: '{source}' is not a complete checkpoint (no .metadata){hint}")
         state = self._state(model, optimizer, scheduler, sampler, 0, gather_rng=False, sync=sync)
-        saved_keys = dcp.FileSystemReader(source).read_metadata().state_dict_metadata
-        if "dp_sync" in state and "dp_sync.host" not in saved_keys:
-            del state["dp_sync"]
+        if "dp_sync" in state and not self._same_outer_state(source, sync):
+            del state["dp_sync"]  # another method or layout: the sync anchors on the loaded parameters
         dcp.load(state, checkpoint_id=source, process_group=self._pg)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=OPTIONS)

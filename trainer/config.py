@@ -481,9 +481,15 @@ def _validate_dp_sync(exp: Experiment) -> None:
         _positive(exp, "dp_sync.diloco.sync_every", "dp_sync.diloco.fragments")
         _positive(exp, "dp_sync.diloco.outer_lr")
         _positive(exp, "dp_sync.diloco.fragment_sync_delay", "dp_sync.diloco.outer_momentum", allow_zero=True)
-        if d.fragments > exp.model.n_layers:
-            raise ConfigError(f"dp_sync.diloco.fragments: must be <= model.n_layers ({exp.model.n_layers}), "
-                              f"got {d.fragments}")
+        stages = par.pp * par.pp_virtual_stages
+        try:
+            counts = pipeline_stage_layers(exp.model.n_layers, stages, par.pp_split)
+        except ConfigError:
+            counts = [exp.model.n_layers]  # the pipeline check names the problem
+        fewest = min(sum(counts[r::par.pp]) for r in range(par.pp))  # layers on the pipeline rank with fewest
+        if d.fragments > fewest:
+            raise ConfigError(f"dp_sync.diloco.fragments: must be <= {fewest}, the layers of the pipeline rank with "
+                              f"the fewest (fragments are cut from each rank's own layers), got {d.fragments}")
         if d.sync_every % d.fragments:
             raise ConfigError(f"dp_sync.diloco.sync_every: {d.sync_every} must be a multiple of "
                               f"dp_sync.diloco.fragments ({d.fragments})")

@@ -181,7 +181,7 @@ class Trainer:
         self.sync = build_sync(exp, self.engine, blocks=[b for part in parts for b in part.layers.values()],
                                params=[p for part in parts for p in part.parameters()],
                                names={p: n for part in parts for n, p in part.named_parameters()},
-                               group=self.mesh["dp_replicate"].get_group())
+                               group=self.mesh["dp_replicate"].get_group(), worker_group=self._worker_group())
         # How a step's micro-batches run: one after another, or through the pipeline schedule.
         if self.dims.pp > 1:
             make = lambda loss_fn: build_schedule(
@@ -197,6 +197,12 @@ class Trainer:
         self.restored_from, self.restore_seconds = None, 0.0
         self.ft = FaultTolerance(exp, env, self.dims)
         self._restore(resume)
+
+    def _worker_group(self):
+        """One replica's ranks (pp x dp_shard x cp x tp) when replicas take local updates and span ranks."""
+        if not self.dims.local_updates or self.env.world_size == self.dims.dp_replicate:
+            return None
+        return self.mesh.root["pp", "dp_shard", "cp", "tp"]._flatten("worker").get_group()
 
     def _data_wait(self, message: str) -> None:
         if self.env.is_main:
@@ -310,7 +316,8 @@ class Trainer:
         micro = tcfg.micro_batch_size or self.batches.micro_batch or 1
         batches = eval_batches(self.valid_data, tcfg.eval_batches, micro, self.dp_rank, self.dims.dp)
         tokens = self._global_tokens(batches)
-        total = sum((self.steps.evaluate(b) for b in batches), torch.zeros((), device=self.env.device))
+        with self.sync.outer_model():  # workers with local updates: the model they share, not their own
+            total = sum((self.steps.evaluate(b) for b in batches), torch.zeros((), device=self.env.device))
         return self._global_mean(total, tokens)
 
     # ------------------------------------------------------------------ loop
