@@ -75,50 +75,66 @@ def memory_estimate(exp, args: ModelArgs, dims: ParallelDims, vocab: int) -> dic
     return out
 
 
-def step_estimate(exp, args: ModelArgs, dims: ParallelDims, gpus_per_node: int, peak_flops: float,
-                  intra_bw: float, inter_bw: float) -> dict[str, float]:
-    """Modelled seconds per optimizer step and MFU (bandwidths in bytes/s per device).
+def traffic_per_step(exp, args: ModelArgs, dims: ParallelDims) -> dict[str, float]:
+    """Bytes one rank sends per optimizer step over each kind of group (ring formulas, as comms/traffic.py
+    counts them): ``tp`` (sequence parallel: 2 all-gathers + 2 reduce-scatters of the layer's activations
+    forward, the same backward), ``dp_shard_cp`` (FSDP: parameter all-gathers forward and backward in
+    the working dtype, fp32 gradient reduce-scatter), ``dp_replicate`` (HSDP's fp32 all-reduce of the
+    gradient shard), ``cp`` (``parallel/cp_cost.py``) and ``pp`` (each microbatch's activations forward
+    and their gradients backward across a stage boundary)."""
+    from loomtrain.parallel.cp_cost import Shape, bytes_per_rank
+
+    e = 2 if exp.model.dtype == "bfloat16" else 4
+    micro, n_micro = micro_layout(exp, dims)  # under pp: the schedule's microbatches
+    s, h, layers = exp.data.seq_len, args.dim, args.n_layers / dims.pp
+    act = s / dims.cp * micro * h * e
+    params = args.num_params() / dims.tp / dims.pp
+    shard = dims.dp_shard * dims.cp
+    out = {"tp": 8 * act * (dims.tp - 1) / dims.tp * layers * n_micro if dims.tp > 1 else 0.0,
+           "dp_shard_cp": (2 * params * e + params * 4) * (shard - 1) / shard if dims.fsdp_enabled else 0.0,
+           "dp_replicate": 2 * params / shard * 4 * (dims.dp_replicate - 1) / dims.dp_replicate,
+           "pp": 2 * act / dims.tp * n_micro * (dims.pp - 1) / dims.pp if dims.pp > 1 else 0.0,
+           "cp": 0.0}
+    if dims.cp > 1:
+        impl = cp_attention(exp, args, dims)
+        shape = Shape(micro, s, args.n_heads // dims.tp, args.n_kv_heads // dims.tp, args.head_dim, dims.cp, e)
+        out["cp"] = sum(bytes_per_rank(shape)[impl]) * layers * n_micro
+    return out
+
+
+def step_estimate(exp, args: ModelArgs, dims: ParallelDims, link, peak_flops: float) -> dict[str, float]:
+    """Modelled seconds per optimizer step and MFU. ``link(dim)``: bytes/s per device of that dimension's
+    slowest group (``dp_shard_cp`` for FSDP's group).
 
     compute: FLOPs / (devices x peak), stretched by the pipeline bubble of the configured
     schedule ((p-1)/(m+p-1); interleaving divides the idle part by the virtual stages);
-    tensor parallel (sequence parallel: 2 all-gathers + 2 reduce-scatters of the layer's
-    activations forward, the same backward) is exposed; FSDP's all-gather (forward and
+    tensor parallel and pipeline sends are exposed; FSDP's all-gather (forward and
     backward) and reduce-scatter and HSDP's all-reduce overlap compute, so only their excess
-    shows; context parallel bytes come from ``parallel/cp_cost.py`` (exposed for Ulysses,
-    overlapped for ring and TokenRing).
+    shows; context parallel is exposed for Ulysses, overlapped for ring and TokenRing.
     """
-    from loomtrain.parallel.cp_cost import Shape, bytes_per_rank
-
-    def link(name):
-        spans = any(len({r // gpus_per_node for r in g}) > 1 for g in dims.groups(name)[:1])
-        return inter_bw if spans else intra_bw
-
-    e = 2 if exp.model.dtype == "bfloat16" else 4
     from loomtrain.parallel.pipeline import bubble_fraction
 
-    micro, n_micro = micro_layout(exp, dims)  # under pp: the schedule's microbatches
-    s, h, layers = exp.data.seq_len, args.dim, args.n_layers / dims.pp
+    _, n_micro = micro_layout(exp, dims)
     tokens = tokens_per_step(exp)
-    compute = tokens * args.flops_per_token(s) / (dims.world_size * peak_flops)
+    compute = tokens * args.flops_per_token(exp.data.seq_len) / (dims.world_size * peak_flops)
     bubble = bubble_fraction(exp.parallel.pp_schedule, dims.pp, n_micro, exp.parallel.pp_virtual_stages)
-    act = s / dims.cp * micro * h * e
-    tp = 8 * act * (dims.tp - 1) / dims.tp * layers * n_micro / link("tp") if dims.tp > 1 else 0.0
-    params = args.num_params() / dims.tp / dims.pp
-    shard = dims.dp_shard * dims.cp
-    # FSDP's group is dp_shard x cp: its slowest member dimension sets the pace.
-    shard_link = min([link(d) for d in ("dp_shard", "cp") if getattr(dims, d) > 1] or [intra_bw])
-    fsdp = (2 * params * e + params * 4) * (shard - 1) / shard / shard_link if dims.fsdp_enabled else 0.0
-    rep = dims.dp_replicate
-    hsdp = 2 * params / shard * 4 * (rep - 1) / rep / link("dp_replicate") if rep > 1 else 0.0
-    cp = 0.0
+    sent = traffic_per_step(exp, args, dims)
+    t = {d: sent[d] / link(d) if sent[d] else 0.0 for d in sent}
     impl = cp_attention(exp, args, dims) if dims.cp > 1 else None  # what train will run
-    if dims.cp > 1:
-        shape = Shape(micro, s, args.n_heads // dims.tp, args.n_kv_heads // dims.tp, args.head_dim, dims.cp, e)
-        cp = sum(bytes_per_rank(shape)[impl]) * layers * n_micro / link("cp")
-    exposed_cp = cp if impl == "ulysses" else max(0.0, cp - compute)
-    step = compute / (1 - bubble) + tp + max(0.0, fsdp + hsdp - compute) + exposed_cp
-    return {"compute_s": compute, "bubble": bubble, "tp_s": tp, "fsdp_s": fsdp + hsdp, "cp_s": cp, "cp_impl": impl,
-            "step_s": step, "mfu": compute / step}
+    exposed_cp = t["cp"] if impl == "ulysses" else max(0.0, t["cp"] - compute)
+    fsdp = t["dp_shard_cp"] + t["dp_replicate"]
+    step = compute / (1 - bubble) + t["tp"] + t["pp"] + max(0.0, fsdp - compute) + exposed_cp
+    return {"compute_s": compute, "bubble": bubble, "tp_s": t["tp"], "fsdp_s": fsdp, "cp_s": t["cp"],
+            "pp_s": t["pp"], "cp_impl": impl, "step_s": step, "mfu": compute / step}
+
+
+def node_links(dims: ParallelDims, gpus_per_node: int, intra_bw: float, inter_bw: float):
+    """``link(dim)`` for uniform nodes of ``gpus_per_node`` ranks in rank order."""
+    def link(name):
+        parts = ParallelDims.FLATTENED.get(name, (name,))
+        spans = any(len({r // gpus_per_node for r in g}) > 1 for part in parts for g in dims.groups(part)[:1])
+        return inter_bw if spans else intra_bw
+    return link
 
 
 def plan(exp, world_size: int, gpus_per_node: int = 8, device_memory_gb: float = 80.0,
@@ -157,12 +173,13 @@ def plan(exp, world_size: int, gpus_per_node: int = 8, device_memory_gb: float =
     lines.append(f"  {'total (' + ('with' if ckpt else 'without') + ' checkpointing)':<36}{total / GiB:>10.2f} GiB"
                  f"  of {device_memory_gb:g} GiB")
     peak = (peak_tflops or exp.logging.peak_tflops or REFERENCE_TFLOPS[exp.model.dtype]) * 1e12
-    est = step_estimate(exp, args, dims, gpus_per_node, peak, intra_node_gbps * 1e9 / 8, inter_node_gbps * 1e9 / 8)
+    est = step_estimate(exp, args, dims, node_links(dims, gpus_per_node, intra_node_gbps * 1e9 / 8,
+                                                    inter_node_gbps * 1e9 / 8), peak)
     lines += ["", f"step estimate (model, not a measurement; peak {peak / 1e12:g} TFLOP/s/device, links "
                   f"{intra_node_gbps:g} Gbit/s in a node, {inter_node_gbps:g} Gbit/s between nodes):",
               f"  compute {est['compute_s']:.3f} s, pipeline bubble {100 * est['bubble']:.1f}% "
               f"({exp.parallel.pp_schedule if dims.pp > 1 else 'no pipeline'}), "
-              f"tensor-parallel {est['tp_s']:.3f} s exposed, FSDP/HSDP {est['fsdp_s']:.3f} s (overlapped), "
+              f"tensor-parallel {est['tp_s']:.3f} s exposed, pipeline sends {est['pp_s']:.3f} s, FSDP/HSDP {est['fsdp_s']:.3f} s (overlapped), "
               f"context-parallel {est['cp_s']:.3f} s" + (f" ({est['cp_impl']})" if est["cp_impl"] else ""),
               f"  estimated step time {est['step_s']:.3f} s, MFU {100 * est['mfu']:.1f}% "
               "(upper bound: kernels assumed to run at peak)"]
@@ -181,6 +198,16 @@ def plan(exp, world_size: int, gpus_per_node: int = 8, device_memory_gb: float =
                         "parallel.pp_schedule=interleaved_1f1b with pp_virtual_stages > 1")
     lines += [""] + [f"warning: {w}" for w in warnings] if warnings else []
     return "\n".join(lines)
+
+
+def plan_cluster(exp, cluster, peak_tflops: float = 0.0) -> dict:
+    """``plan --cluster``: the NIC-aware placement against Megatron's default order (``launch/placement.py``)."""
+    from loomtrain.launch.placement import compare
+
+    dims = check_experiment(exp, cluster.world_size, max(h.devices for h in cluster.hosts), "cuda")
+    args = ModelArgs.from_config(exp.model, exp.model.vocab_size or 50304, exp.data.seq_len)
+    peak = (peak_tflops or exp.logging.peak_tflops or REFERENCE_TFLOPS[exp.model.dtype]) * 1e12
+    return compare(exp, args, dims, cluster, peak)
 
 
 def adaptive_sample(exp, args: ModelArgs, world: int, gpus_per_node: int, peak: float, intra_gbps: float,

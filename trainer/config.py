@@ -78,6 +78,10 @@ class ParallelConfig:
     cp_latency_us: float = 10.0  # for cp_impl=auto: per-transfer latency between cp peers
     cp_topology: str = "full_mesh"  # for cp_impl=auto: full_mesh (NVSwitch-like) | ring
     mesh_order: str = "pp,dp_replicate,dp_shard,cp,tp"  # outermost to innermost
+    placement: str = "none"  # none (ranks fill the mesh in rank order) | fabric (hosts grouped by the fabric they
+    #   share, tp inside a host, dp/cp inside a fabric, pp across: launch/placement.py; needs the default mesh_order)
+    cluster: str = ""  # with placement=fabric: a cluster description (launch/topology.py); empty = each host's
+    #   NICs from sysfs, hosts whose best NICs match assumed to share a fabric
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
     device: str = "auto"  # auto | cpu | cuda
     activation_checkpoint: str = "none"  # none | full
@@ -251,6 +255,7 @@ CHOICES = {
     "dp_sync.diloco.quantize": ("none", "int8", "fp4"),
     "data.batching": ("windows", "documents"),
     "parallel.sp_mode": ("static", "adaptive"),
+    "parallel.placement": ("none", "fabric"),
     "optim.fused": ("auto", "true", "false"),
     "logging.wandb_mode": ("auto", "online", "offline"),
     "faulttol.inject.kind": ("none", "sigkill", "exception", "hang", "smp_kill", "node_loss", "snapshot_kill"),
@@ -433,6 +438,13 @@ def validate(exp: Experiment) -> None:
     order = [s.strip() for s in par.mesh_order.split(",")]
     if sorted(order) != sorted(MESH_DIMS):
         raise ConfigError(f"parallel.mesh_order: must be a permutation of {','.join(MESH_DIMS)}, got {par.mesh_order!r}")
+    if par.placement != "none" and tuple(order) != MESH_DIMS:
+        raise ConfigError(f"parallel.mesh_order: placement={par.placement} decides which rank fills each place of the "
+                          f"mesh; leave mesh_order at {','.join(MESH_DIMS)}")
+    if par.cluster and par.placement == "none":
+        raise ConfigError("parallel.cluster: only used with parallel.placement=fabric")
+    if par.cluster and not os.path.isfile(par.cluster):
+        raise ConfigError(f"parallel.cluster: '{par.cluster}' does not exist")
     if m.n_kv_heads % par.tp or m.n_heads % par.tp:
         raise ConfigError(f"parallel.tp: must divide model.n_heads ({m.n_heads}) and model.n_kv_heads ({m.n_kv_heads}), got {par.tp}")
     # Sequence-parallel TP shards each rank's part of the sequence over tp; zigzag CP cuts it into 2*cp chunks.

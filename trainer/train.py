@@ -20,6 +20,7 @@ from loomtrain.data.prepare import prepare
 from loomtrain.faulttol.manager import FaultTolerance
 from loomtrain.faulttol.snapshot import RestoreFailed
 from loomtrain.launch.env import DistEnv, init_distributed, read_env, shutdown
+from loomtrain.launch.placement import place_ranks
 from loomtrain.parallel.data_parallel import FSDPEngine
 from loomtrain.parallel.dp_sync import build_sync
 from loomtrain.parallel.hybrid_dp import longest_sequence, sequence_parallel
@@ -104,7 +105,8 @@ class Trainer:
         self.exp, self.env = exp, env
         tcfg = exp.train
         self.dims = check_experiment(exp, env.world_size, env.local_world_size)
-        self.mesh = self.dims.build_mesh(env.device.type)
+        # Which rank fills each place of the mesh, and the interface each dimension's groups use.
+        self.mesh = self.dims.build_mesh(env.device.type, place_ranks(exp, env, self.dims))
         traffic.install()  # bytes sent per purpose, logged with the metrics
         self.mesh.label_traffic()
         self.dp_rank = self.mesh["dp"].get_local_rank()

@@ -1,0 +1,215 @@
+"""NIC-aware placement (Holmes, arXiv 2312.03549): which rank fills which place of the mesh.
+
+The mesh is filled in its canonical order (pp outermost, then dp_replicate, dp_shard, cp, tp innermost),
+so consecutive places form tensor-parallel groups, then cp and data-parallel groups, and pipeline stages
+are the largest blocks. Megatron's default fills it with ranks in node-rank order: when the launcher
+numbers hosts of two pods alternately, every data-parallel group straddles the slow link between pods.
+:func:`fabric_order` fills it host by host, hosts grouped by fabric instead: tensor parallelism stays in a
+host (when the host's devices are a multiple of tp), data- and context-parallel groups stay in one fabric
+whenever the fabric's ranks are a multiple of a pipeline stage's, and only pipeline sends cross between
+fabrics. :func:`describe` names every group's hosts and link, the bytes each fabric carries per step and
+the modelled step time; a heavy group that must cross a slow link is reported with its cost.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loomtrain.launch.topology import Cluster
+from loomtrain.parallel.mesh import MESH_DIMS, ParallelDims
+
+HEAVY = ("tp", "cp", "dp_shard", "dp_replicate")  # pp is the one meant to cross slow links
+
+
+def naive_order(cluster: Cluster) -> list[int]:
+    """Megatron's default: mesh places filled by ranks in node-rank order."""
+    return list(range(cluster.world_size))
+
+
+def fabric_order(cluster: Cluster) -> list[int]:
+    """Hosts grouped by fabric (fabrics in order of first appearance, hosts in node-rank order inside)."""
+    fabrics = list(dict.fromkeys(h.fabric for h in cluster.hosts))
+    hosts = sorted(range(len(cluster.hosts)), key=lambda i: (fabrics.index(cluster.hosts[i].fabric), i))
+    return [cluster.first_rank[i] + d for i in hosts for d in range(cluster.hosts[i].devices)]
+
+
+@dataclass
+class Group:
+    dim: str
+    ranks: list[int]
+    hosts: list[str]
+    link: str  # "host", a fabric's name, or the between-fabrics link
+    gbps: float
+
+
+def placed_dims(dims: ParallelDims, order: list[int]) -> ParallelDims:
+    """``dims`` with the mesh's places (canonical order) filled by ``order``."""
+    return ParallelDims(dims.pp, dims.dp_replicate, dims.dp_shard, dims.cp, dims.tp, dims.world_size, MESH_DIMS,
+                        local_updates=dims.local_updates, placement=tuple(order))
+
+
+def groups(cluster: Cluster, dims: ParallelDims, order: list[int]) -> dict[str, list[Group]]:
+    """Every group of every dimension (and of FSDP's dp_shard x cp), with its hosts and the link it uses."""
+    placed = placed_dims(dims, order)
+    out = {}
+    for dim in (*MESH_DIMS, "dp_shard_cp"):
+        found = []
+        for ranks in placed.groups(dim):
+            link, gbps = cluster.link(ranks)
+            hosts = list(dict.fromkeys(cluster.hosts[cluster.host_of(r)].name for r in ranks))
+            found.append(Group(dim, ranks, hosts, link, gbps))
+        out[dim] = found
+    return out
+
+
+def link_function(found: dict[str, list[Group]]):
+    """``link(dim)`` for ``plan.step_estimate``: bytes/s of the dimension's slowest group."""
+    def link(dim):
+        return min(g.gbps for g in found[dim]) * 1e9 / 8
+    return link
+
+
+def bytes_per_fabric(found: dict[str, list[Group]], sent: dict[str, float]) -> dict[str, float]:
+    """Bytes per step each link carries (all ranks' sends): ``sent`` is one rank's bytes per dimension."""
+    out: dict[str, float] = {}
+    for dim, per_rank in sent.items():
+        for g in found[dim]:
+            if len(g.ranks) > 1:
+                out[g.link] = out.get(g.link, 0.0) + per_rank * len(g.ranks)
+    return out
+
+
+def crossings(found: dict[str, list[Group]], cluster: Cluster, sent: dict[str, float]) -> list[str]:
+    """Heavy groups that leave their fabric (or tp that leaves its host), with what that costs per step."""
+    lines = []
+    slow = cluster.fabrics[cluster.between]
+    for dim in (*HEAVY, "dp_shard_cp"):
+        bad = [g for g in found[dim] if len(g.ranks) > 1 and (g.link == slow.name or (dim == "tp" and g.link != "host"))]
+        if bad and sent.get(dim, 0.0):
+            t = sent[dim] / (bad[0].gbps * 1e9 / 8)
+            lines.append(f"{dim}: {len(bad)} of {len(found[dim])} groups cross {bad[0].link} ({bad[0].gbps:g} Gbit/s), "
+                         f"e.g. hosts {','.join(bad[0].hosts)}: {sent[dim] / 1e9:.3f} GB per rank per step, "
+                         f"{t:.3f} s at that rate")
+    return lines
+
+
+def compare(exp, args, dims: ParallelDims, cluster: Cluster, peak_flops: float) -> dict:
+    """The placed order against Megatron's default: groups, bytes per fabric, modelled step times (data)."""
+    from loomtrain.launch.plan import step_estimate, traffic_per_step
+
+    if cluster.world_size != dims.world_size:
+        raise ValueError(f"--cluster: its hosts hold {cluster.world_size} ranks, the plan is for {dims.world_size}")
+    sent = traffic_per_step(exp, args, dims)
+    sent_by_group_dim = {"tp": sent["tp"], "cp": sent["cp"], "dp_shard_cp": sent["dp_shard_cp"],
+                         "dp_replicate": sent["dp_replicate"], "pp": sent["pp"]}
+    out = {}
+    for name, order in (("placed", fabric_order(cluster)), ("megatron_default", naive_order(cluster))):
+        found = groups(cluster, dims, order)
+        est = step_estimate(exp, args, dims, link_function(found), peak_flops)
+        out[name] = {"order": order, "step_s": est["step_s"], "estimate": est,
+                     "bytes_per_fabric": bytes_per_fabric(found, sent_by_group_dim),
+                     "crossings": crossings(found, cluster, sent_by_group_dim),
+                     "groups": {d: [{"ranks": g.ranks, "hosts": g.hosts, "link": g.link, "gbps": g.gbps}
+                                    for g in gs] for d, gs in found.items()}}
+    out["speedup"] = out["megatron_default"]["step_s"] / out["placed"]["step_s"]
+    return out
+
+
+def describe(result: dict, max_groups: int = 4) -> list[str]:
+    """``loomtrain plan --cluster`` lines: groups with hosts and links, bytes per fabric, step times."""
+    lines = []
+    for name in ("placed", "megatron_default"):
+        r = result[name]
+        lines.append(f"{'placement (hosts grouped by fabric)' if name == 'placed' else 'megatron default order'}: "
+                     f"modelled step {r['step_s']:.3f} s")
+        for dim, gs in r["groups"].items():
+            if len(gs[0]["ranks"]) < 2:
+                continue
+            shown = "; ".join(f"ranks {g['ranks'][0]}..{g['ranks'][-1]} on {','.join(g['hosts'])} via {g['link']}"
+                              for g in gs[:max_groups])
+            more = f"; ... ({len(gs)} groups)" if len(gs) > max_groups else ""
+            lines.append(f"  {dim:<13}{shown}{more}")
+        per = ", ".join(f"{link} {b / 1e9:.3f} GB" for link, b in sorted(r["bytes_per_fabric"].items()))
+        lines.append(f"  bytes per step by link: {per or 'none'}")
+        lines += [f"  warning: {c}" for c in r["crossings"]]
+    lines.append(f"placement vs megatron default: {result['speedup']:.2f}x (modelled)")
+    return lines
+
+
+def place_ranks(exp, env, dims: ParallelDims) -> dict:
+    """Collective on the default group, before the mesh: with ``parallel.placement: fabric``, learn every
+    rank's host (``LOOMTRAIN_HOST_ID`` or the hostname) and, without a cluster description, its NICs; set
+    ``dims.placement``; return this rank's ``backend_override`` for ``ParallelDims.build_mesh``: each
+    dimension's groups use the interface of the link they run on (gloo: a device bound to it; NCCL: the
+    IB or Socket transport), never an environment change."""
+    import os
+    import socket
+
+    import torch.distributed as dist
+
+    from loomtrain.launch.topology import Host, cluster_from_nics, discover_nics, load_cluster
+
+    par = exp.parallel
+    if par.placement == "none":
+        return {}
+    name = os.environ.get("LOOMTRAIN_HOST_ID") or socket.gethostname()
+    mine = (name, [] if par.cluster else discover_nics())
+    every = [None] * env.world_size
+    dist.all_gather_object(every, mine)
+    names = [n for n, _ in every]
+    hosts = list(dict.fromkeys(names))
+    if names != [h for h in hosts for _ in range(names.count(h))]:
+        raise RuntimeError(f"parallel.placement: each host's ranks must be consecutive (ranks by host: {names})")
+    if par.cluster:
+        described = {h.name: h for h in load_cluster(par.cluster).hosts}
+        missing = [h for h in hosts if h not in described]
+        if missing:
+            raise RuntimeError(f"parallel.cluster: hosts {missing} of this job are not in {par.cluster} (hosts are "
+                               "named by LOOMTRAIN_HOST_ID or the hostname)")
+        base = load_cluster(par.cluster)
+        cluster = type(base)(base.fabrics, [Host(h, described[h].fabric, names.count(h), described[h].interface,
+                                                 described[h].between_interface) for h in hosts],
+                             base.between, base.intra_host_gbps)
+    else:
+        cluster = cluster_from_nics([(h, names.count(h), next(nics for n, nics in every if n == h)) for h in hosts])
+    order = fabric_order(cluster)
+    dims.placement = tuple(order)
+    me = cluster.hosts[cluster.host_of(env.rank)]
+    override = {}
+    for dim in (*MESH_DIMS, *ParallelDims.FLATTENED):
+        group = next(g for g in dims.groups(dim) if env.rank in g)
+        link, _ = cluster.link(group)
+        iface = None if link == "host" else me.interface if link == me.fabric else me.between_interface
+        if len(group) > 1 and iface:
+            override[dim] = _bound(env.backend, iface, cluster.fabrics[link].kind)
+    if env.rank == 0:
+        found = groups(cluster, dims, order)
+        placed_hosts = list(dict.fromkeys(cluster.hosts[cluster.host_of(r)].name for r in order))
+        crossing = [line.split(":")[0] for line in crossings(found, cluster, {d: 1.0 for d in found})]
+        print(f"placement: mesh filled by hosts {', '.join(placed_hosts)} (grouped by fabric)"
+              + (f"; groups of {', '.join(crossing)} cross {cluster.between}" if crossing else ""), flush=True)
+    return override
+
+
+BOUND_GLOO = "loomtrain_gloo"  # gloo whose groups bind to the interface their options name
+
+
+def _bound(backend: str, interface: str, kind: str):
+    """(backend, options) whose groups talk over ``interface`` (gloo) or the fabric's transport (NCCL).
+
+    ``new_group`` drops options for its built-in gloo, so gloo goes through a registered backend that
+    builds ``ProcessGroupGloo`` with a device bound to the interface (no GLOO_SOCKET_IFNAME change)."""
+    import torch.distributed as dist
+
+    if backend == "nccl":
+        options = dist.ProcessGroupNCCL.Options()
+        options.config.net_name = "IB" if kind in ("ib", "roce") else "Socket"
+        return "nccl", options
+    if BOUND_GLOO.upper() not in dist.Backend._plugins:
+        def create(opts, options):
+            options._timeout = opts.timeout
+            return dist.ProcessGroupGloo(opts.store, opts.group_rank, opts.group_size, options)
+
+        dist.Backend.register_backend(BOUND_GLOO, create, extended_api=True, devices=["cpu"])
+    options = dist.ProcessGroupGloo._Options()
+    options._devices = [dist.ProcessGroupGloo.create_device(interface=interface)]
+    return BOUND_GLOO, options
