@@ -160,12 +160,12 @@ def place_ranks(exp, env, dims: ParallelDims) -> dict:
     if names != [h for h in hosts for _ in range(names.count(h))]:
         raise RuntimeError(f"parallel.placement: each host's ranks must be consecutive (ranks by host: {names})")
     if par.cluster:
-        described = {h.name: h for h in load_cluster(par.cluster).hosts}
+        base = load_cluster(par.cluster)
+        described = {h.name: h for h in base.hosts}
         missing = [h for h in hosts if h not in described]
         if missing:
             raise RuntimeError(f"parallel.cluster: hosts {missing} of this job are not in {par.cluster} (hosts are "
                                "named by LOOMTRAIN_HOST_ID or the hostname)")
-        base = load_cluster(par.cluster)
         cluster = type(base)(base.fabrics, [Host(h, described[h].fabric, names.count(h), described[h].interface,
                                                  described[h].between_interface) for h in hosts],
                              base.between, base.intra_host_gbps)

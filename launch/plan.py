@@ -60,6 +60,9 @@ def memory_estimate(exp, args: ModelArgs, dims: ParallelDims, vocab: int) -> dic
     logits = 4 * s * micro * vocab / dims.tp / dims.cp
     out = {"parameters": 4 * states, "gradients": 4 * states, "optimizer": 8 * states,
            "activations": act_full + logits, "activations (checkpointed)": act_ckpt + logits}
+    if dims.local_updates:  # fp32 anchors, arrived averages, outer momentum (and CO2's round start)
+        copies = 4 if exp.parallel.dp_sync == "co2" else 2 + (exp.dp_sync.diloco.outer_momentum > 0)
+        out["outer state (dp_sync)"] = 4 * copies * states
     if fsdp and fsdp_split > 1:
         block = (n - 2 * vocab * h) / args.n_layers / dims.tp  # one block's parameters on this tp rank
         head = vocab * h / dims.tp  # the output projection (the [norm, output] unit is kept after forward)
@@ -92,7 +95,7 @@ def traffic_per_step(exp, args: ModelArgs, dims: ParallelDims) -> dict[str, floa
     shard = dims.dp_shard * dims.cp
     out = {"tp": 8 * act * (dims.tp - 1) / dims.tp * layers * n_micro if dims.tp > 1 else 0.0,
            "dp_shard_cp": (2 * params * e + params * 4) * (shard - 1) / shard if dims.fsdp_enabled else 0.0,
-           "dp_replicate": 2 * params / shard * 4 * (dims.dp_replicate - 1) / dims.dp_replicate,
+           "dp_replicate": _outer_sync_bytes(exp, params / shard, dims.dp_replicate),
            "pp": 2 * act / dims.tp * n_micro * (dims.pp - 1) / dims.pp if dims.pp > 1 else 0.0,
            "cp": 0.0}
     if dims.cp > 1:
@@ -100,6 +103,23 @@ def traffic_per_step(exp, args: ModelArgs, dims: ParallelDims) -> dict[str, floa
         shape = Shape(micro, s, args.n_heads // dims.tp, args.n_kv_heads // dims.tp, args.head_dim, dims.cp, e)
         out["cp"] = sum(bytes_per_rank(shape)[impl]) * layers * n_micro
     return out
+
+
+def _outer_sync_bytes(exp, shard_params: float, replicas: int) -> float:
+    """Bytes per step a rank sends to its dp_replicate peers: HSDP's fp32 gradient all-reduce every step, or
+    the outer sync of DiLoCo / CO2 amortised over its interval (DiLoCo quantized: payload all-gathered)."""
+    from loomtrain.parallel.quantize import wire_bytes
+
+    ring = 2 * (replicas - 1) / replicas
+    method = exp.parallel.dp_sync
+    if method == "every_step":
+        return ring * 4 * shard_params
+    if method == "co2":
+        return ring * 4 * shard_params / exp.dp_sync.co2.sync_every
+    d = exp.dp_sync.diloco
+    sent = ring * 4 * shard_params if d.quantize == "none" else (replicas - 1) * wire_bytes(int(shard_params),
+                                                                                            d.quantize)
+    return sent / d.sync_every
 
 
 def step_estimate(exp, args: ModelArgs, dims: ParallelDims, link, peak_flops: float) -> dict[str, float]:
