@@ -61,6 +61,51 @@ def groups(cluster: Cluster, dims: ParallelDims, order: list[int]) -> dict[str, 
     return out
 
 
+def stage_split(exp, args, dims: ParallelDims, cluster: Cluster, order: list[int], peak_flops: float) -> list[int]:
+    """``parallel.pp_split: auto``: layers per stage inversely proportional to a layer's time on that stage's
+    ranks: its compute, or its data-parallel traffic over the stage's slowest link when that is longer (the
+    FSDP all-gathers and reduce-scatters overlap compute). Stages on equal fabrics get equal layers."""
+    from loomtrain.launch.plan import traffic_per_step
+    from loomtrain.trainer.checks import tokens_per_step
+
+    stages = dims.pp * exp.parallel.pp_virtual_stages
+    found = groups(cluster, dims, order)
+    per_layer_bytes = traffic_per_step(exp, args, dims)["dp_shard_cp"] / max(1, args.n_layers / dims.pp)
+    compute = tokens_per_step(exp) * args.flops_per_token(exp.data.seq_len) / args.n_layers / (
+        dims.world_size / dims.pp * peak_flops)
+    placed = placed_dims(dims, order)
+    stage_of_rank = {r: i for i, g in enumerate(zip(*placed.groups("pp"))) for r in g}  # pp coordinate
+    times = []
+    for stage in range(stages):
+        pp_rank = stage % dims.pp
+        gbps = min([g.gbps for g in found["dp_shard_cp"] if stage_of_rank[g.ranks[0]] == pp_rank
+                    and len(g.ranks) > 1] or [cluster.intra_host_gbps])
+        times.append(max(compute, per_layer_bytes / (gbps * 1e9 / 8)))
+    weights = [1 / t for t in times]
+    raw = [args.n_layers * w / sum(weights) for w in weights]
+    counts = [max(1, int(x)) for x in raw]
+    while sum(counts) > args.n_layers:
+        counts[max(range(stages), key=lambda i: counts[i] - raw[i])] -= 1
+    while sum(counts) < args.n_layers:
+        counts[max(range(stages), key=lambda i: raw[i] - counts[i])] += 1
+    return counts
+
+
+@dataclass
+class Placement:
+    """What ``place_ranks`` decided: who fills the mesh (``dims.placement``), each dimension's interface."""
+
+    override: dict
+    cluster: Cluster | None = None
+    order: list[int] | None = None
+
+    def pp_split(self, exp, args, dims: ParallelDims, peak_flops: float) -> str:
+        """``parallel.pp_split`` resolved: ``auto`` by the stages' fabrics when placed, else as configured."""
+        if exp.parallel.pp_split != "auto" or self.cluster is None or dims.pp == 1:
+            return exp.parallel.pp_split
+        return ",".join(map(str, stage_split(exp, args, dims, self.cluster, self.order, peak_flops)))
+
+
 def link_function(found: dict[str, list[Group]]):
     """``link(dim)`` for ``plan.step_estimate``: bytes/s of the dimension's slowest group."""
     def link(dim):
@@ -111,6 +156,8 @@ def compare(exp, args, dims: ParallelDims, cluster: Cluster, peak_flops: float) 
                      "groups": {d: [{"ranks": g.ranks, "hosts": g.hosts, "link": g.link, "gbps": g.gbps}
                                     for g in gs] for d, gs in found.items()}}
     out["speedup"] = out["megatron_default"]["step_s"] / out["placed"]["step_s"]
+    if dims.pp > 1:
+        out["placed"]["pp_split_auto"] = stage_split(exp, args, dims, cluster, out["placed"]["order"], peak_flops)
     return out
 
 
@@ -131,11 +178,14 @@ def describe(result: dict, max_groups: int = 4) -> list[str]:
         per = ", ".join(f"{link} {b / 1e9:.3f} GB" for link, b in sorted(r["bytes_per_fabric"].items()))
         lines.append(f"  bytes per step by link: {per or 'none'}")
         lines += [f"  warning: {c}" for c in r["crossings"]]
+    if "pp_split_auto" in result["placed"]:
+        lines.append(f"parallel.pp_split: auto -> {','.join(map(str, result['placed']['pp_split_auto']))} "
+                     "(layers per stage, by each stage's fabric)")
     lines.append(f"placement vs megatron default: {result['speedup']:.2f}x (modelled)")
     return lines
 
 
-def place_ranks(exp, env, dims: ParallelDims) -> dict:
+def place_ranks(exp, env, dims: ParallelDims) -> Placement:
     """Collective on the default group, before the mesh: with ``parallel.placement: fabric``, learn every
     rank's host (``LOOMTRAIN_HOST_ID`` or the hostname) and, without a cluster description, its NICs; set
     ``dims.placement``; return this rank's ``backend_override`` for ``ParallelDims.build_mesh``: each
@@ -150,7 +200,7 @@ def place_ranks(exp, env, dims: ParallelDims) -> dict:
 
     par = exp.parallel
     if par.placement == "none":
-        return {}
+        return Placement({})
     name = os.environ.get("LOOMTRAIN_HOST_ID") or socket.gethostname()
     mine = (name, [] if par.cluster else discover_nics())
     every = [None] * env.world_size
@@ -187,7 +237,7 @@ def place_ranks(exp, env, dims: ParallelDims) -> dict:
         crossing = [line.split(":")[0] for line in crossings(found, cluster, {d: 1.0 for d in found})]
         print(f"placement: mesh filled by hosts {', '.join(placed_hosts)} (grouped by fabric)"
               + (f"; groups of {', '.join(crossing)} cross {cluster.between}" if crossing else ""), flush=True)
-    return override
+    return Placement(override, cluster, order)
 
 
 BOUND_GLOO = "loomtrain_gloo"  # gloo whose groups bind to the interface their options name

@@ -131,6 +131,22 @@ def test_compare_names_crossings_and_counts_bytes_per_fabric(small_exp):
     assert r1["placed"]["crossings"] and "cross dc (10 Gbit/s)" in r1["placed"]["crossings"][0]
 
 
+def test_auto_split_gives_the_stage_on_the_slower_fabric_fewer_layers(small_exp):
+    from loomtrain.launch.placement import stage_split
+
+    c = cluster_from_dict({"fabrics": {"ib": {"kind": "ib", "gbps": 400}, "eth": {"kind": "ethernet", "gbps": 1}},
+                           "between": "eth",
+                           "hosts": [{"name": "a1", "fabric": "ib", "devices": 2},
+                                     {"name": "e1", "fabric": "eth", "devices": 1},
+                                     {"name": "e2", "fabric": "eth", "devices": 1}]})
+    exp, args = small_exp(["parallel.pp=2", "parallel.dp_shard=2", "model.n_layers=8"])
+    dims = ParallelDims(pp=2, dp_shard=2, world_size=4)
+    split = stage_split(exp, args, dims, c, fabric_order(c), 1e15)  # stage 0 on a1 (one host), stage 1 on e1+e2
+    assert sum(split) == 8 and split[0] > split[1] >= 1
+    even = cluster_from_dict(dict(TWO_PODS, fabrics={**TWO_PODS["fabrics"], "dc": {"kind": "ethernet", "gbps": 10}}))
+    assert stage_split(exp, args, dims, even, fabric_order(even), 1e15) == [4, 4]  # equal pods: balanced
+
+
 def test_tensor_parallel_stays_inside_a_host():
     c = cluster_from_dict({"fabrics": {"ib": {"kind": "ib", "gbps": 400}},
                            "hosts": [{"name": f"h{i}", "fabric": "ib", "devices": 4} for i in range(2)]})

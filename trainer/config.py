@@ -67,7 +67,8 @@ class ParallelConfig:
     pp: int = 1  # pipeline-parallel ranks (stages per rank: pp_virtual_stages)
     pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b
     pp_virtual_stages: int = 1  # stages per pipeline rank (> 1 needs interleaved_1f1b)
-    pp_split: str = ""  # layers per stage, e.g. "3,3,2" (pp * pp_virtual_stages numbers); empty = balanced
+    pp_split: str = ""  # layers per stage, e.g. "3,3,2" (pp * pp_virtual_stages numbers); empty = balanced;
+    #   auto = by the speed of each stage's fabric with placement=fabric (balanced otherwise)
     dp_replicate: int = 1  # replicated data parallel (HSDP outer dimension)
     dp_shard: int = -1  # sharded data parallel (FSDP2); -1 = whatever the world size leaves
     cp: int = 1  # context (sequence) parallel
@@ -523,7 +524,7 @@ def _validate_dp_sync(exp: Experiment) -> None:
 def pipeline_stage_layers(n_layers: int, stages: int, split: str) -> list[int]:
     """Layers per pipeline stage: the explicit ``parallel.pp_split``, or as even as possible with the extra
     layers on middle stages first (the first stage also embeds, the last computes the output and loss)."""
-    if split:
+    if split and split != "auto":  # auto: by the stages' fabrics when ranks are placed (launch/placement.py)
         try:
             counts = [int(x) for x in split.split(",")]
         except ValueError:

@@ -106,7 +106,8 @@ class Trainer:
         tcfg = exp.train
         self.dims = check_experiment(exp, env.world_size, env.local_world_size)
         # Which rank fills each place of the mesh, and the interface each dimension's groups use.
-        self.mesh = self.dims.build_mesh(env.device.type, place_ranks(exp, env, self.dims))
+        self.placement = place_ranks(exp, env, self.dims)
+        self.mesh = self.dims.build_mesh(env.device.type, self.placement.override)
         traffic.install()  # bytes sent per purpose, logged with the metrics
         self.mesh.label_traffic()
         self.dp_rank = self.mesh["dp"].get_local_rank()
@@ -145,7 +146,8 @@ class Trainer:
         n_stages = par.pp * par.pp_virtual_stages
         parts = [model]
         if self.dims.pp > 1:  # this rank's pipeline stages, each a pruned copy laid over the rest of the mesh
-            counts = pipeline_stage_layers(exp.model.n_layers, n_stages, par.pp_split)
+            split = self.placement.pp_split(exp, self.args, self.dims, self.peak_flops)  # "auto": by fabric
+            counts = pipeline_stage_layers(exp.model.n_layers, n_stages, split)
             self.stage_ids, parts = build_stages(model, counts, self.mesh["pp"].get_local_rank(), par.pp,
                                                  par.pp_virtual_stages)
             del model
