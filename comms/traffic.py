@@ -93,7 +93,7 @@ def blocked_seconds() -> float:
 def _timed(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        if threading.get_ident() != _MAIN:
+        if threading.get_ident() != _MAIN or getattr(_depth, "n", 0):  # inside a timed call: counted there
             return fn(*args, **kwargs)
         t0 = time.perf_counter()
         try:

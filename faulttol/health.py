@@ -40,25 +40,39 @@ class Straggler:
 
 
 class StragglerDetector:
-    def __init__(self, hosts: list[str], threshold: float = 1.15, window: int = 8, need: int = 6):
-        self.hosts, self.threshold, self.need = hosts, threshold, need
+    def __init__(self, hosts: list[str], threshold: float = 1.15, window: int = 8, need: int = 6,
+                 cohorts: list[list[int]] | None = None):
+        self.hosts, self.threshold, self.need, self.cohorts = hosts, threshold, need, cohorts
         self.recent: deque = deque(maxlen=window)  # per step: (slowest rank or None, ratio, cause)
         self.current: Straggler | None = None
 
     def observe(self, step: int, busy: list[float], data: list[float]) -> Straggler | None:
-        """One step's measurements of every rank; returns a newly named straggler (else None)."""
-        if len(busy) < 2:
+        """One step's measurements of every rank; returns a newly named straggler (else None). Ranks are
+        compared with their cohort (``cohorts``: ranks doing the same work, e.g. one pipeline stage)."""
+        slow, ratio, cause = None, 0.0, "compute"
+        for cohort in self.cohorts or [list(range(len(busy)))]:
+            if len(cohort) < 2:
+                continue
+            r = max(cohort, key=busy.__getitem__)
+            typical = statistics.median(busy[i] for i in cohort if i != r)
+            if typical <= 0:
+                continue
+            if busy[r] / typical > ratio:
+                excess = busy[r] - typical
+                data_excess = data[r] - statistics.median(data[i] for i in cohort if i != r)
+                slow, ratio = r, busy[r] / typical
+                cause = "data loader" if excess > 0 and data_excess >= 0.5 * excess else "compute"
+        if slow is None:
             return None
-        slow = max(range(len(busy)), key=busy.__getitem__)
-        rest = [b for i, b in enumerate(busy) if i != slow]
-        typical = statistics.median(rest)
-        ratio = busy[slow] / max(typical, 1e-9)
-        excess = busy[slow] - typical
-        data_excess = data[slow] - statistics.median(d for i, d in enumerate(data) if i != slow)
-        cause = "data loader" if excess > 0 and data_excess >= 0.5 * excess else "compute"
+        self._note(step, slow, ratio, cause)
+        return self._named(step, slow)
+
+    def _note(self, step: int, slow: int, ratio: float, cause: str) -> None:
         self.recent.append((slow if ratio >= self.threshold else None, ratio, cause))
         if self.current is not None and not any(r == self.current.rank for r, _, _ in self.recent):
             self.current = None  # a whole window without it: recovered
+
+    def _named(self, step: int, slow: int) -> Straggler | None:
         hits = [(ratio, cause) for r, ratio, cause in self.recent if r == slow]
         if len(hits) >= self.need and (self.current is None or self.current.rank != slow):
             causes = [c for _, c in hits]

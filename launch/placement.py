@@ -12,6 +12,7 @@ the modelled step time; a heavy group that must cross a slow link is reported wi
 """
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 
 from loomtrain.launch.topology import Cluster
@@ -39,6 +40,7 @@ class Group:
     hosts: list[str]
     link: str  # "host", a fabric's name, or the between-fabrics link
     gbps: float
+    crosses: bool = False  # its hosts sit on more than one fabric
 
 
 def placed_dims(dims: ParallelDims, order: list[int]) -> ParallelDims:
@@ -56,7 +58,8 @@ def groups(cluster: Cluster, dims: ParallelDims, order: list[int]) -> dict[str, 
         for ranks in placed.groups(dim):
             link, gbps = cluster.link(ranks)
             hosts = list(dict.fromkeys(cluster.hosts[cluster.host_of(r)].name for r in ranks))
-            found.append(Group(dim, ranks, hosts, link, gbps))
+            fabrics = {cluster.hosts[cluster.host_of(r)].fabric for r in ranks}
+            found.append(Group(dim, ranks, hosts, link, gbps, len(fabrics) > 1))
         out[dim] = found
     return out
 
@@ -85,7 +88,7 @@ def stage_split(exp, args, dims: ParallelDims, cluster: Cluster, order: list[int
     raw = [args.n_layers * w / sum(weights) for w in weights]
     counts = [max(1, int(x)) for x in raw]
     while sum(counts) > args.n_layers:
-        counts[max(range(stages), key=lambda i: counts[i] - raw[i])] -= 1
+        counts[max((i for i in range(stages) if counts[i] > 1), key=lambda i: counts[i] - raw[i])] -= 1
     while sum(counts) < args.n_layers:
         counts[max(range(stages), key=lambda i: raw[i] - counts[i])] += 1
     return counts
@@ -126,9 +129,8 @@ def bytes_per_fabric(found: dict[str, list[Group]], sent: dict[str, float]) -> d
 def crossings(found: dict[str, list[Group]], cluster: Cluster, sent: dict[str, float]) -> list[str]:
     """Heavy groups that leave their fabric (or tp that leaves its host), with what that costs per step."""
     lines = []
-    slow = cluster.fabrics[cluster.between]
     for dim in (*HEAVY, "dp_shard_cp"):
-        bad = [g for g in found[dim] if len(g.ranks) > 1 and (g.link == slow.name or (dim == "tp" and g.link != "host"))]
+        bad = [g for g in found[dim] if len(g.ranks) > 1 and (g.crosses or (dim == "tp" and g.link != "host"))]
         if bad and sent.get(dim, 0.0):
             t = sent[dim] / (bad[0].gbps * 1e9 / 8)
             lines.append(f"{dim}: {len(bad)} of {len(found[dim])} groups cross {bad[0].link} ({bad[0].gbps:g} Gbit/s), "
@@ -222,15 +224,19 @@ def place_ranks(exp, env, dims: ParallelDims) -> Placement:
     else:
         cluster = cluster_from_nics([(h, names.count(h), next(nics for n, nics in every if n == h)) for h in hosts])
     order = fabric_order(cluster)
+    unsorted = unsorted_groups(dims, order)
+    if unsorted:
+        raise RuntimeError(f"parallel.placement: hosts in this rank order ({', '.join(hosts)}) would need their "
+                           f"ranks renumbered (torch orders every group by rank; e.g. {unsorted[0]}), which is not "
+                           "supported yet: have the launcher number hosts pod by pod, or use placement=none")
     dims.placement = tuple(order)
-    me = cluster.hosts[cluster.host_of(env.rank)]
     override = {}
     for dim in (*MESH_DIMS, *ParallelDims.FLATTENED):
-        group = next(g for g in dims.groups(dim) if env.rank in g)
-        link, _ = cluster.link(group)
-        iface = None if link == "host" else me.interface if link == me.fabric else me.between_interface
-        if len(group) > 1 and iface:
-            override[dim] = _bound(env.backend, iface, cluster.fabrics[link].kind)
+        # Decided from every group, the same on every rank: a dimension's groups are created by all ranks.
+        mine = next(g for g in dims.groups(dim) if env.rank in g)
+        if len(mine) > 1 and all(_interface(cluster, g, r) for g in dims.groups(dim) if len(g) > 1 for r in g):
+            link, _ = cluster.link(mine)
+            override[dim] = _bound(env.backend, _interface(cluster, mine, env.rank), cluster.fabrics[link].kind)
     if env.rank == 0:
         found = groups(cluster, dims, order)
         placed_hosts = list(dict.fromkeys(cluster.hosts[cluster.host_of(r)].name for r in order))
@@ -240,7 +246,24 @@ def place_ranks(exp, env, dims: ParallelDims) -> Placement:
     return Placement(override, cluster, order)
 
 
+def unsorted_groups(dims: ParallelDims, order: list[int]) -> list[list[int]]:
+    """Groups whose ranks would not ascend along the mesh: torch sorts a group's ranks, so there a rank's
+    place in its group (what FSDP, DCP and the pipeline use) would not be its place in the mesh."""
+    placed = placed_dims(dims, order)
+    return [g for dim in (*MESH_DIMS, *ParallelDims.FLATTENED) for g in placed.groups(dim) if g != sorted(g)]
+
+
+def _interface(cluster: Cluster, group: list[int], rank: int) -> str | None:
+    """The interface ``rank`` binds to for ``group``: its fabric's, or the one between fabrics."""
+    link, _ = cluster.link(group)
+    host = cluster.hosts[cluster.host_of(rank)]
+    if link == "host":
+        return None
+    return host.interface if link == host.fabric else host.between_interface
+
+
 BOUND_GLOO = "loomtrain_gloo"  # gloo whose groups bind to the interface their options name
+GROUP_TIMEOUT_S = 600.0  # the default group's (launch/env.py init_distributed)
 
 
 def _bound(backend: str, interface: str, kind: str):
@@ -250,8 +273,9 @@ def _bound(backend: str, interface: str, kind: str):
     builds ``ProcessGroupGloo`` with a device bound to the interface (no GLOO_SOCKET_IFNAME change)."""
     import torch.distributed as dist
 
-    if backend == "nccl":
+    if backend == "nccl":  # the transport only: NCCL_SOCKET_IFNAME still picks the socket interface
         options = dist.ProcessGroupNCCL.Options()
+        options._timeout = datetime.timedelta(seconds=GROUP_TIMEOUT_S)
         options.config.net_name = "IB" if kind in ("ib", "roce") else "Socket"
         return "nccl", options
     if BOUND_GLOO.upper() not in dist.Backend._plugins:
@@ -259,7 +283,8 @@ def _bound(backend: str, interface: str, kind: str):
             options._timeout = opts.timeout
             return dist.ProcessGroupGloo(opts.store, opts.group_rank, opts.group_size, options)
 
-        dist.Backend.register_backend(BOUND_GLOO, create, extended_api=True, devices=["cpu"])
+        dist.Backend.register_backend(BOUND_GLOO, create, extended_api=True, devices=["cpu", "cuda"])
     options = dist.ProcessGroupGloo._Options()
+    options._timeout = datetime.timedelta(seconds=GROUP_TIMEOUT_S)  # else the options' default, not the job's
     options._devices = [dist.ProcessGroupGloo.create_device(interface=interface)]
     return BOUND_GLOO, options

@@ -96,7 +96,9 @@ def traffic_per_step(exp, args: ModelArgs, dims: ParallelDims) -> dict[str, floa
     out = {"tp": 8 * act * (dims.tp - 1) / dims.tp * layers * n_micro if dims.tp > 1 else 0.0,
            "dp_shard_cp": (2 * params * e + params * 4) * (shard - 1) / shard if dims.fsdp_enabled else 0.0,
            "dp_replicate": _outer_sync_bytes(exp, params / shard, dims.dp_replicate),
-           "pp": 2 * act / dims.tp * n_micro * (dims.pp - 1) / dims.pp if dims.pp > 1 else 0.0,
+           # each of a rank's v stages hands its microbatches on (interleaved: v boundaries per rank)
+           "pp": 2 * act / dims.tp * n_micro * exp.parallel.pp_virtual_stages * (dims.pp - 1) / dims.pp
+           if dims.pp > 1 else 0.0,
            "cp": 0.0}
     if dims.cp > 1:
         impl = cp_attention(exp, args, dims)

@@ -62,6 +62,7 @@ def discover_nics(sysfs: str = "/sys") -> list[Nic]:
         ports = os.path.join(ib_root, dev, "ports")
         for port in sorted(os.listdir(ports)) if os.path.isdir(ports) else []:
             base = os.path.join(ports, port)
+            netdev = _port_netdev(sysfs, base, port, netdevs)
             rate = _read(os.path.join(base, "rate")) or "0"  # "200 Gb/sec (4X HDR)"
             state = _read(os.path.join(base, "state")) or ""  # "4: ACTIVE"
             layer = _read(os.path.join(base, "link_layer")) or "InfiniBand"
@@ -70,7 +71,7 @@ def discover_nics(sysfs: str = "/sys") -> list[Nic]:
             except ValueError:
                 gbps = 0.0
             nics.append(Nic(f"{dev}/{port}", "ib" if layer == "InfiniBand" else "roce", gbps,
-                            state.endswith("ACTIVE"), netdevs[0] if netdevs else None))
+                            state.split(":")[-1].strip() in ("ACTIVE", "ACTIVE_DEFER"), netdev))
     net_root = os.path.join(sysfs, "class", "net")
     for name in sorted(os.listdir(net_root)) if os.path.isdir(net_root) else []:
         base = os.path.join(net_root, name)
@@ -83,9 +84,21 @@ def discover_nics(sysfs: str = "/sys") -> list[Nic]:
             mbps = float(speed) if speed is not None else -1.0
         except ValueError:
             mbps = -1.0
-        up = _read(os.path.join(base, "operstate")) == "up" and mbps > 0
+        up = _read(os.path.join(base, "operstate")) == "up"  # speed -1 while up: a virtio NIC, a VF
         nics.append(Nic(name, "ethernet", max(0.0, mbps / 1000), up, name))
     return sorted(nics, key=lambda n: (not n.up, -n.gbps, _RANK[n.kind], n.name))
+
+
+def _port_netdev(sysfs: str, port_dir: str, port: str, netdevs: list[str]) -> str | None:
+    """The netdev of one RDMA port: RoCE names it in its GID table; IPoIB's has ``dev_port`` = port - 1."""
+    ndev = _read(os.path.join(port_dir, "gid_attrs", "ndevs", "0"))
+    if ndev:
+        return ndev
+    for name in netdevs:
+        dev_port = _read(os.path.join(sysfs, "class", "net", name, "dev_port"))
+        if dev_port is not None and int(dev_port, 0) == int(port) - 1:
+            return name
+    return netdevs[0] if len(netdevs) == 1 else None
 
 
 def best_nic(nics: list[Nic]) -> Nic | None:
@@ -218,7 +231,8 @@ def cluster_from_dict(raw: dict, where: str = "cluster") -> Cluster:
 
 def cluster_from_nics(hosts: list[tuple[str, int, list[Nic]]]) -> Cluster:
     """A cluster when no description is given: each host on the fabric its best NIC names (kind and rate);
-    hosts whose best NICs match are assumed to share that fabric, and Ethernet joins the rest."""
+    hosts whose best NICs match are assumed to share that fabric, and the slowest Ethernet fabric among
+    them (else the slowest fabric) is assumed to join the rest. Describe the cluster when that is wrong."""
     fabrics, placed = {}, []
     for name, devices, nics in hosts:
         nic = best_nic(nics)

@@ -72,6 +72,20 @@ def test_ethernet_only_host_skips_virtual_interfaces(tmp_path):
     assert best_nic(nics).name == "eth0"
 
 
+def test_dual_port_hca_maps_each_port_to_its_own_netdev(tmp_path):
+    root = str(tmp_path)
+    _rdma(root, "mlx4_0", rate="56 Gb/sec (4X FDR)", netdev="ib0", port=1)
+    _rdma(root, "mlx4_0", rate="56 Gb/sec (4X FDR)", state="5: ACTIVE_DEFER", netdev="ib1", port=2)
+    _netdev(root, "ib0", speed=56000, kind=32)
+    _netdev(root, "ib1", speed=56000, kind=32)
+    _write(os.path.join(root, "class", "net", "ib0", "dev_port"), "0")
+    _write(os.path.join(root, "class", "net", "ib1", "dev_port"), "1")
+    _netdev(root, "eth0", speed=-1)  # up, speed unknown (virtio): still usable
+    nics = discover_nics(root)
+    assert [(n.name, n.netdev, n.up) for n in nics] == [("mlx4_0/1", "ib0", True), ("mlx4_0/2", "ib1", True),
+                                                        ("eth0", "eth0", True)]
+
+
 def test_mixed_host_with_a_port_down_uses_the_fastest_active_one(tmp_path):
     root = str(tmp_path)
     _rdma(root, "mlx5_0", rate="400 Gb/sec (4X NDR)", state="1: DOWN", netdev="ib0")
@@ -145,6 +159,29 @@ def test_auto_split_gives_the_stage_on_the_slower_fabric_fewer_layers(small_exp)
     assert sum(split) == 8 and split[0] > split[1] >= 1
     even = cluster_from_dict(dict(TWO_PODS, fabrics={**TWO_PODS["fabrics"], "dc": {"kind": "ethernet", "gbps": 10}}))
     assert stage_split(exp, args, dims, even, fabric_order(even), 1e15) == [4, 4]  # equal pods: balanced
+
+
+def test_a_rank_order_that_would_need_renumbering_is_refused():
+    """Hosts a1, b1, b2, a2: grouping by fabric puts ranks 3 before 2 in a pipeline group; torch orders a
+    group's ranks, so the group's rank numbering would disagree with the mesh. Refused by name."""
+    from loomtrain.launch.placement import unsorted_groups
+
+    hosts = [TWO_PODS["hosts"][i] for i in (0, 1, 3, 2)]
+    c = cluster_from_dict(dict(TWO_PODS, hosts=hosts))
+    assert unsorted_groups(ParallelDims(pp=2, dp_shard=2, world_size=4), fabric_order(c)) == [[3, 2]]
+    assert unsorted_groups(ParallelDims(pp=2, dp_shard=2, world_size=4), fabric_order(cluster_from_dict(TWO_PODS))) == []
+
+
+def test_auto_split_never_leaves_a_stage_empty(small_exp):
+    from loomtrain.launch.placement import stage_split
+
+    c = cluster_from_dict({"fabrics": {"ib": {"kind": "ib", "gbps": 400}, "eth": {"kind": "ethernet", "gbps": 0.01}},
+                           "between": "eth",
+                           "hosts": [{"name": f"i{i}", "fabric": "ib", "devices": 1} for i in range(4)]
+                           + [{"name": f"e{i}", "fabric": "eth", "devices": 1} for i in range(4)]})
+    exp, args = small_exp(["parallel.pp=4", "parallel.dp_shard=2", "model.n_layers=5"])
+    split = stage_split(exp, args, ParallelDims(pp=4, dp_shard=2, world_size=8), c, fabric_order(c), 1e15)
+    assert sum(split) == 5 and min(split) >= 1
 
 
 def test_tensor_parallel_stays_inside_a_host():

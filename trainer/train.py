@@ -203,7 +203,8 @@ class Trainer:
         self.ft = FaultTolerance(exp, env, self.dims)
         hosts = [None] * env.world_size
         dist.all_gather_object(hosts, host_name())
-        self.health = HealthMonitor(hosts, env.is_main)
+        # Ranks are compared with the others of their pipeline stage (stages differ in work by design).
+        self.health = HealthMonitor(hosts, env.is_main, cohorts=[list(c) for c in zip(*self.dims.groups("pp"))])
         self._restore(resume)
 
     def _worker_group(self):
