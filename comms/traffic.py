@@ -33,6 +33,7 @@ import contextlib
 import functools
 import inspect
 import threading
+import time
 from collections import Counter
 
 import torch
@@ -46,6 +47,8 @@ _labels: dict[str, str] = {}  # process group name -> purpose
 _bytes: Counter = Counter()
 _messages: Counter = Counter()
 _installed = False
+_blocked = [0.0]  # seconds the main thread spent blocked in collectives (faulttol/health.py)
+_MAIN = threading.main_thread().ident
 
 
 def label(group, purpose: str) -> None:
@@ -79,6 +82,27 @@ def counts() -> dict[str, int]:
 def messages() -> dict[str, int]:
     with _lock:
         return {p: int(_messages[p]) for p in PURPOSES}
+
+
+def blocked_seconds() -> float:
+    """Seconds the main thread has spent blocked in collectives: blocking calls, ``Work.wait`` and the
+    functional collectives' ``wait_tensor`` (what the others' slowness costs this rank)."""
+    return _blocked[0]
+
+
+def _timed(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if threading.get_ident() != _MAIN or getattr(_depth, "n", 0):  # inside a timed call: counted there
+            return fn(*args, **kwargs)
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _blocked[0] += time.perf_counter() - t0
+
+    wrapper.__loomtrain_counted__ = True
+    return wrapper
 
 
 def reset() -> None:
@@ -152,16 +176,18 @@ def _is_root(a: dict, key: str, group, functional: bool) -> bool:
     return a.get(key, 0) == dist.get_rank()
 
 
-def _counted(fn, tensor_arg: str, formula: str, functional: bool):
+def _counted(fn, tensor_arg: str, formula: str, functional: bool, may_block: bool = False):
     signature = inspect.signature(fn)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         outermost = getattr(_depth, "n", 0) == 0
+        blocking = False
         if outermost:
             try:
                 bound = signature.bind(*args, **kwargs)
                 a = bound.arguments
+                blocking = may_block and not a.get("async_op", False) and threading.get_ident() == _MAIN
                 group = _funcol_group(a.get("group"), a.get("tag", "")) if functional else \
                     _c10d_group(a.get("group"))
                 n, s = group.size(), _nbytes(a.get(tensor_arg))
@@ -175,17 +201,21 @@ def _counted(fn, tensor_arg: str, formula: str, functional: bool):
             except Exception:  # noqa: BLE001 - accounting must never break a collective; torch raises its own
                 pass
         _depth.n = getattr(_depth, "n", 0) + 1
+        t0 = time.perf_counter() if blocking else 0.0
         try:
             return fn(*args, **kwargs)
         finally:
             _depth.n -= 1
+            if blocking:
+                _blocked[0] += time.perf_counter() - t0
 
     wrapper.__loomtrain_counted__ = True
     return wrapper
 
 
 def install() -> None:
-    """Wrap torch.distributed's c10d and functional collectives (idempotent; per process)."""
+    """Wrap torch.distributed's c10d and functional collectives, and time the main thread's waits on them
+    (idempotent; per process)."""
     global _installed
     if _installed:
         return
@@ -196,7 +226,7 @@ def install() -> None:
         fn = getattr(c10d, name, None)
         if fn is None or getattr(fn, "__loomtrain_counted__", False):
             continue
-        wrapped = _counted(fn, arg, formula, functional=False)
+        wrapped = _counted(fn, arg, formula, functional=False, may_block=name != "isend")
         setattr(c10d, name, wrapped)  # calls inside c10d (batch_isend_irecv's op.op, *_object helpers)
         if getattr(dist, name, None) is fn:
             setattr(dist, name, wrapped)  # calls through the public namespace (FSDP2, pipelining, ours)
@@ -204,4 +234,8 @@ def install() -> None:
         fn = getattr(funcol, name, None)
         if fn is not None and not getattr(fn, "__loomtrain_counted__", False):
             setattr(funcol, name, _counted(fn, arg, formula, functional=True))
+    if not getattr(dist.Work.wait, "__loomtrain_counted__", False):
+        dist.Work.wait = _timed(dist.Work.wait)  # FSDP2 and pipelining wait on async works from Python
+    if not getattr(funcol.wait_tensor, "__loomtrain_counted__", False):
+        funcol.wait_tensor = _timed(funcol.wait_tensor)  # DTensor's (tensor parallelism's) waits
     _installed = True

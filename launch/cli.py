@@ -6,6 +6,7 @@ valid>`` with exit code 2, before any process group or worker starts.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -35,8 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="print mesh, parameters, FLOPs and memory for a world size, without running")
     _common(p)
-    p.add_argument("--world-size", type=int, required=True)
+    p.add_argument("--world-size", type=int, default=None, help="ranks (default: the --cluster hosts' devices)")
     p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--cluster", default=None, metavar="FILE",
+                   help="a cluster description (hosts, fabrics, rates; launch/topology.py): also place ranks on "
+                        "fabrics and compare with Megatron's default order")
+    p.add_argument("--json", action="store_true", help="with --cluster: print the placement as JSON")
     p.add_argument("--device-memory-gb", type=float, default=80.0)
     p.add_argument("--peak-tflops", type=float, default=0.0,
                    help="per-device peak (default: logging.peak_tflops, else H100 dense: 989 bf16 / 494 fp32)")
@@ -133,8 +138,23 @@ def _at_least_one(**values) -> None:
 
 
 def cmd_plan(args) -> int:
-    from loomtrain.launch.plan import plan
+    from loomtrain.launch.plan import plan, plan_cluster
 
+    cluster = None
+    if args.cluster:
+        from loomtrain.launch.topology import load_cluster
+
+        cluster = load_cluster(args.cluster)
+        if args.world_size is None:
+            args.world_size = cluster.world_size
+        elif args.world_size != cluster.world_size:
+            raise ConfigError(f"--world-size: {args.world_size}, but the --cluster hosts hold {cluster.world_size} "
+                              "ranks")
+        args.gpus_per_node = max(h.devices for h in cluster.hosts)
+    elif args.json:
+        raise ConfigError("--json: needs --cluster")
+    if args.world_size is None:
+        raise ConfigError("--world-size: required without --cluster")
     _at_least_one(world_size=args.world_size, gpus_per_node=args.gpus_per_node)
     for flag in ("device_memory_gb", "intra_node_gbps", "inter_node_gbps"):
         if getattr(args, flag) <= 0:
@@ -142,8 +162,16 @@ def cmd_plan(args) -> int:
     if args.peak_tflops < 0:
         raise ConfigError(f"--peak-tflops: must be >= 0, got {args.peak_tflops}")
     exp = load_config(args.config, args.overrides)
+    if cluster is not None and args.json:
+        print(json.dumps(plan_cluster(exp, cluster, args.peak_tflops), indent=1))
+        return 0
     print(plan(exp, args.world_size, args.gpus_per_node, args.device_memory_gb, args.peak_tflops,
                args.intra_node_gbps, args.inter_node_gbps))
+    if cluster is not None:
+        from loomtrain.launch.placement import describe
+
+        print()
+        print("\n".join(describe(plan_cluster(exp, cluster, args.peak_tflops))))
     return 0
 
 

@@ -60,6 +60,9 @@ def memory_estimate(exp, args: ModelArgs, dims: ParallelDims, vocab: int) -> dic
     logits = 4 * s * micro * vocab / dims.tp / dims.cp
     out = {"parameters": 4 * states, "gradients": 4 * states, "optimizer": 8 * states,
            "activations": act_full + logits, "activations (checkpointed)": act_ckpt + logits}
+    if dims.local_updates:  # fp32 anchors, arrived averages, outer momentum (and CO2's round start)
+        copies = 4 if exp.parallel.dp_sync == "co2" else 2 + (exp.dp_sync.diloco.outer_momentum > 0)
+        out["outer state (dp_sync)"] = 4 * copies * states
     if fsdp and fsdp_split > 1:
         block = (n - 2 * vocab * h) / args.n_layers / dims.tp  # one block's parameters on this tp rank
         head = vocab * h / dims.tp  # the output projection (the [norm, output] unit is kept after forward)
@@ -75,50 +78,85 @@ def memory_estimate(exp, args: ModelArgs, dims: ParallelDims, vocab: int) -> dic
     return out
 
 
-def step_estimate(exp, args: ModelArgs, dims: ParallelDims, gpus_per_node: int, peak_flops: float,
-                  intra_bw: float, inter_bw: float) -> dict[str, float]:
-    """Modelled seconds per optimizer step and MFU (bandwidths in bytes/s per device).
+def traffic_per_step(exp, args: ModelArgs, dims: ParallelDims) -> dict[str, float]:
+    """Bytes one rank sends per optimizer step over each kind of group (ring formulas, as comms/traffic.py
+    counts them): ``tp`` (sequence parallel: 2 all-gathers + 2 reduce-scatters of the layer's activations
+    forward, the same backward), ``dp_shard_cp`` (FSDP: parameter all-gathers forward and backward in
+    the working dtype, fp32 gradient reduce-scatter), ``dp_replicate`` (HSDP's fp32 all-reduce of the
+    gradient shard), ``cp`` (``parallel/cp_cost.py``) and ``pp`` (each microbatch's activations forward
+    and their gradients backward across a stage boundary)."""
+    from loomtrain.parallel.cp_cost import Shape, bytes_per_rank
+
+    e = 2 if exp.model.dtype == "bfloat16" else 4
+    micro, n_micro = micro_layout(exp, dims)  # under pp: the schedule's microbatches
+    s, h, layers = exp.data.seq_len, args.dim, args.n_layers / dims.pp
+    act = s / dims.cp * micro * h * e
+    params = args.num_params() / dims.tp / dims.pp
+    shard = dims.dp_shard * dims.cp
+    out = {"tp": 8 * act * (dims.tp - 1) / dims.tp * layers * n_micro if dims.tp > 1 else 0.0,
+           "dp_shard_cp": (2 * params * e + params * 4) * (shard - 1) / shard if dims.fsdp_enabled else 0.0,
+           "dp_replicate": _outer_sync_bytes(exp, params / shard, dims.dp_replicate),
+           # each of a rank's v stages hands its microbatches on (interleaved: v boundaries per rank)
+           "pp": 2 * act / dims.tp * n_micro * exp.parallel.pp_virtual_stages * (dims.pp - 1) / dims.pp
+           if dims.pp > 1 else 0.0,
+           "cp": 0.0}
+    if dims.cp > 1:
+        impl = cp_attention(exp, args, dims)
+        shape = Shape(micro, s, args.n_heads // dims.tp, args.n_kv_heads // dims.tp, args.head_dim, dims.cp, e)
+        out["cp"] = sum(bytes_per_rank(shape)[impl]) * layers * n_micro
+    return out
+
+
+def _outer_sync_bytes(exp, shard_params: float, replicas: int) -> float:
+    """Bytes per step a rank sends to its dp_replicate peers: HSDP's fp32 gradient all-reduce every step, or
+    the outer sync of DiLoCo / CO2 amortised over its interval (DiLoCo quantized: payload all-gathered)."""
+    from loomtrain.parallel.quantize import wire_bytes
+
+    ring = 2 * (replicas - 1) / replicas
+    method = exp.parallel.dp_sync
+    if method == "every_step":
+        return ring * 4 * shard_params
+    if method == "co2":
+        return ring * 4 * shard_params / exp.dp_sync.co2.sync_every
+    d = exp.dp_sync.diloco
+    sent = ring * 4 * shard_params if d.quantize == "none" else (replicas - 1) * wire_bytes(int(shard_params),
+                                                                                            d.quantize)
+    return sent / d.sync_every
+
+
+def step_estimate(exp, args: ModelArgs, dims: ParallelDims, link, peak_flops: float) -> dict[str, float]:
+    """Modelled seconds per optimizer step and MFU. ``link(dim)``: bytes/s per device of that dimension's
+    slowest group (``dp_shard_cp`` for FSDP's group).
 
     compute: FLOPs / (devices x peak), stretched by the pipeline bubble of the configured
     schedule ((p-1)/(m+p-1); interleaving divides the idle part by the virtual stages);
-    tensor parallel (sequence parallel: 2 all-gathers + 2 reduce-scatters of the layer's
-    activations forward, the same backward) is exposed; FSDP's all-gather (forward and
+    tensor parallel and pipeline sends are exposed; FSDP's all-gather (forward and
     backward) and reduce-scatter and HSDP's all-reduce overlap compute, so only their excess
-    shows; context parallel bytes come from ``parallel/cp_cost.py`` (exposed for Ulysses,
-    overlapped for ring and TokenRing).
+    shows; context parallel is exposed for Ulysses, overlapped for ring and TokenRing.
     """
-    from loomtrain.parallel.cp_cost import Shape, bytes_per_rank
-
-    def link(name):
-        spans = any(len({r // gpus_per_node for r in g}) > 1 for g in dims.groups(name)[:1])
-        return inter_bw if spans else intra_bw
-
-    e = 2 if exp.model.dtype == "bfloat16" else 4
     from loomtrain.parallel.pipeline import bubble_fraction
 
-    micro, n_micro = micro_layout(exp, dims)  # under pp: the schedule's microbatches
-    s, h, layers = exp.data.seq_len, args.dim, args.n_layers / dims.pp
+    _, n_micro = micro_layout(exp, dims)
     tokens = tokens_per_step(exp)
-    compute = tokens * args.flops_per_token(s) / (dims.world_size * peak_flops)
+    compute = tokens * args.flops_per_token(exp.data.seq_len) / (dims.world_size * peak_flops)
     bubble = bubble_fraction(exp.parallel.pp_schedule, dims.pp, n_micro, exp.parallel.pp_virtual_stages)
-    act = s / dims.cp * micro * h * e
-    tp = 8 * act * (dims.tp - 1) / dims.tp * layers * n_micro / link("tp") if dims.tp > 1 else 0.0
-    params = args.num_params() / dims.tp / dims.pp
-    shard = dims.dp_shard * dims.cp
-    # FSDP's group is dp_shard x cp: its slowest member dimension sets the pace.
-    shard_link = min([link(d) for d in ("dp_shard", "cp") if getattr(dims, d) > 1] or [intra_bw])
-    fsdp = (2 * params * e + params * 4) * (shard - 1) / shard / shard_link if dims.fsdp_enabled else 0.0
-    rep = dims.dp_replicate
-    hsdp = 2 * params / shard * 4 * (rep - 1) / rep / link("dp_replicate") if rep > 1 else 0.0
-    cp = 0.0
+    sent = traffic_per_step(exp, args, dims)
+    t = {d: sent[d] / link(d) if sent[d] else 0.0 for d in sent}
     impl = cp_attention(exp, args, dims) if dims.cp > 1 else None  # what train will run
-    if dims.cp > 1:
-        shape = Shape(micro, s, args.n_heads // dims.tp, args.n_kv_heads // dims.tp, args.head_dim, dims.cp, e)
-        cp = sum(bytes_per_rank(shape)[impl]) * layers * n_micro / link("cp")
-    exposed_cp = cp if impl == "ulysses" else max(0.0, cp - compute)
-    step = compute / (1 - bubble) + tp + max(0.0, fsdp + hsdp - compute) + exposed_cp
-    return {"compute_s": compute, "bubble": bubble, "tp_s": tp, "fsdp_s": fsdp + hsdp, "cp_s": cp, "cp_impl": impl,
-            "step_s": step, "mfu": compute / step}
+    exposed_cp = t["cp"] if impl == "ulysses" else max(0.0, t["cp"] - compute)
+    fsdp = t["dp_shard_cp"] + t["dp_replicate"]
+    step = compute / (1 - bubble) + t["tp"] + t["pp"] + max(0.0, fsdp - compute) + exposed_cp
+    return {"compute_s": compute, "bubble": bubble, "tp_s": t["tp"], "fsdp_s": fsdp, "cp_s": t["cp"],
+            "pp_s": t["pp"], "cp_impl": impl, "step_s": step, "mfu": compute / step}
+
+
+def node_links(dims: ParallelDims, gpus_per_node: int, intra_bw: float, inter_bw: float):
+    """``link(dim)`` for uniform nodes of ``gpus_per_node`` ranks in rank order."""
+    def link(name):
+        parts = ParallelDims.FLATTENED.get(name, (name,))
+        spans = any(len({r // gpus_per_node for r in g}) > 1 for part in parts for g in dims.groups(part)[:1])
+        return inter_bw if spans else intra_bw
+    return link
 
 
 def plan(exp, world_size: int, gpus_per_node: int = 8, device_memory_gb: float = 80.0,
@@ -157,12 +195,13 @@ def plan(exp, world_size: int, gpus_per_node: int = 8, device_memory_gb: float =
     lines.append(f"  {'total (' + ('with' if ckpt else 'without') + ' checkpointing)':<36}{total / GiB:>10.2f} GiB"
                  f"  of {device_memory_gb:g} GiB")
     peak = (peak_tflops or exp.logging.peak_tflops or REFERENCE_TFLOPS[exp.model.dtype]) * 1e12
-    est = step_estimate(exp, args, dims, gpus_per_node, peak, intra_node_gbps * 1e9 / 8, inter_node_gbps * 1e9 / 8)
+    est = step_estimate(exp, args, dims, node_links(dims, gpus_per_node, intra_node_gbps * 1e9 / 8,
+                                                    inter_node_gbps * 1e9 / 8), peak)
     lines += ["", f"step estimate (model, not a measurement; peak {peak / 1e12:g} TFLOP/s/device, links "
                   f"{intra_node_gbps:g} Gbit/s in a node, {inter_node_gbps:g} Gbit/s between nodes):",
               f"  compute {est['compute_s']:.3f} s, pipeline bubble {100 * est['bubble']:.1f}% "
               f"({exp.parallel.pp_schedule if dims.pp > 1 else 'no pipeline'}), "
-              f"tensor-parallel {est['tp_s']:.3f} s exposed, FSDP/HSDP {est['fsdp_s']:.3f} s (overlapped), "
+              f"tensor-parallel {est['tp_s']:.3f} s exposed, pipeline sends {est['pp_s']:.3f} s, FSDP/HSDP {est['fsdp_s']:.3f} s (overlapped), "
               f"context-parallel {est['cp_s']:.3f} s" + (f" ({est['cp_impl']})" if est["cp_impl"] else ""),
               f"  estimated step time {est['step_s']:.3f} s, MFU {100 * est['mfu']:.1f}% "
               "(upper bound: kernels assumed to run at peak)"]
@@ -181,6 +220,16 @@ def plan(exp, world_size: int, gpus_per_node: int = 8, device_memory_gb: float =
                         "parallel.pp_schedule=interleaved_1f1b with pp_virtual_stages > 1")
     lines += [""] + [f"warning: {w}" for w in warnings] if warnings else []
     return "\n".join(lines)
+
+
+def plan_cluster(exp, cluster, peak_tflops: float = 0.0) -> dict:
+    """``plan --cluster``: the NIC-aware placement against Megatron's default order (``launch/placement.py``)."""
+    from loomtrain.launch.placement import compare
+
+    dims = check_experiment(exp, cluster.world_size, max(h.devices for h in cluster.hosts), "cuda")
+    args = ModelArgs.from_config(exp.model, exp.model.vocab_size or 50304, exp.data.seq_len)
+    peak = (peak_tflops or exp.logging.peak_tflops or REFERENCE_TFLOPS[exp.model.dtype]) * 1e12
+    return compare(exp, args, dims, cluster, peak)
 
 
 def adaptive_sample(exp, args: ModelArgs, world: int, gpus_per_node: int, peak: float, intra_gbps: float,

@@ -30,6 +30,8 @@ class ParallelDims:
     # dp_replicate replicas are workers that take local steps and sync by an outer step (parallel.dp_sync
     # diloco | co2): gradients are averaged, and FSDP shards, inside a worker only.
     local_updates: bool = False
+    # Which rank fills each place of the mesh, places in canonical order (launch/placement.py); None = rank order.
+    placement: tuple[int, ...] | None = None
 
     def __post_init__(self):
         self.order = tuple(self.order)
@@ -78,14 +80,17 @@ class ParallelDims:
 
     def rank_grid(self) -> np.ndarray:
         """Ranks arranged as an array with one axis per dimension, in ``order``."""
-        return np.arange(self.world_size).reshape([getattr(self, n) for n in self.order])
+        ranks = np.arange(self.world_size) if self.placement is None else np.asarray(self.placement)
+        return ranks.reshape([getattr(self, n) for n in self.order])
 
     def groups(self, name: str) -> list[list[int]]:
-        """All rank groups of dimension ``name``: ranks that differ only in that coordinate."""
+        """All rank groups of dimension ``name`` (or of a flattened one, e.g. ``dp_shard_cp``): ranks that
+        differ only in those coordinates."""
         grid = self.rank_grid()
-        axis = self.order.index(name)
-        moved = np.moveaxis(grid, axis, -1).reshape(-1, grid.shape[axis])
-        return [list(map(int, g)) for g in moved]
+        axes = [self.order.index(part) for part in self.FLATTENED.get(name, (name,))]
+        moved = np.moveaxis(grid, axes, list(range(grid.ndim - len(axes), grid.ndim)))
+        size = int(np.prod([grid.shape[a] for a in axes]))
+        return [list(map(int, g)) for g in moved.reshape(-1, size)]
 
     def workers(self) -> list[list[int]]:
         """Each dp_replicate replica's ranks (a worker, when replicas take local updates), by replica."""
@@ -95,20 +100,26 @@ class ParallelDims:
     FLATTENED = {"dp": ("dp_replicate", "dp_shard"), "dp_shard_cp": ("dp_shard", "cp"),
                  "loss": ("dp_replicate", "dp_shard", "cp")}
 
-    def build_mesh(self, device_type: str) -> "Meshes":
+    def build_mesh(self, device_type: str, backend_override: dict | None = None) -> "Meshes":
         """Build the named DeviceMesh (all five dims, size-1 ones included) plus flattened views.
 
         ``order`` decides only which ranks share a group (the rank grid); the DeviceMesh itself
         always has its dimensions in the canonical order ``MESH_DIMS``, so every slice and
         flattening the trainer asks for (e.g. HSDP's ``("dp_replicate", "dp_shard_cp")``) is in
         ascending dimension order whatever ``parallel.mesh_order`` says.
+
+        ``backend_override``: {dimension or flattened name: (backend, options)}, e.g. gloo bound to the
+        interface of the fabric that dimension's groups run on (``launch/placement.py``).
         """
         import torch
         from torch.distributed.device_mesh import DeviceMesh
 
+        override = backend_override or {}
         canonical = np.transpose(self.rank_grid(), [self.order.index(n) for n in MESH_DIMS])
-        root = DeviceMesh(device_type, torch.from_numpy(np.ascontiguousarray(canonical)), mesh_dim_names=MESH_DIMS)
-        flat = {name: root[parts]._flatten(name) for name, parts in self.FLATTENED.items()}
+        root = DeviceMesh(device_type, torch.from_numpy(np.ascontiguousarray(canonical)), mesh_dim_names=MESH_DIMS,
+                          backend_override=tuple(override.get(n, (None, None)) for n in MESH_DIMS))
+        flat = {name: root[parts]._flatten(name, backend_override=override.get(name)) for name, parts in
+                self.FLATTENED.items()}
         return Meshes(root, flat)
 
     def describe(self) -> str:

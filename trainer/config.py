@@ -67,7 +67,8 @@ class ParallelConfig:
     pp: int = 1  # pipeline-parallel ranks (stages per rank: pp_virtual_stages)
     pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b
     pp_virtual_stages: int = 1  # stages per pipeline rank (> 1 needs interleaved_1f1b)
-    pp_split: str = ""  # layers per stage, e.g. "3,3,2" (pp * pp_virtual_stages numbers); empty = balanced
+    pp_split: str = ""  # layers per stage, e.g. "3,3,2" (pp * pp_virtual_stages numbers); empty = balanced;
+    #   auto = by the speed of each stage's fabric with placement=fabric (balanced otherwise)
     dp_replicate: int = 1  # replicated data parallel (HSDP outer dimension)
     dp_shard: int = -1  # sharded data parallel (FSDP2); -1 = whatever the world size leaves
     cp: int = 1  # context (sequence) parallel
@@ -78,6 +79,10 @@ class ParallelConfig:
     cp_latency_us: float = 10.0  # for cp_impl=auto: per-transfer latency between cp peers
     cp_topology: str = "full_mesh"  # for cp_impl=auto: full_mesh (NVSwitch-like) | ring
     mesh_order: str = "pp,dp_replicate,dp_shard,cp,tp"  # outermost to innermost
+    placement: str = "none"  # none (ranks fill the mesh in rank order) | fabric (hosts grouped by the fabric they
+    #   share, tp inside a host, dp/cp inside a fabric, pp across: launch/placement.py; needs the default mesh_order)
+    cluster: str = ""  # with placement=fabric: a cluster description (launch/topology.py); empty = each host's
+    #   NICs from sysfs, hosts whose best NICs match assumed to share a fabric
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
     device: str = "auto"  # auto | cpu | cuda
     activation_checkpoint: str = "none"  # none | full
@@ -251,6 +256,7 @@ CHOICES = {
     "dp_sync.diloco.quantize": ("none", "int8", "fp4"),
     "data.batching": ("windows", "documents"),
     "parallel.sp_mode": ("static", "adaptive"),
+    "parallel.placement": ("none", "fabric"),
     "optim.fused": ("auto", "true", "false"),
     "logging.wandb_mode": ("auto", "online", "offline"),
     "faulttol.inject.kind": ("none", "sigkill", "exception", "hang", "smp_kill", "node_loss", "snapshot_kill"),
@@ -433,6 +439,13 @@ def validate(exp: Experiment) -> None:
     order = [s.strip() for s in par.mesh_order.split(",")]
     if sorted(order) != sorted(MESH_DIMS):
         raise ConfigError(f"parallel.mesh_order: must be a permutation of {','.join(MESH_DIMS)}, got {par.mesh_order!r}")
+    if par.placement != "none" and tuple(order) != MESH_DIMS:
+        raise ConfigError(f"parallel.mesh_order: placement={par.placement} decides which rank fills each place of the "
+                          f"mesh; leave mesh_order at {','.join(MESH_DIMS)}")
+    if par.cluster and par.placement == "none":
+        raise ConfigError("parallel.cluster: only used with parallel.placement=fabric")
+    if par.cluster and not os.path.isfile(par.cluster):
+        raise ConfigError(f"parallel.cluster: '{par.cluster}' does not exist")
     if m.n_kv_heads % par.tp or m.n_heads % par.tp:
         raise ConfigError(f"parallel.tp: must divide model.n_heads ({m.n_heads}) and model.n_kv_heads ({m.n_kv_heads}), got {par.tp}")
     # Sequence-parallel TP shards each rank's part of the sequence over tp; zigzag CP cuts it into 2*cp chunks.
@@ -511,7 +524,7 @@ def _validate_dp_sync(exp: Experiment) -> None:
 def pipeline_stage_layers(n_layers: int, stages: int, split: str) -> list[int]:
     """Layers per pipeline stage: the explicit ``parallel.pp_split``, or as even as possible with the extra
     layers on middle stages first (the first stage also embeds, the last computes the output and loss)."""
-    if split:
+    if split and split != "auto":  # auto: by the stages' fabrics when ranks are placed (launch/placement.py)
         try:
             counts = [int(x) for x in split.split(",")]
         except ValueError:

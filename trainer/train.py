@@ -17,9 +17,11 @@ import torch.distributed as dist
 from loomtrain.comms import traffic
 from loomtrain.data.loader import PackedDataset, Prefetcher, eval_batches
 from loomtrain.data.prepare import prepare
+from loomtrain.faulttol.health import HealthMonitor, host_name
 from loomtrain.faulttol.manager import FaultTolerance
 from loomtrain.faulttol.snapshot import RestoreFailed
 from loomtrain.launch.env import DistEnv, init_distributed, read_env, shutdown
+from loomtrain.launch.placement import place_ranks
 from loomtrain.parallel.data_parallel import FSDPEngine
 from loomtrain.parallel.dp_sync import build_sync
 from loomtrain.parallel.hybrid_dp import longest_sequence, sequence_parallel
@@ -104,7 +106,9 @@ class Trainer:
         self.exp, self.env = exp, env
         tcfg = exp.train
         self.dims = check_experiment(exp, env.world_size, env.local_world_size)
-        self.mesh = self.dims.build_mesh(env.device.type)
+        # Which rank fills each place of the mesh, and the interface each dimension's groups use.
+        self.placement = place_ranks(exp, env, self.dims)
+        self.mesh = self.dims.build_mesh(env.device.type, self.placement.override)
         traffic.install()  # bytes sent per purpose, logged with the metrics
         self.mesh.label_traffic()
         self.dp_rank = self.mesh["dp"].get_local_rank()
@@ -143,7 +147,8 @@ class Trainer:
         n_stages = par.pp * par.pp_virtual_stages
         parts = [model]
         if self.dims.pp > 1:  # this rank's pipeline stages, each a pruned copy laid over the rest of the mesh
-            counts = pipeline_stage_layers(exp.model.n_layers, n_stages, par.pp_split)
+            split = self.placement.pp_split(exp, self.args, self.dims, self.peak_flops)  # "auto": by fabric
+            counts = pipeline_stage_layers(exp.model.n_layers, n_stages, split)
             self.stage_ids, parts = build_stages(model, counts, self.mesh["pp"].get_local_rank(), par.pp,
                                                  par.pp_virtual_stages)
             del model
@@ -196,6 +201,10 @@ class Trainer:
         self.resumed_from = None
         self.restored_from, self.restore_seconds = None, 0.0
         self.ft = FaultTolerance(exp, env, self.dims)
+        hosts = [None] * env.world_size
+        dist.all_gather_object(hosts, host_name())
+        # Ranks are compared with the others of their pipeline stage (stages differ in work by design).
+        self.health = HealthMonitor(hosts, env.is_main, cohorts=[list(c) for c in zip(*self.dims.groups("pp"))])
         self._restore(resume)
 
     def _worker_group(self):
@@ -300,14 +309,18 @@ class Trainer:
 
     def train_step(self) -> tuple[float, float]:
         """One optimizer step: (per-token mean loss over the global batch, gradient norm)."""
+        self.health.start()  # this rank's time outside collectives names the straggler
         micro = self.batches.next_step()
+        self.health.data_ready()
         self.sp.begin_step(micro)  # adaptive sp: process groups for rank sets this plan uses first
         tokens = self._global_tokens(micro)
         self.model.train()
         local_sum = self.steps.forward_backward(micro, self.engine.averaging_ranks / max(1, tokens))
         self.ft.before_update()  # an in-flight snapshot must have copied the parameters first
         grad_norm = self.sync.step()
-        return self._global_mean(local_sum, tokens), grad_norm
+        loss = self._global_mean(local_sum, tokens)
+        self.health.stop()
+        return loss, grad_norm
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -356,7 +369,7 @@ class Trainer:
                               "time": time.time()}
                     if self.ft.snapshots is not None:
                         record["snapshot_failures"] = self.ft.snapshot_failures
-                    record |= self._bytes_sent()
+                    record |= self._bytes_sent() | self.health.record()
                 if tcfg.eval_every and (self.step % tcfg.eval_every == 0 or self.step == tcfg.steps):
                     val = self.evaluate()
                     result.val_losses[self.step] = val
@@ -411,9 +424,13 @@ class Trainer:
         if self.env.is_main and stop.file_requested():
             print(f"found {stop.stop_file}: checkpointing and stopping", flush=True)
             stop.requested = True
-        flag = torch.tensor([float(stop.requested), float(stop.flush)], device=self.env.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag[0].item()), bool(flag[1].item())
+        mine = torch.tensor([float(stop.requested), float(stop.flush), self.health.busy, self.health.data],
+                            dtype=torch.float64, device=self.env.device)  # the health times travel along
+        every = mine.new_empty(self.env.world_size * 4)
+        dist.all_gather_into_tensor(every, mine)
+        every = every.view(-1, 4).cpu()
+        self.health.observe(self.step, every[:, 2].tolist(), every[:, 3].tolist())
+        return bool(every[:, 0].max() > 0), bool(every[:, 1].max() > 0)
 
     def _host_state(self) -> dict:
         """What a snapshot holds besides model, optimizer and outer-sync tensors."""

@@ -1,0 +1,119 @@
+"""Naming the slow rank (C4, NVIDIA's resiliency extension): which rank everyone else waits for.
+
+In synchronous training every rank's step takes as long as the slowest one's, so step time cannot say
+who is slow. The time a rank spends *outside* collectives can: the rank the others wait for spends the
+least time blocked in them. Each step every rank measures
+
+- ``busy``: the step's wall time minus the time its main thread was blocked in collectives
+  (``comms/traffic.py``: blocking calls, ``Work.wait``, functional ``wait_tensor``), and
+- ``data``: the time it waited for its batch,
+
+and the pairs of all ranks travel with the step's stop-flag exchange (no extra collective). A rank is
+named, with its host, when its busy time is at least ``threshold`` times the median of the others' in
+``need`` of the last ``window`` steps; the cause is its data loader when its excess data time is at least
+half its excess busy time, else compute. Checkpoints, snapshots' background work and evaluation are
+outside the measured step, so they raise no alarm. Measured with host clocks: on CUDA, where collectives
+return before the device is done, the numbers would need device events (not done).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+
+
+@dataclass
+class Straggler:
+    rank: int
+    host: str
+    cause: str  # "compute" | "data loader"
+    slowdown: float  # its busy time over the median of the others', median over the window
+    since_step: int
+
+    def record(self) -> dict:
+        return {"straggler_rank": self.rank, "straggler_host": self.host, "straggler_cause": self.cause,
+                "straggler_slowdown": round(self.slowdown, 3)}
+
+
+class StragglerDetector:
+    def __init__(self, hosts: list[str], threshold: float = 1.15, window: int = 8, need: int = 6,
+                 cohorts: list[list[int]] | None = None):
+        self.hosts, self.threshold, self.need, self.cohorts = hosts, threshold, need, cohorts
+        self.recent: deque = deque(maxlen=window)  # per step: (slowest rank or None, ratio, cause)
+        self.current: Straggler | None = None
+
+    def observe(self, step: int, busy: list[float], data: list[float]) -> Straggler | None:
+        """One step's measurements of every rank; returns a newly named straggler (else None). Ranks are
+        compared with their cohort (``cohorts``: ranks doing the same work, e.g. one pipeline stage)."""
+        slow, ratio, cause = None, 0.0, "compute"
+        for cohort in self.cohorts or [list(range(len(busy)))]:
+            if len(cohort) < 2:
+                continue
+            r = max(cohort, key=busy.__getitem__)
+            typical = statistics.median(busy[i] for i in cohort if i != r)
+            if typical <= 0:
+                continue
+            if busy[r] / typical > ratio:
+                excess = busy[r] - typical
+                data_excess = data[r] - statistics.median(data[i] for i in cohort if i != r)
+                slow, ratio = r, busy[r] / typical
+                cause = "data loader" if excess > 0 and data_excess >= 0.5 * excess else "compute"
+        if slow is None:
+            return None
+        self._note(step, slow, ratio, cause)
+        return self._named(step, slow)
+
+    def _note(self, step: int, slow: int, ratio: float, cause: str) -> None:
+        self.recent.append((slow if ratio >= self.threshold else None, ratio, cause))
+        if self.current is not None and not any(r == self.current.rank for r, _, _ in self.recent):
+            self.current = None  # a whole window without it: recovered
+
+    def _named(self, step: int, slow: int) -> Straggler | None:
+        hits = [(ratio, cause) for r, ratio, cause in self.recent if r == slow]
+        if len(hits) >= self.need and (self.current is None or self.current.rank != slow):
+            causes = [c for _, c in hits]
+            self.current = Straggler(slow, self.hosts[slow], max(set(causes), key=causes.count),
+                                     statistics.median(r for r, _ in hits), step)
+            return self.current
+        return None
+
+
+class HealthMonitor:
+    """Per rank: times its steps (busy, data) and, from every rank's times, names the straggler."""
+
+    def __init__(self, hosts: list[str], is_main: bool, **detector):
+        from loomtrain.comms import traffic
+
+        self._traffic = traffic
+        self.detector = StragglerDetector(hosts, **detector)
+        self.is_main = is_main
+        self.busy = self.data = 0.0
+        self._t0 = self._blocked0 = 0.0
+
+    def start(self) -> None:
+        self._t0, self._blocked0 = time.perf_counter(), self._traffic.blocked_seconds()
+
+    def data_ready(self) -> None:
+        self.data = time.perf_counter() - self._t0
+
+    def stop(self) -> None:
+        self.busy = time.perf_counter() - self._t0 - (self._traffic.blocked_seconds() - self._blocked0)
+
+    def observe(self, step: int, busy: list[float], data: list[float]) -> None:
+        found = self.detector.observe(step, busy, data)
+        if found is not None and self.is_main:
+            print(f"health: WARNING: rank {found.rank} on host {found.host} is the slow one since step "
+                  f"{found.since_step}: its steps take {found.slowdown:.2f}x the others' outside collectives "
+                  f"({found.cause})", file=sys.stderr, flush=True)
+
+    def record(self) -> dict:
+        """metrics.jsonl fields while a straggler is named."""
+        return self.detector.current.record() if self.detector.current is not None else {}
+
+
+def host_name() -> str:
+    return os.environ.get("LOOMTRAIN_HOST_ID") or socket.gethostname()
