@@ -9,8 +9,8 @@ least time blocked in them. Each step every rank measures
 - ``data``: the time it waited for its batch,
 
 and the pairs of all ranks travel with the step's stop-flag exchange (no extra collective). A rank is
-named, with its host, when its busy time is at least ``threshold`` times the median of the others' in
-``need`` of the last ``window`` steps; the cause is its data loader when its excess data time is at least
+named, with its host, when its busy time is at least ``threshold`` (1.2) times the median of the others'
+in its cohort (its pipeline stage) in ``need`` (8) of the last ``window`` (10) steps; the cause is its data loader when its excess data time is at least
 half its excess busy time, else compute. Checkpoints, snapshots' background work and evaluation are
 outside the measured step, so they raise no alarm. Measured with host clocks: on CUDA, where collectives
 return before the device is done, the numbers would need device events (not done).
@@ -24,6 +24,8 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass
+
+from loomtrain.comms import traffic
 
 
 @dataclass
@@ -40,7 +42,7 @@ class Straggler:
 
 
 class StragglerDetector:
-    def __init__(self, hosts: list[str], threshold: float = 1.15, window: int = 8, need: int = 6,
+    def __init__(self, hosts: list[str], threshold: float = 1.2, window: int = 10, need: int = 8,
                  cohorts: list[list[int]] | None = None):
         self.hosts, self.threshold, self.need, self.cohorts = hosts, threshold, need, cohorts
         self.recent: deque = deque(maxlen=window)  # per step: (slowest rank or None, ratio, cause)
@@ -86,8 +88,6 @@ class HealthMonitor:
     """Per rank: times its steps (busy, data) and, from every rank's times, names the straggler."""
 
     def __init__(self, hosts: list[str], is_main: bool, **detector):
-        from loomtrain.comms import traffic
-
         self._traffic = traffic
         self.detector = StragglerDetector(hosts, **detector)
         self.is_main = is_main
@@ -117,3 +117,13 @@ class HealthMonitor:
 
 def host_name() -> str:
     return os.environ.get("LOOMTRAIN_HOST_ID") or socket.gethostname()
+
+
+@traffic.counted_as("other")
+def gather_hosts(world_size: int) -> list[str]:
+    """Every rank's host name, by rank (collective on the default group)."""
+    import torch.distributed as dist
+
+    hosts = [None] * world_size
+    dist.all_gather_object(hosts, host_name())
+    return hosts

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 from dataclasses import dataclass
 
+from loomtrain.comms import traffic
 from loomtrain.launch.topology import Cluster
 from loomtrain.parallel.mesh import MESH_DIMS, ParallelDims
 
@@ -187,6 +188,7 @@ def describe(result: dict, max_groups: int = 4) -> list[str]:
     return lines
 
 
+@traffic.counted_as("other")
 def place_ranks(exp, env, dims: ParallelDims) -> Placement:
     """Collective on the default group, before the mesh: with ``parallel.placement: fabric``, learn every
     rank's host (``LOOMTRAIN_HOST_ID`` or the hostname) and, without a cluster description, its NICs; set

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from loomtrain.comms import traffic
 from loomtrain.data.loader import PackedDataset, Prefetcher, eval_batches
 from loomtrain.data.prepare import prepare
-from loomtrain.faulttol.health import HealthMonitor, host_name
+from loomtrain.faulttol.health import HealthMonitor, gather_hosts
 from loomtrain.faulttol.manager import FaultTolerance
 from loomtrain.faulttol.snapshot import RestoreFailed
 from loomtrain.launch.env import DistEnv, init_distributed, read_env, shutdown
@@ -201,10 +201,9 @@ class Trainer:
         self.resumed_from = None
         self.restored_from, self.restore_seconds = None, 0.0
         self.ft = FaultTolerance(exp, env, self.dims)
-        hosts = [None] * env.world_size
-        dist.all_gather_object(hosts, host_name())
         # Ranks are compared with the others of their pipeline stage (stages differ in work by design).
-        self.health = HealthMonitor(hosts, env.is_main, cohorts=[list(c) for c in zip(*self.dims.groups("pp"))])
+        self.health = HealthMonitor(gather_hosts(env.world_size), env.is_main,
+                                    cohorts=[list(c) for c in zip(*self.dims.groups("pp"))])
         self._restore(resume)
 
     def _worker_group(self):
