@@ -135,13 +135,13 @@ def _add(group, nbytes: float) -> None:
         _messages[purpose] += 1
 
 
-# name -> (argument holding the tensor that sets S, bytes sent as a function of (S, n, args))
+# formula -> bytes one rank sends, from S (the named tensor's bytes) and n (ranks in the group)
 _RING = {
-    "all_reduce": lambda s, n, a: 2 * (n - 1) * s / n,
-    "all_gather": lambda s, n, a: (n - 1) * s,
-    "reduce_scatter": lambda s, n, a: (n - 1) * s / n,
-    "all_to_all": lambda s, n, a: (n - 1) * s / n,
-    "send": lambda s, n, a: s,
+    "all_reduce": lambda s, n: 2 * (n - 1) * s / n,
+    "all_gather": lambda s, n: (n - 1) * s,
+    "reduce_scatter": lambda s, n: (n - 1) * s / n,
+    "all_to_all": lambda s, n: (n - 1) * s / n,
+    "send": lambda s, n: s,
 }
 
 
@@ -196,7 +196,7 @@ def _counted(fn, tensor_arg: str, formula: str, functional: bool, may_block: boo
                     root = _is_root(a, key, group, functional)
                     sent = ((n - 1) * s if root else 0) if formula == "broadcast" else (0 if root else s)
                 else:
-                    sent = _RING[formula](s, n, a)
+                    sent = _RING[formula](s, n)
                 _add(group, sent)
             except Exception:  # noqa: BLE001 - accounting must never break a collective; torch raises its own
                 pass

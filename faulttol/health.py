@@ -17,8 +17,6 @@ return before the device is done, the numbers would need device events (not done
 """
 from __future__ import annotations
 
-import os
-import socket
 import statistics
 import sys
 import time
@@ -26,6 +24,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from loomtrain.comms import traffic
+from loomtrain.faulttol.manager import host_name
 
 
 @dataclass
@@ -113,10 +112,6 @@ class HealthMonitor:
     def record(self) -> dict:
         """metrics.jsonl fields while a straggler is named."""
         return self.detector.current.record() if self.detector.current is not None else {}
-
-
-def host_name() -> str:
-    return os.environ.get("LOOMTRAIN_HOST_ID") or socket.gethostname()
 
 
 @traffic.counted_as("other")

@@ -36,6 +36,11 @@ def smp_directory(exp) -> str:
     return os.environ.get(SMP_DIR_ENV) or job_directory(exp.train.output_dir, os.environ.get("SLURM_JOB_ID", ""))
 
 
+def host_name() -> str:
+    """This host's name for people and cluster descriptions: ``LOOMTRAIN_HOST_ID``, else the hostname."""
+    return os.environ.get(HOST_ID_ENV) or socket.gethostname()
+
+
 def host_key() -> str:
     """Which machine this is, stable across renumbering and restarts, different after a reboot or on a
     replacement host: the hostname and the kernel's boot id (``LOOMTRAIN_HOST_ID`` overrides)."""

@@ -147,15 +147,13 @@ def compare(exp, args, dims: ParallelDims, cluster: Cluster, peak_flops: float) 
     if cluster.world_size != dims.world_size:
         raise ValueError(f"--cluster: its hosts hold {cluster.world_size} ranks, the plan is for {dims.world_size}")
     sent = traffic_per_step(exp, args, dims)
-    sent_by_group_dim = {"tp": sent["tp"], "cp": sent["cp"], "dp_shard_cp": sent["dp_shard_cp"],
-                         "dp_replicate": sent["dp_replicate"], "pp": sent["pp"]}
     out = {}
     for name, order in (("placed", fabric_order(cluster)), ("megatron_default", naive_order(cluster))):
         found = groups(cluster, dims, order)
         est = step_estimate(exp, args, dims, link_function(found), peak_flops)
         out[name] = {"order": order, "step_s": est["step_s"], "estimate": est,
-                     "bytes_per_fabric": bytes_per_fabric(found, sent_by_group_dim),
-                     "crossings": crossings(found, cluster, sent_by_group_dim),
+                     "bytes_per_fabric": bytes_per_fabric(found, sent),
+                     "crossings": crossings(found, cluster, sent),
                      "groups": {d: [{"ranks": g.ranks, "hosts": g.hosts, "link": g.link, "gbps": g.gbps}
                                     for g in gs] for d, gs in found.items()}}
     out["speedup"] = out["megatron_default"]["step_s"] / out["placed"]["step_s"]
@@ -195,20 +193,16 @@ def place_ranks(exp, env, dims: ParallelDims) -> Placement:
     ``dims.placement``; return this rank's ``backend_override`` for ``ParallelDims.build_mesh``: each
     dimension's groups use the interface of the link they run on (gloo: a device bound to it; NCCL: the
     IB or Socket transport), never an environment change."""
-    import os
-    import socket
-
     import torch.distributed as dist
 
+    from loomtrain.faulttol.manager import host_name
     from loomtrain.launch.topology import Host, cluster_from_nics, discover_nics, load_cluster
 
     par = exp.parallel
     if par.placement == "none":
         return Placement({})
-    name = os.environ.get("LOOMTRAIN_HOST_ID") or socket.gethostname()
-    mine = (name, [] if par.cluster else discover_nics())
     every = [None] * env.world_size
-    dist.all_gather_object(every, mine)
+    dist.all_gather_object(every, (host_name(), [] if par.cluster else discover_nics()))
     names = [n for n, _ in every]
     hosts = list(dict.fromkeys(names))
     if names != [h for h in hosts for _ in range(names.count(h))]:
@@ -220,9 +214,9 @@ def place_ranks(exp, env, dims: ParallelDims) -> Placement:
         if missing:
             raise RuntimeError(f"parallel.cluster: hosts {missing} of this job are not in {par.cluster} (hosts are "
                                "named by LOOMTRAIN_HOST_ID or the hostname)")
-        cluster = type(base)(base.fabrics, [Host(h, described[h].fabric, names.count(h), described[h].interface,
+        cluster = Cluster(base.fabrics, [Host(h, described[h].fabric, names.count(h), described[h].interface,
                                                  described[h].between_interface) for h in hosts],
-                             base.between, base.intra_host_gbps)
+                          base.between, base.intra_host_gbps)
     else:
         cluster = cluster_from_nics([(h, names.count(h), next(nics for n, nics in every if n == h)) for h in hosts])
     order = fabric_order(cluster)

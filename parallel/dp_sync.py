@@ -100,6 +100,7 @@ class OuterSync:
         self.keys = [[(names or {}).get(p, f"f{f}.{j}") for j, p in enumerate(ps)] for f, ps in enumerate(self.local)]
         self.anchor = [[torch.nn.Parameter(_local(p).detach().float().clone()) for p in ps] for ps in self.local]
         self.inflight = [[torch.zeros_like(a) for a in ps] for ps in self.anchor]  # arrived averages (settle)
+        self.pending: dict[int, list] = {}  # group -> its averages in flight
         self.t = 0
         self._hook = inner_optimizer.register_step_post_hook(lambda *_: self.after_inner_step())
 
@@ -167,7 +168,16 @@ class OuterSync:
                         else:
                             t.zero_()
         self.t = 0
-        self._clear_pending()
+        self.pending = {}
+
+    def settle(self) -> None:
+        """Wait for the averages in flight and keep them in the ``inflight`` buffers (for a snapshot)."""
+        with torch.no_grad():
+            for f, pendings in self.pending.items():
+                self.pending[f] = [Resolved(buf.copy_(p.wait())) for buf, p in zip(self.inflight[f], pendings)]
+
+    def host_state(self) -> dict:
+        return {"signature": self.signature(), "t": self.t, "pending": sorted(self.pending)}
 
     @contextlib.contextmanager
     def outer_model(self):
@@ -196,7 +206,8 @@ class OuterSync:
         if not state or state.get("signature") != self.signature():
             self.reset()
             return
-        self._load_host(state)
+        self.t = int(state["t"])
+        self.pending = {int(f): [Resolved(buf) for buf in self.inflight[int(f)]] for f in state["pending"]}
 
     def close(self) -> None:
         self._hook.remove()
@@ -249,7 +260,6 @@ class DiLoCo(OuterSync):
                 for g in gs:
                     opt.state[g]["momentum_buffer"] = torch.zeros_like(g)
                 self.momentum[f] = [opt.state[g]["momentum_buffer"] for g in gs]
-        self.pending: dict[int, list] = {}
 
     def _tensor_sets(self):
         return super()._tensor_sets() | ({"momentum": self.momentum} if any(self.momentum) else {})
@@ -277,24 +287,8 @@ class DiLoCo(OuterSync):
                     local = _local(p)
                     local.copy_(((1 - self.alpha) * g + self.alpha * local.float()).to(local.dtype))
 
-    def settle(self) -> None:
-        """Wait for the averages in flight and keep them in the ``inflight`` buffers (for a snapshot)."""
-        with torch.no_grad():
-            for f, pendings in self.pending.items():
-                self.pending[f] = [Resolved(buf.copy_(p.wait())) for buf, p in zip(self.inflight[f], pendings)]
-
-    def host_state(self) -> dict:
-        return {"signature": self.signature(), "t": self.t, "pending": sorted(self.pending)}
-
     def signature(self) -> dict:
         return super().signature() | {"h": self.h, "delay": self.delay}
-
-    def _load_host(self, state: dict) -> None:
-        self.t = int(state["t"])
-        self.pending = {int(f): [Resolved(buf) for buf in self.inflight[int(f)]] for f in state["pending"]}
-
-    def _clear_pending(self) -> None:
-        self.pending = {}
 
 
 class CO2(OuterSync):
@@ -341,7 +335,6 @@ class CO2(OuterSync):
         self.worker_group = worker_group  # the worker's ranks, for model-wide norms (None: one rank)
         self.momentum = [[torch.zeros_like(a) for a in self.anchor[0]]]
         self.start = [[a.detach().clone() for a in self.anchor[0]]]
-        self.pending: list | None = None
 
     def _tensor_sets(self):
         return super()._tensor_sets() | {"momentum": self.momentum, "start": self.start}
@@ -354,7 +347,8 @@ class CO2(OuterSync):
         with torch.no_grad():
             params = [_local(p) for p in self.local[0]]
             deltas = [s - p.float() for s, p in zip(self.start[0], params)]  # fresh tensors: copies
-            arrived, self.pending = self.pending, [PendingMean(d, "none", self.group) for d in deltas]
+            arrived = self.pending.pop(0, None)
+            self.pending[0] = [PendingMean(d, "none", self.group) for d in deltas]
             if arrived is not None:
                 means = [pending.wait() for pending in arrived]
                 penalty = self._penalty(means)
@@ -386,20 +380,6 @@ class CO2(OuterSync):
         anchor.add_(m, alpha=-self.lr)
         p.copy_((anchor + progress).to(p.dtype))
 
-    def settle(self) -> None:
-        if self.pending is not None:
-            with torch.no_grad():
-                self.pending = [Resolved(buf.copy_(p.wait())) for buf, p in zip(self.inflight[0], self.pending)]
-
-    def host_state(self) -> dict:
-        return {"signature": self.signature(), "t": self.t, "pending": self.pending is not None}
-
-    def _load_host(self, state: dict) -> None:
-        self.t = int(state["t"])
-        self.pending = [Resolved(buf) for buf in self.inflight[0]] if state["pending"] else None
-
-    def _clear_pending(self) -> None:
-        self.pending = None
 
 
 def strided_fragments(blocks, n: int):

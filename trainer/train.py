@@ -423,13 +423,17 @@ class Trainer:
         if self.env.is_main and stop.file_requested():
             print(f"found {stop.stop_file}: checkpointing and stopping", flush=True)
             stop.requested = True
-        mine = torch.tensor([float(stop.requested), float(stop.flush), self.health.busy, self.health.data],
-                            dtype=torch.float64, device=self.env.device)  # the health times travel along
-        every = mine.new_empty(self.env.world_size * 4)
-        dist.all_gather_into_tensor(every, mine)
-        every = every.view(-1, 4).cpu()
+        every = self._gather_rows([float(stop.requested), float(stop.flush), self.health.busy,
+                                   self.health.data])  # the health times travel along
         self.health.observe(self.step, every[:, 2].tolist(), every[:, 3].tolist())
         return bool(every[:, 0].max() > 0), bool(every[:, 1].max() > 0)
+
+    def _gather_rows(self, values: list[float]) -> torch.Tensor:
+        """Every rank's ``values`` as a (world, len) float64 CPU tensor (one all-gather on the default group)."""
+        mine = torch.tensor(values, dtype=torch.float64, device=self.env.device)
+        every = mine.new_empty(self.env.world_size * mine.numel())
+        dist.all_gather_into_tensor(every, mine)
+        return every.view(self.env.world_size, -1).cpu()
 
     def _host_state(self) -> dict:
         """What a snapshot holds besides model, optimizer and outer-sync tensors."""
@@ -444,11 +448,8 @@ class Trainer:
     @traffic.counted_as("other")
     def _bytes_sent(self) -> dict:
         """Bytes sent so far per purpose (comms/traffic.py): summed over ranks, and the busiest rank's."""
-        mine = torch.tensor([float(v) for v in traffic.counts().values()], dtype=torch.float64, device=self.env.device)
-        every = mine.new_empty(self.env.world_size * mine.numel())
-        dist.all_gather_into_tensor(every, mine)
-        every = every.view(self.env.world_size, -1)
-        total, busiest = every.sum(0).cpu(), every.max(0).values.cpu()
+        every = self._gather_rows([float(v) for v in traffic.counts().values()])
+        total, busiest = every.sum(0), every.max(0).values
         return {f"bytes_{p}": int(total[i]) for i, p in enumerate(traffic.PURPOSES)} | \
             {f"bytes_max_rank_{p}": int(busiest[i]) for i, p in enumerate(traffic.PURPOSES)}
 
