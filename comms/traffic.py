@@ -49,6 +49,7 @@ _messages: Counter = Counter()
 _installed = False
 _blocked = [0.0]  # seconds the main thread spent blocked in collectives (faulttol/health.py)
 _MAIN = threading.main_thread().ident
+_wait_hook = [None]  # called with True/False around the main thread's blocking waits (faulttol/heartbeat.py)
 
 
 def label(group, purpose: str) -> None:
@@ -90,16 +91,32 @@ def blocked_seconds() -> float:
     return _blocked[0]
 
 
+def set_wait_hook(hook) -> None:
+    """``hook(True)`` when the main thread starts blocking on a collective, ``hook(False)`` when it returns
+    (the heartbeat the hang monitor reads: a rank that waits is not the one that hangs). None: off."""
+    _wait_hook[0] = hook
+
+
+def _waited(fn, args, kwargs):
+    """Call ``fn``, adding the time to the main thread's blocked seconds and telling the wait hook."""
+    hook = _wait_hook[0]
+    if hook is not None:
+        hook(True)
+    t0 = time.perf_counter()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _blocked[0] += time.perf_counter() - t0
+        if hook is not None:
+            hook(False)
+
+
 def _timed(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         if threading.get_ident() != _MAIN or getattr(_depth, "n", 0):  # inside a timed call: counted there
             return fn(*args, **kwargs)
-        t0 = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            _blocked[0] += time.perf_counter() - t0
+        return _waited(fn, args, kwargs)
 
     wrapper.__loomtrain_counted__ = True
     return wrapper
@@ -201,13 +218,10 @@ def _counted(fn, tensor_arg: str, formula: str, functional: bool, may_block: boo
             except Exception:  # noqa: BLE001 - accounting must never break a collective; torch raises its own
                 pass
         _depth.n = getattr(_depth, "n", 0) + 1
-        t0 = time.perf_counter() if blocking else 0.0
         try:
-            return fn(*args, **kwargs)
+            return _waited(fn, args, kwargs) if blocking else fn(*args, **kwargs)
         finally:
             _depth.n -= 1
-            if blocking:
-                _blocked[0] += time.perf_counter() - t0
 
     wrapper.__loomtrain_counted__ = True
     return wrapper

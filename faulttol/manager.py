@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from loomtrain.comms import traffic
 from loomtrain.fsutil import atomic_write_text
+from loomtrain.faulttol import heartbeat
 from loomtrain.faulttol.inject import Watchdog, attempt, maybe_inject, snapshot_phase_fault
 from loomtrain.faulttol.layout import NodeLayout
 from loomtrain.faulttol.smp import (SMPError, SnapshotClient, ensure_daemon, host_label, job_directory,
@@ -101,8 +102,10 @@ class FaultTolerance:
         self.node = None
         self.attempt, self.run = self._agree_generation()
         self.snapshot_failures = 0
-        # Armed first: SMP hookup, snapshot groups and the restore can hang too.
-        self.watchdog = Watchdog(self.cfg.hang_timeout_s, env.rank, self.cfg.startup_timeout_s)
+        # Armed first: SMP hookup, snapshot groups and the restore can hang too. Where a hang monitor watches
+        # from outside (loomtrain's launchers, the sbatch script), it owns hangs and this stays off.
+        self.watchdog = Watchdog(0 if heartbeat.watched() else self.cfg.hang_timeout_s, env.rank,
+                                 self.cfg.startup_timeout_s)
         if self.every:
             self._connect(dims)
 

@@ -3,6 +3,8 @@
 With in-memory snapshots on, the launcher also starts one snapshot process (SMP) per
 (simulated) node before the ranks and shuts them down after the last attempt: the SMPs
 outlive every restart in between, which is what lets a restarted group restore from memory.
+A hang monitor (``faulttol/hang_monitor.py``) watches the ranks' heartbeats from this process: it
+kills a rank that hangs, which the elastic agent restarts like any other failure.
 """
 from __future__ import annotations
 
@@ -52,6 +54,22 @@ def node_snapshot_processes(exp, nproc: int):
             os.environ[SMP_DIR_ENV] = previous
 
 
+@contextlib.contextmanager
+def hang_monitor(nproc: int):
+    """The ranks' hang monitor (faulttol/hang_monitor.py) in this process for the duration of the block."""
+    from loomtrain.faulttol.hang_monitor import HEARTBEAT_DIR_ENV, HangMonitor
+
+    directory = tempfile.mkdtemp(prefix="loomtrain-heartbeat-")
+    os.environ[HEARTBEAT_DIR_ENV] = directory  # the workers inherit it
+    monitor = HangMonitor(directory, nproc).start()
+    try:
+        yield monitor
+    finally:
+        monitor.stop()
+        os.environ.pop(HEARTBEAT_DIR_ENV, None)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def launch_local(exp, config_path: str, overrides: list[str], nproc: int, max_restarts: int,
                  resume: str | None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -61,7 +79,7 @@ def launch_local(exp, config_path: str, overrides: list[str], nproc: int, max_re
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=max_restarts,
                           monitor_interval=0.5)
     try:
-        with node_snapshot_processes(exp, nproc):
+        with node_snapshot_processes(exp, nproc), hang_monitor(nproc):
             elastic_launch(config, entrypoint=sys.executable)(*worker_args(config_path, overrides, resume))
     except ChildFailedError as e:
         failures = e.failures

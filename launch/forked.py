@@ -108,15 +108,29 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 300.0, env: dict | No
 
 
 def run_ranks_restarting(fn, world_size: int, *args, max_restarts: int = 1, timeout: float = 300.0,
-                         env: dict | None = None) -> tuple[list, list[str]]:
+                         env: dict | None = None, monitor=None) -> tuple[list, list[str]]:
     """Like ``run_ranks``, but when any rank fails (exception, signal, exit) the whole group is killed
     and started again, up to ``max_restarts`` times — what torch's elastic agent does, by fork.
 
-    Each attempt sees ``LOOMTRAIN_ATTEMPT`` (0, 1, ...). Returns the last attempt's per-rank results
+    Each attempt sees ``LOOMTRAIN_ATTEMPT`` (0, 1, ...). ``monitor``: a ``HangMonitor`` watching the ranks'
+    heartbeats (as ``loomtrain train --nproc`` runs one). Returns the last attempt's per-rank results
     and one line per failed attempt saying which rank failed and how.
     """
     failures = []
     run_env = {"LOOMTRAIN_RUN_ID": _new_run()} | (env or {})  # one run: its attempts share the id
+    if monitor is not None:
+        from loomtrain.faulttol.heartbeat import HEARTBEAT_DIR_ENV
+
+        run_env[HEARTBEAT_DIR_ENV], monitor.expected = monitor.directory, world_size
+        monitor.start()
+        try:
+            return _restarting(fn, world_size, args, max_restarts, timeout, run_env, failures)
+        finally:
+            monitor.stop()
+    return _restarting(fn, world_size, args, max_restarts, timeout, run_env, failures)
+
+
+def _restarting(fn, world_size, args, max_restarts, timeout, run_env, failures):
     for attempt in range(max_restarts + 1):
         attempt_env = dict(run_env, LOOMTRAIN_ATTEMPT=str(attempt))
         procs, pipes = _fork_ranks(fn, world_size, args, attempt_env, "torchrun")

@@ -466,17 +466,19 @@ def test_sigusr1_writes_a_checkpoint_and_training_goes_on(overrides, tmp_path):
 
 
 def test_cli_restarts_and_restores_from_memory(small_corpus, tmp_path):
-    """The real path: `loomtrain train --nproc 4 --max-restarts 1` (torch elastic), SMPs started by the launcher."""
+    """The real path: `loomtrain train --nproc 4 --max-restarts 1` (torch elastic), SMPs started by the launcher,
+    a rank that hangs caught by the launcher's hang monitor."""
     from conftest import TEST_OVERRIDES
 
-    sets = TEST_OVERRIDES + [f"data.prepared={small_corpus}", f"train.output_dir={tmp_path / 'run'}"] + FT + [
-        "faulttol.inject={kind: sigkill, rank: 1, step: 5}"]
+    sets = TEST_OVERRIDES + [f"data.prepared={small_corpus}", f"train.output_dir={tmp_path / 'run'}"] + FT + WARM + [
+        "faulttol.inject={kind: hang, rank: 1, step: 5}"]
     cmd = [sys.executable, "-m", "loomtrain.launch.cli", "train", "--nproc", "4", "--max-restarts", "1"]
     for s in sets:
         cmd += ["--set", s]
     before = set(os.listdir("/dev/shm"))
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "health: HANG: rank 1 on host" in out.stderr and "not in a collective while ranks 0, 2, 3" in out.stderr
     assert "restored step 4 from memory" in out.stdout, out.stdout[-2000:]
     assert "step=8" in out.stdout
     assert not [f for f in set(os.listdir("/dev/shm")) - before if f.startswith("lt")], "shared memory leaked"
@@ -488,3 +490,86 @@ def test_bad_injection_rank_is_refused_before_start(small_corpus, tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert out.stderr.strip() == "error: faulttol.inject.rank: must be in [0, 4), got 9"
+
+
+# ---------------------------------------------------------------- hangs caught from outside (faulttol/hang_monitor.py)
+WARM = ["faulttol.monitor.warmup_steps=3"]  # the step limit applies from step 4 (the hangs come at step 5)
+
+
+def _train_hanging(rank, overrides, hang_rank, how):
+    """``_train``, with rank ``hang_rank`` hanging on the first attempt only: ``sigstop`` stops it right after
+    optimizer step 5; ``startup`` leaves it sleeping in rank placement while the others wait in its gather."""
+    if rank == hang_rank and os.environ["LOOMTRAIN_ATTEMPT"] == "0":
+        if how == "sigstop":
+            signal_self_after_step(5, signal.SIGSTOP)
+        else:
+            from loomtrain.trainer import train as train_mod
+
+            def never_returns(*args):
+                while True:
+                    time.sleep(1.0)
+
+            train_mod.place_ranks = never_returns
+    return _train(rank, overrides)
+
+
+def _hang_report(monitor, rank: int) -> str:
+    [hang] = monitor.hangs
+    assert hang.ranks == [rank] and hang.stalled_s >= hang.limit_s, hang.summary()
+    text = open(hang.report).read()
+    for r in range(WORLD):  # every rank's Python stack, the blamed one's too
+        section = text.split(f"---- rank {r} ")[1].split("---- rank")[0]
+        assert 'File "' in section, section
+    return text
+
+
+def test_a_sigstopped_rank_is_named_and_the_job_resumes_from_memory(overrides, smp_dir, uninterrupted, tmp_path,
+                                                                     capfd):
+    from loomtrain.faulttol.hang_monitor import HangMonitor, exclude_list
+
+    monitor = HangMonitor(str(tmp_path / "heartbeats"))
+    results, failures = run_ranks_restarting(_train_hanging, WORLD, overrides + FT + WARM, 2, "sigstop", max_restarts=1,
+                                             env={"LOOMTRAIN_SMP_DIR": smp_dir}, timeout=180, monitor=monitor)
+    assert failures == ["attempt 0: rank 2 died (exit code -9)"]  # killed by the monitor, not by itself
+    text = _hang_report(monitor, 2)
+    [hang] = monitor.hangs
+    # After the warm-up steps of a tiny model, the limit is the 5 s floor over 3 x p99 step time.
+    assert hang.limit_s == 5.0 and hang.limit_why.startswith("max(3 x p99 step time") and hang.culprits[0]["step"] == 4
+    assert "stopped by a signal (process state T); ranks 0, 1, 3 wait for it" in hang.cause
+    assert "step_then_signal" in text.split("---- rank 2 ")[1].split("---- rank")[0]  # where it stopped
+    assert "health: HANG: rank 2 on host" in capfd.readouterr().err
+    assert all(r[1] == "memory" for r in results)
+    # Stopped in step 5 (snapshot 4 is the newest), then continued for the milliseconds its stack dump takes.
+    restored = min(results[0][0]) - 1
+    assert restored in (4, 6)
+    _assert_identical_after(results, uninterrupted, restored_step=restored)
+    assert exclude_list(str(tmp_path / "run"), 1) != [] and exclude_list(str(tmp_path / "run"), 2) == []
+
+
+def test_a_rank_hung_in_start_up_is_named_while_the_others_wait(overrides, smp_dir, uninterrupted, tmp_path):
+    from loomtrain.faulttol.hang_monitor import HangMonitor
+
+    monitor = HangMonitor(str(tmp_path / "heartbeats"))
+    results, failures = run_ranks_restarting(_train_hanging, WORLD, overrides + FT + ["faulttol.monitor.phase_timeout_s=4"],
+                                             1, "startup", max_restarts=1, env={"LOOMTRAIN_SMP_DIR": smp_dir},
+                                             timeout=180, monitor=monitor)
+    assert failures == ["attempt 0: rank 1 died (exit code -9)"]
+    text = _hang_report(monitor, 1)
+    [hang] = monitor.hangs
+    assert hang.culprits[0]["phase"] == "build" and "not in a collective while ranks 0, 2, 3 wait in one" in hang.cause
+    assert hang.limit_s == 4.0 and "never_returns" in text
+    assert all(r[1] is None for r in results)  # nothing to restore: it never took a step
+    _assert_identical_after(results, uninterrupted, restored_step=0)
+
+
+def test_an_injected_hang_is_caught_by_the_monitor_not_the_watchdog(overrides, smp_dir, uninterrupted, tmp_path):
+    from loomtrain.faulttol.hang_monitor import HangMonitor
+
+    monitor = HangMonitor(str(tmp_path / "heartbeats"))
+    ov = overrides + FT + WARM + ["faulttol.hang_timeout_s=2", "faulttol.inject={kind: hang, rank: 3, step: 5}"]
+    results, failures = run_ranks_restarting(_train, WORLD, ov, max_restarts=1, env={"LOOMTRAIN_SMP_DIR": smp_dir},
+                                             timeout=180, monitor=monitor)
+    assert failures == ["attempt 0: rank 3 died (exit code -9)"]  # not the watchdog's exit code 124
+    _hang_report(monitor, 3)
+    assert "not in a collective while ranks 0, 1, 2 wait in one" in monitor.hangs[0].cause
+    _assert_identical_after(results, uninterrupted, restored_step=4)

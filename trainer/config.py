@@ -175,6 +175,16 @@ class InjectConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """Limits of the hang monitor that runs beside the ranks (faulttol/hang_monitor.py; loomtrain's launchers)."""
+
+    step_factor: float = 3.0  # no progress for factor x the p99 step time (and at least min_s) is a hang
+    min_s: float = 5.0
+    warmup_steps: int = 5  # steps timed before that limit applies (until then: phase_timeout_s)
+    phase_timeout_s: float = 1800.0  # the limit in start-up, restore, warm-up steps, checkpoints, evaluation
+
+
+@dataclass
 class FaultTolConfig:
     """Surviving failures: snapshots in memory, erasure coding across nodes, restarts, watchdog."""
 
@@ -185,8 +195,11 @@ class FaultTolConfig:
     ec_group_stride: int = 1  # a group takes every Nth node: set N to the nodes per rack/switch, so that
     #                           losing one rack costs each group at most one node
     ec_parity: int = 1  # parity chunks m per group: any m nodes of a group may be lost
-    hang_timeout_s: float = 600.0  # watchdog: exit when a step makes no progress this long; 0 = off
-    startup_timeout_s: float = 1800.0  # ... and before the first step (SMP hookup, restore, compilation)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    # Without a hang monitor (a bare torchrun), each rank's own watchdog thread: exit when a step makes no
+    # progress this long (0 = off), and before the first step (SMP hookup, restore, compilation).
+    hang_timeout_s: float = 600.0
+    startup_timeout_s: float = 1800.0
     smp_idle_exit_s: float = 1800.0  # an SMP the trainer had to start exits after this long unused
     inject: InjectConfig = field(default_factory=InjectConfig)
 
@@ -401,7 +414,8 @@ def validate(exp: Experiment) -> None:
     _positive(exp, "model.dim", "model.n_layers", "model.n_heads", "model.n_kv_heads",
               "model.ffn_multiple_of", "model.norm_eps", "model.rope_theta", "data.seq_len",
               "train.steps", "train.global_batch_size", "train.log_every", "optim.lr",
-              "parallel.cp_link_gbps", "faulttol.snapshot.timeout_s")
+              "parallel.cp_link_gbps", "faulttol.snapshot.timeout_s", "faulttol.monitor.step_factor",
+              "faulttol.monitor.min_s", "faulttol.monitor.phase_timeout_s")
     _positive(exp, "model.ffn_hidden", "model.vocab_size", "model.max_seq_len", "train.micro_batch_size",
               "train.eval_every", "train.eval_batches", "train.threads", "parallel.cp_latency_us", "optim.warmup_steps",
               "optim.weight_decay", "optim.grad_clip", "optim.eps", "checkpoint.every_steps",
@@ -410,7 +424,7 @@ def validate(exp: Experiment) -> None:
               "faulttol.snapshot.every_steps", "faulttol.persist_every_steps", "faulttol.ranks_per_node",
               "faulttol.ec_group_nodes", "faulttol.ec_parity", "faulttol.hang_timeout_s", "faulttol.startup_timeout_s",
               "faulttol.smp_idle_exit_s", "faulttol.inject.rank", "faulttol.inject.step", "faulttol.inject.attempt",
-              "train.microbatches",
+              "train.microbatches", "faulttol.monitor.warmup_steps",
               allow_zero=True)
     _positive(exp, "parallel.pp_virtual_stages")
     m = exp.model

@@ -17,8 +17,10 @@ import torch.distributed as dist
 from loomtrain.comms import traffic
 from loomtrain.data.loader import PackedDataset, Prefetcher, eval_batches
 from loomtrain.data.prepare import prepare
+from loomtrain.faulttol import heartbeat
 from loomtrain.faulttol.health import HealthMonitor, gather_hosts
-from loomtrain.faulttol.manager import FaultTolerance
+from loomtrain.faulttol.inject import attempt
+from loomtrain.faulttol.manager import FaultTolerance, host_name
 from loomtrain.faulttol.snapshot import RestoreFailed
 from loomtrain.launch.env import DistEnv, init_distributed, read_env, shutdown
 from loomtrain.launch.placement import place_ranks
@@ -106,18 +108,19 @@ class Trainer:
         self.exp, self.env = exp, env
         tcfg = exp.train
         self.dims = check_experiment(exp, env.world_size, env.local_world_size)
+        traffic.install()  # bytes sent per purpose, logged with the metrics; the hang monitor sees the waits
         # Which rank fills each place of the mesh, and the interface each dimension's groups use.
         self.placement = place_ranks(exp, env, self.dims)
         self.mesh = self.dims.build_mesh(env.device.type, self.placement.override)
-        traffic.install()  # bytes sent per purpose, logged with the metrics
         self.mesh.label_traffic()
         self.dp_rank = self.mesh["dp"].get_local_rank()
         self.dtype = DTYPES[exp.model.dtype]
 
         # Data: every rank asks for the token files; one process writes them under a file lock, the
         # rest wait on the lock (not in a collective that could time out) and read.
-        prepared = prepare(exp.data, progress=env.is_main and tcfg.progress, on_wait=self._data_wait,
-                           need_valid=bool(tcfg.eval_every))
+        with heartbeat.in_phase("data", then="build"):  # may take hours: not watched for hangs
+            prepared = prepare(exp.data, progress=env.is_main and tcfg.progress, on_wait=self._data_wait,
+                               need_valid=bool(tcfg.eval_every))
         self.prepared = prepared
         self.train_data = PackedDataset(prepared.train_prefix, exp.data.seq_len)
         self.valid_data = PackedDataset(prepared.valid_prefix, exp.data.seq_len) if tcfg.eval_every else None
@@ -204,7 +207,8 @@ class Trainer:
         # Ranks are compared with the others of their pipeline stage (stages differ in work by design).
         self.health = HealthMonitor(gather_hosts(env.world_size), env.is_main,
                                     cohorts=[list(c) for c in zip(*self.dims.groups("pp"))])
-        self._restore(resume)
+        with heartbeat.in_phase("restore"):
+            self._restore(resume)
 
     def _worker_group(self):
         """One replica's ranks (pp x dp_shard x cp x tp) when replicas take local updates and span ranks."""
@@ -349,6 +353,7 @@ class Trainer:
 
                 bar = tqdm(total=tcfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         finished = False
+        heartbeat.phase("step")
         try:
             while self.step < tcfg.steps:
                 start = time.perf_counter()
@@ -370,7 +375,8 @@ class Trainer:
                         record["snapshot_failures"] = self.ft.snapshot_failures
                     record |= self._bytes_sent() | self.health.record()
                 if tcfg.eval_every and (self.step % tcfg.eval_every == 0 or self.step == tcfg.steps):
-                    val = self.evaluate()
+                    with heartbeat.in_phase("eval"):
+                        val = self.evaluate()
                     result.val_losses[self.step] = val
                     record = (record or {"step": self.step}) | {"val_loss": val}
                 if record:
@@ -386,6 +392,7 @@ class Trainer:
                     bar.update(1)
                 self.ckpt.poll()
                 self.ft.after_step(self.step, self.model, self.optimizer, self._host_state, self._sync_tensors)
+                heartbeat.step_done(self.step)  # the hang monitor's limit follows the steps' p99
                 stopping, flush = self._stop_requested(stop)
                 if stopping:
                     result.stopped_by_signal = True
@@ -393,9 +400,11 @@ class Trainer:
                 every = exp.checkpoint.every_steps
                 if self.step < tcfg.steps and (flush or self.ft.persist_due(self.step)
                                                or (every and self.step % every == 0)):
-                    result.checkpoint = self.ckpt.save(self.model, self.optimizer, self.scheduler,
-                                                       self.batches, self.step, sync=self.sync)
+                    with heartbeat.in_phase("checkpoint"):
+                        result.checkpoint = self.ckpt.save(self.model, self.optimizer, self.scheduler,
+                                                           self.batches, self.step, sync=self.sync)
                     stop.flush = False
+            heartbeat.phase("checkpoint")  # the last save and the waits for background work
             if result.stopped_by_signal or exp.checkpoint.at_end:
                 result.checkpoint = self.ckpt.save(self.model, self.optimizer, self.scheduler,
                                                    self.batches, self.step, sync=self.sync)
@@ -482,9 +491,15 @@ class Trainer:
 
 def run(exp: Experiment, resume: str | None = None) -> TrainResult:
     """Train ``exp`` in this process (one rank of whatever launched it)."""
-    _, world, _, local_world, _ = read_env()
+    rank, world, local_rank, local_world, _ = read_env()
     check_experiment(exp, world, local_world)  # before any process group starts
-    env = init_distributed(exp.parallel)
+    # A heartbeat for the launcher's hang monitor (when one runs): from before the rendezvous on.
+    heartbeat.start(rank, local_rank, attempt())
+    heartbeat.configure(exp.faulttol.monitor, host_name(), exp.train.output_dir)
+    heartbeat.phase("init")
+    with heartbeat.waiting():  # for the rest of the ranks to join
+        env = init_distributed(exp.parallel)
+    heartbeat.phase("build")
     try:
         set_threads(exp, env)
         if env.is_main:
@@ -493,3 +508,4 @@ def run(exp: Experiment, resume: str | None = None) -> TrainResult:
         return trainer.fit()
     finally:
         shutdown()
+        heartbeat.stop()

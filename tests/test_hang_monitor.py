@@ -1,0 +1,154 @@
+"""The hang monitor's pieces: the heartbeat record a rank keeps, who is blamed for a hang (pure), the Slurm
+exclude list, and the wrapper around a command. End to end (4 ranks, SIGSTOP, start-up hang, restart from
+memory): tests/test_faulttol.py."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from loomtrain.faulttol import heartbeat
+from loomtrain.faulttol.hang_monitor import diagnose, exclude_list, limit, process_state, record_failure
+from loomtrain.trainer.config import MonitorConfig
+
+
+def _rec(rank, phase="step", step=10, waiting=True, beat=0.0, steps_timed=10, p99=0.5, **kw):
+    r = {"rank": rank, "local_rank": rank, "pid": 1000 + rank, "stage": heartbeat.STAGES[phase], "phase": phase,
+         "step": step, "waiting": waiting, "beat": beat, "steps_timed": steps_timed, "p99": p99, "factor": 3.0,
+         "min_s": 5.0, "phase_timeout": 60.0, "warmup_steps": 5}
+    return r | kw
+
+
+def _states(records, **override):
+    return {r["pid"]: override.get(str(r["rank"]), "S") for r in records}
+
+
+def test_the_limit_is_3x_p99_with_a_5s_floor_after_warm_up_and_the_phase_timeout_otherwise():
+    assert limit(_rec(0, p99=0.5))[0] == 5.0
+    assert limit(_rec(0, p99=4.0))[0] == 12.0
+    assert limit(_rec(0, steps_timed=3))[0] == 60.0  # warm-up: compilation, first allocations
+    assert limit(_rec(0, phase="checkpoint"))[0] == 60.0 and limit(_rec(0, phase="restore"))[0] == 60.0
+    assert limit(_rec(0, phase="data"))[0] == float("inf")  # tokenizing a corpus for hours is not a hang
+
+
+def test_nothing_is_a_hang_before_the_limit():
+    records = [_rec(r, beat=100.0, waiting=r != 2) for r in range(4)]
+    assert diagnose(records, _states(records), now=104.9) is None
+
+
+@pytest.mark.parametrize("case, blamed, cause", [
+    ("stopped", [2], "stopped by a signal (process state T); ranks 0, 1, 3 wait for it"),
+    ("idle", [1], "not in a collective while ranks 0, 2, 3 wait in one"),
+    ("behind", [3], "behind the others (ranks 0, 1, 2 are further on)"),
+    ("all idle", [0, 1, 2, 3], "no rank made progress and none waits in a collective"),
+])
+def test_the_rank_the_others_wait_for_is_blamed(case, blamed, cause):
+    records = [_rec(r, beat=100.0) for r in range(4)]
+    states = _states(records)
+    if case == "stopped":
+        states[1002] = "T"
+        records[2]["waiting"] = True  # stopped inside a collective: still the one
+    elif case == "idle":
+        records[1]["waiting"] = False
+    elif case == "behind":
+        records[3]["step"] = 9
+    else:
+        for r in records:
+            r["waiting"] = False
+    found = diagnose(records, states, now=105.5)
+    assert found is not None and found.ranks == blamed and found.cause == cause
+    assert found.stalled_s == pytest.approx(5.5) and found.limit_s == 5.0
+
+
+def test_when_every_local_rank_waits_the_host_restarts_only_after_twice_the_limit():
+    records = [_rec(r, beat=100.0) for r in range(4)]
+    assert diagnose(records, _states(records), now=109.0) is None  # another host's monitor acts first
+    found = diagnose(records, _states(records), now=110.5)
+    assert found is not None and found.ranks == [] and "on another host" in found.cause
+
+
+def test_dead_and_finished_ranks_are_not_watched_and_a_missing_rank_is_named():
+    records = [_rec(r, beat=100.0) for r in range(3)]
+    states = _states(records)
+    assert diagnose(records, {p: None for p in states}, now=1e6) is None  # all gone: the launcher's business
+    assert diagnose([dict(r, phase="done") for r in records], states, now=1e6) is None
+    found = diagnose(records, states, now=106.0, expected=4)
+    assert found is not None and found.ranks == [] and "local rank(s) [3] never wrote a heartbeat" in found.cause
+
+
+def test_the_record_round_trips_and_step_times_leave_checkpoints_out(tmp_path, monkeypatch):
+    from loomtrain.faulttol.heartbeat import Heartbeat, read_record, record_path
+
+    hb = Heartbeat(str(tmp_path), rank=3, local_rank=1, attempt=2)
+    try:
+        hb.configure(MonitorConfig(step_factor=4.0, min_s=7.0, warmup_steps=2, phase_timeout_s=99.0), "hostA",
+                     str(tmp_path / "out"))
+        hb.phase("step")
+        for step in range(1, 4):
+            time.sleep(0.02)
+            hb.step_done(step)
+        hb.phase("checkpoint")
+        time.sleep(0.3)  # a slow save between steps 3 and 4: not a step's time
+        hb.phase("step")
+        time.sleep(0.02)
+        hb.step_done(4)
+        hb.set_waiting(True)
+        rec = read_record(record_path(str(tmp_path), 3))
+        assert (rec["rank"], rec["local_rank"], rec["attempt"], rec["pid"]) == (3, 1, 2, os.getpid())
+        assert (rec["phase"], rec["step"], rec["steps_timed"], rec["waiting"]) == ("step", 4, 4, True)
+        assert (rec["factor"], rec["min_s"], rec["warmup_steps"], rec["phase_timeout"]) == (4.0, 7.0, 2, 99.0)
+        assert 0.015 < rec["p99"] < 0.2, rec["p99"]
+        assert rec["seq"] % 2 == 0 and abs(rec["beat"] - time.time()) < 5
+        side = json.loads(open(record_path(str(tmp_path), 3, "json")).read())
+        assert side["host"] == "hostA" and side["output_dir"] == str(tmp_path / "out")
+    finally:
+        hb.close()
+    assert read_record(record_path(str(tmp_path), 3))["phase"] == "done"
+
+
+def test_without_a_monitor_heartbeats_are_off(monkeypatch):
+    monkeypatch.delenv(heartbeat.HEARTBEAT_DIR_ENV, raising=False)
+    assert heartbeat.start(0, 0, 0) is None and not heartbeat.watched()
+    heartbeat.phase("step")  # no-ops
+    heartbeat.step_done(1)
+
+
+def test_process_state_sees_a_stopped_process():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        time.sleep(0.2)
+        assert process_state(child.pid) in ("S", "R")
+        os.kill(child.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 5
+        while process_state(child.pid) != "T" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert process_state(child.pid) == "T"
+    finally:
+        child.kill()
+        child.wait()
+    assert process_state(child.pid) is None
+
+
+def test_hosts_that_fail_repeatedly_make_the_exclude_list(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    out = str(tmp_path)
+    record_failure(out, "gpu-a.cluster", "gpu-a", "stopped", 3)
+    record_failure(out, "gpu-b.cluster", "gpu-b", "stopped", 9)
+    record_failure(out, "gpu-a.cluster", "gpu-a", "not in a collective", 2)
+    with open(os.path.join(out, "health", "failures.jsonl"), "a") as f:
+        f.write('{"torn": \n')  # a line a crash cut short is skipped
+    assert exclude_list(out, 2) == ["gpu-a"] and exclude_list(out, 1) == ["gpu-a", "gpu-b"]
+    assert exclude_list(out, 1, job="78") == [] and exclude_list(str(tmp_path / "none"), 1) == []
+    printed = subprocess.run([sys.executable, "-m", "loomtrain.faulttol.hang_monitor", "--exclude-list", out,
+                              "--min-failures", "1", "--job", "77"], capture_output=True, text=True, check=True)
+    assert printed.stdout.strip() == "gpu-a,gpu-b"
+
+
+def test_the_wrapper_runs_the_command_with_a_heartbeat_directory_and_returns_its_code(tmp_path):
+    script = "import os, sys; print(os.path.isdir(os.environ['LOOMTRAIN_HEARTBEAT_DIR'])); sys.exit(3)"
+    out = subprocess.run([sys.executable, "-m", "loomtrain.faulttol.hang_monitor", "--nproc", "1", "--",
+                          sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 3 and out.stdout.strip() == "True", out.stderr
