@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds of warning before the time limit (default: estimated from the model's save time)")
     s.add_argument("--no-requeue", dest="requeue", action="store_false",
                    help="after checkpointing on the pre-emption warning, end instead of requeueing the job")
+    s.add_argument("--exclude-after", type=int, default=2,
+                   help="requeue without a host once its own ranks hung this many times in the job")
+    s.add_argument("--failure-requeues", type=int, default=3,
+                   help="requeue a failed job without its failing hosts at most this many times in all")
     s.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
                    help="any other #SBATCH line, e.g. --sbatch-arg=--account=proj (repeatable)")
 
@@ -180,7 +184,9 @@ def cmd_slurm(args) -> int:
 
     if args.max_restarts < 0:
         raise ConfigError(f"--max-restarts: must be >= 0, got {args.max_restarts}")
-    _at_least_one(nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+    if args.failure_requeues < 0:
+        raise ConfigError(f"--failure-requeues: must be >= 0, got {args.failure_requeues}")
+    _at_least_one(nodes=args.nodes, gpus_per_node=args.gpus_per_node, exclude_after=args.exclude_after,
                   **{k: v for k, v in (("cpus_per_task", args.cpus_per_task), ("preempt_lead_s", args.preempt_lead_s))
                      if v is not None})
     exp = load_config(args.config, args.overrides)
@@ -188,7 +194,8 @@ def cmd_slurm(args) -> int:
     path = write_sbatch(exp, resolve_config_path(args.config), args.overrides, args.nodes, args.gpus_per_node,
                         args.output, args.partition, args.time, args.job_name, max_restarts=args.max_restarts,
                         cpus_per_task=args.cpus_per_task, mem=args.mem, preempt_lead_s=args.preempt_lead_s,
-                        requeue=args.requeue, sbatch_args=args.sbatch_arg)
+                        requeue=args.requeue, sbatch_args=args.sbatch_arg, exclude_after=args.exclude_after,
+                        failure_requeues=args.failure_requeues)
     print(f"wrote {path}  (submit with: sbatch {path})")
     return 0
 

@@ -8,7 +8,10 @@ are not forwarded: srun turns a SIGTERM into SIGKILL of its tasks, torchrun exit
 SIGTERM (a clean stop recorded as FAILED) and gives its workers 30 s, and USR1 kills torchrun.
 The batch shell waits for srun in a loop (a trap interrupts ``wait``) and, after a stop on
 the warning, requeues the job (``--requeue``), which resumes from that checkpoint
-(``--resume auto``). Logs are appended across requeues. A last step on every node removes the
+(``--resume auto``). Each node's torchrun runs inside the hang monitor (``faulttol/hang_monitor.py``);
+a host whose own ranks hung ``exclude_after`` times in the job is excluded from the requeue, and a job
+that failed with such a host is requeued without it (at most ``failure_requeues`` requeues in all).
+Logs are appended across requeues. A last step on every node removes the
 job's snapshot segments, whatever state the trainers left them in.
 """
 from __future__ import annotations
@@ -49,7 +52,9 @@ on_warning() {{
 trap on_warning USR1
 echo "loomtrain: job $SLURM_JOB_ID start $(date -Is) (requeue count ${{SLURM_RESTART_COUNT:-0}})"
 rm -f "$stop_file"  # a warning that came after the last step of an earlier run
-srun --kill-on-bad-exit=1 torchrun \\
+# Each node's torchrun runs inside loomtrain's hang monitor: it names a rank that hangs, dumps every rank's
+# stack under {output_dir}/health/, and kills the rank so that torchrun restarts the group from memory.
+srun --kill-on-bad-exit=1 python -m loomtrain.faulttol.hang_monitor --nproc {gpus} -- torchrun \\
   --nnodes={nodes} --nproc-per-node={gpus} \\
   --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" \\
   --rdzv-id="$SLURM_JOB_ID.${{SLURM_RESTART_COUNT:-0}}" --max-restarts={max_restarts} \\
@@ -67,9 +72,31 @@ if [ -e "$stop_file" ]; then  # training ended before it saw the request: nothin
   rm -f "$stop_file"
   preempted=0
 fi
+# Hosts whose own ranks hung {exclude_after}+ times in this job (health/failures.jsonl) are left out of the requeue.
+exclude=$(python -m loomtrain.faulttol.hang_monitor --exclude-list {output_dir_q} --min-failures {exclude_after} \\
+  --job "$SLURM_JOB_ID")
+requeue_job() {{
+  echo "loomtrain: $1; requeueing job $SLURM_JOB_ID${{exclude:+ without host(s) $exclude}}"
+  if [ -z "$exclude" ]; then
+    scontrol requeue "$SLURM_JOB_ID"
+    return
+  fi
+  # Slurm changes ExcNodeList only once the job stops running: requeue it held, wait for the SIGTERM that
+  # ends this script's run (trapped: KillWait seconds are left), then exclude and release.
+  current=$(scontrol show job "$SLURM_JOB_ID" | grep -o 'ExcNodeList=[^ ]*' | cut -d= -f2)
+  [ -n "$current" ] && [ "$current" != "(null)" ] && exclude="$current,$exclude"
+  termed=0
+  trap 'termed=1' TERM
+  scontrol requeuehold "$SLURM_JOB_ID"
+  for _ in $(seq 40); do [ "$termed" = 1 ] && break; sleep 0.5; done
+  scontrol update JobId="$SLURM_JOB_ID" ExcNodeList="$exclude"
+  scontrol release "$SLURM_JOB_ID"
+}}
 if [ "$preempted" = 1 ] && [ "$status" = 0 ] && [ "{requeue}" = 1 ]; then
-  echo "loomtrain: checkpointed on the pre-emption warning; requeueing job $SLURM_JOB_ID"
-  scontrol requeue "$SLURM_JOB_ID"
+  requeue_job "checkpointed on the pre-emption warning"
+elif [ "$status" != 0 ] && [ -n "$exclude" ] && [ "{requeue}" = 1 ] \\
+     && [ "${{SLURM_RESTART_COUNT:-0}}" -lt {failure_requeues} ]; then
+  requeue_job "failed with host(s) that failed repeatedly"  # resumes from the last checkpoint elsewhere
 fi
 exit "$status"
 """
@@ -93,7 +120,7 @@ def write_sbatch(exp, config_path: str, overrides: list[str], nodes: int, gpus_p
                  output: str | None = None, partition: str | None = None, time: str = "24:00:00",
                  job_name: str = "loomtrain", max_restarts: int = 3, cpus_per_task: int | None = None,
                  mem: str | None = None, preempt_lead_s: int | None = None, requeue: bool = True,
-                 sbatch_args: list[str] | None = None) -> str:
+                 sbatch_args: list[str] | None = None, exclude_after: int = 2, failure_requeues: int = 3) -> str:
     """The sbatch script for ``exp``; returns its path. ``cpus_per_task`` defaults to 8 per GPU."""
     from loomtrain.trainer.train import STOP_FILE
 
@@ -112,6 +139,7 @@ def write_sbatch(exp, config_path: str, overrides: list[str], nodes: int, gpus_p
         output_dir_q=shlex.quote(out_dir), max_restarts=max_restarts, args=args, lead=preempt_lead_s or lead,
         save_estimate=estimate, threads=max(1, cpus // max(1, gpus_per_node)),
         stop_file=shlex.quote(os.path.join(out_dir, STOP_FILE)), requeue=int(requeue),
+        exclude_after=exclude_after, failure_requeues=failure_requeues,
         mem_line=f"#SBATCH --mem={mem}\n" if mem else "",
         partition_line=f"#SBATCH --partition={partition}\n" if partition else "",
         extra_lines="".join(f"#SBATCH {a}\n" for a in sbatch_args or []))

@@ -99,7 +99,7 @@ def _wait(env, job: str, states: set[str], timeout: float = 240, log: str | None
     return info
 
 
-def _submit(env, tmp_path, corpus, extra=(), max_restarts=0) -> tuple[str, str, list[str]]:
+def _submit(env, tmp_path, corpus, extra=(), max_restarts=0, cli=()) -> tuple[str, str, list[str]]:
     from loomtrain.launch.cli import main
 
     out = tmp_path / "run"
@@ -107,7 +107,7 @@ def _submit(env, tmp_path, corpus, extra=(), max_restarts=0) -> tuple[str, str, 
                              "parallel.dp_shard=2", "faulttol.snapshot.every_steps=2", "train.log_every=1",
                              "faulttol.hang_timeout_s=30"] + list(extra)
     args = ["slurm", "tiny", "--nodes", "1", "--gpus-per-node", "2", "--cpus-per-task", str(os.cpu_count()),
-            "--time", "10:00", "--max-restarts", str(max_restarts)]
+            "--time", "10:00", "--max-restarts", str(max_restarts)] + list(cli)
     for s in sets:
         args += ["--set", s]
     assert main(args) == 0
@@ -185,3 +185,30 @@ def test_scancel_leaves_nothing_behind(slurm, small_corpus, tmp_path):
     while _leftovers(before):  # the job's processes get SIGTERM first: the SMP frees its segments
         assert time.monotonic() < deadline, _leftovers(before)
         time.sleep(0.5)
+
+
+def test_a_host_whose_rank_hangs_is_named_and_excluded_when_the_job_is_requeued(slurm, small_corpus, tmp_path):
+    """Rank 1 hangs at step 5 with no torchrun restarts left: the node's hang monitor names it and kills it, the
+    job fails, and the script requeues it without that host (--exclude-after 1). On this one-node cluster the
+    requeued job then cannot start: PENDING, its ExcNodeList the host."""
+    host = socket.gethostname().split(".")[0]
+    job, log, _ = _submit(slurm, tmp_path, small_corpus, ["faulttol.inject={kind: hang, rank: 1, step: 5}",
+                                                          "faulttol.monitor.warmup_steps=3"],
+                          cli=["--exclude-after", "1"])
+    try:
+        deadline = time.monotonic() + 240
+        while (info := _job(slurm, job)).get("ExcNodeList") != host or info.get("JobState") != "PENDING":
+            assert time.monotonic() < deadline, (info, open(log).read()[-3000:] if os.path.exists(log) else "no log")
+            time.sleep(0.5)
+        time.sleep(3)  # it stays out of the excluded host: not started again
+        info = _job(slurm, job)
+        text = open(log).read()
+        assert info["JobState"] == "PENDING" and info["Restarts"] == "1", (info, text[-3000:])
+        assert f"health: HANG: rank 1 on host {socket.gethostname()}" in text, text[-3000:]
+        assert f"requeueing job {job} without host(s) {host}" in text
+        [failure] = [json.loads(line) for line in open(tmp_path / "run" / "health" / "failures.jsonl")]
+        assert (failure["slurm_node"], failure["rank"], failure["job"]) == (host, 1, job)
+        assert list((tmp_path / "run" / "health").glob("hang-*-rank1.txt"))  # the stacks
+    finally:
+        subprocess.run(["scancel", job], env=slurm)
+        _wait(slurm, job, {"CANCELLED"})
