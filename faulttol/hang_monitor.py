@@ -35,7 +35,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from loomtrain.faulttol.heartbeat import HEARTBEAT_DIR_ENV, STACK_SIGNAL, UNWATCHED_PHASES, read_record, record_path
+from loomtrain.faulttol.heartbeat import HEARTBEAT_DIR_ENV, STACK_SIGNAL, UNWATCHED_PHASES, read_record
 from loomtrain.fsutil import atomic_write_text
 
 FAILURES_FILE = "failures.jsonl"
@@ -124,20 +124,20 @@ def diagnose(records: list[dict], states: dict[int, str | None], now: float, exp
     return None
 
 
-def read_side(directory: str, rank: int) -> dict:
+def read_side(rec: dict) -> dict:
     """What a rank wrote about itself (host, output directory), {} before it configured its heartbeat."""
     try:
-        with open(record_path(directory, rank, "json")) as f:
+        with open(rec["file"] + ".json") as f:
             return json.load(f)
     except (OSError, ValueError):
         return {}
 
 
-def dump_stacks(directory: str, live: list[dict], states: dict[int, str], wait_s: float = 3.0) -> dict[int, str]:
+def dump_stacks(live: list[dict], states: dict[int, str], wait_s: float = 3.0) -> dict[int, str]:
     """Every live rank's Python stacks (all threads), by rank, through the ranks' faulthandler."""
     sizes = {}
     for r in live:
-        path = record_path(directory, r["rank"], "stack")
+        path = r["file"] + ".stack"
         sizes[r["rank"]] = os.path.getsize(path) if os.path.exists(path) else 0
         _signal(r["pid"], STACK_SIGNAL)
         if states.get(r["pid"]) in ("T", "t"):
@@ -146,17 +146,26 @@ def dump_stacks(directory: str, live: list[dict], states: dict[int, str], wait_s
     deadline = time.monotonic() + wait_s
     while True:
         for r in live:
-            path = record_path(directory, r["rank"], "stack")
+            path = r["file"] + ".stack"
             if r["rank"] not in stacks and os.path.exists(path) and os.path.getsize(path) > sizes[r["rank"]]:
+                _settle(path)  # faulthandler writes from its signal handler, a write() per line
                 if states.get(r["pid"]) in ("T", "t"):
                     _signal(r["pid"], signal.SIGSTOP)  # as it was found: it dumped, it does not train on
-                time.sleep(0.05)  # faulthandler writes from its signal handler, in a few write() calls
                 with open(path, errors="replace") as f:
                     f.seek(sizes[r["rank"]])
                     stacks[r["rank"]] = f.read()
         if len(stacks) == len(live) or time.monotonic() > deadline:
             return stacks
         time.sleep(0.01)
+
+
+def _settle(path: str, quiet_s: float = 0.05, limit_s: float = 1.0) -> None:
+    """Wait until ``path`` has not grown for ``quiet_s`` (at most ``limit_s``)."""
+    size, since, deadline = os.path.getsize(path), time.monotonic(), time.monotonic() + limit_s
+    while time.monotonic() - since < quiet_s and time.monotonic() < deadline:
+        time.sleep(0.01)
+        if (now := os.path.getsize(path)) != size:
+            size, since = now, time.monotonic()
 
 
 def _signal(pid: int, sig: int) -> None:
@@ -223,10 +232,10 @@ class HangMonitor:
         return found
 
     def _act(self, found: Hang) -> None:
-        sides = {r["rank"]: read_side(self.directory, r["rank"]) for r in found.live}
+        sides = {r["rank"]: read_side(r) for r in found.live}
         found.hosts = {rank: side.get("host", "?") for rank, side in sides.items()}
         self._say(found.summary())
-        stacks = dump_stacks(self.directory, found.live, found.states)
+        stacks = dump_stacks(found.live, found.states)
         output_dir = next((s["output_dir"] for s in sides.values() if s.get("output_dir")), self.directory)
         found.report = self._write_report(found, stacks, output_dir)
         for r in found.culprits:  # a host is blamed only for a rank of its own that hung

@@ -59,7 +59,7 @@ class Heartbeat:
                        "factor": 3.0, "min_s": 5.0, "phase_timeout": 1800.0, "warmup_steps": 5, "phase": "start"}
         self._times: deque = deque(maxlen=200)
         self._last_step, self._excluded, self._phase_since = None, 0.0, time.monotonic()
-        self._stacks = open(record_path(directory, rank, "stack"), "w")
+        self._stacks = open(self.path[:-len(".hb")] + ".stack", "w")
         faulthandler.register(STACK_SIGNAL, file=self._stacks, all_threads=True)
         self._write()
 
@@ -72,7 +72,7 @@ class Heartbeat:
         tmp = f"{self.path}.json.tmp-{os.getpid()}"
         with open(tmp, "w") as out:
             json.dump(side, out)
-        os.replace(tmp, record_path(os.path.dirname(self.path), f["rank"], "json"))
+        os.replace(tmp, self.path[:-len(".hb")] + ".json")
         self._write()
 
     def phase(self, name: str) -> None:
@@ -96,6 +96,11 @@ class Heartbeat:
         if f["steps_timed"] % 10 == 1 or seconds > f["p99"]:  # the p99 of the last 200 steps, refreshed cheaply
             ordered = sorted(self._times)
             f["p99"] = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+        self._write()
+
+    def renumber(self, rank: int) -> None:
+        """The rank's new number (placement renumbered the ranks); the files keep the name they were given."""
+        self.fields["rank"] = rank
         self._write()
 
     def set_waiting(self, waiting: bool) -> None:
@@ -139,6 +144,7 @@ def read_record(path: str, tries: int = 50) -> dict | None:
                      "beat", "p99", "factor", "min_s", "phase_timeout", "warmup_steps")
             out = dict(zip(names, values[2:17]))
             out["phase"] = values[17].rstrip(b"\0").decode()
+            out["file"] = path[:-len(".hb")]  # its .json and .stack beside it (named by the rank it started as)
             out["waiting"] = bool(out["waiting"])
             return out
         time.sleep(0.001)  # caught mid-write: read again
@@ -178,6 +184,11 @@ def configure(monitor_cfg, host: str, output_dir: str) -> None:
 def phase(name: str) -> None:
     if _current is not None:
         _current.phase(name)
+
+
+def renumber(rank: int) -> None:
+    if _current is not None:
+        _current.renumber(rank)
 
 
 def step_done(step: int) -> None:

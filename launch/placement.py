@@ -13,6 +13,7 @@ the modelled step time; a heavy group that must cross a slow link is reported wi
 from __future__ import annotations
 
 import datetime
+import os
 from dataclasses import dataclass
 
 from loomtrain.comms import traffic
@@ -97,9 +98,11 @@ def stage_split(exp, args, dims: ParallelDims, cluster: Cluster, order: list[int
 
 @dataclass
 class Placement:
-    """What ``place_ranks`` decided: who fills the mesh (``dims.placement``), each dimension's interface."""
+    """What ``place_ranks`` decided: who fills the mesh (``dims.placement``), each dimension's interface, and
+    this rank's number (changed when the fabric order could not be expressed under the launcher's)."""
 
     override: dict
+    env: object  # the rank's DistEnv: renumbered when the placement needs it
     cluster: Cluster | None = None
     order: list[int] | None = None
 
@@ -200,7 +203,7 @@ def place_ranks(exp, env, dims: ParallelDims) -> Placement:
 
     par = exp.parallel
     if par.placement == "none":
-        return Placement({})
+        return Placement({}, env)
     every = [None] * env.world_size
     dist.all_gather_object(every, (host_name(), [] if par.cluster else discover_nics()))
     names = [n for n, _ in every]
@@ -220,11 +223,15 @@ def place_ranks(exp, env, dims: ParallelDims) -> Placement:
     else:
         cluster = cluster_from_nics([(h, names.count(h), next(nics for n, nics in every if n == h)) for h in hosts])
     order = fabric_order(cluster)
-    unsorted = unsorted_groups(dims, order)
-    if unsorted:
-        raise RuntimeError(f"parallel.placement: hosts in this rank order ({', '.join(hosts)}) would need their "
-                           f"ranks renumbered (torch orders every group by rank; e.g. {unsorted[0]}), which is not "
-                           "supported yet: have the launcher number hosts pod by pod, or use placement=none")
+    if unsorted_groups(dims, order):  # torch orders a group's ranks: number the ranks in mesh order instead
+        if env.rank == 0:
+            print(f"placement: hosts in rank order {', '.join(hosts)} cannot fill the mesh in fabric order under "
+                  "their rank numbers; renumbering the ranks", flush=True)
+        env = renumber(env, order.index(env.rank))
+        by_fabric = list(dict.fromkeys(cluster.host_of(r) for r in order))
+        cluster = Cluster(cluster.fabrics, [cluster.hosts[i] for i in by_fabric], cluster.between,
+                          cluster.intra_host_gbps)
+        order = fabric_order(cluster)  # now rank order
     dims.placement = tuple(order)
     override = {}
     for dim in (*MESH_DIMS, *ParallelDims.FLATTENED):
@@ -239,7 +246,28 @@ def place_ranks(exp, env, dims: ParallelDims) -> Placement:
         crossing = [line.split(":")[0] for line in crossings(found, cluster, {d: 1.0 for d in found})]
         print(f"placement: mesh filled by hosts {', '.join(placed_hosts)} (grouped by fabric)"
               + (f"; groups of {', '.join(crossing)} cross {cluster.between}" if crossing else ""), flush=True)
-    return Placement(override, cluster, order)
+    return Placement(override, env, cluster, order)
+
+
+def renumber(env, new_rank: int):
+    """Start the default group again with this rank numbered ``new_rank`` (collective: every rank). The
+    rendezvous store is reused under a new prefix; ``RANK`` and the heartbeat follow the new number."""
+    import dataclasses
+
+    import torch.distributed as dist
+
+    from loomtrain.faulttol import heartbeat
+
+    store = dist.distributed_c10d._get_default_store()
+    backend = dist.get_backend()
+    dist.barrier()  # nobody destroys the group while another still uses it
+    dist.destroy_process_group()
+    dist.init_process_group(backend, store=dist.PrefixStore("loomtrain/renumbered", store), rank=new_rank,
+                            world_size=env.world_size, timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S),
+                            device_id=env.device if env.device.type == "cuda" else None)
+    os.environ["RANK"] = str(new_rank)
+    heartbeat.renumber(new_rank)
+    return dataclasses.replace(env, rank=new_rank)
 
 
 def unsorted_groups(dims: ParallelDims, order: list[int]) -> list[list[int]]:

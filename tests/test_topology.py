@@ -161,9 +161,9 @@ def test_auto_split_gives_the_stage_on_the_slower_fabric_fewer_layers(small_exp)
     assert stage_split(exp, args, dims, even, fabric_order(even), 1e15) == [4, 4]  # equal pods: balanced
 
 
-def test_a_rank_order_that_would_need_renumbering_is_refused():
+def test_a_rank_order_that_needs_renumbering_is_recognised():
     """Hosts a1, b1, b2, a2: grouping by fabric puts ranks 3 before 2 in a pipeline group; torch orders a
-    group's ranks, so the group's rank numbering would disagree with the mesh. Refused by name."""
+    group's ranks, so the group's rank numbering would disagree with the mesh: the ranks are renumbered."""
     from loomtrain.launch.placement import unsorted_groups
 
     hosts = [TWO_PODS["hosts"][i] for i in (0, 1, 3, 2)]
@@ -241,16 +241,20 @@ def small_exp():
     return make
 
 
-def _placed_training(rank, overrides):
+def _placed_training(rank, overrides, hosts=(0, 1, 2, 3)):
     from loomtrain.trainer import train as train_mod
     from loomtrain.trainer.config import load_config
 
-    os.environ["LOOMTRAIN_HOST_ID"] = TWO_PODS["hosts"][rank]["name"]  # a1, b1, a2, b2: pods interleaved
+    os.environ["LOOMTRAIN_HOST_ID"] = TWO_PODS["hosts"][hosts[rank]]["name"]  # a1, b1, a2, b2: pods interleaved
     seen = {}
     original = train_mod.Trainer.fit
 
     def fit(self):
         seen["placement"] = self.dims.placement
+        seen["rank"], seen["launch_rank"] = self.env.rank, rank
+        import torch.distributed as dist
+
+        seen["pp_peers"] = dist.get_process_group_ranks(self.mesh["pp"].get_group())
         seen["dp_group"] = sorted(self.dims.groups("dp_shard")[0])
         import torch.distributed as dist
 
@@ -291,3 +295,26 @@ def test_placement_settings_are_checked_before_start(tmp_path):
         load_config("tiny", [f"parallel.cluster={tmp_path}"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("tiny", ["parallel.placement=fabric", f"parallel.cluster={tmp_path / 'none.yaml'}"])
+
+
+def test_hosts_the_launcher_numbered_out_of_fabric_order_are_renumbered(overrides, tmp_path):
+    """Hosts a1, b1, b2, a2 by rank (previously refused): the ranks are renumbered so that the mesh fills pod by
+    pod (a1, a2, b1, b2); training then matches the rank-order run's losses."""
+    import yaml
+
+    from conftest import run_ranks
+
+    cluster = dict(TWO_PODS, hosts=[dict(h, interface="lo", between_interface="lo") for h in TWO_PODS["hosts"]])
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(cluster))
+    base = overrides + ["parallel.pp=2", "parallel.dp_shard=2", "train.microbatches=2", "train.steps=3"]
+    plain = run_ranks(_placed_training, 4, base + [f"train.output_dir={tmp_path / 'plain'}"])
+    placed = run_ranks(_placed_training, 4, base + ["parallel.placement=fabric", f"parallel.cluster={path}"],
+                       (0, 1, 3, 2))
+    by_launch = {seen["launch_rank"]: seen for _, seen in placed}
+    assert [by_launch[r]["rank"] for r in range(4)] == [0, 2, 3, 1]  # a1 a2 b1 b2 take 0 1 2 3 ... by host
+    assert all(seen["placement"] == (0, 1, 2, 3) for _, seen in placed)
+    # Pipeline groups pair a pod-a host with a pod-b host: a1-b1, a2-b2 in the new numbering.
+    assert sorted(tuple(seen["pp_peers"]) for _, seen in placed) == [(0, 2), (0, 2), (1, 3), (1, 3)]
+    for step, loss in plain[0][0].items():
+        assert placed[0][0][step] == pytest.approx(loss, rel=1e-5)

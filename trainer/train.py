@@ -111,6 +111,7 @@ class Trainer:
         traffic.install()  # bytes sent per purpose, logged with the metrics; the hang monitor sees the waits
         # Which rank fills each place of the mesh, and the interface each dimension's groups use.
         self.placement = place_ranks(exp, env, self.dims)
+        self.env = env = self.placement.env  # renumbered, where the fabric order needs it
         self.mesh = self.dims.build_mesh(env.device.type, self.placement.override)
         self.mesh.label_traffic()
         self.dp_rank = self.mesh["dp"].get_local_rank()
