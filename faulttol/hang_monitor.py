@@ -8,9 +8,10 @@ rank keeps (``faulttol/heartbeat.py``). When no local rank has made progress for
 ``max(step_factor x p99 step time, min_s)`` during steps (3 x p99 and 5 s by default, after
 ``warmup_steps``), ``phase_timeout_s`` in start-up, restore, checkpoints and evaluation — it blames, in
 this order: ranks stopped by a signal (process state T); ranks not waiting in a collective while others
-wait for them (a rank spinning, sleeping, stuck in I/O or a deadlock of its own); ranks behind the others'
-stage or step. When every local rank waits in a collective, the rank that hangs is on another host (whose
-monitor acts) or the network hangs: after twice the limit this monitor restarts its ranks too.
+wait for them (a rank spinning, sleeping, stuck in I/O or a deadlock of its own). When no local rank can be
+blamed for sure (every one waits in a collective, or none does, as when they block on the device where the
+heartbeat cannot see it), the rank that hangs is on another host (whose monitor acts first) or the network
+or device hangs: after twice the limit this monitor restarts its ranks too, blaming no host.
 
 Acting means: one line naming rank, host, pid, phase and step; every live rank's Python stack (SIGUSR2 to
 ``faulthandler``; a stopped rank is continued first so it can write) in a report under
@@ -35,28 +36,27 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from loomtrain.faulttol.heartbeat import HEARTBEAT_DIR_ENV, STACK_SIGNAL, UNWATCHED_PHASES, read_record
+from loomtrain.faulttol.heartbeat import HEARTBEAT_DIR_ENV, STACK_SIGNAL, UNWATCHED_PHASES, proc_stat, read_record
 from loomtrain.fsutil import atomic_write_text
 
 FAILURES_FILE = "failures.jsonl"
 HEALTH_DIR = "health"
 
 
-def process_state(pid: int) -> str | None:
-    """The kernel's one-letter state of ``pid`` (R, S, D, T, t, ...); None when it is gone or a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
+def process_state(pid: int, started: int | None = None) -> str | None:
+    """The kernel's one-letter state of ``pid`` (R, S, D, T, t, ...); None when it is gone, a zombie, or (given
+    the start time its record holds) another process that reuses the pid."""
+    found = proc_stat(pid)
+    if found is None or found[0] in ("Z", "X") or (started is not None and found[1] != started):
         return None
-    return None if state in ("Z", "X") else state
+    return found[0]
 
 
 def limit(rec: dict) -> tuple[float, str]:
     """How long ``rec``'s rank may go without progress in its current phase, and why."""
     if rec["phase"] in UNWATCHED_PHASES:
         return math.inf, f"phase {rec['phase']} is not watched"
-    if rec["phase"] == "step" and rec["steps_timed"] >= rec["warmup_steps"]:
+    if rec["phase"] == "step" and rec["steps_timed"] > rec["warmup_steps"]:  # p99 of steps after the warm-up
         seconds = max(rec["factor"] * rec["p99"], rec["min_s"])
         return seconds, f"max({rec['factor']:g} x p99 step time {rec['p99']:.3g} s, {rec['min_s']:g} s)"
     return rec["phase_timeout"], f"faulttol.monitor.phase_timeout_s in phase {rec['phase']}"
@@ -108,20 +108,23 @@ def diagnose(records: list[dict], states: dict[int, str | None], now: float, exp
     idle = [r for r in live if not r["waiting"]]
     if idle and len(idle) < len(live):
         return hang(idle, f"not in a collective while ranks {others(idle)} wait in one")
-    if idle:
-        return hang(idle, "no rank made progress and none waits in a collective")
     missing = sorted(set(range(expected or 0)) - {r["local_rank"] for r in live})
     if missing:
         return hang([], f"local rank(s) {missing} never wrote a heartbeat (hung before start-up) while the others "
                         "wait; restarting them all")
-    first = min((r["stage"], r["step"]) for r in live)
-    behind = [r for r in live if (r["stage"], r["step"]) == first]
-    if len(behind) < len(live):
-        return hang(behind, f"behind the others (ranks {others(behind)} are further on)")
-    if stalled >= 2 * limit_s:
-        return hang([], "every local rank waits in a collective: the rank that hangs is on another host (its "
-                        "monitor names it) or the network does; restarting this host's ranks too")
-    return None
+    # Nobody here is to blame for sure (all idle: host-side waits the heartbeat cannot see, as on CUDA; all
+    # waiting, some a step behind: ranks legitimately apart). Another host's monitor gets the first word.
+    if stalled < 2 * limit_s:
+        return None
+    if idle:
+        cause = "no local rank made progress and none waits in a collective"
+    else:
+        first = min((r["stage"], r["step"]) for r in live)
+        behind = [r["rank"] for r in live if (r["stage"], r["step"]) == first]
+        cause = "every local rank waits in a collective" + (
+            f" (ranks {behind} a step behind the others)" if len(behind) < len(live) else "")
+    return hang([], f"{cause}: the rank that hangs is on another host (its monitor names it) or the network or "
+                    "device does; restarting this host's ranks")
 
 
 def read_side(rec: dict) -> dict:
@@ -226,7 +229,8 @@ class HangMonitor:
 
     def poll(self) -> Hang | None:
         records = self.records()
-        found = diagnose(records, {r["pid"]: process_state(r["pid"]) for r in records}, time.time(), self.expected)
+        states = {r["pid"]: process_state(r["pid"], r["started"]) for r in records}
+        found = diagnose(records, states, time.time(), self.expected)
         if found is not None:
             self._act(found)
         return found
@@ -238,9 +242,12 @@ class HangMonitor:
         stacks = dump_stacks(found.live, found.states)
         output_dir = next((s["output_dir"] for s in sides.values() if s.get("output_dir")), self.directory)
         found.report = self._write_report(found, stacks, output_dir)
-        for r in found.culprits:  # a host is blamed only for a rank of its own that hung
+        blamed_hosts = {}  # a host is blamed only for a rank of its own that hung; once per hang
+        for r in found.culprits:
             side = sides.get(r["rank"], {})
-            record_failure(output_dir, side.get("host", "?"), side.get("slurm_node"), found.cause, r["rank"])
+            blamed_hosts.setdefault((side.get("host", "?"), side.get("slurm_node")), r["rank"])
+        for (host, node), rank in blamed_hosts.items():
+            record_failure(output_dir, host, node, found.cause, rank)
         blamed = found.culprits or found.live
         for r in blamed:
             _signal(r["pid"], signal.SIGKILL)

@@ -28,8 +28,8 @@ HEARTBEAT_DIR_ENV = "LOOMTRAIN_HEARTBEAT_DIR"
 STACK_SIGNAL = signal.SIGUSR2  # the monitor's request for every thread's Python stack
 MAGIC = b"LTHB"
 # seq, pid, rank, local_rank, attempt, stage, step, waiting, steps_timed | beat, p99, factor, min_s, phase_timeout
-# | warmup_steps | phase (16 bytes)
-LAYOUT = struct.Struct("<4sI9q5dq16s")
+# | warmup_steps | phase (16 bytes) | the process's start time (clock ticks since boot: tells a reused pid apart)
+LAYOUT = struct.Struct("<4sI9q5dq16sq")
 SEQ_OFFSET = 8  # after magic and version: the seqlock counter (odd while a write is in progress)
 VERSION = 1
 # Coarse progress through a run: a rank in an earlier stage than its peers is the one they wait for.
@@ -40,6 +40,16 @@ UNWATCHED_PHASES = ("data",)  # tokenizing a corpus may take hours without a col
 
 def record_path(directory: str, rank: int, suffix: str = "hb") -> str:
     return os.path.join(directory, f"rank{rank:05d}.{suffix}")
+
+
+def proc_stat(pid: int) -> tuple[str, int] | None:
+    """(one-letter state, start time in clock ticks) of ``pid`` from /proc; None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 class Heartbeat:
@@ -56,7 +66,8 @@ class Heartbeat:
         self._map = mmap.mmap(self._file.fileno(), LAYOUT.size)
         self.fields = {"seq": 0, "pid": os.getpid(), "rank": rank, "local_rank": local_rank, "attempt": attempt,
                        "stage": 0, "step": 0, "waiting": 0, "steps_timed": 0, "beat": time.time(), "p99": 0.0,
-                       "factor": 3.0, "min_s": 5.0, "phase_timeout": 1800.0, "warmup_steps": 5, "phase": "start"}
+                       "factor": 3.0, "min_s": 5.0, "phase_timeout": 1800.0, "warmup_steps": 5, "phase": "start",
+                       "started": (proc_stat(os.getpid()) or ("", 0))[1]}
         self._times: deque = deque(maxlen=200)
         self._last_step, self._excluded, self._phase_since = None, 0.0, time.monotonic()
         self._stacks = open(self.path[:-len(".hb")] + ".stack", "w")
@@ -90,10 +101,11 @@ class Heartbeat:
         now = time.monotonic()
         seconds = now - (self._last_step if self._last_step is not None else now) - self._excluded
         self._last_step, self._excluded = now, 0.0
-        self._times.append(seconds)
         f = self.fields
         f["step"], f["steps_timed"] = step, f["steps_timed"] + 1
-        if f["steps_timed"] % 10 == 1 or seconds > f["p99"]:  # the p99 of the last 200 steps, refreshed cheaply
+        if f["steps_timed"] > f["warmup_steps"]:  # compilation and first allocations are not a step's time
+            self._times.append(seconds)
+        if self._times and (f["steps_timed"] % 10 == 1 or seconds > f["p99"]):  # p99 of the last 200, cheaply
             ordered = sorted(self._times)
             f["p99"] = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
         self._write()
@@ -109,47 +121,52 @@ class Heartbeat:
 
     def _write(self) -> None:
         f = self.fields
+        if os.getpid() != f["pid"]:
+            return  # a process forked from this rank: the record is not its own
         f["seq"] += 1  # odd: a write is in progress
         struct.pack_into("<q", self._map, SEQ_OFFSET, f["seq"])
         f["beat"] = time.time()
         LAYOUT.pack_into(self._map, 0, MAGIC, VERSION, f["seq"], f["pid"], f["rank"], f["local_rank"], f["attempt"],
                          f["stage"], f["step"], f["waiting"], f["steps_timed"], f["beat"], f["p99"], f["factor"],
-                         f["min_s"], f["phase_timeout"], f["warmup_steps"], f["phase"].encode()[:16])
+                         f["min_s"], f["phase_timeout"], f["warmup_steps"], f["phase"].encode()[:16], f["started"])
         f["seq"] += 1
         struct.pack_into("<q", self._map, SEQ_OFFSET, f["seq"])
 
     def close(self) -> None:
         self.phase("done")
         faulthandler.unregister(STACK_SIGNAL)
+        signal.signal(STACK_SIGNAL, signal.SIG_IGN)  # a monitor's late request must not kill a finishing rank
         self._map.close()
         self._file.close()
         self._stacks.close()
 
 
 def read_record(path: str, tries: int = 50) -> dict | None:
-    """One rank's record as the monitor sees it (None: not a complete record yet)."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(LAYOUT.size)
-    except OSError:
-        return None
+    """One rank's record as the monitor sees it (None: not a complete record). Seqlock: a copy counts only if
+    the counter was even before it and unchanged after it."""
+    names = ("seq", "pid", "rank", "local_rank", "attempt", "stage", "step", "waiting", "steps_timed", "beat",
+             "p99", "factor", "min_s", "phase_timeout", "warmup_steps")
     for _ in range(tries):
-        if len(data) < LAYOUT.size:
+        try:
+            with open(path, "rb") as f:
+                data = f.read(LAYOUT.size)
+                f.seek(SEQ_OFFSET)
+                after = f.read(8)
+        except OSError:
+            return None
+        if len(data) < LAYOUT.size or len(after) < 8:
             return None
         values = LAYOUT.unpack(data)
         if values[0] != MAGIC:
             return None
-        if values[2] % 2 == 0:
-            names = ("seq", "pid", "rank", "local_rank", "attempt", "stage", "step", "waiting", "steps_timed",
-                     "beat", "p99", "factor", "min_s", "phase_timeout", "warmup_steps")
+        if values[2] % 2 == 0 and struct.unpack("<q", after)[0] == values[2]:
             out = dict(zip(names, values[2:17]))
             out["phase"] = values[17].rstrip(b"\0").decode()
+            out["started"] = values[18]
             out["file"] = path[:-len(".hb")]  # its .json and .stack beside it (named by the rank it started as)
             out["waiting"] = bool(out["waiting"])
             return out
         time.sleep(0.001)  # caught mid-write: read again
-        with open(path, "rb") as f:
-            data = f.read(LAYOUT.size)
     return None
 
 

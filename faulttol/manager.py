@@ -232,8 +232,9 @@ class FaultTolerance:
         if self.snapshots is not None:
             self.report_failures()
             if step % self.every == 0:
-                extra = extra_state() if extra_state is not None else None
-                self.snapshots.start(step, model, optimizer, host_state(), extra)
+                with heartbeat.in_phase("checkpoint"):  # the first one allocates its staging buffers
+                    extra = extra_state() if extra_state is not None else None
+                    self.snapshots.start(step, model, optimizer, host_state(), extra)
         maybe_inject(self.cfg.inject, self.env.rank, step, self.node, self.smp_dir)
         self.watchdog.beat()
 

@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--exclude-after", type=int, default=2,
                    help="requeue without a host once its own ranks hung this many times in the job")
     s.add_argument("--failure-requeues", type=int, default=3,
-                   help="requeue a failed job without its failing hosts at most this many times in all")
+                   help="requeue a job that failed on a newly excluded host at most this many times")
     s.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
                    help="any other #SBATCH line, e.g. --sbatch-arg=--account=proj (repeatable)")
 

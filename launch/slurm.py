@@ -10,7 +10,8 @@ The batch shell waits for srun in a loop (a trap interrupts ``wait``) and, after
 the warning, requeues the job (``--requeue``), which resumes from that checkpoint
 (``--resume auto``). Each node's torchrun runs inside the hang monitor (``faulttol/hang_monitor.py``);
 a host whose own ranks hung ``exclude_after`` times in the job is excluded from the requeue, and a job
-that failed with such a host is requeued without it (at most ``failure_requeues`` requeues in all).
+that failed because of a host not yet excluded is requeued without it (at most ``failure_requeues`` such
+requeues per job; pre-emption requeues do not count).
 Logs are appended across requeues. A last step on every node removes the
 job's snapshot segments, whatever state the trainers left them in.
 """
@@ -75,28 +76,35 @@ fi
 # Hosts whose own ranks hung {exclude_after}+ times in this job (health/failures.jsonl) are left out of the requeue.
 exclude=$(python -m loomtrain.faulttol.hang_monitor --exclude-list {output_dir_q} --min-failures {exclude_after} \\
   --job "$SLURM_JOB_ID")
+current=$(scontrol show job "$SLURM_JOB_ID" | grep -o 'ExcNodeList=[^ ]*' | cut -d= -f2)
+[ "$current" = "(null)" ] && current=""
+excluded=$([ -n "$current" ] && scontrol show hostnames "$current" | paste -sd, -)
+newly=""
+for h in ${{exclude//,/ }}; do
+  case ",$excluded," in *",$h,"*) ;; *) newly="$newly${{newly:+,}}$h" ;; esac
+done
+failure_requeues={output_dir_q}/health/failure-requeues-$SLURM_JOB_ID
 requeue_job() {{
-  echo "loomtrain: $1; requeueing job $SLURM_JOB_ID${{exclude:+ without host(s) $exclude}}"
-  if [ -z "$exclude" ]; then
+  echo "loomtrain: $1; requeueing job $SLURM_JOB_ID${{newly:+ without host(s) $newly}}"
+  if [ -z "$newly" ]; then
     scontrol requeue "$SLURM_JOB_ID"
     return
   fi
   # Slurm changes ExcNodeList only once the job stops running: requeue it held, wait for the SIGTERM that
   # ends this script's run (trapped: KillWait seconds are left), then exclude and release.
-  current=$(scontrol show job "$SLURM_JOB_ID" | grep -o 'ExcNodeList=[^ ]*' | cut -d= -f2)
-  [ -n "$current" ] && [ "$current" != "(null)" ] && exclude="$current,$exclude"
   termed=0
   trap 'termed=1' TERM
   scontrol requeuehold "$SLURM_JOB_ID"
   for _ in $(seq 40); do [ "$termed" = 1 ] && break; sleep 0.5; done
-  scontrol update JobId="$SLURM_JOB_ID" ExcNodeList="$exclude"
+  scontrol update JobId="$SLURM_JOB_ID" ExcNodeList="${{excluded:+$excluded,}}$newly"
   scontrol release "$SLURM_JOB_ID"
 }}
 if [ "$preempted" = 1 ] && [ "$status" = 0 ] && [ "{requeue}" = 1 ]; then
   requeue_job "checkpointed on the pre-emption warning"
-elif [ "$status" != 0 ] && [ -n "$exclude" ] && [ "{requeue}" = 1 ] \\
-     && [ "${{SLURM_RESTART_COUNT:-0}}" -lt {failure_requeues} ]; then
-  requeue_job "failed with host(s) that failed repeatedly"  # resumes from the last checkpoint elsewhere
+elif [ "$status" != 0 ] && [ -n "$newly" ] && [ "{requeue}" = 1 ] \\
+     && [ "$(cat "$failure_requeues" 2>/dev/null | wc -l)" -lt {failure_requeues} ]; then
+  echo requeue >> "$failure_requeues"  # resumes from the last checkpoint on other hosts
+  requeue_job "failed with host(s) that failed repeatedly"
 fi
 exit "$status"
 """

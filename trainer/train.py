@@ -296,7 +296,8 @@ class Trainer:
             return label_tokens(batches)
         count = torch.tensor([label_tokens(batches)], dtype=torch.int64, device=self.env.device)
         dist.all_reduce(count, group=self.mesh["dp_shard" if dims.local_updates else "dp"].get_group())
-        return int(count.item())  # the step's one host sync before compute: the loss scale is a Python float
+        with heartbeat.waiting():  # on CUDA the collective's wait happens here, on the host
+            return int(count.item())  # the step's one host sync before compute: the loss scale is a Python float
 
     @traffic.counted_as("other")
     def _global_mean(self, local_sum: torch.Tensor, tokens: int) -> float:
@@ -306,10 +307,12 @@ class Trainer:
             both = torch.stack([local_sum.double(), local_sum.new_tensor(tokens / (dims.dp_shard * dims.cp),
                                                                          dtype=torch.float64)])
             dist.all_reduce(both, group=self.mesh["loss"].get_group())
-            return both[0].item() / max(1, round(both[1].item()))
+            with heartbeat.waiting():
+                return both[0].item() / max(1, round(both[1].item()))
         if dims.dp * dims.cp > 1:
             dist.all_reduce(local_sum, group=self.mesh["loss"].get_group())  # dp x cp ranks hold disjoint tokens
-        return local_sum.item() / max(1, tokens)
+        with heartbeat.waiting():
+            return local_sum.item() / max(1, tokens)
 
     def train_step(self) -> tuple[float, float]:
         """One optimizer step: (per-token mean loss over the global batch, gradient norm)."""
@@ -391,7 +394,8 @@ class Trainer:
                               flush=True)
                 if bar is not None:
                     bar.update(1)
-                self.ckpt.poll()
+                with heartbeat.in_phase("checkpoint"):  # an async save's commit and pruning
+                    self.ckpt.poll()
                 self.ft.after_step(self.step, self.model, self.optimizer, self._host_state, self._sync_tensors)
                 heartbeat.step_done(self.step)  # the hang monitor's limit follows the steps' p99
                 stopping, flush = self._stop_requested(stop)
@@ -443,7 +447,8 @@ class Trainer:
         mine = torch.tensor(values, dtype=torch.float64, device=self.env.device)
         every = mine.new_empty(self.env.world_size * mine.numel())
         dist.all_gather_into_tensor(every, mine)
-        return every.view(self.env.world_size, -1).cpu()
+        with heartbeat.waiting():
+            return every.view(self.env.world_size, -1).cpu()
 
     def _host_state(self) -> dict:
         """What a snapshot holds besides model, optimizer and outer-sync tensors."""
@@ -494,14 +499,14 @@ def run(exp: Experiment, resume: str | None = None) -> TrainResult:
     """Train ``exp`` in this process (one rank of whatever launched it)."""
     rank, world, local_rank, local_world, _ = read_env()
     check_experiment(exp, world, local_world)  # before any process group starts
-    # A heartbeat for the launcher's hang monitor (when one runs): from before the rendezvous on.
-    heartbeat.start(rank, local_rank, attempt())
-    heartbeat.configure(exp.faulttol.monitor, host_name(), exp.train.output_dir)
-    heartbeat.phase("init")
-    with heartbeat.waiting():  # for the rest of the ranks to join
-        env = init_distributed(exp.parallel)
-    heartbeat.phase("build")
     try:
+        # A heartbeat for the launcher's hang monitor (when one runs): from before the rendezvous on.
+        heartbeat.start(rank, local_rank, attempt())
+        heartbeat.configure(exp.faulttol.monitor, host_name(), exp.train.output_dir)
+        heartbeat.phase("init")
+        with heartbeat.waiting():  # for the rest of the ranks to join
+            env = init_distributed(exp.parallel)
+        heartbeat.phase("build")
         set_threads(exp, env)
         if env.is_main:
             save_config(exp, os.path.join(exp.train.output_dir, "config.yaml"))
