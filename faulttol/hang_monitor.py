@@ -23,6 +23,7 @@ failure: it restarts the group, and the restarted ranks restore from memory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import math
@@ -295,6 +296,21 @@ class HangMonitor:
             self._thread.join(5)
 
 
+@contextlib.contextmanager
+def watching(nproc: int | None):
+    """A monitor in this process for the block, on a fresh heartbeat directory that the processes started
+    inside it inherit (``LOOMTRAIN_HEARTBEAT_DIR``); what the launchers and the command line use."""
+    directory = tempfile.mkdtemp(prefix="loomtrain-heartbeat-")
+    os.environ[HEARTBEAT_DIR_ENV] = directory
+    monitor = HangMonitor(directory, nproc).start()
+    try:
+        yield monitor
+    finally:
+        monitor.stop()
+        os.environ.pop(HEARTBEAT_DIR_ENV, None)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 # ---------------------------------------------------------------- command line: around torchrun, and the exclude list
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m loomtrain.faulttol.hang_monitor",
@@ -314,17 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         p.error("give the command to run after --")
-    directory = tempfile.mkdtemp(prefix="loomtrain-heartbeat-")
-    monitor = HangMonitor(directory, args.nproc).start()
-    child = subprocess.Popen(command, env=dict(os.environ, **{HEARTBEAT_DIR_ENV: directory}))
-    for sig in (signal.SIGTERM, signal.SIGINT):  # scancel, Ctrl-C: the command decides what they mean
-        signal.signal(sig, lambda signum, _: child.send_signal(signum))
-    try:
-        code = child.wait()
-    finally:
-        monitor.stop()
-    shutil.rmtree(directory, ignore_errors=True)
-    return code
+    with watching(args.nproc):
+        child = subprocess.Popen(command)
+        for sig in (signal.SIGTERM, signal.SIGINT):  # scancel, Ctrl-C: the command decides what they mean
+            signal.signal(sig, lambda signum, _: child.send_signal(signum))
+        return child.wait()
 
 
 if __name__ == "__main__":

@@ -54,32 +54,18 @@ def node_snapshot_processes(exp, nproc: int):
             os.environ[SMP_DIR_ENV] = previous
 
 
-@contextlib.contextmanager
-def hang_monitor(nproc: int):
-    """The ranks' hang monitor (faulttol/hang_monitor.py) in this process for the duration of the block."""
-    from loomtrain.faulttol.hang_monitor import HEARTBEAT_DIR_ENV, HangMonitor
-
-    directory = tempfile.mkdtemp(prefix="loomtrain-heartbeat-")
-    os.environ[HEARTBEAT_DIR_ENV] = directory  # the workers inherit it
-    monitor = HangMonitor(directory, nproc).start()
-    try:
-        yield monitor
-    finally:
-        monitor.stop()
-        os.environ.pop(HEARTBEAT_DIR_ENV, None)
-        shutil.rmtree(directory, ignore_errors=True)
-
-
 def launch_local(exp, config_path: str, overrides: list[str], nproc: int, max_restarts: int,
                  resume: str | None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    from loomtrain.faulttol.hang_monitor import watching
+
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"loomtrain-{uuid.uuid4().hex[:8]}",
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=max_restarts,
                           monitor_interval=0.5)
     try:
-        with node_snapshot_processes(exp, nproc), hang_monitor(nproc):
+        with node_snapshot_processes(exp, nproc), watching(nproc):
             elastic_launch(config, entrypoint=sys.executable)(*worker_args(config_path, overrides, resume))
     except ChildFailedError as e:
         failures = e.failures
