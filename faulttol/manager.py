@@ -21,7 +21,7 @@ from loomtrain.comms import traffic
 from loomtrain.fsutil import atomic_write_text
 from loomtrain.faulttol import heartbeat
 from loomtrain.faulttol.inject import Watchdog, attempt, maybe_inject, snapshot_phase_fault
-from loomtrain.faulttol.layout import NodeLayout
+from loomtrain.faulttol.layout import NodeLayout, identical_replicas
 from loomtrain.faulttol.smp import (SMPError, SnapshotClient, ensure_daemon, host_label, job_directory,
                                    secure_directory, socket_path, stop_daemons)
 from loomtrain.errors import ConfigError
@@ -91,11 +91,23 @@ def state_signature(exp, env, dims, layout) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
+def node_racks(cluster, ft, env) -> list[str] | None:
+    """Each node's fabric group (its failure domain: a rack's or a switch's hosts), from the cluster description."""
+    if cluster is None:
+        return None
+    rpn = ft.ranks_per_node or env.local_world_size
+    return [cluster.hosts[cluster.host_of(node * rpn)].fabric for node in range(env.world_size // rpn)]
+
+
 class FaultTolerance:
     @traffic.counted_as("snapshot")
-    def __init__(self, exp, env, dims):
+    def __init__(self, exp, env, dims, cluster=None):
+        """``cluster``: the placement's cluster description (hosts in rank order), whose fabric groups are the
+        failure domains EC groups are spread over."""
         self.exp, self.env, self.cfg = exp, env, exp.faulttol
-        self.layout = NodeLayout.from_config(self.cfg, env.world_size, env.local_world_size)
+        self.layout = NodeLayout.from_config(self.cfg, env.world_size, env.local_world_size,
+                                             replicas=identical_replicas(dims), racks=node_racks(cluster, self.cfg,
+                                                                                                env))
         self.every = self.cfg.snapshot.every_steps
         self.snapshots = None
         self.smp_dir = None

@@ -46,7 +46,7 @@ from torch.distributed.tensor import DTensor
 from loomtrain.comms import traffic
 from loomtrain.faulttol import codec
 from loomtrain.faulttol.erasure import ReedSolomon
-from loomtrain.faulttol.layout import NodeLayout, choose_epoch
+from loomtrain.faulttol.layout import NodeLayout, choose_chunks
 from loomtrain.faulttol.smp import Attached, SMPError, SnapshotClient, checksum, ensure_daemon, socket_path
 
 
@@ -109,8 +109,10 @@ def _nbytes(t: torch.Tensor) -> int:
 class Located:
     epoch: int
     attempt: int  # the generation that wrote it: chunks of two generations are never combined
-    sources: dict[int, dict[int, int]]  # src rank -> {chunk: holder rank}
-    entries: list[dict]  # every holder's committed entries of that epoch (all_gathered)
+    needs: dict[int, int]  # this rank's chunks to use: chunk -> holder rank (k of them, data chunks first)
+    records: dict[int, dict]  # chunk -> what its holder committed (size, crc, data_crcs, payload, tensor_bytes)
+    serves: list[tuple[int, int, dict]]  # (owner rank, chunk, this rank's entry): chunks this rank sends home
+    rebuilt: int  # ranks whose own chunks are lost: rebuilt from parity (or fetched from a replica)
 
 
 @dataclass
@@ -118,7 +120,7 @@ class Restored:
     step: int
     host: dict  # scheduler, sampler, rng
     seconds: float
-    rebuilt: int  # ranks whose payload needed parity (their chunks were lost with a node)
+    rebuilt: int  # ranks whose payload needed parity (their chunks were lost with a node), or a replica's copy
 
 
 class Snapshotter:
@@ -146,7 +148,7 @@ class Snapshotter:
                 self.stripe_group = group
         self.stripe = layout.stripe(rank)
         self.me = layout.member(rank)
-        self.code = ReedSolomon(layout.data, layout.parity) if layout.parity else None
+        self.code = ReedSolomon(layout.data, layout.parity) if layout.parity and not layout.by_replicas else None
         self._thread: threading.Thread | None = None
         self._failures: list[str] = []  # failed snapshots not yet reported by poll()
         self.late = 0  # snapshots that had to wait for the previous one to finish
@@ -204,7 +206,7 @@ class Snapshotter:
             self._cuda_event = stream.record_event()
             tensors = None
         self._thread = threading.Thread(target=self._run, name=f"snapshot-{step}", daemon=True,
-                                        args=(step, staging, tensors, payload, tensor_bytes, chunk))
+                                        args=(step, staging, tensors, payload, tensor_bytes, chunk, meta))
         self._thread.start()
         self.last_stall_s = time.perf_counter() - t0
 
@@ -243,10 +245,13 @@ class Snapshotter:
         return bool(flag.item())
 
     @traffic.counted_as("snapshot")
-    def _run(self, step, staging, tensors, payload, tensor_bytes, chunk) -> None:
+    def _run(self, step, staging, tensors, payload, tensor_bytes, chunk, meta) -> None:
         """Local phases separated by agreements, so every rank reaches every collective in the same order
         whatever failed where: copy, encode | agree | sizes and source CRCs over the stripe, reserve segments
         in the SMP | agree | exchange and verify | agree | commit | agree | seal.
+
+        With replicas as the redundancy the stripe exchanges only the small host states (each copy holds all
+        of them) and checks that the states are the same bytes; nothing else is sent.
 
         A rank whose SMP is dead or full never leaves its peers waiting in the exchange, and an epoch is
         sealed (counts as complete in every SMP) only once every rank committed it. A failure skips this
@@ -282,7 +287,8 @@ class Snapshotter:
                 self._copied.set()
             chunks = local("encode", lambda: self._encode(staging, chunk))
             if agreed("encode"):
-                sources = self._gather_sources(chunks, chunk, payload, tensor_bytes)
+                sources = self._gather_replicas(staging, tensor_bytes, meta) if self.layout.by_replicas else \
+                    self._gather_sources(chunks, chunk, payload, tensor_bytes)
                 entries = local("reserve", lambda: self._reserve(step, sources, views, segments))
                 if agreed("reserve its segments") and \
                         local("exchange", lambda: self._exchange(step, chunks, views, entries)) is None and \
@@ -318,6 +324,8 @@ class Snapshotter:
             self.client.register(self.rank)
 
     def _encode(self, staging, chunk) -> list[torch.Tensor]:
+        if self.layout.by_replicas:
+            return [staging]
         chunks = [staging[i * chunk:(i + 1) * chunk] for i in range(self.layout.data)]
         return chunks + (self.code.encode(chunks) if self.code is not None else [])
 
@@ -332,10 +340,32 @@ class Snapshotter:
         dist.all_gather(sources, mine, group=self.stripe_group)
         return sources
 
+    def _gather_replicas(self, staging, tensor_bytes, meta: bytes) -> list[torch.Tensor]:
+        """Collective over the replicas: every replica's host state (each copy holds them all, so any copy
+        serves any replica), and each copy's size and CRC (equal when the replicas' states are)."""
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in self.stripe]
+        dist.all_gather(sizes, torch.tensor([len(meta)], dtype=torch.int64), group=self.stripe_group)
+        longest = max(int(v) for v in sizes)
+        padded = torch.zeros(longest, dtype=torch.uint8)
+        padded[:len(meta)] = torch.frombuffer(bytearray(meta), dtype=torch.uint8)
+        metas = [torch.zeros(longest, dtype=torch.uint8) for _ in self.stripe]
+        dist.all_gather(metas, padded, group=self.stripe_group)
+        self._replica_meta = b"{" + b",".join(b'"%d":' % src + m[:int(n)].numpy().tobytes()
+                                              for src, m, n in zip(self.stripe, metas, sizes)) + b"}"
+        payload = tensor_bytes + len(self._replica_meta)
+        size = 8 * max(1, math.ceil(payload / 8))
+        crc = zlib.crc32(bytes(size - payload), zlib.crc32(self._replica_meta, _crc(staging[:tensor_bytes])))
+        rows = [torch.zeros(4, dtype=torch.int64) for _ in self.stripe]
+        dist.all_gather(rows, torch.tensor([size, payload, tensor_bytes, crc], dtype=torch.int64),
+                        group=self.stripe_group)
+        return rows
+
     def _reserve(self, step, sources, views, segments) -> dict:
         """A segment in this node's SMP for every chunk this rank holds, mapped; the entries to commit."""
         k, n = self.layout.data, self.layout.group_nodes
         self._smp_up()
+        if self.layout.by_replicas:
+            return self._reserve_copy(step, sources, views, segments)
         entries = {}
         for i, src in enumerate(self.stripe):  # this rank holds chunk (me - i) mod n of member i
             j = (self.me - i) % n
@@ -351,9 +381,37 @@ class Snapshotter:
                                       "tensor_bytes": src_tensor_bytes, "signature": self.signature}
         return entries
 
+    def _reserve_copy(self, step, sources, views, segments) -> dict:
+        """Replicas: one segment for this rank's copy, committed as every replica's chunk (the same bytes)."""
+        if any(not torch.equal(row, sources[0]) for row in sources):
+            raise RuntimeError(f"the data-parallel replicas {self.stripe} hold different states (size, payload, "
+                               f"tensor bytes, CRC: {[row.tolist() for row in sources]}): their copies cannot stand in "
+                               f"for each other; set faulttol.redundancy=erasure")
+        size, payload, tensor_bytes, crc = (int(v) for v in sources[self.me])
+        name = self.client.alloc(f"r{self.rank}", size, step)
+        self._fault("request", step)
+        shm = Attached(name)
+        segments.append(shm)
+        views[self.me] = torch.frombuffer(shm.buf, dtype=torch.uint8, count=size)
+        n = self.layout.group_nodes
+        return {f"r{src}c{(self.me - i) % n}": {
+            "name": name, "size": size, "src": src, "chunk": (self.me - i) % n, "step": step, "run": self.run,
+            "attempt": self.attempt, "crc": crc, "data_crcs": [crc], "payload": payload, "tensor_bytes": tensor_bytes,
+            "signature": self.signature} for i, src in enumerate(self.stripe)}
+
     def _exchange(self, step, chunks, views, entries) -> None:
         """Send chunk j to the member j places on, receive into the reserved segments, verify each."""
         n = self.layout.group_nodes
+        if self.layout.by_replicas:  # nothing travels: write this rank's copy with every replica's host state
+            view, entry = views[self.me], next(iter(entries.values()))
+            tensor_bytes, payload = entry["tensor_bytes"], entry["payload"]
+            view[:tensor_bytes].copy_(chunks[0][:tensor_bytes])
+            view[tensor_bytes:payload].copy_(torch.frombuffer(bytearray(self._replica_meta), dtype=torch.uint8))
+            view[payload:].zero_()
+            self._fault("exchange", step)
+            if _crc(view) != entry["crc"]:
+                raise RuntimeError("this rank's copy does not match its CRC after writing it")
+            return
         views[self.me].copy_(chunks[0])
         ops = []
         for j in range(1, n):
@@ -379,6 +437,7 @@ class Snapshotter:
         except SMPError:
             return out
         rpn = self.layout.ranks_per_node
+        valid: dict[tuple, bool] = {}  # (segment, size, crc) -> checked (a replica's copy serves several entries)
         for ep in epochs:
             # What this node's SMP holds, whichever ranks wrote it: the host may have had other rank numbers
             # then. Each of its ranks reports the owners with its own place inside the node.
@@ -387,33 +446,93 @@ class Snapshotter:
             for entry in (e for entries in mine for e in entries.values()):
                 if entry.get("run") != self.run or entry.get("signature") != self.signature:
                     continue
-                try:
-                    shm = Attached(entry["name"])
-                except (FileNotFoundError, SMPError):
-                    continue
-                try:
-                    if checksum(shm.buf[:entry["size"]]) == entry["crc"]:
-                        out.append(entry)
-                finally:
-                    shm.close()
+                key = (entry["name"], entry["size"], entry["crc"])
+                if key not in valid:
+                    valid[key] = self._intact(entry)
+                if valid[key]:
+                    out.append(entry)
         return out
+
+    @staticmethod
+    def _intact(entry: dict) -> bool:
+        try:
+            shm = Attached(entry["name"])
+        except (FileNotFoundError, SMPError):
+            return False
+        try:
+            return checksum(shm.buf[:entry["size"]]) == entry["crc"]
+        finally:
+            shm.close()
+
+    RECORD = ("size", "crc", "payload", "tensor_bytes")  # what a holder tells a chunk's owner, then data_crcs
 
     @traffic.counted_as("snapshot")
     def locate(self) -> tuple[Located | None, str]:
-        """Collective: the newest epoch every rank can rebuild, or None and why not."""
-        inventories = [None] * self.layout.world
-        dist.all_gather_object(inventories, self._inventory(), group=self.world_group)
-        found = choose_epoch(inventories, self.layout)
-        if found is None:
-            held = sorted({e["step"] for inv in inventories for e in inv})
-            why = ("no snapshot of this run in memory" if not held else
-                   f"epochs {held} in memory, but none with {self.layout.data} of {self.layout.group_nodes} "
-                   f"chunks for every rank (more nodes lost than ec_parity={self.layout.parity}, or a torn snapshot)")
-            return None, why
-        (attempt, epoch), sources = found
-        entries = [dict(e, holder=h) for h, inv in enumerate(inventories) for e in inv
-                   if (e["attempt"], e["step"]) == (attempt, epoch)]
-        return Located(epoch, attempt, sources, entries), ""
+        """Collective: the newest epoch every rank can rebuild, or None and why not.
+
+        Nothing per entry crosses the world: generations are tried newest first (one all-reduced number
+        each), and for one generation a dense table of who holds chunk j of rank r (world x n int32,
+        all-reduced with MIN) decides, the same on every rank. Then each holder tells only the owners it
+        serves what it committed, point to point. So a rank sends O(world x n) 4-byte words per generation
+        tried plus O(n) records, instead of receiving every rank's inventory.
+        """
+        inventory = self._inventory()
+        world, n, k = self.layout.world, self.layout.group_nodes, self.layout.data
+        held = {(int(e["attempt"]), int(e["step"])) for e in inventory}
+        tried, bound = [], None
+        while True:
+            below = [g for g in held if bound is None or g < bound]
+            newest = torch.tensor([max(below)[0] << 40 | max(below)[1] if below else -1], dtype=torch.int64)
+            dist.all_reduce(newest, op=dist.ReduceOp.MAX, group=self.world_group)
+            if int(newest) < 0:
+                why = ("no snapshot of this run in memory" if not tried else
+                       f"epochs {sorted(e for _, e in tried)} in memory, but none with {k} of {n} chunks for every "
+                       f"rank (more nodes lost than the redundancy covers ({self.layout.parity}), or a torn snapshot)")
+                return None, why
+            generation = bound = (int(newest) >> 40, int(newest) & (1 << 40) - 1)
+            tried.append(generation)
+            table = torch.full((world, n), world, dtype=torch.int32)  # world = nobody holds it
+            mine = {}
+            for e in inventory:
+                if (int(e["attempt"]), int(e["step"])) == generation and 0 <= e["src"] < world and 0 <= e["chunk"] < n:
+                    # Any holder serves: after hosts were renumbered or replaced, chunks are not where
+                    # layout.holder would put them now.
+                    table[e["src"], e["chunk"]] = self.rank
+                    mine[(e["src"], e["chunk"])] = e
+            dist.all_reduce(table, op=dist.ReduceOp.MIN, group=self.world_group)
+            chosen = choose_chunks(table, k)  # the same choice on every rank
+            if chosen is not None:
+                break
+        needs = {int(j): int(table[self.rank, j]) for j in torch.nonzero(chosen[self.rank]).flatten()}
+        serves = [(src, j, mine[(src, j)]) for (src, j) in sorted(mine)
+                  if chosen[src, j] and int(table[src, j]) == self.rank]
+        lost_home = ~chosen[:, 0] if self.layout.by_replicas else chosen[:, k:].any(dim=1)  # a copy or parity serves
+        rebuilt = int(lost_home.sum())
+        records = self._exchange_records(needs, serves)
+        return Located(generation[1], generation[0], needs, records, serves, rebuilt), ""
+
+    def _exchange_records(self, needs: dict[int, int], serves: list) -> dict[int, dict]:
+        """Each holder sends the owners it serves what it committed for their chunks (point to point)."""
+        k = self.layout.data
+        width = len(self.RECORD) + k
+        ops, received, sends = [], {}, []
+        for src, j, entry in serves:
+            row = torch.tensor([int(entry[f]) for f in self.RECORD] + [int(c) for c in entry["data_crcs"]],
+                               dtype=torch.int64)
+            if src == self.rank:
+                received[j] = row
+            else:
+                sends.append(row)
+                ops.append(dist.P2POp(dist.isend, row, src, self.world_group))
+        for j, holder in needs.items():
+            if holder != self.rank:
+                received[j] = torch.zeros(width, dtype=torch.int64)
+                ops.append(dist.P2POp(dist.irecv, received[j], holder, self.world_group))
+        for work in dist.batch_isend_irecv(ops) if ops else []:
+            work.wait()
+        fields = len(self.RECORD)
+        return {j: dict(zip(self.RECORD, map(int, row[:fields])), data_crcs=[int(c) for c in row[fields:]])
+                for j, row in received.items()}
 
     @traffic.counted_as("snapshot")
     def restore(self, located: Located, model, optimizer, extra: dict | None = None) -> Restored:
@@ -425,25 +544,25 @@ class Snapshotter:
         """
         t0 = time.perf_counter()
         k = self.layout.data
-        by_key = {}  # (src, chunk) -> the entry of the holder choose_epoch picked (a chunk may be held twice)
-        for e in located.entries:
-            if (e["src"], e["chunk"]) not in by_key or located.sources[e["src"]].get(e["chunk"]) == e["holder"]:
-                by_key[(e["src"], e["chunk"])] = e
-        mine = located.sources[self.rank]
-        entry = by_key[(self.rank, next(iter(mine)))]
         problem, meta, payload = None, None, None
         try:
-            received = self._gather_chunks(located, by_key)
+            received = self._gather_chunks(located)
             self._fault("restore", located.epoch)
-            bad = [j for j, t in received.items() if _crc(t) != by_key[(self.rank, j)]["crc"]]
+            bad = [j for j, t in received.items() if _crc(t) != located.records[j]["crc"]]
             if bad:
                 raise RuntimeError(f"chunks {bad} arrived corrupted")
-            data = [received[j] for j in range(k)] if all(j in received for j in range(k)) \
-                else self.code.decode(received)
+            entry = located.records[next(iter(located.needs))]
+            if self.layout.by_replicas:  # any copy is the whole payload
+                data = [next(iter(received.values()))]
+            else:
+                data = [received[j] for j in range(k)] if all(j in received for j in range(k)) \
+                    else self.code.decode(received)
             if [_crc(d) for d in data] != entry["data_crcs"]:
                 raise RuntimeError("the rebuilt payload does not match the source's CRCs")
             payload = torch.cat(data)[:entry["payload"]]
             meta = codec.loads(payload[entry["tensor_bytes"]:].numpy().tobytes())
+            if self.layout.by_replicas:
+                meta = meta[str(self.rank)]
             if meta["step"] != located.epoch or meta["rank"] != self.rank:
                 raise RuntimeError(f"payload is step {meta['step']} of rank {meta['rank']}, expected step "
                                    f"{located.epoch} of rank {self.rank}")
@@ -463,31 +582,26 @@ class Snapshotter:
             _as_bytes(t).copy_(payload[offset:offset + n])
             offset += n
         _set_hyperparameters(optimizer, meta["optimizer"])
-        rebuilt = sum(1 for chunks in located.sources.values() if any(j >= k for j in chunks))
-        return Restored(located.epoch, meta["host"], time.perf_counter() - t0, rebuilt)
+        return Restored(located.epoch, meta["host"], time.perf_counter() - t0, located.rebuilt)
 
-    def _gather_chunks(self, located: Located, by_key: dict) -> dict[int, torch.Tensor]:
+    def _gather_chunks(self, located: Located) -> dict[int, torch.Tensor]:
         """Send the chunks this rank holds to their owners; receive the k this rank needs. Over the world
         group: after a renumbering or a replaced host, a chunk's holder need not be in its owner's stripe."""
         ops, received, segments, sends = [], {}, [], []
         try:
-            for src, chunks in located.sources.items():  # chunks I hold that their owners need
-                for j, holder in chunks.items():
-                    if holder != self.rank:
-                        continue
-                    entry = by_key[(src, j)]
-                    shm = Attached(entry["name"])
-                    segments.append(shm)
-                    view = torch.frombuffer(shm.buf, dtype=torch.uint8, count=entry["size"])
-                    if src == self.rank:
-                        received[j] = view.clone()
-                        del view
-                    else:
-                        sends.append(view)
-                        ops.append(dist.P2POp(dist.isend, view, src, self.world_group))
-            for j, holder in located.sources[self.rank].items():
+            for src, j, entry in located.serves:
+                shm = Attached(entry["name"])
+                segments.append(shm)
+                view = torch.frombuffer(shm.buf, dtype=torch.uint8, count=entry["size"])
+                if src == self.rank:
+                    received[j] = view.clone()
+                    del view
+                else:
+                    sends.append(view)
+                    ops.append(dist.P2POp(dist.isend, view, src, self.world_group))
+            for j, holder in located.needs.items():
                 if holder != self.rank:
-                    received[j] = torch.empty(by_key[(self.rank, j)]["size"], dtype=torch.uint8)
+                    received[j] = torch.empty(located.records[j]["size"], dtype=torch.uint8)
                     ops.append(dist.P2POp(dist.irecv, received[j], holder, self.world_group))
             for work in dist.batch_isend_irecv(ops) if ops else []:
                 work.wait()

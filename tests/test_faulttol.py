@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import run_ranks, run_ranks_restarting, signal_self_after_step
-from loomtrain.faulttol.layout import NodeLayout, choose_epoch
+from loomtrain.faulttol.layout import NodeLayout, choose_chunks
 from loomtrain.faulttol.smp import orphan_segments, segment_prefix, start_daemon, stop_daemons
 from loomtrain.trainer.config import ConfigError, FaultTolConfig
 
@@ -58,9 +58,64 @@ def test_a_stride_spreads_each_ec_group_over_racks():
     assert consecutive.group_of(0) == [0, 1, 2, 3] and spread.group_of(0) == [0, 2, 4, 6]
     assert spread.group_of(5) == [1, 3, 5, 7] and sorted(sum(spread.stripes(), [])) == list(range(8))
     assert not survives_every_rack(consecutive) and survives_every_rack(spread)
-    with pytest.raises(ConfigError, match="faulttol.ec_group_stride: groups of 4 nodes every 3 nodes need a "
-                                          "multiple of 12 nodes, have 8"):
+    with pytest.raises(ConfigError, match="faulttol.ec_group_stride: groups of 4 nodes over racks of 3 nodes of 8: "
+                                          "one rack's loss would cost a group 2 nodes"):
         NodeLayout.from_config(_ft(ranks_per_node=1, ec_group_nodes=4, ec_group_stride=3), 8, 8)
+
+
+def _survives_any_rack(layout, racks) -> bool:
+    return all(len([j for j in range(layout.group_nodes) if racks[layout.node_of(layout.holder(r, j))] != rack])
+               >= layout.data for rack in set(racks) for r in range(layout.world))
+
+
+def test_ec_groups_are_spread_over_the_fabric_groups_of_the_cluster_description():
+    """Racks from the cluster description (placement=fabric), no stride set: each group takes one node per
+    fabric group, and with ec_group_nodes left to auto its size is the largest that survives a rack's loss."""
+    four = list("aabbccdd")  # 8 nodes in 4 fabric groups of 2
+    layout = NodeLayout.from_config(_ft(ranks_per_node=1, ec_parity=1), 8, 8, racks=four)
+    assert layout.group_nodes == 4 and layout.groups == ((0, 2, 4, 6), (1, 3, 5, 7))
+    assert _survives_any_rack(layout, four) and "spread over 4 fabric groups" in layout.describe()
+    assert not _survives_any_rack(NodeLayout.from_config(_ft(ranks_per_node=1, ec_parity=1), 8, 8), four)
+    two = ["a"] * 4 + ["b"] * 4  # two racks and m=1: only groups of 2 (one node per rack) survive one
+    paired = NodeLayout.from_config(_ft(ranks_per_node=1, ec_parity=1), 8, 8, racks=two)
+    assert paired.group_nodes == 2 and paired.groups[0] == (0, 4) and _survives_any_rack(paired, two)
+    wide = NodeLayout.from_config(_ft(ranks_per_node=1, ec_parity=2), 8, 8, racks=two)  # m=2: 4 nodes, 2 per rack
+    assert wide.group_nodes == 4 and _survives_any_rack(wide, two)
+    forced = NodeLayout.from_config(_ft(ranks_per_node=1, ec_parity=1, ec_group_nodes=8), 8, 8, racks=two)
+    assert "a rack loss costs a group 4 nodes > ec_parity" in forced.describe()  # said, not refused
+    consecutive = NodeLayout.from_config(_ft(ranks_per_node=1, ec_parity=1, ec_group_stride=1), 8, 8, racks=four)
+    assert consecutive.groups == ((0, 1, 2, 3, 4, 5, 6, 7),)  # stride 1: the racks are ignored
+
+
+def test_the_racks_are_the_fabric_groups_of_the_placed_cluster():
+    from types import SimpleNamespace
+
+    from loomtrain.faulttol.manager import node_racks
+    from loomtrain.launch.topology import Cluster, Fabric, Host
+
+    fabrics = {"pod1": Fabric("pod1", "ib", 400), "pod2": Fabric("pod2", "ib", 400), "dc": Fabric("dc", "ethernet", 25)}
+    cluster = Cluster(fabrics, [Host(f"h{i}", "pod1" if i < 2 else "pod2", 2) for i in range(4)], "dc")
+    env = SimpleNamespace(world_size=8, local_world_size=2)
+    assert node_racks(cluster, _ft(), env) == ["pod1", "pod1", "pod2", "pod2"]  # a node is a host
+    assert node_racks(cluster, _ft(ranks_per_node=1), env) == ["pod1"] * 4 + ["pod2"] * 4  # simulated nodes
+    assert node_racks(None, _ft(), env) is None
+
+
+def test_replicas_are_the_redundancy_when_they_hold_the_same_state_on_other_nodes():
+    replicas = [[0, 2], [1, 3]]  # dp_replicate=2 x dp_shard=2, one rank per node
+    layout = NodeLayout.from_config(_ft(ranks_per_node=1), 4, 4, replicas=replicas)
+    assert layout.by_replicas and (layout.data, layout.parity, layout.group_nodes) == (1, 1, 2)
+    assert layout.stripes() == [[0, 2], [1, 3]] and layout.holder(0, 1) == 2 and layout.holder(3, 1) == 1
+    assert "redundancy by 2 data-parallel replicas" in layout.describe()
+    assert not NodeLayout.from_config(_ft(ranks_per_node=1, redundancy="erasure"), 4, 4, replicas=replicas).by_replicas
+    same_node = NodeLayout.from_config(_ft(ranks_per_node=2), 4, 4, replicas=[[0, 1], [2, 3]])
+    assert not same_node.by_replicas and same_node.parity == 1  # auto: replicas sharing a node protect nothing
+    with pytest.raises(ConfigError, match="faulttol.redundancy: replicas needs each rank's dp_replicate peers on "
+                                          "other nodes"):
+        NodeLayout.from_config(_ft(ranks_per_node=2, redundancy="replicas"), 4, 4, replicas=[[0, 1], [2, 3]])
+    with pytest.raises(ConfigError, match="faulttol.redundancy: replicas needs parallel.dp_replicate > 1 with "
+                                          "parallel.dp_sync=every_step"):
+        NodeLayout.from_config(_ft(ranks_per_node=1, redundancy="replicas"), 4, 4, replicas=None)
 
 
 @pytest.mark.parametrize("kw, world, message", [
@@ -71,6 +126,21 @@ def test_a_stride_spreads_each_ec_group_over_racks():
 def test_bad_layouts_are_one_line_errors(kw, world, message):
     with pytest.raises(ConfigError, match=message):
         NodeLayout.from_config(_ft(**kw), world, world)
+
+
+def _choose_epoch(inventories, layout):
+    """locate's choice, with the all-reduces done by hand: generations newest first, for each the table of
+    the lowest holder of every (rank, chunk), until one leaves every rank k chunks."""
+    for generation in sorted({(e["attempt"], e["step"]) for inv in inventories for e in inv}, reverse=True):
+        table = torch.full((layout.world, layout.group_nodes), layout.world, dtype=torch.int32)
+        for holder, inv in enumerate(inventories):
+            for e in inv:
+                if (e["attempt"], e["step"]) == generation:
+                    table[e["src"], e["chunk"]] = min(int(table[e["src"], e["chunk"]]), holder)
+        chosen = choose_chunks(table, layout.data)
+        if chosen is not None:
+            return generation, chosen
+    return None
 
 
 def test_choose_epoch_never_picks_a_torn_snapshot_or_mixes_generations():
@@ -84,18 +154,19 @@ def test_choose_epoch_never_picks_a_torn_snapshot_or_mixes_generations():
         return [e for e in inv if (e["attempt"], e["step"]) != generation]
 
     inv = [held(h, [(0, 4), (0, 6)]) for h in range(4)]
-    assert choose_epoch(inv, layout)[0] == (0, 6)
+    assert _choose_epoch(inv, layout)[0] == (0, 6)
     inv[2] = drop(inv[2], (0, 6))  # epoch 6 committed on holder 2 only partially (torn): one node missing is fine
-    assert choose_epoch(inv, layout)[0] == (0, 6)
+    generation, chosen = _choose_epoch(inv, layout)
+    assert generation == (0, 6) and chosen.sum(dim=1).tolist() == [3] * 4 and chosen[:, 3].any()  # parity used
     inv[3] = drop(inv[3], (0, 6))  # two holders without epoch 6: too few chunks -> fall back to 4
-    generation, sources = choose_epoch(inv, layout)
-    assert generation == (0, 4) and all(sorted(c) == [0, 1, 2] for c in sources.values())  # data chunks preferred
+    generation, chosen = _choose_epoch(inv, layout)
+    assert generation == (0, 4) and chosen[:, :3].all() and not chosen[:, 3].any()  # data chunks preferred
     # Epoch 6 of attempt 0 on holders 0 and 1, epoch 6 of attempt 1 on holders 2 and 3: together they would
     # be "4 chunks of epoch 6", but chunks of two generations never make one payload.
     mixed = [held(h, [(0, 4), (0, 6) if h < 2 else (1, 6)]) for h in range(4)]
-    assert choose_epoch(mixed, layout)[0] == (0, 4)
-    assert choose_epoch([held(h, [(1, 2), (0, 8)]) for h in range(4)], layout)[0] == (1, 2)  # newest generation
-    assert choose_epoch([[] for _ in range(4)], layout) is None
+    assert _choose_epoch(mixed, layout)[0] == (0, 4)
+    assert _choose_epoch([held(h, [(1, 2), (0, 8)]) for h in range(4)], layout)[0] == (1, 2)  # newest generation
+    assert _choose_epoch([[] for _ in range(4)], layout) is None
 
 
 def test_host_state_round_trips_as_json_and_cannot_run_code():
@@ -455,6 +526,70 @@ def test_nodes_of_two_ranks_mirror_each_other(overrides, tmp_path):
     _assert_identical_after(results, reference, restored_step=4)
 
 
+def _train_and_measure_held(rank, overrides):
+    """_train, plus what this rank's node SMP holds of the newest epoch at the end and this rank's state bytes."""
+    from loomtrain.faulttol.manager import FaultTolerance
+    from loomtrain.faulttol.snapshot import flatten_state
+
+    original, seen = FaultTolerance.close, {}
+
+    def close(self, finished):
+        if finished and self.snapshots is not None:
+            self.snapshots.wait()
+            newest = self.snapshots.client._call(op="latest")["epochs"][0]
+            mine = [e for entries in newest["owners"].values() for e in entries.values()]
+            seen["held"] = sum({e["name"]: e["size"] for e in mine}.values())  # a segment counts once
+            seen["state"] = sum(t.numel() * t.element_size() for t in flatten_state(trainer[0].model,
+                                                                                    trainer[0].optimizer)[0])
+        return original(self, finished)
+
+    from loomtrain.trainer import train as train_mod
+
+    trainer, init = [], train_mod.Trainer.__init__
+
+    def keep(self, *a, **kw):
+        trainer.append(self)
+        init(self, *a, **kw)
+
+    train_mod.Trainer.__init__ = keep
+    FaultTolerance.close = close
+    return _train(rank, overrides) + (seen,)
+
+
+def test_replicas_restore_a_lost_node_from_their_copies_keeping_one_copy_per_rank(overrides, tmp_path, capfd):
+    """dp_replicate=2 x dp_shard=2 on 4 nodes: ranks 0 and 2 (1 and 3) hold the same state, on other nodes. Each
+    rank keeps only its own copy (1x its state per node, against (k+m)/k = 4/3x with EC over 4 nodes) and
+    sends only host states; a lost node's ranks take their state from their replica, bit-identically."""
+    smp = str(tmp_path / "smp")
+    ov = [o.replace("parallel.dp_shard=4", "parallel.dp_shard=2") for o in overrides + FT] + \
+        ["parallel.dp_replicate=2"]
+
+    def runs(extra, out, inject=None):
+        for node in range(WORLD):
+            start_daemon(smp, node)
+        faulty = [f"faulttol.inject={{kind: node_loss, rank: {inject}, step: 5}}"] if inject is not None else []
+        return run_ranks_restarting(_train_and_measure_held, WORLD, ov + extra + faulty +
+                                    [f"train.output_dir={tmp_path / out}"], max_restarts=1,
+                                    env={"LOOMTRAIN_SMP_DIR": smp}, timeout=180)
+
+    try:
+        reference, _ = runs([], "ref")
+        erasure, _ = runs(["faulttol.redundancy=erasure"], "ec")
+        results, failures = runs([], "lost", inject=0)
+    finally:
+        stop_daemons(smp, range(WORLD))
+    assert "redundancy by 2 data-parallel replicas" in capfd.readouterr().out
+    assert len(failures) == 1 and all(r[1] == "memory" for r in results), failures
+    _assert_identical_after([r[:6] for r in results], [r[:6] for r in reference], restored_step=4)
+    for replica, ec in zip(reference, erasure):
+        held, state = replica[6]["held"], replica[6]["state"]
+        assert state < held < state + 2**16  # its own copy, plus both replicas' host states (~25 KB each here)
+        assert ec[6]["held"] > state * 4 / 3  # EC over 4 nodes holds (k+m)/k of it
+    sent = [json.loads(line).get("bytes_snapshot", 0) for line in open(tmp_path / "ref" / "metrics.jsonl")]
+    sent_ec = [json.loads(line).get("bytes_snapshot", 0) for line in open(tmp_path / "ec" / "metrics.jsonl")]
+    assert 0 < sum(sent) < sum(sent_ec) / 20  # host states and CRCs only, not (n-1)/k of every state
+
+
 def test_sigusr1_writes_a_checkpoint_and_training_goes_on(overrides, tmp_path):
     def train(rank, ov):
         signal_self_after_step(3, signal.SIGUSR1)
@@ -573,3 +708,4 @@ def test_an_injected_hang_is_caught_by_the_monitor_not_the_watchdog(overrides, s
     _hang_report(monitor, 3)
     assert "not in a collective while ranks 0, 1, 2 wait in one" in monitor.hangs[0].cause
     _assert_identical_after(results, uninterrupted, restored_step=4)
+

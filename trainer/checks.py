@@ -33,9 +33,9 @@ def check_experiment(exp: Experiment, world_size: int, local_world_size: int | N
                           "gradient norms 0.7% off eager (and crashed with activation checkpointing) on torch "
                           "2.13's CPU inductor; use compile with tp=1 or tp without compile")
     dims = ParallelDims.from_config(par, world_size)
-    from loomtrain.faulttol.layout import NodeLayout
+    from loomtrain.faulttol.layout import NodeLayout, identical_replicas
 
-    NodeLayout.from_config(exp.faulttol, world_size, local_world_size or world_size)
+    NodeLayout.from_config(exp.faulttol, world_size, local_world_size or world_size, replicas=identical_replicas(dims))
     _check_batch(exp, dims)
     return dims
 

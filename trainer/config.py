@@ -192,8 +192,11 @@ class FaultTolConfig:
     persist_every_steps: int = 0  # also write a DCP checkpoint to disk every N steps; 0 = never
     ranks_per_node: int = 0  # 0 = real nodes (LOCAL_WORLD_SIZE); N simulates nodes of N ranks on one host
     ec_group_nodes: int = 0  # nodes per erasure-coding group (k + m); 0 = all nodes
-    ec_group_stride: int = 1  # a group takes every Nth node: set N to the nodes per rack/switch, so that
-    #                           losing one rack costs each group at most one node
+    ec_group_stride: int = 0  # N > 1: racks are N consecutive nodes, and each group takes its nodes from different
+    #   racks (losing one rack costs a group at most one node); 1: groups of consecutive nodes; 0 = auto: racks are
+    #   the fabric groups of parallel.cluster with placement=fabric, else consecutive
+    redundancy: str = "auto"  # auto | erasure | replicas: with dp_replicate > 1 (every-step sync) and replicas on
+    #   other nodes, the replicas' identical states are the redundancy (one copy per rank, no encoding; REFT)
     ec_parity: int = 1  # parity chunks m per group: any m nodes of a group may be lost
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     # Without a hang monitor (a bare torchrun), each rank's own watchdog thread: exit when a step makes no
@@ -270,6 +273,7 @@ CHOICES = {
     "data.batching": ("windows", "documents"),
     "parallel.sp_mode": ("static", "adaptive"),
     "parallel.placement": ("none", "fabric"),
+    "faulttol.redundancy": ("auto", "erasure", "replicas"),
     "optim.fused": ("auto", "true", "false"),
     "logging.wandb_mode": ("auto", "online", "offline"),
     "faulttol.inject.kind": ("none", "sigkill", "exception", "hang", "smp_kill", "node_loss", "snapshot_kill"),
@@ -410,7 +414,6 @@ def validate(exp: Experiment) -> None:
         v = _get(exp, p)
         if v not in choices:
             raise ConfigError(f"{p}: must be one of {', '.join(choices)}, got {v!r}")
-    _positive(exp, "faulttol.ec_group_stride")
     _positive(exp, "model.dim", "model.n_layers", "model.n_heads", "model.n_kv_heads",
               "model.ffn_multiple_of", "model.norm_eps", "model.rope_theta", "data.seq_len",
               "train.steps", "train.global_batch_size", "train.log_every", "optim.lr",
@@ -421,7 +424,7 @@ def validate(exp: Experiment) -> None:
               "optim.weight_decay", "optim.grad_clip", "optim.eps", "checkpoint.every_steps",
               "checkpoint.keep", "data.max_documents", "data.workers", "data.vocab_size", "data.max_doc_tokens", "train.global_batch_tokens",
               "parallel.sp_alpha1", "parallel.sp_alpha2", "parallel.sp_inter_node_gbps", "logging.peak_tflops",
-              "faulttol.snapshot.every_steps", "faulttol.persist_every_steps", "faulttol.ranks_per_node",
+              "faulttol.snapshot.every_steps", "faulttol.persist_every_steps", "faulttol.ranks_per_node", "faulttol.ec_group_stride",
               "faulttol.ec_group_nodes", "faulttol.ec_parity", "faulttol.hang_timeout_s", "faulttol.startup_timeout_s",
               "faulttol.smp_idle_exit_s", "faulttol.inject.rank", "faulttol.inject.step", "faulttol.inject.attempt",
               "train.microbatches", "faulttol.monitor.warmup_steps",

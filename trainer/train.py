@@ -204,7 +204,7 @@ class Trainer:
         self.step = 0
         self.resumed_from = None
         self.restored_from, self.restore_seconds = None, 0.0
-        self.ft = FaultTolerance(exp, env, self.dims)
+        self.ft = FaultTolerance(exp, env, self.dims, self.placement.cluster)
         # Ranks are compared with the others of their pipeline stage (stages differ in work by design).
         self.health = HealthMonitor(gather_hosts(env.world_size), env.is_main,
                                     cohorts=[list(c) for c in zip(*self.dims.groups("pp"))])
@@ -251,7 +251,9 @@ class Trainer:
                 self.step, self.restored_from, self.restore_seconds = restored.step, "memory", restored.seconds
                 self.resumed_from = f"memory snapshot of step {restored.step}"
                 if self.env.is_main:
-                    rebuilt = f"; rebuilt {restored.rebuilt} rank(s)' state from parity" if restored.rebuilt else ""
+                    how = ("taken {}' state from a replica's copy" if ft.layout.by_replicas else
+                           "rebuilt {}' state from parity")
+                    rebuilt = "; " + how.format(f"{restored.rebuilt} rank(s)") if restored.rebuilt else ""
                     disk = f"disk has step {disk_step}" if disk_step >= 0 else "no disk checkpoint"
                     print(f"faulttol: restored step {restored.step} from memory in {restored.seconds:.2f}s "
                           f"(restart {ft.attempt} of run {ft.run or '(unnamed)'}; {disk}){rebuilt}", flush=True)
