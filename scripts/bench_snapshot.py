@@ -131,7 +131,8 @@ def _bench_rank(rank, overrides, steps, out_dir):
     return {"base": base, "snap_step": snap_step, "blocking": blocking, "background": background,
             "torch_save": torch_save_s, "torch_save_cold": torch_save_cold, "dcp_async": dcp_async_s,
             "dcp_async_cold": dcp_async_cold, "memory_restore": memory_restore_s, "parity_restore": parity_restore_s,
-            "rebuilt": rebuilt, "disk_restore": disk_restore_s, "state_bytes": state_bytes}
+            "rebuilt": rebuilt, "disk_restore": disk_restore_s, "state_bytes": state_bytes,
+            "layout": tr.ft.layout.describe()}
 
 
 def _local_tensors(tr):
@@ -171,7 +172,7 @@ def main():
     base = worst["base"]
     snapshot_stall = max(0.0, worst["snap_step"] - base)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; {a.world} ranks = "
-          f"{a.world} simulated nodes, EC k={a.world - a.parity} m={a.parity}; overrides: {' '.join(a.overrides)}")
+          f"{worst['layout']}; overrides: {' '.join(a.overrides)}")
     print(f"state per rank: {worst['state_bytes'] / 2**20:.1f} MiB (parameters + AdamW state, FSDP shard); "
           f"step time {base * 1000:.0f} ms (median of {a.steps}, slowest rank)\n")
     print("| save | stall per save | vs snapshot's blocking |")
@@ -193,7 +194,8 @@ def main():
     mem = worst["memory_restore"]
     print(f"| from memory, every node intact (locate + exchange + verify + load) | {mem * 1000:.1f} ms | 1.0x |")
     if a.parity:
-        print(f"| from memory, node {a.world - 1}'s memory lost ({worst['rebuilt']} rank(s) rebuilt from parity) | "
+        print(f"| from memory, node {a.world - 1}'s memory lost ({worst['rebuilt']} rank(s) "
+              f"{'taken from a replica' if 'replicas' in worst['layout'] else 'rebuilt from parity'}) | "
               f"{worst['parity_restore'] * 1000:.1f} ms | {worst['parity_restore'] / mem:.1f}x |")
     print(f"| from disk (dcp.load, warm page cache) | {worst['disk_restore'] * 1000:.1f} ms | "
           f"{worst['disk_restore'] / mem:.1f}x |")
