@@ -26,7 +26,8 @@ def spread_groups(racks: list, n: int) -> list[list[int]]:
         by_rack.setdefault(rack, []).append(node)
     columns = list(by_rack.values())
     dealt = [col[i] for i in range(max(map(len, columns))) for col in columns if i < len(col)]
-    return [dealt[i:i + n] for i in range(0, len(dealt), n)]
+    # Members in ascending order: a stripe's process group (and so its all_gather) orders ranks that way.
+    return [sorted(dealt[i:i + n]) for i in range(0, len(dealt), n)]
 
 
 def identical_replicas(dims) -> list[list[int]] | None:
@@ -103,7 +104,7 @@ class NodeLayout:
             raise ConfigError(f"faulttol.ec_group_nodes: at most {MAX_DATA + parity} nodes per group with "
                               f"ec_parity={parity}, got {n}")
         groups = spread_groups(racks, n)
-        if spread and n > 1:
+        if spread and n > 1 and parity:
             worst = worst_rack_loss(groups, racks)
             if stride > 1 and worst > parity:
                 raise ConfigError(f"faulttol.ec_group_stride: groups of {n} nodes over {spread} of {nodes}: one "
@@ -176,7 +177,8 @@ class NodeLayout:
                     f"replica nodes may be lost)")
         spread = f", spread over {self.spread}" if self.spread else ""
         ec = (f"EC groups of {self.group_nodes} nodes{spread} (k={self.data}, m={self.parity}: any {self.parity} "
-              f"node(s) per group may be lost)" if self.parity else "no erasure coding (one node per group)")
+              f"node(s) per group may be lost; memory {self.group_nodes / self.data:.2f}x the state)"
+              if self.parity else "no erasure coding (one node per group)")
         return f"{self.nodes} {kind} x {self.ranks_per_node} ranks, {ec}"
 
 

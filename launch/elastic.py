@@ -31,11 +31,13 @@ def node_snapshot_processes(exp, nproc: int):
     if not exp.faulttol.snapshot.every_steps:
         yield None
         return
-    from loomtrain.faulttol.layout import NodeLayout
+    from loomtrain.faulttol.layout import NodeLayout, identical_replicas
     from loomtrain.faulttol.manager import HOST_ID_ENV, SMP_DIR_ENV, host_key
     from loomtrain.faulttol.smp import directory_nodes, host_label, start_daemon, stop_daemons
+    from loomtrain.parallel.mesh import ParallelDims
 
-    layout = NodeLayout.from_config(exp.faulttol, nproc, nproc)
+    replicas = identical_replicas(ParallelDims.from_config(exp.parallel, nproc))
+    layout = NodeLayout.from_config(exp.faulttol, nproc, nproc, replicas=replicas)
     # The labels the ranks will look for (FaultTolerance._agree_nodes): simulated nodes by number, else this host.
     nodes = range(layout.nodes) if layout.simulated and not os.environ.get(HOST_ID_ENV) else [host_label(host_key())]
     smp_dir = tempfile.mkdtemp(prefix="loomtrain-smp-")

@@ -61,6 +61,7 @@ def test_a_stride_spreads_each_ec_group_over_racks():
     with pytest.raises(ConfigError, match="faulttol.ec_group_stride: groups of 4 nodes over racks of 3 nodes of 8: "
                                           "one rack's loss would cost a group 2 nodes"):
         NodeLayout.from_config(_ft(ranks_per_node=1, ec_group_nodes=4, ec_group_stride=3), 8, 8)
+    assert NodeLayout.from_config(_ft(ranks_per_node=1, ec_group_nodes=4, ec_group_stride=3, ec_parity=0), 8, 8)
 
 
 def _survives_any_rack(layout, racks) -> bool:
@@ -80,7 +81,9 @@ def test_ec_groups_are_spread_over_the_fabric_groups_of_the_cluster_description(
     paired = NodeLayout.from_config(_ft(ranks_per_node=1, ec_parity=1), 8, 8, racks=two)
     assert paired.group_nodes == 2 and paired.groups[0] == (0, 4) and _survives_any_rack(paired, two)
     wide = NodeLayout.from_config(_ft(ranks_per_node=1, ec_parity=2), 8, 8, racks=two)  # m=2: 4 nodes, 2 per rack
-    assert wide.group_nodes == 4 and _survives_any_rack(wide, two)
+    assert wide.group_nodes == 4 and _survives_any_rack(wide, two) and "memory 2.00x the state" in wide.describe()
+    # Members in rank order: a stripe's group (and its all_gather) orders ranks that way (dealt: 0, 4, 1, 5).
+    assert wide.groups == ((0, 1, 4, 5), (2, 3, 6, 7)) and all(s == sorted(s) for s in wide.stripes())
     forced = NodeLayout.from_config(_ft(ranks_per_node=1, ec_parity=1, ec_group_nodes=8), 8, 8, racks=two)
     assert "a rack loss costs a group 4 nodes > ec_parity" in forced.describe()  # said, not refused
     consecutive = NodeLayout.from_config(_ft(ranks_per_node=1, ec_parity=1, ec_group_stride=1), 8, 8, racks=four)
