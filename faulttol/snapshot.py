@@ -362,10 +362,10 @@ class Snapshotter:
 
     def _reserve(self, step, sources, views, segments) -> dict:
         """A segment in this node's SMP for every chunk this rank holds, mapped; the entries to commit."""
-        k, n = self.layout.data, self.layout.group_nodes
         self._smp_up()
         if self.layout.by_replicas:
             return self._reserve_copy(step, sources, views, segments)
+        k, n = self.layout.data, self.layout.group_nodes
         entries = {}
         for i, src in enumerate(self.stripe):  # this rank holds chunk (me - i) mod n of member i
             j = (self.me - i) % n
@@ -513,26 +513,32 @@ class Snapshotter:
 
     def _exchange_records(self, needs: dict[int, int], serves: list) -> dict[int, dict]:
         """Each holder sends the owners it serves what it committed for their chunks (point to point)."""
-        k = self.layout.data
-        width = len(self.RECORD) + k
-        ops, received, sends = [], {}, []
+        fields = len(self.RECORD)
+        received, sends = {}, []
         for src, j, entry in serves:
             row = torch.tensor([int(entry[f]) for f in self.RECORD] + [int(c) for c in entry["data_crcs"]],
                                dtype=torch.int64)
             if src == self.rank:
                 received[j] = row
             else:
-                sends.append(row)
-                ops.append(dist.P2POp(dist.isend, row, src, self.world_group))
+                sends.append((src, row))
         for j, holder in needs.items():
             if holder != self.rank:
-                received[j] = torch.zeros(width, dtype=torch.int64)
-                ops.append(dist.P2POp(dist.irecv, received[j], holder, self.world_group))
-        for work in dist.batch_isend_irecv(ops) if ops else []:
-            work.wait()
-        fields = len(self.RECORD)
+                received[j] = torch.zeros(fields + self.layout.data, dtype=torch.int64)
+        self._send_home(sends, [(holder, received[j]) for j, holder in needs.items() if holder != self.rank])
         return {j: dict(zip(self.RECORD, map(int, row[:fields])), data_crcs=[int(c) for c in row[fields:]])
                 for j, row in received.items()}
+
+    def _send_home(self, sends: list[tuple[int, torch.Tensor]], receives: list[tuple[int, torch.Tensor]]) -> None:
+        """Post every (peer, tensor) send and receive at once over the world group, and wait for them: after a
+        renumbering or a replaced host, a chunk's holder need not be in its owner's stripe."""
+        ops = [dist.P2POp(dist.isend, t, peer, self.world_group) for peer, t in sends] + \
+            [dist.P2POp(dist.irecv, t, peer, self.world_group) for peer, t in receives]
+        try:
+            for work in dist.batch_isend_irecv(ops) if ops else []:
+                work.wait()
+        finally:
+            ops.clear()  # they hold views into shared-memory segments the caller unmaps
 
     @traffic.counted_as("snapshot")
     def restore(self, located: Located, model, optimizer, extra: dict | None = None) -> Restored:
@@ -585,9 +591,8 @@ class Snapshotter:
         return Restored(located.epoch, meta["host"], time.perf_counter() - t0, located.rebuilt)
 
     def _gather_chunks(self, located: Located) -> dict[int, torch.Tensor]:
-        """Send the chunks this rank holds to their owners; receive the k this rank needs. Over the world
-        group: after a renumbering or a replaced host, a chunk's holder need not be in its owner's stripe."""
-        ops, received, segments, sends = [], {}, [], []
+        """Send the chunks this rank holds to their owners; receive the k this rank needs."""
+        received, segments, sends = {}, [], []
         try:
             for src, j, entry in located.serves:
                 shm = Attached(entry["name"])
@@ -597,17 +602,14 @@ class Snapshotter:
                     received[j] = view.clone()
                     del view
                 else:
-                    sends.append(view)
-                    ops.append(dist.P2POp(dist.isend, view, src, self.world_group))
+                    sends.append((src, view))
             for j, holder in located.needs.items():
                 if holder != self.rank:
                     received[j] = torch.empty(located.records[j]["size"], dtype=torch.uint8)
-                    ops.append(dist.P2POp(dist.irecv, received[j], holder, self.world_group))
-            for work in dist.batch_isend_irecv(ops) if ops else []:
-                work.wait()
+            self._send_home(sends, [(holder, received[j]) for j, holder in located.needs.items()
+                                    if holder != self.rank])
         finally:
-            ops.clear()
-            sends.clear()
+            sends.clear()  # the views point into the segments: drop them before unmapping
             for shm in segments:
                 shm.close()
         return received
