@@ -423,6 +423,7 @@ class Trainer:
                 result.snapshot_failures = self.ft.snapshot_failures
             finished = True
         finally:
+            self.batches.close()  # a prefetch left inside a torch op aborts the process at interpreter exit
             self.ft.close(finished)
             stop.restore()
             if bar is not None:
