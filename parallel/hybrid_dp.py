@@ -158,25 +158,20 @@ def longest_sequence(exp, world: int) -> int:
     return max(d.seq_len, -(-(d.max_doc_tokens or d.seq_len) // (2 * world)) * 2 * world)
 
 
-def adaptive_cost(exp, model_args, device, world: int, ranks_per_node: int):
-    """The planner's cost model: declared coefficients, or fitted on rank 0 (cached) and broadcast, so every
-    rank plans with the same numbers."""
-    from loomtrain.parallel.sp_cost import SequenceCost, calibrate
+def adaptive_cost(exp, model_args, device, world: int, ranks_per_node: int, groups: SequenceGroups, degrees):
+    """The planner's cost model: declared coefficients, or measured by the whole pool (cached; the same numbers
+    on every rank)."""
+    from loomtrain.parallel.sp_cost import SequenceCost, calibrate_pool
 
     par = exp.parallel
     links = dict(intra_bw=par.cp_link_gbps * 1e9 / 8, inter_bw=par.sp_inter_node_gbps * 1e9 / 8,
                  latency_s=par.cp_latency_us * 1e-6, ranks_per_node=ranks_per_node, topology=par.cp_topology,
                  impls=("tokenring", "ring", "ulysses") if par.cp_impl == "auto" else (par.cp_impl,))
     if par.sp_alpha1 or par.sp_alpha2:
-        alphas = [par.sp_alpha1, par.sp_alpha2]
-    else:
-        alphas = [None, None]
-        if dist.get_rank() == 0:
-            fitted = calibrate(model_args, device, exp.data.cache_dir, **links)
-            alphas = [fitted.alpha1, fitted.alpha2]
-        dist.broadcast_object_list(alphas, src=0)
-    return SequenceCost(alphas[0], alphas[1], model_args.n_heads, model_args.n_kv_heads, model_args.head_dim,
-                        model_args.n_layers, **links)
+        return SequenceCost(par.sp_alpha1, par.sp_alpha2, model_args.n_heads, model_args.n_kv_heads,
+                            model_args.head_dim, model_args.n_layers, **links)
+    return calibrate_pool(model_args, device, exp.data.cache_dir, rank=dist.get_rank(), world=world,
+                          degrees=degrees or range(1, world + 1), capacity=exp.data.seq_len, groups=groups, **links)
 
 
 def sequence_parallel(exp, model_args, dims, mesh, train_data, dp_rank: int, device, ranks_per_node: int):
@@ -188,9 +183,10 @@ def sequence_parallel(exp, model_args, dims, mesh, train_data, dp_rank: int, dev
         cp_group = mesh["cp"].get_group() if dims.cp > 1 else None
         return StaticSP(cp_group), build_batch_plan(exp, train_data, dp_rank, dims.dp)
     world = dims.world_size
-    cost = adaptive_cost(exp, model_args, device, world, ranks_per_node)
+    sp, degrees = AdaptiveSP(), sp_degrees(exp.parallel, world)
+    cost = adaptive_cost(exp, model_args, device, world, ranks_per_node, sp.groups, degrees)
     t, d = exp.train, exp.data
     plan = AdaptiveBatches(train_data.data, t.seed, t.global_batch_tokens, d.max_doc_tokens or d.seq_len, d.seq_len,
-                           dist.get_rank(), world, cost, sp_degrees(exp.parallel, world),
+                           dist.get_rank(), world, cost, degrees,
                            ranks_per_node if world % ranks_per_node == 0 and ranks_per_node < world else None)
-    return AdaptiveSP(), plan
+    return sp, plan

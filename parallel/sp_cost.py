@@ -1,18 +1,26 @@
 """Seconds of one sequence's forward + backward on a group of d ranks: the adaptive planner's ``time_fn``.
 
-    T(L, d) = alpha2 * L / d + layers * attention(L, d)
+Measured on the running pool (``calibrate_pool``, every rank at once, cached): for each calibrated group
+size d, groups of d run real sequences of a few lengths with the real context-parallel attention while
+every other group does the same, and
 
-where ``attention`` is ``cp_cost.predict_seconds`` for the group's strategy (none for d = 1; the
-fastest of ulysses | ring | tokenring otherwise, chosen by that model) with the attention compute
-rate implied by ``alpha1`` (attention seconds = alpha1 * L^2 on one rank) and the bandwidth of a
-group of that size (``bandwidth(d)``: inside a node vs across nodes). ``alpha1`` and ``alpha2`` are
-fitted from short measurements of the running model on this machine (``calibrate``, cached by
-model shape, device and torch version), not hard-coded.
+    T_d(L) = c0_d + c1_d * L^2 + c2_d * L
+
+is fitted per size (non-negative least squares): the per-sequence overhead, attention and everything
+linear, with the communication and the contention of ranks that share a machine inside them. The ring
+exchange of each group size is timed too (latency and bandwidth per size), and with the one-rank
+coefficients it drives ``cp_cost``'s choice of strategy per sequence (none for d = 1; the fastest of
+ulysses | ring | tokenring otherwise). Sizes not calibrated (large pools calibrate a subset) are
+interpolated geometrically between their calibrated neighbours.
+
+Declared instead (``parallel.sp_alpha1/2``, ``launch/plan.py``'s sample): the analytic form
+T(L, d) = alpha2 * L / d + layers * attention(L, d), with declared links.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -29,15 +37,24 @@ class SequenceCost:
     head_dim: int
     layers: int
     elem_bytes: int = 4
-    intra_bw: float = 100e9 / 8  # bytes/s per link direction inside a node
+    intra_bw: float = 100e9 / 8  # bytes/s per link direction inside a node (declared)
     inter_bw: float = 25e9 / 8  # ... between nodes
     latency_s: float = 10e-6
     ranks_per_node: int = 8
     topology: str = "full_mesh"
     impls: tuple = ("tokenring", "ring", "ulysses")
+    alpha0: float = 0.0  # seconds per sequence whatever its length (calls, launches)
+    fitted: dict | None = None  # group size -> (c0, c1, c2): measured T = c0 + c1 L^2 + c2 L
+    links: dict | None = None  # group size -> (latency s, bytes/s): its measured ring exchange
 
-    def bandwidth(self, d: int) -> float:
-        return self.intra_bw if d <= self.ranks_per_node else self.inter_bw
+    def link(self, d: int) -> tuple[float, float]:
+        """(latency, bandwidth) of a group of d: the measured size nearest d on the same side of a node, or
+        the declared link."""
+        if self.links:
+            rpn = self.ranks_per_node
+            near = [g for g in self.links if (g <= rpn) == (d <= rpn)] or list(self.links)
+            return tuple(self.links[min(near, key=lambda g: (abs(g - d), g))])
+        return self.latency_s, (self.intra_bw if d <= self.ranks_per_node else self.inter_bw)
 
     def _shape(self, L: int, d: int) -> Shape:
         return Shape(1, L, self.heads, self.kv_heads, self.head_dim, d, self.elem_bytes)
@@ -50,7 +67,8 @@ class SequenceCost:
     def _attention(self, L: int, d: int) -> tuple[str, float]:
         """(strategy, seconds per layer) of the fastest allowed strategy for one sequence on d ranks."""
         s = self._shape(L, d)
-        t = predict_seconds(s, self.bandwidth(d), self.latency_s, self._flops(), self.topology)
+        latency, bandwidth = self.link(d)
+        t = predict_seconds(s, bandwidth, latency, self._flops(), self.topology)
         if s.heads % d or s.kv_heads % d:
             t.pop("ulysses")
         allowed = {k: v for k, v in t.items() if k in self.impls} or t  # a forced ulysses that cannot split
@@ -60,68 +78,197 @@ class SequenceCost:
     def strategy(self, L: int, d: int) -> str:
         return "none" if d == 1 else self._attention(L, d)[0]
 
-    def __call__(self, L: int, d: int) -> float:
-        linear = self.alpha2 * L / d
+    def analytic(self, L: int, d: int) -> float:
+        """The declared form: alpha0 + alpha2 L / d + attention (cp_cost for d > 1)."""
+        linear = self.alpha0 + self.alpha2 * L / d
         if d == 1:
             return linear + self.alpha1 * L * L
         return linear + self.layers * self._attention(L, d)[1]
 
+    def __call__(self, L: int, d: int) -> float:
+        if not self.fitted:
+            return self.analytic(L, d)
+        if d in self.fitted:
+            c0, c1, c2 = self.fitted[d]
+            return c0 + c1 * L * L + c2 * L
+        sizes = sorted(self.fitted)
+        lo, hi = max((g for g in sizes if g < d), default=None), min((g for g in sizes if g > d), default=None)
+        if lo is None or hi is None:
+            return self(L, lo or hi) * self.analytic(L, d) / self.analytic(L, lo or hi)  # the model's trend
+        a, b = self(L, lo), self(L, hi)
+        w = math.log(d / lo) / math.log(hi / lo)
+        return a * (b / a) ** w if a > 0 and b > 0 else a + (b - a) * w
 
-def fit(lengths, seconds) -> tuple[float, float]:
-    """Non-negative least squares of seconds ~ alpha1 * L^2 + alpha2 * L."""
+    @classmethod
+    def from_calibration(cls, measured: dict, model_args, **links) -> "SequenceCost":
+        """The model for a ``calibrate_pool`` result (JSON: sizes come back as strings)."""
+        fitted = {int(d): tuple(v["coef"]) for d, v in measured["sizes"].items()}
+        c0, c1, c2 = fitted[1]
+        return cls(c1, c2, model_args.n_heads, model_args.n_kv_heads, model_args.head_dim, model_args.n_layers,
+                   alpha0=c0, fitted=fitted, links={int(d): tuple(v) for d, v in measured["links"].items()}, **links)
+
+
+def fit(lengths, seconds) -> tuple[float, float, float]:
+    """Non-negative least squares of seconds ~ c0 + c1 * L^2 + c2 * L."""
     import numpy as np
     from scipy.optimize import nnls
 
     L = np.asarray(lengths, dtype=np.float64)
-    A = np.stack([L * L, L], axis=1)
+    A = np.stack([np.ones_like(L), L * L, L], axis=1)
     scale = A.max(axis=0)
     coef, _ = nnls(A / scale, np.asarray(seconds, dtype=np.float64))
     coef = coef / scale
-    return float(coef[0]), float(coef[1])
+    return float(coef[0]), float(coef[1]), float(coef[2])
 
 
-def measure(model_args, lengths, device, repeats: int = 2) -> list[float]:
-    """Forward + backward seconds of one sequence of each length through a fresh model on ``device``."""
+def calibration_sizes(degrees, ranks_per_node: int) -> list[int]:
+    """The group sizes a calibration measures: every allowed size inside a node, and whole-node multiples that
+    double (plus the largest) across nodes; the others are interpolated."""
+    inside = [d for d in degrees if d <= ranks_per_node]
+    across = [d for d in degrees if d > ranks_per_node and d % ranks_per_node == 0]  # the planner's sizes there
+    doubling = [d for d in across if (d // ranks_per_node) & (d // ranks_per_node - 1) == 0]
+    return sorted(set(inside + doubling + across[-1:]))
+
+
+def calibration_lengths(d: int, capacity: int, longest: int, points: int = 4) -> list[int]:
+    """Lengths up to what a group of d holds (d x capacity, at most ``longest``), halving, each one the group
+    can split."""
+    from loomtrain.parallel.context import zigzag_multiple
+
+    m = zigzag_multiple(d)
+    top = min(d * capacity, longest)
+    return sorted({max(m, (top >> k) // m * m) for k in range(points)})
+
+
+def _max_over_ranks(seconds: list[float], device) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(seconds, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.cpu().tolist()
+
+
+def _ring_seconds(rank: int, world: int, d: int, nbytes: int, device, repeats: int) -> list[float]:
+    """This rank's time for one ring hop (send to the next rank of its group, receive from the previous), per
+    repeat, every group of d at once (ranks past the last whole group only wait)."""
+    import torch
+    import torch.distributed as dist
+
+    start = rank // d * d
+    send = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    recv = torch.empty_like(send)
+    out = []
+    for _ in range(repeats + 1):
+        dist.barrier()
+        t0 = time.perf_counter()
+        if start + d <= world:
+            nxt, prv = start + (rank - start + 1) % d, start + (rank - start - 1) % d
+            for w in dist.batch_isend_irecv([dist.P2POp(dist.isend, send, nxt), dist.P2POp(dist.irecv, recv, prv)]):
+                w.wait()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        out.append(time.perf_counter() - t0)
+    return out[1:]  # the first one warms the connections up
+
+
+def _sequence_seconds(model, rank: int, world: int, d: int, L: int, attention, device, repeats: int) -> list[float]:
+    """This rank's forward + backward time of one sequence of L tokens on its group of d, per repeat."""
+    import torch
+    import torch.distributed as dist
+
+    from loomtrain.parallel.context import shard_for
+
+    start = rank // d * d
+    busy = start + d <= world
+    tokens = torch.randint(0, model.args.vocab_size, (1, L), generator=torch.Generator().manual_seed(L))
+    positions = torch.arange(L).unsqueeze(0)
+    if d > 1:
+        tokens, positions = shard_for(tokens, rank - start, d), shard_for(positions, rank - start, d)
+    tokens, positions = tokens.to(device), positions.to(device)
+    model.context_parallel = attention if busy and d > 1 else None
+    out = []
+    for _ in range(repeats + 1):
+        dist.barrier()
+        t0 = time.perf_counter()
+        if busy:
+            model(tokens, positions).float().logsumexp(-1).sum().backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        out.append(time.perf_counter() - t0)
+    model.zero_grad(set_to_none=True)
+    model.context_parallel = None
+    return out[1:]
+
+
+def measure_pool(model_args, device, rank: int, world: int, sizes, capacity: int, groups, links: dict,
+                 repeats: int = 2, progress=print) -> dict:
+    """Every rank at once: ring hops and sequence times per group size (max over ranks, best repeat), fitted.
+
+    ``groups``: a ``hybrid_dp.SequenceGroups`` (process groups made collectively, attention modules by rank set).
+    Returns ``{"sizes": {d: {"lengths", "seconds", "coef"}}, "links": {d: (latency, bytes/s)}}``, the same
+    on every rank.
+    """
     import torch
 
     from loomtrain.trainer.model import Transformer
 
     torch.manual_seed(0)
     model = Transformer(model_args).to(device)
-    out = []
-    for L in lengths:
-        tokens = torch.randint(0, model_args.vocab_size, (1, L), device=device)
-        best = float("inf")
-        for _ in range(repeats + 1):  # the first run warms up
-            start = time.perf_counter()
-            model(tokens).float().logsumexp(-1).sum().backward()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - start)
-        out.append(best)
-        model.zero_grad(set_to_none=True)
+    out = {"sizes": {}, "links": {}}
+    small, big = 1 << 16, 1 << 22
+    for d in sizes:
+        if d > 1:
+            t_small, t_big = (min(_max_over_ranks(_ring_seconds(rank, world, d, n, device, repeats), device))
+                              for n in (small, big))
+            bw = (big - small) / max(t_big - t_small, 1e-9)
+            out["links"][d] = (max(t_small - small / bw, 1e-7), bw)
+    for d in sorted(sizes):
+        cost = None
+        if d > 1:  # strategies as training will choose them: the one-rank fit and this size's measured link
+            c0, c1, c2 = out["sizes"][1]["coef"]
+            cost = SequenceCost(c1, c2, model_args.n_heads, model_args.n_kv_heads, model_args.head_dim,
+                                model_args.n_layers, alpha0=c0, links=out["links"], **links)
+        lengths, seconds = calibration_lengths(d, capacity, model_args.max_seq_len), []
+        ranks = tuple(range(rank // d * d, rank // d * d + d))
+        if d > 1:  # every rank makes the same group calls, idle ones too
+            groups.ensure(tuple(range(a, a + d)) for a in range(0, world - d + 1, d))
+        for L in lengths:
+            attention = groups.module(ranks, cost.strategy(L, d)) if d > 1 and ranks[-1] < world else None
+            seconds.append(min(_max_over_ranks(_sequence_seconds(model, rank, world, d, L, attention, device, repeats),
+                                               device)))
+        out["sizes"][d] = {"lengths": lengths, "seconds": seconds, "coef": fit(lengths, seconds)}
+        if progress is not None and rank == 0:
+            progress(f"sp calibration: groups of {d}: " + ", ".join(f"{L} tokens {1000 * t:.1f} ms"
+                                                                      for L, t in zip(lengths, seconds)), flush=True)
     return out
 
 
-def calibrate(model_args, device, cache_dir: str, lengths=(128, 256, 512, 1024), **links) -> SequenceCost:
-    """The fitted model for this model shape on this machine, measured once and cached in ``cache_dir``."""
+def calibrate_pool(model_args, device, cache_dir: str, *, rank: int, world: int, degrees, capacity: int,
+                   groups, repeats: int = 2, **links) -> SequenceCost:
+    """The fitted model of this pool on this machine: measured by every rank at once the first time, cached by
+    model shape, pool, capacity, device and software in ``cache_dir``, read by rank 0 and broadcast after."""
     import platform
 
     import torch
+    import torch.distributed as dist
 
-    key = json.dumps({"args": {k: v for k, v in vars(model_args).items()}, "device": device.type,
-                      "torch": torch.__version__, "machine": platform.machine(), "cpus": os.cpu_count(),
-                      "threads": torch.get_num_threads(), "lengths": list(lengths)}, sort_keys=True, default=str)
+    sizes = calibration_sizes(degrees, links.get("ranks_per_node", 8))
+    key = json.dumps({"args": vars(model_args), "device": device.type, "torch": torch.__version__,
+                      "machine": platform.machine(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+                      "world": world, "sizes": sizes, "capacity": capacity, "links": links, "v": 2},
+                     sort_keys=True, default=str)
     path = os.path.join(os.path.expanduser(cache_dir), f"sp_cost-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json")
-    if os.path.isfile(path):
+    box = [None]
+    if rank == 0 and os.path.isfile(path):
         with open(path) as f:
-            fitted = json.load(f)
-    else:
-        seconds = measure(model_args, list(lengths), device)
-        a1, a2 = fit(lengths, seconds)
-        fitted = {"alpha1": a1, "alpha2": a2, "lengths": list(lengths), "seconds": seconds}
-        from loomtrain.fsutil import atomic_write_text
+            box[0] = json.load(f)
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is None:
+        box[0] = json.loads(json.dumps(measure_pool(model_args, device, rank, world, sizes, capacity, groups,
+                                                    links, repeats)))
+        if rank == 0:
+            from loomtrain.fsutil import atomic_write_text
 
-        atomic_write_text(path, json.dumps(fitted, indent=2))
-    return SequenceCost(fitted["alpha1"], fitted["alpha2"], model_args.n_heads, model_args.n_kv_heads,
-                        model_args.head_dim, model_args.n_layers, **links)
+            atomic_write_text(path, json.dumps(box[0], indent=2))
+    return SequenceCost.from_calibration(box[0], model_args, **links)

@@ -190,12 +190,13 @@ def train(args):
             "train.eval_every=0", "train.threads=1", "checkpoint.at_end=false", "data.batching=documents",
             f"train.global_batch_tokens={args.budget}", f"data.max_doc_tokens={args.max_doc}", f"train.steps={args.train_steps}",
             "train.log_every=1", f"parallel.cp_link_gbps={args.link_gbps}"]
-    layouts = {"adaptive (pool of 4)": ["parallel.sp_mode=adaptive", f"data.seq_len={args.max_doc // 4}"],
+    layouts = {"adaptive, cp=4's memory": ["parallel.sp_mode=adaptive", f"data.seq_len={args.max_doc // 4}"],
+               "adaptive, cp=2's memory": ["parallel.sp_mode=adaptive", f"data.seq_len={args.max_doc // 2}"],
                "static cp=4": ["parallel.cp=4", "parallel.dp_shard=1", f"data.seq_len={args.max_doc}"],
                "static cp=2 x dp=2": ["parallel.cp=2", "parallel.dp_shard=2", f"data.seq_len={args.max_doc}"]}
     print(f"\n### CPU training, 4 forked ranks on 2 cores: stdlib documents (byte tokens), <= {args.budget} tokens/step, "
           f"pieces <= {args.max_doc}; median step time over steps 2-{args.train_steps}\n")
-    print("| layout | step s (median) | vs adaptive | planner predicted s (median) |")
+    print("| layout | step s (median) | vs adaptive (cp=4's memory) | planner predicted s (median) |")
     print("|---|---:|---:|---:|")
     results = {}
     for name, extra in layouts.items():
@@ -203,7 +204,7 @@ def train(args):
             res = run_ranks(_train_rank, 4, base + extra + [f"train.output_dir={out}"], timeout=3600)
         times, predicted = res[0]
         results[name] = (statistics.median(times[1:]), statistics.median(predicted[1:]) if predicted else None)
-    adaptive = results["adaptive (pool of 4)"][0]
+    adaptive = results["adaptive, cp=4's memory"][0]
     for name, (t, p) in results.items():
         print(f"| {name} | {t:.3f} | {t / adaptive:.2f} | {'' if p is None else f'{p:.3f}'} |")
 

@@ -181,21 +181,61 @@ def test_adaptive_training_matches_one_process(impl, max_doc, sizes, paragraphs,
         assert diff <= 1e-5 * max(1.0, ref.abs().max().item()), (name, diff)
 
 
-def test_cost_model_is_fitted_and_cached(tmp_path):
+def _calibrate(rank, cache, measure_allowed):
     import torch
+    import torch.distributed as dist
 
-    from loomtrain.parallel.sp_cost import calibrate, fit
+    from loomtrain.parallel import sp_cost
+    from loomtrain.parallel.hybrid_dp import SequenceGroups
     from loomtrain.trainer.model import ModelArgs
 
-    a1, a2 = fit([100, 200, 400, 800], [3e-9 * L * L + 2e-6 * L for L in (100, 200, 400, 800)])
-    assert a1 == pytest.approx(3e-9, rel=1e-6) and a2 == pytest.approx(2e-6, rel=1e-6)
+    if not measure_allowed:
+        def refuse(*a, **k):
+            raise AssertionError("measured again instead of reading the cache")
+        sp_cost.measure_pool = refuse
     args = ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=64, ffn_hidden=64, max_seq_len=256)
-    first = calibrate(args, torch.device("cpu"), str(tmp_path), lengths=(32, 64, 128))
-    assert first.alpha1 >= 0 and first.alpha2 > 0 and len(list(tmp_path.glob("sp_cost-*.json"))) == 1
-    again = calibrate(args, torch.device("cpu"), str(tmp_path), lengths=(32, 64, 128))
-    assert (again.alpha1, again.alpha2) == (first.alpha1, first.alpha2)  # read back, not measured again
-    assert first.strategy(100, 1) == "none" and first(100, 1) == pytest.approx(first.alpha1 * 1e4 + first.alpha2 * 100)
-    assert first.strategy(4096, 2) in ("tokenring", "ring", "ulysses")
+    dist.init_process_group("gloo")
+    groups = SequenceGroups()
+    cost = sp_cost.calibrate_pool(args, torch.device("cpu"), cache, rank=rank, world=3, degrees=[1, 2, 3],
+                                  capacity=32, groups=groups, ranks_per_node=3, repeats=1)
+    return cost, groups.created
+
+
+def test_the_cost_model_is_measured_by_the_whole_pool_per_group_size_and_cached(tmp_path):
+    """Three ranks calibrate together: groups of 1, 2 and 3 run real sequences with real cp attention, each size
+    gets its own fitted coefficients and measured link; the result is the same on every rank, cached, and read
+    back (not measured) the next time."""
+    from loomtrain.parallel.sp_cost import fit
+
+    c0, c1, c2 = fit([100, 200, 400, 800], [1e-3 + 3e-9 * L * L + 2e-6 * L for L in (100, 200, 400, 800)])
+    assert (c0, c1, c2) == pytest.approx((1e-3, 3e-9, 2e-6), rel=1e-6)
+    first = run_ranks(_calibrate, 3, str(tmp_path), True)
+    costs = [c for c, _ in first]
+    assert all(c.fitted == costs[0].fitted and c.links == costs[0].links for c in costs)
+    cost = costs[0]
+    assert sorted(cost.fitted) == [1, 2, 3] and sorted(cost.links) == [2, 3]
+    assert all(min(coef) >= 0 and sum(coef) > 0 for coef in cost.fitted.values())
+    assert all(lat > 0 and bw > 0 for lat, bw in cost.links.values())
+    assert [created for _, created in first] == [2, 2, 2]  # the tiles (0, 1) and (0, 1, 2), made by every rank
+    c0, c1, c2 = cost.fitted[2]
+    assert cost(64, 2) == pytest.approx(c0 + c1 * 64 * 64 + c2 * 64)
+    assert cost.strategy(64, 1) == "none" and cost.strategy(64, 2) in ("tokenring", "ring", "ulysses")
+    assert len(list(tmp_path.glob("sp_cost-*.json"))) == 1
+    again = run_ranks(_calibrate, 3, str(tmp_path), False)
+    assert all(c.fitted == cost.fitted and c.links == cost.links for c, _ in again)
+
+
+def test_group_sizes_between_calibrated_ones_are_interpolated():
+    from loomtrain.parallel.sp_cost import SequenceCost, calibration_lengths, calibration_sizes
+
+    cost = SequenceCost(1e-9, 1e-6, 8, 8, 64, 2, fitted={1: (0.0, 0.0, 4e-6), 2: (0.0, 0.0, 2e-6),
+                                                         8: (0.0, 0.0, 0.5e-6)}, ranks_per_node=8)
+    assert cost(1000, 4) == pytest.approx(1e-3)  # geometric between 2 (2 ms) and 8 (0.5 ms)
+    assert cost(1000, 2) > cost(1000, 3) > cost(1000, 4) > cost(1000, 8)
+    assert calibration_sizes(range(1, 65), 8) == [1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 64]
+    assert calibration_sizes([1, 2, 24, 48], 8) == [1, 2, 48]  # 24 is 3 nodes: interpolated
+    assert calibration_lengths(3, 100, 10_000) == [36, 72, 150, 300]  # multiples of 6, up to 3 x 100
+    assert calibration_lengths(4, 100, 256) == [32, 64, 128, 256]  # never past the RoPE table
 
 
 @pytest.mark.parametrize("override, message", [

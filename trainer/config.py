@@ -96,8 +96,8 @@ class ParallelConfig:
     #   update all-reduced in the background, applied one round late); settings in the dp_sync section
     sp_mode: str = "static"  # static (the cp degree above) | adaptive (every step: groups sized to its sequences)
     sp_degrees: str = ""  # adaptive: allowed group sizes, e.g. "1,2,4,8"; empty = any size
-    sp_alpha1: float = 0.0  # adaptive cost model: attention s^2 coefficient; 0 = fit from a calibration run
-    sp_alpha2: float = 0.0  # adaptive cost model: per-token coefficient; 0 = fit from a calibration run
+    sp_alpha1: float = 0.0  # adaptive cost model: attention s^2 coefficient; 0 = measure the pool (calibration)
+    sp_alpha2: float = 0.0  # adaptive cost model: per-token coefficient; 0 = measure the pool (calibration)
     sp_inter_node_gbps: float = 25.0  # adaptive cost model: bandwidth of groups that span nodes (cp_link_gbps inside)
 
 
