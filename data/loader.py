@@ -291,6 +291,25 @@ class DocumentPosition:
         self._position = (int(state["documents_started"]), int(state["piece"]))
 
 
+def document_row(tokens, pieces, length: int) -> dict[str, np.ndarray]:
+    """One row of ``length`` tokens holding ``pieces`` ((start, predicted tokens) pairs) one after another:
+    positions restart per piece, each piece is its own document, the padding after them another one (no
+    labels, small positions: inside the RoPE table)."""
+    row = {"input_ids": np.zeros(length, np.int64), "labels": np.full(length, -100, np.int64),
+           "position_ids": np.zeros(length, np.int64), "doc_ids": np.zeros(length, np.int64)}
+    at = 0
+    for k, (start, n) in enumerate(pieces):
+        toks = np.asarray(tokens[start:start + n + 1], dtype=np.int64)
+        row["input_ids"][at:at + n] = toks[:-1]
+        row["labels"][at:at + n] = toks[1:]
+        row["position_ids"][at:at + n] = np.arange(n)
+        row["doc_ids"][at:at + n] = k
+        at += n
+    row["doc_ids"][at:] = len(pieces)
+    row["position_ids"][at:] = np.arange(length - at)
+    return row
+
+
 class DocumentBatches(DocumentPosition):
     """``documents``: per step, whole documents up to ``global_batch_tokens``; this rank's share packed
     into rows of ``seq_len`` and split into micro-batches of ``micro_batch`` rows (0: one micro-batch).
@@ -313,20 +332,7 @@ class DocumentBatches(DocumentPosition):
         return [n for _, n in pieces]
 
     def _row(self, pieces) -> dict[str, np.ndarray]:
-        s = self.seq_len
-        row = {"input_ids": np.zeros(s, np.int64), "labels": np.full(s, -100, np.int64),
-               "position_ids": np.zeros(s, np.int64), "doc_ids": np.zeros(s, np.int64)}
-        at = 0
-        for k, (start, n) in enumerate(pieces):
-            toks = np.asarray(self.data.tokens[start:start + n + 1], dtype=np.int64)
-            row["input_ids"][at:at + n] = toks[:-1]
-            row["labels"][at:at + n] = toks[1:]
-            row["position_ids"][at:at + n] = np.arange(n)
-            row["doc_ids"][at:at + n] = k
-            at += n
-        row["doc_ids"][at:] = len(pieces)  # padding: its own document, no labels
-        row["position_ids"][at:] = np.arange(s - at)
-        return row
+        return document_row(self.data.tokens, pieces, self.seq_len)
 
     def build(self, position) -> tuple[list[dict[str, torch.Tensor]], tuple[int, int]]:
         pieces, nxt = self.stream.pieces(position, self.budget)

@@ -18,11 +18,10 @@ tokens and the attention the model uses for it).
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from loomtrain.data.loader import DocumentPosition, DocumentStream
+from loomtrain.data.loader import DocumentPosition, DocumentStream, document_row
 from loomtrain.parallel.adaptive_sp import plan_groups
 from loomtrain.parallel.context import ContextParallelAttention, shard_for, shard_sequence, zigzag_multiple
 
@@ -90,10 +89,11 @@ class AdaptiveSP:
 class AdaptiveBatches(DocumentPosition):
     """Whole documents up to the token budget per step, planned onto groups; this rank's sequences only.
 
-    Each micro-batch is one sequence (batch 1) cut to this rank's zigzag part, padded to a length its
-    group can split (padding unlabelled), with the group (``sp_group``: start, size), the strategy and the
-    step's whole plan (``sp_plan``) as small tensors. An idle rank gets one unlabelled two-token sequence,
-    so it still joins the step's gradient reduction.
+    Each micro-batch is one row (batch 1): the group's sequences in order, packed up to what its ranks hold
+    (``rows``; each its own document), padded to a length the group can split (padding unlabelled) and cut
+    to this rank's zigzag part, with the group (``sp_group``: start, size), the strategy and the step's
+    whole plan (``sp_plan``) as small tensors. An idle rank gets one unlabelled two-token sequence, so it
+    still joins the step's gradient reduction.
     """
 
     def __init__(self, data, seed: int, global_batch_tokens: int, max_doc_tokens: int, capacity: int, rank: int,
@@ -116,19 +116,32 @@ class AdaptiveBatches(DocumentPosition):
                            ranks_per_node=self.ranks_per_node, time_limit_s=None)  # no clock: same plan on all ranks
         return plan, pieces, nxt
 
-    def _sequence(self, start: int, n: int, ranks: tuple, impl: str, plan_ranges) -> dict[str, torch.Tensor]:
+    def rows(self, seqs, pieces, d: int) -> list[list[tuple[int, int]]]:
+        """A group's sequences packed in order into rows its d ranks hold (d x capacity tokens at most, a
+        longer single piece alone): one forward per row instead of per sequence, documents kept apart."""
+        m, limit = zigzag_multiple(d), d * self.capacity
+        rows, total = [], 0
+        for i in seqs:
+            n = pieces[i][1]
+            if rows and -(-(total + n) // m) * m <= limit:
+                rows[-1].append(pieces[i])
+                total += n
+            else:
+                rows.append([pieces[i]])
+                total = n
+        return rows
+
+    def _row(self, row, ranks: tuple, plan_ranges) -> dict[str, torch.Tensor]:
         d = len(ranks)
         m = zigzag_multiple(d)
-        padded = -(-n // m) * m
-        toks = np.asarray(self.data.tokens[start:start + n + 1], dtype=np.int64)
-        seq = {"input_ids": np.zeros(padded, np.int64), "labels": np.full(padded, -100, np.int64),
-               "position_ids": np.arange(padded, dtype=np.int64)}
-        seq["input_ids"][:n] = toks[:-1]
-        seq["labels"][:n] = toks[1:]
-        seq["position_ids"][n:] = np.arange(padded - n)  # padding: small positions (inside the RoPE table)
-        out = {k: torch.from_numpy(v).unsqueeze(0) for k, v in seq.items()}
+        n = sum(k for _, k in row)
+        arrays = document_row(self.data.tokens, row, -(-n // m) * m)
+        if len(row) == 1:  # one document: causal attention over it; the padding after it has no labels
+            del arrays["doc_ids"]
+        out = {k: torch.from_numpy(v).unsqueeze(0) for k, v in arrays.items()}
         if d > 1:
             out = {k: shard_for(v, self.rank - ranks[0], d, dim=1) for k, v in out.items()}
+        impl = "none" if d == 1 else self.cost.strategy(n, d)
         out["sp_group"] = torch.tensor([ranks[0], d])
         out["sp_impl"] = torch.tensor(IMPL_CODES.index(impl))
         out["sp_plan"] = plan_ranges
@@ -138,15 +151,12 @@ class AdaptiveBatches(DocumentPosition):
         plan, pieces, nxt = self.plan(position)
         ranges = torch.tensor([[r[0], len(r)] for r, _ in plan.groups], dtype=torch.int64)
         mine = plan.group_of(self.rank)
-        if mine is None:  # idle this step: one unlabelled sequence of its own
-            batch = self._sequence(pieces[0][0], 0, (self.rank,), "none", ranges)
-            batch = {k: (v if k.startswith("sp_") else torch.zeros(1, 2, dtype=torch.int64)) for k, v in batch.items()}
+        if mine is None:  # idle this step: one unlabelled two-token sequence of its own
+            batch = self._row([(pieces[0][0], 2)], (self.rank,), ranges)
             batch["labels"].fill_(-100)
             return [batch], nxt
         ranks, seqs = mine
-        micro = [self._sequence(pieces[i][0], pieces[i][1], ranks, self.cost.strategy(pieces[i][1], len(ranks)),
-                                ranges) for i in seqs]
-        return micro, nxt
+        return [self._row(row, ranks, ranges) for row in self.rows(seqs, pieces, len(ranks))], nxt
 
 
 def longest_sequence(exp, world: int) -> int:

@@ -106,9 +106,17 @@ def _adaptive_run(rank, overrides, record):
     from loomtrain.trainer.config import load_config
     from loomtrain.trainer.train import run
 
-    plans, created, rank_sets = [], [], set()
+    plans, created, rank_sets, packed = [], [], set(), [0]
     if record:
         original, ensure = hybrid_dp.AdaptiveBatches.plan, hybrid_dp.SequenceGroups.ensure
+        rows = hybrid_dp.AdaptiveBatches.rows
+
+        def rows_and_count(self, seqs, pieces, d):
+            out = rows(self, seqs, pieces, d)
+            packed[0] = max([packed[0]] + [len(r) for r in out])
+            return out
+
+        hybrid_dp.AdaptiveBatches.rows = rows_and_count
 
         def plan(self, position=None):
             out = original(self, position)
@@ -123,7 +131,7 @@ def _adaptive_run(rank, overrides, record):
         hybrid_dp.AdaptiveBatches.plan = plan
         hybrid_dp.SequenceGroups.ensure = ensure_and_count
     result = run(load_config("tiny", overrides))
-    return result.losses, result.grad_norms, result.checkpoint, (plans, created, len(rank_sets))
+    return result.losses, result.grad_norms, result.checkpoint, (plans, created, len(rank_sets), packed[0])
 
 
 ADAPTIVE = ["data.batching=documents", "train.global_batch_tokens=900", "train.steps=5", "checkpoint.at_end=true",
@@ -166,7 +174,8 @@ def test_adaptive_training_matches_one_process(impl, max_doc, sizes, paragraphs,
         for step in ref_losses:
             assert losses[step] == pytest.approx(ref_losses[step], rel=1e-5), step
             assert norms[step] == pytest.approx(ref_norms[step], rel=1e-5), step
-    plans, created, distinct = results[0][3]
+    plans, created, distinct, _ = results[0][3]
+    assert max(r[3][3] for r in results) > 1  # some forward ran several of its group's documents packed
     assert all(r[3][0] == plans for r in results)  # every rank planned the same
     # groups are created once per rank set and reused: no step creates one its plan's sets already had
     # (the plans also cover the prefetched steps, hence <=)
@@ -274,11 +283,33 @@ def test_padding_positions_stay_inside_the_rope_table(tmp_path):
 
     from loomtrain.data.indexed import IndexedTokens, write_indexed
     from loomtrain.parallel.hybrid_dp import AdaptiveBatches
+    from loomtrain.parallel.sp_cost import SequenceCost
 
     write_indexed(str(tmp_path / "d"), [np.arange(1, 9)], np.uint16)
-    batches = AdaptiveBatches(IndexedTokens(str(tmp_path / "d")), 0, 100, 7, 4, 0, 3, cost)
-    parts = [AdaptiveBatches(batches.data, 0, 100, 7, 4, r, 3, cost)._sequence(0, 7, (0, 1, 2), "ring",
-                                                                                 torch.zeros(1, 2))
+    data = IndexedTokens(str(tmp_path / "d"))
+    model = SequenceCost(1e-9, 1e-6, 6, 3, 16, 1)
+    parts = [AdaptiveBatches(data, 0, 100, 7, 4, r, 3, model)._row([(0, 7)], (0, 1, 2), torch.zeros(1, 2))
              for r in range(3)]
     assert sum(p["position_ids"].shape[1] for p in parts) == 12
     assert max(p["position_ids"].max().item() for p in parts) == 6  # the old padding reached 11
+    assert all("doc_ids" not in p for p in parts)  # one document: plain causal attention
+
+
+def test_a_groups_short_sequences_are_packed_into_rows_it_holds(tmp_path):
+    """Sequences of one group share a forward while their sum fits the group (d x capacity, padded to 2d):
+    each is its own document (positions restart, labels stay inside it, padding unlabelled)."""
+    import numpy as np
+
+    from loomtrain.data.indexed import IndexedTokens, write_indexed
+    from loomtrain.parallel.hybrid_dp import AdaptiveBatches
+
+    write_indexed(str(tmp_path / "d"), [np.arange(1, 41)], np.uint16)
+    batches = AdaptiveBatches(IndexedTokens(str(tmp_path / "d")), 0, 100, 16, 8, 0, 2, cost)
+    pieces = [(0, 5), (5, 6), (11, 16), (27, 3)]
+    assert batches.rows([0, 1, 2, 3], pieces, 2) == [[(0, 5), (5, 6)], [(11, 16)], [(27, 3)]]
+    assert batches.rows([0, 1, 3], pieces, 1) == [[(0, 5)], [(5, 6)], [(27, 3)]]  # 8 tokens: 5 + 3 do not
+    row = batches._row([(0, 5), (5, 6)], (0,), None)
+    assert row["input_ids"].shape == (1, 11)
+    assert row["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5]
+    assert row["doc_ids"][0].tolist() == [0] * 5 + [1] * 6
+    assert row["labels"][0].tolist() == [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
