@@ -16,6 +16,7 @@ the cost model's choice (ulysses | ring | tokenring; none for one device).
   with the same cost model, ranks' loads summed, waits between overlapping groups ignored, which
   favours it).
 - ``speed``: solve time p50/p99 (one core) for 512 sequences on 64 ranks and 4,096 on 1,024.
+- ``stall``: the longest stall of a thread beside the planner while it solves its slowest (MILP) steps.
 - ``train``: 4 forked CPU ranks on the standard-library documents: step time of ``sp_mode: adaptive`` vs
   static cp=4 and cp=2 over the same steps, and the planner's predicted makespan vs the measured step.
 
@@ -31,6 +32,7 @@ import math
 import os
 import random
 import statistics
+import sys
 import tempfile
 import time
 
@@ -162,6 +164,44 @@ def speed(args):
         print(f"| {n} | {world} | {statistics.median(times):.0f} | {p99:.0f} | {max(times):.0f} | {reps} |", flush=True)
 
 
+def stall(args):
+    """The training thread's longest stall while the prefetch thread plans (the MILP's worst case: 8 sequences
+    on 8 ranks): HiGHS releases the GIL, so the other thread waits at most a switch interval."""
+    import threading
+
+    from loomtrain.parallel.adaptive_sp import plan_groups
+
+    rng = random.Random(3)
+    instances = [[min(int(512 * (1 - rng.random()) ** (-1 / 1.1)), 256 * 1024) for _ in range(8)]
+                 for _ in range(args.speed_reps)]
+    solve_s = []
+    for lengths in instances:  # alone, to find the slowest instances
+        start = time.perf_counter()
+        plan_groups(lengths, 8, CAPACITY, declared_cost())
+        solve_s.append(time.perf_counter() - start)
+    slow = [instances[i] for i in sorted(range(len(instances)), key=solve_s.__getitem__)[-5:]]
+    done = threading.Event()
+
+    def solve():
+        for lengths in slow:
+            plan_groups(lengths, 8, CAPACITY, declared_cost())
+        done.set()
+
+    gaps, thread = [], threading.Thread(target=solve)
+    last = time.perf_counter()
+    thread.start()
+    while not done.is_set():
+        now = time.perf_counter()
+        gaps.append(now - last)
+        last = now
+    thread.join()
+    print("\n### the training thread while a plan is solved beside it (8 sequences, 8 ranks, the 5 slowest of "
+          f"{len(instances)})\n")
+    print("| slowest solve alone s | longest main-thread stall ms | Python switch interval ms |")
+    print("|---:|---:|---:|")
+    print(f"| {max(solve_s):.2f} | {1000 * max(gaps):.1f} | {1000 * sys.getswitchinterval():.0f} |")
+
+
 def _train_rank(rank, overrides):
     from loomtrain.parallel import hybrid_dp
     from loomtrain.trainer.config import load_config
@@ -211,7 +251,7 @@ def train(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", nargs="+", choices=("quality", "longtail", "speed", "train"))
+    p.add_argument("what", nargs="+", choices=("quality", "longtail", "speed", "stall", "train"))
     p.add_argument("--instances", type=int, default=1000)
     p.add_argument("--worlds", type=int, nargs="+", default=[64, 256, 1024])
     p.add_argument("--steps", type=int, default=5)
