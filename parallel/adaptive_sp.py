@@ -321,6 +321,21 @@ def _place(groups, world: int, ranks_per_node: int | None):
     return placed, crosses
 
 
+def placeable_rank_sets(world: int, degrees=None, ranks_per_node: int | None = None) -> list[tuple[int, ...]]:
+    """Every multi-rank set a plan can give a group (contiguous inside a node, or whole nodes from a node
+    boundary; one pool without ``ranks_per_node``): what a trainer can create once, before the first step."""
+    ds = [d for d in _allowed_degrees(world, degrees, ranks_per_node) if d > 1]
+    rpn = ranks_per_node if ranks_per_node and world % ranks_per_node == 0 else world
+    out = []
+    for d in ds:
+        if d <= rpn:
+            starts = [n + o for n in range(0, world, rpn) for o in range(rpn - d + 1)]
+        else:
+            starts = range(0, world - d + 1, rpn)
+        out += [tuple(range(a, a + d)) for a in starts]
+    return out
+
+
 def plan_groups(lengths, world: int, capacity: int, time_fn, *, degrees=None, time_limit_s: float | None = 10.0,
                 ranks_per_node: int | None = None, exact: bool = True) -> Plan:
     """Groups of ranks and the sequences each runs, minimising the step's makespan (see the module docstring).

@@ -13,8 +13,10 @@ tokens and the attention the model uses for it).
   already cut to the rank's zigzag part. A group of one runs plain attention with no CP traffic.
   Ranks may run different numbers of sequences: FSDP keeps parameters gathered over the step and
   reduces gradients once, after the last one (``FSDPEngine(uneven=True)``), so collectives line up.
-  Process groups are created collectively at the start of a step for rank sets not seen before
-  (every rank knows the whole plan, so all make the same calls in the same order) and cached.
+  Process groups are created collectively and cached: every set a plan can place before the first step
+  when there are at most ``PRECREATE_GROUPS`` (a node of 8 has 28), else the calibration's tiles at
+  start-up and, at the start of a step, sets not seen before (every rank knows the whole plan, so all
+  make the same calls in the same order).
 """
 from __future__ import annotations
 
@@ -22,10 +24,11 @@ import torch
 import torch.distributed as dist
 
 from loomtrain.data.loader import DocumentPosition, DocumentStream, document_row
-from loomtrain.parallel.adaptive_sp import plan_groups
+from loomtrain.parallel.adaptive_sp import placeable_rank_sets, plan_groups
 from loomtrain.parallel.context import ContextParallelAttention, shard_for, shard_sequence, zigzag_multiple
 
 IMPL_CODES = ("none", "tokenring", "ring", "ulysses")
+PRECREATE_GROUPS = 64  # pools with at most this many placeable rank sets create them all before the first step
 
 
 class StaticSP:
@@ -141,7 +144,7 @@ class AdaptiveBatches(DocumentPosition):
         out = {k: torch.from_numpy(v).unsqueeze(0) for k, v in arrays.items()}
         if d > 1:
             out = {k: shard_for(v, self.rank - ranks[0], d, dim=1) for k, v in out.items()}
-        impl = "none" if d == 1 else self.cost.strategy(n, d)
+        impl = "none" if d == 1 else self.cost.strategy(n, d, sum(k * k for _, k in row) / max(n * n, 1))
         out["sp_group"] = torch.tensor([ranks[0], d])
         out["sp_impl"] = torch.tensor(IMPL_CODES.index(impl))
         out["sp_plan"] = plan_ranges
@@ -152,7 +155,7 @@ class AdaptiveBatches(DocumentPosition):
         ranges = torch.tensor([[r[0], len(r)] for r, _ in plan.groups], dtype=torch.int64)
         mine = plan.group_of(self.rank)
         if mine is None:  # idle this step: one unlabelled two-token sequence of its own
-            batch = self._row([(pieces[0][0], 2)], (self.rank,), ranges)
+            batch = self._row([(0, 2)], (self.rank,), ranges)
             batch["labels"].fill_(-100)
             return [batch], nxt
         ranks, seqs = mine
@@ -180,8 +183,12 @@ def adaptive_cost(exp, model_args, device, world: int, ranks_per_node: int, grou
     if par.sp_alpha1 or par.sp_alpha2:
         return SequenceCost(par.sp_alpha1, par.sp_alpha2, model_args.n_heads, model_args.n_kv_heads,
                             model_args.head_dim, model_args.n_layers, **links)
+    from loomtrain.trainer.attention import resolve_backend
+
     return calibrate_pool(model_args, device, exp.data.cache_dir, rank=dist.get_rank(), world=world,
-                          degrees=degrees or range(1, world + 1), capacity=exp.data.seq_len, groups=groups, **links)
+                          degrees=degrees or range(1, world + 1), capacity=exp.data.seq_len, groups=groups,
+                          dtype=getattr(torch, exp.model.dtype), backend=resolve_backend(exp.model.attention,
+                                                                                         device.type), **links)
 
 
 def sequence_parallel(exp, model_args, dims, mesh, train_data, dp_rank: int, device, ranks_per_node: int):
@@ -194,9 +201,12 @@ def sequence_parallel(exp, model_args, dims, mesh, train_data, dp_rank: int, dev
         return StaticSP(cp_group), build_batch_plan(exp, train_data, dp_rank, dims.dp)
     world = dims.world_size
     sp, degrees = AdaptiveSP(), sp_degrees(exp.parallel, world)
+    nodes = ranks_per_node if world % ranks_per_node == 0 and ranks_per_node < world else None
+    every = placeable_rank_sets(world, degrees, nodes)
+    if len(every) <= PRECREATE_GROUPS:  # a node's worth: no step ever creates a group
+        sp.groups.ensure(every)
     cost = adaptive_cost(exp, model_args, device, world, ranks_per_node, sp.groups, degrees)
     t, d = exp.train, exp.data
     plan = AdaptiveBatches(train_data.data, t.seed, t.global_batch_tokens, d.max_doc_tokens or d.seq_len, d.seq_len,
-                           dist.get_rank(), world, cost, degrees,
-                           ranks_per_node if world % ranks_per_node == 0 and ranks_per_node < world else None)
+                           dist.get_rank(), world, cost, degrees, nodes)
     return sp, plan

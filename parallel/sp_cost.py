@@ -64,19 +64,20 @@ class SequenceCost:
         ref = self._shape(1024, 1)
         return attention_flops(ref) * self.layers / max(self.alpha1 * 1024 ** 2, 1e-30)
 
-    def _attention(self, L: int, d: int) -> tuple[str, float]:
-        """(strategy, seconds per layer) of the fastest allowed strategy for one sequence on d ranks."""
+    def _attention(self, L: int, d: int, density: float = 1.0) -> tuple[str, float]:
+        """(strategy, seconds per layer) of the fastest allowed strategy for L tokens on d ranks; ``density``:
+        the attention work of the row over one sequence's of L (sum of its documents' L_i^2 / L^2)."""
         s = self._shape(L, d)
         latency, bandwidth = self.link(d)
-        t = predict_seconds(s, bandwidth, latency, self._flops(), self.topology)
+        t = predict_seconds(s, bandwidth, latency, self._flops() / max(density, 1e-9), self.topology)
         if s.heads % d or s.kv_heads % d:
             t.pop("ulysses")
         allowed = {k: v for k, v in t.items() if k in self.impls} or t  # a forced ulysses that cannot split
         best = min(allowed, key=allowed.get)
         return best, allowed[best]
 
-    def strategy(self, L: int, d: int) -> str:
-        return "none" if d == 1 else self._attention(L, d)[0]
+    def strategy(self, L: int, d: int, density: float = 1.0) -> str:
+        return "none" if d == 1 else self._attention(L, d, density)[0]
 
     def analytic(self, L: int, d: int) -> float:
         """The declared form: alpha0 + alpha2 L / d + attention (cp_cost for d > 1)."""
@@ -122,12 +123,12 @@ def fit(lengths, seconds) -> tuple[float, float, float]:
 
 
 def calibration_sizes(degrees, ranks_per_node: int) -> list[int]:
-    """The group sizes a calibration measures: every allowed size inside a node, and whole-node multiples that
-    double (plus the largest) across nodes; the others are interpolated."""
+    """The group sizes a calibration measures: one, every allowed size inside a node, and whole-node multiples
+    that double (plus the largest) across nodes; the others are interpolated."""
     inside = [d for d in degrees if d <= ranks_per_node]
     across = [d for d in degrees if d > ranks_per_node and d % ranks_per_node == 0]  # the planner's sizes there
     doubling = [d for d in across if (d // ranks_per_node) & (d // ranks_per_node - 1) == 0]
-    return sorted(set(inside + doubling + across[-1:]))
+    return sorted({1} | set(inside + doubling + across[-1:]))  # 1 always: it fixes the strategies of the rest
 
 
 def calibration_lengths(d: int, capacity: int, longest: int, points: int = 4) -> list[int]:
@@ -149,20 +150,32 @@ def _max_over_ranks(seconds: list[float], device) -> list[float]:
     return t.cpu().tolist()
 
 
-def _ring_seconds(rank: int, world: int, d: int, nbytes: int, device, repeats: int) -> list[float]:
-    """This rank's time for one ring hop (send to the next rank of its group, receive from the previous), per
-    repeat, every group of d at once (ranks past the last whole group only wait)."""
+def tiles(d: int, world: int, ranks_per_node: int) -> list[tuple[int, ...]]:
+    """The groups of d a calibration runs at once: d-rank tiles of the first node (its devices' contention is
+    what a step sees), or the first d ranks for a group of whole nodes. A bounded number of process groups
+    whatever the pool (at most 28 inside a node of 8, one per size across nodes)."""
+    span = ranks_per_node if d <= ranks_per_node else d
+    return [tuple(range(a, a + d)) for a in range(0, min(span, world) - d + 1, d)]
+
+
+def _my_tile(rank: int, d: int, world: int, ranks_per_node: int):
+    return next((t for t in tiles(d, world, ranks_per_node) if rank in t), None)
+
+
+def _ring_seconds(rank: int, tile, nbytes: int, device, repeats: int) -> list[float]:
+    """This rank's time for one ring hop (send to the next rank of its tile, receive from the previous), per
+    repeat, every tile at once (ranks outside them only wait)."""
     import torch
     import torch.distributed as dist
 
-    start = rank // d * d
     send = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     recv = torch.empty_like(send)
     out = []
     for _ in range(repeats + 1):
         dist.barrier()
         t0 = time.perf_counter()
-        if start + d <= world:
+        if tile is not None:
+            start, d = tile[0], len(tile)
             nxt, prv = start + (rank - start + 1) % d, start + (rank - start - 1) % d
             for w in dist.batch_isend_irecv([dist.P2POp(dist.isend, send, nxt), dist.P2POp(dist.irecv, recv, prv)]):
                 w.wait()
@@ -172,15 +185,15 @@ def _ring_seconds(rank: int, world: int, d: int, nbytes: int, device, repeats: i
     return out[1:]  # the first one warms the connections up
 
 
-def _sequence_seconds(model, rank: int, world: int, d: int, L: int, attention, device, repeats: int) -> list[float]:
-    """This rank's forward + backward time of one sequence of L tokens on its group of d, per repeat."""
+def _sequence_seconds(model, rank: int, tile, d: int, L: int, attention, device, repeats: int) -> list[float]:
+    """This rank's forward + backward time of one sequence of L tokens on its tile of d, per repeat."""
     import torch
     import torch.distributed as dist
 
     from loomtrain.parallel.context import shard_for
 
-    start = rank // d * d
-    busy = start + d <= world
+    busy = tile is not None
+    start = tile[0] if busy else 0
     tokens = torch.randint(0, model.args.vocab_size, (1, L), generator=torch.Generator().manual_seed(L))
     positions = torch.arange(L).unsqueeze(0)
     if d > 1:
@@ -202,12 +215,13 @@ def _sequence_seconds(model, rank: int, world: int, d: int, L: int, attention, d
 
 
 def measure_pool(model_args, device, rank: int, world: int, sizes, capacity: int, groups, links: dict,
-                 repeats: int = 2, progress=print) -> dict:
+                 repeats: int = 2, dtype=None, backend: str = "auto", progress=print) -> dict:
     """Every rank at once: ring hops and sequence times per group size (max over ranks, best repeat), fitted.
 
-    ``groups``: a ``hybrid_dp.SequenceGroups`` (process groups made collectively, attention modules by rank set).
-    Returns ``{"sizes": {d: {"lengths", "seconds", "coef"}}, "links": {d: (latency, bytes/s)}}``, the same
-    on every rank.
+    ``groups``: a ``hybrid_dp.SequenceGroups`` (process groups made collectively, attention modules by rank
+    set); ``dtype``/``backend``: the training model's compute dtype and attention backend. Returns
+    ``{"sizes": {d: {"lengths", "seconds", "coef"}}, "links": {d: (latency, bytes/s)}}``, the same on every
+    rank.
     """
     import torch
 
@@ -215,27 +229,32 @@ def measure_pool(model_args, device, rank: int, world: int, sizes, capacity: int
 
     torch.manual_seed(0)
     model = Transformer(model_args).to(device)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.attention_backend = backend
+    rpn = links.get("ranks_per_node", 8)
     out = {"sizes": {}, "links": {}}
-    small, big = 1 << 16, 1 << 22
+    small, big = 1 << 20, 1 << 24  # large enough that the difference is not barrier jitter on fast links
     for d in sizes:
         if d > 1:
-            t_small, t_big = (min(_max_over_ranks(_ring_seconds(rank, world, d, n, device, repeats), device))
+            tile = _my_tile(rank, d, world, rpn)
+            t_small, t_big = (min(_max_over_ranks(_ring_seconds(rank, tile, n, device, max(repeats, 3)), device))
                               for n in (small, big))
-            bw = (big - small) / max(t_big - t_small, 1e-9)
-            out["links"][d] = (max(t_small - small / bw, 1e-7), bw)
+            if t_big > t_small:  # else: not resolved, the declared link stands in for this size
+                bw = (big - small) / (t_big - t_small)
+                out["links"][d] = (max(t_small - small / bw, 1e-7), bw)
     for d in sorted(sizes):
         cost = None
         if d > 1:  # strategies as training will choose them: the one-rank fit and this size's measured link
             c0, c1, c2 = out["sizes"][1]["coef"]
             cost = SequenceCost(c1, c2, model_args.n_heads, model_args.n_kv_heads, model_args.head_dim,
                                 model_args.n_layers, alpha0=c0, links=out["links"], **links)
+            groups.ensure(tiles(d, world, rpn))  # every rank makes the same group calls, idle ones too
         lengths, seconds = calibration_lengths(d, capacity, model_args.max_seq_len), []
-        ranks = tuple(range(rank // d * d, rank // d * d + d))
-        if d > 1:  # every rank makes the same group calls, idle ones too
-            groups.ensure(tuple(range(a, a + d)) for a in range(0, world - d + 1, d))
+        tile = _my_tile(rank, d, world, rpn)
         for L in lengths:
-            attention = groups.module(ranks, cost.strategy(L, d)) if d > 1 and ranks[-1] < world else None
-            seconds.append(min(_max_over_ranks(_sequence_seconds(model, rank, world, d, L, attention, device, repeats),
+            attention = groups.module(tile, cost.strategy(L, d)) if d > 1 and tile is not None else None
+            seconds.append(min(_max_over_ranks(_sequence_seconds(model, rank, tile, d, L, attention, device, repeats),
                                                device)))
         out["sizes"][d] = {"lengths": lengths, "seconds": seconds, "coef": fit(lengths, seconds)}
         if progress is not None and rank == 0:
@@ -245,7 +264,7 @@ def measure_pool(model_args, device, rank: int, world: int, sizes, capacity: int
 
 
 def calibrate_pool(model_args, device, cache_dir: str, *, rank: int, world: int, degrees, capacity: int,
-                   groups, repeats: int = 2, **links) -> SequenceCost:
+                   groups, repeats: int = 2, dtype=None, backend: str = "auto", **links) -> SequenceCost:
     """The fitted model of this pool on this machine: measured by every rank at once the first time, cached by
     model shape, pool, capacity, device and software in ``cache_dir``, read by rank 0 and broadcast after."""
     import platform
@@ -254,19 +273,23 @@ def calibrate_pool(model_args, device, cache_dir: str, *, rank: int, world: int,
     import torch.distributed as dist
 
     sizes = calibration_sizes(degrees, links.get("ranks_per_node", 8))
-    key = json.dumps({"args": vars(model_args), "device": device.type, "torch": torch.__version__,
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    key = json.dumps({"args": vars(model_args), "device": [device.type, name], "torch": torch.__version__,
                       "machine": platform.machine(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-                      "world": world, "sizes": sizes, "capacity": capacity, "links": links, "v": 2},
-                     sort_keys=True, default=str)
+                      "world": world, "sizes": sizes, "capacity": capacity, "links": links, "repeats": repeats,
+                      "dtype": str(dtype), "backend": backend, "v": 2}, sort_keys=True, default=str)
     path = os.path.join(os.path.expanduser(cache_dir), f"sp_cost-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json")
     box = [None]
     if rank == 0 and os.path.isfile(path):
-        with open(path) as f:
-            box[0] = json.load(f)
+        try:
+            with open(path) as f:
+                box[0] = json.load(f)
+        except (OSError, ValueError) as e:  # measured again (and rewritten), never a hang of the others
+            print(f"sp calibration: cache {path} unreadable ({e}); measuring again", flush=True)
     dist.broadcast_object_list(box, src=0)
     if box[0] is None:
         box[0] = json.loads(json.dumps(measure_pool(model_args, device, rank, world, sizes, capacity, groups,
-                                                    links, repeats)))
+                                                    links, repeats, dtype, backend)))
         if rank == 0:
             from loomtrain.fsutil import atomic_write_text
 
