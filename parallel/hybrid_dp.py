@@ -188,7 +188,8 @@ def adaptive_cost(exp, model_args, device, world: int, ranks_per_node: int, grou
     return calibrate_pool(model_args, device, exp.data.cache_dir, rank=dist.get_rank(), world=world,
                           degrees=degrees or range(1, world + 1), capacity=exp.data.seq_len, groups=groups,
                           dtype=getattr(torch, exp.model.dtype), backend=resolve_backend(exp.model.attention,
-                                                                                         device.type), **links)
+                                                                                         device.type),
+                          activation_checkpoint=par.activation_checkpoint == "full", **links)
 
 
 def sequence_parallel(exp, model_args, dims, mesh, train_data, dp_rank: int, device, ranks_per_node: int):

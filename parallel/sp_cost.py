@@ -214,26 +214,35 @@ def _sequence_seconds(model, rank: int, tile, d: int, L: int, attention, device,
     return out[1:]
 
 
+def calibration_depths(layers: int) -> tuple[int, ...]:
+    """The model depths a calibration runs: the model itself when shallow, else 1 and 2 layers, whose
+    difference is one layer's cost (a full-depth copy of a large model does not fit one device)."""
+    return (layers,) if layers <= 2 else (1, 2)
+
+
+def to_depth(coef: dict, layers: int) -> tuple[float, ...]:
+    """Coefficients at ``layers`` from those measured at depths {k: (c0, c1, c2)}: per-layer = at 2 - at 1."""
+    if len(coef) == 1:
+        return tuple(next(iter(coef.values())))
+    one, two = coef[1], coef[2]
+    return tuple(max(0.0, a + (layers - 1) * (b - a)) for a, b in zip(one, two))
+
+
 def measure_pool(model_args, device, rank: int, world: int, sizes, capacity: int, groups, links: dict,
-                 repeats: int = 2, dtype=None, backend: str = "auto", progress=print) -> dict:
+                 repeats: int = 2, dtype=None, backend: str = "auto", activation_checkpoint: bool = False,
+                 progress=print) -> dict:
     """Every rank at once: ring hops and sequence times per group size (max over ranks, best repeat), fitted.
 
     ``groups``: a ``hybrid_dp.SequenceGroups`` (process groups made collectively, attention modules by rank
-    set); ``dtype``/``backend``: the training model's compute dtype and attention backend. Returns
-    ``{"sizes": {d: {"lengths", "seconds", "coef"}}, "links": {d: (latency, bytes/s)}}``, the same on every
-    rank.
+    set); ``dtype``/``backend``/``activation_checkpoint``: as the training model runs. Deep models are
+    measured at ``calibration_depths`` and extrapolated. Returns ``{"sizes": {d: {"seconds": {depth: [...]},
+    "lengths", "coef"}}, "links": {d: (latency, bytes/s)}}``, the same on every rank.
     """
-    import torch
+    import dataclasses
 
-    from loomtrain.trainer.model import Transformer
-
-    torch.manual_seed(0)
-    model = Transformer(model_args).to(device)
-    if dtype is not None:
-        model = model.to(dtype)
-    model.attention_backend = backend
     rpn = links.get("ranks_per_node", 8)
-    out = {"sizes": {}, "links": {}}
+    out = {"sizes": {d: {"lengths": calibration_lengths(d, capacity, model_args.max_seq_len), "seconds": {},
+                         "depth_coef": {}} for d in sizes}, "links": {}}
     small, big = 1 << 20, 1 << 24  # large enough that the difference is not barrier jitter on fast links
     for d in sizes:
         if d > 1:
@@ -243,28 +252,54 @@ def measure_pool(model_args, device, rank: int, world: int, sizes, capacity: int
             if t_big > t_small:  # else: not resolved, the declared link stands in for this size
                 bw = (big - small) / (t_big - t_small)
                 out["links"][d] = (max(t_small - small / bw, 1e-7), bw)
-    for d in sorted(sizes):
-        cost = None
-        if d > 1:  # strategies as training will choose them: the one-rank fit and this size's measured link
-            c0, c1, c2 = out["sizes"][1]["coef"]
-            cost = SequenceCost(c1, c2, model_args.n_heads, model_args.n_kv_heads, model_args.head_dim,
-                                model_args.n_layers, alpha0=c0, links=out["links"], **links)
-            groups.ensure(tiles(d, world, rpn))  # every rank makes the same group calls, idle ones too
-        lengths, seconds = calibration_lengths(d, capacity, model_args.max_seq_len), []
-        tile = _my_tile(rank, d, world, rpn)
-        for L in lengths:
-            attention = groups.module(tile, cost.strategy(L, d)) if d > 1 and tile is not None else None
-            seconds.append(min(_max_over_ranks(_sequence_seconds(model, rank, tile, d, L, attention, device, repeats),
-                                               device)))
-        out["sizes"][d] = {"lengths": lengths, "seconds": seconds, "coef": fit(lengths, seconds)}
-        if progress is not None and rank == 0:
-            progress(f"sp calibration: groups of {d}: " + ", ".join(f"{L} tokens {1000 * t:.1f} ms"
-                                                                      for L, t in zip(lengths, seconds)), flush=True)
+    for depth in calibration_depths(model_args.n_layers):
+        shallow = dataclasses.replace(model_args, n_layers=depth)
+        model = _calibration_model(shallow, device, dtype, backend, activation_checkpoint)
+        for d in sorted(sizes):
+            entry = out["sizes"][d]
+            cost = None
+            if d > 1:  # strategies as training will choose them: the one-rank fit and this size's measured link
+                c0, c1, c2 = out["sizes"][1]["depth_coef"][depth]
+                cost = SequenceCost(c1, c2, shallow.n_heads, shallow.n_kv_heads, shallow.head_dim, depth, alpha0=c0,
+                                    links=out["links"], **links)
+                groups.ensure(tiles(d, world, rpn))  # every rank makes the same group calls, idle ones too
+            tile = _my_tile(rank, d, world, rpn)
+            seconds = []
+            for L in entry["lengths"]:
+                attention = groups.module(tile, cost.strategy(L, d)) if d > 1 and tile is not None else None
+                seconds.append(min(_max_over_ranks(_sequence_seconds(model, rank, tile, d, L, attention, device,
+                                                                     repeats), device)))
+            entry["seconds"][depth] = seconds
+            entry["depth_coef"][depth] = fit(entry["lengths"], seconds)
+            if progress is not None and rank == 0:
+                progress(f"sp calibration ({depth} of {model_args.n_layers} layers): groups of {d}: " + ", ".join(
+                    f"{L} tokens {1000 * t:.1f} ms" for L, t in zip(entry["lengths"], seconds)), flush=True)
+        del model
+    for entry in out["sizes"].values():
+        entry["coef"] = to_depth(entry.pop("depth_coef"), model_args.n_layers)
     return out
 
 
+def _calibration_model(model_args, device, dtype, backend: str, activation_checkpoint: bool):
+    import torch
+
+    from loomtrain.trainer.model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(model_args).to(device)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.attention_backend = backend
+    if activation_checkpoint:
+        from loomtrain.parallel.parallelize import apply_ac
+
+        apply_ac(model)
+    return model
+
+
 def calibrate_pool(model_args, device, cache_dir: str, *, rank: int, world: int, degrees, capacity: int,
-                   groups, repeats: int = 2, dtype=None, backend: str = "auto", **links) -> SequenceCost:
+                   groups, repeats: int = 2, dtype=None, backend: str = "auto", activation_checkpoint: bool = False,
+                   **links) -> SequenceCost:
     """The fitted model of this pool on this machine: measured by every rank at once the first time, cached by
     model shape, pool, capacity, device and software in ``cache_dir``, read by rank 0 and broadcast after."""
     import platform
@@ -277,7 +312,8 @@ def calibrate_pool(model_args, device, cache_dir: str, *, rank: int, world: int,
     key = json.dumps({"args": vars(model_args), "device": [device.type, name], "torch": torch.__version__,
                       "machine": platform.machine(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
                       "world": world, "sizes": sizes, "capacity": capacity, "links": links, "repeats": repeats,
-                      "dtype": str(dtype), "backend": backend, "v": 2}, sort_keys=True, default=str)
+                      "dtype": str(dtype), "backend": backend, "ac": activation_checkpoint, "v": 3}, sort_keys=True,
+                     default=str)
     path = os.path.join(os.path.expanduser(cache_dir), f"sp_cost-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json")
     box = [None]
     if rank == 0 and os.path.isfile(path):
@@ -289,7 +325,7 @@ def calibrate_pool(model_args, device, cache_dir: str, *, rank: int, world: int,
     dist.broadcast_object_list(box, src=0)
     if box[0] is None:
         box[0] = json.loads(json.dumps(measure_pool(model_args, device, rank, world, sizes, capacity, groups,
-                                                    links, repeats, dtype, backend)))
+                                                    links, repeats, dtype, backend, activation_checkpoint)))
         if rank == 0:
             from loomtrain.fsutil import atomic_write_text
 

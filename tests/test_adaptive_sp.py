@@ -157,13 +157,16 @@ def paragraphs(tmp_path_factory):
     return str(out / "tokens")
 
 
-@pytest.mark.parametrize("impl, max_doc, sizes", [("ring", 180, {1, 3}), ("tokenring", 128, {2}),
-                                                   ("auto", 180, None)])
-def test_adaptive_training_matches_one_process(impl, max_doc, sizes, paragraphs, tmp_path):
+@pytest.mark.parametrize("impl, max_doc, sizes, mesh", [("ring", 180, {1, 3}, []), ("tokenring", 128, {2}, []),
+                                                         ("auto", 180, None, []),
+                                                         ("ring", 180, {1, 3}, ["parallel.dp_replicate=2"])],
+                         ids=["ring", "tokenring", "calibrated", "hsdp"])
+def test_adaptive_training_matches_one_process(impl, max_doc, sizes, mesh, paragraphs, tmp_path):
     """4 ranks, one pool, groups chosen per step from real documents of very different lengths (64 tokens
     per rank: pieces of 180 need groups of 3 beside groups of 1; pieces of 128 pairs of 2-groups; groups run
-    different numbers of sequences): loss, grad norm and parameters equal one process (1e-5). The last case
-    plans with the cost model the pool measures at start-up (its plans depend on this machine's timings)."""
+    different numbers of sequences): loss, grad norm and parameters equal one process (1e-5). "calibrated"
+    plans with the cost model the pool measures at start-up (its plans depend on this machine's timings);
+    "hsdp" makes the pool of 2 FSDP replicas of 2 shards (gradients reduce-scattered, then all-reduced)."""
     from conftest import TEST_OVERRIDES
     from test_parallel_parity import full_params
 
@@ -172,7 +175,8 @@ def test_adaptive_training_matches_one_process(impl, max_doc, sizes, paragraphs,
     base = TEST_OVERRIDES + [f"data.prepared={paragraphs}", f"data.max_doc_tokens={max_doc}"] + adaptive
     one = base + ["data.seq_len=192", f"train.output_dir={tmp_path / 'one'}"]  # rows hold the longest piece
     [(ref_losses, ref_norms, ref_ckpt, _)] = run_ranks(_adaptive_run, 0, one, False)
-    many = base + ["parallel.sp_mode=adaptive", f"parallel.cp_impl={impl}", f"train.output_dir={tmp_path / 'many'}"]
+    many = base + mesh + ["parallel.sp_mode=adaptive", f"parallel.cp_impl={impl}",
+                          f"train.output_dir={tmp_path / 'many'}"]
     results = run_ranks(_adaptive_run, 4, many, True)
     for losses, norms, _, _ in results:
         for step in ref_losses:
@@ -199,6 +203,42 @@ def test_adaptive_training_matches_one_process(impl, max_doc, sizes, paragraphs,
     for name, ref in ref_params.items():
         diff = (params[name].float() - ref.float()).abs().max().item()
         assert diff <= 1e-5 * max(1.0, ref.abs().max().item()), (name, diff)
+
+
+def _calibrate_deep(rank, cache):
+    import torch
+    import torch.distributed as dist
+
+    from loomtrain.parallel import sp_cost
+    from loomtrain.parallel.hybrid_dp import SequenceGroups
+    from loomtrain.trainer.model import ModelArgs
+
+    args = ModelArgs(dim=32, n_layers=6, n_heads=2, n_kv_heads=1, vocab_size=64, ffn_hidden=64, max_seq_len=256)
+    dist.init_process_group("gloo")
+    cost = sp_cost.calibrate_pool(args, torch.device("cpu"), cache, rank=rank, world=2, degrees=[1, 2], capacity=32,
+                                  groups=SequenceGroups(), ranks_per_node=2, repeats=1, activation_checkpoint=True)
+    return cost.fitted
+
+
+def test_a_deep_model_is_calibrated_on_one_and_two_layers_and_extrapolated(tmp_path):
+    """No full-depth copy of the model is built (a large one would not fit a device): 1- and 2-layer copies
+    are measured (with activation checkpointing as training runs) and the per-layer difference scales."""
+    import json
+
+    from loomtrain.parallel.sp_cost import calibration_depths, fit, to_depth
+
+    assert calibration_depths(2) == (2,) and calibration_depths(32) == (1, 2)
+    assert to_depth({1: (1.0, 2.0, 3.0), 2: (2.0, 3.0, 5.0)}, 4) == (4.0, 5.0, 9.0)
+    assert to_depth({1: (1.0, 2.0, 3.0), 2: (0.5, 3.0, 3.0)}, 4) == (0.0, 5.0, 3.0)  # noise: never negative
+    fitted = run_ranks(_calibrate_deep, 2, str(tmp_path))
+    assert fitted[0] == fitted[1]
+    [cache] = tmp_path.glob("sp_cost-*.json")
+    measured = json.loads(cache.read_text())
+    for d in ("1", "2"):
+        entry = measured["sizes"][d]
+        assert sorted(entry["seconds"]) == ["1", "2"]  # the two depths, nothing at 6
+        coef = to_depth({int(k): fit(entry["lengths"], v) for k, v in entry["seconds"].items()}, 6)
+        assert tuple(entry["coef"]) == pytest.approx(coef) and fitted[0][int(d)] == pytest.approx(coef)
 
 
 def _calibrate(rank, cache, measure_allowed):
@@ -293,6 +333,9 @@ def test_calibration_tiles_stay_bounded_on_large_pools():
     (["parallel.sp_mode=adaptive"], "parallel.sp_mode: adaptive plans whole documents; set data.batching=documents"),
     (["parallel.sp_mode=adaptive", "data.batching=documents", "train.global_batch_tokens=512", "parallel.tp=2"],
      "parallel.sp_mode: adaptive makes every rank one data x context pool"),
+    (["parallel.sp_mode=adaptive", "data.batching=documents", "train.global_batch_tokens=512",
+      "parallel.dp_replicate=2", "parallel.dp_sync=diloco"],
+     "parallel.dp_sync: diloco is not supported with parallel.sp_mode=adaptive"),
     (["parallel.sp_mode=adaptive", "data.batching=documents", "train.global_batch_tokens=4096",
       "data.max_doc_tokens=4096", "parallel.sp_degrees=1,2"], "data.max_doc_tokens: 4096 does not fit the largest "
      "group (2 ranks x data.seq_len 64 tokens per rank)"),

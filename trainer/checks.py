@@ -92,9 +92,9 @@ def sp_degrees(par, world: int) -> list[int] | None:
 
 
 def _check_adaptive(exp: Experiment, dims: ParallelDims, max_doc: int) -> None:
-    """Adaptive sequence parallelism: every rank is one data x context pool (FSDP over all of it)."""
+    """Adaptive sequence parallelism: every rank is one data x context pool (FSDP, or HSDP, over all of it)."""
     par, d = exp.parallel, exp.data
-    others = [f"parallel.{k}={getattr(dims, k)}" for k in ("tp", "pp", "cp", "dp_replicate") if getattr(dims, k) > 1]
+    others = [f"parallel.{k}={getattr(dims, k)}" for k in ("tp", "pp", "cp") if getattr(dims, k) > 1]
     if others:
         raise ConfigError(f"parallel.sp_mode: adaptive makes every rank one data x context pool (groups are chosen "
                           f"per step); set {', '.join(others)} to 1")
