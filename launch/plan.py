@@ -66,12 +66,13 @@ def memory_estimate(exp, args: ModelArgs, dims: ParallelDims, vocab: int) -> dic
     if fsdp and fsdp_split > 1:
         block = (n - 2 * vocab * h) / args.n_layers / dims.tp  # one block's parameters on this tp rank
         head = vocab * h / dims.tp  # the output projection (the [norm, output] unit is kept after forward)
-        # Gathered at once: under pp every unit of the stage stays unsharded for the step (no reshard
-        # after forward); otherwise the block being computed, the prefetched next one, the last block
-        # (kept for backward) and the output unit.
-        gathered = block * layers + head if dims.pp > 1 else 3 * block + head
+        # Gathered at once: under pp every unit of the stage, in adaptive sp (ranks run different numbers of
+        # rows) the whole model, stays unsharded for the step (no reshard after forward); otherwise the block
+        # being computed, the prefetched next one, the last block (kept for backward) and the output unit.
+        adaptive = exp.parallel.sp_mode == "adaptive"
+        gathered = block * layers + 2 * head if adaptive else block * layers + head if dims.pp > 1 else 3 * block + head
         out["FSDP unsharded parameters"] = gathered * width
-        if n_micro > 1:  # gradient sync only on the last micro-batch: unsharded fp32 gradients until then
+        if n_micro > 1 or adaptive:  # gradient sync only on the last micro-batch: unsharded fp32 gradients till then
             out["accumulation gradients (unsharded)"] = 4 * n / model_split
     elif exp.model.dtype == "bfloat16":
         out["bf16 working copy"] = 2 * n / model_split / max(1, args.n_layers) * 2  # autocast casts ~2 layers

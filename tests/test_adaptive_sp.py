@@ -360,6 +360,24 @@ def test_plan_shows_a_sample_adaptive_step(capsys):
     assert "adaptive sp, sample step" in out and "group(s) of" in out and "predicted makespan" in out
 
 
+def test_the_memory_estimate_keeps_the_whole_model_gathered_in_adaptive_mode():
+    """Adaptive ranks run different numbers of rows, so FSDP keeps every unit gathered over the step and
+    syncs gradients once: the estimate holds the whole model unsharded (bf16) and its unsharded gradients,
+    not three blocks' worth (the old estimate said 2.2 GiB of gathered parameters for the 8B config)."""
+    from loomtrain.launch.plan import memory_estimate
+    from loomtrain.trainer.checks import check_experiment
+    from loomtrain.trainer.config import load_config
+    from loomtrain.trainer.model import ModelArgs
+
+    exp = load_config("llama8b_512k_adaptive_cluster")
+    dims = check_experiment(exp, 512, 8, "cuda")
+    args = ModelArgs.from_config(exp.model, exp.model.vocab_size, exp.data.seq_len)
+    mem = memory_estimate(exp, args, dims, args.vocab_size)
+    n = args.num_params()
+    assert mem["FSDP unsharded parameters"] == pytest.approx(2 * n, rel=0.02)
+    assert mem["accumulation gradients (unsharded)"] == pytest.approx(4 * n)
+
+
 def test_padding_positions_stay_inside_the_rope_table(tmp_path):
     """A piece padded for its group (here 7 tokens on 3 ranks: 12) gets small positions on the padding, so
     the longest position is the longest piece's, whatever the group size."""
