@@ -7,8 +7,9 @@ share a node, parameter count, FLOPs per token and a per-device memory estimate.
 Memory model (per device): parameters, gradients and two AdamW moments in fp32, divided
 by tp x pp x (dp_shard*cp when FSDP shards); with FSDP, the parameters gathered at once
 (three blocks and the output unit; every unit of a pipeline stage, which is not resharded
-after forward) and, with gradient accumulation or pipeline microbatches, the unsharded fp32
-gradients FSDP2 keeps until the last micro-batch's reduce-scatter; without FSDP, bf16 adds
+after forward; the whole model in adaptive sp, whose ranks run different numbers of rows, one
+per forward) and, with gradient accumulation, pipeline microbatches or adaptive sp, the unsharded
+fp32 gradients FSDP2 keeps until the last micro-batch's reduce-scatter; without FSDP, bf16 adds
 autocast's copy of about two layers. Activations per layer follow Korthikanti et al. (2022) with flash
 attention (no s^2 term): 34*s*b*h bytes in 16-bit, /tp with sequence parallelism, /cp;
 with full activation checkpointing only each layer's input (2*s*b*h) is kept plus one
@@ -49,6 +50,9 @@ def memory_estimate(exp, args: ModelArgs, dims: ParallelDims, vocab: int) -> dic
     fsdp_split = dims.dp_shard * dims.cp if fsdp else 1
     states = n / model_split / fsdp_split
     micro, n_micro = micro_layout(exp, dims)
+    adaptive = exp.parallel.sp_mode == "adaptive"
+    if adaptive:  # one row (of data.seq_len tokens per rank) per forward
+        micro = 1
     s, h, layers = exp.data.seq_len, args.dim, args.n_layers / dims.pp
     width = 2 if exp.model.dtype == "bfloat16" else 4
     per_layer = 34 * s * micro * h * (width / 2) / dims.tp / dims.cp
@@ -63,13 +67,12 @@ def memory_estimate(exp, args: ModelArgs, dims: ParallelDims, vocab: int) -> dic
     if dims.local_updates:  # fp32 anchors, arrived averages, outer momentum (and CO2's round start)
         copies = 4 if exp.parallel.dp_sync == "co2" else 2 + (exp.dp_sync.diloco.outer_momentum > 0)
         out["outer state (dp_sync)"] = 4 * copies * states
-    if fsdp and fsdp_split > 1:
+    if fsdp and (fsdp_split > 1 or adaptive):
         block = (n - 2 * vocab * h) / args.n_layers / dims.tp  # one block's parameters on this tp rank
         head = vocab * h / dims.tp  # the output projection (the [norm, output] unit is kept after forward)
         # Gathered at once: under pp every unit of the stage, in adaptive sp (ranks run different numbers of
         # rows) the whole model, stays unsharded for the step (no reshard after forward); otherwise the block
         # being computed, the prefetched next one, the last block (kept for backward) and the output unit.
-        adaptive = exp.parallel.sp_mode == "adaptive"
         gathered = block * layers + 2 * head if adaptive else block * layers + head if dims.pp > 1 else 3 * block + head
         out["FSDP unsharded parameters"] = gathered * width
         if n_micro > 1 or adaptive:  # gradient sync only on the last micro-batch: unsharded fp32 gradients till then

@@ -220,12 +220,12 @@ def calibration_depths(layers: int) -> tuple[int, ...]:
     return (layers,) if layers <= 2 else (1, 2)
 
 
-def to_depth(coef: dict, layers: int) -> tuple[float, ...]:
-    """Coefficients at ``layers`` from those measured at depths {k: (c0, c1, c2)}: per-layer = at 2 - at 1."""
-    if len(coef) == 1:
-        return tuple(next(iter(coef.values())))
-    one, two = coef[1], coef[2]
-    return tuple(max(0.0, a + (layers - 1) * (b - a)) for a, b in zip(one, two))
+def to_depth(seconds: dict, layers: int) -> list[float]:
+    """Seconds at ``layers`` from those measured at depths {k: [s per length]}: one layer's cost is the
+    2-layer time minus the 1-layer time (never negative: noise), times the layers past the first."""
+    if len(seconds) == 1:
+        return list(next(iter(seconds.values())))
+    return [a + (layers - 1) * max(0.0, b - a) for a, b in zip(seconds[1], seconds[2])]
 
 
 def measure_pool(model_args, device, rank: int, world: int, sizes, capacity: int, groups, links: dict,
@@ -241,8 +241,8 @@ def measure_pool(model_args, device, rank: int, world: int, sizes, capacity: int
     import dataclasses
 
     rpn = links.get("ranks_per_node", 8)
-    out = {"sizes": {d: {"lengths": calibration_lengths(d, capacity, model_args.max_seq_len), "seconds": {},
-                         "depth_coef": {}} for d in sizes}, "links": {}}
+    out = {"sizes": {d: {"lengths": calibration_lengths(d, capacity, model_args.max_seq_len), "seconds": {}}
+                     for d in sizes}, "links": {}}
     small, big = 1 << 20, 1 << 24  # large enough that the difference is not barrier jitter on fast links
     for d in sizes:
         if d > 1:
@@ -257,26 +257,28 @@ def measure_pool(model_args, device, rank: int, world: int, sizes, capacity: int
         model = _calibration_model(shallow, device, dtype, backend, activation_checkpoint)
         for d in sorted(sizes):
             entry = out["sizes"][d]
-            cost = None
-            if d > 1:  # strategies as training will choose them: the one-rank fit and this size's measured link
-                c0, c1, c2 = out["sizes"][1]["depth_coef"][depth]
+            if d > 1 and "impls" not in entry:
+                # strategies as training will choose them (the one-rank fit, per layer, and this size's measured
+                # link), chosen at the first depth and kept: every depth times the same ones
+                c0, c1, c2 = fit(out["sizes"][1]["lengths"], out["sizes"][1]["seconds"][depth])
                 cost = SequenceCost(c1, c2, shallow.n_heads, shallow.n_kv_heads, shallow.head_dim, depth, alpha0=c0,
                                     links=out["links"], **links)
+                entry["impls"] = [cost.strategy(L, d) for L in entry["lengths"]]
+            if d > 1:
                 groups.ensure(tiles(d, world, rpn))  # every rank makes the same group calls, idle ones too
             tile = _my_tile(rank, d, world, rpn)
             seconds = []
-            for L in entry["lengths"]:
-                attention = groups.module(tile, cost.strategy(L, d)) if d > 1 and tile is not None else None
+            for k, L in enumerate(entry["lengths"]):
+                attention = groups.module(tile, entry["impls"][k]) if d > 1 and tile is not None else None
                 seconds.append(min(_max_over_ranks(_sequence_seconds(model, rank, tile, d, L, attention, device,
                                                                      repeats), device)))
             entry["seconds"][depth] = seconds
-            entry["depth_coef"][depth] = fit(entry["lengths"], seconds)
             if progress is not None and rank == 0:
                 progress(f"sp calibration ({depth} of {model_args.n_layers} layers): groups of {d}: " + ", ".join(
                     f"{L} tokens {1000 * t:.1f} ms" for L, t in zip(entry["lengths"], seconds)), flush=True)
         del model
     for entry in out["sizes"].values():
-        entry["coef"] = to_depth(entry.pop("depth_coef"), model_args.n_layers)
+        entry["coef"] = fit(entry["lengths"], to_depth(entry["seconds"], model_args.n_layers))
     return out
 
 

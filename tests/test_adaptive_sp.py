@@ -228,8 +228,8 @@ def test_a_deep_model_is_calibrated_on_one_and_two_layers_and_extrapolated(tmp_p
     from loomtrain.parallel.sp_cost import calibration_depths, fit, to_depth
 
     assert calibration_depths(2) == (2,) and calibration_depths(32) == (1, 2)
-    assert to_depth({1: (1.0, 2.0, 3.0), 2: (2.0, 3.0, 5.0)}, 4) == (4.0, 5.0, 9.0)
-    assert to_depth({1: (1.0, 2.0, 3.0), 2: (0.5, 3.0, 3.0)}, 4) == (0.0, 5.0, 3.0)  # noise: never negative
+    assert to_depth({1: [1.0, 2.0, 3.0], 2: [2.0, 3.0, 5.0]}, 4) == [4.0, 5.0, 9.0]
+    assert to_depth({1: [1.0, 2.0, 3.0], 2: [0.5, 3.0, 3.0]}, 4) == [1.0, 5.0, 3.0]  # a layer never costs < 0
     fitted = run_ranks(_calibrate_deep, 2, str(tmp_path))
     assert fitted[0] == fitted[1]
     [cache] = tmp_path.glob("sp_cost-*.json")
@@ -237,8 +237,9 @@ def test_a_deep_model_is_calibrated_on_one_and_two_layers_and_extrapolated(tmp_p
     for d in ("1", "2"):
         entry = measured["sizes"][d]
         assert sorted(entry["seconds"]) == ["1", "2"]  # the two depths, nothing at 6
-        coef = to_depth({int(k): fit(entry["lengths"], v) for k, v in entry["seconds"].items()}, 6)
+        coef = fit(entry["lengths"], to_depth({int(k): v for k, v in entry["seconds"].items()}, 6))
         assert tuple(entry["coef"]) == pytest.approx(coef) and fitted[0][int(d)] == pytest.approx(coef)
+    assert len(measured["sizes"]["2"]["impls"]) == len(measured["sizes"]["2"]["lengths"])  # one per length
 
 
 def _calibrate(rank, cache, measure_allowed):
@@ -376,6 +377,11 @@ def test_the_memory_estimate_keeps_the_whole_model_gathered_in_adaptive_mode():
     n = args.num_params()
     assert mem["FSDP unsharded parameters"] == pytest.approx(2 * n, rel=0.02)
     assert mem["accumulation gradients (unsharded)"] == pytest.approx(4 * n)
+    # pure replication (HSDP with shards of 1) keeps the same; activations are one row's at any pool size
+    replicated = load_config("llama8b_512k_adaptive_cluster", ["parallel.dp_replicate=64", "parallel.dp_shard=1"])
+    mem64 = memory_estimate(replicated, args, check_experiment(replicated, 64, 8, "cuda"), args.vocab_size)
+    assert mem64["FSDP unsharded parameters"] == mem["FSDP unsharded parameters"]
+    assert mem64["activations (checkpointed)"] == mem["activations (checkpointed)"]
 
 
 def test_padding_positions_stay_inside_the_rope_table(tmp_path):
