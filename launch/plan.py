@@ -210,8 +210,8 @@ def plan(exp, world_size: int, gpus_per_node: int = 8, device_memory_gb: float =
               f"  estimated step time {est['step_s']:.3f} s, MFU {100 * est['mfu']:.1f}% "
               "(upper bound: kernels assumed to run at peak)"]
     if exp.parallel.sp_mode == "adaptive":
-        lines += [""] + adaptive_sample(exp, args, dims.world_size, gpus_per_node, peak, intra_node_gbps,
-                                        inter_node_gbps)
+        lines += [""] + adaptive_sample(exp, args, dims.dp, max(1, gpus_per_node // dims.tp), peak * dims.tp,
+                                        intra_node_gbps, inter_node_gbps, dims.tp)
     warnings = []
     if dims.tp > gpus_per_node:
         warnings.append(f"tp={dims.tp} spans nodes ({gpus_per_node} devices per node): tensor-parallel traffic "
@@ -237,10 +237,11 @@ def plan_cluster(exp, cluster, peak_tflops: float = 0.0) -> dict:
 
 
 def adaptive_sample(exp, args: ModelArgs, world: int, gpus_per_node: int, peak: float, intra_gbps: float,
-                    inter_gbps: float) -> list[str]:
+                    inter_gbps: float, tp: int = 1) -> list[str]:
     """A sample step plan of ``sp_mode: adaptive``: synthetic long-tailed lengths (Pareto 1.1 from 512 tokens
     to data.max_doc_tokens) filling train.global_batch_tokens, planned with the cost model the trainer uses
-    (declared alphas, or ones derived from the peak FLOP/s here: the trainer fits them on the machine)."""
+    (declared alphas, or ones derived from the peak FLOP/s here: the trainer fits them on the machine).
+    ``world`` counts the pool's members (tensor-parallel groups of ``tp`` devices, ``peak`` their sum)."""
     import random
 
     from loomtrain.parallel.adaptive_sp import plan_groups, static_makespan
@@ -253,7 +254,7 @@ def adaptive_sample(exp, args: ModelArgs, world: int, gpus_per_node: int, peak: 
     a1 = par.sp_alpha1 or attention_flops(Shape(1, 1024, args.n_heads, args.n_kv_heads, args.head_dim, 1)) \
         * args.n_layers / 1024 ** 2 / peak
     a2 = par.sp_alpha2 or 6.0 * args.num_params(embeddings=False) / peak
-    cost = SequenceCost(a1, a2, args.n_heads, args.n_kv_heads, args.head_dim, args.n_layers,
+    cost = SequenceCost(a1, a2, args.n_heads // tp, args.n_kv_heads // tp, args.head_dim, args.n_layers,
                         2 if exp.model.dtype == "bfloat16" else 4, intra_gbps * 1e9 / 8, inter_gbps * 1e9 / 8,
                         par.cp_latency_us * 1e-6, gpus_per_node, par.cp_topology)
     rng, lengths = random.Random(0), []
@@ -262,7 +263,7 @@ def adaptive_sample(exp, args: ModelArgs, world: int, gpus_per_node: int, peak: 
     plan = plan_groups(lengths, world, capacity, cost, degrees=sp_degrees(par, world),
                        ranks_per_node=gpus_per_node if world % gpus_per_node == 0 and gpus_per_node < world else None)
     out = [f"adaptive sp, sample step ({len(lengths)} synthetic long-tailed sequences, {sum(lengths):,} tokens, "
-           f"longest {max(lengths):,}; {capacity:,} tokens per device):"]
+           f"longest {max(lengths):,}; {capacity:,} tokens per " + (f"tp group of {tp}):" if tp > 1 else "device):")]
     by_size = {}
     for ranks, seqs in plan.groups:
         longest = max(lengths[i] for i in seqs)
@@ -270,7 +271,8 @@ def adaptive_sample(exp, args: ModelArgs, world: int, gpus_per_node: int, peak: 
     for size in sorted(by_size, reverse=True):
         groups = by_size[size]
         strategies = sorted({g[2] for g in groups})
-        out.append(f"  {len(groups):>4} group(s) of {size:>4} rank(s): {sum(g[0] for g in groups):>5} sequences, "
+        out.append(f"  {len(groups):>4} group(s) of {size:>4} {'tp group(s)' if tp > 1 else 'rank(s)'}: "
+                   f"{sum(g[0] for g in groups):>5} sequences, "
                    f"longest {max(g[1] for g in groups):>8,} tokens, attention {'/'.join(strategies)}")
     statics = {deg: static_makespan(lengths, world, capacity, cost, deg)
                for deg in (2 ** k for k in range(world.bit_length())) if deg <= world}

@@ -321,6 +321,39 @@ def _place(groups, world: int, ranks_per_node: int | None):
     return placed, crosses
 
 
+class PoolRanks:
+    """The adaptive pool's members (data-parallel coordinates: one tensor-parallel group each) and their ranks.
+
+    ``by_tp[t][m]`` is member m's rank of tensor-parallel coordinate t (``ParallelDims.groups("dp")``). A group
+    of members runs context parallelism among the ranks of one coordinate, so every rank set the plans name
+    exists once per coordinate. Members' ranks must ascend (a process group orders its ranks so, and a
+    member's zigzag part is its place in the group).
+    """
+
+    def __init__(self, by_tp, rank: int):
+        self.by_tp = [list(g) for g in by_tp]
+        if any(g != sorted(g) for g in self.by_tp):
+            raise ConfigError("parallel.sp_mode: adaptive needs data-parallel ranks in ascending order along each "
+                              "tensor-parallel coordinate (parallel.mesh_order with tp innermost)")
+        self.t = next(t for t, g in enumerate(self.by_tp) if rank in g)
+        self.member = self.by_tp[self.t].index(rank)
+        self.size, self.tp = len(self.by_tp[0]), len(self.by_tp)
+
+    @classmethod
+    def of(cls, world: int, rank: int) -> "PoolRanks":
+        """A pool of single ranks (no tensor parallelism)."""
+        return cls([list(range(world))], rank)
+
+    def ranks(self, members, t: int | None = None) -> tuple[int, ...]:
+        """The ranks of ``members`` at coordinate ``t`` (default: this rank's)."""
+        row = self.by_tp[self.t if t is None else t]
+        return tuple(row[m] for m in members)
+
+    def every(self, member_sets) -> list[tuple[int, ...]]:
+        """Each member set's ranks at every coordinate: what all ranks create together."""
+        return [self.ranks(ms, t) for ms in member_sets for t in range(self.tp)]
+
+
 def placeable_rank_sets(world: int, degrees=None, ranks_per_node: int | None = None) -> list[tuple[int, ...]]:
     """Every multi-rank set a plan can give a group (contiguous inside a node, or whole nodes from a node
     boundary; one pool without ``ranks_per_node``): what a trainer can create once, before the first step."""

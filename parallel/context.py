@@ -36,6 +36,8 @@ call of such an instance.
 """
 from __future__ import annotations
 
+import math
+
 import weakref
 
 import torch
@@ -79,9 +81,10 @@ def shard_for(x: torch.Tensor, rank: int, world: int, *, dim: int = 1, layout: s
     return torch.cat([parts[c] for c in _chunk_ids(rank, world, layout)], dim)
 
 
-def zigzag_multiple(world: int) -> int:
-    """Sequence lengths a group of ``world`` ranks can split (zigzag: 2 chunks per rank)."""
-    return 2 * world if world > 1 else 1
+def zigzag_multiple(world: int, tp: int = 1) -> int:
+    """Sequence lengths a group of ``world`` ranks can split (zigzag: 2 chunks per rank), each rank's part then
+    split again over ``tp`` (tensor parallelism's sequence split)."""
+    return math.lcm(2 * world if world > 1 else 1, world * tp)
 
 
 def unshard_sequence(x_local: torch.Tensor, *, dim: int = 1, group=None, layout: str = "zigzag") -> torch.Tensor:

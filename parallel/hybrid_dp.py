@@ -6,8 +6,9 @@ tokens and the attention the model uses for it).
 
 - :class:`StaticSP`: every sequence is split over the mesh's cp group (zigzag); the model's
   ``ContextParallelAttention`` was fixed when it was parallelized.
-- :class:`AdaptiveSP` (ByteScale's hybrid data parallelism with FlexSP's planner): all ranks are one
-  pool. Every step :class:`AdaptiveBatches` plans groups with ``adaptive_sp.plan_groups`` from the
+- :class:`AdaptiveSP` (ByteScale's hybrid data parallelism with FlexSP's planner): all data-parallel
+  ranks are one pool (with tensor parallelism each member is a tp group, and a group of members runs
+  context parallelism among the ranks of each tp coordinate: ``adaptive_sp.PoolRanks``). Every step :class:`AdaptiveBatches` plans groups with ``adaptive_sp.plan_groups`` from the
   step's document lengths and the fitted cost model (identically on every rank, on the prefetch
   thread while the previous step trains), and hands each rank only the sequences its group runs,
   already cut to the rank's zigzag part. A group of one runs plain attention with no CP traffic.
@@ -24,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from loomtrain.data.loader import DocumentPosition, DocumentStream, document_row
-from loomtrain.parallel.adaptive_sp import placeable_rank_sets, plan_groups
+from loomtrain.parallel.adaptive_sp import PoolRanks, placeable_rank_sets, plan_groups
 from loomtrain.parallel.context import ContextParallelAttention, shard_for, shard_sequence, zigzag_multiple
 
 IMPL_CODES = ("none", "tokenring", "ring", "ulysses")
@@ -70,12 +71,12 @@ class SequenceGroups:
 
 
 class AdaptiveSP:
-    def __init__(self):
-        self.groups = SequenceGroups()
+    def __init__(self, pool):
+        self.pool, self.groups = pool, SequenceGroups()
 
     def begin_step(self, micro) -> None:
-        ranges = micro[0]["sp_plan"].tolist()  # (start, size) of every group of this step's plan
-        self.groups.ensure(tuple(range(a, a + d)) for a, d in ranges)
+        ranges = micro[0]["sp_plan"].tolist()  # (start, size) of every group of this step's plan, in members
+        self.groups.ensure(self.pool.every(range(a, a + d) for a, d in ranges))
 
     def prepare(self, model, batch: dict) -> dict:
         if "sp_group" not in batch:  # evaluation windows: each rank its own, no context parallelism
@@ -85,7 +86,8 @@ class AdaptiveSP:
         start, size = batch.pop("sp_group").tolist()
         impl = IMPL_CODES[int(batch.pop("sp_impl"))]
         batch.pop("sp_plan")
-        model.context_parallel = None if size == 1 else self.groups.module(tuple(range(start, start + size)), impl)
+        model.context_parallel = None if size == 1 else self.groups.module(self.pool.ranks(range(start, start + size)),
+                                                                           impl)
         return batch
 
 
@@ -100,9 +102,9 @@ class AdaptiveBatches(DocumentPosition):
     """
 
     def __init__(self, data, seed: int, global_batch_tokens: int, max_doc_tokens: int, capacity: int, rank: int,
-                 world: int, cost, degrees=None, ranks_per_node: int | None = None):
+                 world: int, cost, degrees=None, ranks_per_node: int | None = None, tp: int = 1):
         self.data, self.budget, self.capacity = data, global_batch_tokens, capacity
-        self.rank, self.world, self.cost = rank, world, cost
+        self.rank, self.world, self.cost, self.tp = rank, world, cost, tp  # rank/world: the pool's members
         self.degrees, self.ranks_per_node = degrees, ranks_per_node
         self.stream = DocumentStream(data, seed, max_doc_tokens)
         self.seed = seed
@@ -122,7 +124,7 @@ class AdaptiveBatches(DocumentPosition):
     def rows(self, seqs, pieces, d: int) -> list[list[tuple[int, int]]]:
         """A group's sequences packed in order into rows its d ranks hold (d x capacity tokens at most, a
         longer single piece alone): one forward per row instead of per sequence, documents kept apart."""
-        m, limit = zigzag_multiple(d), d * self.capacity
+        m, limit = zigzag_multiple(d, self.tp), d * self.capacity
         rows, total = [], 0
         for i in seqs:
             n = pieces[i][1]
@@ -136,7 +138,7 @@ class AdaptiveBatches(DocumentPosition):
 
     def _row(self, row, ranks: tuple, plan_ranges) -> dict[str, torch.Tensor]:
         d = len(ranks)
-        m = zigzag_multiple(d)
+        m = zigzag_multiple(d, self.tp)
         n = sum(k for _, k in row)
         arrays = document_row(self.data.tokens, row, -(-n // m) * m)
         if len(row) == 1:  # one document: causal attention over it; the padding after it has no labels
@@ -171,25 +173,28 @@ def longest_sequence(exp, world: int) -> int:
     return max(d.seq_len, -(-(d.max_doc_tokens or d.seq_len) // (2 * world)) * 2 * world)
 
 
-def adaptive_cost(exp, model_args, device, world: int, ranks_per_node: int, groups: SequenceGroups, degrees):
+def adaptive_cost(exp, model_args, device, pool, members_per_node: int, groups: SequenceGroups, degrees,
+                  shard_model=None):
     """The planner's cost model: declared coefficients, or measured by the whole pool (cached; the same numbers
-    on every rank)."""
+    on every rank). Group sizes count members; heads are one tensor-parallel rank's."""
     from loomtrain.parallel.sp_cost import SequenceCost, calibrate_pool
 
     par = exp.parallel
     links = dict(intra_bw=par.cp_link_gbps * 1e9 / 8, inter_bw=par.sp_inter_node_gbps * 1e9 / 8,
-                 latency_s=par.cp_latency_us * 1e-6, ranks_per_node=ranks_per_node, topology=par.cp_topology,
+                 latency_s=par.cp_latency_us * 1e-6, ranks_per_node=members_per_node, topology=par.cp_topology,
                  impls=("tokenring", "ring", "ulysses") if par.cp_impl == "auto" else (par.cp_impl,))
     if par.sp_alpha1 or par.sp_alpha2:
-        return SequenceCost(par.sp_alpha1, par.sp_alpha2, model_args.n_heads, model_args.n_kv_heads,
-                            model_args.head_dim, model_args.n_layers, **links)
+        return SequenceCost(par.sp_alpha1, par.sp_alpha2, model_args.n_heads // pool.tp,
+                            model_args.n_kv_heads // pool.tp, model_args.head_dim, model_args.n_layers, **links)
     from loomtrain.trainer.attention import resolve_backend
 
-    return calibrate_pool(model_args, device, exp.data.cache_dir, rank=dist.get_rank(), world=world,
-                          degrees=degrees or range(1, world + 1), capacity=exp.data.seq_len, groups=groups,
+    cost = calibrate_pool(model_args, device, exp.data.cache_dir, pool=pool,
+                          degrees=degrees or range(1, pool.size + 1), capacity=exp.data.seq_len, groups=groups,
                           dtype=getattr(torch, exp.model.dtype), backend=resolve_backend(exp.model.attention,
                                                                                          device.type),
-                          activation_checkpoint=par.activation_checkpoint == "full", **links)
+                          activation_checkpoint=par.activation_checkpoint == "full", shard_model=shard_model, **links)
+    cost.heads, cost.kv_heads = model_args.n_heads // pool.tp, model_args.n_kv_heads // pool.tp
+    return cost
 
 
 def sequence_parallel(exp, model_args, dims, mesh, train_data, dp_rank: int, device, ranks_per_node: int):
@@ -200,14 +205,22 @@ def sequence_parallel(exp, model_args, dims, mesh, train_data, dp_rank: int, dev
     if exp.parallel.sp_mode != "adaptive":
         cp_group = mesh["cp"].get_group() if dims.cp > 1 else None
         return StaticSP(cp_group), build_batch_plan(exp, train_data, dp_rank, dims.dp)
-    world = dims.world_size
-    sp, degrees = AdaptiveSP(), sp_degrees(exp.parallel, world)
-    nodes = ranks_per_node if world % ranks_per_node == 0 and ranks_per_node < world else None
-    every = placeable_rank_sets(world, degrees, nodes)
+    # The pool's members are the data-parallel coordinates (one tensor-parallel group each).
+    pool = PoolRanks(dims.groups("dp"), dist.get_rank())
+    per_node = max(1, ranks_per_node // dims.tp)
+    sp, degrees = AdaptiveSP(pool), sp_degrees(exp.parallel, pool.size)
+    nodes = per_node if pool.size % per_node == 0 and per_node < pool.size else None
+    every = placeable_rank_sets(pool.size, degrees, nodes)
     if len(every) <= PRECREATE_GROUPS:  # a node's worth: no step ever creates a group
-        sp.groups.ensure(every)
-    cost = adaptive_cost(exp, model_args, device, world, ranks_per_node, sp.groups, degrees)
+        sp.groups.ensure(pool.every(every))
+    shard = None
+    if dims.tp > 1:  # the calibration's copies split over the tensor-parallel group as the model is
+        from loomtrain.parallel.parallelize import apply_tp
+
+        def shard(model):
+            apply_tp(model, mesh["tp"], loss_parallel=False)
+    cost = adaptive_cost(exp, model_args, device, pool, per_node, sp.groups, degrees, shard)
     t, d = exp.train, exp.data
     plan = AdaptiveBatches(train_data.data, t.seed, t.global_batch_tokens, d.max_doc_tokens or d.seq_len, d.seq_len,
-                           dist.get_rank(), world, cost, degrees, nodes)
+                           pool.member, pool.size, cost, degrees, nodes, dims.tp)
     return sp, plan

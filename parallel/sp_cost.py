@@ -131,12 +131,12 @@ def calibration_sizes(degrees, ranks_per_node: int) -> list[int]:
     return sorted({1} | set(inside + doubling + across[-1:]))  # 1 always: it fixes the strategies of the rest
 
 
-def calibration_lengths(d: int, capacity: int, longest: int, points: int = 4) -> list[int]:
+def calibration_lengths(d: int, capacity: int, longest: int, points: int = 4, tp: int = 1) -> list[int]:
     """Lengths up to what a group of d holds (d x capacity, at most ``longest``), halving, each one the group
     can split."""
     from loomtrain.parallel.context import zigzag_multiple
 
-    m = zigzag_multiple(d)
+    m = zigzag_multiple(d, tp)
     top = min(d * capacity, longest)
     return sorted({max(m, (top >> k) // m * m) for k in range(points)})
 
@@ -158,11 +158,12 @@ def tiles(d: int, world: int, ranks_per_node: int) -> list[tuple[int, ...]]:
     return [tuple(range(a, a + d)) for a in range(0, min(span, world) - d + 1, d)]
 
 
-def _my_tile(rank: int, d: int, world: int, ranks_per_node: int):
-    return next((t for t in tiles(d, world, ranks_per_node) if rank in t), None)
+def _my_tile(pool, d: int, ranks_per_node: int):
+    """The members of this rank's tile (None: idle while size d is measured)."""
+    return next((t for t in tiles(d, pool.size, ranks_per_node) if pool.member in t), None)
 
 
-def _ring_seconds(rank: int, tile, nbytes: int, device, repeats: int) -> list[float]:
+def _ring_seconds(pool, tile, nbytes: int, device, repeats: int) -> list[float]:
     """This rank's time for one ring hop (send to the next rank of its tile, receive from the previous), per
     repeat, every tile at once (ranks outside them only wait)."""
     import torch
@@ -175,8 +176,8 @@ def _ring_seconds(rank: int, tile, nbytes: int, device, repeats: int) -> list[fl
         dist.barrier()
         t0 = time.perf_counter()
         if tile is not None:
-            start, d = tile[0], len(tile)
-            nxt, prv = start + (rank - start + 1) % d, start + (rank - start - 1) % d
+            ranks, i = pool.ranks(tile), tile.index(pool.member)
+            nxt, prv = ranks[(i + 1) % len(ranks)], ranks[(i - 1) % len(ranks)]
             for w in dist.batch_isend_irecv([dist.P2POp(dist.isend, send, nxt), dist.P2POp(dist.irecv, recv, prv)]):
                 w.wait()
             if device.type == "cuda":
@@ -185,7 +186,7 @@ def _ring_seconds(rank: int, tile, nbytes: int, device, repeats: int) -> list[fl
     return out[1:]  # the first one warms the connections up
 
 
-def _sequence_seconds(model, rank: int, tile, d: int, L: int, attention, device, repeats: int) -> list[float]:
+def _sequence_seconds(model, pool, tile, d: int, L: int, attention, device, repeats: int) -> list[float]:
     """This rank's forward + backward time of one sequence of L tokens on its tile of d, per repeat."""
     import torch
     import torch.distributed as dist
@@ -194,6 +195,7 @@ def _sequence_seconds(model, rank: int, tile, d: int, L: int, attention, device,
 
     busy = tile is not None
     start = tile[0] if busy else 0
+    rank = pool.member
     tokens = torch.randint(0, model.args.vocab_size, (1, L), generator=torch.Generator().manual_seed(L))
     positions = torch.arange(L).unsqueeze(0)
     if d > 1:
@@ -228,33 +230,36 @@ def to_depth(seconds: dict, layers: int) -> list[float]:
     return [a + (layers - 1) * max(0.0, b - a) for a, b in zip(seconds[1], seconds[2])]
 
 
-def measure_pool(model_args, device, rank: int, world: int, sizes, capacity: int, groups, links: dict,
-                 repeats: int = 2, dtype=None, backend: str = "auto", activation_checkpoint: bool = False,
+def measure_pool(model_args, device, pool, sizes, capacity: int, groups, links: dict, repeats: int = 2,
+                 dtype=None, backend: str = "auto", activation_checkpoint: bool = False, shard_model=None,
                  progress=print) -> dict:
     """Every rank at once: ring hops and sequence times per group size (max over ranks, best repeat), fitted.
 
-    ``groups``: a ``hybrid_dp.SequenceGroups`` (process groups made collectively, attention modules by rank
-    set); ``dtype``/``backend``/``activation_checkpoint``: as the training model runs. Deep models are
+    ``pool``: an ``adaptive_sp.PoolRanks`` (members, their ranks per tensor-parallel coordinate); ``groups``: a
+    ``hybrid_dp.SequenceGroups`` (process groups made collectively, attention modules by rank set);
+    ``dtype``/``backend``/``activation_checkpoint``/``shard_model`` (tensor parallelism): as the training model
+    runs. Sizes and tiles count members. Deep models are
     measured at ``calibration_depths`` and extrapolated. Returns ``{"sizes": {d: {"seconds": {depth: [...]},
     "lengths", "coef"}}, "links": {d: (latency, bytes/s)}}``, the same on every rank.
     """
     import dataclasses
 
     rpn = links.get("ranks_per_node", 8)
-    out = {"sizes": {d: {"lengths": calibration_lengths(d, capacity, model_args.max_seq_len), "seconds": {}}
+    out = {"sizes": {d: {"lengths": calibration_lengths(d, capacity, model_args.max_seq_len, tp=pool.tp),
+                         "seconds": {}}
                      for d in sizes}, "links": {}}
     small, big = 1 << 20, 1 << 24  # large enough that the difference is not barrier jitter on fast links
     for d in sizes:
         if d > 1:
-            tile = _my_tile(rank, d, world, rpn)
-            t_small, t_big = (min(_max_over_ranks(_ring_seconds(rank, tile, n, device, max(repeats, 3)), device))
+            tile = _my_tile(pool, d, rpn)
+            t_small, t_big = (min(_max_over_ranks(_ring_seconds(pool, tile, n, device, max(repeats, 3)), device))
                               for n in (small, big))
             if t_big > t_small:  # else: not resolved, the declared link stands in for this size
                 bw = (big - small) / (t_big - t_small)
                 out["links"][d] = (max(t_small - small / bw, 1e-7), bw)
     for depth in calibration_depths(model_args.n_layers):
         shallow = dataclasses.replace(model_args, n_layers=depth)
-        model = _calibration_model(shallow, device, dtype, backend, activation_checkpoint)
+        model = _calibration_model(shallow, device, dtype, backend, activation_checkpoint, shard_model)
         for d in sorted(sizes):
             entry = out["sizes"][d]
             if d > 1 and "impls" not in entry:
@@ -264,16 +269,16 @@ def measure_pool(model_args, device, rank: int, world: int, sizes, capacity: int
                 cost = SequenceCost(c1, c2, shallow.n_heads, shallow.n_kv_heads, shallow.head_dim, depth, alpha0=c0,
                                     links=out["links"], **links)
                 entry["impls"] = [cost.strategy(L, d) for L in entry["lengths"]]
-            if d > 1:
-                groups.ensure(tiles(d, world, rpn))  # every rank makes the same group calls, idle ones too
-            tile = _my_tile(rank, d, world, rpn)
+            if d > 1:  # every rank makes the same group calls, idle ones too
+                groups.ensure(pool.every(tiles(d, pool.size, rpn)))
+            tile = _my_tile(pool, d, rpn)
             seconds = []
             for k, L in enumerate(entry["lengths"]):
-                attention = groups.module(tile, entry["impls"][k]) if d > 1 and tile is not None else None
-                seconds.append(min(_max_over_ranks(_sequence_seconds(model, rank, tile, d, L, attention, device,
+                attention = groups.module(pool.ranks(tile), entry["impls"][k]) if d > 1 and tile else None
+                seconds.append(min(_max_over_ranks(_sequence_seconds(model, pool, tile, d, L, attention, device,
                                                                      repeats), device)))
             entry["seconds"][depth] = seconds
-            if progress is not None and rank == 0:
+            if progress is not None and pool.member == 0 and pool.t == 0:
                 progress(f"sp calibration ({depth} of {model_args.n_layers} layers): groups of {d}: " + ", ".join(
                     f"{L} tokens {1000 * t:.1f} ms" for L, t in zip(entry["lengths"], seconds)), flush=True)
         del model
@@ -282,7 +287,7 @@ def measure_pool(model_args, device, rank: int, world: int, sizes, capacity: int
     return out
 
 
-def _calibration_model(model_args, device, dtype, backend: str, activation_checkpoint: bool):
+def _calibration_model(model_args, device, dtype, backend: str, activation_checkpoint: bool, shard_model=None):
     import torch
 
     from loomtrain.trainer.model import Transformer
@@ -292,6 +297,8 @@ def _calibration_model(model_args, device, dtype, backend: str, activation_check
     if dtype is not None:
         model = model.to(dtype)
     model.attention_backend = backend
+    if shard_model is not None:
+        shard_model(model)
     if activation_checkpoint:
         from loomtrain.parallel.parallelize import apply_ac
 
@@ -299,8 +306,8 @@ def _calibration_model(model_args, device, dtype, backend: str, activation_check
     return model
 
 
-def calibrate_pool(model_args, device, cache_dir: str, *, rank: int, world: int, degrees, capacity: int,
-                   groups, repeats: int = 2, dtype=None, backend: str = "auto", activation_checkpoint: bool = False,
+def calibrate_pool(model_args, device, cache_dir: str, *, pool, degrees, capacity: int, groups, repeats: int = 2,
+                   dtype=None, backend: str = "auto", activation_checkpoint: bool = False, shard_model=None,
                    **links) -> SequenceCost:
     """The fitted model of this pool on this machine: measured by every rank at once the first time, cached by
     model shape, pool, capacity, device and software in ``cache_dir``, read by rank 0 and broadcast after."""
@@ -313,11 +320,11 @@ def calibrate_pool(model_args, device, cache_dir: str, *, rank: int, world: int,
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     key = json.dumps({"args": vars(model_args), "device": [device.type, name], "torch": torch.__version__,
                       "machine": platform.machine(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-                      "world": world, "sizes": sizes, "capacity": capacity, "links": links, "repeats": repeats,
+                      "pool": [pool.size, pool.tp], "sizes": sizes, "capacity": capacity, "links": links, "repeats": repeats,
                       "dtype": str(dtype), "backend": backend, "ac": activation_checkpoint, "v": 3}, sort_keys=True,
                      default=str)
     path = os.path.join(os.path.expanduser(cache_dir), f"sp_cost-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json")
-    box = [None]
+    box, rank = [None], dist.get_rank()
     if rank == 0 and os.path.isfile(path):
         try:
             with open(path) as f:
@@ -326,8 +333,8 @@ def calibrate_pool(model_args, device, cache_dir: str, *, rank: int, world: int,
             print(f"sp calibration: cache {path} unreadable ({e}); measuring again", flush=True)
     dist.broadcast_object_list(box, src=0)
     if box[0] is None:
-        box[0] = json.loads(json.dumps(measure_pool(model_args, device, rank, world, sizes, capacity, groups,
-                                                    links, repeats, dtype, backend, activation_checkpoint)))
+        box[0] = json.loads(json.dumps(measure_pool(model_args, device, pool, sizes, capacity, groups, links,
+                                                    repeats, dtype, backend, activation_checkpoint, shard_model)))
         if rank == 0:
             from loomtrain.fsutil import atomic_write_text
 

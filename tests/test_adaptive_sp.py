@@ -159,19 +159,26 @@ def paragraphs(tmp_path_factory):
 
 @pytest.mark.parametrize("impl, max_doc, sizes, mesh", [("ring", 180, {1, 3}, []), ("tokenring", 128, {2}, []),
                                                          ("auto", 180, None, []),
-                                                         ("ring", 180, {1, 3}, ["parallel.dp_replicate=2"])],
-                         ids=["ring", "tokenring", "calibrated", "hsdp"])
+                                                         ("ring", 180, {1, 3}, ["parallel.dp_replicate=2"]),
+                                                         ("auto", 128, None, ["parallel.tp=2",
+                                                                              "parallel.sp_degrees=1,2"]),
+                                                         ("ring", 64, {1}, ["parallel.tp=2", "parallel.sp_degrees=1,2"])],
+                         ids=["ring", "tokenring", "calibrated", "hsdp", "tp2", "tp2-singles"])
 def test_adaptive_training_matches_one_process(impl, max_doc, sizes, mesh, paragraphs, tmp_path):
     """4 ranks, one pool, groups chosen per step from real documents of very different lengths (64 tokens
     per rank: pieces of 180 need groups of 3 beside groups of 1; pieces of 128 pairs of 2-groups; groups run
     different numbers of sequences): loss, grad norm and parameters equal one process (1e-5). "calibrated"
     plans with the cost model the pool measures at start-up (its plans depend on this machine's timings);
-    "hsdp" makes the pool of 2 FSDP replicas of 2 shards (gradients reduce-scattered, then all-reduced)."""
+    "hsdp" makes the pool of 2 FSDP replicas of 2 shards (gradients reduce-scattered, then all-reduced); "tp2"
+    makes it 2 members of 2 tensor-parallel ranks each (context parallelism among the ranks of one tensor-parallel
+    coordinate), calibrated; "tp2-singles" runs them as groups of one member with different sequence counts."""
     from conftest import TEST_OVERRIDES
     from test_parallel_parity import full_params
 
     adaptive = ADAPTIVE if sizes else [o for o in ADAPTIVE if not o.startswith("parallel.sp_alpha")] + [
         f"data.cache_dir={tmp_path / 'cache'}"]
+    adaptive = [o for o in adaptive if not (o.startswith("parallel.sp_degrees") and any(
+        m.startswith("parallel.sp_degrees") for m in mesh))]
     base = TEST_OVERRIDES + [f"data.prepared={paragraphs}", f"data.max_doc_tokens={max_doc}"] + adaptive
     one = base + ["data.seq_len=192", f"train.output_dir={tmp_path / 'one'}"]  # rows hold the longest piece
     [(ref_losses, ref_norms, ref_ckpt, _)] = run_ranks(_adaptive_run, 0, one, False)
@@ -187,13 +194,17 @@ def test_adaptive_training_matches_one_process(impl, max_doc, sizes, mesh, parag
     assert all(r[3][0] == plans for r in results)  # every rank planned the same
     # every set a plan can place (sp_degrees 1,2,3 on 4 ranks: 5) is created once, before the first step; the
     # calibration's tiles are among them; no step creates a group
-    from loomtrain.parallel.adaptive_sp import placeable_rank_sets
+    from loomtrain.parallel.adaptive_sp import PoolRanks, placeable_rank_sets
 
+    tp = 2 if "parallel.tp=2" in mesh else 1
+    pool = PoolRanks([list(range(t, 4, tp)) for t in range(tp)], 0)
+    placeable = set(pool.every(placeable_rank_sets(4 // tp, [1, 2] if tp > 1 else [1, 2, 3])))
     assert all(n == len(sets) for n, sets in created), created
     assert len({n for n, _ in created}) == 1, created
-    assert created[-1][1] == set(placeable_rank_sets(4, [1, 2, 3])) >= distinct, (created[-1], distinct)
+    assert created[-1][1] == placeable and {pool.ranks(r) for r in distinct} <= placeable, (created[-1], distinct)
     if sizes is None:
         assert len(list((tmp_path / "cache").glob("sp_cost-*.json"))) == 1
+        assert max(d for plan in plans for d, _ in plan) > 1, plans  # some groups ran context parallelism
     else:
         assert {d for plan in plans for d, _ in plan} == sizes, plans
         assert any(len({n for _, n in plan}) > 1 for plan in plans), plans  # uneven sequence counts per group
@@ -210,13 +221,15 @@ def _calibrate_deep(rank, cache):
     import torch.distributed as dist
 
     from loomtrain.parallel import sp_cost
+    from loomtrain.parallel.adaptive_sp import PoolRanks
     from loomtrain.parallel.hybrid_dp import SequenceGroups
     from loomtrain.trainer.model import ModelArgs
 
     args = ModelArgs(dim=32, n_layers=6, n_heads=2, n_kv_heads=1, vocab_size=64, ffn_hidden=64, max_seq_len=256)
     dist.init_process_group("gloo")
-    cost = sp_cost.calibrate_pool(args, torch.device("cpu"), cache, rank=rank, world=2, degrees=[1, 2], capacity=32,
-                                  groups=SequenceGroups(), ranks_per_node=2, repeats=1, activation_checkpoint=True)
+    cost = sp_cost.calibrate_pool(args, torch.device("cpu"), cache, pool=PoolRanks.of(2, rank), degrees=[1, 2],
+                                  capacity=32, groups=SequenceGroups(), ranks_per_node=2, repeats=1,
+                                  activation_checkpoint=True)
     return cost.fitted
 
 
@@ -247,6 +260,7 @@ def _calibrate(rank, cache, measure_allowed):
     import torch.distributed as dist
 
     from loomtrain.parallel import sp_cost
+    from loomtrain.parallel.adaptive_sp import PoolRanks
     from loomtrain.parallel.hybrid_dp import SequenceGroups
     from loomtrain.trainer.model import ModelArgs
 
@@ -257,7 +271,7 @@ def _calibrate(rank, cache, measure_allowed):
     args = ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=64, ffn_hidden=64, max_seq_len=256)
     dist.init_process_group("gloo")
     groups = SequenceGroups()
-    cost = sp_cost.calibrate_pool(args, torch.device("cpu"), cache, rank=rank, world=3, degrees=[2, 3],
+    cost = sp_cost.calibrate_pool(args, torch.device("cpu"), cache, pool=PoolRanks.of(3, rank), degrees=[2, 3],
                                   capacity=32, groups=groups, ranks_per_node=3, repeats=1)
     return cost, groups.created
 
@@ -332,8 +346,8 @@ def test_calibration_tiles_stay_bounded_on_large_pools():
 
 @pytest.mark.parametrize("override, message", [
     (["parallel.sp_mode=adaptive"], "parallel.sp_mode: adaptive plans whole documents; set data.batching=documents"),
-    (["parallel.sp_mode=adaptive", "data.batching=documents", "train.global_batch_tokens=512", "parallel.tp=2"],
-     "parallel.sp_mode: adaptive makes every rank one data x context pool"),
+    (["parallel.sp_mode=adaptive", "data.batching=documents", "train.global_batch_tokens=512", "parallel.cp=2"],
+     "parallel.sp_mode: adaptive makes every data-parallel rank (a tensor-parallel group) one data x context pool"),
     (["parallel.sp_mode=adaptive", "data.batching=documents", "train.global_batch_tokens=512",
       "parallel.dp_replicate=2", "parallel.dp_sync=diloco"],
      "parallel.dp_sync: diloco is not supported with parallel.sp_mode=adaptive"),
@@ -359,6 +373,8 @@ def test_plan_shows_a_sample_adaptive_step(capsys):
     assert main(["plan", "llama8b_512k_adaptive_cluster", "--world-size", "512"]) == 0
     out = capsys.readouterr().out
     assert "adaptive sp, sample step" in out and "group(s) of" in out and "predicted makespan" in out
+    assert main(["plan", "llama8b_512k_adaptive_cluster", "--world-size", "512", "--set", "parallel.tp=2"]) == 0
+    assert "32,768 tokens per tp group of 2" in capsys.readouterr().out  # the pool's members are tp groups
 
 
 def test_the_memory_estimate_keeps_the_whole_model_gathered_in_adaptive_mode():

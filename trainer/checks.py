@@ -94,13 +94,13 @@ def sp_degrees(par, world: int) -> list[int] | None:
 def _check_adaptive(exp: Experiment, dims: ParallelDims, max_doc: int) -> None:
     """Adaptive sequence parallelism: every rank is one data x context pool (FSDP, or HSDP, over all of it)."""
     par, d = exp.parallel, exp.data
-    others = [f"parallel.{k}={getattr(dims, k)}" for k in ("tp", "pp", "cp") if getattr(dims, k) > 1]
+    others = [f"parallel.{k}={getattr(dims, k)}" for k in ("pp", "cp") if getattr(dims, k) > 1]
     if others:
-        raise ConfigError(f"parallel.sp_mode: adaptive makes every rank one data x context pool (groups are chosen "
-                          f"per step); set {', '.join(others)} to 1")
+        raise ConfigError(f"parallel.sp_mode: adaptive makes every data-parallel rank (a tensor-parallel group) one "
+                          f"data x context pool (groups are chosen per step); set {', '.join(others)} to 1")
     if par.dp_engine != "fsdp":
         raise ConfigError("parallel.sp_mode: adaptive needs parallel.dp_engine=fsdp")
-    ds = sp_degrees(par, dims.world_size) or [dims.world_size]
+    ds = sp_degrees(par, dims.dp) or [dims.dp]
     if max_doc > d.seq_len * max(ds):
         raise ConfigError(f"data.max_doc_tokens: {max_doc} does not fit the largest group ({max(ds)} ranks x "
                           f"data.seq_len {d.seq_len} tokens per rank)")
