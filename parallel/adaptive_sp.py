@@ -334,7 +334,8 @@ class PoolRanks:
         self.by_tp = [list(g) for g in by_tp]
         if any(g != sorted(g) for g in self.by_tp):
             raise ConfigError("parallel.sp_mode: adaptive needs data-parallel ranks in ascending order along each "
-                              "tensor-parallel coordinate (parallel.mesh_order with tp innermost)")
+                              "tensor-parallel coordinate (parallel.mesh_order with dp_replicate before dp_shard, "
+                              "as the default)")
         self.t = next(t for t, g in enumerate(self.by_tp) if rank in g)
         self.member = self.by_tp[self.t].index(rank)
         self.size, self.tp = len(self.by_tp[0]), len(self.by_tp)

@@ -8,8 +8,8 @@ tokens and the attention the model uses for it).
   ``ContextParallelAttention`` was fixed when it was parallelized.
 - :class:`AdaptiveSP` (ByteScale's hybrid data parallelism with FlexSP's planner): all data-parallel
   ranks are one pool (with tensor parallelism each member is a tp group, and a group of members runs
-  context parallelism among the ranks of each tp coordinate: ``adaptive_sp.PoolRanks``). Every step :class:`AdaptiveBatches` plans groups with ``adaptive_sp.plan_groups`` from the
-  step's document lengths and the fitted cost model (identically on every rank, on the prefetch
+  context parallelism among the ranks of each tp coordinate: ``adaptive_sp.PoolRanks``). Every step
+  :class:`AdaptiveBatches` plans groups with ``adaptive_sp.plan_groups`` from the step's document lengths and the fitted cost model (identically on every rank, on the prefetch
   thread while the previous step trains), and hands each rank only the sequences its group runs,
   already cut to the rank's zigzag part. A group of one runs plain attention with no CP traffic.
   Ranks may run different numbers of sequences: FSDP keeps parameters gathered over the step and
@@ -97,8 +97,8 @@ class AdaptiveBatches(DocumentPosition):
     Each micro-batch is one row (batch 1): the group's sequences in order, packed up to what its ranks hold
     (``rows``; each its own document), padded to a length the group can split (padding unlabelled) and cut
     to this rank's zigzag part, with the group (``sp_group``: start, size), the strategy and the step's
-    whole plan (``sp_plan``) as small tensors. An idle rank gets one unlabelled two-token sequence, so it
-    still joins the step's gradient reduction.
+    whole plan (``sp_plan``) as small tensors. An idle rank gets one unlabelled two-token sequence (padded
+    to what tp splits), so it still joins the step's gradient reduction.
     """
 
     def __init__(self, data, seed: int, global_batch_tokens: int, max_doc_tokens: int, capacity: int, rank: int,
@@ -174,7 +174,7 @@ def longest_sequence(exp, world: int) -> int:
 
 
 def adaptive_cost(exp, model_args, device, pool, members_per_node: int, groups: SequenceGroups, degrees,
-                  shard_model=None):
+                  shard_model=None, loss_parallel: bool = False):
     """The planner's cost model: declared coefficients, or measured by the whole pool (cached; the same numbers
     on every rank). Group sizes count members; heads are one tensor-parallel rank's."""
     from loomtrain.parallel.sp_cost import SequenceCost, calibrate_pool
@@ -188,13 +188,12 @@ def adaptive_cost(exp, model_args, device, pool, members_per_node: int, groups: 
                             model_args.n_kv_heads // pool.tp, model_args.head_dim, model_args.n_layers, **links)
     from loomtrain.trainer.attention import resolve_backend
 
-    cost = calibrate_pool(model_args, device, exp.data.cache_dir, pool=pool,
+    return calibrate_pool(model_args, device, exp.data.cache_dir, pool=pool,
                           degrees=degrees or range(1, pool.size + 1), capacity=exp.data.seq_len, groups=groups,
                           dtype=getattr(torch, exp.model.dtype), backend=resolve_backend(exp.model.attention,
                                                                                          device.type),
-                          activation_checkpoint=par.activation_checkpoint == "full", shard_model=shard_model, **links)
-    cost.heads, cost.kv_heads = model_args.n_heads // pool.tp, model_args.n_kv_heads // pool.tp
-    return cost
+                          activation_checkpoint=par.activation_checkpoint == "full", shard_model=shard_model,
+                          loss_parallel=loss_parallel, **links)
 
 
 def sequence_parallel(exp, model_args, dims, mesh, train_data, dp_rank: int, device, ranks_per_node: int):
@@ -213,13 +212,13 @@ def sequence_parallel(exp, model_args, dims, mesh, train_data, dp_rank: int, dev
     every = placeable_rank_sets(pool.size, degrees, nodes)
     if len(every) <= PRECREATE_GROUPS:  # a node's worth: no step ever creates a group
         sp.groups.ensure(pool.every(every))
-    shard = None
+    shard, loss_parallel = None, exp.parallel.loss_parallel and dims.tp > 1
     if dims.tp > 1:  # the calibration's copies split over the tensor-parallel group as the model is
         from loomtrain.parallel.parallelize import apply_tp
 
         def shard(model):
-            apply_tp(model, mesh["tp"], loss_parallel=False)
-    cost = adaptive_cost(exp, model_args, device, pool, per_node, sp.groups, degrees, shard)
+            apply_tp(model, mesh["tp"], loss_parallel)
+    cost = adaptive_cost(exp, model_args, device, pool, per_node, sp.groups, degrees, shard, loss_parallel)
     t, d = exp.train, exp.data
     plan = AdaptiveBatches(train_data.data, t.seed, t.global_batch_tokens, d.max_doc_tokens or d.seq_len, d.seq_len,
                            pool.member, pool.size, cost, degrees, nodes, dims.tp)

@@ -101,11 +101,13 @@ class SequenceCost:
         return a * (b / a) ** w if a > 0 and b > 0 else a + (b - a) * w
 
     @classmethod
-    def from_calibration(cls, measured: dict, model_args, **links) -> "SequenceCost":
-        """The model for a ``calibrate_pool`` result (JSON: sizes come back as strings)."""
+    def from_calibration(cls, measured: dict, model_args, tp: int = 1, **links) -> "SequenceCost":
+        """The model for a ``calibrate_pool`` result (JSON: sizes come back as strings); heads are one
+        tensor-parallel rank's."""
         fitted = {int(d): tuple(v["coef"]) for d, v in measured["sizes"].items()}
         c0, c1, c2 = fitted[1]
-        return cls(c1, c2, model_args.n_heads, model_args.n_kv_heads, model_args.head_dim, model_args.n_layers,
+        return cls(c1, c2, model_args.n_heads // tp, model_args.n_kv_heads // tp, model_args.head_dim,
+                   model_args.n_layers,
                    alpha0=c0, fitted=fitted, links={int(d): tuple(v) for d, v in measured["links"].items()}, **links)
 
 
@@ -186,12 +188,16 @@ def _ring_seconds(pool, tile, nbytes: int, device, repeats: int) -> list[float]:
     return out[1:]  # the first one warms the connections up
 
 
-def _sequence_seconds(model, pool, tile, d: int, L: int, attention, device, repeats: int) -> list[float]:
-    """This rank's forward + backward time of one sequence of L tokens on its tile of d, per repeat."""
+def _sequence_seconds(model, pool, tile, d: int, L: int, attention, device, repeats: int,
+                      loss_parallel: bool = False) -> list[float]:
+    """This rank's forward + backward time of one sequence of L tokens on its tile of d, per repeat (the
+    training loss: fp32 cross entropy, vocabulary-parallel under ``loss_parallel``)."""
     import torch
     import torch.distributed as dist
 
     from loomtrain.parallel.context import shard_for
+    from loomtrain.trainer.loss import token_loss_sum
+    from loomtrain.trainer.step import loss_parallel_context
 
     busy = tile is not None
     start = tile[0] if busy else 0
@@ -207,7 +213,8 @@ def _sequence_seconds(model, pool, tile, d: int, L: int, attention, device, repe
         dist.barrier()
         t0 = time.perf_counter()
         if busy:
-            model(tokens, positions).float().logsumexp(-1).sum().backward()
+            with loss_parallel_context(loss_parallel):
+                token_loss_sum(model(tokens, positions), tokens).backward()
             if device.type == "cuda":
                 torch.cuda.synchronize()
         out.append(time.perf_counter() - t0)
@@ -232,13 +239,13 @@ def to_depth(seconds: dict, layers: int) -> list[float]:
 
 def measure_pool(model_args, device, pool, sizes, capacity: int, groups, links: dict, repeats: int = 2,
                  dtype=None, backend: str = "auto", activation_checkpoint: bool = False, shard_model=None,
-                 progress=print) -> dict:
+                 loss_parallel: bool = False, progress=print) -> dict:
     """Every rank at once: ring hops and sequence times per group size (max over ranks, best repeat), fitted.
 
     ``pool``: an ``adaptive_sp.PoolRanks`` (members, their ranks per tensor-parallel coordinate); ``groups``: a
     ``hybrid_dp.SequenceGroups`` (process groups made collectively, attention modules by rank set);
-    ``dtype``/``backend``/``activation_checkpoint``/``shard_model`` (tensor parallelism): as the training model
-    runs. Sizes and tiles count members. Deep models are
+    ``dtype``/``backend``/``activation_checkpoint``/``shard_model`` (tensor parallelism)/``loss_parallel``: as
+    the training model runs. Sizes and tiles count members. Deep models are
     measured at ``calibration_depths`` and extrapolated. Returns ``{"sizes": {d: {"seconds": {depth: [...]},
     "lengths", "coef"}}, "links": {d: (latency, bytes/s)}}``, the same on every rank.
     """
@@ -266,8 +273,8 @@ def measure_pool(model_args, device, pool, sizes, capacity: int, groups, links: 
                 # strategies as training will choose them (the one-rank fit, per layer, and this size's measured
                 # link), chosen at the first depth and kept: every depth times the same ones
                 c0, c1, c2 = fit(out["sizes"][1]["lengths"], out["sizes"][1]["seconds"][depth])
-                cost = SequenceCost(c1, c2, shallow.n_heads, shallow.n_kv_heads, shallow.head_dim, depth, alpha0=c0,
-                                    links=out["links"], **links)
+                cost = SequenceCost(c1, c2, shallow.n_heads // pool.tp, shallow.n_kv_heads // pool.tp,
+                                    shallow.head_dim, depth, alpha0=c0, links=out["links"], **links)
                 entry["impls"] = [cost.strategy(L, d) for L in entry["lengths"]]
             if d > 1:  # every rank makes the same group calls, idle ones too
                 groups.ensure(pool.every(tiles(d, pool.size, rpn)))
@@ -276,7 +283,7 @@ def measure_pool(model_args, device, pool, sizes, capacity: int, groups, links: 
             for k, L in enumerate(entry["lengths"]):
                 attention = groups.module(pool.ranks(tile), entry["impls"][k]) if d > 1 and tile else None
                 seconds.append(min(_max_over_ranks(_sequence_seconds(model, pool, tile, d, L, attention, device,
-                                                                     repeats), device)))
+                                                                     repeats, loss_parallel), device)))
             entry["seconds"][depth] = seconds
             if progress is not None and pool.member == 0 and pool.t == 0:
                 progress(f"sp calibration ({depth} of {model_args.n_layers} layers): groups of {d}: " + ", ".join(
@@ -308,7 +315,7 @@ def _calibration_model(model_args, device, dtype, backend: str, activation_check
 
 def calibrate_pool(model_args, device, cache_dir: str, *, pool, degrees, capacity: int, groups, repeats: int = 2,
                    dtype=None, backend: str = "auto", activation_checkpoint: bool = False, shard_model=None,
-                   **links) -> SequenceCost:
+                   loss_parallel: bool = False, **links) -> SequenceCost:
     """The fitted model of this pool on this machine: measured by every rank at once the first time, cached by
     model shape, pool, capacity, device and software in ``cache_dir``, read by rank 0 and broadcast after."""
     import platform
@@ -320,9 +327,9 @@ def calibrate_pool(model_args, device, cache_dir: str, *, pool, degrees, capacit
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     key = json.dumps({"args": vars(model_args), "device": [device.type, name], "torch": torch.__version__,
                       "machine": platform.machine(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-                      "pool": [pool.size, pool.tp], "sizes": sizes, "capacity": capacity, "links": links, "repeats": repeats,
-                      "dtype": str(dtype), "backend": backend, "ac": activation_checkpoint, "v": 3}, sort_keys=True,
-                     default=str)
+                      "pool": [pool.size, pool.tp], "sizes": sizes, "capacity": capacity, "links": links,
+                      "repeats": repeats, "dtype": str(dtype), "backend": backend, "ac": activation_checkpoint,
+                      "loss_parallel": loss_parallel, "v": 4}, sort_keys=True, default=str)
     path = os.path.join(os.path.expanduser(cache_dir), f"sp_cost-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json")
     box, rank = [None], dist.get_rank()
     if rank == 0 and os.path.isfile(path):
@@ -334,9 +341,10 @@ def calibrate_pool(model_args, device, cache_dir: str, *, pool, degrees, capacit
     dist.broadcast_object_list(box, src=0)
     if box[0] is None:
         box[0] = json.loads(json.dumps(measure_pool(model_args, device, pool, sizes, capacity, groups, links,
-                                                    repeats, dtype, backend, activation_checkpoint, shard_model)))
+                                                    repeats, dtype, backend, activation_checkpoint, shard_model,
+                                                    loss_parallel)))
         if rank == 0:
             from loomtrain.fsutil import atomic_write_text
 
             atomic_write_text(path, json.dumps(box[0], indent=2))
-    return SequenceCost.from_calibration(box[0], model_args, **links)
+    return SequenceCost.from_calibration(box[0], model_args, pool.tp, **links)

@@ -301,6 +301,22 @@ def test_the_cost_model_is_measured_by_the_whole_pool_per_group_size_and_cached(
     assert all(c.fitted == cost.fitted and c.links == cost.links for c, _ in again)
 
 
+def test_a_tensor_parallel_pool_plans_with_one_tp_ranks_heads():
+    """Under tp each rank holds n_heads/tp heads: strategies are chosen (and timed in the calibration) for
+    those, so ulysses is never picked for a group whose local kv heads it cannot split."""
+    from loomtrain.parallel.sp_cost import SequenceCost
+    from loomtrain.trainer.model import ModelArgs
+
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, ffn_hidden=64, max_seq_len=4096)
+    measured = {"sizes": {"1": {"coef": [0.0, 1e-9, 1e-6]}, "2": {"coef": [0.0, 5e-10, 5e-7]}},
+                "links": {"2": [1e-6, 1e12]}}
+    whole, split = (SequenceCost.from_calibration(measured, args, tp, ranks_per_node=8, impls=("ulysses",))
+                    for tp in (1, 2))
+    assert (whole.heads, whole.kv_heads, split.heads, split.kv_heads) == (4, 2, 2, 1)
+    assert all(whole.strategy(L, 2) == "ulysses" for L in (64, 512, 4096))  # 2 kv heads split over 2 ranks
+    assert all(split.strategy(L, 2) != "ulysses" for L in (64, 512, 4096))  # 1 local kv head does not
+
+
 def test_group_sizes_between_calibrated_ones_are_interpolated():
     from loomtrain.parallel.sp_cost import SequenceCost, calibration_lengths, calibration_sizes
 
@@ -348,6 +364,8 @@ def test_calibration_tiles_stay_bounded_on_large_pools():
     (["parallel.sp_mode=adaptive"], "parallel.sp_mode: adaptive plans whole documents; set data.batching=documents"),
     (["parallel.sp_mode=adaptive", "data.batching=documents", "train.global_batch_tokens=512", "parallel.cp=2"],
      "parallel.sp_mode: adaptive makes every data-parallel rank (a tensor-parallel group) one data x context pool"),
+    (["parallel.sp_mode=adaptive", "data.batching=documents", "train.global_batch_tokens=512", "parallel.tp=2",
+      "parallel.mesh_order=tp,pp,dp_replicate,dp_shard,cp"], "adaptive sp with tp > 1 needs tp innermost"),
     (["parallel.sp_mode=adaptive", "data.batching=documents", "train.global_batch_tokens=512",
       "parallel.dp_replicate=2", "parallel.dp_sync=diloco"],
      "parallel.dp_sync: diloco is not supported with parallel.sp_mode=adaptive"),

@@ -92,18 +92,23 @@ def sp_degrees(par, world: int) -> list[int] | None:
 
 
 def _check_adaptive(exp: Experiment, dims: ParallelDims, max_doc: int) -> None:
-    """Adaptive sequence parallelism: every rank is one data x context pool (FSDP, or HSDP, over all of it)."""
+    """Adaptive sequence parallelism: every data-parallel rank (a member: a tp group when tp > 1) is one data x
+    context pool (FSDP, or HSDP, over all of it)."""
     par, d = exp.parallel, exp.data
     others = [f"parallel.{k}={getattr(dims, k)}" for k in ("pp", "cp") if getattr(dims, k) > 1]
     if others:
         raise ConfigError(f"parallel.sp_mode: adaptive makes every data-parallel rank (a tensor-parallel group) one "
                           f"data x context pool (groups are chosen per step); set {', '.join(others)} to 1")
+    if dims.tp > 1 and dims.order[-1] != "tp":
+        raise ConfigError(f"parallel.mesh_order: adaptive sp with tp > 1 needs tp innermost (a node holds whole tp "
+                          f"groups), got {','.join(dims.order)}")
     if par.dp_engine != "fsdp":
         raise ConfigError("parallel.sp_mode: adaptive needs parallel.dp_engine=fsdp")
     ds = sp_degrees(par, dims.dp) or [dims.dp]
     if max_doc > d.seq_len * max(ds):
         raise ConfigError(f"data.max_doc_tokens: {max_doc} does not fit the largest group ({max(ds)} ranks x "
-                          f"data.seq_len {d.seq_len} tokens per rank)")
+                          f"data.seq_len {d.seq_len} tokens per rank" + (f"; a rank here is a tp group of {dims.tp}"
+                                                                          if dims.tp > 1 else "") + ")")
 
 
 def tokens_per_step(exp: Experiment) -> int:
