@@ -124,11 +124,10 @@ class AdaptiveBatches(DocumentPosition):
     def rows(self, seqs, pieces, d: int) -> list[list[tuple[int, int]]]:
         """A group's sequences packed in order into rows its d ranks hold (d x capacity tokens at most, a
         longer single piece alone): one forward per row instead of per sequence, documents kept apart."""
-        m, limit = zigzag_multiple(d, self.tp), d * self.capacity
         rows, total = [], 0
         for i in seqs:
             n = pieces[i][1]
-            if rows and -(-(total + n) // m) * m <= limit:
+            if rows and self._padded(total + n, d) <= d * self.capacity:
                 rows[-1].append(pieces[i])
                 total += n
             else:
@@ -136,11 +135,15 @@ class AdaptiveBatches(DocumentPosition):
                 total = n
         return rows
 
+    def _padded(self, n: int, d: int) -> int:
+        """``n`` tokens rounded up to a length d ranks (each then split over tp) can share."""
+        m = zigzag_multiple(d, self.tp)
+        return -(-n // m) * m
+
     def _row(self, row, ranks: tuple, plan_ranges) -> dict[str, torch.Tensor]:
         d = len(ranks)
-        m = zigzag_multiple(d, self.tp)
         n = sum(k for _, k in row)
-        arrays = document_row(self.data.tokens, row, -(-n // m) * m)
+        arrays = document_row(self.data.tokens, row, self._padded(n, d))
         if len(row) == 1:  # one document: causal attention over it; the padding after it has no labels
             del arrays["doc_ids"]
         out = {k: torch.from_numpy(v).unsqueeze(0) for k, v in arrays.items()}

@@ -107,8 +107,8 @@ class SequenceCost:
         fitted = {int(d): tuple(v["coef"]) for d, v in measured["sizes"].items()}
         c0, c1, c2 = fitted[1]
         return cls(c1, c2, model_args.n_heads // tp, model_args.n_kv_heads // tp, model_args.head_dim,
-                   model_args.n_layers,
-                   alpha0=c0, fitted=fitted, links={int(d): tuple(v) for d, v in measured["links"].items()}, **links)
+                   model_args.n_layers, alpha0=c0, fitted=fitted,
+                   links={int(d): tuple(v) for d, v in measured["links"].items()}, **links)
 
 
 def fit(lengths, seconds) -> tuple[float, float, float]:
@@ -143,13 +143,24 @@ def calibration_lengths(d: int, capacity: int, longest: int, points: int = 4, tp
     return sorted({max(m, (top >> k) // m * m) for k in range(points)})
 
 
-def _max_over_ranks(seconds: list[float], device) -> list[float]:
+def _best_seconds(run, busy: bool, device, repeats: int) -> float:
+    """``run()`` timed on the ranks where ``busy`` (the others only wait), every rank at once: the best over
+    ``repeats`` of the slowest rank's time, after one warm-up (connections, kernels)."""
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor(seconds, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.cpu().tolist()
+    out = []
+    for _ in range(repeats + 1):
+        dist.barrier()
+        t0 = time.perf_counter()
+        if busy:
+            run()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        out.append(time.perf_counter() - t0)
+    slowest = torch.tensor(out[1:], dtype=torch.float64, device=device)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    return float(slowest.min())
 
 
 def tiles(d: int, world: int, ranks_per_node: int) -> list[tuple[int, ...]]:
@@ -165,62 +176,50 @@ def _my_tile(pool, d: int, ranks_per_node: int):
     return next((t for t in tiles(d, pool.size, ranks_per_node) if pool.member in t), None)
 
 
-def _ring_seconds(pool, tile, nbytes: int, device, repeats: int) -> list[float]:
-    """This rank's time for one ring hop (send to the next rank of its tile, receive from the previous), per
-    repeat, every tile at once (ranks outside them only wait)."""
+def _ring_seconds(pool, tile, nbytes: int, device, repeats: int) -> float:
+    """One ring hop (send to the next rank of its tile, receive from the previous), every tile at once."""
     import torch
     import torch.distributed as dist
 
     send = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     recv = torch.empty_like(send)
-    out = []
-    for _ in range(repeats + 1):
-        dist.barrier()
-        t0 = time.perf_counter()
-        if tile is not None:
-            ranks, i = pool.ranks(tile), tile.index(pool.member)
-            nxt, prv = ranks[(i + 1) % len(ranks)], ranks[(i - 1) % len(ranks)]
-            for w in dist.batch_isend_irecv([dist.P2POp(dist.isend, send, nxt), dist.P2POp(dist.irecv, recv, prv)]):
-                w.wait()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-        out.append(time.perf_counter() - t0)
-    return out[1:]  # the first one warms the connections up
+
+    def hop():
+        ranks, i = pool.ranks(tile), tile.index(pool.member)
+        nxt, prv = ranks[(i + 1) % len(ranks)], ranks[(i - 1) % len(ranks)]
+        for w in dist.batch_isend_irecv([dist.P2POp(dist.isend, send, nxt), dist.P2POp(dist.irecv, recv, prv)]):
+            w.wait()
+
+    return _best_seconds(hop, tile is not None, device, repeats)
 
 
 def _sequence_seconds(model, pool, tile, d: int, L: int, attention, device, repeats: int,
-                      loss_parallel: bool = False) -> list[float]:
-    """This rank's forward + backward time of one sequence of L tokens on its tile of d, per repeat (the
-    training loss: fp32 cross entropy, vocabulary-parallel under ``loss_parallel``)."""
+                      loss_parallel: bool = False) -> float:
+    """Forward + backward of one sequence of L tokens on every tile of d at once (the training loss: fp32
+    cross entropy, vocabulary-parallel under ``loss_parallel``)."""
     import torch
-    import torch.distributed as dist
 
     from loomtrain.parallel.context import shard_for
     from loomtrain.trainer.loss import token_loss_sum
     from loomtrain.trainer.step import loss_parallel_context
 
-    busy = tile is not None
-    start = tile[0] if busy else 0
-    rank = pool.member
     tokens = torch.randint(0, model.args.vocab_size, (1, L), generator=torch.Generator().manual_seed(L))
     positions = torch.arange(L).unsqueeze(0)
-    if d > 1:
-        tokens, positions = shard_for(tokens, rank - start, d), shard_for(positions, rank - start, d)
+    if d > 1 and tile is not None:
+        part = pool.member - tile[0]
+        tokens, positions = shard_for(tokens, part, d), shard_for(positions, part, d)
     tokens, positions = tokens.to(device), positions.to(device)
-    model.context_parallel = attention if busy and d > 1 else None
-    out = []
-    for _ in range(repeats + 1):
-        dist.barrier()
-        t0 = time.perf_counter()
-        if busy:
-            with loss_parallel_context(loss_parallel):
-                token_loss_sum(model(tokens, positions), tokens).backward()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-        out.append(time.perf_counter() - t0)
-    model.zero_grad(set_to_none=True)
-    model.context_parallel = None
-    return out[1:]
+    model.context_parallel = attention
+
+    def step():
+        with loss_parallel_context(loss_parallel):
+            token_loss_sum(model(tokens, positions), tokens).backward()
+
+    try:
+        return _best_seconds(step, tile is not None, device, repeats)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.context_parallel = None
 
 
 def calibration_depths(layers: int) -> tuple[int, ...]:
@@ -259,8 +258,7 @@ def measure_pool(model_args, device, pool, sizes, capacity: int, groups, links: 
     for d in sizes:
         if d > 1:
             tile = _my_tile(pool, d, rpn)
-            t_small, t_big = (min(_max_over_ranks(_ring_seconds(pool, tile, n, device, max(repeats, 3)), device))
-                              for n in (small, big))
+            t_small, t_big = (_ring_seconds(pool, tile, n, device, max(repeats, 3)) for n in (small, big))
             if t_big > t_small:  # else: not resolved, the declared link stands in for this size
                 bw = (big - small) / (t_big - t_small)
                 out["links"][d] = (max(t_small - small / bw, 1e-7), bw)
@@ -282,8 +280,7 @@ def measure_pool(model_args, device, pool, sizes, capacity: int, groups, links: 
             seconds = []
             for k, L in enumerate(entry["lengths"]):
                 attention = groups.module(pool.ranks(tile), entry["impls"][k]) if d > 1 and tile else None
-                seconds.append(min(_max_over_ranks(_sequence_seconds(model, pool, tile, d, L, attention, device,
-                                                                     repeats, loss_parallel), device)))
+                seconds.append(_sequence_seconds(model, pool, tile, d, L, attention, device, repeats, loss_parallel))
             entry["seconds"][depth] = seconds
             if progress is not None and pool.member == 0 and pool.t == 0:
                 progress(f"sp calibration ({depth} of {model_args.n_layers} layers): groups of {d}: " + ", ".join(

@@ -216,23 +216,6 @@ def test_adaptive_training_matches_one_process(impl, max_doc, sizes, mesh, parag
         assert diff <= 1e-5 * max(1.0, ref.abs().max().item()), (name, diff)
 
 
-def _calibrate_deep(rank, cache):
-    import torch
-    import torch.distributed as dist
-
-    from loomtrain.parallel import sp_cost
-    from loomtrain.parallel.adaptive_sp import PoolRanks
-    from loomtrain.parallel.hybrid_dp import SequenceGroups
-    from loomtrain.trainer.model import ModelArgs
-
-    args = ModelArgs(dim=32, n_layers=6, n_heads=2, n_kv_heads=1, vocab_size=64, ffn_hidden=64, max_seq_len=256)
-    dist.init_process_group("gloo")
-    cost = sp_cost.calibrate_pool(args, torch.device("cpu"), cache, pool=PoolRanks.of(2, rank), degrees=[1, 2],
-                                  capacity=32, groups=SequenceGroups(), ranks_per_node=2, repeats=1,
-                                  activation_checkpoint=True)
-    return cost.fitted
-
-
 def test_a_deep_model_is_calibrated_on_one_and_two_layers_and_extrapolated(tmp_path):
     """No full-depth copy of the model is built (a large one would not fit a device): 1- and 2-layer copies
     are measured (with activation checkpointing as training runs) and the per-layer difference scales."""
@@ -243,7 +226,7 @@ def test_a_deep_model_is_calibrated_on_one_and_two_layers_and_extrapolated(tmp_p
     assert calibration_depths(2) == (2,) and calibration_depths(32) == (1, 2)
     assert to_depth({1: [1.0, 2.0, 3.0], 2: [2.0, 3.0, 5.0]}, 4) == [4.0, 5.0, 9.0]
     assert to_depth({1: [1.0, 2.0, 3.0], 2: [0.5, 3.0, 3.0]}, 4) == [1.0, 5.0, 3.0]  # a layer never costs < 0
-    fitted = run_ranks(_calibrate_deep, 2, str(tmp_path))
+    fitted = [cost.fitted for cost, _ in run_ranks(_calibrate, 2, str(tmp_path), True, 2, (1, 2), 6, True)]
     assert fitted[0] == fitted[1]
     [cache] = tmp_path.glob("sp_cost-*.json")
     measured = json.loads(cache.read_text())
@@ -255,7 +238,8 @@ def test_a_deep_model_is_calibrated_on_one_and_two_layers_and_extrapolated(tmp_p
     assert len(measured["sizes"]["2"]["impls"]) == len(measured["sizes"]["2"]["lengths"])  # one per length
 
 
-def _calibrate(rank, cache, measure_allowed):
+def _calibrate(rank, cache, measure_allowed, world=3, degrees=(2, 3), layers=1, ac=False):
+    """calibrate_pool on ``world`` forked ranks of a tiny model: (the fitted model, process groups created)."""
     import torch
     import torch.distributed as dist
 
@@ -268,11 +252,13 @@ def _calibrate(rank, cache, measure_allowed):
         def refuse(*a, **k):
             raise AssertionError("measured again instead of reading the cache")
         sp_cost.measure_pool = refuse
-    args = ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=64, ffn_hidden=64, max_seq_len=256)
+    args = ModelArgs(dim=32, n_layers=layers, n_heads=2, n_kv_heads=1, vocab_size=64, ffn_hidden=64,
+                     max_seq_len=256)
     dist.init_process_group("gloo")
     groups = SequenceGroups()
-    cost = sp_cost.calibrate_pool(args, torch.device("cpu"), cache, pool=PoolRanks.of(3, rank), degrees=[2, 3],
-                                  capacity=32, groups=groups, ranks_per_node=3, repeats=1)
+    cost = sp_cost.calibrate_pool(args, torch.device("cpu"), cache, pool=PoolRanks.of(world, rank),
+                                  degrees=list(degrees), capacity=32, groups=groups, ranks_per_node=world, repeats=1,
+                                  activation_checkpoint=ac)
     return cost, groups.created
 
 
