@@ -3,6 +3,8 @@
 Each top-level folder maps to a subpackage (``parallel/`` -> ``loomtrain.parallel``)
 so nothing generic such as ``data`` or ``launch`` lands in site-packages.
 """
+import os
+
 from setuptools import setup
 
 SUBPACKAGES = ["trainer", "parallel", "comms", "faulttol", "data", "launch", "configs"]
@@ -12,7 +14,8 @@ setup(
     version="0.1.0",
     description="Distributed training for large-scale and long-context LLM pretraining",
     python_requires=">=3.10",
-    packages=["loomtrain"] + [f"loomtrain.{p}" for p in SUBPACKAGES],
+    packages=["loomtrain"] + [f"loomtrain.{d.replace(os.sep, '.')}" for p in SUBPACKAGES for d, _, files in os.walk(p)
+                              if "__init__.py" in files],  # each folder's subfolders too (parallel/cp, ...)
     package_dir={"loomtrain": "loomtrain", **{f"loomtrain.{p}": p for p in SUBPACKAGES}},
     package_data={"loomtrain.configs": ["*.yaml"]},
     include_package_data=True,

@@ -21,7 +21,7 @@ import math
 
 from loomtrain.parallel.mesh import ParallelDims
 from loomtrain.trainer.checks import REFERENCE_TFLOPS, check_experiment, cp_attention, micro_layout, tokens_per_step
-from loomtrain.trainer.model import ModelArgs
+from loomtrain.trainer.models.llama.model import ModelArgs
 
 GiB = 1024 ** 3
 
@@ -87,9 +87,9 @@ def traffic_per_step(exp, args: ModelArgs, dims: ParallelDims) -> dict[str, floa
     counts them): ``tp`` (sequence parallel: 2 all-gathers + 2 reduce-scatters of the layer's activations
     forward, the same backward), ``dp_shard_cp`` (FSDP: parameter all-gathers forward and backward in
     the working dtype, fp32 gradient reduce-scatter), ``dp_replicate`` (HSDP's fp32 all-reduce of the
-    gradient shard), ``cp`` (``parallel/cp_cost.py``) and ``pp`` (each microbatch's activations forward
+    gradient shard), ``cp`` (``parallel/cp/cost.py``) and ``pp`` (each microbatch's activations forward
     and their gradients backward across a stage boundary)."""
-    from loomtrain.parallel.cp_cost import Shape, bytes_per_rank
+    from loomtrain.parallel.cp.cost import Shape, bytes_per_rank
 
     e = 2 if exp.model.dtype == "bfloat16" else 4
     micro, n_micro = micro_layout(exp, dims)  # under pp: the schedule's microbatches
@@ -114,7 +114,7 @@ def traffic_per_step(exp, args: ModelArgs, dims: ParallelDims) -> dict[str, floa
 def _outer_sync_bytes(exp, shard_params: float, replicas: int) -> float:
     """Bytes per step a rank sends to its dp_replicate peers: HSDP's fp32 gradient all-reduce every step, or
     the outer sync of DiLoCo / CO2 amortised over its interval (DiLoCo quantized: payload all-gathered)."""
-    from loomtrain.parallel.quantize import wire_bytes
+    from loomtrain.parallel.dp_sync.quantize import wire_bytes
 
     ring = 2 * (replicas - 1) / replicas
     method = exp.parallel.dp_sync
@@ -244,9 +244,9 @@ def adaptive_sample(exp, args: ModelArgs, world: int, gpus_per_node: int, peak: 
     ``world`` counts the pool's members (tensor-parallel groups of ``tp`` devices, ``peak`` their sum)."""
     import random
 
-    from loomtrain.parallel.adaptive_sp import plan_groups, static_makespan
-    from loomtrain.parallel.cp_cost import Shape, attention_flops
-    from loomtrain.parallel.sp_cost import SequenceCost
+    from loomtrain.parallel.sp.planner import plan_groups, static_makespan
+    from loomtrain.parallel.cp.cost import Shape, attention_flops
+    from loomtrain.parallel.sp.cost import SequenceCost
     from loomtrain.trainer.checks import sp_degrees
 
     par, d = exp.parallel, exp.data

@@ -34,7 +34,7 @@ def apply_cp(model: nn.Module, dims, cp_mesh, impl: str) -> None:
     """
     import torch.distributed as dist
 
-    from loomtrain.parallel.context import ContextParallelAttention
+    from loomtrain.parallel.cp.attention import ContextParallelAttention
 
     group, reverse = cp_mesh.get_group(), None
     if impl == "tokenring":

@@ -42,7 +42,7 @@ CAPACITY = 32 * 1024
 
 
 def declared_cost(impls=("tokenring", "ring", "ulysses")):
-    from loomtrain.parallel.sp_cost import SequenceCost
+    from loomtrain.parallel.sp.cost import SequenceCost
 
     return SequenceCost(alpha1=2.3e-9, alpha2=1.2e-4, heads=32, kv_heads=8, head_dim=128, layers=32, elem_bytes=2,
                         intra_bw=200e9, inter_bw=25e9, latency_s=10e-6, ranks_per_node=8, impls=impls)
@@ -94,7 +94,7 @@ def stdlib_batches(budget, steps, seed=0):
 
 
 def quality(args):
-    from loomtrain.parallel.adaptive_sp import exact_makespan, plan_groups
+    from loomtrain.parallel.sp.planner import exact_makespan, plan_groups
 
     T = declared_cost()
     rng = random.Random(0)
@@ -116,7 +116,7 @@ def quality(args):
 
 
 def longtail(args):
-    from loomtrain.parallel.adaptive_sp import plan_groups, static_makespan
+    from loomtrain.parallel.sp.planner import plan_groups, static_makespan
 
     T = declared_cost()
     T_uly = declared_cost(impls=("ulysses",))
@@ -146,7 +146,7 @@ def longtail(args):
 
 
 def speed(args):
-    from loomtrain.parallel.adaptive_sp import plan_groups
+    from loomtrain.parallel.sp.planner import plan_groups
 
     print("\n### solve time (one core)\n")
     print("| sequences | ranks | p50 ms | p99 ms | max ms | instances |")
@@ -169,7 +169,7 @@ def stall(args):
     on 8 ranks): HiGHS releases the GIL, so the other thread waits at most a switch interval."""
     import threading
 
-    from loomtrain.parallel.adaptive_sp import plan_groups
+    from loomtrain.parallel.sp.planner import plan_groups
 
     rng = random.Random(3)
     instances = [[min(int(512 * (1 - rng.random()) ** (-1 / 1.1)), 256 * 1024) for _ in range(8)]
@@ -203,7 +203,7 @@ def stall(args):
 
 
 def _train_rank(rank, overrides):
-    from loomtrain.parallel import hybrid_dp
+    from loomtrain.parallel.sp import modes as hybrid_dp
     from loomtrain.trainer.config import load_config
     from loomtrain.trainer.train import run
 

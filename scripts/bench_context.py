@@ -6,7 +6,7 @@ strategy, against single-device attention on the full sequence measured in the s
 With ``--bandwidth-gbps`` the transfers also pass through the in-process link simulator
 (latency + bytes/bandwidth per transfer batch, overlapping compute as a real link
 would), so slow links can be compared on this machine. The cost model
-(``parallel/cp_cost.py``) predicts the same table; the last column says whether it picked
+(``parallel/cp/cost.py``) predicts the same table; the last column says whether it picked
 the measured winner.
 
     python scripts/bench_context.py --worlds 2 4 --seqs 2048 4096 --bandwidth-gbps 0 1 0.1
@@ -30,7 +30,7 @@ def _bench_rank(rank, world, seq, heads, kv_heads, dim, repeats, gbps, latency_u
 
     from loomtrain.comms.link_sim import SimulatedLink
     from loomtrain.comms.p2p import P2P
-    from loomtrain.parallel import context as cp
+    from loomtrain.parallel.cp import attention as cp
 
     dist.init_process_group("gloo")
     try:
@@ -64,7 +64,7 @@ def _bench_rank(rank, world, seq, heads, kv_heads, dim, repeats, gbps, latency_u
 
 
 def _single_device(rank, seq, heads, kv_heads, dim, repeats):
-    from loomtrain.parallel.context import _LocalAttention
+    from loomtrain.parallel.cp.attention import _LocalAttention
 
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, seq, heads, dim, generator=g).requires_grad_()
@@ -82,7 +82,7 @@ def _single_device(rank, seq, heads, kv_heads, dim, repeats):
 
 def measure_flops(repeats: int) -> float:
     """Attention FLOP/s of one thread on this machine (for the cost model)."""
-    from loomtrain.parallel.cp_cost import Shape, attention_flops
+    from loomtrain.parallel.cp.cost import Shape, attention_flops
 
     seq = 2048
     t = run_ranks(_single_device, 0, seq, 8, 4, 64, repeats)[0]
@@ -102,7 +102,7 @@ def main():
     p.add_argument("--latency-us", type=float, default=50.0)
     a = p.parse_args()
 
-    from loomtrain.parallel.cp_cost import Shape, choose, predict_seconds
+    from loomtrain.parallel.cp.cost import Shape, choose, predict_seconds
 
     torch.set_num_threads(1)
     flops = measure_flops(a.repeats)

@@ -1,7 +1,7 @@
 """Attention over packed documents on CPU: unmasked rectangles vs a dense document mask.
 
 Context-parallel blocks with sorted document ids are cut into one unmasked rectangle per
-shared document (``parallel/context.py::_Docs``); unsorted ids fall back to a dense additive
+shared document (``parallel/cp/attention.py::_Docs``); unsorted ids fall back to a dense additive
 mask. This measures forward+backward of causal attention over one packed sequence with
 documents of a given mean length, three ways, in the same run:
 
@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from loomtrain.parallel import context as cp
+from loomtrain.parallel.cp import attention as cp
 from loomtrain.trainer import attention
 
 

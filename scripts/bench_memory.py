@@ -58,7 +58,7 @@ def main() -> None:
     from loomtrain.launch.plan import memory_estimate
     from loomtrain.parallel.mesh import ParallelDims
     from loomtrain.trainer.config import DataConfig, load_config
-    from loomtrain.trainer.model import ModelArgs
+    from loomtrain.trainer.models.llama.model import ModelArgs
 
     tmp = tempfile.mkdtemp(prefix="bench_memory_")
     prepared = prepare(DataConfig(corpus="stdlib", max_documents=300), out_prefix=os.path.join(tmp, "c"),

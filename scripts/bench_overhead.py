@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 def plain_loop(exp, prepared, steps: int, warmup: int) -> float:
     from loomtrain.data.loader import PackedDataset, TrainBatches
-    from loomtrain.trainer.model import ModelArgs, Transformer
+    from loomtrain.trainer.models.llama.model import ModelArgs, Transformer
     from loomtrain.trainer.optim import build_optimizer, build_scheduler
 
     data = PackedDataset(prepared.train_prefix, exp.data.seq_len)

@@ -130,7 +130,7 @@ def predicted_pp_bytes(steps: int) -> float:
     from loomtrain.launch.plan import traffic_per_step
     from loomtrain.parallel.mesh import ParallelDims
     from loomtrain.trainer.config import load_config
-    from loomtrain.trainer.model import ModelArgs
+    from loomtrain.trainer.models.llama.model import ModelArgs
 
     exp = load_config("tiny", MODEL)
     args = ModelArgs.from_config(exp.model, 320, exp.data.seq_len)

@@ -7,7 +7,7 @@ from conftest import run_ranks
 import pytest
 
 from loomtrain.errors import ConfigError
-from loomtrain.parallel.adaptive_sp import exact_makespan, plan_groups, static_makespan
+from loomtrain.parallel.sp.planner import exact_makespan, plan_groups, static_makespan
 
 
 def cost(L, d):
@@ -102,7 +102,7 @@ def test_a_sequence_too_long_for_the_pool_is_one_line():
 
 # ----------------------------------------------------------------------------- training
 def _adaptive_run(rank, overrides, record):
-    from loomtrain.parallel import hybrid_dp
+    from loomtrain.parallel.sp import modes as hybrid_dp
     from loomtrain.trainer.config import load_config
     from loomtrain.trainer.train import run
 
@@ -194,7 +194,7 @@ def test_adaptive_training_matches_one_process(impl, max_doc, sizes, mesh, parag
     assert all(r[3][0] == plans for r in results)  # every rank planned the same
     # every set a plan can place (sp_degrees 1,2,3 on 4 ranks: 5) is created once, before the first step; the
     # calibration's tiles are among them; no step creates a group
-    from loomtrain.parallel.adaptive_sp import PoolRanks, placeable_rank_sets
+    from loomtrain.parallel.sp.planner import PoolRanks, placeable_rank_sets
 
     tp = 2 if "parallel.tp=2" in mesh else 1
     pool = PoolRanks([list(range(t, 4, tp)) for t in range(tp)], 0)
@@ -221,7 +221,7 @@ def test_a_deep_model_is_calibrated_on_one_and_two_layers_and_extrapolated(tmp_p
     are measured (with activation checkpointing as training runs) and the per-layer difference scales."""
     import json
 
-    from loomtrain.parallel.sp_cost import calibration_depths, fit, to_depth
+    from loomtrain.parallel.sp.cost import calibration_depths, fit, to_depth
 
     assert calibration_depths(2) == (2,) and calibration_depths(32) == (1, 2)
     assert to_depth({1: [1.0, 2.0, 3.0], 2: [2.0, 3.0, 5.0]}, 4) == [4.0, 5.0, 9.0]
@@ -243,10 +243,10 @@ def _calibrate(rank, cache, measure_allowed, world=3, degrees=(2, 3), layers=1, 
     import torch
     import torch.distributed as dist
 
-    from loomtrain.parallel import sp_cost
-    from loomtrain.parallel.adaptive_sp import PoolRanks
-    from loomtrain.parallel.hybrid_dp import SequenceGroups
-    from loomtrain.trainer.model import ModelArgs
+    from loomtrain.parallel.sp import cost as sp_cost
+    from loomtrain.parallel.sp.planner import PoolRanks
+    from loomtrain.parallel.sp.modes import SequenceGroups
+    from loomtrain.trainer.models.llama.model import ModelArgs
 
     if not measure_allowed:
         def refuse(*a, **k):
@@ -267,7 +267,7 @@ def test_the_cost_model_is_measured_by_the_whole_pool_per_group_size_and_cached(
     gets its own fitted coefficients and measured link; the result is the same on every rank, cached, and read
     back (not measured) the next time. Size 1 is measured even when the plans may not use it (sp_degrees=2,3):
     its fit picks the others' strategies."""
-    from loomtrain.parallel.sp_cost import fit
+    from loomtrain.parallel.sp.cost import fit
 
     c0, c1, c2 = fit([100, 200, 400, 800], [1e-3 + 3e-9 * L * L + 2e-6 * L for L in (100, 200, 400, 800)])
     assert (c0, c1, c2) == pytest.approx((1e-3, 3e-9, 2e-6), rel=1e-6)
@@ -290,8 +290,8 @@ def test_the_cost_model_is_measured_by_the_whole_pool_per_group_size_and_cached(
 def test_a_tensor_parallel_pool_plans_with_one_tp_ranks_heads():
     """Under tp each rank holds n_heads/tp heads: strategies are chosen (and timed in the calibration) for
     those, so ulysses is never picked for a group whose local kv heads it cannot split."""
-    from loomtrain.parallel.sp_cost import SequenceCost
-    from loomtrain.trainer.model import ModelArgs
+    from loomtrain.parallel.sp.cost import SequenceCost
+    from loomtrain.trainer.models.llama.model import ModelArgs
 
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, ffn_hidden=64, max_seq_len=4096)
     measured = {"sizes": {"1": {"coef": [0.0, 1e-9, 1e-6]}, "2": {"coef": [0.0, 5e-10, 5e-7]}},
@@ -304,7 +304,7 @@ def test_a_tensor_parallel_pool_plans_with_one_tp_ranks_heads():
 
 
 def test_group_sizes_between_calibrated_ones_are_interpolated():
-    from loomtrain.parallel.sp_cost import SequenceCost, calibration_lengths, calibration_sizes
+    from loomtrain.parallel.sp.cost import SequenceCost, calibration_lengths, calibration_sizes
 
     cost = SequenceCost(1e-9, 1e-6, 8, 8, 64, 2, fitted={1: (0.0, 0.0, 4e-6), 2: (0.0, 0.0, 2e-6),
                                                          8: (0.0, 0.0, 0.5e-6)}, ranks_per_node=8)
@@ -320,7 +320,7 @@ def test_every_placed_group_is_one_of_the_placeable_rank_sets():
     """What a trainer creates up front covers every plan (groups inside nodes or of whole nodes)."""
     import random
 
-    from loomtrain.parallel.adaptive_sp import placeable_rank_sets
+    from loomtrain.parallel.sp.planner import placeable_rank_sets
 
     assert placeable_rank_sets(4, [1, 2, 3]) == [(0, 1), (1, 2), (2, 3), (0, 1, 2), (1, 2, 3)]
     assert len(placeable_rank_sets(16, None, 8)) == 2 * 28 + 1
@@ -337,7 +337,7 @@ def test_every_placed_group_is_one_of_the_placeable_rank_sets():
 def test_calibration_tiles_stay_bounded_on_large_pools():
     """The groups a calibration runs (and so creates) are the first node's tiles, or one tile of whole nodes:
     28 sets for a node of 8 whatever the pool, not thousands."""
-    from loomtrain.parallel.sp_cost import calibration_sizes, tiles
+    from loomtrain.parallel.sp.cost import calibration_sizes, tiles
 
     assert tiles(2, 1024, 8) == [(0, 1), (2, 3), (4, 5), (6, 7)]
     assert tiles(3, 1024, 8) == [(0, 1, 2), (3, 4, 5)]
@@ -388,7 +388,7 @@ def test_the_memory_estimate_keeps_the_whole_model_gathered_in_adaptive_mode():
     from loomtrain.launch.plan import memory_estimate
     from loomtrain.trainer.checks import check_experiment
     from loomtrain.trainer.config import load_config
-    from loomtrain.trainer.model import ModelArgs
+    from loomtrain.trainer.models.llama.model import ModelArgs
 
     exp = load_config("llama8b_512k_adaptive_cluster")
     dims = check_experiment(exp, 512, 8, "cuda")
@@ -411,8 +411,8 @@ def test_padding_positions_stay_inside_the_rope_table(tmp_path):
     import torch
 
     from loomtrain.data.indexed import IndexedTokens, write_indexed
-    from loomtrain.parallel.hybrid_dp import AdaptiveBatches
-    from loomtrain.parallel.sp_cost import SequenceCost
+    from loomtrain.parallel.sp.modes import AdaptiveBatches
+    from loomtrain.parallel.sp.cost import SequenceCost
 
     write_indexed(str(tmp_path / "d"), [np.arange(1, 9)], np.uint16)
     data = IndexedTokens(str(tmp_path / "d"))
@@ -430,8 +430,8 @@ def test_a_groups_short_sequences_are_packed_into_rows_it_holds(tmp_path):
     import numpy as np
 
     from loomtrain.data.indexed import IndexedTokens, write_indexed
-    from loomtrain.parallel.hybrid_dp import AdaptiveBatches
-    from loomtrain.parallel.sp_cost import SequenceCost
+    from loomtrain.parallel.sp.modes import AdaptiveBatches
+    from loomtrain.parallel.sp.cost import SequenceCost
 
     write_indexed(str(tmp_path / "d"), [np.arange(1, 41)], np.uint16)
     model = SequenceCost(1e-9, 1e-6, 6, 3, 16, 1)

@@ -10,8 +10,8 @@ can be checked without a GPU. ``flash_attn`` is not exercised at all (not instal
 import pytest
 import torch
 
-from loomtrain.parallel import block_kernels as kernels
-from loomtrain.parallel import context as cp
+from loomtrain.parallel.cp import block_kernels as kernels
+from loomtrain.parallel.cp import attention as cp
 
 
 @pytest.mark.parametrize("device, dtype, head_dim, masked, flash_attn, expected", [

@@ -46,7 +46,7 @@ def make_inputs(seed, b, s, h, hkv, d, docs):
 def _check_strategy(rank, strategy, case, kernel="auto"):
     import torch.distributed as dist
 
-    from loomtrain.parallel import context as cp
+    from loomtrain.parallel.cp import attention as cp
 
     dist.init_process_group("gloo")
     try:
@@ -131,7 +131,7 @@ def _forward_bytes(rank, causal):
     import torch.distributed as dist
 
     from loomtrain.comms.p2p import P2P
-    from loomtrain.parallel import context as cp
+    from loomtrain.parallel.cp import attention as cp
 
     dist.init_process_group("gloo")
     try:
@@ -155,7 +155,7 @@ def test_token_ring_sends_half_of_wrapped_queries():
 def _bytes_by_strategy(rank):
     import torch.distributed as dist
 
-    from loomtrain.parallel import context as cp
+    from loomtrain.parallel.cp import attention as cp
 
     dist.init_process_group("gloo")
     try:
@@ -174,7 +174,7 @@ def _bytes_by_strategy(rank):
 
 
 def test_cost_model_byte_counts_match_what_is_sent():
-    from loomtrain.parallel.cp_cost import Shape, bytes_per_rank
+    from loomtrain.parallel.cp.cost import Shape, bytes_per_rank
 
     world = 4
     per_rank = run_ranks(_bytes_by_strategy, world)
@@ -185,7 +185,7 @@ def test_cost_model_byte_counts_match_what_is_sent():
 
 
 def test_cost_model_choices():
-    from loomtrain.parallel.cp_cost import Shape, choose, predict_seconds
+    from loomtrain.parallel.cp.cost import Shape, choose, predict_seconds
 
     gqa = Shape(batch=1, seq=65536, heads=32, kv_heads=8, head_dim=128, world=8, elem_bytes=2)
     slow = 1e9 / 8  # 1 Gbit/s: the strategy sending the fewest bytes wins
@@ -204,7 +204,7 @@ def test_cost_model_choices():
 def _count_doc_gathers(rank):
     import torch.distributed as dist
 
-    from loomtrain.parallel import context as cp
+    from loomtrain.parallel.cp import attention as cp
 
     dist.init_process_group("gloo")
     gathers = []
@@ -245,7 +245,7 @@ def _two_modules(rank):
     import torch.distributed as dist
 
     from loomtrain.comms.link_sim import SimulatedLink
-    from loomtrain.parallel import context as cp
+    from loomtrain.parallel.cp import attention as cp
 
     dist.init_process_group("gloo")
     try:

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import run_ranks
-from loomtrain.parallel.dp_sync import DiLoCo, strided_fragments
-from loomtrain.parallel.quantize import BLOCK, dequantize, quantize, wire_bytes
+from loomtrain.parallel.dp_sync.methods import DiLoCo, strided_fragments
+from loomtrain.parallel.dp_sync.quantize import BLOCK, dequantize, quantize, wire_bytes
 
 
 def _one_weight_layers(n=2):

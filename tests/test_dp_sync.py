@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import run_ranks, signal_self_after_step
-from loomtrain.parallel.dp_sync import CO2
-from loomtrain.parallel.quantize import wire_bytes
+from loomtrain.parallel.dp_sync.methods import CO2
+from loomtrain.parallel.dp_sync.quantize import wire_bytes
 
 
 def _co2_constant_gradient(steps, **kw):

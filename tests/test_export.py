@@ -25,7 +25,7 @@ def test_exported_model_gives_loomtrain_logits(world, layout, overrides, tmp_pat
     from loomtrain.launch.cli import main
     from loomtrain.trainer.config import load_config
     from loomtrain.trainer.hf_export import read_model_state
-    from loomtrain.trainer.model import ModelArgs, Transformer
+    from loomtrain.trainer.models.llama.model import ModelArgs, Transformer
 
     ov = overrides + ["train.steps=2", "checkpoint.at_end=true", "model.rope_theta=5000"] + layout
     checkpoint = run_ranks(_train, world, ov)[0]

@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from loomtrain.parallel.context import DocumentAttention
+from loomtrain.parallel.cp.attention import DocumentAttention
 from loomtrain.trainer.attention import attend, document_causal_mask, resolve_backend
-from loomtrain.trainer.model import ModelArgs, Transformer
+from loomtrain.trainer.models.llama.model import ModelArgs, Transformer
 
 
 def small_model(seed=0):

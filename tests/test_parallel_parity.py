@@ -166,7 +166,7 @@ def _initial_params(rank, overrides):
     """Full values of this rank's parameters right after the trainer built them (meta -> shards)."""
     from torch.distributed.tensor import DTensor
 
-    from loomtrain.trainer.model import canonical_name
+    from loomtrain.trainer.models.llama.model import canonical_name
     from loomtrain.trainer.train import Trainer
 
     with _process_group(overrides) as (exp, env):
@@ -187,7 +187,7 @@ def test_sharded_init_equals_single_process_init(layout, small_corpus, tmp_path)
     from conftest import TEST_OVERRIDES
 
     from loomtrain.trainer.config import load_config
-    from loomtrain.trainer.model import Transformer
+    from loomtrain.trainer.models.llama.model import Transformer
 
     ov = TEST_OVERRIDES + [f"data.prepared={small_corpus}", f"train.output_dir={tmp_path / 'run'}"] + layout
     results = run_ranks(_initial_params, 4, ov)

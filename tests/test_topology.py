@@ -233,7 +233,7 @@ def test_plan_cluster_prints_groups_bytes_and_the_comparison(tmp_path, capsys):
 @pytest.fixture
 def small_exp():
     from loomtrain.trainer.config import load_config
-    from loomtrain.trainer.model import ModelArgs
+    from loomtrain.trainer.models.llama.model import ModelArgs
 
     def make(overrides):
         exp = load_config("tiny", overrides + ["train.microbatches=4"])

@@ -14,7 +14,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from loomtrain.parallel.context import DocumentAttention
+from loomtrain.parallel.cp.attention import DocumentAttention
 
 
 @functools.lru_cache(maxsize=None)

@@ -156,7 +156,7 @@ def cp_attention(exp: Experiment, args, dims: ParallelDims) -> str:
     par = exp.parallel
     if par.cp_impl != "auto":
         return par.cp_impl
-    from loomtrain.parallel.cp_cost import Shape, choose
+    from loomtrain.parallel.cp.cost import Shape, choose
 
     micro, _ = micro_layout(exp, dims)
     shape = Shape(micro, exp.data.seq_len, args.n_heads // dims.tp, args.n_kv_heads // dims.tp,

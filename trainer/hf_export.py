@@ -18,7 +18,7 @@ import torch
 
 from loomtrain.errors import ConfigError
 from loomtrain.fsutil import atomic_write_text
-from loomtrain.trainer.model import ModelArgs, canonical_name
+from loomtrain.trainer.models.llama.model import ModelArgs, canonical_name
 
 EOS_TOKEN = "<|endoftext|>"
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")

@@ -15,7 +15,7 @@ import contextlib
 import torch
 import torch.distributed as dist
 
-from loomtrain.parallel.data_parallel import local_value
+from loomtrain.parallel.engines.fsdp import local_value
 from loomtrain.trainer.loss import token_loss_sum
 
 

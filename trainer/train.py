@@ -24,9 +24,9 @@ from loomtrain.faulttol.manager import FaultTolerance, host_name
 from loomtrain.faulttol.snapshot import RestoreFailed
 from loomtrain.launch.env import DistEnv, init_distributed, read_env, shutdown
 from loomtrain.launch.placement import place_ranks
-from loomtrain.parallel.data_parallel import FSDPEngine
-from loomtrain.parallel.dp_sync import build_sync
-from loomtrain.parallel.hybrid_dp import longest_sequence, sequence_parallel
+from loomtrain.parallel.engines.fsdp import FSDPEngine
+from loomtrain.parallel.dp_sync.methods import build_sync
+from loomtrain.parallel.sp.modes import longest_sequence, sequence_parallel
 from loomtrain.parallel.parallelize import parallelize_model
 from loomtrain.parallel.pipeline import build_schedule, build_stages
 from loomtrain.trainer.attention import resolve_backend
@@ -35,7 +35,7 @@ from loomtrain.trainer.checks import check_experiment, check_vocab, cp_attention
 from loomtrain.trainer.config import Experiment, pipeline_microbatches, pipeline_stage_layers, save_config
 from loomtrain.trainer.loss import label_tokens, token_loss_sum
 from loomtrain.trainer.metrics import MetricsSink, detect_peak_flops
-from loomtrain.trainer.model import ModelArgs, Transformer
+from loomtrain.trainer.models.llama.model import ModelArgs, Transformer
 from loomtrain.trainer.optim import build_optimizer, build_scheduler
 from loomtrain.trainer.step import MicroBatchSteps, PipelineSteps
 
@@ -174,7 +174,7 @@ class Trainer:
                                  exp.checkpoint.async_save, env.rank, env.device, workers=workers)
         # The data-parallel engine: how gradients are reduced and the update applied.
         if par.dp_engine == "deepspeed":  # ZeRO takes over optimizer, clipping and gradient averaging
-            from loomtrain.parallel.deepspeed_engine import DeepSpeedCheckpointer, DeepSpeedEngine, initialize
+            from loomtrain.parallel.engines.deepspeed import DeepSpeedCheckpointer, DeepSpeedEngine, initialize
 
             ds, self.optimizer, self.scheduler = initialize(self.model, self.optimizer, self.scheduler, exp,
                                                             self.batches.micro_batch, self.batches.accumulation_steps)

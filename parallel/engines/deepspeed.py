@@ -49,7 +49,7 @@ def initialize(model, optimizer, scheduler, exp, micro_batch: int, accumulation:
 
 
 class DeepSpeedEngine:
-    """The data-parallel engine interface (``parallel/data_parallel.py``) over a DeepSpeed engine.
+    """The data-parallel engine interface (``parallel/engines/fsdp.py``) over a DeepSpeed engine.
 
     ZeRO averages gradients over the data-parallel ranks; the loss arrives already scaled
     per token, so DeepSpeed's own division by the accumulation steps is switched off.

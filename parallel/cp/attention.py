@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from loomtrain.comms.p2p import P2P
-from loomtrain.parallel import block_kernels as kernels
+from loomtrain.parallel.cp import block_kernels as kernels
 
 # ----------------------------------------------------------------------------- layout
 def _chunk_ids(rank: int, world: int, layout: str) -> tuple[int, ...]:

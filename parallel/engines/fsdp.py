@@ -5,7 +5,7 @@ micro-batches, backward, clipping and the optimizer/scheduler step. ``averaging_
 how many ranks its gradient reduction averages over; the step path scales the summed loss
 by it so the update is the per-token mean of the global batch (``trainer/loss.py``).
 ``parallel.dp_engine`` picks one: :class:`FSDPEngine` here, ``DeepSpeedEngine`` in
-``deepspeed_engine.py``. The data-parallel sync strategy (``parallel/dp_sync.py``) acts
+``deepspeed_engine.py``. The data-parallel sync strategy (``parallel/dp_sync/methods.py``) acts
 around the update and calls :meth:`step`.
 """
 from __future__ import annotations

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from loomtrain.comms import traffic
-from loomtrain.parallel.quantize import KINDS, PendingMean
+from loomtrain.parallel.dp_sync.quantize import KINDS, PendingMean
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from loomtrain.parallel.cp_cost import Shape, attention_flops, predict_seconds
+from loomtrain.parallel.cp.cost import Shape, attention_flops, predict_seconds
 
 
 @dataclass
@@ -136,7 +136,7 @@ def calibration_sizes(degrees, ranks_per_node: int) -> list[int]:
 def calibration_lengths(d: int, capacity: int, longest: int, points: int = 4, tp: int = 1) -> list[int]:
     """Lengths up to what a group of d holds (d x capacity, at most ``longest``), halving, each one the group
     can split."""
-    from loomtrain.parallel.context import zigzag_multiple
+    from loomtrain.parallel.cp.attention import zigzag_multiple
 
     m = zigzag_multiple(d, tp)
     top = min(d * capacity, longest)
@@ -199,7 +199,7 @@ def _sequence_seconds(model, pool, tile, d: int, L: int, attention, device, repe
     cross entropy, vocabulary-parallel under ``loss_parallel``)."""
     import torch
 
-    from loomtrain.parallel.context import shard_for
+    from loomtrain.parallel.cp.attention import shard_for
     from loomtrain.trainer.loss import token_loss_sum
     from loomtrain.trainer.step import loss_parallel_context
 
@@ -294,7 +294,7 @@ def measure_pool(model_args, device, pool, sizes, capacity: int, groups, links: 
 def _calibration_model(model_args, device, dtype, backend: str, activation_checkpoint: bool, shard_model=None):
     import torch
 
-    from loomtrain.trainer.model import Transformer
+    from loomtrain.trainer.models.llama.model import Transformer
 
     torch.manual_seed(0)
     model = Transformer(model_args).to(device)

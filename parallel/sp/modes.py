@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 
 from loomtrain.data.loader import DocumentPosition, DocumentStream, document_row
-from loomtrain.parallel.adaptive_sp import PoolRanks, placeable_rank_sets, plan_groups
-from loomtrain.parallel.context import ContextParallelAttention, shard_for, shard_sequence, zigzag_multiple
+from loomtrain.parallel.sp.planner import PoolRanks, placeable_rank_sets, plan_groups
+from loomtrain.parallel.cp.attention import ContextParallelAttention, shard_for, shard_sequence, zigzag_multiple
 
 IMPL_CODES = ("none", "tokenring", "ring", "ulysses")
 PRECREATE_GROUPS = 64  # pools with at most this many placeable rank sets create them all before the first step
@@ -180,7 +180,7 @@ def adaptive_cost(exp, model_args, device, pool, members_per_node: int, groups: 
                   shard_model=None, loss_parallel: bool = False):
     """The planner's cost model: declared coefficients, or measured by the whole pool (cached; the same numbers
     on every rank). Group sizes count members; heads are one tensor-parallel rank's."""
-    from loomtrain.parallel.sp_cost import SequenceCost, calibrate_pool
+    from loomtrain.parallel.sp.cost import SequenceCost, calibrate_pool
 
     par = exp.parallel
     links = dict(intra_bw=par.cp_link_gbps * 1e9 / 8, inter_bw=par.sp_inter_node_gbps * 1e9 / 8,

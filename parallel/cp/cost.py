@@ -1,6 +1,6 @@
 """Cost model of one context-parallel attention (forward + backward) per rank, per strategy.
 
-Bytes are exact counts of what ``parallel/context.py`` sends (tested against its byte
+Bytes are exact counts of what ``parallel/cp/attention.py`` sends (tested against its byte
 accounting); times are a model:
 
 - compute: causal attention is 2*B*S^2*H*D FLOPs forward (half of 4*B*S^2*H*D), backward
@@ -60,7 +60,7 @@ def predict_seconds(s: Shape, bandwidth: float, latency: float, flops: float,
                     topology: str = "full_mesh") -> dict[str, float]:
     """Modelled fwd+bwd seconds per strategy for one rank. ``bandwidth`` in bytes/s per link direction.
 
-    Step-level model of the code in ``parallel/context.py``: ring overlaps hop i+1 with
+    Step-level model of the code in ``parallel/cp/attention.py``: ring overlaps hop i+1 with
     block i; in backward K/V and the dK/dV accumulator (one hop behind) both overlap the
     blocks, and only the accumulator's last hop home is exposed; TokenRing overlaps Q's next hop
     with the current block and each block's results with the next block, leaving the last

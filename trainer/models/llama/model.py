@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from loomtrain.parallel.context import DocumentAttention
+from loomtrain.parallel.cp.attention import DocumentAttention
 from loomtrain.trainer.attention import attend, flash_varlen_metadata
 
 
