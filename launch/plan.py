@@ -21,7 +21,7 @@ import math
 
 from loomtrain.parallel.mesh import ParallelDims
 from loomtrain.trainer.checks import REFERENCE_TFLOPS, check_experiment, cp_attention, micro_layout, tokens_per_step
-from loomtrain.trainer.models.llama.model import ModelArgs
+from loomtrain.trainer.models import model_family
 
 GiB = 1024 ** 3
 
@@ -42,7 +42,7 @@ def build_fake_mesh(dims: ParallelDims):
             dist.destroy_process_group()
 
 
-def memory_estimate(exp, args: ModelArgs, dims: ParallelDims, vocab: int) -> dict[str, float]:
+def memory_estimate(exp, args, dims: ParallelDims, vocab: int) -> dict[str, float]:
     """Bytes per device by kind (see the module docstring), with the FSDP policy of ``apply_fsdp``."""
     n = args.num_params()
     model_split = dims.tp * dims.pp
@@ -64,8 +64,9 @@ def memory_estimate(exp, args: ModelArgs, dims: ParallelDims, vocab: int) -> dic
     logits = 4 * s * micro * vocab / dims.tp / dims.cp
     out = {"parameters": 4 * states, "gradients": 4 * states, "optimizer": 8 * states,
            "activations": act_full + logits, "activations (checkpointed)": act_ckpt + logits}
-    if dims.local_updates:  # fp32 anchors, arrived averages, outer momentum (and CO2's round start)
-        copies = 4 if exp.parallel.dp_sync == "co2" else 2 + (exp.dp_sync.diloco.outer_momentum > 0)
+    from loomtrain.parallel.dp_sync import DP_SYNC
+
+    if copies := DP_SYNC.get(exp.parallel.dp_sync).state_copies(exp):  # fp32 anchors, averages, momentum, ...
         out["outer state (dp_sync)"] = 4 * copies * states
     if fsdp and (fsdp_split > 1 or adaptive):
         block = (n - 2 * vocab * h) / args.n_layers / dims.tp  # one block's parameters on this tp rank
@@ -82,14 +83,15 @@ def memory_estimate(exp, args: ModelArgs, dims: ParallelDims, vocab: int) -> dic
     return out
 
 
-def traffic_per_step(exp, args: ModelArgs, dims: ParallelDims) -> dict[str, float]:
+def traffic_per_step(exp, args, dims: ParallelDims) -> dict[str, float]:
     """Bytes one rank sends per optimizer step over each kind of group (ring formulas, as comms/traffic.py
     counts them): ``tp`` (sequence parallel: 2 all-gathers + 2 reduce-scatters of the layer's activations
     forward, the same backward), ``dp_shard_cp`` (FSDP: parameter all-gathers forward and backward in
     the working dtype, fp32 gradient reduce-scatter), ``dp_replicate`` (HSDP's fp32 all-reduce of the
     gradient shard), ``cp`` (``parallel/cp/cost.py``) and ``pp`` (each microbatch's activations forward
     and their gradients backward across a stage boundary)."""
-    from loomtrain.parallel.cp.cost import Shape, bytes_per_rank
+    from loomtrain.parallel.cp import strategy
+    from loomtrain.parallel.cp.cost import Shape
 
     e = 2 if exp.model.dtype == "bfloat16" else 4
     micro, n_micro = micro_layout(exp, dims)  # under pp: the schedule's microbatches
@@ -107,28 +109,18 @@ def traffic_per_step(exp, args: ModelArgs, dims: ParallelDims) -> dict[str, floa
     if dims.cp > 1:
         impl = cp_attention(exp, args, dims)
         shape = Shape(micro, s, args.n_heads // dims.tp, args.n_kv_heads // dims.tp, args.head_dim, dims.cp, e)
-        out["cp"] = sum(bytes_per_rank(shape)[impl]) * layers * n_micro
+        out["cp"] = sum(strategy(impl).bytes_per_rank(shape)) * layers * n_micro
     return out
 
 
 def _outer_sync_bytes(exp, shard_params: float, replicas: int) -> float:
-    """Bytes per step a rank sends to its dp_replicate peers: HSDP's fp32 gradient all-reduce every step, or
-    the outer sync of DiLoCo / CO2 amortised over its interval (DiLoCo quantized: payload all-gathered)."""
-    from loomtrain.parallel.dp_sync.quantize import wire_bytes
+    """Bytes per step a rank sends to its dp_replicate peers, as the sync method counts them."""
+    from loomtrain.parallel.dp_sync import DP_SYNC
 
-    ring = 2 * (replicas - 1) / replicas
-    method = exp.parallel.dp_sync
-    if method == "every_step":
-        return ring * 4 * shard_params
-    if method == "co2":
-        return ring * 4 * shard_params / exp.dp_sync.co2.sync_every
-    d = exp.dp_sync.diloco
-    sent = ring * 4 * shard_params if d.quantize == "none" else (replicas - 1) * wire_bytes(int(shard_params),
-                                                                                            d.quantize)
-    return sent / d.sync_every
+    return DP_SYNC.get(exp.parallel.dp_sync).replica_bytes_per_step(exp, shard_params, replicas)
 
 
-def step_estimate(exp, args: ModelArgs, dims: ParallelDims, link, peak_flops: float) -> dict[str, float]:
+def step_estimate(exp, args, dims: ParallelDims, link, peak_flops: float) -> dict[str, float]:
     """Modelled seconds per optimizer step and MFU. ``link(dim)``: bytes/s per device of that dimension's
     slowest group (``dp_shard_cp`` for FSDP's group).
 
@@ -147,7 +139,10 @@ def step_estimate(exp, args: ModelArgs, dims: ParallelDims, link, peak_flops: fl
     sent = traffic_per_step(exp, args, dims)
     t = {d: sent[d] / link(d) if sent[d] else 0.0 for d in sent}
     impl = cp_attention(exp, args, dims) if dims.cp > 1 else None  # what train will run
-    exposed_cp = t["cp"] if impl == "ulysses" else max(0.0, t["cp"] - compute)
+    from loomtrain.parallel.cp import strategy
+
+    overlapped = impl is not None and strategy(impl).overlaps_compute
+    exposed_cp = max(0.0, t["cp"] - compute) if overlapped else t["cp"]
     fsdp = t["dp_shard_cp"] + t["dp_replicate"]
     step = compute / (1 - bubble) + t["tp"] + t["pp"] + max(0.0, fsdp - compute) + exposed_cp
     return {"compute_s": compute, "bubble": bubble, "tp_s": t["tp"], "fsdp_s": fsdp, "cp_s": t["cp"],
@@ -168,7 +163,7 @@ def plan(exp, world_size: int, gpus_per_node: int = 8, device_memory_gb: float =
     dims = check_experiment(exp, world_size, min(gpus_per_node, world_size), "cuda")  # refuses what train refuses
     sizes = build_fake_mesh(dims)
     vocab = exp.model.vocab_size or 50304
-    args = ModelArgs.from_config(exp.model, vocab, exp.data.seq_len)
+    args = model_family(exp.model.family).args(exp.model, vocab, exp.data.seq_len)
     lines = [f"plan: {dims.describe()}  ({math.ceil(world_size / gpus_per_node)} nodes x {gpus_per_node} devices)"]
     lines.append("")
     lines.append(f"{'dimension':<14}{'size':>6}{'groups':>8}  first group (ranks)         spans nodes")
@@ -231,12 +226,12 @@ def plan_cluster(exp, cluster, peak_tflops: float = 0.0) -> dict:
     from loomtrain.launch.placement import compare
 
     dims = check_experiment(exp, cluster.world_size, max(h.devices for h in cluster.hosts), "cuda")
-    args = ModelArgs.from_config(exp.model, exp.model.vocab_size or 50304, exp.data.seq_len)
+    args = model_family(exp.model.family).args(exp.model, exp.model.vocab_size or 50304, exp.data.seq_len)
     peak = (peak_tflops or exp.logging.peak_tflops or REFERENCE_TFLOPS[exp.model.dtype]) * 1e12
     return compare(exp, args, dims, cluster, peak)
 
 
-def adaptive_sample(exp, args: ModelArgs, world: int, gpus_per_node: int, peak: float, intra_gbps: float,
+def adaptive_sample(exp, args, world: int, gpus_per_node: int, peak: float, intra_gbps: float,
                     inter_gbps: float, tp: int = 1) -> list[str]:
     """A sample step plan of ``sp_mode: adaptive``: synthetic long-tailed lengths (Pareto 1.1 from 512 tokens
     to data.max_doc_tokens) filling train.global_batch_tokens, planned with the cost model the trainer uses
@@ -256,7 +251,8 @@ def adaptive_sample(exp, args: ModelArgs, world: int, gpus_per_node: int, peak: 
     a2 = par.sp_alpha2 or 6.0 * args.num_params(embeddings=False) / peak
     cost = SequenceCost(a1, a2, args.n_heads // tp, args.n_kv_heads // tp, args.head_dim, args.n_layers,
                         2 if exp.model.dtype == "bfloat16" else 4, intra_gbps * 1e9 / 8, inter_gbps * 1e9 / 8,
-                        par.cp_latency_us * 1e-6, gpus_per_node, par.cp_topology)
+                        par.cp_latency_us * 1e-6, gpus_per_node, par.cp_topology,
+                        impls=() if par.cp_impl == "auto" else (par.cp_impl,))  # what train may pick
     rng, lengths = random.Random(0), []
     while sum(lengths) < exp.train.global_batch_tokens:
         lengths.append(int(min(max_doc, 512 * (1 - rng.random()) ** (-1 / 1.1))))

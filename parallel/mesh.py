@@ -57,9 +57,11 @@ class ParallelDims:
 
     @classmethod
     def from_config(cls, par, world_size: int) -> "ParallelDims":
+        from loomtrain.parallel.dp_sync import local_updates  # the sync method owns which ranks average together
+
         order = tuple(s.strip() for s in par.mesh_order.split(","))
         return cls(par.pp, par.dp_replicate, par.dp_shard, par.cp, par.tp, world_size, order,
-                   local_updates=par.dp_sync != "every_step")
+                   local_updates=local_updates(par.dp_sync))
 
     @property
     def degrees(self) -> dict[str, int]:

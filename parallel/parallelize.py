@@ -18,6 +18,17 @@ from torch import nn
 from torch.distributed.tensor.parallel import parallelize_module
 
 
+def loss_parallel_context(enabled: bool):
+    """Vocabulary-parallel cross entropy over tensor-parallel logits (a context manager)."""
+    if enabled:
+        from torch.distributed.tensor.parallel import loss_parallel
+
+        return loss_parallel()
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
 def apply_tp(model: nn.Module, tp_mesh, loss_parallel: bool) -> None:
     """DTensor tensor parallelism with the model's own plan."""
     plan, block_plan = model.tp_plan(loss_parallel)
@@ -27,23 +38,25 @@ def apply_tp(model: nn.Module, tp_mesh, loss_parallel: bool) -> None:
 
 
 def apply_cp(model: nn.Module, dims, cp_mesh, impl: str) -> None:
-    """Attention over the cp group's zigzag shards (the loader hands each cp rank its shard).
+    """Attention over the cp group's zigzag shards (the loader hands each cp rank its shard), by the
+    registered strategy ``impl`` (``parallel/cp``).
 
-    TokenRing's second (result) direction needs a group per cp group; creating groups is
+    A strategy's second (reverse) direction needs a group per cp group; creating groups is
     collective over the world, so every rank creates all of them and keeps its own.
     """
     import torch.distributed as dist
 
-    from loomtrain.parallel.cp.attention import ContextParallelAttention
+    from loomtrain.parallel.cp import strategy
 
+    cp = strategy(impl)
     group, reverse = cp_mesh.get_group(), None
-    if impl == "tokenring":
+    if cp.needs_reverse_group:
         mine = dist.get_process_group_ranks(group)
         for ranks in dims.groups("cp"):
             created = dist.new_group(ranks)
             if ranks == mine:
                 reverse = created
-    model.context_parallel = ContextParallelAttention(impl, group, reverse_group=reverse)
+    model.context_parallel = cp.make(group, reverse_group=reverse)
 
 
 def apply_ac(model: nn.Module) -> None:

@@ -102,7 +102,8 @@ def main():
     p.add_argument("--latency-us", type=float, default=50.0)
     a = p.parse_args()
 
-    from loomtrain.parallel.cp.cost import Shape, choose, predict_seconds
+    from loomtrain.parallel.cp import choose
+    from loomtrain.parallel.cp.cost import Shape, predict_seconds
 
     torch.set_num_threads(1)
     flops = measure_flops(a.repeats)

@@ -246,7 +246,8 @@ def _calibrate(rank, cache, measure_allowed, world=3, degrees=(2, 3), layers=1, 
     from loomtrain.parallel.sp import cost as sp_cost
     from loomtrain.parallel.sp.planner import PoolRanks
     from loomtrain.parallel.sp.modes import SequenceGroups
-    from loomtrain.trainer.models.llama.model import ModelArgs
+    from loomtrain.trainer.loss import token_loss_sum
+    from loomtrain.trainer.models.llama.model import ModelArgs, Transformer
 
     if not measure_allowed:
         def refuse(*a, **k):
@@ -258,7 +259,7 @@ def _calibrate(rank, cache, measure_allowed, world=3, degrees=(2, 3), layers=1, 
     groups = SequenceGroups()
     cost = sp_cost.calibrate_pool(args, torch.device("cpu"), cache, pool=PoolRanks.of(world, rank),
                                   degrees=list(degrees), capacity=32, groups=groups, ranks_per_node=world, repeats=1,
-                                  activation_checkpoint=ac)
+                                  activation_checkpoint=ac, build_model=Transformer, loss_sum=token_loss_sum)
     return cost, groups.created
 
 

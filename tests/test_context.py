@@ -185,7 +185,8 @@ def test_cost_model_byte_counts_match_what_is_sent():
 
 
 def test_cost_model_choices():
-    from loomtrain.parallel.cp.cost import Shape, choose, predict_seconds
+    from loomtrain.parallel.cp import choose
+    from loomtrain.parallel.cp.cost import Shape, predict_seconds
 
     gqa = Shape(batch=1, seq=65536, heads=32, kv_heads=8, head_dim=128, world=8, elem_bytes=2)
     slow = 1e9 / 8  # 1 Gbit/s: the strategy sending the fewest bytes wins

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from loomtrain.errors import ConfigError
 from loomtrain.parallel.mesh import ParallelDims
+from loomtrain.parallel.sp.planner import sp_degrees  # noqa: F401  (plan imports it from here)
 from loomtrain.trainer.config import Experiment, pipeline_microbatches, validate
 
 
@@ -78,19 +79,6 @@ def _check_documents(exp: Experiment, dims: ParallelDims) -> None:
                           "accumulation steps are fixed)")
 
 
-def sp_degrees(par, world: int) -> list[int] | None:
-    """``parallel.sp_degrees`` as a list (None: any size), or ConfigError."""
-    if not par.sp_degrees.strip():
-        return None
-    try:
-        ds = sorted({int(x) for x in par.sp_degrees.split(",") if x.strip()})
-    except ValueError:
-        raise ConfigError(f"parallel.sp_degrees: expected group sizes like '1,2,4', got {par.sp_degrees!r}") from None
-    if not ds or ds[0] < 1 or ds[-1] > world:
-        raise ConfigError(f"parallel.sp_degrees: sizes must be in 1..{world} (the pool), got {par.sp_degrees!r}")
-    return ds
-
-
 def _check_adaptive(exp: Experiment, dims: ParallelDims, max_doc: int) -> None:
     """Adaptive sequence parallelism: every data-parallel rank (a member: a tp group when tp > 1) is one data x
     context pool (FSDP, or HSDP, over all of it)."""
@@ -156,7 +144,8 @@ def cp_attention(exp: Experiment, args, dims: ParallelDims) -> str:
     par = exp.parallel
     if par.cp_impl != "auto":
         return par.cp_impl
-    from loomtrain.parallel.cp.cost import Shape, choose
+    from loomtrain.parallel.cp import choose
+    from loomtrain.parallel.cp.cost import Shape
 
     micro, _ = micro_layout(exp, dims)
     shape = Shape(micro, exp.data.seq_len, args.n_heads // dims.tp, args.n_kv_heads // dims.tp,

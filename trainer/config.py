@@ -16,15 +16,21 @@ from typing import Any
 
 import yaml
 
-from loomtrain.errors import ConfigError
+from loomtrain.errors import ConfigError, require_positive
 from loomtrain.fsutil import atomic_write_text
+from loomtrain.registry import load_plugins
+from loomtrain.parallel.cp import CP_STRATEGIES, usable
+from loomtrain.parallel.dp_sync import DP_SYNC
+from loomtrain.parallel.cp import strategy as cp_strategy
 from loomtrain.parallel.mesh import MESH_DIMS
+from loomtrain.parallel.stages import pipeline_stage_layers  # noqa: F401  (callers import it from here too)
 
 
 @dataclass
 class ModelConfig:
-    """Llama-style decoder shape."""
+    """The model: its family (``trainer/models``, or a plugin's) and shape."""
 
+    family: str = "llama"  # a registered model family (trainer/models): llama, or one a plugin registers
     dim: int = 256  # hidden size
     n_layers: int = 4  # decoder blocks
     n_heads: int = 8  # query heads
@@ -253,6 +259,9 @@ class Experiment:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     faulttol: FaultTolConfig = field(default_factory=FaultTolConfig)
     dp_sync: DPSyncConfig = field(default_factory=DPSyncConfig)
+    # Python modules (names on sys.path, or .py paths) imported before the rest of the file is read: they
+    # register model families, cp strategies, dp_sync methods, ... under new names (README: Extending).
+    plugins: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -264,11 +273,9 @@ CHOICES = {
     "parallel.backend": ("auto", "nccl", "gloo"),
     "parallel.device": ("auto", "cpu", "cuda"),
     "parallel.activation_checkpoint": ("none", "full"),
-    "parallel.cp_impl": ("tokenring", "ring", "ulysses", "auto"),
     "parallel.cp_topology": ("full_mesh", "ring"),
     "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved_1f1b"),
     "parallel.dp_engine": ("fsdp", "deepspeed"),
-    "parallel.dp_sync": ("every_step", "diloco", "co2"),
     "dp_sync.diloco.quantize": ("none", "int8", "fp4"),
     "data.batching": ("windows", "documents"),
     "parallel.sp_mode": ("static", "adaptive"),
@@ -279,6 +286,13 @@ CHOICES = {
     "faulttol.inject.kind": ("none", "sigkill", "exception", "hang", "smp_kill", "node_loss", "snapshot_kill"),
     "faulttol.inject.phase": ("copy", "request", "exchange", "commit", "restore"),
 }
+
+
+def registries() -> dict:
+    """Config fields whose values are registered implementations (``loomtrain/registry.py``)."""
+    from loomtrain.trainer.models import MODEL_FAMILIES
+
+    return {"parallel.cp_impl": CP_STRATEGIES, "parallel.dp_sync": DP_SYNC, "model.family": MODEL_FAMILIES}
 
 
 def _coerce(path: str, value: Any, typ: type) -> Any:
@@ -373,10 +387,26 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         except yaml.YAMLError as e:
             first = str(e).splitlines()[0] if str(e) else "parse error"
             raise ConfigError(f"{path}: not valid YAML ({first})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(values).__name__}")
+        plugins = values.pop("plugins", None) or []
+        if not isinstance(plugins, list):
+            raise ConfigError(f"plugins: expected a list of module names or .py paths, got {plugins!r}")
+        exp.plugins = [_plugin_path(p, path) for p in plugins]
+        load_plugins(exp.plugins)  # before the sections: they may name what a plugin registers
         _apply(exp, values)
     _apply(exp, parse_overrides(overrides or []))
     validate(exp)
     return exp
+
+
+def _plugin_path(spec, config_path: str):
+    """A plugin's .py path relative to the YAML file that names it (module names stay as they are)."""
+    if isinstance(spec, str) and spec.endswith(".py") and not os.path.isabs(spec) and not os.path.isfile(spec):
+        beside = os.path.join(os.path.dirname(os.path.abspath(config_path)), spec)
+        if os.path.isfile(beside):
+            return beside
+    return spec
 
 
 def resolve_config_path(path: str) -> str:
@@ -402,10 +432,7 @@ def _get(exp: Experiment, path: str) -> Any:
 
 
 def _positive(exp: Experiment, *paths: str, allow_zero: bool = False) -> None:
-    for p in paths:
-        v = _get(exp, p)
-        if v < 0 or (v == 0 and not allow_zero):
-            raise ConfigError(f"{p}: must be {'>= 0' if allow_zero else '> 0'}, got {v}")
+    require_positive(exp, *paths, allow_zero=allow_zero)
 
 
 def validate(exp: Experiment) -> None:
@@ -414,6 +441,10 @@ def validate(exp: Experiment) -> None:
         v = _get(exp, p)
         if v not in choices:
             raise ConfigError(f"{p}: must be one of {', '.join(choices)}, got {v!r}")
+    for p, registry in registries().items():  # strategies: the registered names (plugins' included)
+        v = _get(exp, p)
+        if v not in registry.choices():
+            raise ConfigError(f"{p}: must be one of {', '.join(registry.choices())}, got {v!r}")
     _positive(exp, "model.dim", "model.n_layers", "model.n_heads", "model.n_kv_heads",
               "model.ffn_multiple_of", "model.norm_eps", "model.rope_theta", "data.seq_len",
               "train.steps", "train.global_batch_size", "train.log_every", "optim.lr",
@@ -470,9 +501,12 @@ def validate(exp: Experiment) -> None:
     if exp.data.seq_len % unit:
         raise ConfigError(f"data.seq_len: must be divisible by {unit} (tp{' and 2*cp and cp*tp (zigzag)' if par.cp > 1 else ''} "
                           f"for parallel.tp={par.tp}, cp={par.cp}), got {exp.data.seq_len}")
-    if par.cp_impl == "ulysses" and (m.n_heads % (par.cp * par.tp) or m.n_kv_heads % (par.cp * par.tp)):
-        raise ConfigError(f"parallel.cp_impl: ulysses needs model.n_heads ({m.n_heads}) and model.n_kv_heads "
-                          f"({m.n_kv_heads}) divisible by cp*tp = {par.cp * par.tp}; use tokenring or ring")
+    if par.cp > 1 and par.cp_impl != "auto":
+        why = cp_strategy(par.cp_impl).unsupported(m.n_heads // par.tp, m.n_kv_heads // par.tp, par.cp)
+        if why:
+            others = [n for n in usable(m.n_heads // par.tp, m.n_kv_heads // par.tp, par.cp)]
+            raise ConfigError(f"parallel.cp_impl: {why} (model.n_heads {m.n_heads}, n_kv_heads {m.n_kv_heads} over "
+                              f"tp={par.tp} x cp={par.cp}); use {' or '.join(others) or 'another cp degree'}")
     if exp.train.micro_batch_size and exp.train.global_batch_size % exp.train.micro_batch_size:
         raise ConfigError(
             f"train.micro_batch_size: must divide train.global_batch_size ({exp.train.global_batch_size}), "
@@ -495,66 +529,19 @@ def _validate_faulttol(exp: Experiment) -> None:
 
 
 def _validate_dp_sync(exp: Experiment) -> None:
-    """The sync method's own settings, and what it needs from the layout (world-size-free checks)."""
-    par, d, c = exp.parallel, exp.dp_sync.diloco, exp.dp_sync.co2
-    if par.dp_sync == "every_step":
-        return
-    if par.dp_replicate < 2:
-        raise ConfigError(f"parallel.dp_sync: {par.dp_sync} syncs replicas over parallel.dp_replicate, which must "
-                          f"be >= 2 (got {par.dp_replicate})")
-    if par.dp_engine == "deepspeed":
-        raise ConfigError(f"parallel.dp_sync: {par.dp_sync} runs on parallel.dp_engine=fsdp (DeepSpeed averages "
-                          "gradients every step itself)")
-    if par.sp_mode == "adaptive":
-        raise ConfigError(f"parallel.dp_sync: {par.dp_sync} is not supported with parallel.sp_mode=adaptive")
-    if par.dp_sync == "diloco":
-        _positive(exp, "dp_sync.diloco.sync_every", "dp_sync.diloco.fragments")
-        _positive(exp, "dp_sync.diloco.outer_lr")
-        _positive(exp, "dp_sync.diloco.fragment_sync_delay", "dp_sync.diloco.outer_momentum", allow_zero=True)
-        stages = par.pp * par.pp_virtual_stages
-        try:
-            counts = pipeline_stage_layers(exp.model.n_layers, stages, par.pp_split)
-        except ConfigError:
-            counts = [exp.model.n_layers]  # the pipeline check names the problem
-        fewest = min(sum(counts[r::par.pp]) for r in range(par.pp))  # layers on the pipeline rank with fewest
-        if d.fragments > fewest:
-            raise ConfigError(f"dp_sync.diloco.fragments: must be <= {fewest}, the layers of the pipeline rank with "
-                              f"the fewest (fragments are cut from each rank's own layers), got {d.fragments}")
-        if d.sync_every % d.fragments:
-            raise ConfigError(f"dp_sync.diloco.sync_every: {d.sync_every} must be a multiple of "
-                              f"dp_sync.diloco.fragments ({d.fragments})")
-        if d.fragment_sync_delay >= d.sync_every // d.fragments:
-            raise ConfigError(f"dp_sync.diloco.fragment_sync_delay: must be < sync_every/fragments = "
-                              f"{d.sync_every // d.fragments}, got {d.fragment_sync_delay}")
-        if not 0.0 <= d.fragment_update_alpha <= 1.0:
-            raise ConfigError(f"dp_sync.diloco.fragment_update_alpha: must be in [0, 1], got {d.fragment_update_alpha}")
-        if not d.outer_momentum < 1.0:
-            raise ConfigError(f"dp_sync.diloco.outer_momentum: must be in [0, 1), got {d.outer_momentum}")
-    else:
-        _positive(exp, "dp_sync.co2.sync_every", "dp_sync.co2.outer_lr")
-        _positive(exp, "dp_sync.co2.staleness_penalty", "dp_sync.co2.clip", "dp_sync.co2.outer_momentum",
-                  allow_zero=True)
-        if not c.outer_momentum < 1.0:
-            raise ConfigError(f"dp_sync.co2.outer_momentum: must be in [0, 1), got {c.outer_momentum}")
-
-
-def pipeline_stage_layers(n_layers: int, stages: int, split: str) -> list[int]:
-    """Layers per pipeline stage: the explicit ``parallel.pp_split``, or as even as possible with the extra
-    layers on middle stages first (the first stage also embeds, the last computes the output and loss)."""
-    if split and split != "auto":  # auto: by the stages' fabrics when ranks are placed (launch/placement.py)
-        try:
-            counts = [int(x) for x in split.split(",")]
-        except ValueError:
-            raise ConfigError(f"parallel.pp_split: expected comma-separated layer counts, got {split!r}") from None
-        if len(counts) != stages or any(c < 1 for c in counts) or sum(counts) != n_layers:
-            raise ConfigError(f"parallel.pp_split: needs {stages} positive counts summing to model.n_layers "
-                              f"({n_layers}), got {split!r}")
-        return counts
-    base, extra = divmod(n_layers, stages)
-    counts = [base] * stages
-    for i in (list(range(1, stages - 1)) + [0, stages - 1])[:extra]:
-        counts[i] += 1
-    return counts
+    """What every method with local updates needs from the layout, then the method's own settings."""
+    par = exp.parallel
+    method = DP_SYNC.get(par.dp_sync)
+    if method.local_updates:
+        if par.dp_replicate < 2:
+            raise ConfigError(f"parallel.dp_sync: {par.dp_sync} syncs replicas over parallel.dp_replicate, which "
+                              f"must be >= 2 (got {par.dp_replicate})")
+        if par.dp_engine == "deepspeed":
+            raise ConfigError(f"parallel.dp_sync: {par.dp_sync} runs on parallel.dp_engine=fsdp (DeepSpeed averages "
+                              "gradients every step itself)")
+        if par.sp_mode == "adaptive":
+            raise ConfigError(f"parallel.dp_sync: {par.dp_sync} is not supported with parallel.sp_mode=adaptive")
+    method.check(exp)
 
 
 def pipeline_microbatches(exp: Experiment) -> int:

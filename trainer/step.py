@@ -10,22 +10,15 @@ engine's precision context, so bf16 means the same thing under every layout.
 """
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import torch.distributed as dist
 
 from loomtrain.parallel.engines.fsdp import local_value
+from loomtrain.parallel.parallelize import loss_parallel_context  # noqa: F401  (tests patch it here)
 from loomtrain.trainer.loss import token_loss_sum
 
 
-def loss_parallel_context(enabled: bool):
-    """Vocabulary-parallel cross entropy over tensor-parallel logits (a context manager)."""
-    if enabled:
-        from torch.distributed.tensor.parallel import loss_parallel
-
-        return loss_parallel()
-    return contextlib.nullcontext()
 
 
 class MicroBatchSteps:

@@ -25,8 +25,8 @@ from loomtrain.faulttol.snapshot import RestoreFailed
 from loomtrain.launch.env import DistEnv, init_distributed, read_env, shutdown
 from loomtrain.launch.placement import place_ranks
 from loomtrain.parallel.engines.fsdp import FSDPEngine
-from loomtrain.parallel.dp_sync.methods import build_sync
-from loomtrain.parallel.sp.modes import longest_sequence, sequence_parallel
+from loomtrain.parallel.dp_sync import build_sync
+from loomtrain.parallel.sp.modes import ModelCopy, longest_sequence, sequence_parallel
 from loomtrain.parallel.parallelize import parallelize_model
 from loomtrain.parallel.pipeline import build_schedule, build_stages
 from loomtrain.trainer.attention import resolve_backend
@@ -35,7 +35,7 @@ from loomtrain.trainer.checks import check_experiment, check_vocab, cp_attention
 from loomtrain.trainer.config import Experiment, pipeline_microbatches, pipeline_stage_layers, save_config
 from loomtrain.trainer.loss import label_tokens, token_loss_sum
 from loomtrain.trainer.metrics import MetricsSink, detect_peak_flops
-from loomtrain.trainer.models.llama.model import ModelArgs, Transformer
+from loomtrain.trainer.models import model_family
 from loomtrain.trainer.optim import build_optimizer, build_scheduler
 from loomtrain.trainer.step import MicroBatchSteps, PipelineSteps
 
@@ -127,12 +127,15 @@ class Trainer:
         self.valid_data = PackedDataset(prepared.valid_prefix, exp.data.seq_len) if tcfg.eval_every else None
 
         # Model: identical full init on every rank (seeded), then laid over the mesh.
-        self.args = ModelArgs.from_config(exp.model, prepared.vocab_size, longest_sequence(exp, env.world_size))
+        family = model_family(exp.model.family)
+        self.args = family.args(exp.model, prepared.vocab_size, longest_sequence(exp, env.world_size))
         check_vocab(self.args.vocab_size, prepared.vocab_size, self.dims.tp,
                     prepared.meta.get("vocab_source", prepared.meta.get("tokenizer", "the tokenizer")))
         # Sequence parallelism (static cp, or adaptive groups per step) and the batch plan that feeds it.
+        backend = resolve_backend(exp.model.attention, env.device.type)
         self.sp, plan = sequence_parallel(exp, self.args, self.dims, self.mesh, self.train_data, self.dp_rank,
-                                          env.device, env.local_world_size)
+                                          env.device, env.local_world_size,
+                                          ModelCopy(family.build, token_loss_sum, backend))
         self.batches = Prefetcher(plan, pin_memory=env.device.type == "cuda")
         self.tokens_per_step = tokens_per_step(exp)
         self.flops_per_token = self.args.flops_per_token(exp.data.seq_len)
@@ -144,8 +147,8 @@ class Trainer:
 
         torch.manual_seed(tcfg.seed)
         with torch.device("meta"):  # no rank ever holds the whole model: built empty, sharded, then filled
-            model = Transformer(self.args)
-        model.attention_backend = resolve_backend(exp.model.attention, env.device.type)
+            model = family.build(self.args)
+        model.attention_backend = backend
         self.loss_parallel = exp.parallel.loss_parallel and self.dims.tp > 1
         par = exp.parallel
         n_stages = par.pp * par.pp_virtual_stages

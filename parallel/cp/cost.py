@@ -86,11 +86,3 @@ def predict_seconds(s: Shape, bandwidth: float, latency: float, flops: float,
     a2a = (w - 1) / w * (2 * q + 2 * kv)
     ulysses = 3.5 * fwd_total + 2 * a2a / (bandwidth * links) + 8 * latency
     return {"tokenring": tr_f + tr_b, "ring": ring, "ulysses": ulysses}
-
-
-def choose(s: Shape, bandwidth: float, latency: float, flops: float, topology: str = "full_mesh") -> str:
-    """The predicted fastest strategy that applies (Ulysses needs heads divisible by W)."""
-    t = predict_seconds(s, bandwidth, latency, flops, topology)
-    if s.heads % s.world or s.kv_heads % s.world:
-        t.pop("ulysses")
-    return min(t, key=t.get)

@@ -1,9 +1,8 @@
-"""Data-parallel synchronisation as a strategy: what keeps the replicas' parameters in step.
+"""The data-parallel sync methods with local updates (the interface: ``parallel/dp_sync/__init__.py``).
 
-``parallel.dp_sync`` picks one. The trainer calls :meth:`step` once per optimizer step, after
-forward/backward: it applies the update and returns the gradient norm.
+The trainer calls :meth:`OuterSync.step` once per optimizer step, after forward/backward: it applies the
+update and returns the gradient norm.
 
-- ``every_step``: gradients are averaged over every data-parallel rank inside each step.
 - ``diloco`` (:class:`DiLoCo`) and ``co2`` (:class:`CO2`): each ``dp_replicate`` replica is a *worker*
   that takes local steps (FSDP/TP/CP/PP inside it as usual) and the workers meet in an outer step.
   Both hook the inner optimizer's ``step``, so they also run under any plain loop.
@@ -18,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+
+from loomtrain.errors import ConfigError, require_positive
 
 import torch
 import torch.distributed as dist
@@ -52,38 +53,6 @@ class Resolved:
         return self.value
 
 
-class EveryStep:
-    """Gradients are averaged over all data-parallel ranks inside every step (by the engine's
-    reduce-scatter / all-reduce), so the update itself needs no further sync."""
-
-    def __init__(self, engine):
-        self.engine = engine
-
-    def step(self) -> float:
-        return self.engine.step()
-
-    def state_tensors(self) -> dict:
-        return {}
-
-    def host_state(self) -> dict:
-        return {}
-
-    def checkpoint_tensors(self) -> dict:
-        return {}
-
-    def settle(self) -> None:
-        pass
-
-    def load_host_state(self, state: dict | None) -> None:
-        pass
-
-    def outer_model(self):
-        return contextlib.nullcontext()
-
-    def close(self) -> None:
-        pass
-
-
 class OuterSync:
     """What DiLoCo and CO2 share: per-parameter fp32 anchors of the local shards, the hook on the inner
     optimizer, and named state for checkpoints and snapshots.
@@ -91,6 +60,17 @@ class OuterSync:
     ``groups``: lists of parameters (DiLoCo's fragments; CO2 has one). ``names``: parameter -> stable key
     (the trainer passes fully qualified names, so pipeline stages never collide); default ``f<i>.<j>``.
     """
+
+    local_updates = True  # each replica is a worker; its gradients are averaged inside it only
+
+    @classmethod
+    def replica_bytes_per_step(cls, exp, shard_params: float, replicas: int) -> float:
+        raise NotImplementedError
+
+    @classmethod
+    def state_copies(cls, exp) -> int:
+        """fp32 anchors and arrived averages, plus the method's own (``_tensor_sets``)."""
+        raise NotImplementedError
 
     def __init__(self, groups, inner_optimizer, group, names: dict | None, engine=None):
         if group is None and dist.is_available() and dist.is_initialized():
@@ -231,6 +211,59 @@ class DiLoCo(OuterSync):
     the paper recommends). ``group=None``: the default group when one is initialised, else one worker.
     """
 
+    @classmethod
+    def check(cls, exp) -> None:
+        from loomtrain.parallel.stages import pipeline_stage_layers
+
+        par, d = exp.parallel, exp.dp_sync.diloco
+        require_positive(exp, "dp_sync.diloco.sync_every", "dp_sync.diloco.fragments", "dp_sync.diloco.outer_lr")
+        require_positive(exp, "dp_sync.diloco.fragment_sync_delay", "dp_sync.diloco.outer_momentum",
+                         allow_zero=True)
+        try:
+            counts = pipeline_stage_layers(exp.model.n_layers, par.pp * par.pp_virtual_stages, par.pp_split)
+        except ConfigError:
+            counts = [exp.model.n_layers]  # the pipeline check names the problem
+        fewest = min(sum(counts[r::par.pp]) for r in range(par.pp))  # layers on the pipeline rank with fewest
+        if d.fragments > fewest:
+            raise ConfigError(f"dp_sync.diloco.fragments: must be <= {fewest}, the layers of the pipeline rank with "
+                              f"the fewest (fragments are cut from each rank's own layers), got {d.fragments}")
+        if d.sync_every % d.fragments:
+            raise ConfigError(f"dp_sync.diloco.sync_every: {d.sync_every} must be a multiple of "
+                              f"dp_sync.diloco.fragments ({d.fragments})")
+        if d.fragment_sync_delay >= d.sync_every // d.fragments:
+            raise ConfigError(f"dp_sync.diloco.fragment_sync_delay: must be < sync_every/fragments = "
+                              f"{d.sync_every // d.fragments}, got {d.fragment_sync_delay}")
+        if not 0.0 <= d.fragment_update_alpha <= 1.0:
+            raise ConfigError(f"dp_sync.diloco.fragment_update_alpha: must be in [0, 1], got {d.fragment_update_alpha}")
+        if not d.outer_momentum < 1.0:
+            raise ConfigError(f"dp_sync.diloco.outer_momentum: must be in [0, 1), got {d.outer_momentum}")
+
+    @classmethod
+    def replica_bytes_per_step(cls, exp, shard_params: float, replicas: int) -> float:
+        """One fp32 ring all-reduce of the shard per round, or the quantized payload all-gathered."""
+        from loomtrain.parallel.dp_sync.quantize import wire_bytes
+
+        d = exp.dp_sync.diloco
+        sent = 2 * (replicas - 1) / replicas * 4 * shard_params if d.quantize == "none" else \
+            (replicas - 1) * wire_bytes(int(shard_params), d.quantize)
+        return sent / d.sync_every
+
+    @classmethod
+    def state_copies(cls, exp) -> int:
+        return 2 + (exp.dp_sync.diloco.outer_momentum > 0)
+
+    @classmethod
+    def build(cls, exp, engine, *, blocks, params, names, group, worker_group=None) -> "DiLoCo":
+        """Strided fragments of ``blocks``; parameters outside them (embeddings, head) join the first."""
+        cfg = exp.dp_sync.diloco
+        in_blocks = {id(p) for b in blocks for p in b.parameters()}
+        fragments = [list(f.parameters()) for f in strided_fragments(blocks, cfg.fragments)]
+        fragments[0] += [p for p in params if id(p) not in in_blocks]
+        return cls(fragments, engine.optimizer, group=group, sync_every=cfg.sync_every,
+                   fragment_sync_delay=cfg.fragment_sync_delay, fragment_update_alpha=cfg.fragment_update_alpha,
+                   outer_lr=cfg.outer_lr, outer_momentum=cfg.outer_momentum, nesterov=cfg.nesterov,
+                   quantize=cfg.quantize, names=names, engine=engine)
+
     def __init__(self, fragments, inner_optimizer, *, group=None, sync_every: int, fragment_sync_delay: int = 0,
                  fragment_update_alpha: float = 0.0, outer_lr: float = 0.7, outer_momentum: float = 0.9,
                  nesterov: bool = True, quantize: str = "none", names: dict | None = None, engine=None):
@@ -320,6 +353,32 @@ class CO2(OuterSync):
     EPS = 1e-12
     ANCHORED = ("anchor", "start")
 
+    @classmethod
+    def check(cls, exp) -> None:
+        require_positive(exp, "dp_sync.co2.sync_every", "dp_sync.co2.outer_lr")
+        require_positive(exp, "dp_sync.co2.staleness_penalty", "dp_sync.co2.clip", "dp_sync.co2.outer_momentum",
+                         allow_zero=True)
+        if not exp.dp_sync.co2.outer_momentum < 1.0:
+            raise ConfigError(f"dp_sync.co2.outer_momentum: must be in [0, 1), got {exp.dp_sync.co2.outer_momentum}")
+
+    @classmethod
+    def replica_bytes_per_step(cls, exp, shard_params: float, replicas: int) -> float:
+        """One fp32 ring all-reduce of the shard's movement per round."""
+        return 2 * (replicas - 1) / replicas * 4 * shard_params / exp.dp_sync.co2.sync_every
+
+    @classmethod
+    def state_copies(cls, exp) -> int:
+        return 4  # anchors, arrived averages, outer momentum, the round's start
+
+    @classmethod
+    def build(cls, exp, engine, *, blocks, params, names, group, worker_group=None) -> "CO2":
+        cfg = exp.dp_sync.co2
+        in_blocks = {id(p) for b in blocks for p in b.parameters()}
+        ordered = [p for b in blocks for p in b.parameters()] + [p for p in params if id(p) not in in_blocks]
+        return cls(ordered, engine.optimizer, group=group, sync_every=cfg.sync_every, outer_lr=cfg.outer_lr,
+                   outer_momentum=cfg.outer_momentum, staleness_penalty=cfg.staleness_penalty, clip=cfg.clip,
+                   names=names, engine=engine, worker_group=worker_group)
+
     def __init__(self, params, inner_optimizer, *, group=None, sync_every: int, outer_lr: float = 1.0,
                  outer_momentum: float = 0.5, staleness_penalty: float = 0.5, clip: float = 1.0,
                  names: dict | None = None, engine=None, worker_group=None):
@@ -388,26 +447,3 @@ def strided_fragments(blocks, n: int):
     if not 1 <= n <= len(blocks):
         raise ValueError(f"dp_sync.diloco.fragments: must be in 1..{len(blocks)} (blocks), got {n}")
     return [torch.nn.ModuleList(blocks[i::n]) for i in range(n)]
-
-
-def build_sync(exp, engine, *, blocks, params, names: dict, group, worker_group=None):
-    """The strategy ``exp.parallel.dp_sync`` names, over this rank's ``params``: ``blocks`` (the repeated
-    layers) are cut into strided fragments; parameters outside them (embeddings, head) join the first."""
-    method = exp.parallel.dp_sync
-    if method == "every_step":
-        return EveryStep(engine)
-    in_blocks = {id(p) for b in blocks for p in b.parameters()}
-    others = [p for p in params if id(p) not in in_blocks]
-    if method == "diloco":
-        cfg = exp.dp_sync.diloco
-        fragments = [list(f.parameters()) for f in strided_fragments(blocks, cfg.fragments)]
-        fragments[0] += others
-        return DiLoCo(fragments, engine.optimizer, group=group, sync_every=cfg.sync_every,
-                      fragment_sync_delay=cfg.fragment_sync_delay, fragment_update_alpha=cfg.fragment_update_alpha,
-                      outer_lr=cfg.outer_lr, outer_momentum=cfg.outer_momentum, nesterov=cfg.nesterov,
-                      quantize=cfg.quantize, names=names, engine=engine)
-    cfg = exp.dp_sync.co2
-    return CO2([p for b in blocks for p in b.parameters()] + others, engine.optimizer, group=group,
-               sync_every=cfg.sync_every, outer_lr=cfg.outer_lr, outer_momentum=cfg.outer_momentum,
-               staleness_penalty=cfg.staleness_penalty, clip=cfg.clip, names=names, engine=engine,
-               worker_group=worker_group)

@@ -25,7 +25,8 @@ import os
 import time
 from dataclasses import dataclass
 
-from loomtrain.parallel.cp.cost import Shape, attention_flops, predict_seconds
+from loomtrain.parallel.cp import predict
+from loomtrain.parallel.cp.cost import Shape, attention_flops
 
 
 @dataclass
@@ -42,7 +43,7 @@ class SequenceCost:
     latency_s: float = 10e-6
     ranks_per_node: int = 8
     topology: str = "full_mesh"
-    impls: tuple = ("tokenring", "ring", "ulysses")
+    impls: tuple = ()  # strategies the planner may pick (empty: every registered one, parallel/cp)
     alpha0: float = 0.0  # seconds per sequence whatever its length (calls, launches)
     fitted: dict | None = None  # group size -> (c0, c1, c2): measured T = c0 + c1 L^2 + c2 L
     links: dict | None = None  # group size -> (latency s, bytes/s): its measured ring exchange
@@ -69,10 +70,8 @@ class SequenceCost:
         the attention work of the row over one sequence's of L (sum of its documents' L_i^2 / L^2)."""
         s = self._shape(L, d)
         latency, bandwidth = self.link(d)
-        t = predict_seconds(s, bandwidth, latency, self._flops() / max(density, 1e-9), self.topology)
-        if s.heads % d or s.kv_heads % d:
-            t.pop("ulysses")
-        allowed = {k: v for k, v in t.items() if k in self.impls} or t  # a forced ulysses that cannot split
+        t = predict(s, bandwidth, latency, self._flops() / max(density, 1e-9), self.topology)
+        allowed = {k: v for k, v in t.items() if k in self.impls} or t  # a forced strategy that cannot split
         best = min(allowed, key=allowed.get)
         return best, allowed[best]
 
@@ -194,14 +193,13 @@ def _ring_seconds(pool, tile, nbytes: int, device, repeats: int) -> float:
 
 
 def _sequence_seconds(model, pool, tile, d: int, L: int, attention, device, repeats: int,
-                      loss_parallel: bool = False) -> float:
-    """Forward + backward of one sequence of L tokens on every tile of d at once (the training loss: fp32
-    cross entropy, vocabulary-parallel under ``loss_parallel``)."""
+                      loss_parallel: bool = False, loss_sum=None) -> float:
+    """Forward + backward of one sequence of L tokens on every tile of d at once (``loss_sum(logits, labels)``:
+    the training loss, vocabulary-parallel under ``loss_parallel``)."""
     import torch
 
     from loomtrain.parallel.cp.attention import shard_for
-    from loomtrain.trainer.loss import token_loss_sum
-    from loomtrain.trainer.step import loss_parallel_context
+    from loomtrain.parallel.parallelize import loss_parallel_context
 
     tokens = torch.randint(0, model.args.vocab_size, (1, L), generator=torch.Generator().manual_seed(L))
     positions = torch.arange(L).unsqueeze(0)
@@ -213,7 +211,7 @@ def _sequence_seconds(model, pool, tile, d: int, L: int, attention, device, repe
 
     def step():
         with loss_parallel_context(loss_parallel):
-            token_loss_sum(model(tokens, positions), tokens).backward()
+            loss_sum(model(tokens, positions), tokens).backward()
 
     try:
         return _best_seconds(step, tile is not None, device, repeats)
@@ -238,7 +236,7 @@ def to_depth(seconds: dict, layers: int) -> list[float]:
 
 def measure_pool(model_args, device, pool, sizes, capacity: int, groups, links: dict, repeats: int = 2,
                  dtype=None, backend: str = "auto", activation_checkpoint: bool = False, shard_model=None,
-                 loss_parallel: bool = False, progress=print) -> dict:
+                 loss_parallel: bool = False, progress=print, *, build_model, loss_sum) -> dict:
     """Every rank at once: ring hops and sequence times per group size (max over ranks, best repeat), fitted.
 
     ``pool``: an ``adaptive_sp.PoolRanks`` (members, their ranks per tensor-parallel coordinate); ``groups``: a
@@ -264,7 +262,7 @@ def measure_pool(model_args, device, pool, sizes, capacity: int, groups, links: 
                 out["links"][d] = (max(t_small - small / bw, 1e-7), bw)
     for depth in calibration_depths(model_args.n_layers):
         shallow = dataclasses.replace(model_args, n_layers=depth)
-        model = _calibration_model(shallow, device, dtype, backend, activation_checkpoint, shard_model)
+        model = _calibration_model(build_model, shallow, device, dtype, backend, activation_checkpoint, shard_model)
         for d in sorted(sizes):
             entry = out["sizes"][d]
             if d > 1 and "impls" not in entry:
@@ -280,7 +278,8 @@ def measure_pool(model_args, device, pool, sizes, capacity: int, groups, links: 
             seconds = []
             for k, L in enumerate(entry["lengths"]):
                 attention = groups.module(pool.ranks(tile), entry["impls"][k]) if d > 1 and tile else None
-                seconds.append(_sequence_seconds(model, pool, tile, d, L, attention, device, repeats, loss_parallel))
+                seconds.append(_sequence_seconds(model, pool, tile, d, L, attention, device, repeats, loss_parallel,
+                                                 loss_sum))
             entry["seconds"][depth] = seconds
             if progress is not None and pool.member == 0 and pool.t == 0:
                 progress(f"sp calibration ({depth} of {model_args.n_layers} layers): groups of {d}: " + ", ".join(
@@ -291,13 +290,13 @@ def measure_pool(model_args, device, pool, sizes, capacity: int, groups, links: 
     return out
 
 
-def _calibration_model(model_args, device, dtype, backend: str, activation_checkpoint: bool, shard_model=None):
+def _calibration_model(build_model, model_args, device, dtype, backend: str, activation_checkpoint: bool,
+                       shard_model=None):
+    """``build_model(args)``: the model family's copy with ``args``' (fewer) layers."""
     import torch
 
-    from loomtrain.trainer.models.llama.model import Transformer
-
     torch.manual_seed(0)
-    model = Transformer(model_args).to(device)
+    model = build_model(model_args).to(device)
     if dtype is not None:
         model = model.to(dtype)
     model.attention_backend = backend
@@ -312,7 +311,7 @@ def _calibration_model(model_args, device, dtype, backend: str, activation_check
 
 def calibrate_pool(model_args, device, cache_dir: str, *, pool, degrees, capacity: int, groups, repeats: int = 2,
                    dtype=None, backend: str = "auto", activation_checkpoint: bool = False, shard_model=None,
-                   loss_parallel: bool = False, **links) -> SequenceCost:
+                   loss_parallel: bool = False, build_model, loss_sum, **links) -> SequenceCost:
     """The fitted model of this pool on this machine: measured by every rank at once the first time, cached by
     model shape, pool, capacity, device and software in ``cache_dir``, read by rank 0 and broadcast after."""
     import platform
@@ -339,7 +338,7 @@ def calibrate_pool(model_args, device, cache_dir: str, *, pool, degrees, capacit
     if box[0] is None:
         box[0] = json.loads(json.dumps(measure_pool(model_args, device, pool, sizes, capacity, groups, links,
                                                     repeats, dtype, backend, activation_checkpoint, shard_model,
-                                                    loss_parallel)))
+                                                    loss_parallel, build_model=build_model, loss_sum=loss_sum)))
         if rank == 0:
             from loomtrain.fsutil import atomic_write_text
 

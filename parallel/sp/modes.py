@@ -21,14 +21,23 @@ tokens and the attention the model uses for it).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 import torch.distributed as dist
 
 from loomtrain.data.loader import DocumentPosition, DocumentStream, document_row
 from loomtrain.parallel.sp.planner import PoolRanks, placeable_rank_sets, plan_groups
-from loomtrain.parallel.cp.attention import ContextParallelAttention, shard_for, shard_sequence, zigzag_multiple
+from loomtrain.parallel.cp import CP_STRATEGIES
+from loomtrain.parallel.cp import strategy as cp_strategy
+from loomtrain.parallel.cp.attention import shard_for, shard_sequence, zigzag_multiple
 
-IMPL_CODES = ("none", "tokenring", "ring", "ulysses")
+
+def impl_codes() -> tuple[str, ...]:
+    """A row's strategy travels as its index here ("none": a group of one); the same on every rank."""
+    return ("none",) + CP_STRATEGIES.names()
+
 PRECREATE_GROUPS = 64  # pools with at most this many placeable rank sets create them all before the first step
 
 
@@ -52,7 +61,7 @@ class SequenceGroups:
 
     def __init__(self):
         self.groups: dict[tuple, tuple] = {}  # ranks -> (group, reverse group)
-        self.attention: dict[tuple, ContextParallelAttention] = {}
+        self.attention: dict[tuple, object] = {}  # (ranks, strategy) -> its attention callable
         self.created = 0
 
     def ensure(self, rank_sets) -> None:
@@ -62,11 +71,11 @@ class SequenceGroups:
                 self.groups[ranks] = (dist.new_group(list(ranks)), dist.new_group(list(ranks)))
                 self.created += 1
 
-    def module(self, ranks: tuple, impl: str) -> ContextParallelAttention:
+    def module(self, ranks: tuple, impl: str):
         key = (ranks, impl)
         if key not in self.attention:
             group, reverse = self.groups[ranks]
-            self.attention[key] = ContextParallelAttention(impl, group, reverse_group=reverse)
+            self.attention[key] = cp_strategy(impl).make(group, reverse_group=reverse)
         return self.attention[key]
 
 
@@ -84,7 +93,7 @@ class AdaptiveSP:
             return batch
         batch = dict(batch)
         start, size = batch.pop("sp_group").tolist()
-        impl = IMPL_CODES[int(batch.pop("sp_impl"))]
+        impl = impl_codes()[int(batch.pop("sp_impl"))]
         batch.pop("sp_plan")
         model.context_parallel = None if size == 1 else self.groups.module(self.pool.ranks(range(start, start + size)),
                                                                            impl)
@@ -151,7 +160,7 @@ class AdaptiveBatches(DocumentPosition):
             out = {k: shard_for(v, self.rank - ranks[0], d, dim=1) for k, v in out.items()}
         impl = "none" if d == 1 else self.cost.strategy(n, d, sum(k * k for _, k in row) / max(n * n, 1))
         out["sp_group"] = torch.tensor([ranks[0], d])
-        out["sp_impl"] = torch.tensor(IMPL_CODES.index(impl))
+        out["sp_impl"] = torch.tensor(impl_codes().index(impl))
         out["sp_plan"] = plan_ranges
         return out
 
@@ -177,32 +186,42 @@ def longest_sequence(exp, world: int) -> int:
 
 
 def adaptive_cost(exp, model_args, device, pool, members_per_node: int, groups: SequenceGroups, degrees,
-                  shard_model=None, loss_parallel: bool = False):
+                  shard_model=None, loss_parallel: bool = False, *, copy):
     """The planner's cost model: declared coefficients, or measured by the whole pool (cached; the same numbers
-    on every rank). Group sizes count members; heads are one tensor-parallel rank's."""
+    on every rank). Group sizes count members; heads are one tensor-parallel rank's. ``copy``: the
+    :class:`ModelCopy` calibration times."""
     from loomtrain.parallel.sp.cost import SequenceCost, calibrate_pool
 
     par = exp.parallel
     links = dict(intra_bw=par.cp_link_gbps * 1e9 / 8, inter_bw=par.sp_inter_node_gbps * 1e9 / 8,
                  latency_s=par.cp_latency_us * 1e-6, ranks_per_node=members_per_node, topology=par.cp_topology,
-                 impls=("tokenring", "ring", "ulysses") if par.cp_impl == "auto" else (par.cp_impl,))
+                 impls=CP_STRATEGIES.names() if par.cp_impl == "auto" else (par.cp_impl,))
     if par.sp_alpha1 or par.sp_alpha2:
         return SequenceCost(par.sp_alpha1, par.sp_alpha2, model_args.n_heads // pool.tp,
                             model_args.n_kv_heads // pool.tp, model_args.head_dim, model_args.n_layers, **links)
-    from loomtrain.trainer.attention import resolve_backend
-
     return calibrate_pool(model_args, device, exp.data.cache_dir, pool=pool,
                           degrees=degrees or range(1, pool.size + 1), capacity=exp.data.seq_len, groups=groups,
-                          dtype=getattr(torch, exp.model.dtype), backend=resolve_backend(exp.model.attention,
-                                                                                         device.type),
+                          dtype=getattr(torch, exp.model.dtype), backend=copy.backend,
+                          build_model=copy.build, loss_sum=copy.loss_sum,
                           activation_checkpoint=par.activation_checkpoint == "full", shard_model=shard_model,
                           loss_parallel=loss_parallel, **links)
 
 
-def sequence_parallel(exp, model_args, dims, mesh, train_data, dp_rank: int, device, ranks_per_node: int):
+@dataclass
+class ModelCopy:
+    """What the adaptive cost model's calibration needs from the run: the model family's ``build(args)`` (a
+    copy with fewer layers), the training ``loss_sum(logits, labels)`` and the attention ``backend``."""
+
+    build: Callable
+    loss_sum: Callable
+    backend: str = "sdpa"
+
+
+def sequence_parallel(exp, model_args, dims, mesh, train_data, dp_rank: int, device, ranks_per_node: int,
+                      copy: ModelCopy):
     """(strategy, batch plan) for ``parallel.sp_mode``."""
     from loomtrain.data.loader import build_batch_plan
-    from loomtrain.trainer.checks import sp_degrees
+    from loomtrain.parallel.sp.planner import sp_degrees
 
     if exp.parallel.sp_mode != "adaptive":
         cp_group = mesh["cp"].get_group() if dims.cp > 1 else None
@@ -221,7 +240,7 @@ def sequence_parallel(exp, model_args, dims, mesh, train_data, dp_rank: int, dev
 
         def shard(model):
             apply_tp(model, mesh["tp"], loss_parallel)
-    cost = adaptive_cost(exp, model_args, device, pool, per_node, sp.groups, degrees, shard, loss_parallel)
+    cost = adaptive_cost(exp, model_args, device, pool, per_node, sp.groups, degrees, shard, loss_parallel, copy=copy)
     t, d = exp.train, exp.data
     plan = AdaptiveBatches(train_data.data, t.seed, t.global_batch_tokens, d.max_doc_tokens or d.seq_len, d.seq_len,
                            pool.member, pool.size, cost, degrees, nodes, dims.tp)

@@ -460,3 +460,16 @@ def exact_makespan(lengths, world: int, capacity: int, time_fn, degrees=None) ->
         return out
 
     return best((1 << n) - 1, world)
+
+
+def sp_degrees(par, world: int) -> list[int] | None:
+    """``parallel.sp_degrees`` as a list (None: any size), or ConfigError."""
+    if not par.sp_degrees.strip():
+        return None
+    try:
+        ds = sorted({int(x) for x in par.sp_degrees.split(",") if x.strip()})
+    except ValueError:
+        raise ConfigError(f"parallel.sp_degrees: expected group sizes like '1,2,4', got {par.sp_degrees!r}") from None
+    if not ds or ds[0] < 1 or ds[-1] > world:
+        raise ConfigError(f"parallel.sp_degrees: sizes must be in 1..{world} (the pool), got {par.sp_degrees!r}")
+    return ds
