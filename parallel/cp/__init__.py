@@ -5,7 +5,7 @@ each sequence. ``parallel.cp_impl`` names one (or ``auto``: :func:`choose` picks
 cost model); the static cp group (``parallel/parallelize.py::apply_cp``), adaptive sequence
 parallelism's per-step groups (``parallel/sp``), ``loomtrain plan`` and the cost models all go
 through :data:`CP_STRATEGIES`. Built-ins: ``tokenring``, ``ring``, ``ulysses`` (``builtin.py``, over the
-kernels of ``attention.py``). A plugin adds one with ``@CP_STRATEGIES.register("name")``.
+kernels of ``attention.py``). A plugin adds one with ``CP_STRATEGIES.add("name", strategy)`` (an instance).
 """
 from __future__ import annotations
 
