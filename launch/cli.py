@@ -129,7 +129,7 @@ def cmd_train(args) -> int:
 
         return launch_local(exp, resolve_config_path(args.config), args.overrides, args.nproc, args.max_restarts,
                             args.resume)
-    from loomtrain.trainer.train import run
+    from loomtrain.launch.train import run
 
     run(exp, resume=args.resume)
     return 0

@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 
 import torch
+
+from loomtrain.device import device_type_for  # noqa: F401  (callers import it from here too)
 import torch.distributed as dist
 
 
@@ -70,11 +72,6 @@ def slurm_rendezvous(environ=None) -> tuple[str, str]:
     addr = env.get("MASTER_ADDR") or expand_slurm_nodelist(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))[0]
     port = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
     return addr, port
-
-
-def device_type_for(requested: str) -> str:
-    """``parallel.device`` resolved on this machine: cuda (asked for, or auto with CUDA present) or cpu."""
-    return "cuda" if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()) else "cpu"
 
 
 def choose_device(requested: str, local_rank: int) -> torch.device:

@@ -205,7 +205,7 @@ def stall(args):
 def _train_rank(rank, overrides):
     from loomtrain.parallel.sp import modes as hybrid_dp
     from loomtrain.trainer.config import load_config
-    from loomtrain.trainer.train import run
+    from loomtrain.launch.train import run
 
     predicted = []
     original = hybrid_dp.AdaptiveBatches.plan

@@ -37,6 +37,7 @@ def _job(rank, overrides, fault):
     """One rank: ``fault`` = (kind, rank, step) with kind jitter | slow | sigstop | none."""
     from conftest import signal_self_after_step
     from loomtrain.trainer import train as train_mod
+    from loomtrain.launch import train as launch_train
     from loomtrain.trainer.config import load_config
 
     kind, target, onset = fault
@@ -58,7 +59,7 @@ def _job(rank, overrides, fault):
     train_mod.MicroBatchSteps.forward_backward = perturbed
     if kind == "sigstop" and rank == target and os.environ.get("LOOMTRAIN_ATTEMPT") == "0":
         signal_self_after_step(onset, signal.SIGSTOP)
-    r = train_mod.run(load_config("tiny", overrides))
+    r = launch_train.run(load_config("tiny", overrides))
     return r.last_step, r.restored_from
 
 

@@ -54,7 +54,7 @@ def plain_loop(exp, prepared, steps: int, warmup: int) -> float:
 
 
 def loomtrain_loop(exp, steps: int, warmup: int) -> float:
-    from loomtrain.trainer.train import run
+    from loomtrain.launch.train import run
 
     with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
         r = run(exp)

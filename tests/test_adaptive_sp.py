@@ -104,7 +104,7 @@ def test_a_sequence_too_long_for_the_pool_is_one_line():
 def _adaptive_run(rank, overrides, record):
     from loomtrain.parallel.sp import modes as hybrid_dp
     from loomtrain.trainer.config import load_config
-    from loomtrain.trainer.train import run
+    from loomtrain.launch.train import run
 
     plans, created, rank_sets, packed = [], [], set(), [0]
     if record:

@@ -9,12 +9,12 @@ STEPS = 5
 
 
 def _train(rank, overrides, signal_at=0, resume=None):
-    from loomtrain.trainer import train as train_mod
+    from loomtrain.launch import train as launch_train
     from loomtrain.trainer.config import load_config
 
     if signal_at and rank == 0:
         signal_self_after_step(signal_at, signal.SIGTERM)
-    r = train_mod.run(load_config("tiny", overrides), resume=resume)
+    r = launch_train.run(load_config("tiny", overrides), resume=resume)
     return r.losses, r.last_step, r.resumed_from
 
 

@@ -73,6 +73,7 @@ def test_co2_replicas_keep_one_outer_model():
 
 def _train(rank, overrides, resume=None, signal_at=0):
     from loomtrain.trainer import train as train_mod
+    from loomtrain.launch import train as launch_train
     from loomtrain.trainer.config import load_config
 
     if signal_at:
@@ -91,7 +92,7 @@ def _train(rank, overrides, resume=None, signal_at=0):
         return result
 
     train_mod.Trainer.fit = fit
-    r = train_mod.run(load_config("tiny", overrides), resume=resume)
+    r = launch_train.run(load_config("tiny", overrides), resume=resume)
     return r.losses, captured
 
 

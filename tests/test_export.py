@@ -9,7 +9,7 @@ from conftest import run_ranks
 
 def _train(rank, overrides):
     from loomtrain.trainer.config import load_config
-    from loomtrain.trainer.train import run
+    from loomtrain.launch.train import run
 
     return run(load_config("tiny", overrides)).checkpoint
 

@@ -234,6 +234,7 @@ def test_every_rank_agrees_on_the_attempt_and_a_relaunch_is_a_new_run(tmp_path):
 # ---------------------------------------------------------------- end to end
 def _train(rank, overrides, resume=None):
     from loomtrain.trainer import train as train_mod
+    from loomtrain.launch import train as launch_train
     from loomtrain.trainer.config import load_config
 
     trainer_cls = train_mod.Trainer
@@ -247,7 +248,7 @@ def _train(rank, overrides, resume=None):
         return out
 
     trainer_cls.fit = fit_and_keep_params
-    r = train_mod.run(load_config("tiny", overrides), resume=resume)
+    r = launch_train.run(load_config("tiny", overrides), resume=resume)
     return r.losses, r.restored_from, r.last_step, r.snapshots, params, r.snapshot_failures
 
 
@@ -548,6 +549,7 @@ def _train_and_measure_held(rank, overrides):
 
     from loomtrain.trainer import train as train_mod
 
+
     trainer, init = [], train_mod.Trainer.__init__
 
     def keep(self, *a, **kw):
@@ -641,13 +643,13 @@ def _train_hanging(rank, overrides, hang_rank, how):
         if how == "sigstop":
             signal_self_after_step(5, signal.SIGSTOP)
         else:
-            from loomtrain.trainer import train as train_mod
+            from loomtrain.launch import train as launch_train
 
             def never_returns(*args):
                 while True:
                     time.sleep(1.0)
 
-            train_mod.place_ranks = never_returns
+            launch_train.place_ranks = never_returns
     return _train(rank, overrides)
 
 

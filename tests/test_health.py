@@ -45,6 +45,7 @@ def _monitored(rank, overrides, slow_rank, slow_kind, onset):
 
     from loomtrain.faulttol import health
     from loomtrain.trainer import train as train_mod
+    from loomtrain.launch import train as launch_train
     from loomtrain.trainer.config import load_config
 
     found = []
@@ -84,7 +85,7 @@ def _monitored(rank, overrides, slow_rank, slow_kind, onset):
                 return original(self)
 
             Prefetcher.next_step = slow_loader
-    r = train_mod.run(load_config("tiny", overrides))
+    r = launch_train.run(load_config("tiny", overrides))
     return found, r.last_step
 
 

@@ -45,7 +45,7 @@ def _threads_after_training(rank, overrides, fail):
     import threading
 
     from loomtrain.trainer.config import load_config
-    from loomtrain.trainer.train import run
+    from loomtrain.launch.train import run
 
     exp = load_config("tiny", overrides)
     if fail:  # parameters blown up by the first update: the loss is not finite and fit raises
@@ -70,7 +70,7 @@ def test_training_leaves_no_thread_running_into_interpreter_exit(overrides):
 def _train_slurm(rank, overrides):
     from loomtrain.launch.env import read_env
     from loomtrain.trainer.config import load_config
-    from loomtrain.trainer.train import run
+    from loomtrain.launch.train import run
 
     r = run(load_config("tiny", overrides))
     return read_env(), r.losses

@@ -17,7 +17,7 @@ STEPS = 6
 
 def _train(rank, overrides):
     from loomtrain.trainer.config import load_config
-    from loomtrain.trainer.train import run
+    from loomtrain.launch.train import run
 
     result = run(load_config("tiny", overrides))
     return result.losses, result.checkpoint, result.grad_norms
@@ -241,6 +241,7 @@ def _train_spying_logits(rank, overrides):
     """(losses, dtypes of the logits the loss saw on this rank)."""
     from loomtrain.trainer import step as step_mod
     from loomtrain.trainer import train as train_mod
+    from loomtrain.launch import train as launch_train
     from loomtrain.trainer.config import load_config
 
     seen, original = set(), step_mod.token_loss_sum
@@ -250,7 +251,7 @@ def _train_spying_logits(rank, overrides):
         return original(logits, labels)
 
     step_mod.token_loss_sum = train_mod.token_loss_sum = spy
-    return train_mod.run(load_config("tiny", overrides)).losses, seen
+    return launch_train.run(load_config("tiny", overrides)).losses, seen
 
 
 @pytest.mark.parametrize("extra", [["parallel.dp_shard=1"], ["parallel.dp_shard=2"]], ids=["pp2", "pp2_dp_shard2"])

@@ -23,7 +23,7 @@ def _experiment_file(tmp_path, name: str, plugin: str, sections: dict) -> str:
 
 def _train(rank, config, overrides):
     from loomtrain.trainer.config import load_config
-    from loomtrain.trainer.train import run
+    from loomtrain.launch.train import run
 
     result = run(load_config(config, overrides))
     return result.losses, result.checkpoint, result.grad_norms

@@ -14,7 +14,7 @@ STEPS, SAVED = 6, 3
 
 def _train(rank, overrides, resume):
     from loomtrain.trainer.config import load_config
-    from loomtrain.trainer.train import run
+    from loomtrain.launch.train import run
 
     result = run(load_config("tiny", overrides), resume=resume)
     return result.losses, result.resumed_from

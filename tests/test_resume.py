@@ -10,12 +10,12 @@ STEPS, STOP_AT = 6, 3
 
 
 def _train(rank, overrides, signal_at, resume):
-    from loomtrain.trainer import train as train_mod
+    from loomtrain.launch import train as launch_train
     from loomtrain.trainer.config import load_config
 
     if signal_at and rank == 0:  # only rank 0 is signalled: every rank must still stop at the same step
         signal_self_after_step(signal_at, signal.SIGTERM)
-    r = train_mod.run(load_config("tiny", overrides), resume=resume)
+    r = launch_train.run(load_config("tiny", overrides), resume=resume)
     return r.losses, r.last_step, r.stopped_by_signal, r.resumed_from
 
 

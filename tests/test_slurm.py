@@ -123,10 +123,10 @@ def _losses(run_dir) -> dict[int, float]:
 
 
 def _reference(rank, overrides):
-    from loomtrain.trainer import train as train_mod
+    from loomtrain.launch import train as launch_train
     from loomtrain.trainer.config import load_config
 
-    return train_mod.run(load_config("tiny", overrides)).losses
+    return launch_train.run(load_config("tiny", overrides)).losses
 
 
 def _leftovers(before: set[str]) -> list[str]:

@@ -17,7 +17,7 @@ MASKED = [0, 50, 10, 63, 5, 30, 0, 60]  # labels masked at the start of global s
 def _uneven(rank, overrides, truncate):
     from loomtrain.data import loader
     from loomtrain.trainer.config import load_config
-    from loomtrain.trainer.train import run
+    from loomtrain.launch.train import run
 
     original = loader.TrainBatches.build
     built = []
@@ -96,7 +96,7 @@ def test_uneven_tokens_match_single_process(layout, uneven_reference, small_corp
 
 def _documents_run(rank, overrides):
     from loomtrain.trainer.config import load_config
-    from loomtrain.trainer.train import run
+    from loomtrain.launch.train import run
 
     result = run(load_config("tiny", overrides))
     return result.losses, result.grad_norms

@@ -243,6 +243,7 @@ def small_exp():
 
 def _placed_training(rank, overrides, hosts=(0, 1, 2, 3)):
     from loomtrain.trainer import train as train_mod
+    from loomtrain.launch import train as launch_train
     from loomtrain.trainer.config import load_config
 
     os.environ["LOOMTRAIN_HOST_ID"] = TWO_PODS["hosts"][hosts[rank]]["name"]  # a1, b1, a2, b2: pods interleaved
@@ -262,7 +263,7 @@ def _placed_training(rank, overrides, hosts=(0, 1, 2, 3)):
         return original(self)
 
     train_mod.Trainer.fit = fit
-    r = train_mod.run(load_config("tiny", overrides))
+    r = launch_train.run(load_config("tiny", overrides))
     return r.losses, seen
 
 

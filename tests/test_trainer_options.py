@@ -10,12 +10,12 @@ from conftest import run_ranks, signal_self_after_step
 
 
 def _run(rank, overrides, resume=None, signal_at=0, sig=signal.SIGINT):
-    from loomtrain.trainer import train as train_mod
+    from loomtrain.launch import train as launch_train
     from loomtrain.trainer.config import load_config
 
     if signal_at:
         signal_self_after_step(signal_at, sig)
-    r = train_mod.run(load_config("tiny", overrides), resume=resume)
+    r = launch_train.run(load_config("tiny", overrides), resume=resume)
     return r.losses, r.val_losses, r.stopped_by_signal, r.checkpoint
 
 

@@ -206,3 +206,48 @@ class Checkpointer:
         saved = pickle.loads(state["rng"])
         set_rng_state(saved[self.rank % len(saved)])
         return int(state["trainer"]["step"])
+
+
+class DeepSpeedCheckpointer:
+    """The Checkpointer interface over ``engine.save_checkpoint`` / ``load_checkpoint``."""
+
+    def __init__(self, ckpt_root: str, keep: int, rank: int, engine):
+        self.root, self.keep, self.rank, self.engine = ckpt_root, keep, rank, engine
+
+    def save(self, model, optimizer, scheduler, sampler, step: int, sync=None) -> str:
+        """``sync``: always every_step under DeepSpeed (config checks refuse the others): nothing to save."""
+        name = f"step_{step:08d}"
+        final, tmp = os.path.join(self.root, name), os.path.join(self.root, name + ".tmp")
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(self.root, exist_ok=True)
+        dist.barrier()
+        self.engine.save_checkpoint(self.root, tag=name + ".tmp", save_latest=False,
+                                    client_state={"step": step, "sampler": sampler.state_dict()})
+        # Every rank's RNG state: DeepSpeed keeps client_state from rank 0 only, so each rank adds a file.
+        torch.save(rng_state(), os.path.join(tmp, f"loomtrain_rng_rank{self.rank}.pt"))
+        dist.barrier()
+        if self.rank == 0:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            atomic_write_text(os.path.join(self.root, "latest"), name + "\n")
+            for _, old in list_checkpoints(self.root)[:-self.keep] if self.keep else []:
+                shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+        return final
+
+    def load(self, path: str, model, optimizer, scheduler, sampler, sync=None) -> int:
+        path = path.rstrip("/")
+        rng_file = os.path.join(path, f"loomtrain_rng_rank{self.rank}.pt")
+        if not os.path.isfile(rng_file):
+            raise FileNotFoundError(f"--resume: '{path}' is not a complete DeepSpeed checkpoint of this world size")
+        _, client = self.engine.load_checkpoint(os.path.dirname(path), tag=os.path.basename(path))
+        sampler.load_state_dict(client["sampler"])
+        set_rng_state(torch.load(rng_file, weights_only=False))
+        return int(client["step"])
+
+    def wait(self) -> None:
+        pass
+
+    def poll(self) -> None:
+        pass

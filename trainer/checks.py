@@ -26,7 +26,7 @@ def check_experiment(exp: Experiment, world_size: int, local_world_size: int | N
         raise ConfigError("parallel.cp: context parallelism inside pipeline stages is not supported yet; "
                           "use pp=1 or cp=1")
     if device_type is None:
-        from loomtrain.launch.env import device_type_for
+        from loomtrain.device import device_type_for
 
         device_type = device_type_for(par.device)
     if par.compile and par.tp > 1 and device_type == "cpu":  # measured by tests/test_parallel_parity.py before

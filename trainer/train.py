@@ -1,6 +1,8 @@
 """The training loop: build data, model and optimizer on the mesh; step; log; evaluate; checkpoint.
 
-``run(exp)`` is the one entry point: the CLI, torchrun, Slurm and the tests all call it.
+``loomtrain.launch.train.run(exp)`` is the one entry point (the CLI, torchrun, Slurm and the tests call
+it): it starts the process group and the process-wide services, places the ranks, then builds a
+:class:`Trainer` here and calls :meth:`Trainer.fit`.
 """
 from __future__ import annotations
 
@@ -19,11 +21,8 @@ from loomtrain.data.loader import PackedDataset, Prefetcher, eval_batches
 from loomtrain.data.prepare import prepare
 from loomtrain.faulttol import heartbeat
 from loomtrain.faulttol.health import HealthMonitor, gather_hosts
-from loomtrain.faulttol.inject import attempt
-from loomtrain.faulttol.manager import FaultTolerance, host_name
+from loomtrain.faulttol.manager import FaultTolerance
 from loomtrain.faulttol.snapshot import RestoreFailed
-from loomtrain.launch.env import DistEnv, init_distributed, read_env, shutdown
-from loomtrain.launch.placement import place_ranks
 from loomtrain.parallel.engines.fsdp import FSDPEngine
 from loomtrain.parallel.dp_sync import build_sync
 from loomtrain.parallel.sp.modes import ModelCopy, longest_sequence, sequence_parallel
@@ -32,7 +31,7 @@ from loomtrain.parallel.pipeline import build_schedule, build_stages
 from loomtrain.trainer.attention import resolve_backend
 from loomtrain.trainer.checkpoint import STEP_DIR, Checkpointer, latest_checkpoint, rng_state, set_rng_state
 from loomtrain.trainer.checks import check_experiment, check_vocab, cp_attention, tokens_per_step
-from loomtrain.trainer.config import Experiment, pipeline_microbatches, pipeline_stage_layers, save_config
+from loomtrain.trainer.config import Experiment, pipeline_microbatches, pipeline_stage_layers
 from loomtrain.trainer.loss import label_tokens, token_loss_sum
 from loomtrain.trainer.metrics import MetricsSink, detect_peak_flops
 from loomtrain.trainer.models import model_family
@@ -97,22 +96,23 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-def set_threads(exp: Experiment, env: DistEnv) -> None:
+def set_threads(exp: Experiment, env) -> None:
     threads = exp.train.threads or max(1, (os.cpu_count() or 1) // env.local_world_size)
     if env.device.type == "cpu":
         torch.set_num_threads(threads)
 
 
 class Trainer:
-    def __init__(self, exp: Experiment, env: DistEnv, resume: str | None = None):
+    def __init__(self, exp: Experiment, env, resume: str | None = None, placement=None):
+        """``env``: this rank's ``launch.env.DistEnv``; ``placement``: ``launch.placement.place_ranks``'s answer
+        (which rank fills each place of the mesh, each dimension's interface; None: ranks in launch order)."""
         self.exp, self.env = exp, env
         tcfg = exp.train
         self.dims = check_experiment(exp, env.world_size, env.local_world_size)
-        traffic.install()  # bytes sent per purpose, logged with the metrics; the hang monitor sees the waits
-        # Which rank fills each place of the mesh, and the interface each dimension's groups use.
-        self.placement = place_ranks(exp, env, self.dims)
-        self.env = env = self.placement.env  # renumbered, where the fabric order needs it
-        self.mesh = self.dims.build_mesh(env.device.type, self.placement.override)
+        self.placement = placement
+        if placement is not None and placement.order is not None:
+            self.dims.placement = tuple(placement.order)
+        self.mesh = self.dims.build_mesh(env.device.type, placement.override if placement else {})
         self.mesh.label_traffic()
         self.dp_rank = self.mesh["dp"].get_local_rank()
         self.dtype = DTYPES[exp.model.dtype]
@@ -154,7 +154,8 @@ class Trainer:
         n_stages = par.pp * par.pp_virtual_stages
         parts = [model]
         if self.dims.pp > 1:  # this rank's pipeline stages, each a pruned copy laid over the rest of the mesh
-            split = self.placement.pp_split(exp, self.args, self.dims, self.peak_flops)  # "auto": by fabric
+            split = self.placement.pp_split(exp, self.args, self.dims, self.peak_flops) if self.placement \
+                else par.pp_split  # "auto": by the stages' fabrics when placed
             counts = pipeline_stage_layers(exp.model.n_layers, n_stages, split)
             self.stage_ids, parts = build_stages(model, counts, self.mesh["pp"].get_local_rank(), par.pp,
                                                  par.pp_virtual_stages)
@@ -177,7 +178,8 @@ class Trainer:
                                  exp.checkpoint.async_save, env.rank, env.device, workers=workers)
         # The data-parallel engine: how gradients are reduced and the update applied.
         if par.dp_engine == "deepspeed":  # ZeRO takes over optimizer, clipping and gradient averaging
-            from loomtrain.parallel.engines.deepspeed import DeepSpeedCheckpointer, DeepSpeedEngine, initialize
+            from loomtrain.parallel.engines.deepspeed import DeepSpeedEngine, initialize
+            from loomtrain.trainer.checkpoint import DeepSpeedCheckpointer
 
             ds, self.optimizer, self.scheduler = initialize(self.model, self.optimizer, self.scheduler, exp,
                                                             self.batches.micro_batch, self.batches.accumulation_steps)
@@ -207,7 +209,7 @@ class Trainer:
         self.step = 0
         self.resumed_from = None
         self.restored_from, self.restore_seconds = None, 0.0
-        self.ft = FaultTolerance(exp, env, self.dims, self.placement.cluster)
+        self.ft = FaultTolerance(exp, env, self.dims, self.placement.cluster if self.placement else None)
         # Ranks are compared with the others of their pipeline stage (stages differ in work by design).
         self.health = HealthMonitor(gather_hosts(env.world_size), env.is_main,
                                     cohorts=[list(c) for c in zip(*self.dims.groups("pp"))])
@@ -499,25 +501,3 @@ class Trainer:
               + (f"; snapshots every {self.ft.every} steps to memory, {self.ft.layout.describe()}"
                  if self.ft.snapshots is not None else ""),
               flush=True)
-
-
-def run(exp: Experiment, resume: str | None = None) -> TrainResult:
-    """Train ``exp`` in this process (one rank of whatever launched it)."""
-    rank, world, local_rank, local_world, _ = read_env()
-    check_experiment(exp, world, local_world)  # before any process group starts
-    try:
-        # A heartbeat for the launcher's hang monitor (when one runs): from before the rendezvous on.
-        heartbeat.start(rank, local_rank, attempt())
-        heartbeat.configure(exp.faulttol.monitor, host_name(), exp.train.output_dir)
-        heartbeat.phase("init")
-        with heartbeat.waiting():  # for the rest of the ranks to join
-            env = init_distributed(exp.parallel)
-        heartbeat.phase("build")
-        set_threads(exp, env)
-        if env.is_main:
-            save_config(exp, os.path.join(exp.train.output_dir, "config.yaml"))
-        trainer = Trainer(exp, env, resume)
-        return trainer.fit()
-    finally:
-        shutdown()
-        heartbeat.stop()

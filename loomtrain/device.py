@@ -1,0 +1,13 @@
+"""Which device a run uses (shared by the checks, the launcher and ``plan``)."""
+from __future__ import annotations
+
+
+def device_type_for(requested: str) -> str:
+    """``parallel.device`` resolved on this machine: cuda (asked for, or auto with CUDA present) or cpu."""
+    if requested == "cuda":
+        return "cuda"
+    if requested != "auto":
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
