@@ -154,6 +154,21 @@ def batch_layout(global_batch: int, micro_batch: int, dp_size: int) -> tuple[int
 class TrainBatches:
     """``windows``: per step, this data-parallel rank's micro-batches of the next global batch of windows."""
 
+    whole_documents = False
+
+    @classmethod
+    def tokens_per_step(cls, exp) -> int:
+        return exp.train.global_batch_size * exp.data.seq_len
+
+    @classmethod
+    def check(cls, exp) -> None:
+        pass
+
+    @classmethod
+    def from_experiment(cls, exp, dataset: "PackedDataset", dp_rank: int, dp_size: int) -> "TrainBatches":
+        t = exp.train
+        return cls(dataset, t.seed, t.global_batch_size, t.micro_batch_size, dp_rank, dp_size)
+
     def __init__(self, dataset: PackedDataset, seed: int, global_batch: int, micro_batch: int, dp_rank: int,
                  dp_size: int):
         self.local_batch, micro_batch = batch_layout(global_batch, micro_batch, dp_size)
@@ -315,6 +330,26 @@ class DocumentBatches(DocumentPosition):
     into rows of ``seq_len`` and split into micro-batches of ``micro_batch`` rows (0: one micro-batch).
     Every rank holds the same number of rows (padding rows are unlabelled), so collectives line up."""
 
+    whole_documents = True
+
+    @classmethod
+    def tokens_per_step(cls, exp) -> int:
+        return exp.train.global_batch_tokens  # the budget (the documents' tokens are at most this)
+
+    @classmethod
+    def check(cls, exp) -> None:
+        budget, max_doc = exp.train.global_batch_tokens, exp.data.max_doc_tokens or exp.data.seq_len
+        if budget <= 0:
+            raise ConfigError("train.global_batch_tokens: data.batching=documents needs a token budget per step (> 0)")
+        if budget < max_doc:
+            raise ConfigError(f"train.global_batch_tokens: {budget} must be >= data.max_doc_tokens ({max_doc})")
+
+    @classmethod
+    def from_experiment(cls, exp, dataset: "PackedDataset", dp_rank: int, dp_size: int) -> "DocumentBatches":
+        t, d = exp.train, exp.data
+        return cls(dataset.data, t.seed, t.global_batch_tokens, d.max_doc_tokens or d.seq_len, d.seq_len,
+                   t.micro_batch_size, dp_rank, dp_size)
+
     def __init__(self, data: IndexedTokens, seed: int, global_batch_tokens: int, max_doc_tokens: int, seq_len: int,
                  micro_batch: int, dp_rank: int, dp_size: int):
         self.data, self.budget, self.seq_len = data, global_batch_tokens, seq_len
@@ -428,11 +463,9 @@ class Prefetcher:
 
 def build_batch_plan(exp, dataset: PackedDataset, dp_rank: int, dp_size: int):
     """The ``data.batching`` plan for this data-parallel rank (checked by ``trainer/checks.py``)."""
-    t, d = exp.train, exp.data
-    if d.batching == "documents":
-        return DocumentBatches(dataset.data, t.seed, t.global_batch_tokens, d.max_doc_tokens or d.seq_len, d.seq_len,
-                               t.micro_batch_size, dp_rank, dp_size)
-    return TrainBatches(dataset, t.seed, t.global_batch_size, t.micro_batch_size, dp_rank, dp_size)
+    from loomtrain.data.batching import BATCHINGS
+
+    return BATCHINGS.get(exp.data.batching).from_experiment(exp, dataset, dp_rank, dp_size)
 
 
 def eval_batches(dataset: PackedDataset, num_batches: int, micro_batch: int, dp_rank: int, dp_size: int):

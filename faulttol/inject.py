@@ -13,8 +13,10 @@ import signal
 import sys
 import threading
 import time
+from typing import Protocol
 
 from loomtrain.faulttol.smp import SnapshotClient, remove_segments, segment_prefix, socket_path
+from loomtrain.registry import Registry
 
 EXIT_HANG = 124  # what timeout(1) uses
 
@@ -28,40 +30,98 @@ class InjectedFault(RuntimeError):
     pass
 
 
-def _due(cfg, rank: int, step: int) -> bool:
+def due(cfg, rank: int, step: int) -> bool:
+    """The fault's rank, step and attempt are now."""
     return cfg.kind != "none" and step == cfg.step and attempt() == cfg.attempt and rank == cfg.rank
 
 
-def snapshot_phase_fault(cfg, rank: int):
-    """For ``snapshot_kill``: a hook the snapshot thread calls at each phase (None when not configured)."""
-    if cfg.kind != "snapshot_kill":
+class FaultKind(Protocol):
+    """The contract of a fault kind (``faulttol.inject.kind``; tests and demos of recovery).
+
+    ``after_step(cfg, rank, step, node, smp_dir)``: called on every rank after every optimizer step; fires
+    when the fault is due (:func:`due`: its rank, step and attempt). ``snapshot_hook(cfg, rank)``: a hook
+    ``(phase, step)`` the snapshot thread calls at each phase of a snapshot or restore, or None.
+    ``cfg``: the ``faulttol.inject`` section; ``node``/``smp_dir``: this rank's node and the snapshot
+    processes' directory (None without snapshots).
+    """
+
+    def after_step(self, cfg, rank: int, step: int, node: str | None, smp_dir: str | None) -> None: ...
+
+    def snapshot_hook(self, cfg, rank: int): ...
+
+
+class AfterStep:
+    """A fault fired right after its optimizer step; subclasses say what it does (:meth:`fire`)."""
+
+    def after_step(self, cfg, rank: int, step: int, node: str | None, smp_dir: str | None) -> None:
+        if due(cfg, rank, step):
+            print(f"faulttol: injecting '{cfg.kind}' on rank {rank} after step {step}", file=sys.stderr, flush=True)
+            self.fire(rank, step, node, smp_dir)
+
+    def fire(self, rank: int, step: int, node: str | None, smp_dir: str | None) -> None:
+        raise NotImplementedError
+
+    def snapshot_hook(self, cfg, rank: int):
         return None
 
-    def hook(phase: str, step: int) -> None:
-        if phase == cfg.phase and _due(cfg, rank, step):
-            print(f"faulttol: injecting 'snapshot_kill' on rank {rank} inside the '{phase}' phase of the "
-                  f"snapshot of step {step}", file=sys.stderr, flush=True)
-            os.kill(os.getpid(), signal.SIGKILL)
 
-    return hook
+class SigKill(AfterStep):
+    def fire(self, rank, step, node, smp_dir):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Raise(AfterStep):
+    def fire(self, rank, step, node, smp_dir):
+        raise InjectedFault(f"injected exception on rank {rank} after step {step}")
+
+
+class Hang(AfterStep):
+    def fire(self, rank, step, node, smp_dir):
+        while True:  # the watchdog has to notice
+            time.sleep(1.0)
+
+
+class SmpKill(AfterStep):
+    def fire(self, rank, step, node, smp_dir):
+        _kill_smp(node, smp_dir)
+
+
+class NodeLoss(AfterStep):
+    def fire(self, rank, step, node, smp_dir):
+        _lose_node(node, smp_dir)
+
+
+class SnapshotKill:
+    """SIGKILL inside a phase (``faulttol.inject.phase``) of the snapshot of its step (or of its restore)."""
+
+    def after_step(self, cfg, rank, step, node, smp_dir) -> None:
+        pass
+
+    def snapshot_hook(self, cfg, rank: int):
+        def hook(phase: str, step: int) -> None:
+            if phase == cfg.phase and due(cfg, rank, step):
+                print(f"faulttol: injecting 'snapshot_kill' on rank {rank} inside the '{phase}' phase of the "
+                      f"snapshot of step {step}", file=sys.stderr, flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        return hook
+
+
+FAULT_KINDS = Registry("faulttol.inject.kind", "fault kind", special=("none",))
+for _name, _kind in (("sigkill", SigKill()), ("exception", Raise()), ("hang", Hang()), ("smp_kill", SmpKill()),
+                     ("node_loss", NodeLoss()), ("snapshot_kill", SnapshotKill())):
+    FAULT_KINDS.add(_name, _kind)
+
+
+def snapshot_phase_fault(cfg, rank: int):
+    """The configured fault's hook into the snapshot thread's phases (None when it has none)."""
+    return None if cfg.kind == "none" else FAULT_KINDS.get(cfg.kind).snapshot_hook(cfg, rank)
 
 
 def maybe_inject(cfg, rank: int, step: int, node: str | None, smp_dir: str | None) -> None:
-    """Fire ``cfg`` (an InjectConfig) if this is its rank, its step, and the first attempt."""
-    if cfg.kind == "snapshot_kill" or not _due(cfg, rank, step):
-        return
-    if cfg.kind == "node_loss":
-        _lose_node(node, smp_dir)
-    print(f"faulttol: injecting '{cfg.kind}' on rank {rank} after step {step}", file=sys.stderr, flush=True)
-    if cfg.kind == "sigkill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    elif cfg.kind == "exception":
-        raise InjectedFault(f"injected exception on rank {rank} after step {step}")
-    elif cfg.kind == "hang":
-        while True:  # the watchdog has to notice
-            time.sleep(1.0)
-    elif cfg.kind == "smp_kill":
-        _kill_smp(node, smp_dir)
+    """Fire ``cfg`` (an InjectConfig) if this is its rank, its step, and its attempt."""
+    if cfg.kind != "none":
+        FAULT_KINDS.get(cfg.kind).after_step(cfg, rank, step, node, smp_dir)
 
 
 def _kill_smp(node: str | None, smp_dir: str | None) -> dict:

@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import math
 
+from loomtrain.data.batching import BATCHINGS
+from loomtrain.parallel.engines import ENGINES
 from loomtrain.parallel.mesh import ParallelDims
+from loomtrain.parallel.sp import SP_MODES
 from loomtrain.trainer.checks import REFERENCE_TFLOPS, check_experiment, cp_attention, micro_layout, tokens_per_step
 from loomtrain.trainer.models import model_family
 
@@ -46,11 +49,11 @@ def memory_estimate(exp, args, dims: ParallelDims, vocab: int) -> dict[str, floa
     """Bytes per device by kind (see the module docstring), with the FSDP policy of ``apply_fsdp``."""
     n = args.num_params()
     model_split = dims.tp * dims.pp
-    fsdp = dims.fsdp_enabled and exp.parallel.dp_engine == "fsdp"
+    fsdp = dims.fsdp_enabled and ENGINES.get(exp.parallel.dp_engine).applies_fsdp
     fsdp_split = dims.dp_shard * dims.cp if fsdp else 1
     states = n / model_split / fsdp_split
     micro, n_micro = micro_layout(exp, dims)
-    adaptive = exp.parallel.sp_mode == "adaptive"
+    adaptive = SP_MODES.get(exp.parallel.sp_mode).uneven  # groups planned per step (one row per forward)
     if adaptive:  # one row (of data.seq_len tokens per rank) per forward
         micro = 1
     s, h, layers = exp.data.seq_len, args.dim, args.n_layers / dims.pp
@@ -182,7 +185,7 @@ def plan(exp, world_size: int, gpus_per_node: int = 8, device_memory_gb: float =
                   f"{args.n_heads}/{args.n_kv_heads} heads, ffn {args.ffn_hidden}, vocab {args.vocab_size})",
               f"FLOPs per token: {fpt / 1e9:.2f} GFLOP (6N + causal attention at seq {exp.data.seq_len})",
               (f"batch: whole documents up to {tokens:,} tokens/step (rows of {exp.data.seq_len}), "
-               if exp.data.batching == "documents" else
+               if BATCHINGS.get(exp.data.batching).whole_documents else
                f"batch: {exp.train.global_batch_size} sequences x {exp.data.seq_len} = {tokens:,} tokens/step, ") +
               f"{fpt * tokens / 1e15:.2f} PFLOP/step", "",
               "per-device memory estimate:"]
@@ -204,7 +207,7 @@ def plan(exp, world_size: int, gpus_per_node: int = 8, device_memory_gb: float =
               f"context-parallel {est['cp_s']:.3f} s" + (f" ({est['cp_impl']})" if est["cp_impl"] else ""),
               f"  estimated step time {est['step_s']:.3f} s, MFU {100 * est['mfu']:.1f}% "
               "(upper bound: kernels assumed to run at peak)"]
-    if exp.parallel.sp_mode == "adaptive":
+    if SP_MODES.get(exp.parallel.sp_mode).uneven:  # groups planned per step: show a sample step's plan
         lines += [""] + adaptive_sample(exp, args, dims.dp, max(1, gpus_per_node // dims.tp), peak * dims.tp,
                                         intra_node_gbps, inter_node_gbps, dims.tp)
     warnings = []
@@ -242,7 +245,7 @@ def adaptive_sample(exp, args, world: int, gpus_per_node: int, peak: float, intr
     from loomtrain.parallel.sp.planner import plan_groups, static_makespan
     from loomtrain.parallel.cp.cost import Shape, attention_flops
     from loomtrain.parallel.sp.cost import SequenceCost
-    from loomtrain.trainer.checks import sp_degrees
+    from loomtrain.parallel.sp.planner import sp_degrees
 
     par, d = exp.parallel, exp.data
     max_doc, capacity = d.max_doc_tokens or d.seq_len, d.seq_len

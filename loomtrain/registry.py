@@ -58,8 +58,8 @@ class Registry:
         return tuple(self._entries)
 
     def choices(self) -> tuple[str, ...]:
-        """What the config field accepts: the registered names and the special ones."""
-        return self.names() + self.special
+        """What the config field accepts: the special names (e.g. "auto", "none"), then the registered ones."""
+        return self.special + self.names()
 
     def __contains__(self, name: str) -> bool:
         return name in self._entries

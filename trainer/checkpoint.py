@@ -251,3 +251,12 @@ class DeepSpeedCheckpointer:
 
     def poll(self) -> None:
         pass
+
+
+def checkpointer_for(engine, root: str, cfg, rank: int, device, workers=None):
+    """The checkpointer of ``engine``'s state: DCP files of every part (``Checkpointer``), or the engine's own
+    files where it partitions the state itself (``native_checkpoint``: DeepSpeed). ``cfg``: the checkpoint
+    section; ``workers``: (this worker, workers) when replicas take local updates (a checkpoint per worker)."""
+    if engine.native_checkpoint:
+        return DeepSpeedCheckpointer(root, cfg.keep, rank, engine.ds)
+    return Checkpointer(root, cfg.keep, cfg.async_save, rank, device, workers=workers)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from loomtrain.errors import ConfigError
 from loomtrain.parallel.mesh import ParallelDims
-from loomtrain.parallel.sp.planner import sp_degrees  # noqa: F401  (plan imports it from here)
 from loomtrain.trainer.config import Experiment, pipeline_microbatches, validate
 
 
@@ -42,14 +41,24 @@ def check_experiment(exp: Experiment, world_size: int, local_world_size: int | N
 
 
 def _check_batch(exp: Experiment, dims: ParallelDims) -> None:
-    """The global batch splits over data parallel, micro-batches and pipeline microbatches."""
+    """The batch plan, the sequence-parallel mode and the engine together; the global batch splits over data
+    parallel, micro-batches and pipeline microbatches."""
+    from loomtrain.data.batching import BATCHINGS
     from loomtrain.data.loader import batch_layout
+    from loomtrain.parallel.engines import ENGINES
+    from loomtrain.parallel.sp import SP_MODES
 
-    if exp.data.batching == "documents":
-        _check_documents(exp, dims)
+    batching, engine = BATCHINGS.get(exp.data.batching), ENGINES.get(exp.parallel.dp_engine)
+    batching.check(exp)
+    SP_MODES.get(exp.parallel.sp_mode).check(exp, dims)
+    if batching.whole_documents:  # a varying number of rows per step
+        if dims.pp > 1:
+            raise ConfigError(f"data.batching: {exp.data.batching} gives a varying number of rows per step; pipeline "
+                              f"schedules need a fixed one (use parallel.pp=1 or a fixed batching)")
+        if not engine.varying_micro_batches:
+            raise ConfigError(f"data.batching: {exp.data.batching} is not available with parallel.dp_engine="
+                              f"{exp.parallel.dp_engine} (its accumulation steps are fixed)")
         return
-    if exp.parallel.sp_mode == "adaptive":
-        raise ConfigError("parallel.sp_mode: adaptive plans whole documents; set data.batching=documents")
     gbs = exp.train.global_batch_size
     local, _ = batch_layout(gbs, exp.train.micro_batch_size, dims.dp)
     m = pipeline_microbatches(exp)
@@ -58,52 +67,11 @@ def _check_batch(exp: Experiment, dims: ParallelDims) -> None:
                           f"(train.global_batch_size {gbs} / data-parallel {dims.dp})")
 
 
-def _check_documents(exp: Experiment, dims: ParallelDims) -> None:
-    """Whole-document batches: a token budget, pieces that fit a row, a layout with a variable number
-    of micro-batches per step."""
-    d, budget, par = exp.data, exp.train.global_batch_tokens, exp.parallel
-    max_doc = d.max_doc_tokens or d.seq_len
-    if budget <= 0:
-        raise ConfigError("train.global_batch_tokens: data.batching=documents needs a token budget per step (> 0)")
-    if par.sp_mode == "adaptive":
-        _check_adaptive(exp, dims, max_doc)
-    elif max_doc > d.seq_len:
-        raise ConfigError(f"data.max_doc_tokens: {max_doc} must be <= data.seq_len ({d.seq_len}), the longest row")
-    if budget < max_doc:
-        raise ConfigError(f"train.global_batch_tokens: {budget} must be >= data.max_doc_tokens ({max_doc})")
-    if dims.pp > 1:
-        raise ConfigError("data.batching: documents gives a varying number of rows per step; pipeline schedules "
-                          "need a fixed one (use parallel.pp=1 or batching=windows)")
-    if exp.parallel.dp_engine == "deepspeed":
-        raise ConfigError("data.batching: documents is not available with parallel.dp_engine=deepspeed (its "
-                          "accumulation steps are fixed)")
-
-
-def _check_adaptive(exp: Experiment, dims: ParallelDims, max_doc: int) -> None:
-    """Adaptive sequence parallelism: every data-parallel rank (a member: a tp group when tp > 1) is one data x
-    context pool (FSDP, or HSDP, over all of it)."""
-    par, d = exp.parallel, exp.data
-    others = [f"parallel.{k}={getattr(dims, k)}" for k in ("pp", "cp") if getattr(dims, k) > 1]
-    if others:
-        raise ConfigError(f"parallel.sp_mode: adaptive makes every data-parallel rank (a tensor-parallel group) one "
-                          f"data x context pool (groups are chosen per step); set {', '.join(others)} to 1")
-    if dims.tp > 1 and dims.order[-1] != "tp":
-        raise ConfigError(f"parallel.mesh_order: adaptive sp with tp > 1 needs tp innermost (a node holds whole tp "
-                          f"groups), got {','.join(dims.order)}")
-    if par.dp_engine != "fsdp":
-        raise ConfigError("parallel.sp_mode: adaptive needs parallel.dp_engine=fsdp")
-    ds = sp_degrees(par, dims.dp) or [dims.dp]
-    if max_doc > d.seq_len * max(ds):
-        raise ConfigError(f"data.max_doc_tokens: {max_doc} does not fit the largest group ({max(ds)} ranks x "
-                          f"data.seq_len {d.seq_len} tokens per rank" + (f"; a rank here is a tp group of {dims.tp}"
-                                                                          if dims.tp > 1 else "") + ")")
-
-
 def tokens_per_step(exp: Experiment) -> int:
-    """Tokens of one optimizer step: windows x seq_len, or the documents' token budget."""
-    if exp.data.batching == "documents":
-        return exp.train.global_batch_tokens
-    return exp.train.global_batch_size * exp.data.seq_len
+    """Tokens of one optimizer step, as the batch plan counts them."""
+    from loomtrain.data.batching import BATCHINGS
+
+    return BATCHINGS.get(exp.data.batching).tokens_per_step(exp)
 
 
 def rows_per_step(exp: Experiment) -> int:

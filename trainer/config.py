@@ -21,6 +21,7 @@ from loomtrain.fsutil import atomic_write_text
 from loomtrain.registry import load_plugins
 from loomtrain.parallel.cp import CP_STRATEGIES, usable
 from loomtrain.parallel.dp_sync import DP_SYNC
+from loomtrain.parallel.engines import ENGINES
 from loomtrain.parallel.cp import strategy as cp_strategy
 from loomtrain.parallel.mesh import MESH_DIMS
 from loomtrain.parallel.stages import pipeline_stage_layers  # noqa: F401  (callers import it from here too)
@@ -275,24 +276,25 @@ CHOICES = {
     "parallel.activation_checkpoint": ("none", "full"),
     "parallel.cp_topology": ("full_mesh", "ring"),
     "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved_1f1b"),
-    "parallel.dp_engine": ("fsdp", "deepspeed"),
     "dp_sync.diloco.quantize": ("none", "int8", "fp4"),
-    "data.batching": ("windows", "documents"),
-    "parallel.sp_mode": ("static", "adaptive"),
     "parallel.placement": ("none", "fabric"),
     "faulttol.redundancy": ("auto", "erasure", "replicas"),
     "optim.fused": ("auto", "true", "false"),
     "logging.wandb_mode": ("auto", "online", "offline"),
-    "faulttol.inject.kind": ("none", "sigkill", "exception", "hang", "smp_kill", "node_loss", "snapshot_kill"),
     "faulttol.inject.phase": ("copy", "request", "exchange", "commit", "restore"),
 }
 
 
 def registries() -> dict:
     """Config fields whose values are registered implementations (``loomtrain/registry.py``)."""
+    from loomtrain.data.batching import BATCHINGS
+    from loomtrain.faulttol.inject import FAULT_KINDS
+    from loomtrain.parallel.sp import SP_MODES
     from loomtrain.trainer.models import MODEL_FAMILIES
 
-    return {"parallel.cp_impl": CP_STRATEGIES, "parallel.dp_sync": DP_SYNC, "model.family": MODEL_FAMILIES}
+    return {"parallel.cp_impl": CP_STRATEGIES, "parallel.dp_sync": DP_SYNC, "model.family": MODEL_FAMILIES,
+            "parallel.dp_engine": ENGINES, "parallel.sp_mode": SP_MODES, "data.batching": BATCHINGS,
+            "faulttol.inject.kind": FAULT_KINDS}
 
 
 def _coerce(path: str, value: Any, typ: type) -> Any:
@@ -514,7 +516,7 @@ def validate(exp: Experiment) -> None:
     _validate_faulttol(exp)
     _validate_dp_sync(exp)
     _validate_pipeline(exp)
-    _validate_deepspeed(exp)
+    _validate_engine(exp)
 
 
 def _validate_faulttol(exp: Experiment) -> None:
@@ -536,11 +538,10 @@ def _validate_dp_sync(exp: Experiment) -> None:
         if par.dp_replicate < 2:
             raise ConfigError(f"parallel.dp_sync: {par.dp_sync} syncs replicas over parallel.dp_replicate, which "
                               f"must be >= 2 (got {par.dp_replicate})")
-        if par.dp_engine == "deepspeed":
-            raise ConfigError(f"parallel.dp_sync: {par.dp_sync} runs on parallel.dp_engine=fsdp (DeepSpeed averages "
-                              "gradients every step itself)")
-        if par.sp_mode == "adaptive":
-            raise ConfigError(f"parallel.dp_sync: {par.dp_sync} is not supported with parallel.sp_mode=adaptive")
+        if not ENGINES.get(par.dp_engine).averages_within_workers:
+            able = [n for n, e in ENGINES.items() if e.averages_within_workers]
+            raise ConfigError(f"parallel.dp_sync: {par.dp_sync} runs on parallel.dp_engine={' or '.join(able)} "
+                              f"({par.dp_engine} averages gradients over every data-parallel rank itself)")
     method.check(exp)
 
 
@@ -572,21 +573,10 @@ def _validate_pipeline(exp: Experiment) -> None:
                           "leave micro_batch_size at 0")
 
 
-def _validate_deepspeed(exp: Experiment) -> None:
-    par = exp.parallel
-    if par.zero_stage not in (1, 2, 3):
-        raise ConfigError(f"parallel.zero_stage: must be 1, 2 or 3, got {par.zero_stage}")
-    if par.dp_engine != "deepspeed":
-        return
-    others = {d: getattr(par, d) for d in ("pp", "cp", "tp", "dp_replicate") if getattr(par, d) != 1}
-    if others:
-        raise ConfigError(f"parallel.dp_engine: deepspeed runs data parallelism only here; set "
-                          f"{', '.join(f'parallel.{d}=1' for d in others)} (or use dp_engine=fsdp)")
-    if exp.faulttol.snapshot.every_steps:
-        raise ConfigError("faulttol.snapshot.every_steps: in-memory snapshots need dp_engine=fsdp "
-                          "(ZeRO partitions are DeepSpeed's); use checkpoint.every_steps with deepspeed")
-    if exp.checkpoint.async_save:
-        raise ConfigError("checkpoint.async_save: not available with dp_engine=deepspeed")
+def _validate_engine(exp: Experiment) -> None:
+    if exp.parallel.zero_stage not in (1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage: must be 1, 2 or 3, got {exp.parallel.zero_stage}")
+    ENGINES.get(exp.parallel.dp_engine).check(exp)
 
 
 def save_config(exp: Experiment, path: str) -> None:

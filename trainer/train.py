@@ -23,13 +23,15 @@ from loomtrain.faulttol import heartbeat
 from loomtrain.faulttol.health import HealthMonitor, gather_hosts
 from loomtrain.faulttol.manager import FaultTolerance
 from loomtrain.faulttol.snapshot import RestoreFailed
-from loomtrain.parallel.engines.fsdp import FSDPEngine
+from loomtrain.data.batching import BATCHINGS
+from loomtrain.parallel.engines import ENGINES
+from loomtrain.parallel.sp import SP_MODES
 from loomtrain.parallel.dp_sync import build_sync
 from loomtrain.parallel.sp.modes import ModelCopy, longest_sequence, sequence_parallel
 from loomtrain.parallel.parallelize import parallelize_model
 from loomtrain.parallel.pipeline import build_schedule, build_stages
 from loomtrain.trainer.attention import resolve_backend
-from loomtrain.trainer.checkpoint import STEP_DIR, Checkpointer, latest_checkpoint, rng_state, set_rng_state
+from loomtrain.trainer.checkpoint import STEP_DIR, checkpointer_for, latest_checkpoint, rng_state, set_rng_state
 from loomtrain.trainer.checks import check_experiment, check_vocab, cp_attention, tokens_per_step
 from loomtrain.trainer.config import Experiment, pipeline_microbatches, pipeline_stage_layers
 from loomtrain.trainer.loss import label_tokens, token_loss_sum
@@ -145,6 +147,8 @@ class Trainer:
             self.peak_flops, self.peak_source = detect_peak_flops(env.device, self.dtype)
         self.cp_impl = cp_attention(exp, self.args, self.dims) if self.dims.cp > 1 else None
 
+        engine_kind = ENGINES.get(exp.parallel.dp_engine)  # how gradients are reduced and the update applied
+        uneven = SP_MODES.get(exp.parallel.sp_mode).uneven  # ranks may run different numbers of micro-batches
         torch.manual_seed(tcfg.seed)
         with torch.device("meta"):  # no rank ever holds the whole model: built empty, sharded, then filled
             model = family.build(self.args)
@@ -163,34 +167,25 @@ class Trainer:
         for part in parts:
             parallelize_model(part, self.dims, self.mesh, loss_parallel=self.loss_parallel,
                               activation_checkpoint=par.activation_checkpoint, compile=par.compile,
-                              param_dtype=self.dtype, cp_impl=self.cp_impl, fsdp=par.dp_engine == "fsdp",
-                              keep_gathered=self.dims.pp > 1 or par.sp_mode == "adaptive")
+                              param_dtype=self.dtype, cp_impl=self.cp_impl, fsdp=engine_kind.applies_fsdp,
+                              keep_gathered=self.dims.pp > 1 or uneven)
         for part in parts:
             part.to_empty(device=env.device)
             part.init_weights(tcfg.seed)
-        self.model = parts[0] if len(parts) == 1 else torch.nn.ModuleList(parts)
+        model = parts[0] if len(parts) == 1 else torch.nn.ModuleList(parts)
 
-        self.optimizer = build_optimizer(self.model.parameters(), exp.optim, env.device)
-        self.scheduler = build_scheduler(self.optimizer, exp.optim, tcfg.steps)
+        # The engine takes the model, optimizer and schedule (DeepSpeed hands back its own wrappers of them).
+        optimizer = build_optimizer(model.parameters(), exp.optim, env.device)
+        self.engine = engine_kind.build(exp, model, optimizer, build_scheduler(optimizer, exp.optim, tcfg.steps),
+                                        dims=self.dims, device=env.device, uneven=uneven,
+                                        pp_group=self.mesh["pp"].get_group() if self.dims.pp > 1 else None,
+                                        micro_batch=self.batches.micro_batch,
+                                        accumulation=self.batches.accumulation_steps)
+        self.model, self.optimizer, self.scheduler = self.engine.model, self.engine.optimizer, self.engine.scheduler
         workers = (self.mesh["dp_replicate"].get_local_rank(), self.dims.workers()) if self.dims.local_updates \
             else None  # replicas with local updates hold different parameters: a checkpoint per worker
-        self.ckpt = Checkpointer(os.path.join(tcfg.output_dir, "checkpoints"), exp.checkpoint.keep,
-                                 exp.checkpoint.async_save, env.rank, env.device, workers=workers)
-        # The data-parallel engine: how gradients are reduced and the update applied.
-        if par.dp_engine == "deepspeed":  # ZeRO takes over optimizer, clipping and gradient averaging
-            from loomtrain.parallel.engines.deepspeed import DeepSpeedEngine, initialize
-            from loomtrain.trainer.checkpoint import DeepSpeedCheckpointer
-
-            ds, self.optimizer, self.scheduler = initialize(self.model, self.optimizer, self.scheduler, exp,
-                                                            self.batches.micro_batch, self.batches.accumulation_steps)
-            self.model, self.engine = ds, DeepSpeedEngine(ds, self.dims)
-            self.ckpt = DeepSpeedCheckpointer(self.ckpt.root, exp.checkpoint.keep, env.rank, ds)
-        else:
-            self.engine = FSDPEngine(self.model, self.optimizer, self.scheduler, self.dims,
-                                     grad_clip=exp.optim.grad_clip, bf16=self.dtype == torch.bfloat16,
-                                     device=env.device,
-                                     pp_group=self.mesh["pp"].get_group() if self.dims.pp > 1 else None,
-                                     uneven=par.sp_mode == "adaptive")
+        self.ckpt = checkpointer_for(self.engine, os.path.join(tcfg.output_dir, "checkpoints"), exp.checkpoint,
+                                     env.rank, env.device, workers)
         # What keeps the data-parallel replicas in step: gradients every step, or outer steps between workers.
         self.sync = build_sync(exp, self.engine, blocks=[b for part in parts for b in part.layers.values()],
                                params=[p for part in parts for p in part.parameters()],
@@ -484,10 +479,11 @@ class Trainer:
             cp += (f" (pipeline: {par.pp_schedule}, {par.pp * par.pp_virtual_stages} stages, "
                    f"{pipeline_microbatches(self.exp)} microbatches; this rank: stages {self.stage_ids})")
         d = self.exp.data
-        if d.batching == "documents":
+        if BATCHINGS.get(d.batching).whole_documents:
             batch = (f"batch: whole documents up to {self.tokens_per_step:,} tokens (pieces of at most "
-                     f"{d.max_doc_tokens or d.seq_len}, " + (f"adaptive sp groups, {d.seq_len} tokens per rank)"
-                                                              if self.exp.parallel.sp_mode == "adaptive" else
+                     f"{d.max_doc_tokens or d.seq_len}, " + (f"{self.exp.parallel.sp_mode} sp groups, {d.seq_len} "
+                                                              f"tokens per rank)"
+                                                              if SP_MODES.get(self.exp.parallel.sp_mode).uneven else
                                                               f"rows of {d.seq_len})"))
         else:
             batch = (f"batch {self.exp.train.global_batch_size} x {d.seq_len} tokens "

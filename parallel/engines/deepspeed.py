@@ -53,8 +53,35 @@ class DeepSpeedEngine:
     bf16 is DeepSpeed's (the module is cast), hence no autocast.
     """
 
-    def __init__(self, ds, dims):
-        self.ds = ds
+    applies_fsdp = False  # ZeRO partitions the model itself
+    averages_within_workers = False  # it averages over every data-parallel rank
+    varying_micro_batches = False  # its accumulation steps are fixed at initialisation
+    native_checkpoint = True
+
+    @classmethod
+    def check(cls, exp) -> None:
+        from loomtrain.errors import ConfigError
+
+        par = exp.parallel
+        others = {d: getattr(par, d) for d in ("pp", "cp", "tp", "dp_replicate") if getattr(par, d) != 1}
+        if others:
+            raise ConfigError(f"parallel.dp_engine: deepspeed runs data parallelism only here; set "
+                              f"{', '.join(f'parallel.{d}=1' for d in others)} (or use dp_engine=fsdp)")
+        if exp.faulttol.snapshot.every_steps:
+            raise ConfigError("faulttol.snapshot.every_steps: in-memory snapshots need dp_engine=fsdp "
+                              "(ZeRO partitions are DeepSpeed's); use checkpoint.every_steps with deepspeed")
+        if exp.checkpoint.async_save:
+            raise ConfigError("checkpoint.async_save: not available with dp_engine=deepspeed")
+
+    @classmethod
+    def build(cls, exp, model, optimizer, scheduler, *, dims, device, pp_group=None, uneven=False, micro_batch=1,
+              accumulation=1) -> "DeepSpeedEngine":
+        """``deepspeed.initialize`` on the model, optimizer and schedule (it returns its own wrappers)."""
+        return cls(*initialize(model, optimizer, scheduler, exp, micro_batch, accumulation), dims)
+
+    def __init__(self, ds, optimizer, scheduler, dims):
+        self.ds = self.model = ds
+        self.optimizer, self.scheduler = optimizer, scheduler
         self.averaging_ranks = dims.dp * dims.cp
 
     def precision(self):

@@ -33,6 +33,21 @@ class FSDPEngine:
     runs inside :meth:`precision`.
     """
 
+    applies_fsdp = True
+    averages_within_workers = True
+    varying_micro_batches = True
+    native_checkpoint = False  # DCP checkpoints of model, optimizer and the rest (trainer/checkpoint.py)
+
+    @classmethod
+    def check(cls, exp) -> None:
+        pass
+
+    @classmethod
+    def build(cls, exp, model, optimizer, scheduler, *, dims, device, pp_group=None, uneven=False, micro_batch=1,
+              accumulation=1) -> "FSDPEngine":
+        return cls(model, optimizer, scheduler, dims, grad_clip=exp.optim.grad_clip,
+                   bf16=exp.model.dtype == "bfloat16", device=device, pp_group=pp_group, uneven=uneven)
+
     def __init__(self, model, optimizer, scheduler, dims, *, grad_clip: float, bf16: bool, device,
                  pp_group=None, uneven: bool = False):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler

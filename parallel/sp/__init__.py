@@ -1,1 +1,48 @@
-"""parallel/sp"""
+"""Sequence-parallel modes (``parallel.sp_mode``): how the sequences of a step meet the ranks.
+
+Built-ins (:data:`SP_MODES`, ``modes.py``): ``static`` (the mesh's cp group splits every sequence) and
+``adaptive`` (FlexSP/ByteScale: every step, groups sized to its sequences by ``planner.py`` with the
+cost model of ``cost.py``).
+"""
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from loomtrain.registry import Registry
+
+
+@runtime_checkable
+class SequenceParallelMode(Protocol):
+    """The contract of a sequence-parallel mode.
+
+    On the class: ``uneven`` (True: ranks may run different numbers of micro-batches in a step, so FSDP
+    keeps parameters gathered over the step and reduces gradients once, after the last),
+    ``check(exp, dims)`` (ConfigError for what it cannot run on ``dims``, a ``ParallelDims``),
+    ``longest_sequence(exp, world)`` (the longest row a model sees: its RoPE table) and
+    ``build(exp, model_args, dims, mesh, train_data, dp_rank, device, ranks_per_node, copy)`` ->
+    ``(mode, batch plan)`` (``copy``: a ``modes.ModelCopy`` for calibrations).
+
+    On the instance: ``begin_step(micro)`` (before the step's first micro-batch, on every rank: e.g. make
+    the process groups its plan needs) and ``prepare(model, batch) -> batch`` (this rank's part of the
+    tokens; sets the attention the model uses for it).
+    """
+
+    uneven: bool
+
+    @classmethod
+    def check(cls, exp, dims) -> None: ...
+
+    @classmethod
+    def longest_sequence(cls, exp, world: int) -> int: ...
+
+    @classmethod
+    def build(cls, exp, model_args, dims, mesh, train_data, dp_rank, device, ranks_per_node, copy): ...
+
+    def begin_step(self, micro) -> None: ...
+
+    def prepare(self, model, batch: dict) -> dict: ...
+
+
+SP_MODES = Registry("parallel.sp_mode", "sequence-parallel mode")
+SP_MODES.add("static", "loomtrain.parallel.sp.modes:StaticSP")
+SP_MODES.add("adaptive", "loomtrain.parallel.sp.modes:AdaptiveSP")

@@ -29,6 +29,8 @@ import torch.distributed as dist
 
 from loomtrain.data.loader import DocumentPosition, DocumentStream, document_row
 from loomtrain.parallel.sp.planner import PoolRanks, placeable_rank_sets, plan_groups
+from loomtrain.data.batching import BATCHINGS
+from loomtrain.errors import ConfigError
 from loomtrain.parallel.cp import CP_STRATEGIES
 from loomtrain.parallel.cp import strategy as cp_strategy
 from loomtrain.parallel.cp.attention import shard_for, shard_sequence, zigzag_multiple
@@ -43,6 +45,26 @@ PRECREATE_GROUPS = 64  # pools with at most this many placeable rank sets create
 
 class StaticSP:
     """The mesh's cp group splits every sequence (nothing to do when cp = 1)."""
+
+    uneven = False
+
+    @classmethod
+    def check(cls, exp, dims) -> None:
+        d = exp.data
+        max_doc = d.max_doc_tokens or d.seq_len
+        if BATCHINGS.get(d.batching).whole_documents and max_doc > d.seq_len:
+            raise ConfigError(f"data.max_doc_tokens: {max_doc} must be <= data.seq_len ({d.seq_len}), the longest row")
+
+    @classmethod
+    def longest_sequence(cls, exp, world: int) -> int:
+        return exp.data.seq_len
+
+    @classmethod
+    def build(cls, exp, model_args, dims, mesh, train_data, dp_rank: int, device, ranks_per_node: int, copy):
+        from loomtrain.data.loader import build_batch_plan
+
+        cp_group = mesh["cp"].get_group() if dims.cp > 1 else None
+        return cls(cp_group), build_batch_plan(exp, train_data, dp_rank, dims.dp)
 
     def __init__(self, cp_group=None):
         self.cp_group = cp_group
@@ -80,6 +102,73 @@ class SequenceGroups:
 
 
 class AdaptiveSP:
+    """Groups sized to each step's sequences over a pool of every data-parallel rank (the module docstring)."""
+
+    uneven = True
+
+    @classmethod
+    def check(cls, exp, dims) -> None:
+        """Every data-parallel rank (a member: a tp group when tp > 1) is one data x context pool (FSDP, or HSDP,
+        over all of it)."""
+        from loomtrain.parallel.dp_sync import DP_SYNC
+        from loomtrain.parallel.engines import ENGINES
+        from loomtrain.parallel.sp.planner import sp_degrees
+
+        par, d = exp.parallel, exp.data
+        if not BATCHINGS.get(d.batching).whole_documents:
+            able = [n for n, b in BATCHINGS.items() if b.whole_documents]
+            raise ConfigError(f"parallel.sp_mode: adaptive plans whole documents; set data.batching={' or '.join(able)}")
+        if DP_SYNC.get(par.dp_sync).local_updates:
+            raise ConfigError(f"parallel.dp_sync: {par.dp_sync} is not supported with parallel.sp_mode=adaptive")
+        others = [f"parallel.{k}={getattr(dims, k)}" for k in ("pp", "cp") if getattr(dims, k) > 1]
+        if others:
+            raise ConfigError(f"parallel.sp_mode: adaptive makes every data-parallel rank (a tensor-parallel group) "
+                              f"one data x context pool (groups are chosen per step); set {', '.join(others)} to 1")
+        if dims.tp > 1 and dims.order[-1] != "tp":
+            raise ConfigError(f"parallel.mesh_order: adaptive sp with tp > 1 needs tp innermost (a node holds whole "
+                              f"tp groups), got {','.join(dims.order)}")
+        if not ENGINES.get(par.dp_engine).varying_micro_batches:
+            able = [n for n, e in ENGINES.items() if e.varying_micro_batches]
+            raise ConfigError(f"parallel.sp_mode: adaptive needs parallel.dp_engine={' or '.join(able)}")
+        ds = sp_degrees(par, dims.dp) or [dims.dp]
+        max_doc = d.max_doc_tokens or d.seq_len
+        if max_doc > d.seq_len * max(ds):
+            raise ConfigError(f"data.max_doc_tokens: {max_doc} does not fit the largest group ({max(ds)} ranks x "
+                              f"data.seq_len {d.seq_len} tokens per rank" + (f"; a rank here is a tp group of "
+                                                                              f"{dims.tp}" if dims.tp > 1 else "") + ")")
+
+    @classmethod
+    def longest_sequence(cls, exp, world: int) -> int:
+        """A sequence padded for the widest group."""
+        d = exp.data
+        return max(d.seq_len, -(-(d.max_doc_tokens or d.seq_len) // (2 * world)) * 2 * world)
+
+    @classmethod
+    def build(cls, exp, model_args, dims, mesh, train_data, dp_rank: int, device, ranks_per_node: int, copy):
+        """The pool, its process groups, the cost model (declared, or calibrated by the pool) and the plan."""
+        from loomtrain.parallel.sp.planner import sp_degrees
+
+        # The pool's members are the data-parallel coordinates (one tensor-parallel group each).
+        pool = PoolRanks(dims.groups("dp"), dist.get_rank())
+        per_node = max(1, ranks_per_node // dims.tp)
+        sp, degrees = cls(pool), sp_degrees(exp.parallel, pool.size)
+        nodes = per_node if pool.size % per_node == 0 and per_node < pool.size else None
+        every = placeable_rank_sets(pool.size, degrees, nodes)
+        if len(every) <= PRECREATE_GROUPS:  # a node's worth: no step ever creates a group
+            sp.groups.ensure(pool.every(every))
+        shard, loss_parallel = None, exp.parallel.loss_parallel and dims.tp > 1
+        if dims.tp > 1:  # the calibration's copies split over the tensor-parallel group as the model is
+            from loomtrain.parallel.parallelize import apply_tp
+
+            def shard(model):
+                apply_tp(model, mesh["tp"], loss_parallel)
+        cost = adaptive_cost(exp, model_args, device, pool, per_node, sp.groups, degrees, shard, loss_parallel,
+                             copy=copy)
+        t, d = exp.train, exp.data
+        plan = AdaptiveBatches(train_data.data, t.seed, t.global_batch_tokens, d.max_doc_tokens or d.seq_len,
+                               d.seq_len, pool.member, pool.size, cost, degrees, nodes, dims.tp)
+        return sp, plan
+
     def __init__(self, pool):
         self.pool, self.groups = pool, SequenceGroups()
 
@@ -176,15 +265,6 @@ class AdaptiveBatches(DocumentPosition):
         return [self._row(row, ranks, ranges) for row in self.rows(seqs, pieces, len(ranks))], nxt
 
 
-def longest_sequence(exp, world: int) -> int:
-    """The longest token row the model sees (its RoPE table): a window, or an adaptive sequence padded for
-    the widest group."""
-    d = exp.data
-    if exp.parallel.sp_mode != "adaptive":
-        return d.seq_len
-    return max(d.seq_len, -(-(d.max_doc_tokens or d.seq_len) // (2 * world)) * 2 * world)
-
-
 def adaptive_cost(exp, model_args, device, pool, members_per_node: int, groups: SequenceGroups, degrees,
                   shard_model=None, loss_parallel: bool = False, *, copy):
     """The planner's cost model: declared coefficients, or measured by the whole pool (cached; the same numbers
@@ -219,29 +299,15 @@ class ModelCopy:
 
 def sequence_parallel(exp, model_args, dims, mesh, train_data, dp_rank: int, device, ranks_per_node: int,
                       copy: ModelCopy):
-    """(strategy, batch plan) for ``parallel.sp_mode``."""
-    from loomtrain.data.loader import build_batch_plan
-    from loomtrain.parallel.sp.planner import sp_degrees
+    """(mode, batch plan) for ``parallel.sp_mode`` (``parallel/sp/__init__.py``)."""
+    from loomtrain.parallel.sp import SP_MODES
 
-    if exp.parallel.sp_mode != "adaptive":
-        cp_group = mesh["cp"].get_group() if dims.cp > 1 else None
-        return StaticSP(cp_group), build_batch_plan(exp, train_data, dp_rank, dims.dp)
-    # The pool's members are the data-parallel coordinates (one tensor-parallel group each).
-    pool = PoolRanks(dims.groups("dp"), dist.get_rank())
-    per_node = max(1, ranks_per_node // dims.tp)
-    sp, degrees = AdaptiveSP(pool), sp_degrees(exp.parallel, pool.size)
-    nodes = per_node if pool.size % per_node == 0 and per_node < pool.size else None
-    every = placeable_rank_sets(pool.size, degrees, nodes)
-    if len(every) <= PRECREATE_GROUPS:  # a node's worth: no step ever creates a group
-        sp.groups.ensure(pool.every(every))
-    shard, loss_parallel = None, exp.parallel.loss_parallel and dims.tp > 1
-    if dims.tp > 1:  # the calibration's copies split over the tensor-parallel group as the model is
-        from loomtrain.parallel.parallelize import apply_tp
+    return SP_MODES.get(exp.parallel.sp_mode).build(exp, model_args, dims, mesh, train_data, dp_rank, device,
+                                                    ranks_per_node, copy)
 
-        def shard(model):
-            apply_tp(model, mesh["tp"], loss_parallel)
-    cost = adaptive_cost(exp, model_args, device, pool, per_node, sp.groups, degrees, shard, loss_parallel, copy=copy)
-    t, d = exp.train, exp.data
-    plan = AdaptiveBatches(train_data.data, t.seed, t.global_batch_tokens, d.max_doc_tokens or d.seq_len, d.seq_len,
-                           pool.member, pool.size, cost, degrees, nodes, dims.tp)
-    return sp, plan
+
+def longest_sequence(exp, world: int) -> int:
+    """The longest token row the model sees (its RoPE table), as the configured mode feeds it."""
+    from loomtrain.parallel.sp import SP_MODES
+
+    return SP_MODES.get(exp.parallel.sp_mode).longest_sequence(exp, world)
