@@ -432,6 +432,7 @@ class Prefetcher:
         try:
             while not self._stop.is_set():
                 batches, nxt = self.plan.build(position)
+                batches = without_single_document_ids(batches)
                 if self.pin:
                     batches = [{k: v.pin_memory() for k, v in b.items()} for b in batches]
                 self._put((batches, nxt, None))
@@ -473,4 +474,13 @@ def eval_batches(dataset: PackedDataset, num_batches: int, micro_batch: int, dp_
     total = num_batches * micro_batch * dp_size
     indices = np.arange(total) % len(dataset)
     mine = indices.reshape(num_batches, dp_size, micro_batch)[:, dp_rank]
-    return [dataset.batch(row) for row in mine]
+    return [without_single_document_ids([dataset.batch(row)])[0] for row in mine]
+
+
+def without_single_document_ids(batches: list[dict]) -> list[dict]:
+    """A step's micro-batches without ``doc_ids`` when every row of every one of them is one document: the
+    model then runs plain causal attention. Decided here, on the host, so no forward waits on the device to
+    learn it (and every micro-batch of a step keeps the same keys, as pipeline schedules need)."""
+    if all("doc_ids" not in b or bool((b["doc_ids"][:, -1] == b["doc_ids"][:, 0]).all()) for b in batches):
+        return [{k: v for k, v in b.items() if k != "doc_ids"} for b in batches]
+    return batches

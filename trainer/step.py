@@ -67,7 +67,8 @@ class PipelineSteps:
         run = self.schedule.step if train else self.schedule.eval
         losses: list[torch.Tensor] = []
         with loss_parallel_context(self.loss_parallel), self.engine.precision():
-            run(*args, target=target, losses=losses, position_ids=batch["position_ids"], doc_ids=batch["doc_ids"])
+            run(*args, target=target, losses=losses, position_ids=batch["position_ids"],
+                **({"doc_ids": batch["doc_ids"]} if "doc_ids" in batch else {}))
         # The schedule's first run also calls loss_fn while it infers shapes: keep the microbatches' own calls.
         mine = self._sums[len(self._sums) - len(losses):] if losses else []
         total = sum(mine, torch.zeros((), device=self.device))

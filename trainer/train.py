@@ -289,42 +289,40 @@ class Trainer:
         return token_loss_sum(logits, batch["labels"])
 
     @traffic.counted_as("other")
-    def _global_tokens(self, batches: list[dict]) -> int:
+    def _global_tokens(self, batches: list[dict]) -> torch.Tensor:
         """Label tokens of the step over the ranks whose gradients are averaged together: every data-parallel
-        rank, or one worker's when replicas take local updates (cp/tp/pp peers hold the same batch)."""
+        rank, or one worker's when replicas take local updates (cp/tp/pp peers hold the same batch). A device
+        tensor: the loss scale is computed from it on the device, without waiting for the all-reduce."""
         dims = self.dims
-        averaged = dims.dp_shard if dims.local_updates else dims.dp
-        if averaged == 1:
-            return label_tokens(batches)
-        count = torch.tensor([label_tokens(batches)], dtype=torch.int64, device=self.env.device)
-        dist.all_reduce(count, group=self.mesh["dp_shard" if dims.local_updates else "dp"].get_group())
-        with heartbeat.waiting():  # on CUDA the collective's wait happens here, on the host
-            return int(count.item())  # the step's one host sync before compute: the loss scale is a Python float
+        count = torch.tensor(label_tokens(batches), dtype=torch.int64, device=self.env.device)
+        if (dims.dp_shard if dims.local_updates else dims.dp) > 1:
+            dist.all_reduce(count, group=self.mesh["dp_shard" if dims.local_updates else "dp"].get_group())
+        return count
 
     @traffic.counted_as("other")
-    def _global_mean(self, local_sum: torch.Tensor, tokens: int) -> float:
-        """The per-token mean over every data-parallel rank (``tokens`` as :meth:`_global_tokens` counts)."""
+    def _global_mean(self, local_sum: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The per-token mean over every data-parallel rank (``tokens`` as :meth:`_global_tokens` counts), a
+        float64 device tensor."""
         dims = self.dims
         if dims.local_updates:  # tokens are one worker's: each of its dp_shard x cp ranks adds its share
-            both = torch.stack([local_sum.double(), local_sum.new_tensor(tokens / (dims.dp_shard * dims.cp),
-                                                                         dtype=torch.float64)])
+            both = torch.stack([local_sum.double(), tokens.double() / (dims.dp_shard * dims.cp)])
             dist.all_reduce(both, group=self.mesh["loss"].get_group())
-            with heartbeat.waiting():
-                return both[0].item() / max(1, round(both[1].item()))
+            return both[0] / both[1].round().clamp(min=1)
         if dims.dp * dims.cp > 1:
             dist.all_reduce(local_sum, group=self.mesh["loss"].get_group())  # dp x cp ranks hold disjoint tokens
-        with heartbeat.waiting():
-            return local_sum.item() / max(1, tokens)
+        return local_sum.double() / tokens.clamp(min=1)
 
-    def train_step(self) -> tuple[float, float]:
-        """One optimizer step: (per-token mean loss over the global batch, gradient norm)."""
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step: (per-token mean loss over the global batch, gradient norm), device tensors; the
+        loop reads them in its one exchange per step (:meth:`_exchange`)."""
         self.health.start()  # this rank's time outside collectives names the straggler
         micro = self.batches.next_step()
         self.health.data_ready()
         self.sp.begin_step(micro)  # adaptive sp: process groups for rank sets this plan uses first
         tokens = self._global_tokens(micro)
         self.model.train()
-        local_sum = self.steps.forward_backward(micro, self.engine.averaging_ranks / max(1, tokens))
+        scale = (self.engine.averaging_ranks / tokens.clamp(min=1).double()).float()
+        local_sum = self.steps.forward_backward(micro, scale)
         self.ft.before_update()  # an in-flight snapshot must have copied the parameters first
         grad_norm = self.sync.step()
         loss = self._global_mean(local_sum, tokens)
@@ -340,7 +338,8 @@ class Trainer:
         tokens = self._global_tokens(batches)
         with self.sync.outer_model():  # workers with local updates: the model they share, not their own
             total = sum((self.steps.evaluate(b) for b in batches), torch.zeros((), device=self.env.device))
-        return self._global_mean(total, tokens)
+        with heartbeat.waiting():
+            return self._global_mean(total, tokens).item()
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> TrainResult:
@@ -363,7 +362,7 @@ class Trainer:
         try:
             while self.step < tcfg.steps:
                 start = time.perf_counter()
-                loss, grad_norm = self.train_step()
+                stopping, flush, loss, grad_norm = self._exchange(stop, *self.train_step())  # the step's host sync
                 step_time = time.perf_counter() - start
                 self.step += 1
                 result.losses[self.step], result.grad_norms[self.step] = loss, grad_norm
@@ -400,7 +399,6 @@ class Trainer:
                     self.ckpt.poll()
                 self.ft.after_step(self.step, self.model, self.optimizer, self._host_state, self._sync_tensors)
                 heartbeat.step_done(self.step)  # the hang monitor's limit follows the steps' p99
-                stopping, flush = self._stop_requested(stop)
                 if stopping:
                     result.stopped_by_signal = True
                     break
@@ -435,19 +433,25 @@ class Trainer:
         return result
 
     @traffic.counted_as("other")
-    def _stop_requested(self, stop: StopFlag) -> tuple[bool, bool]:
-        """(stop, flush to disk): all ranks agree if any of them got the signal (so they act at the same step)."""
+    def _exchange(self, stop: StopFlag, loss: torch.Tensor, grad_norm) -> tuple[bool, bool, float, float]:
+        """The step's one host sync: (stop, flush to disk, loss, grad norm). All ranks agree on stopping if any of
+        them got the signal (so they act at the same step); the health times, the loss and the norm (device
+        tensors until here) travel in the same all-gather."""
         if self.env.is_main and stop.file_requested():
             print(f"found {stop.stop_file}: checkpointing and stopping", flush=True)
             stop.requested = True
-        every = self._gather_rows([float(stop.requested), float(stop.flush), self.health.busy,
-                                   self.health.data])  # the health times travel along
-        self.health.observe(self.step, every[:, 2].tolist(), every[:, 3].tolist())
-        return bool(every[:, 0].max() > 0), bool(every[:, 1].max() > 0)
+        flags = torch.tensor([float(stop.requested), float(stop.flush), self.health.busy, self.health.data],
+                             dtype=torch.float64, device=self.env.device)
+        values = torch.as_tensor(grad_norm, dtype=torch.float64, device=self.env.device).reshape(1)
+        every = self._gather_rows(torch.cat([flags, loss.detach().reshape(1).double(), values]))
+        self.health.observe(self.step + 1, every[:, 2].tolist(), every[:, 3].tolist())
+        mine = every[dist.get_rank()]
+        return bool(every[:, 0].max() > 0), bool(every[:, 1].max() > 0), float(mine[4]), float(mine[5])
 
-    def _gather_rows(self, values: list[float]) -> torch.Tensor:
-        """Every rank's ``values`` as a (world, len) float64 CPU tensor (one all-gather on the default group)."""
-        mine = torch.tensor(values, dtype=torch.float64, device=self.env.device)
+    def _gather_rows(self, values) -> torch.Tensor:
+        """Every rank's ``values`` (floats, or a 1-d device tensor) as a (world, len) float64 CPU tensor (one
+        all-gather on the default group)."""
+        mine = torch.as_tensor(values, dtype=torch.float64, device=self.env.device)
         every = mine.new_empty(self.env.world_size * mine.numel())
         dist.all_gather_into_tensor(every, mine)
         with heartbeat.waiting():

@@ -85,7 +85,7 @@ class OuterSync:
         self._hook = inner_optimizer.register_step_post_hook(lambda *_: self.after_inner_step())
 
     # The trainer's strategy interface (the engine clips, updates and schedules; the hook does the rest).
-    def step(self) -> float:
+    def step(self):
         return self.engine.step()
 
     def after_inner_step(self) -> None:

@@ -94,5 +94,6 @@ class DeepSpeedEngine:
         self.ds.backward(loss, scale_wrt_gas=False)
         self.ds.step()
 
-    def step(self) -> float:
-        return float(self.ds.get_global_grad_norm() or 0.0)
+    def step(self) -> torch.Tensor:
+        norm = self.ds.get_global_grad_norm()  # None before the first boundary
+        return torch.zeros(()) if norm is None else torch.as_tensor(norm).detach()

@@ -75,8 +75,9 @@ class FSDPEngine:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def step(self) -> float:
-        """Clip by the global norm (across pipeline stages too), update, clear gradients; the norm."""
+    def step(self) -> torch.Tensor:
+        """Clip by the global norm (across pipeline stages too), update, clear gradients; the norm (a 0-d device
+        tensor: reading it is the caller's host sync)."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         if self.pp_group is None:
             norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip, foreach=True)
@@ -88,4 +89,4 @@ class FSDPEngine:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return float(local_value(norm))
+        return local_value(norm).detach()

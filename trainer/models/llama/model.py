@@ -268,11 +268,9 @@ class Transformer(nn.Module):
             position_ids = torch.arange(seqlen, device=tokens.device).expand(bsz, seqlen)
         if position_ids.shape[1] > self.args.max_seq_len:
             raise ValueError(f"sequence length {position_ids.shape[1]} exceeds model.max_seq_len {self.args.max_seq_len}")
-        # One document per row: plain causal attention is exact and faster. Under context
-        # parallelism this shard does not know the other shards' documents: keep the ids.
-        # (On CUDA this check and the flash metadata are the forward's host syncs: once, not per layer.)
-        if doc_ids is not None and self.context_parallel is None and bool((doc_ids[:, -1] == doc_ids[:, 0]).all()):
-            doc_ids = None
+        # ``doc_ids`` None: every row is one document (plain causal attention; the data pipeline drops the ids
+        # on the host, ``data/loader.py::without_single_document_ids``). On CUDA the flash metadata is the
+        # forward's one host sync, once, not per layer.
         varlen = documents = None
         if doc_ids is not None and self.context_parallel is None:
             if self.attention_backend == "flash":
