@@ -189,7 +189,7 @@ class TrainBatches:
         indices = self.sampler.at(np.arange(position, position + self.global_batch))
         mine = indices[self.dp_rank * self.local_batch:(self.dp_rank + 1) * self.local_batch]
         micro = [self.dataset.batch(mine[i:i + self.micro_batch]) for i in range(0, len(mine), self.micro_batch)]
-        return micro, position + self.global_batch
+        return without_single_document_ids(micro), position + self.global_batch
 
     def advance(self, position: int) -> None:
         self.sampler.consumed = position
@@ -381,7 +381,7 @@ class DocumentBatches(DocumentPosition):
         rows = [self._row([pieces[i] for i in row]) for row in mine] + [self._row([])] * (n_rows - len(mine))
         batches = [{k: torch.from_numpy(np.stack([r[k] for r in rows[i:i + micro]])) for k in rows[0]}
                    for i in range(0, n_rows, micro)]
-        return batches, nxt
+        return without_single_document_ids(batches), nxt
 
     def next_step(self) -> list[dict[str, torch.Tensor]]:
         micro, nxt = self.build(self._position)
@@ -432,7 +432,6 @@ class Prefetcher:
         try:
             while not self._stop.is_set():
                 batches, nxt = self.plan.build(position)
-                batches = without_single_document_ids(batches)
                 if self.pin:
                     batches = [{k: v.pin_memory() for k, v in b.items()} for b in batches]
                 self._put((batches, nxt, None))
@@ -480,7 +479,8 @@ def eval_batches(dataset: PackedDataset, num_batches: int, micro_batch: int, dp_
 def without_single_document_ids(batches: list[dict]) -> list[dict]:
     """A step's micro-batches without ``doc_ids`` when every row of every one of them is one document: the
     model then runs plain causal attention. Decided here, on the host, so no forward waits on the device to
-    learn it (and every micro-batch of a step keeps the same keys, as pipeline schedules need)."""
+    learn it (and every micro-batch of a step keeps the same keys, as pipeline schedules need). Whole rows
+    only: every context-parallel rank of a row must make the same choice (its shard alone cannot tell)."""
     if all("doc_ids" not in b or bool((b["doc_ids"][:, -1] == b["doc_ids"][:, 0]).all()) for b in batches):
         return [{k: v for k, v in b.items() if k != "doc_ids"} for b in batches]
     return batches
