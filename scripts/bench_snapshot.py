@@ -97,7 +97,7 @@ def _bench_rank(rank, overrides, steps, out_dir):
     saved = []
 
     def dcp_async():
-        saved.append(ckpt.save(tr.model, tr.optimizer, tr.scheduler, tr.batches, tr.step))
+        saved.append(ckpt.save(tr.state, tr.step))
 
     dcp_async_cold, dcp_async_s = timed(dcp_async, before=ckpt.wait)
     ckpt.wait()
@@ -124,7 +124,7 @@ def _bench_rank(rank, overrides, steps, out_dir):
     parity_restore_s, rebuilt = memory_restore() if tr.ft.layout.parity else (float("nan"), 0)
     dist.barrier()
     t0 = time.perf_counter()
-    ckpt.load(path, tr.model, tr.optimizer, tr.scheduler, tr.batches)
+    ckpt.load(path, tr.state)
     disk_restore_s = time.perf_counter() - t0
     tr.ft.close(finished=True)
     shutdown()

@@ -86,29 +86,30 @@ class Checkpointer:
             self._pg = dist.new_group(backend="gloo")
             traffic.label(self._pg, "checkpoint")
 
-    def _state(self, model, optimizer, scheduler, sampler, step: int, gather_rng: bool = True, sync=None) -> dict:
-        """Keys are the same on every rank and every layout (DCP reshards tensors between layouts): the
-        RNG states of all ranks travel as one list, so a run resumed on another world size finds its key.
-        ``gather_rng=False`` (a template to load into) skips the all-gather: DCP replaces the value."""
-        model_sd, optim_sd = get_state_dict(model, optimizer, options=OPTIONS)
-        states = [rng_state()]
-        if gather_rng and dist.is_initialized() and dist.get_world_size() > 1:
-            states = [None] * dist.get_world_size()
-            dist.all_gather_object(states, rng_state())
-        state = {
-            "model": model_sd,
-            "optim": optim_sd,
-            "trainer": {"step": step, "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict()},
-            "rng": pickle.dumps(states),  # one opaque value: its key does not depend on the world size
-        }
-        if sync is not None:
-            sync.settle()  # averages in flight are part of the state
-            if tensors := sync.checkpoint_tensors():
-                state["dp_sync"] = {"tensors": tensors, "host": pickle.dumps(sync.host_state())}
-        return state
+    def _state(self, state, step: int, gather: bool = True) -> dict:
+        """The DCP mapping of ``state`` (a ``trainer/state.py::TrainState``). Keys are the same on every rank and
+        every layout (DCP reshards tensors between layouts): a per-rank part travels as one pickled list of
+        all ranks' states, so a run resumed on another world size finds its key. ``gather=False`` (a template
+        to load into) skips the all-gathers: DCP replaces the values."""
+        model_sd, optim_sd = get_state_dict(state.model, state.optimizer, options=OPTIONS)
+        out = {"model": model_sd, "optim": optim_sd, "trainer": {"step": step}}
+        for name, part in state.parts.items():
+            if getattr(part, "per_rank", False):
+                mine = part.state_dict()
+                every = [mine]
+                if gather and dist.is_initialized() and dist.get_world_size() > 1:
+                    every = [None] * dist.get_world_size()
+                    dist.all_gather_object(every, mine)
+                out[name] = pickle.dumps(every)  # one opaque value: its key does not depend on the world size
+            elif hasattr(part, "checkpoint_tensors"):
+                out[name] = {"tensors": part.checkpoint_tensors(), "host": pickle.dumps(part.state_dict())}
+            else:
+                out["trainer"][name] = part.state_dict()
+        return out
 
     @traffic.counted_as("checkpoint")
-    def save(self, model, optimizer, scheduler, sampler, step: int, sync=None) -> str:
+    def save(self, state, step: int) -> str:
+        """Write ``state`` (a ``TrainState``) as the checkpoint of ``step``; its final path."""
         self.wait()
         final = os.path.join(self.root, f"step_{step:08d}")
         tmp = final + ".tmp"
@@ -117,13 +118,13 @@ class Checkpointer:
             os.makedirs(tmp, exist_ok=True)
         if dist.is_initialized():
             dist.barrier()
-        state = self._state(model, optimizer, scheduler, sampler, step, sync=sync)
+        saved = self._state(state, step)
         target = _dcp_dir(tmp, self.worker)
         if self.async_save:
-            future = dcp.async_save(state, checkpoint_id=target, process_group=self._pg)
+            future = dcp.async_save(saved, checkpoint_id=target, process_group=self._pg)
             self._pending = (future, tmp, final)
         else:
-            dcp.save(state, checkpoint_id=target, process_group=self._pg)
+            dcp.save(saved, checkpoint_id=target, process_group=self._pg)
             self._commit(tmp, final)
         return final
 
@@ -170,42 +171,57 @@ class Checkpointer:
             dist.barrier()
 
     @traffic.counted_as("checkpoint")
-    def _same_outer_state(self, source: str, sync) -> bool:
-        """The checkpoint holds an outer state this sync can load (same method, fragments, tensors)."""
-        if "dp_sync.host" not in dcp.FileSystemReader(source).read_metadata().state_dict_metadata:
+    def _loadable(self, source: str, name: str, part) -> bool:
+        """The checkpoint holds part ``name`` in a form it can load (tensor parts: the same ``signature``: same
+        method, fragments, tensors); a part added after the checkpoint was written is not there."""
+        keys = dcp.FileSystemReader(source).read_metadata().state_dict_metadata
+        if getattr(part, "per_rank", False):
+            return name in keys
+        if not hasattr(part, "checkpoint_tensors"):
+            return any(k == f"trainer.{name}" or k.startswith(f"trainer.{name}.") for k in keys)
+        if f"{name}.host" not in keys:
             return False
-        probe = {"dp_sync": {"host": b""}}
+        probe = {name: {"host": b""}}
         dcp.load(probe, checkpoint_id=source, process_group=self._pg)
-        return pickle.loads(probe["dp_sync"]["host"]).get("signature") == sync.signature()
+        return pickle.loads(probe[name]["host"]).get("signature") == part.signature()
 
-    def load(self, path: str, model, optimizer, scheduler, sampler, sync=None) -> int:
-        """Restore everything saved at ``path``; returns the step it was saved at. An outer state saved by
-        another dp_sync method or layout (diloco <-> co2, other fragments) is not loaded: the outer
-        schedule restarts from the loaded parameters. every_step and diloco/co2 checkpoints are laid out
-        differently (one DCP directory, or one per worker) and refuse each other."""
+    def load(self, path: str, state) -> int:
+        """Restore ``state`` (a ``TrainState``) from ``path``; the step it was saved at. A part the checkpoint
+        lacks keeps its fresh state (one added since); a tensor part whose saved ``signature`` differs (an outer
+        state of another dp_sync method or layout) gets ``load_state_dict(None)``: the outer schedule restarts
+        from the loaded parameters. every_step and
+        diloco/co2 checkpoints are laid out differently (one DCP directory, or one per worker) and refuse each
+        other."""
         source = _dcp_dir(path, self.worker)
         if not os.path.isfile(os.path.join(source, ".metadata")):
             other = os.path.join(path, ".metadata") if self.worker is not None else _dcp_dir(path, 0) + "/.metadata"
             hint = (" (it was saved under another parallel.dp_sync: every_step writes one checkpoint, diloco and "
                     "co2 one per worker)") if os.path.isfile(other) else ""
             raise FileNotFoundError(f"--resume: '{source}' is not a complete checkpoint (no .metadata){hint}")
-        state = self._state(model, optimizer, scheduler, sampler, 0, gather_rng=False, sync=sync)
-        if "dp_sync" in state and not self._same_outer_state(source, sync):
-            del state["dp_sync"]  # another method or layout: the sync anchors on the loaded parameters
-        dcp.load(state, checkpoint_id=source, process_group=self._pg)
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                       options=OPTIONS)
-        if sync is not None:
-            if "dp_sync" in state:
-                sync.load_checkpoint_tensors(state["dp_sync"]["tensors"])
-            sync.load_host_state(pickle.loads(state["dp_sync"]["host"]) if "dp_sync" in state else None)
-        scheduler.load_state_dict(state["trainer"]["scheduler"])
-        sampler.load_state_dict(state["trainer"]["sampler"])
-        # Same world size: each rank continues its own streams (exact resume). Another layout has no
-        # such continuation; rank r takes saved rank r mod the saved world size.
-        saved = pickle.loads(state["rng"])
-        set_rng_state(saved[self.rank % len(saved)])
-        return int(state["trainer"]["step"])
+        template = self._state(state, 0, gather=False)
+        missing = [name for name, part in state.parts.items()
+                   if (name in template or name in template["trainer"]) and not self._loadable(source, name, part)]
+        for name in missing:
+            template.pop(name, None)
+            template["trainer"].pop(name, None)
+        dcp.load(template, checkpoint_id=source, process_group=self._pg)
+        set_state_dict(state.model, state.optimizer, model_state_dict=template["model"],
+                       optim_state_dict=template["optim"], options=OPTIONS)
+        for name, part in state.parts.items():
+            if getattr(part, "per_rank", False) and name in template:
+                # Same world size: each rank continues its own streams (exact resume). Another layout has no
+                # such continuation; rank r takes saved rank r mod the saved world size.
+                saved = pickle.loads(template[name])
+                part.load_state_dict(saved[self.rank % len(saved)])
+            elif hasattr(part, "checkpoint_tensors"):
+                if name in template:
+                    part.load_checkpoint_tensors(template[name]["tensors"])
+                part.load_state_dict(pickle.loads(template[name]["host"]) if name in template else None)
+            elif name in template["trainer"]:
+                part.load_state_dict(template["trainer"][name])
+            elif name in missing:  # a part added since the checkpoint was written
+                print(f"resume: rank {self.rank}: '{name}' is not in {path}; it starts fresh", flush=True)
+        return int(template["trainer"]["step"])
 
 
 class DeepSpeedCheckpointer:
@@ -214,7 +230,8 @@ class DeepSpeedCheckpointer:
     def __init__(self, ckpt_root: str, keep: int, rank: int, engine):
         self.root, self.keep, self.rank, self.engine = ckpt_root, keep, rank, engine
 
-    def save(self, model, optimizer, scheduler, sampler, step: int, sync=None) -> str:
+    def save(self, state, step: int) -> str:
+        """Write ``state`` (a ``TrainState``) as the checkpoint of ``step``; its final path."""
         """``sync``: always every_step under DeepSpeed (config checks refuse the others): nothing to save."""
         name = f"step_{step:08d}"
         final, tmp = os.path.join(self.root, name), os.path.join(self.root, name + ".tmp")
@@ -222,10 +239,12 @@ class DeepSpeedCheckpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(self.root, exist_ok=True)
         dist.barrier()
+        plain = {n: p.state_dict() for n, p in state.parts.items()
+                 if not getattr(p, "per_rank", False) and not hasattr(p, "checkpoint_tensors")}
         self.engine.save_checkpoint(self.root, tag=name + ".tmp", save_latest=False,
-                                    client_state={"step": step, "sampler": sampler.state_dict()})
-        # Every rank's RNG state: DeepSpeed keeps client_state from rank 0 only, so each rank adds a file.
-        torch.save(rng_state(), os.path.join(tmp, f"loomtrain_rng_rank{self.rank}.pt"))
+                                    client_state={"step": step, **plain})
+        ranked = {n: p.state_dict() for n, p in state.parts.items() if getattr(p, "per_rank", False)}
+        torch.save(ranked, os.path.join(tmp, f"loomtrain_rng_rank{self.rank}.pt"))
         dist.barrier()
         if self.rank == 0:
             shutil.rmtree(final, ignore_errors=True)
@@ -236,14 +255,20 @@ class DeepSpeedCheckpointer:
         dist.barrier()
         return final
 
-    def load(self, path: str, model, optimizer, scheduler, sampler, sync=None) -> int:
+    def load(self, path: str, state) -> int:
         path = path.rstrip("/")
         rng_file = os.path.join(path, f"loomtrain_rng_rank{self.rank}.pt")
         if not os.path.isfile(rng_file):
             raise FileNotFoundError(f"--resume: '{path}' is not a complete DeepSpeed checkpoint of this world size")
         _, client = self.engine.load_checkpoint(os.path.dirname(path), tag=os.path.basename(path))
-        sampler.load_state_dict(client["sampler"])
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        ranked = torch.load(rng_file, weights_only=False)
+        if "torch" in ranked:  # written before per-rank parts had names: the RNG state itself
+            ranked = {"rng": ranked}
+        for name, part in state.parts.items():
+            if getattr(part, "per_rank", False) and name in ranked:
+                part.load_state_dict(ranked[name])
+            elif name in client:
+                part.load_state_dict(client[name])
         return int(client["step"])
 
     def wait(self) -> None:

@@ -31,7 +31,8 @@ from loomtrain.parallel.sp.modes import ModelCopy, longest_sequence, sequence_pa
 from loomtrain.parallel.parallelize import parallelize_model
 from loomtrain.parallel.pipeline import build_schedule, build_stages
 from loomtrain.trainer.attention import resolve_backend
-from loomtrain.trainer.checkpoint import STEP_DIR, checkpointer_for, latest_checkpoint, rng_state, set_rng_state
+from loomtrain.trainer.checkpoint import STEP_DIR, checkpointer_for, latest_checkpoint
+from loomtrain.trainer.state import RNGState, SyncState, TrainState
 from loomtrain.trainer.checks import check_experiment, check_vocab, cp_attention, tokens_per_step
 from loomtrain.trainer.config import Experiment, pipeline_microbatches, pipeline_stage_layers
 from loomtrain.trainer.loss import label_tokens, token_loss_sum
@@ -191,6 +192,9 @@ class Trainer:
                                params=[p for part in parts for p in part.parameters()],
                                names={p: n for part in parts for n, p in part.named_parameters()},
                                group=self.mesh["dp_replicate"].get_group(), worker_group=self._worker_group())
+        # The run's stateful parts, in one mapping that checkpoints, snapshots and restore all use.
+        self.state = TrainState(self.model, self.optimizer, {"scheduler": self.scheduler, "sampler": self.batches,
+                                                             "rng": RNGState(), "dp_sync": SyncState(self.sync)})
         # How a step's micro-batches run: one after another, or through the pipeline schedule.
         if self.dims.pp > 1:
             make = lambda loss_fn: build_schedule(
@@ -240,14 +244,11 @@ class Trainer:
         disk_step = int(m.group(1)) if path and (m := STEP_DIR.match(os.path.basename(path.rstrip("/")))) else -1
         if located is not None and located.epoch >= disk_step:
             try:
-                restored = ft.snapshots.restore(located, self.model, self.optimizer, self.sync.state_tensors())
+                restored = ft.snapshots.restore(located, self.model, self.optimizer, self.state.extra_tensors())
             except RestoreFailed as e:
                 why = f"restoring step {located.epoch} failed: {e}"
             else:
-                self.sync.load_host_state(restored.host["dp_sync"])
-                self.scheduler.load_state_dict(restored.host["scheduler"])
-                self.batches.load_state_dict(restored.host["sampler"])
-                set_rng_state(restored.host["rng"])
+                self.state.load_host_state(restored.host)
                 self.step, self.restored_from, self.restore_seconds = restored.step, "memory", restored.seconds
                 self.resumed_from = f"memory snapshot of step {restored.step}"
                 if self.env.is_main:
@@ -265,8 +266,7 @@ class Trainer:
         loud = ft.restarted and ft.snapshots is not None
         if path:
             start = time.perf_counter()
-            self.step = self.ckpt.load(path, self.model, self.optimizer, self.scheduler, self.batches,
-                                       sync=self.sync)
+            self.step = self.ckpt.load(path, self.state)
             self.resumed_from, self.restored_from = path, "disk"
             self.restore_seconds = time.perf_counter() - start
             if self.env.is_main:
@@ -397,7 +397,8 @@ class Trainer:
                     bar.update(1)
                 with heartbeat.in_phase("checkpoint"):  # an async save's commit and pruning
                     self.ckpt.poll()
-                self.ft.after_step(self.step, self.model, self.optimizer, self._host_state, self._sync_tensors)
+                self.ft.after_step(self.step, self.model, self.optimizer, self.state.host_state,
+                                   self.state.extra_tensors)
                 heartbeat.step_done(self.step)  # the hang monitor's limit follows the steps' p99
                 if stopping:
                     result.stopped_by_signal = True
@@ -406,13 +407,11 @@ class Trainer:
                 if self.step < tcfg.steps and (flush or self.ft.persist_due(self.step)
                                                or (every and self.step % every == 0)):
                     with heartbeat.in_phase("checkpoint"):
-                        result.checkpoint = self.ckpt.save(self.model, self.optimizer, self.scheduler,
-                                                           self.batches, self.step, sync=self.sync)
+                        result.checkpoint = self.ckpt.save(self.state, self.step)
                     stop.flush = False
             heartbeat.phase("checkpoint")  # the last save and the waits for background work
             if result.stopped_by_signal or exp.checkpoint.at_end:
-                result.checkpoint = self.ckpt.save(self.model, self.optimizer, self.scheduler,
-                                                   self.batches, self.step, sync=self.sync)
+                result.checkpoint = self.ckpt.save(self.state, self.step)
             self.ckpt.wait()
             if self.ft.snapshots is not None:
                 self.ft.snapshots.wait()
@@ -456,16 +455,6 @@ class Trainer:
         dist.all_gather_into_tensor(every, mine)
         with heartbeat.waiting():
             return every.view(self.env.world_size, -1).cpu()
-
-    def _host_state(self) -> dict:
-        """What a snapshot holds besides model, optimizer and outer-sync tensors."""
-        return {"scheduler": self.scheduler.state_dict(), "sampler": self.batches.state_dict(),
-                "rng": rng_state(), "dp_sync": self.sync.host_state()}
-
-    def _sync_tensors(self) -> dict:
-        """The outer sync's live tensors for a snapshot, with averages in flight arrived."""
-        self.sync.settle()
-        return self.sync.state_tensors()
 
     @traffic.counted_as("other")
     def _bytes_sent(self) -> dict:

@@ -44,7 +44,7 @@ class StatelessSync:
         pass
 
     def host_state(self) -> dict:
-        return {}
+        return {"signature": self.signature()}
 
     def load_host_state(self, state: dict | None) -> None:
         pass
