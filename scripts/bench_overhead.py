@@ -42,7 +42,7 @@ def plain_loop(exp, prepared, steps: int, warmup: int) -> float:
         if step == warmup:
             start = time.perf_counter()
         [b] = batches.next_step()
-        logits = model(b["input_ids"], b["position_ids"], b["doc_ids"])
+        logits = model(b["input_ids"], b["position_ids"], b.get("doc_ids"))
         loss = F.cross_entropy(logits.flatten(0, 1).float(), b["labels"].flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), exp.optim.grad_clip, foreach=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 
 import torch
 
@@ -130,7 +131,13 @@ def _gpt2_byte_symbols() -> dict[int, str]:
 
 
 def export_hf(checkpoint: str, out_dir: str, exp) -> dict:
-    """Write the Hugging Face model directory; returns a summary for the CLI."""
+    """Write the Hugging Face model directory; returns a summary for the CLI. The Llama family's adapter (its
+    ``hf_adapter``); a family without one is refused in one line."""
+    from loomtrain.trainer.models import model_family
+
+    if model_family(exp.model.family).hf_adapter is not sys.modules[__name__]:
+        raise ConfigError(f"export: model.family {exp.model.family} has no Hugging Face adapter (its hf_adapter is "
+                          "not loomtrain.trainer.hf_export)")
     try:
         from safetensors.torch import save_file
     except ImportError:
