@@ -2,9 +2,8 @@
 
 One :class:`Registry` per kind lives in that kind's folder (``parallel/cp``, ``parallel/dp_sync``,
 ``trainer/models``, ...) next to the ``typing.Protocol`` its implementations follow. Built-in
-implementations are registered as ``"module:attribute"`` strings and imported on first use, so
-validating a config imports no torch; plugins (``plugins:`` in YAML, :func:`load_plugins`)
-register objects. Config validation, ``loomtrain plan``, the cost models and the one-line errors
+implementations are registered as ``"module:attribute"`` strings and imported on first use (a name
+check needs no import); plugins (``plugins:`` in YAML, :func:`load_plugins`) register objects. Config validation, ``loomtrain plan``, the cost models and the one-line errors
 all take their list of valid names from here: no code outside an implementation compares a
 strategy's name.
 """
