@@ -368,33 +368,12 @@ class Trainer:
                 result.losses[self.step], result.grad_norms[self.step] = loss, grad_norm
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss} at step {self.step}")
-                record = None
-                if self.step % tcfg.log_every == 0 or self.step == tcfg.steps:
-                    tps = self.tokens_per_step / step_time
-                    record = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
-                              "grad_norm": grad_norm, "tokens_per_s": tps,
-                              "mfu": self.flops_per_token * tps / (self.peak_flops * env.world_size),
-                              "step_time_s": step_time, "tokens": self.step * self.tokens_per_step,
-                              "time": time.time()}
-                    if self.ft.snapshots is not None:
-                        record["snapshot_failures"] = self.ft.snapshot_failures
-                    record |= self._bytes_sent() | self.health.record()
-                if tcfg.eval_every and (self.step % tcfg.eval_every == 0 or self.step == tcfg.steps):
+                record = self._metrics(loss, grad_norm, step_time) if self._due(tcfg.log_every) else None
+                if tcfg.eval_every and self._due(tcfg.eval_every):
                     with heartbeat.in_phase("eval"):
-                        val = self.evaluate()
-                    result.val_losses[self.step] = val
+                        result.val_losses[self.step] = val = self.evaluate()
                     record = (record or {"step": self.step}) | {"val_loss": val}
-                if record:
-                    sink.log(record)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record.get('tokens_per_s', 0):.0f}",
-                                        mfu=f"{100 * record.get('mfu', 0):.1f}%", refresh=False)
-                    elif env.is_main:
-                        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                       for k, v in record.items() if k != "time" and not k.startswith("bytes_")),
-                              flush=True)
-                if bar is not None:
-                    bar.update(1)
+                self._report(record, sink, bar, loss)
                 with heartbeat.in_phase("checkpoint"):  # an async save's commit and pruning
                     self.ckpt.poll()
                 self.ft.after_step(self.step, self.model, self.optimizer, self.state.host_state,
@@ -430,6 +409,33 @@ class Trainer:
         if env.is_main and result.stopped_by_signal:
             print(f"stopped by signal after step {self.step}; checkpoint saved to {result.checkpoint}", flush=True)
         return result
+
+    def _due(self, every: int) -> bool:
+        """A step that ``every`` names (and the last one)."""
+        return self.step % every == 0 or self.step == self.exp.train.steps
+
+    def _metrics(self, loss: float, grad_norm: float, step_time: float) -> dict:
+        """The logged step's record: loss, lr, norm, throughput and MFU, bytes sent, health."""
+        tps = self.tokens_per_step / step_time
+        record = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                  "tokens_per_s": tps, "mfu": self.flops_per_token * tps / (self.peak_flops * self.env.world_size),
+                  "step_time_s": step_time, "tokens": self.step * self.tokens_per_step, "time": time.time()}
+        if self.ft.snapshots is not None:
+            record["snapshot_failures"] = self.ft.snapshot_failures
+        return record | self._bytes_sent() | self.health.record()
+
+    def _report(self, record: dict | None, sink, bar, loss: float) -> None:
+        """The record to the metrics sinks, and to the progress bar or a log line."""
+        if record:
+            sink.log(record)
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record.get('tokens_per_s', 0):.0f}",
+                                mfu=f"{100 * record.get('mfu', 0):.1f}%", refresh=False)
+            elif self.env.is_main:
+                print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                               for k, v in record.items() if k != "time" and not k.startswith("bytes_")), flush=True)
+        if bar is not None:
+            bar.update(1)
 
     @traffic.counted_as("other")
     def _exchange(self, stop: StopFlag, loss: torch.Tensor, grad_norm) -> tuple[bool, bool, float, float]:
