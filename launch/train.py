@@ -29,7 +29,7 @@ def run(exp: Experiment, resume: str | None = None):
     may renumber this rank and restart the default group)."""
     load_plugins(exp.plugins)  # an Experiment built in another process: its plugins register here too
     rank, world, local_rank, local_world, _ = read_env()
-    check_experiment(exp, world, local_world)  # before any process group starts
+    dims = check_experiment(exp, world, local_world)  # before any process group starts
     try:
         # A heartbeat for the launcher's hang monitor (when one runs): from before the rendezvous on.
         heartbeat.start(rank, local_rank, attempt())
@@ -40,7 +40,7 @@ def run(exp: Experiment, resume: str | None = None):
         heartbeat.phase("build")
         set_threads(exp, env)
         traffic.install()  # bytes sent per purpose, logged with the metrics; the hang monitor sees the waits
-        placement = place_ranks(exp, env, check_experiment(exp, env.world_size, env.local_world_size))
+        placement = place_ranks(exp, env, dims)
         env = placement.env  # renumbered, where the fabric order needs it
         if env.is_main:
             save_config(exp, os.path.join(exp.train.output_dir, "config.yaml"))

@@ -3,9 +3,9 @@
 One :class:`Registry` per kind lives in that kind's folder (``parallel/cp``, ``parallel/dp_sync``,
 ``trainer/models``, ...) next to the ``typing.Protocol`` its implementations follow. Built-in
 implementations are registered as ``"module:attribute"`` strings and imported on first use (a name
-check needs no import); plugins (``plugins:`` in YAML, :func:`load_plugins`) register objects. Config validation, ``loomtrain plan``, the cost models and the one-line errors
-all take their list of valid names from here: no code outside an implementation compares a
-strategy's name.
+check needs no import); plugins (``plugins:`` in YAML, :func:`load_plugins`) register objects.
+Config validation, ``loomtrain plan``, the cost models and the one-line errors all take their list of
+valid names from here: no code outside an implementation compares a strategy's name.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ class Registry:
         return target
 
     def register(self, name: str):
-        """Class or function decorator: ``@CP_STRATEGIES.register("allgather")``."""
+        """Class decorator for kinds whose entries are classes: ``@DP_SYNC.register("grad_allreduce")``."""
         return lambda target: self.add(name, target)
 
     def remove(self, name: str) -> None:

@@ -171,10 +171,10 @@ class Checkpointer:
             dist.barrier()
 
     @traffic.counted_as("checkpoint")
-    def _loadable(self, source: str, name: str, part) -> bool:
-        """The checkpoint holds part ``name`` in a form it can load (tensor parts: the same ``signature``: same
-        method, fragments, tensors); a part added after the checkpoint was written is not there."""
-        keys = dcp.FileSystemReader(source).read_metadata().state_dict_metadata
+    def _loadable(self, source: str, keys, name: str, part) -> bool:
+        """The checkpoint at ``source`` (whose DCP keys are ``keys``) holds part ``name`` in a form it can load
+        (tensor parts: the same ``signature``: same method, fragments, tensors); a part added after the
+        checkpoint was written is not there."""
         if getattr(part, "per_rank", False):
             return name in keys
         if not hasattr(part, "checkpoint_tensors"):
@@ -199,8 +199,10 @@ class Checkpointer:
                     "co2 one per worker)") if os.path.isfile(other) else ""
             raise FileNotFoundError(f"--resume: '{source}' is not a complete checkpoint (no .metadata){hint}")
         template = self._state(state, 0, gather=False)
+        keys = dcp.FileSystemReader(source).read_metadata().state_dict_metadata
         missing = [name for name, part in state.parts.items()
-                   if (name in template or name in template["trainer"]) and not self._loadable(source, name, part)]
+                   if (name in template or name in template["trainer"])
+                   and not self._loadable(source, keys, name, part)]
         for name in missing:
             template.pop(name, None)
             template["trainer"].pop(name, None)

@@ -433,10 +433,6 @@ def _get(exp: Experiment, path: str) -> Any:
     return obj
 
 
-def _positive(exp: Experiment, *paths: str, allow_zero: bool = False) -> None:
-    require_positive(exp, *paths, allow_zero=allow_zero)
-
-
 def validate(exp: Experiment) -> None:
     """Reject impossible values. World-size-dependent checks live in ParallelDims."""
     for p, choices in CHOICES.items():
@@ -447,12 +443,12 @@ def validate(exp: Experiment) -> None:
         v = _get(exp, p)
         if v not in registry.choices():
             raise ConfigError(f"{p}: must be one of {', '.join(registry.choices())}, got {v!r}")
-    _positive(exp, "model.dim", "model.n_layers", "model.n_heads", "model.n_kv_heads",
+    require_positive(exp, "model.dim", "model.n_layers", "model.n_heads", "model.n_kv_heads",
               "model.ffn_multiple_of", "model.norm_eps", "model.rope_theta", "data.seq_len",
               "train.steps", "train.global_batch_size", "train.log_every", "optim.lr",
               "parallel.cp_link_gbps", "faulttol.snapshot.timeout_s", "faulttol.monitor.step_factor",
               "faulttol.monitor.min_s", "faulttol.monitor.phase_timeout_s")
-    _positive(exp, "model.ffn_hidden", "model.vocab_size", "model.max_seq_len", "train.micro_batch_size",
+    require_positive(exp, "model.ffn_hidden", "model.vocab_size", "model.max_seq_len", "train.micro_batch_size",
               "train.eval_every", "train.eval_batches", "train.threads", "parallel.cp_latency_us", "optim.warmup_steps",
               "optim.weight_decay", "optim.grad_clip", "optim.eps", "checkpoint.every_steps",
               "checkpoint.keep", "data.max_documents", "data.workers", "data.vocab_size", "data.max_doc_tokens", "train.global_batch_tokens",
@@ -462,7 +458,7 @@ def validate(exp: Experiment) -> None:
               "faulttol.smp_idle_exit_s", "faulttol.inject.rank", "faulttol.inject.step", "faulttol.inject.attempt",
               "train.microbatches", "faulttol.monitor.warmup_steps",
               allow_zero=True)
-    _positive(exp, "parallel.pp_virtual_stages")
+    require_positive(exp, "parallel.pp_virtual_stages")
     m = exp.model
     if m.dim % m.n_heads:
         raise ConfigError(f"model.dim: must be divisible by model.n_heads ({m.n_heads}), got {m.dim}")
@@ -504,9 +500,9 @@ def validate(exp: Experiment) -> None:
         raise ConfigError(f"data.seq_len: must be divisible by {unit} (tp{' and 2*cp and cp*tp (zigzag)' if par.cp > 1 else ''} "
                           f"for parallel.tp={par.tp}, cp={par.cp}), got {exp.data.seq_len}")
     if par.cp > 1 and par.cp_impl != "auto":
-        why = cp_strategy(par.cp_impl).unsupported(m.n_heads // par.tp, m.n_kv_heads // par.tp, par.cp)
-        if why:
-            others = [n for n in usable(m.n_heads // par.tp, m.n_kv_heads // par.tp, par.cp)]
+        heads, kv_heads = m.n_heads // par.tp, m.n_kv_heads // par.tp  # one tensor-parallel rank's
+        if why := cp_strategy(par.cp_impl).unsupported(heads, kv_heads, par.cp):
+            others = usable(heads, kv_heads, par.cp)
             raise ConfigError(f"parallel.cp_impl: {why} (model.n_heads {m.n_heads}, n_kv_heads {m.n_kv_heads} over "
                               f"tp={par.tp} x cp={par.cp}); use {' or '.join(others) or 'another cp degree'}")
     if exp.train.micro_batch_size and exp.train.global_batch_size % exp.train.micro_batch_size:

@@ -239,8 +239,8 @@ def measure_pool(model_args, device, pool, sizes, capacity: int, groups, links: 
                  loss_parallel: bool = False, progress=print, *, build_model, loss_sum) -> dict:
     """Every rank at once: ring hops and sequence times per group size (max over ranks, best repeat), fitted.
 
-    ``pool``: an ``adaptive_sp.PoolRanks`` (members, their ranks per tensor-parallel coordinate); ``groups``: a
-    ``hybrid_dp.SequenceGroups`` (process groups made collectively, attention modules by rank set);
+    ``pool``: an ``planner.PoolRanks`` (members, their ranks per tensor-parallel coordinate); ``groups``: a
+    ``modes.SequenceGroups`` (process groups made collectively, attention modules by rank set);
     ``dtype``/``backend``/``activation_checkpoint``/``shard_model`` (tensor parallelism)/``loss_parallel``: as
     the training model runs. Sizes and tiles count members. Deep models are
     measured at ``calibration_depths`` and extrapolated. Returns ``{"sizes": {d: {"seconds": {depth: [...]},

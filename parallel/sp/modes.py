@@ -8,8 +8,8 @@ tokens and the attention the model uses for it).
   ``ContextParallelAttention`` was fixed when it was parallelized.
 - :class:`AdaptiveSP` (ByteScale's hybrid data parallelism with FlexSP's planner): all data-parallel
   ranks are one pool (with tensor parallelism each member is a tp group, and a group of members runs
-  context parallelism among the ranks of each tp coordinate: ``adaptive_sp.PoolRanks``). Every step
-  :class:`AdaptiveBatches` plans groups with ``adaptive_sp.plan_groups`` from the step's document lengths and the fitted cost model (identically on every rank, on the prefetch
+  context parallelism among the ranks of each tp coordinate: ``planner.PoolRanks``). Every step
+  :class:`AdaptiveBatches` plans groups with ``planner.plan_groups`` from the step's document lengths and the fitted cost model (identically on every rank, on the prefetch
   thread while the previous step trains), and hands each rank only the sequences its group runs,
   already cut to the rank's zigzag part. A group of one runs plain attention with no CP traffic.
   Ranks may run different numbers of sequences: FSDP keeps parameters gathered over the step and
@@ -27,18 +27,19 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from loomtrain.data.loader import DocumentPosition, DocumentStream, document_row
-from loomtrain.parallel.sp.planner import PoolRanks, placeable_rank_sets, plan_groups
 from loomtrain.data.batching import BATCHINGS
+from loomtrain.data.loader import DocumentPosition, DocumentStream, document_row
 from loomtrain.errors import ConfigError
 from loomtrain.parallel.cp import CP_STRATEGIES
 from loomtrain.parallel.cp import strategy as cp_strategy
 from loomtrain.parallel.cp.attention import shard_for, shard_sequence, zigzag_multiple
+from loomtrain.parallel.sp.planner import PoolRanks, placeable_rank_sets, plan_groups
 
 
 def impl_codes() -> tuple[str, ...]:
     """A row's strategy travels as its index here ("none": a group of one); the same on every rank."""
     return ("none",) + CP_STRATEGIES.names()
+
 
 PRECREATE_GROUPS = 64  # pools with at most this many placeable rank sets create them all before the first step
 
