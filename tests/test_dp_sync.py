@@ -79,19 +79,28 @@ def _train(rank, overrides, resume=None, signal_at=0):
     if signal_at:
         signal_self_after_step(signal_at, signal.SIGTERM)
     captured = {}
-    original = train_mod.Trainer.fit
+    original, original_step = train_mod.Trainer.fit, train_mod.Trainer.train_step
+
+    def state_of(self) -> dict:
+        """Parameters, AdamW moments and the outer anchors, as local tensors."""
+        local = (lambda t: t.detach().to_local().clone() if hasattr(t, "to_local") else t.detach().clone())
+        return {"anchor": {k: v.detach().clone() for k, v in self.sync.state_tensors().items()
+                           if k.startswith("anchor.")},
+                "params": {n: local(p) for n, p in self.model.named_parameters()},
+                "moments": {(n, k): local(self.optimizer.state[p][k]) for n, p in self.model.named_parameters()
+                            if p in self.optimizer.state for k in ("exp_avg", "exp_avg_sq")}}
 
     def fit(self):
         result = original(self)
         captured["restored_from"] = result.restored_from
-        sync = self.sync
-        captured["anchor"] = {k: v.detach().clone() for k, v in sync.state_tensors().items()
-                              if k.startswith("anchor.")}
-        captured["params"] = {n: p.detach().to_local().clone() if hasattr(p, "to_local") else p.detach().clone()
-                              for n, p in self.model.named_parameters()}
+        captured.update(state_of(self))
         return result
 
-    train_mod.Trainer.fit = fit
+    def train_step(self):
+        captured.setdefault("start", state_of(self))  # what the first step begins from (after any resume)
+        return original_step(self)
+
+    train_mod.Trainer.fit, train_mod.Trainer.train_step = fit, train_step
     r = launch_train.run(load_config("tiny", overrides), resume=resume)
     return r.losses, captured
 
@@ -203,15 +212,26 @@ def test_stop_and_resume_from_disk_equals_an_uninterrupted_run(method, overrides
 
 
 def test_resuming_under_another_method_restarts_the_outer_schedule(overrides, tmp_path):
-    """A DiLoCo checkpoint resumed as CO2: parameters and optimizer load, the outer state does not (another
-    method's), and CO2 anchors on the loaded parameters; every_step checkpoints are refused by name."""
+    """A DiLoCo checkpoint resumed as CO2: AdamW moments load exactly as saved; the outer state does not
+    (another method's), so the outer schedule restarts from the workers' average: both workers start from
+    the mean of the two saved (differing) local models, anchored there; every_step checkpoints are refused
+    by name."""
     base = overrides + ["parallel.dp_replicate=2", "train.steps=6"]
-    run_ranks(_train, 2, base + RESUMABLE["diloco"], None, 3)
+    saved = run_ranks(_train, 2, base + RESUMABLE["diloco"], None, 3)
     resumed = run_ranks(_train, 2, base + RESUMABLE["co2"], "latest")
-    assert sorted(resumed[0][0]) == [4, 5, 6]
-    for (_, a), (_, b) in [resumed]:
-        for k in a["anchor"]:
-            torch.testing.assert_close(a["anchor"][k], b["anchor"][k], rtol=0, atol=0)
+    (_, w0), (_, w1) = saved
+    assert any(not torch.equal(w0["params"][n], w1["params"][n]) for n in w0["params"])  # local steps differ
+    for (_, at_save), (losses, captured) in zip(saved, resumed):
+        assert sorted(losses) == [4, 5, 6]
+        start = captured["start"]
+        assert start["params"].keys() == at_save["params"].keys() and start["moments"]
+        for n, p in start["params"].items():
+            torch.testing.assert_close(p, (w0["params"][n] + w1["params"][n]) / 2, rtol=0, atol=1e-7, msg=n)
+        for k, m in start["moments"].items():
+            assert torch.equal(m, at_save["moments"][k]), k
+        assert start["anchor"].keys() == {f"anchor.{n}" for n in start["params"]}
+        for n, p in start["params"].items():
+            assert torch.equal(start["anchor"][f"anchor.{n}"], p), n
     out = [f"train.output_dir={tmp_path / 'ddp'}"]
     run_ranks(_train, 2, base + out, None, 3)
     with pytest.raises(AssertionError, match="saved under another parallel.dp_sync"):
