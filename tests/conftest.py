@@ -68,3 +68,44 @@ def signal_self_after_step(step: int, sig: int) -> None:
         return out
 
     train_mod.Trainer.train_step = step_then_signal
+
+
+def train_capturing(rank, overrides, resume=None):
+    """Train in this forked rank: (losses, grad norms, captured) where ``captured["params"]`` holds the full
+    final parameters by name (DTensors gathered, DeepSpeed's ``module.`` prefix dropped, ZeRO-3 partitions
+    gathered) and, under DeepSpeed, ``captured["deepspeed"]`` what it applied: stage, optimizer class,
+    optimizer offload, and the share of fp32 master weights this rank holds."""
+    import contextlib
+
+    from torch.distributed.tensor import DTensor
+
+    from loomtrain.launch import train as launch_train
+    from loomtrain.trainer import train as train_mod
+    from loomtrain.trainer.config import load_config
+
+    captured, original = {}, train_mod.Trainer.fit
+
+    def fit(self):
+        result = original(self)
+        ds = getattr(self.engine, "ds", None)
+        gathered = contextlib.nullcontext()
+        if ds is not None:
+            import deepspeed
+
+            opt = ds.optimizer
+            fp32 = getattr(opt, "single_partition_of_fp32_groups", None) or opt.fp32_partitioned_groups_flat
+            captured["deepspeed"] = {
+                "stage": ds.zero_optimization_stage(), "optimizer": type(opt).__name__,
+                "offload": bool(getattr(opt, "cpu_offload", False) or getattr(opt, "offload_optimizer", False)),
+                "fp32_master_share": sum(t.numel() for t in fp32) /
+                sum(getattr(p, "ds_numel", p.numel()) for p in ds.parameters())}
+            gathered = deepspeed.zero.GatheredParameters(list(ds.parameters()),
+                                                         enabled=ds.zero_optimization_stage() == 3)
+        with gathered:
+            captured["params"] = {n.removeprefix("module."): (p.full_tensor() if isinstance(p, DTensor) else p)
+                                  .detach().float().clone() for n, p in self.model.named_parameters()}
+        return result
+
+    train_mod.Trainer.fit = fit
+    r = launch_train.run(load_config("tiny", overrides), resume=resume)
+    return r.losses, r.grad_norms, captured
