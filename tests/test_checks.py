@@ -2,7 +2,8 @@
 
 Also: every accepted ``parallel.mesh_order`` builds every mesh the trainer slices (HSDP's
 ``dp_replicate x dp_shard_cp`` included) with the groups the order asks for, on torch's fake
-process group.
+process group: against the layout's formula for every order, and against rank groups written
+out by hand (Megatron's order) for a few layouts.
 """
 import itertools
 
@@ -61,34 +62,174 @@ def fake_world():
     dist.destroy_process_group()
 
 
+# What a flattened view is made of, outer dimension first (parallel/mesh.py's docstring), written out here.
+FLATTENED = {"dp": ("dp_replicate", "dp_shard"), "dp_shard_cp": ("dp_shard", "cp"),
+             "loss": ("dp_replicate", "dp_shard", "cp")}
+
+
+def _spec_group(dims: ParallelDims, names, rank: int) -> list[int]:
+    """The documented layout as a formula: a rank is the mixed-radix number whose digits are its coordinates
+    in ``dims.order`` (outermost most significant). Its group over ``names`` varies those digits, the first
+    name's outermost (that order is the group's mesh coordinates)."""
+    degree = {n: getattr(dims, n) for n in MESH_DIMS}
+    coord, rest = {}, rank
+    for n in reversed(dims.order):
+        coord[n], rest = rest % degree[n], rest // degree[n]
+    group = []
+    for values in itertools.product(*(range(degree[n]) for n in names)):
+        c = coord | dict(zip(names, values))
+        r = 0
+        for n in dims.order:
+            r = r * degree[n] + c[n]
+        group.append(r)
+    return group
+
+
 def _check_mesh(dims: ParallelDims, rank: int) -> None:
+    """This rank's group of every dimension and flattened view, in the mesh and in ``groups()``, against
+    :func:`_spec_group`; the HSDP slice builds."""
     import torch.distributed as dist
 
     meshes = dims.build_mesh("cpu")
-    for name in MESH_DIMS:
-        want = next(g for g in dims.groups(name) if rank in g)
-        assert dist.get_process_group_ranks(meshes[name].get_group()) == want, (dims.order, name)
-    for name, parts in dims.FLATTENED.items():
-        size = 1
-        for p in parts:
-            size *= getattr(dims, p)
-        assert meshes[name].size() == size
+    for name in MESH_DIMS + tuple(FLATTENED):
+        want = _spec_group(dims, FLATTENED.get(name, (name,)), rank)
+        assert meshes[name].mesh.tolist() == want, (dims.order, name)  # members, in mesh-coordinate order
+        # A process group's ranks are always ascending (torch's new_group sorts them): the members only.
+        assert dist.get_process_group_ranks(meshes[name].get_group()) == sorted(want), (dims.order, name)
+        assert next(g for g in dims.groups(name) if rank in g) == want, (dims.order, name)
     hsdp = meshes["dp_replicate", "dp_shard_cp"]  # what FSDP2 gets under HSDP: the slice that used to crash
     assert hsdp.size() == dims.dp_replicate * dims.dp_shard * dims.cp
-    assert rank in dist.get_process_group_ranks(hsdp.get_group("dp_shard_cp"))
+    assert dist.get_process_group_ranks(hsdp.get_group("dp_shard_cp")) == sorted(
+        _spec_group(dims, FLATTENED["dp_shard_cp"], rank))
 
 
 @pytest.mark.parametrize("order", list(itertools.permutations(MESH_DIMS)), ids=",".join)
 def test_every_mesh_order_builds_every_mesh(order, fake_world):
-    """pp x HSDP (replicate x shard) x cp x tp, all of degree 2, in every order."""
+    """pp x HSDP (replicate x shard) x cp x tp, all of degree 2, in every order: rank 5's groups are the
+    documented layout's."""
     _check_mesh(ParallelDims(2, 2, 2, 2, 2, 32, order), fake_world)
 
 
 @pytest.mark.parametrize("subset", [s for n in range(5) for s in itertools.combinations(("hsdp", "tp", "cp", "pp"), n)],
                          ids=lambda s: "+".join(s) or "fsdp")
 def test_each_combination_in_reversed_order(subset, fake_world):
+    """Degrees 1 or 2 (dp_shard takes the rest of 32), canonical and reversed order: rank 5's groups are the
+    documented layout's."""
     deg = {"pp": 2 if "pp" in subset else 1, "dp_replicate": 2 if "hsdp" in subset else 1,
            "cp": 2 if "cp" in subset else 1, "tp": 2 if "tp" in subset else 1}
     for order in (MESH_DIMS, tuple(reversed(MESH_DIMS))):
         shard = 32 // (deg["pp"] * deg["dp_replicate"] * deg["cp"] * deg["tp"])
         _check_mesh(ParallelDims(deg["pp"], deg["dp_replicate"], shard, deg["cp"], deg["tp"], 32, order), fake_world)
+
+
+def _singletons(world: int) -> list[list[int]]:
+    return [[r] for r in range(world)]
+
+
+# Every group of every dimension, written out by hand (not computed by parallel/mesh.py). The default order
+# (pp, dp_replicate, dp_shard, cp, tp; tp innermost) is Megatron-LM's RankGenerator order "tp-cp-ep-dp-pp"
+# (first listed varies fastest) with ep=1 and Megatron's dp = dp_replicate x dp_shard (shard inner): the first
+# five layouts' tp, cp, dp, pp and dp-cp groups are exactly megatron.core.parallel_state.RankGenerator's
+# (checked against megatron-core; not imported here, its import alone takes ~15 s). Within a group, ranks are
+# in mesh-coordinate order (a process group lists them ascending).
+HAND_LAYOUTS = {  # name: (ParallelDims, {dimension or flattened view: groups})
+    # rank = 4*dp_shard + 2*cp + tp
+    "dp_shard2_cp2_tp2": (ParallelDims(pp=1, dp_replicate=1, dp_shard=2, cp=2, tp=2, world_size=8), {
+        "tp": [[0, 1], [2, 3], [4, 5], [6, 7]],
+        "cp": [[0, 2], [1, 3], [4, 6], [5, 7]],
+        "dp_shard": [[0, 4], [1, 5], [2, 6], [3, 7]],
+        "dp_replicate": _singletons(8), "pp": _singletons(8),
+        "dp": [[0, 4], [1, 5], [2, 6], [3, 7]],
+        "dp_shard_cp": [[0, 2, 4, 6], [1, 3, 5, 7]],
+        "loss": [[0, 2, 4, 6], [1, 3, 5, 7]],
+    }),
+    # rank = 4*pp + 2*dp_shard + tp
+    "pp2_dp_shard2_tp2": (ParallelDims(pp=2, dp_replicate=1, dp_shard=2, cp=1, tp=2, world_size=8), {
+        "tp": [[0, 1], [2, 3], [4, 5], [6, 7]],
+        "dp_shard": [[0, 2], [1, 3], [4, 6], [5, 7]],
+        "pp": [[0, 4], [1, 5], [2, 6], [3, 7]],
+        "cp": _singletons(8), "dp_replicate": _singletons(8),
+        "dp": [[0, 2], [1, 3], [4, 6], [5, 7]],
+        "dp_shard_cp": [[0, 2], [1, 3], [4, 6], [5, 7]],
+        "loss": [[0, 2], [1, 3], [4, 6], [5, 7]],
+    }),
+    # rank = 8*pp + 4*dp_shard + 2*cp + tp (ParallelDims allows cp with pp; check_experiment refuses it today)
+    "pp2_dp_shard2_cp2_tp2": (ParallelDims(pp=2, dp_replicate=1, dp_shard=2, cp=2, tp=2, world_size=16), {
+        "tp": [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11], [12, 13], [14, 15]],
+        "cp": [[0, 2], [1, 3], [4, 6], [5, 7], [8, 10], [9, 11], [12, 14], [13, 15]],
+        "dp_shard": [[0, 4], [1, 5], [2, 6], [3, 7], [8, 12], [9, 13], [10, 14], [11, 15]],
+        "pp": [[0, 8], [1, 9], [2, 10], [3, 11], [4, 12], [5, 13], [6, 14], [7, 15]],
+        "dp_replicate": _singletons(16),
+        "dp": [[0, 4], [1, 5], [2, 6], [3, 7], [8, 12], [9, 13], [10, 14], [11, 15]],
+        "dp_shard_cp": [[0, 2, 4, 6], [1, 3, 5, 7], [8, 10, 12, 14], [9, 11, 13, 15]],
+        "loss": [[0, 2, 4, 6], [1, 3, 5, 7], [8, 10, 12, 14], [9, 11, 13, 15]],
+    }),
+    # HSDP under pp and tp. rank = 8*pp + 4*dp_replicate + 2*dp_shard + tp
+    "pp2_dp_replicate2_dp_shard2_tp2": (ParallelDims(pp=2, dp_replicate=2, dp_shard=2, cp=1, tp=2, world_size=16), {
+        "tp": [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11], [12, 13], [14, 15]],
+        "dp_shard": [[0, 2], [1, 3], [4, 6], [5, 7], [8, 10], [9, 11], [12, 14], [13, 15]],
+        "dp_replicate": [[0, 4], [1, 5], [2, 6], [3, 7], [8, 12], [9, 13], [10, 14], [11, 15]],
+        "pp": [[0, 8], [1, 9], [2, 10], [3, 11], [4, 12], [5, 13], [6, 14], [7, 15]],
+        "cp": _singletons(16),
+        "dp": [[0, 2, 4, 6], [1, 3, 5, 7], [8, 10, 12, 14], [9, 11, 13, 15]],
+        "dp_shard_cp": [[0, 2], [1, 3], [4, 6], [5, 7], [8, 10], [9, 11], [12, 14], [13, 15]],
+        "loss": [[0, 2, 4, 6], [1, 3, 5, 7], [8, 10, 12, 14], [9, 11, 13, 15]],
+    }),
+    # Unequal degrees. rank = 8*pp + 4*dp_shard + tp
+    "pp2_dp_shard2_tp4": (ParallelDims(pp=2, dp_replicate=1, dp_shard=2, cp=1, tp=4, world_size=16), {
+        "tp": [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]],
+        "dp_shard": [[0, 4], [1, 5], [2, 6], [3, 7], [8, 12], [9, 13], [10, 14], [11, 15]],
+        "pp": [[0, 8], [1, 9], [2, 10], [3, 11], [4, 12], [5, 13], [6, 14], [7, 15]],
+        "cp": _singletons(16), "dp_replicate": _singletons(16),
+        "dp": [[0, 4], [1, 5], [2, 6], [3, 7], [8, 12], [9, 13], [10, 14], [11, 15]],
+        "dp_shard_cp": [[0, 4], [1, 5], [2, 6], [3, 7], [8, 12], [9, 13], [10, 14], [11, 15]],
+        "loss": [[0, 4], [1, 5], [2, 6], [3, 7], [8, 12], [9, 13], [10, 14], [11, 15]],
+    }),
+    # mesh_order with dp_shard outside dp_replicate (no Megatron equivalent). rank = 4*dp_shard + 2*dp_replicate + tp;
+    # dp keeps its definition (replicate outer, shard inner), so its groups list ranks out of ascending order.
+    "order_shard_outside_replicate": (ParallelDims(pp=1, dp_replicate=2, dp_shard=2, cp=1, tp=2, world_size=8,
+                                                   order=("pp", "dp_shard", "dp_replicate", "cp", "tp")), {
+        "tp": [[0, 1], [2, 3], [4, 5], [6, 7]],
+        "dp_replicate": [[0, 2], [1, 3], [4, 6], [5, 7]],
+        "dp_shard": [[0, 4], [1, 5], [2, 6], [3, 7]],
+        "cp": _singletons(8), "pp": _singletons(8),
+        "dp": [[0, 4, 2, 6], [1, 5, 3, 7]],
+        "dp_shard_cp": [[0, 4], [1, 5], [2, 6], [3, 7]],
+        "loss": [[0, 4, 2, 6], [1, 5, 3, 7]],
+    }),
+    # tp outermost, cp innermost. rank = 4*tp + 2*dp_shard + cp
+    "order_tp_outer_cp_inner": (ParallelDims(pp=1, dp_replicate=1, dp_shard=2, cp=2, tp=2, world_size=8,
+                                             order=("tp", "pp", "dp_replicate", "dp_shard", "cp")), {
+        "tp": [[0, 4], [1, 5], [2, 6], [3, 7]],
+        "cp": [[0, 1], [2, 3], [4, 5], [6, 7]],
+        "dp_shard": [[0, 2], [1, 3], [4, 6], [5, 7]],
+        "dp_replicate": _singletons(8), "pp": _singletons(8),
+        "dp": [[0, 2], [1, 3], [4, 6], [5, 7]],
+        "dp_shard_cp": [[0, 1, 2, 3], [4, 5, 6, 7]],
+        "loss": [[0, 1, 2, 3], [4, 5, 6, 7]],
+    }),
+}
+
+
+@pytest.mark.parametrize("layout", HAND_LAYOUTS)
+def test_mesh_matches_hand_written_layout(layout, fake_world):
+    """Every group of every dimension and flattened view from ``groups()``, every group of the DeviceMesh's
+    dimensions (the lines of its rank tensor), and rank 5's mesh of each dimension and view (and its process
+    group's members), against the layouts above."""
+    import numpy as np
+    import torch.distributed as dist
+
+    dims, want = HAND_LAYOUTS[layout]
+    assert set(want) == set(MESH_DIMS) | set(FLATTENED)
+    for name, groups in want.items():
+        assert sorted(dims.groups(name)) == groups, (layout, name)
+    meshes = dims.build_mesh("cpu")
+    grid = meshes.root.mesh.numpy()  # the DeviceMesh's ranks, one axis per dimension in its names' order
+    assert meshes.root.mesh_dim_names == MESH_DIMS
+    for axis, name in enumerate(MESH_DIMS):
+        lines = np.moveaxis(grid, axis, -1).reshape(-1, grid.shape[axis]).tolist()
+        assert sorted(lines) == want[name], (layout, name)
+    for name, groups in want.items():
+        mine = next(g for g in groups if fake_world in g)
+        assert meshes[name].mesh.tolist() == mine, (layout, name)
+        assert dist.get_process_group_ranks(meshes[name].get_group()) == sorted(mine), (layout, name)
