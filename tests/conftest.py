@@ -80,8 +80,9 @@ def signal_self_after_step(step: int, sig: int) -> None:
 def train_capturing(rank, overrides, resume=None):
     """Train in this forked rank: (losses, grad norms, captured) where ``captured["params"]`` holds the full
     final parameters by name (DTensors gathered, ZeRO-3 partitions gathered, the prefixes of DeepSpeed,
-    activation checkpointing and compile dropped) and, under DeepSpeed, ``captured["deepspeed"]`` what it applied: stage, optimizer class,
-    optimizer offload, and the share of fp32 master weights this rank holds."""
+    activation checkpointing and compile dropped), ``captured["resumed_from"]`` the checkpoint it resumed from,
+    and under DeepSpeed ``captured["deepspeed"]``: what it applied (stage, optimizer class, optimizer offload,
+    the share of fp32 master weights this rank holds)."""
     import contextlib
 
     from torch.distributed.tensor import DTensor
@@ -95,6 +96,7 @@ def train_capturing(rank, overrides, resume=None):
 
     def fit(self):
         result = original(self)
+        captured["resumed_from"] = result.resumed_from
         ds = getattr(self.engine, "ds", None)
         gathered = contextlib.nullcontext()
         if ds is not None:
@@ -118,3 +120,24 @@ def train_capturing(rank, overrides, resume=None):
     train_mod.Trainer.fit = fit
     r = launch_train.run(load_config("tiny", overrides), resume=resume)
     return r.losses, r.grad_norms, captured
+
+
+def assert_same_training(results, reference, *, rtol: float, atol_params: float, steps=None) -> None:
+    """Every rank's losses and grad norms (``train_capturing`` results) within ``rtol`` relative of the
+    reference run's (rank 0's), and the final parameters, merged over ranks (pipeline stages hold their
+    own), within ``atol_params``; ``steps``: the steps both ran (default: the reference's)."""
+    ref_losses, ref_norms, ref = reference[0]
+    steps = sorted(steps or ref_losses)
+    for losses, norms, _ in results:
+        assert sorted(losses) == steps
+        for step in steps:
+            assert losses[step] == pytest.approx(ref_losses[step], rel=rtol), ("loss", step)
+            assert norms[step] == pytest.approx(ref_norms[step], rel=rtol), ("grad norm", step)
+    merged, want = {}, {}
+    for source, runs in ((merged, results), (want, reference)):
+        for _, _, captured in runs:
+            source.update(captured["params"])
+    assert want and merged.keys() == want.keys()
+    for name, value in want.items():
+        diff = (merged[name] - value).abs().max().item()
+        assert diff <= atol_params, (name, diff)

@@ -242,9 +242,8 @@ def small_exp():
 
 
 def _placed_training(rank, overrides, hosts=(0, 1, 2, 3)):
+    from conftest import train_capturing
     from loomtrain.trainer import train as train_mod
-    from loomtrain.launch import train as launch_train
-    from loomtrain.trainer.config import load_config
 
     os.environ["LOOMTRAIN_HOST_ID"] = TWO_PODS["hosts"][hosts[rank]]["name"]  # a1, b1, a2, b2: pods interleaved
     seen = {}
@@ -263,13 +262,14 @@ def _placed_training(rank, overrides, hosts=(0, 1, 2, 3)):
         return original(self)
 
     train_mod.Trainer.fit = fit
-    r = launch_train.run(load_config("tiny", overrides))
-    return r.losses, seen
+    losses, norms, captured = train_capturing(rank, overrides)
+    return losses, seen, norms, captured
 
 
 def test_training_with_fabric_placement_binds_groups_and_matches_rank_order(overrides, tmp_path):
     """4 ranks on hosts a1, b1, a2, b2: the mesh takes a1, a2, b1, b2; data-parallel groups bind gloo to the
-    pod's interface (here: loopback) through their own backend; the losses equal the rank-order run's."""
+    pod's interface (here: loopback) through their own backend; losses, grad norms and final parameters equal
+    the rank-order run's."""
     import yaml
 
     from conftest import run_ranks
@@ -283,8 +283,7 @@ def test_training_with_fabric_placement_binds_groups_and_matches_rank_order(over
     assert placed[0][1]["placement"] == (0, 2, 1, 3) and plain[0][1]["placement"] is None
     assert placed[0][1]["dp_group"] == [0, 2] and plain[0][1]["dp_group"] == [0, 1]
     assert placed[0][1]["backend"] == "loomtrain_gloo"
-    for step, loss in plain[0][0].items():
-        assert placed[0][0][step] == pytest.approx(loss, rel=1e-5)
+    _assert_same_training(placed, plain)
 
 
 def test_placement_settings_are_checked_before_start(tmp_path):
@@ -300,7 +299,7 @@ def test_placement_settings_are_checked_before_start(tmp_path):
 
 def test_hosts_the_launcher_numbered_out_of_fabric_order_are_renumbered(overrides, tmp_path):
     """Hosts a1, b1, b2, a2 by rank (previously refused): the ranks are renumbered so that the mesh fills pod by
-    pod (a1, a2, b1, b2); training then matches the rank-order run's losses."""
+    pod (a1, a2, b1, b2); training then matches the rank-order run's losses, grad norms and final parameters."""
     import yaml
 
     from conftest import run_ranks
@@ -312,10 +311,19 @@ def test_hosts_the_launcher_numbered_out_of_fabric_order_are_renumbered(override
     plain = run_ranks(_placed_training, 4, base + [f"train.output_dir={tmp_path / 'plain'}"])
     placed = run_ranks(_placed_training, 4, base + ["parallel.placement=fabric", f"parallel.cluster={path}"],
                        (0, 1, 3, 2))
-    by_launch = {seen["launch_rank"]: seen for _, seen in placed}
+    by_launch = {seen["launch_rank"]: seen for _, seen, *_ in placed}
     assert [by_launch[r]["rank"] for r in range(4)] == [0, 2, 3, 1]  # a1 a2 b1 b2 take 0 1 2 3 ... by host
-    assert all(seen["placement"] == (0, 1, 2, 3) for _, seen in placed)
+    assert all(seen["placement"] == (0, 1, 2, 3) for _, seen, *_ in placed)
     # Pipeline groups pair a pod-a host with a pod-b host: a1-b1, a2-b2 in the new numbering.
-    assert sorted(tuple(seen["pp_peers"]) for _, seen in placed) == [(0, 2), (0, 2), (1, 3), (1, 3)]
-    for step, loss in plain[0][0].items():
-        assert placed[0][0][step] == pytest.approx(loss, rel=1e-5)
+    assert sorted(tuple(seen["pp_peers"]) for _, seen, *_ in placed) == [(0, 2), (0, 2), (1, 3), (1, 3)]
+    _assert_same_training(placed, plain)
+
+
+def _assert_same_training(placed, plain):
+    """Placed and rank-order runs: losses and grad norms within 1e-5, final parameters within 1e-6."""
+    from conftest import assert_same_training
+
+    def as_captured(runs):
+        return [(losses, norms, captured) for losses, _, norms, captured in runs]
+
+    assert_same_training(as_captured(placed), as_captured(plain), rtol=1e-5, atol_params=1e-6)
