@@ -317,3 +317,15 @@ def load_prepared(data_cfg, need_valid: bool = False) -> PreparedData:
     meta = {"format": "megatron", "vocab_size": vocab, "vocab_source": source, "eos_id": eos,
             "train_documents": train.num_documents, "train_tokens": len(train.tokens), "train_sequences": len(train)}
     return PreparedData(prefix, valid, vocab, eos, meta)
+
+
+def data_vocab(data_cfg) -> tuple[int, str]:
+    """(vocabulary size, where it comes from) that training will use, without tokenizing anything: the
+    prepared data's (``data.prepared``), else the tokenizer's. ConfigError when those files are not here."""
+    if data_cfg.prepared:
+        prepared = load_prepared(data_cfg)
+        return prepared.vocab_size, prepared.meta.get("vocab_source", data_cfg.prepared)
+    try:
+        return build_tokenizer(data_cfg.tokenizer).vocab_size, data_cfg.tokenizer
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None

@@ -87,24 +87,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def preflight(exp: Experiment, world_size: int, local_world_size: int | None = None) -> None:
-    """The experiment's checks (the ones ``train`` and ``plan`` run), then this machine's data paths."""
+def preflight(exp: Experiment, world_size: int, local_world_size: int | None = None,
+              device_type: str | None = None) -> None:
+    """The experiment's checks (the ones ``train`` and ``plan`` run) for ``device_type`` (``None``: this
+    machine's), then this machine's data paths."""
     from loomtrain.data.corpus import corpus_files
     from loomtrain.trainer.checks import check_experiment, check_vocab
 
-    dims = check_experiment(exp, world_size, local_world_size)
+    dims = check_experiment(exp, world_size, local_world_size, device_type)
+    from loomtrain.data.prepare import data_vocab, load_prepared
+
     if exp.data.tokenizer != "byte" and not os.path.isfile(exp.data.tokenizer):
         raise ConfigError(f"data.tokenizer: '{exp.data.tokenizer}' is neither 'byte' nor an existing tokenizer.json")
     if exp.data.prepared:
-        from loomtrain.data.prepare import load_prepared
-
-        prepared = load_prepared(exp.data, need_valid=bool(exp.train.eval_every))
-        vocab, source = prepared.vocab_size, prepared.meta.get("vocab_source", exp.data.prepared)
+        load_prepared(exp.data, need_valid=bool(exp.train.eval_every))
     else:
         corpus_files(exp.data.corpus, exp.data.file_glob)
-        from loomtrain.data.tokenizer import build_tokenizer
-
-        vocab, source = build_tokenizer(exp.data.tokenizer).vocab_size, exp.data.tokenizer
+    vocab, source = data_vocab(exp.data)
     if exp.model.vocab_size:
         check_vocab(exp.model.vocab_size, vocab, dims.tp, source)
 
@@ -190,7 +189,10 @@ def cmd_slurm(args) -> int:
                   **{k: v for k, v in (("cpus_per_task", args.cpus_per_task), ("preempt_lead_s", args.preempt_lead_s))
                      if v is not None})
     exp = load_config(args.config, args.overrides)
-    preflight(exp, args.nodes * args.gpus_per_node, args.gpus_per_node)
+    from loomtrain.device import job_device_type
+
+    # checked for the job's nodes (GPUs unless the config says cpu), not for the login node writing the script
+    preflight(exp, args.nodes * args.gpus_per_node, args.gpus_per_node, job_device_type(exp.parallel.device))
     path = write_sbatch(exp, resolve_config_path(args.config), args.overrides, args.nodes, args.gpus_per_node,
                         args.output, args.partition, args.time, args.job_name, max_restarts=args.max_restarts,
                         cpus_per_task=args.cpus_per_task, mem=args.mem, preempt_lead_s=args.preempt_lead_s,

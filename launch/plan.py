@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 
 from loomtrain.data.batching import BATCHINGS
+from loomtrain.device import job_device_type
 from loomtrain.parallel.engines import ENGINES
 from loomtrain.parallel.mesh import ParallelDims
 from loomtrain.parallel.sp import SP_MODES
@@ -27,6 +28,27 @@ from loomtrain.trainer.checks import REFERENCE_TFLOPS, check_experiment, cp_atte
 from loomtrain.trainer.models import model_family
 
 GiB = 1024 ** 3
+
+
+ASSUMED_VOCAB = 50304  # GPT-2's, padded: only when neither model.vocab_size nor the data's tokenizer is readable
+
+
+def planned_model_args(exp):
+    """(model args, where the vocabulary came from), as ``train`` would build them: ``model.vocab_size``, else
+    the prepared data's or tokenizer's vocabulary (rounded up by the model family); a stated assumption only
+    where those files are not on this machine."""
+    from loomtrain.data.prepare import data_vocab
+    from loomtrain.errors import ConfigError
+
+    if exp.model.vocab_size:
+        vocab, source = exp.model.vocab_size, "model.vocab_size"
+    else:
+        try:
+            vocab, source = data_vocab(exp.data)
+            source = f"the tokenizer's {vocab} ({source})"
+        except ConfigError as e:
+            vocab, source = ASSUMED_VOCAB, f"ASSUMED {ASSUMED_VOCAB}: {e}; set model.vocab_size"
+    return model_family(exp.model.family).args(exp.model, vocab, exp.data.seq_len), source
 
 
 def build_fake_mesh(dims: ParallelDims):
@@ -163,10 +185,10 @@ def node_links(dims: ParallelDims, gpus_per_node: int, intra_bw: float, inter_bw
 
 def plan(exp, world_size: int, gpus_per_node: int = 8, device_memory_gb: float = 80.0,
          peak_tflops: float = 0.0, intra_node_gbps: float = 3600.0, inter_node_gbps: float = 400.0) -> str:
-    dims = check_experiment(exp, world_size, min(gpus_per_node, world_size), "cuda")  # refuses what train refuses
+    device = job_device_type(exp.parallel.device)
+    dims = check_experiment(exp, world_size, min(gpus_per_node, world_size), device)  # refuses what train refuses
     sizes = build_fake_mesh(dims)
-    vocab = exp.model.vocab_size or 50304
-    args = model_family(exp.model.family).args(exp.model, vocab, exp.data.seq_len)
+    args, vocab_source = planned_model_args(exp)
     lines = [f"plan: {dims.describe()}  ({math.ceil(world_size / gpus_per_node)} nodes x {gpus_per_node} devices)"]
     lines.append("")
     lines.append(f"{'dimension':<14}{'size':>6}{'groups':>8}  first group (ranks)         spans nodes")
@@ -181,8 +203,10 @@ def plan(exp, world_size: int, gpus_per_node: int = 8, device_memory_gb: float =
     n = args.num_params()
     fpt = args.flops_per_token(exp.data.seq_len)
     tokens = tokens_per_step(exp)
-    lines += ["", f"model: {n / 1e9:.3f}B parameters ({args.n_layers} layers, dim {args.dim}, "
-                  f"{args.n_heads}/{args.n_kv_heads} heads, ffn {args.ffn_hidden}, vocab {args.vocab_size})",
+    count = f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+    lines += ["", f"model: {count} parameters ({args.n_layers} layers, dim {args.dim}, "
+                  f"{args.n_heads}/{args.n_kv_heads} heads, ffn {args.ffn_hidden}, vocab {args.vocab_size} from "
+                  f"{vocab_source})",
               f"FLOPs per token: {fpt / 1e9:.2f} GFLOP (6N + causal attention at seq {exp.data.seq_len})",
               (f"batch: whole documents up to {tokens:,} tokens/step (rows of {exp.data.seq_len}), "
                if BATCHINGS.get(exp.data.batching).whole_documents else
@@ -228,8 +252,9 @@ def plan_cluster(exp, cluster, peak_tflops: float = 0.0) -> dict:
     """``plan --cluster``: the NIC-aware placement against Megatron's default order (``launch/placement.py``)."""
     from loomtrain.launch.placement import compare
 
-    dims = check_experiment(exp, cluster.world_size, max(h.devices for h in cluster.hosts), "cuda")
-    args = model_family(exp.model.family).args(exp.model, exp.model.vocab_size or 50304, exp.data.seq_len)
+    dims = check_experiment(exp, cluster.world_size, max(h.devices for h in cluster.hosts),
+                            job_device_type(exp.parallel.device))
+    args, _ = planned_model_args(exp)
     peak = (peak_tflops or exp.logging.peak_tflops or REFERENCE_TFLOPS[exp.model.dtype]) * 1e12
     return compare(exp, args, dims, cluster, peak)
 

@@ -114,9 +114,9 @@ SAVE_GBPS = 1.0  # assumed checkpoint write speed per node (GB/s) when estimatin
 
 def preemption_lead_s(exp, nodes: int) -> tuple[int, str]:
     """Seconds of warning to ask for: three times an estimated checkpoint save, plus a step's worth, >= 120."""
-    from loomtrain.trainer.models import model_family
+    from loomtrain.launch.plan import planned_model_args
 
-    params = model_family(exp.model.family).args(exp.model, exp.model.vocab_size or 50304, exp.data.seq_len).num_params()
+    params = planned_model_args(exp)[0].num_params()
     state_bytes = params * (4 + 4 + 8)  # fp32 parameters + gradients' room + AdamW's two moments
     save_s = state_bytes / nodes / (SAVE_GBPS * 1e9)
     lead = max(120, int(math.ceil(3 * save_s)) + 60)

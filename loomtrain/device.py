@@ -11,3 +11,9 @@ def device_type_for(requested: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def job_device_type(requested: str) -> str:
+    """``parallel.device`` for a job that asks Slurm for GPUs (``loomtrain slurm``, ``plan``): cuda unless the
+    config says cpu, whatever the machine writing the script has."""
+    return "cpu" if requested == "cpu" else "cuda"

@@ -1,0 +1,57 @@
+"""``plan`` and ``slurm`` check and describe the job that will run (its device, its data's vocabulary), not the
+machine that writes the plan or the script."""
+import pytest
+
+from loomtrain.launch.cli import main
+
+
+def test_slurm_checks_the_job_for_gpus_not_the_login_node(tmp_path, capsys):
+    """compile with tp > 1 is refused on CPU only; a CPU login node writing a GPU job's script must accept it,
+    and must refuse it when the config itself asks for cpu."""
+    script = tmp_path / "job.sbatch"
+    gpu_only = ["--set", "parallel.tp=2", "--set", "parallel.compile=true"]
+    assert main(["slurm", "tiny", "--nodes", "2", "--gpus-per-node", "2", "--output", str(script), *gpu_only]) == 0
+    assert script.exists()
+    capsys.readouterr()
+    assert main(["slurm", "tiny", "--nodes", "2", "--gpus-per-node", "2", "--output", str(tmp_path / "cpu.sbatch"),
+                 *gpu_only, "--set", "parallel.device=cpu"]) == 2
+    assert "parallel.compile: not with parallel.tp > 1 on CPU" in capsys.readouterr().err
+    assert not (tmp_path / "cpu.sbatch").exists()
+
+
+def _model_line(capsys) -> str:
+    return next(line for line in capsys.readouterr().out.splitlines() if line.startswith("model: "))
+
+
+def test_plan_takes_the_vocabulary_from_the_tokenizer(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    assert main(["plan", "tiny", "--world-size", "1"]) == 0
+    line = _model_line(capsys)
+    assert "vocab 320 from the tokenizer's 257 (byte)" in line  # 257 byte ids, rounded up to 64
+    assert "3.1" in line.split("parameters")[0] and "M parameters" in line  # 3.1M, not 0.029B at vocab 50304
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train_from_iterator(["def f(x):\n    return x + 1\n"] * 20,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["[UNK]", "</s>"]))
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    vocab = Tokenizer.from_file(str(path)).get_vocab_size()
+    assert main(["plan", "tiny", "--world-size", "1", "--set", f"data.tokenizer={path}"]) == 0
+    rounded = 64 * -(-vocab // 64)
+    assert f"vocab {rounded} from the tokenizer's {vocab} ({path})" in _model_line(capsys)
+    assert main(["plan", "tiny", "--world-size", "1", "--set", "model.vocab_size=1024"]) == 0
+    assert "vocab 1024 from model.vocab_size" in _model_line(capsys)
+
+
+def test_plan_takes_the_vocabulary_of_prepared_data(small_corpus, capsys):
+    assert main(["plan", "tiny", "--world-size", "1", "--set", f"data.prepared={small_corpus}"]) == 0
+    assert "vocab 320 from the tokenizer's 257" in _model_line(capsys)
+
+
+@pytest.mark.parametrize("missing", ["data.tokenizer=/nonexistent/tokenizer.json", "data.prepared=/nonexistent/p"])
+def test_plan_states_an_assumed_vocabulary_when_the_data_is_elsewhere(missing, capsys):
+    """Planning a cluster job where its data is not mounted: the figures use a stated assumption."""
+    assert main(["plan", "tiny", "--world-size", "1", "--set", missing]) == 0
+    assert "vocab 50304 from ASSUMED 50304" in _model_line(capsys)
