@@ -169,7 +169,7 @@ def cmd_plan(args) -> int:
         print(json.dumps(plan_cluster(exp, cluster, args.peak_tflops), indent=1))
         return 0
     print(plan(exp, args.world_size, args.gpus_per_node, args.device_memory_gb, args.peak_tflops,
-               args.intra_node_gbps, args.inter_node_gbps))
+               args.intra_node_gbps, args.inter_node_gbps, cluster_file=args.cluster))
     if cluster is not None:
         from loomtrain.launch.placement import describe
 

@@ -165,6 +165,20 @@ def compare(exp, args, dims: ParallelDims, cluster: Cluster, peak_flops: float) 
     return out
 
 
+def rank_list(ranks) -> str:
+    """Ranks as runs: ``0-3,8-11``; a pair ``0,16`` stays a pair (``0..16`` read as seventeen ranks)."""
+    runs, ranks = [], sorted(ranks)
+    start = prev = ranks[0]
+    for r in ranks[1:] + [None]:
+        if r is not None and r == prev + 1:
+            prev = r
+            continue
+        runs.append(str(start) if start == prev else f"{start},{prev}" if prev == start + 1 else f"{start}-{prev}")
+        if r is not None:
+            start = prev = r
+    return ",".join(runs) if len(runs) <= 6 else ",".join(runs[:6]) + f",... ({len(ranks)} ranks)"
+
+
 def describe(result: dict, max_groups: int = 4) -> list[str]:
     """``loomtrain plan --cluster`` lines: groups with hosts and links, bytes per fabric, step times."""
     lines = []
@@ -175,7 +189,7 @@ def describe(result: dict, max_groups: int = 4) -> list[str]:
         for dim, gs in r["groups"].items():
             if len(gs[0]["ranks"]) < 2:
                 continue
-            shown = "; ".join(f"ranks {g['ranks'][0]}..{g['ranks'][-1]} on {','.join(g['hosts'])} via {g['link']}"
+            shown = "; ".join(f"ranks {rank_list(g['ranks'])} on {','.join(g['hosts'])} via {g['link']}"
                               for g in gs[:max_groups])
             more = f"; ... ({len(gs)} groups)" if len(gs) > max_groups else ""
             lines.append(f"  {dim:<13}{shown}{more}")

@@ -184,12 +184,18 @@ def node_links(dims: ParallelDims, gpus_per_node: int, intra_bw: float, inter_bw
 
 
 def plan(exp, world_size: int, gpus_per_node: int = 8, device_memory_gb: float = 80.0,
-         peak_tflops: float = 0.0, intra_node_gbps: float = 3600.0, inter_node_gbps: float = 400.0) -> str:
+         peak_tflops: float = 0.0, intra_node_gbps: float = 3600.0, inter_node_gbps: float = 400.0,
+         cluster_file: str | None = None) -> str:
+    """The plan's text. ``cluster_file``: the step is modelled per fabric from that file (printed after this),
+    so the two-tier node estimate is left out rather than contradicting it."""
     device = job_device_type(exp.parallel.device)
     dims = check_experiment(exp, world_size, min(gpus_per_node, world_size), device)  # refuses what train refuses
     sizes = build_fake_mesh(dims)
     args, vocab_source = planned_model_args(exp)
-    lines = [f"plan: {dims.describe()}  ({math.ceil(world_size / gpus_per_node)} nodes x {gpus_per_node} devices)"]
+    nodes, per_node = math.ceil(world_size / gpus_per_node), min(gpus_per_node, world_size)
+    lines = [f"plan: {dims.describe()}  ({nodes} node{'s' * (nodes > 1)} x {per_node} "
+             f"{'GPU' if device == 'cuda' else 'CPU process'}{'es' * (device != 'cuda' and per_node > 1)}"
+             f"{'s' * (device == 'cuda' and per_node > 1)})"]
     lines.append("")
     lines.append(f"{'dimension':<14}{'size':>6}{'groups':>8}  first group (ranks)         spans nodes")
     for name in dims.order:
@@ -219,19 +225,29 @@ def plan(exp, world_size: int, gpus_per_node: int = 8, device_memory_gb: float =
     ckpt = exp.parallel.activation_checkpoint == "full"
     total = sum(v for k, v in mem.items() if k != ("activations" if ckpt else "activations (checkpointed)"))
     lines.append(f"  {'total (' + ('with' if ckpt else 'without') + ' checkpointing)':<36}{total / GiB:>10.2f} GiB"
-                 f"  of {device_memory_gb:g} GiB")
+                 + (f"  of {device_memory_gb:g} GiB" if device == "cuda" else "  (CPU: host memory)"))
     peak = (peak_tflops or exp.logging.peak_tflops or REFERENCE_TFLOPS[exp.model.dtype]) * 1e12
+    uneven = SP_MODES.get(exp.parallel.sp_mode).uneven
     est = step_estimate(exp, args, dims, node_links(dims, gpus_per_node, intra_node_gbps * 1e9 / 8,
                                                     inter_node_gbps * 1e9 / 8), peak)
-    lines += ["", f"step estimate (model, not a measurement; peak {peak / 1e12:g} TFLOP/s/device, links "
-                  f"{intra_node_gbps:g} Gbit/s in a node, {inter_node_gbps:g} Gbit/s between nodes):",
-              f"  compute {est['compute_s']:.3f} s, pipeline bubble {100 * est['bubble']:.1f}% "
-              f"({exp.parallel.pp_schedule if dims.pp > 1 else 'no pipeline'}), "
-              f"tensor-parallel {est['tp_s']:.3f} s exposed, pipeline sends {est['pp_s']:.3f} s, FSDP/HSDP {est['fsdp_s']:.3f} s (overlapped), "
-              f"context-parallel {est['cp_s']:.3f} s" + (f" ({est['cp_impl']})" if est["cp_impl"] else ""),
-              f"  estimated step time {est['step_s']:.3f} s, MFU {100 * est['mfu']:.1f}% "
-              "(upper bound: kernels assumed to run at peak)"]
-    if SP_MODES.get(exp.parallel.sp_mode).uneven:  # groups planned per step: show a sample step's plan
+    if device != "cuda":
+        lines += ["", "step estimate: none (parallel.device: cpu; the model is calibrated for GPUs)"]
+    elif cluster_file:
+        lines += ["", f"step estimate: per fabric of {cluster_file}, below"]
+    elif uneven:
+        lines += ["", "step estimate: the sample step below (documents of very different lengths: a uniform-row "
+                      "estimate would leave out their attention)"]
+    else:
+        lines += ["", f"step estimate (model, not a measurement; peak {peak / 1e12:g} TFLOP/s/device, links "
+                      f"{intra_node_gbps:g} Gbit/s in a node, {inter_node_gbps:g} Gbit/s between nodes):",
+                  f"  compute {est['compute_s']:.3f} s, pipeline bubble {100 * est['bubble']:.1f}% "
+                  f"({exp.parallel.pp_schedule if dims.pp > 1 else 'no pipeline'}), "
+                  f"tensor-parallel {est['tp_s']:.3f} s exposed, pipeline sends {est['pp_s']:.3f} s, FSDP/HSDP "
+                  f"{est['fsdp_s']:.3f} s (overlapped), "
+                  f"context-parallel {est['cp_s']:.3f} s" + (f" ({est['cp_impl']})" if est["cp_impl"] else ""),
+                  f"  estimated step time {est['step_s']:.3f} s, MFU {est['mfu']:.3f} "
+                  "(a fraction, as in metrics.jsonl; upper bound: kernels assumed to run at peak)"]
+    if uneven:  # groups planned per step: show a sample step's plan
         lines += [""] + adaptive_sample(exp, args, dims.dp, max(1, gpus_per_node // dims.tp), peak * dims.tp,
                                         intra_node_gbps, inter_node_gbps, dims.tp)
     warnings = []

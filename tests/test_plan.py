@@ -55,3 +55,33 @@ def test_plan_states_an_assumed_vocabulary_when_the_data_is_elsewhere(missing, c
     """Planning a cluster job where its data is not mounted: the figures use a stated assumption."""
     assert main(["plan", "tiny", "--world-size", "1", "--set", missing]) == 0
     assert "vocab 50304 from ASSUMED 50304" in _model_line(capsys)
+
+
+def _plan(capsys, *argv) -> str:
+    assert main(["plan", *argv]) == 0
+    return capsys.readouterr().out
+
+
+def test_plan_figures_agree_with_each_other(tmp_path, capsys):
+    """One step estimate per plan, in the units metrics.jsonl uses; the node line and memory limit match the
+    job's device; rank groups read as the ranks they are."""
+    import yaml
+
+    out = _plan(capsys, "tiny", "--world-size", "1")
+    assert "(1 node x 1 GPU)" in out and "of 80 GiB" in out
+    mfu = float(out.split(", MFU ")[1].split()[0])  # a fraction, as in metrics.jsonl
+    assert 0 < mfu <= 1 and "%" not in out.split(", MFU ")[1].split()[0]
+    out = _plan(capsys, "tiny", "--world-size", "2", "--set", "parallel.device=cpu", "--set", "parallel.dp_shard=2")
+    assert "(1 node x 2 CPU processes)" in out and "of 80 GiB" not in out and "estimated step time" not in out
+    out = _plan(capsys, "llama8b_512k_adaptive_cluster", "--world-size", "512")
+    assert "predicted makespan" in out and "estimated step time" not in out  # the sample step is the estimate
+    cluster = {"fabrics": {"pod-a": {"kind": "ib", "gbps": 400}, "pod-b": {"kind": "ib", "gbps": 400},
+                           "dc": {"kind": "ethernet", "gbps": 25}}, "between": "dc",
+               "hosts": [{"name": f"{p}{i}", "fabric": f"pod-{p}", "devices": 8} for p in "ab" for i in range(2)]}
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(cluster))
+    out = _plan(capsys, "tiny", "--cluster", str(path), "--set", "parallel.pp=2", "--set", "parallel.dp_shard=16",
+                "--set", "train.global_batch_size=64")
+    assert "Gbit/s between nodes" not in out and "estimated step time" not in out  # the file's fabrics decide
+    assert "modelled step" in out and "ranks 0,16 on a0,b0 via dc" in out  # a pipeline pair, not 17 ranks
+    assert "ranks 0-15 on a0,a1 via pod-a" in out
