@@ -1,10 +1,12 @@
-"""Block kernels of context parallelism: run-time choice, the CUDA kernels' calls on meta tensors,
-and the document decomposition into unmasked rectangles.
+"""Block kernels of context parallelism: numerics against float64 attention, run-time choice, the CUDA
+kernels' calls on meta tensors, and the document decomposition into unmasked rectangles.
 
-The numerics of ``cpu_flash`` and ``math`` are tested against full attention in test_context.py.
-``sdpa_flash`` / ``sdpa_efficient`` have no CPU implementation: here their exact aten calls run on
-meta tensors (argument order, output shapes, the efficient kernel's lse padding), which is what
-can be checked without a GPU. ``flash_attn`` is not exercised at all (not installable here).
+One query block against a diagonal key block and an earlier one, merged by log-sum-exp and differentiated
+from the merged out/lse, as ring and TokenRing use the kernels: out, lse and dq/dk/dv against float64
+attention. ``cpu_flash`` and ``math`` run here on CPU; ``sdpa_flash`` / ``sdpa_efficient`` have no CPU
+implementation: the same comparison runs on CUDA (marked ``gpu``), and on CPU their exact aten calls run on
+meta tensors (argument order, output shapes and dtypes, the efficient kernel's lse padding) and their
+helpers run on real tensors. ``flash_attn`` is not exercised at all (not installable here).
 """
 
 import pytest
@@ -24,6 +26,11 @@ from loomtrain.parallel.cp import attention as cp
     ("cuda", torch.bfloat16, 12, False, True, "sdpa_efficient"),
     ("cuda", torch.bfloat16, 512, False, True, "sdpa_efficient"),
     ("xpu", torch.bfloat16, 128, False, True, "math"),
+    ("cuda", torch.bfloat16, 256, False, False, "sdpa_flash"),  # the largest head_dim the flash kernels take
+    ("cuda", torch.float16, 8, False, False, "sdpa_flash"),
+    ("cuda", torch.float16, 264, False, False, "sdpa_efficient"),
+    ("cuda", torch.float16, 20, False, False, "sdpa_efficient"),  # not a multiple of 8
+    ("cuda", torch.float32, 64, True, False, "sdpa_efficient"),
 ])
 def test_choice(monkeypatch, device, dtype, head_dim, masked, flash_attn, expected):
     monkeypatch.setattr(kernels, "flash_attn_installed", lambda: flash_attn)
@@ -31,8 +38,13 @@ def test_choice(monkeypatch, device, dtype, head_dim, masked, flash_attn, expect
 
 
 def test_forced_kernel_serves_only_what_it_can():
+    """A forced kernel serves every block it can; a masked block falls back to the device's masked kernel."""
     assert kernels.choose_for("cpu", torch.bfloat16, 64, False, "sdpa_flash") == "sdpa_flash"
     assert kernels.choose_for("cpu", torch.bfloat16, 64, True, "sdpa_flash") == "cpu_flash"  # no masks: falls back
+    for forced in ("sdpa_flash", "flash_attn"):
+        assert kernels.choose_for("cuda", torch.bfloat16, 128, True, forced) == "sdpa_efficient"
+    for forced in kernels.MASKABLE:
+        assert kernels.choose_for("cuda", torch.bfloat16, 128, True, forced) == forced
     with pytest.raises(ValueError, match="kernel: must be one of"):
         cp.ContextParallelAttention("ring", kernel="triton")
 
@@ -66,6 +78,131 @@ def test_efficient_kernel_with_unaligned_mask_on_meta():
     assert (out.shape, lse.shape) == ((b, sq, h, d), (b, h, sq))
     dq, dk, dv = kernels.backward(dout, q, k, v, out, lse, False, mask, "sdpa_efficient")
     assert [t.shape for t in (dq, dk, dv)] == [q.shape, k.shape, k.shape]
+
+
+def test_efficient_kernel_bias_rows_are_16_aligned():
+    """The memory-efficient kernel reads its bias in rows of 16 elements: the expanded bias keeps the mask's
+    values and shape, per head, over storage whose rows are padded to a multiple of 16."""
+    b, h, sq = 2, 4, 5
+    for sk in (12, 16, 20):
+        mask = torch.randn(b, 1, sq, sk)
+        bias = kernels._aligned_bias(mask, h)
+        assert bias.shape == (b, h, sq, sk) and bias.stride(-2) % 16 == 0 and bias.stride(-1) == 1, sk
+        assert torch.equal(bias, mask.expand(b, h, sq, sk)), sk
+    assert kernels._aligned_bias(None, h) is None
+
+
+# ----------------------------------------------------------------------------- numerics
+def _case(name, seed=0, b=2, sq=40, sk=20, h=4, hkv=2, d=16):
+    """Queries (B, sq), and two key blocks: the diagonal (the queries' own positions, causal) and ``sk``
+    earlier keys. ``masked``: unsorted document ids on both (dense additive masks); the earlier block then
+    has rows that see nothing. sq is not a multiple of 32 nor sk of 16 (the efficient kernel pads both)."""
+    g = torch.Generator().manual_seed(seed)
+    q, dout = torch.randn(b, sq, h, d, generator=g), torch.randn(b, sq, h, d, generator=g)
+    k, v = torch.randn(b, sq + sk, hkv, d, generator=g), torch.randn(b, sq + sk, hkv, d, generator=g)
+    diagonal = torch.ones(sq, sq, dtype=torch.bool).tril().expand(b, sq, sq)
+    earlier = torch.ones(b, sq, sk, dtype=torch.bool)
+    if name == "masked":
+        q_doc, k_doc = torch.randint(0, 3, (b, sq), generator=g), torch.randint(1, 3, (b, sk), generator=g)
+        diagonal = diagonal & (q_doc[:, :, None] == q_doc[:, None, :])
+        earlier = q_doc[:, :, None] == k_doc[:, None, :]
+        assert not earlier.any(-1).all()  # document 0 is not among the earlier keys
+    blocks = [(slice(0, sq), True, diagonal)]  # (key rows, causal, allowed (B, sq, keys))
+    if name != "diagonal":
+        blocks.append((slice(sq, sq + sk), False, earlier))
+    return q, k, v, dout, blocks, name == "masked"
+
+
+def _reference(q, k, v, dout, allowed):
+    """Float64 attention where ``allowed`` (B, Sq, Sk): (out, lse (B, H, Sq), dq, dk, dv)."""
+    assert allowed.any(-1).all()  # every query sees a key (its own, causally)
+    rep = q.shape[2] // k.shape[2]
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    scores = torch.einsum("bqhd,bkhd->bhqk", q64, k64.repeat_interleave(rep, 2)) * q.shape[-1] ** -0.5
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    out = torch.einsum("bhqk,bkhd->bqhd", torch.exp(scores - lse[..., None]), v64.repeat_interleave(rep, 2))
+    out.backward(dout.double())
+    return out.detach(), lse.detach(), q64.grad, k64.grad, v64.grad
+
+
+def _relative_errors(kernel, device, dtype, case):
+    """Max error of out, lse, dq, dk, dv of ``kernel`` over the blocks of ``case`` (run as ring attention runs
+    them: each block's forward merged into (out, lse), each block's backward from the merged result),
+    relative to the largest float64 value (or 1). Inputs are rounded to ``dtype`` first, the reference
+    computed from the rounded values: the errors are the kernel's own."""
+    q, k, v, dout, blocks, masked = _case(case)
+    q, k, v, dout = (t.to(dtype) for t in (q, k, v, dout))
+    allowed = torch.cat([a for _, _, a in blocks], -1)
+    ref = _reference(q, k[:, :allowed.shape[-1]], v[:, :allowed.shape[-1]], dout.float(), allowed)
+    q, k, v, dout = (t.to(device) for t in (q, k, v, dout))
+    b, sq, h, d = q.shape
+    out = torch.zeros(b, sq, h, d, device=device)
+    lse = torch.full((b, h, sq), float("-inf"), device=device)
+    masks = []
+    for keys, causal, a in blocks:
+        mask = None
+        if masked:
+            mask = torch.zeros(a.shape, dtype=dtype).masked_fill_(~a, float("-inf")).unsqueeze(1).to(device)
+        assert kernels.choose(q, mask is not None, kernel) == kernel  # the kernel under test serves the block
+        block_out, block_lse = kernels.forward(q, k[:, keys], v[:, keys], causal, mask, kernel)
+        assert (block_out.dtype, block_lse.dtype, block_lse.shape) == (torch.float32, torch.float32, (b, h, sq))
+        cp.merge_(out, lse, block_out, block_lse)
+        masks.append(mask)
+    dq = torch.zeros(q.shape, device=device)
+    dk, dv = [], []
+    for (keys, causal, _), mask in zip(blocks, masks):
+        a, b_, c = kernels.backward(dout, q, k[:, keys], v[:, keys], out, lse, causal, mask, kernel)
+        assert {t.dtype for t in (a, b_, c)} == {torch.float32}
+        dq += a
+        dk.append(b_)
+        dv.append(c)
+    got = (out, lse, dq, torch.cat(dk, 1), torch.cat(dv, 1))
+    return {name: ((x.double().cpu() - r).abs().max() / r.abs().max().clamp(min=1)).item()
+            for name, x, r in zip(("out", "lse", "dq", "dk", "dv"), got, ref)}
+
+
+CASES = ("diagonal", "diagonal_and_earlier", "masked")
+# Half precision: the rounding of the outputs and of a flash kernel's intermediates (probabilities and their
+# gradients go through the input dtype): 8 units of 2^-8 (bfloat16), 16 of 2^-11 (float16). cpu_flash stays
+# within 5.5e-3 and 6.5e-4 here; a wrong scale, lse base, GQA reduction or dead row is off by 1e-1 or more.
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 8 * 2 ** -8, torch.float16: 16 * 2 ** -11}
+
+
+@pytest.mark.parametrize("kernel", ["cpu_flash", "math"])
+@pytest.mark.parametrize("case", CASES)
+def test_cpu_kernels_match_float64_attention(kernel, case):
+    for name, err in _relative_errors(kernel, "cpu", torch.float32, case).items():
+        assert err <= TOLERANCE[torch.float32], (name, err)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", CASES)
+def test_cpu_flash_in_half_precision_matches_float64_attention(dtype, case):
+    """The half-precision tolerances the CUDA kernels are held to, met by the CPU flash kernel."""
+    for name, err in _relative_errors("cpu_flash", "cpu", dtype, case).items():
+        assert err <= TOLERANCE[dtype], (name, err)
+
+
+# The CUDA kernels in the dtypes ``choose`` gives them (sdpa_flash: half precision, no masks; sdpa_efficient:
+# float32 and every masked block), held to the tolerances of the CPU kernels in the same dtypes.
+CUDA_RUNS = [(kernel, dtype, case) for kernel, dtypes, cases in [
+    ("sdpa_flash", (torch.bfloat16, torch.float16), ("diagonal", "diagonal_and_earlier")),
+    ("sdpa_efficient", (torch.float32, torch.bfloat16, torch.float16), CASES)]
+    for dtype in dtypes for case in cases]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kernel, dtype, case", CUDA_RUNS, ids=str)
+def test_cuda_kernels_match_float64_attention(kernel, dtype, case):
+    """Out, lse (natural log, rows cut back from the efficient kernel's padding), dq and dk/dv (summed back
+    to the kv heads) of torch's CUDA attention ops, merged and differentiated as ring attention does."""
+    # fp32 on CUDA: the kernels' matmuls may run in TF32-based arithmetic; 1e-4 still fails a wrong scale,
+    # lse base, GQA reduction or dead-row handling by orders of magnitude.
+    tolerance = {torch.float32: 1e-4}.get(dtype, TOLERANCE[dtype])
+    for name, err in _relative_errors(kernel, "cuda", dtype, case).items():
+        assert err <= tolerance, (name, err)
 
 
 def _allowed_by_pieces(pieces, b, sq, sk):

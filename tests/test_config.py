@@ -1,4 +1,5 @@
 """Config loading: precedence, validation messages, exit codes, the saved resolved config."""
+import os
 import subprocess
 import sys
 
@@ -21,10 +22,32 @@ def test_defaults_file_and_cli_precedence(tmp_path):
     assert exp.train.log_every == 1  # default kept
 
 
+def _leaves(values, path=""):
+    for key, value in values.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{path}{key}.")
+        else:
+            yield f"{path}{key}", value
+
+
 def test_shipped_configs_load_by_name():
-    for name in ("tiny", "cpu_tp2_dp2", "cpu_long_cp2", "llama8b_64k_cluster", "cpu_adaptive_sp",
-                 "llama8b_512k_adaptive_cluster"):
-        load_config(name)
+    """Every shipped YAML loads by its bare name and every value it sets is the loaded experiment's."""
+    import loomtrain.configs
+
+    shipped = os.path.dirname(loomtrain.configs.__file__)
+    names = sorted(f[:-5] for f in os.listdir(shipped) if f.endswith(".yaml"))
+    assert names == sorted(["tiny", "cpu_tp2_dp2", "cpu_long_cp2", "llama8b_64k_cluster", "cpu_adaptive_sp",
+                            "llama8b_512k_adaptive_cluster"])
+    for name in names:
+        exp = load_config(name)
+        with open(os.path.join(shipped, f"{name}.yaml")) as f:
+            leaves = list(_leaves(yaml.safe_load(f)))
+        assert leaves, name
+        for key, value in leaves:
+            got = exp
+            for part in key.split("."):
+                got = getattr(got, part)
+            assert got == value, (name, key, got, value)
 
 
 @pytest.mark.parametrize("override, message", [

@@ -5,6 +5,8 @@ contiguous, GQA, odd sizes, packed documents (sorted ids: unmasked rectangles) a
 document ids (dense masks, rows that see nothing in a block); P2P message counts per strategy.
 """
 
+import re
+
 import pytest
 import torch
 
@@ -81,7 +83,8 @@ def _check_strategy(rank, strategy, case, kernel="auto"):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("case", ["causal_zigzag_gqa", "packed_documents", "noncausal_zigzag", "random_documents"])
 def test_device_generic_kernel_matches_full_attention(strategy, case):
-    """The explicit-softmax twin (what runs on CUDA today) gives the same results, forced on CPU."""
+    """The explicit-softmax ``math`` kernel, forced on CPU: what ``choose_for`` picks on devices other than
+    CPU and CUDA (CUDA gets sdpa_flash / sdpa_efficient / flash_attn), and what a forced choice runs anywhere."""
     for errors, _, _, _ in run_ranks(_check_strategy, 2, strategy, CASES[case], "math"):
         for name, err in errors.items():
             assert err <= 1e-5, (name, err)
@@ -109,15 +112,23 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("case", CASES)
+def _ulysses_cannot_split(case, world):
+    _, _, h, hkv, *_ = CASES[case]
+    return bool(h % world or hkv % world)
+
+
+# Every (case, strategy, world) but Ulysses where the heads do not split over the ranks (it refuses those).
+COMPARED = [pytest.param(world, strategy, case, id=f"{case}-{strategy}-{world}")
+            for case in CASES for strategy in STRATEGIES for world in (2, 4)
+            if not (strategy == "ulysses" and _ulysses_cannot_split(case, world))]
+REFUSED = [pytest.param(world, case, id=f"{case}-{world}") for case in CASES for world in (2, 4)
+           if _ulysses_cannot_split(case, world)]
+
+
+@pytest.mark.parametrize("world, strategy, case", COMPARED)
 def test_matches_full_attention(world, strategy, case):
+    """Out, lse and dq/dk/dv within 1e-5 of float64 attention; sharding round-trips; P2P message counts."""
     b, s, h, hkv, d, causal, layout, docs = CASES[case]
-    if strategy == "ulysses" and (h % world or hkv % world):
-        with pytest.raises(AssertionError, match="must be divisible by the group size"):
-            run_ranks(_check_strategy, world, strategy, CASES[case])
-        return
     if s % (2 * world if layout == "zigzag" else world):
         pytest.fail("test case sequence length must fit the layout")
     for errors, fwd, bwd, roundtrip in run_ranks(_check_strategy, world, strategy, CASES[case]):
@@ -125,6 +136,16 @@ def test_matches_full_attention(world, strategy, case):
         for name, err in errors.items():
             assert err <= 1e-5, (name, err)
         assert (fwd, bwd) == expected_messages(strategy, world, docs)
+
+
+@pytest.mark.parametrize("world, case", REFUSED)
+def test_ulysses_refuses_heads_that_do_not_split_over_the_group(world, case):
+    """Ulysses gives each rank whole heads: query or kv heads not divisible by the group size are an error
+    naming both counts, not a wrong result."""
+    _, _, h, hkv, *_ = CASES[case]
+    message = f"heads ({h}) and kv_heads ({hkv}) must be divisible by the group size {world}"
+    with pytest.raises(AssertionError, match=re.escape(message)):
+        run_ranks(_check_strategy, world, "ulysses", CASES[case])
 
 
 def _forward_bytes(rank, causal):

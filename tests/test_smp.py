@@ -306,22 +306,23 @@ def test_an_epoch_committed_on_some_nodes_only_never_evicts_the_last_sealed_one(
 
 
 def test_a_dead_smps_leftovers_are_swept_at_the_next_start():
-    """SIGKILLed with its job (no SIGTERM handler runs): the next SMP started on the host removes them."""
-    from loomtrain.faulttol.smp import segment_prefix, socket_path, stop_daemons, sweep_dead
+    """SIGKILLed with its job (no SIGTERM handler runs): its segments and socket stay until the next SMP
+    started on the host, here another job's, removes them as it starts."""
+    from loomtrain.faulttol.smp import segment_prefix, socket_path, stop_daemons
 
-    d = tempfile.mkdtemp(prefix="loomtrain-smp-")  # where jobs' SMP directories live
+    dead, other = (tempfile.mkdtemp(prefix="loomtrain-smp-") for _ in range(2))  # where jobs' SMP directories live
     try:
-        pid = start_daemon(d, 0)
-        SnapshotClient(socket_path(d, 0)).write_epoch(1, {"w": torch.ones(1000)})
-        assert len(segments(segment_prefix(d, 0))) == 1
+        pid = start_daemon(dead, 0)
+        SnapshotClient(socket_path(dead, 0)).write_epoch(1, {"w": torch.ones(1000)})
         os.kill(pid, signal.SIGKILL)
-        time.sleep(0.5)
-        assert d in sweep_dead()
-        assert segments(segment_prefix(d, 0)) == [] and not os.path.exists(socket_path(d, 0))
-        pid = start_daemon(d, 0)  # and a later SMP in the same directory starts clean
-        stop_daemons(d, [0])
+        os.waitpid(pid, 0)
+        assert len(segments(segment_prefix(dead, 0))) == 1 and os.path.exists(socket_path(dead, 0))
+        start_daemon(other, 0)
+        assert segments(segment_prefix(dead, 0)) == [] and not os.path.exists(socket_path(dead, 0))
     finally:
-        shutil.rmtree(d, ignore_errors=True)
+        for d in (dead, other):
+            stop_daemons(d, [0])  # what is still running or left over
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def test_the_shutdown_reply_is_written_before_the_smp_stops_serving(tmp_path, monkeypatch):
