@@ -17,10 +17,11 @@ kernel                    used when                                   masks
 Blocks of packed documents with sorted document ids never need a mask: ``context.py`` cuts
 them into unmasked rectangles, so on CUDA the masked kernel only serves unsorted ids.
 
-Tested here: ``cpu_flash`` and ``math`` numerically (CPU), ``sdpa_flash`` and
-``sdpa_efficient`` by running their exact calls on meta tensors (argument order, shapes,
-lse padding). ``flash_attn`` is written against flash-attn 2.6+'s ``_flash_attn_forward`` /
-``_flash_attn_backward`` (older ``window_size=`` tuples handled) but never ran: no GPU here.
+Tested (tests/test_block_kernels.py): ``cpu_flash`` and ``math`` numerically against float64 on CPU;
+``sdpa_flash`` and ``sdpa_efficient`` by their exact calls on meta tensors (argument order, shapes,
+lse padding), and numerically by tests marked ``gpu`` that have not run yet (no GPU so far).
+``flash_attn`` is written against flash-attn 2.6+'s ``_flash_attn_forward`` / ``_flash_attn_backward``
+(older ``window_size=`` tuples handled) but has never run.
 """
 from __future__ import annotations
 
