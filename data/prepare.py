@@ -16,6 +16,7 @@ writer that dies leaves only ``*.tmp-<pid>*`` files, removed by the next writer.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -32,7 +33,7 @@ from loomtrain.data.tokenizer import build_tokenizer
 from loomtrain.errors import ConfigError
 from loomtrain.fsutil import atomic_write_text
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: the validation split counts tokens, not documents
 IN_FLIGHT_PER_WORKER = 2  # tasks queued per worker: bounds memory, keeps workers busy
 
 
@@ -99,6 +100,9 @@ def prepare(data_cfg, out_prefix: str | None = None, writer: str = "builtin", pr
             _remove_leftovers(out_prefix)
             _write(data_cfg, out_prefix, writer, progress, workers or data_cfg.workers or os.cpu_count() or 1)
     finally:
+        if _complete(out_prefix):  # later callers take the fast path above: the lock file has done its job
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(out_prefix + ".lock")
         lock.release()
     return _load_ours(out_prefix)
 
@@ -182,7 +186,12 @@ def tokenized_tasks(tasks, init_args: tuple, workers: int):
 
 
 class _Split:
-    """Routes each document to train or validation by a seeded draw in corpus order."""
+    """Routes whole documents, in corpus order, to train or validation so that validation holds about
+    ``valid_fraction`` of the *tokens*. Each document validates on a seeded draw with that probability, which
+    does not depend on its length (validation looks like the corpus), but never when that would give
+    validation more than twice its share of the tokens seen so far, and always (when it fits) while
+    validation holds less than half its share. Large corpora are split by the draws alone; a small one with a
+    few long documents no longer gives them 20% of its tokens (or none at all)."""
 
     def __init__(self, out_prefix: str, dtype, valid_fraction: float):
         self.writers = {"train": IndexedWriter(out_prefix + "_train", dtype),
@@ -190,12 +199,26 @@ class _Split:
         self.valid_fraction = valid_fraction
         self.rng = np.random.default_rng(0)
         self.seen = 0
+        self.seen_tokens = self.valid_tokens = 0
         self.pending = None  # the last document, held back: it validates if nothing else did
 
+    def _draws(self, lengths: np.ndarray) -> np.ndarray:
+        drawn = self.rng.random(len(lengths)) < self.valid_fraction
+        draws = np.zeros(len(lengths), dtype=bool)
+        for i, n in enumerate(lengths.tolist()):
+            self.seen_tokens += n
+            target = self.valid_fraction * self.seen_tokens
+            if self.seen == 0 and i == 0:  # the first document always trains
+                continue
+            fits = self.valid_tokens + n <= 2 * target
+            short = self.valid_tokens < target / 2 and self.valid_tokens + n <= target
+            if fits and (drawn[i] or short):
+                draws[i] = True
+                self.valid_tokens += n
+        return draws
+
     def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        draws = self.rng.random(len(lengths)) < self.valid_fraction
-        if self.seen == 0 and len(draws):
-            draws[0] = False  # the first document always trains
+        draws = self._draws(lengths)
         ends = np.cumsum(lengths)
         starts = ends - lengths
         for split in ("train", "valid"):

@@ -120,3 +120,19 @@ def test_data_parallel_ranks_split_the_global_batch(tmp_path):
         TrainBatches(ds, 1, 8, 0, 0, 3)
     val = eval_batches(ds, num_batches=2, micro_batch=2, dp_rank=1, dp_size=2)
     assert [b["input_ids"].shape for b in val] == [(2, 8), (2, 8)]
+
+
+def test_validation_split_holds_its_fraction_of_tokens_and_no_lock_is_left(tmp_path):
+    """54 documents, 2 of them 40% of the corpus each: the validation split holds 5-20% of the *tokens* for
+    valid_fraction 0.1 (drawing documents alone gave 2.8% here, or 40% had a long one been drawn); nothing is
+    left beside the cache but its files."""
+    sizes = [40] * 54
+    sizes[10] = sizes[30] = 4000  # streaming: documents after the long ones let the split catch up
+    for i, n in enumerate(sizes):
+        (tmp_path / f"doc{i:02d}.txt").write_text("x" * (n - 1))  # + EOS = n tokens
+    cfg = DataConfig(corpus=str(tmp_path), valid_fraction=0.1, cache_dir=str(tmp_path / "cache"))
+    m = prepare(cfg, writer="builtin").meta
+    total = m["train_tokens"] + m["valid_tokens"]
+    assert total == sum(sizes) and m["train_documents"] + m["valid_documents"] == 54
+    assert 0.05 <= m["valid_tokens"] / total <= 0.2  # half to twice its share, whichever way the draws fell
+    assert not list((tmp_path / "cache").rglob("*.lock"))

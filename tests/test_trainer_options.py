@@ -123,3 +123,19 @@ def test_hugging_face_tokenizer_prepares_its_ids_and_trains(tmp_path):
     assert sorted(prepared) == sorted(tuple(tok.encode(t).ids) + (1,) for t in texts)
     # the model was built for the tokenizer's 500 ids, rounded up to a multiple of 64 (model.vocab_size: 0)
     assert captured["params"]["tok_embeddings.weight"].shape[0] == captured["params"]["output.weight"].shape[0] == 512
+
+
+def test_log_lines_show_progress_checkpoints_and_the_end(overrides, tmp_path, capfd):
+    """Without a terminal (Slurm logs): step lines carry step/N and an ETA, a saved checkpoint is announced,
+    and one end-of-run line gives steps, tokens, wall time, checkpoint and metrics paths."""
+    ov = overrides + ["train.steps=4", "train.log_every=2", "checkpoint.every_steps=2", "checkpoint.at_end=true"]
+    run_ranks(_run, 0, ov)
+    lines = capfd.readouterr().out.splitlines()
+    steps = [line for line in lines if line.startswith("step=")]
+    assert [line.split()[0] for line in steps] == ["step=2/4", "step=4/4"]
+    assert all(" eta=" in line for line in steps) and steps[-1].endswith("eta=0m00s")
+    run = tmp_path / "run"
+    assert f"checkpoint of step 2: {run / 'checkpoints' / 'step_00000002'}" in lines
+    assert lines[-1] == next(line for line in lines if line.startswith("done: ")) and lines[-1].startswith(
+        "done: step 4/4 (4 this run), 2,048 tokens, ")
+    assert lines[-1].endswith(f"checkpoint {run / 'checkpoints' / 'step_00000004'}; metrics {run / 'metrics.jsonl'}")

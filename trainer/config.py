@@ -61,7 +61,7 @@ class DataConfig:
     cache_dir: str = "~/.cache/loomtrain"  # where prepared token files are cached
     workers: int = 0  # tokenizer processes for preparation; 0 = this machine's cores
     seq_len: int = 256  # tokens per packed training sequence (batching: windows) / longest row (documents)
-    valid_fraction: float = 0.02  # fraction of documents held out for validation
+    valid_fraction: float = 0.02  # fraction of tokens held out for validation (as whole documents)
     max_documents: int = 0  # 0 = all documents of the corpus
     batching: str = "windows"  # windows (fixed seq_len windows) | documents (whole documents up to a token budget)
     max_doc_tokens: int = 0  # batching=documents: longer documents are cut into pieces of this many; 0 = seq_len

@@ -357,7 +357,8 @@ class Trainer:
                 from tqdm import tqdm
 
                 bar = tqdm(total=tcfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
-        finished = False
+        finished, self._fit_start, self._eta_from = False, time.perf_counter(), self.step
+        first_step = self.step
         heartbeat.phase("step")
         try:
             while self.step < tcfg.steps:
@@ -387,6 +388,7 @@ class Trainer:
                                                or (every and self.step % every == 0)):
                     with heartbeat.in_phase("checkpoint"):
                         result.checkpoint = self.ckpt.save(self.state, self.step)
+                    self._say(f"checkpoint of step {self.step}: {result.checkpoint}")
                     stop.flush = False
             heartbeat.phase("checkpoint")  # the last save and the waits for background work
             if result.stopped_by_signal or exp.checkpoint.at_end:
@@ -406,9 +408,18 @@ class Trainer:
                 bar.close()
             sink.close()
         result.last_step = self.step
-        if env.is_main and result.stopped_by_signal:
-            print(f"stopped by signal after step {self.step}; checkpoint saved to {result.checkpoint}", flush=True)
+        if result.stopped_by_signal:
+            self._say(f"stopped by signal after step {self.step}; checkpoint saved to {result.checkpoint}")
+        self._say(f"done: step {self.step}/{tcfg.steps} ({self.step - first_step} this run), "
+                  f"{self.step * self.tokens_per_step:,} tokens, {time.perf_counter() - self._fit_start:.1f} s; "
+                  f"checkpoint {result.checkpoint or 'none (checkpoint.at_end: false)'}; "
+                  f"metrics {os.path.join(tcfg.output_dir, 'metrics.jsonl')}")
         return result
+
+    def _say(self, line: str) -> None:
+        """One line on rank 0's stdout (logs read it; the progress bar is on stderr)."""
+        if self.env.is_main:
+            print(line, flush=True)
 
     def _due(self, every: int) -> bool:
         """A step that ``every`` names (and the last one)."""
@@ -430,12 +441,20 @@ class Trainer:
             sink.log(record)
             if bar is not None:
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record.get('tokens_per_s', 0):.0f}",
-                                mfu=f"{100 * record.get('mfu', 0):.1f}%", refresh=False)
-            elif self.env.is_main:
-                print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                               for k, v in record.items() if k != "time" and not k.startswith("bytes_")), flush=True)
+                                mfu=f"{record.get('mfu', 0):.3f}", refresh=False)
+            else:
+                self._say(f"step={self.step}/{self.exp.train.steps} " + " ".join(
+                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+                    if k not in ("step", "time") and not k.startswith("bytes_")) + f" eta={self._eta()}")
         if bar is not None:
             bar.update(1)
+
+    def _eta(self) -> str:
+        """Time left at this run's average step time so far (evaluation and checkpoints included)."""
+        done = self.step - getattr(self, "_eta_from", self.step - 1)
+        per_step = (time.perf_counter() - self._fit_start) / max(1, done)
+        left = int(per_step * (self.exp.train.steps - self.step))
+        return f"{left // 3600}h{left % 3600 // 60:02d}m" if left >= 3600 else f"{left // 60}m{left % 60:02d}s"
 
     @traffic.counted_as("other")
     def _exchange(self, stop: StopFlag, loss: torch.Tensor, grad_norm) -> tuple[bool, bool, float, float]:
@@ -458,7 +477,8 @@ class Trainer:
         all-gather on the default group)."""
         mine = torch.as_tensor(values, dtype=torch.float64, device=self.env.device)
         every = mine.new_empty(self.env.world_size * mine.numel())
-        dist.all_gather_into_tensor(every, mine)
+        # all_gather_single where torch has it: all_gather_into_tensor warns (FutureWarning) on every run
+        getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(every, mine)
         with heartbeat.waiting():
             return every.view(self.env.world_size, -1).cpu()
 
