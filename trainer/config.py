@@ -157,7 +157,7 @@ class LoggingConfig:
 
     wandb: bool = False
     wandb_project: str = "loomtrain"
-    wandb_mode: str = "auto"  # auto (offline when no network) | online | offline
+    wandb_mode: str = "auto"  # auto (online when WANDB_API_KEY is set, else offline) | online | offline
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 = detect (GPU table, CPU matmul probe)
 
 
