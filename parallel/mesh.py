@@ -5,6 +5,13 @@ The mesh is laid out in ``order`` (outermost first, tp innermost by default so t
 parallel peers are adjacent ranks, i.e. on the same node). Flattened views are added:
 ``dp`` (dp_replicate x dp_shard: the batch is split over it), ``dp_shard_cp`` (what
 FSDP shards over) and ``loss`` (dp x cp: ranks whose losses make up the global mean).
+
+Every group of every dimension and view lists its ranks ascending, whatever the order (a placement
+that would break this renumbers the ranks: launch/placement.py): torch's
+``new_group`` sorts a group's ranks, so a rank's place in the DeviceMesh (``get_coordinate()``, where
+``distribute_tensor`` and DCP put its shard) is its rank in the process group (``get_local_rank()``,
+whose place FSDP's all-gather gives its shard) only then. A flattened view therefore varies its
+dimensions in ``order`` (e.g. cp outside dp_shard: ``dp_shard_cp`` is cp-major).
 """
 from __future__ import annotations
 
@@ -85,11 +92,15 @@ class ParallelDims:
         ranks = np.arange(self.world_size) if self.placement is None else np.asarray(self.placement)
         return ranks.reshape([getattr(self, n) for n in self.order])
 
+    def parts(self, name: str) -> tuple[str, ...]:
+        """The dimensions a dimension or flattened view is made of, in ``order`` (outermost first)."""
+        return tuple(sorted(self.FLATTENED.get(name, (name,)), key=self.order.index))
+
     def groups(self, name: str) -> list[list[int]]:
         """All rank groups of dimension ``name`` (or of a flattened one, e.g. ``dp_shard_cp``): ranks that
-        differ only in those coordinates."""
+        differ only in those coordinates, each in its mesh's coordinate order (ascending, without placement)."""
         grid = self.rank_grid()
-        axes = [self.order.index(part) for part in self.FLATTENED.get(name, (name,))]
+        axes = [self.order.index(part) for part in self.parts(name)]
         moved = np.moveaxis(grid, axes, list(range(grid.ndim - len(axes), grid.ndim)))
         size = int(np.prod([grid.shape[a] for a in axes]))
         return [list(map(int, g)) for g in moved.reshape(-1, size)]
@@ -99,16 +110,18 @@ class ParallelDims:
         grid = np.moveaxis(self.rank_grid(), self.order.index("dp_replicate"), 0)
         return [sorted(map(int, g.flatten())) for g in grid]
 
+    # Which dimensions each flattened view is made of; it varies them in ``order`` (``parts``).
     FLATTENED = {"dp": ("dp_replicate", "dp_shard"), "dp_shard_cp": ("dp_shard", "cp"),
                  "loss": ("dp_replicate", "dp_shard", "cp")}
 
     def build_mesh(self, device_type: str, backend_override: dict | None = None) -> "Meshes":
         """Build the named DeviceMesh (all five dims, size-1 ones included) plus flattened views.
 
-        ``order`` decides only which ranks share a group (the rank grid); the DeviceMesh itself
-        always has its dimensions in the canonical order ``MESH_DIMS``, so every slice and
-        flattening the trainer asks for (e.g. HSDP's ``("dp_replicate", "dp_shard_cp")``) is in
-        ascending dimension order whatever ``parallel.mesh_order`` says.
+        The DeviceMesh has its dimensions in ``order`` (its rank tensor is the rank grid) and each
+        flattened view flattens its dimensions in that order, so every group's ranks ascend along its
+        mesh coordinate, as in its process group. Several at once (HSDP's ``("dp_replicate",
+        "dp_shard_cp")``) come from ``Meshes.__getitem__`` in the order asked, whichever ``order`` puts
+        outside.
 
         ``backend_override``: {dimension or flattened name: (backend, options)}, e.g. gloo bound to the
         interface of the fabric that dimension's groups run on (``launch/placement.py``).
@@ -117,11 +130,11 @@ class ParallelDims:
         from torch.distributed.device_mesh import DeviceMesh
 
         override = backend_override or {}
-        canonical = np.transpose(self.rank_grid(), [self.order.index(n) for n in MESH_DIMS])
-        root = DeviceMesh(device_type, torch.from_numpy(np.ascontiguousarray(canonical)), mesh_dim_names=MESH_DIMS,
-                          backend_override=tuple(override.get(n, (None, None)) for n in MESH_DIMS))
-        flat = {name: root[parts]._flatten(name, backend_override=override.get(name)) for name, parts in
-                self.FLATTENED.items()}
+        root = DeviceMesh(device_type, torch.from_numpy(np.ascontiguousarray(self.rank_grid())),
+                          mesh_dim_names=self.order,
+                          backend_override=tuple(override.get(n, (None, None)) for n in self.order))
+        flat = {name: root[self.parts(name)]._flatten(name, backend_override=override.get(name))
+                for name in self.FLATTENED}
         return Meshes(root, flat)
 
     def describe(self) -> str:
@@ -148,6 +161,13 @@ class Meshes:
             traffic.label(self[name], purpose)
 
     def __getitem__(self, key):
-        if isinstance(key, str) and key in self.flattened:
-            return self.flattened[key]
-        return self.root[key]
+        """A dimension or flattened view (1-D), or several as one mesh, in the order given."""
+        if isinstance(key, str):
+            return self.flattened[key] if key in self.flattened else self.root[key]
+        try:
+            return self.root[key]
+        except KeyError:  # torch slices only dimensions the root holds in that order (not e.g. HSDP's
+            # ("dp_replicate", "dp_shard_cp") with dp_replicate inside dp_shard): joined as FSDP2 joins its own
+            from torch.distributed.device_mesh import DeviceMesh
+
+            return DeviceMesh._concatenate([self[name] for name in key])

@@ -3,7 +3,8 @@
 Also: every accepted ``parallel.mesh_order`` builds every mesh the trainer slices (HSDP's
 ``dp_replicate x dp_shard_cp`` included) with the groups the order asks for, on torch's fake
 process group: against the layout's formula for every order, and against rank groups written
-out by hand (Megatron's order) for a few layouts.
+out by hand (Megatron's order) for a few layouts. Every group lists its ranks ascending, so that
+a rank's mesh coordinate is its rank in the group's process group (which torch always sorts).
 """
 import itertools
 
@@ -62,15 +63,15 @@ def fake_world():
     dist.destroy_process_group()
 
 
-# What a flattened view is made of, outer dimension first (parallel/mesh.py's docstring), written out here.
+# What a flattened view is made of (parallel/mesh.py's docstring), written out here.
 FLATTENED = {"dp": ("dp_replicate", "dp_shard"), "dp_shard_cp": ("dp_shard", "cp"),
              "loss": ("dp_replicate", "dp_shard", "cp")}
 
 
 def _spec_group(dims: ParallelDims, names, rank: int) -> list[int]:
     """The documented layout as a formula: a rank is the mixed-radix number whose digits are its coordinates
-    in ``dims.order`` (outermost most significant). Its group over ``names`` varies those digits, the first
-    name's outermost (that order is the group's mesh coordinates)."""
+    in ``dims.order`` (outermost most significant). Its group over ``names``: the ranks that vary those
+    digits, ascending (the order of a process group, and so the one its mesh coordinates must follow)."""
     degree = {n: getattr(dims, n) for n in MESH_DIMS}
     coord, rest = {}, rank
     for n in reversed(dims.order):
@@ -82,25 +83,30 @@ def _spec_group(dims: ParallelDims, names, rank: int) -> list[int]:
         for n in dims.order:
             r = r * degree[n] + c[n]
         group.append(r)
-    return group
+    return sorted(group)
 
 
 def _check_mesh(dims: ParallelDims, rank: int) -> None:
-    """This rank's group of every dimension and flattened view, in the mesh and in ``groups()``, against
-    :func:`_spec_group`; the HSDP slice builds."""
+    """This rank's group of every dimension and flattened view, in the mesh, its process group and
+    ``groups()``, against :func:`_spec_group`; its mesh coordinate is its process-group rank (in each
+    dimension of the HSDP slice too), else ``distribute_tensor`` and DCP place a shard where FSDP's
+    all-gather does not."""
     import torch.distributed as dist
 
     meshes = dims.build_mesh("cpu")
     for name in MESH_DIMS + tuple(FLATTENED):
-        want = _spec_group(dims, FLATTENED.get(name, (name,)), rank)
-        assert meshes[name].mesh.tolist() == want, (dims.order, name)  # members, in mesh-coordinate order
-        # A process group's ranks are always ascending (torch's new_group sorts them): the members only.
-        assert dist.get_process_group_ranks(meshes[name].get_group()) == sorted(want), (dims.order, name)
+        want, mesh = _spec_group(dims, FLATTENED.get(name, (name,)), rank), meshes[name]
+        assert mesh.mesh.tolist() == want, (dims.order, name)  # members, in mesh-coordinate order
+        assert dist.get_process_group_ranks(mesh.get_group()) == want, (dims.order, name)
+        assert mesh.get_coordinate() == (mesh.get_local_rank(),) == (want.index(rank),), (dims.order, name)
         assert next(g for g in dims.groups(name) if rank in g) == want, (dims.order, name)
     hsdp = meshes["dp_replicate", "dp_shard_cp"]  # what FSDP2 gets under HSDP: the slice that used to crash
+    assert hsdp.mesh_dim_names == ("dp_replicate", "dp_shard_cp")
     assert hsdp.size() == dims.dp_replicate * dims.dp_shard * dims.cp
-    assert dist.get_process_group_ranks(hsdp.get_group("dp_shard_cp")) == sorted(
-        _spec_group(dims, FLATTENED["dp_shard_cp"], rank))
+    for i, name in enumerate(hsdp.mesh_dim_names):
+        want = _spec_group(dims, FLATTENED.get(name, (name,)), rank)
+        assert dist.get_process_group_ranks(hsdp.get_group(name)) == want, (dims.order, name)
+        assert hsdp.get_coordinate()[i] == hsdp.get_local_rank(name) == want.index(rank), (dims.order, name)
 
 
 @pytest.mark.parametrize("order", list(itertools.permutations(MESH_DIMS)), ids=",".join)
@@ -131,7 +137,7 @@ def _singletons(world: int) -> list[list[int]]:
 # (first listed varies fastest) with ep=1 and Megatron's dp = dp_replicate x dp_shard (shard inner): the first
 # five layouts' tp, cp, dp, pp and dp-cp groups are exactly megatron.core.parallel_state.RankGenerator's
 # (checked against megatron-core; not imported here, its import alone takes ~15 s). Within a group, ranks are
-# in mesh-coordinate order (a process group lists them ascending).
+# in mesh-coordinate order, which must be ascending (a process group lists them so).
 HAND_LAYOUTS = {  # name: (ParallelDims, {dimension or flattened view: groups})
     # rank = 4*dp_shard + 2*cp + tp
     "dp_shard2_cp2_tp2": (ParallelDims(pp=1, dp_replicate=1, dp_shard=2, cp=2, tp=2, world_size=8), {
@@ -186,16 +192,16 @@ HAND_LAYOUTS = {  # name: (ParallelDims, {dimension or flattened view: groups})
         "loss": [[0, 4], [1, 5], [2, 6], [3, 7], [8, 12], [9, 13], [10, 14], [11, 15]],
     }),
     # mesh_order with dp_shard outside dp_replicate (no Megatron equivalent). rank = 4*dp_shard + 2*dp_replicate + tp;
-    # dp keeps its definition (replicate outer, shard inner), so its groups list ranks out of ascending order.
+    # dp and loss vary dp_shard outermost, as the order does (replicate outermost would list 0, 4, 2, 6).
     "order_shard_outside_replicate": (ParallelDims(pp=1, dp_replicate=2, dp_shard=2, cp=1, tp=2, world_size=8,
                                                    order=("pp", "dp_shard", "dp_replicate", "cp", "tp")), {
         "tp": [[0, 1], [2, 3], [4, 5], [6, 7]],
         "dp_replicate": [[0, 2], [1, 3], [4, 6], [5, 7]],
         "dp_shard": [[0, 4], [1, 5], [2, 6], [3, 7]],
         "cp": _singletons(8), "pp": _singletons(8),
-        "dp": [[0, 4, 2, 6], [1, 5, 3, 7]],
+        "dp": [[0, 2, 4, 6], [1, 3, 5, 7]],
         "dp_shard_cp": [[0, 4], [1, 5], [2, 6], [3, 7]],
-        "loss": [[0, 4, 2, 6], [1, 5, 3, 7]],
+        "loss": [[0, 2, 4, 6], [1, 3, 5, 7]],
     }),
     # tp outermost, cp innermost. rank = 4*tp + 2*dp_shard + cp
     "order_tp_outer_cp_inner": (ParallelDims(pp=1, dp_replicate=1, dp_shard=2, cp=2, tp=2, world_size=8,
@@ -215,7 +221,7 @@ HAND_LAYOUTS = {  # name: (ParallelDims, {dimension or flattened view: groups})
 def test_mesh_matches_hand_written_layout(layout, fake_world):
     """Every group of every dimension and flattened view from ``groups()``, every group of the DeviceMesh's
     dimensions (the lines of its rank tensor), and rank 5's mesh of each dimension and view (and its process
-    group's members), against the layouts above."""
+    group's members, and its coordinate there), against the layouts above."""
     import numpy as np
     import torch.distributed as dist
 
@@ -225,11 +231,13 @@ def test_mesh_matches_hand_written_layout(layout, fake_world):
         assert sorted(dims.groups(name)) == groups, (layout, name)
     meshes = dims.build_mesh("cpu")
     grid = meshes.root.mesh.numpy()  # the DeviceMesh's ranks, one axis per dimension in its names' order
-    assert meshes.root.mesh_dim_names == MESH_DIMS
-    for axis, name in enumerate(MESH_DIMS):
+    assert meshes.root.mesh_dim_names == dims.order
+    for axis, name in enumerate(dims.order):
         lines = np.moveaxis(grid, axis, -1).reshape(-1, grid.shape[axis]).tolist()
         assert sorted(lines) == want[name], (layout, name)
     for name, groups in want.items():
         mine = next(g for g in groups if fake_world in g)
         assert meshes[name].mesh.tolist() == mine, (layout, name)
         assert dist.get_process_group_ranks(meshes[name].get_group()) == sorted(mine), (layout, name)
+        assert meshes[name].get_coordinate() == (meshes[name].get_local_rank(),) == (mine.index(fake_world),), (
+            layout, name)

@@ -102,6 +102,11 @@ CP_LAYOUTS = {f"cp2_{second}_{impl}": ["parallel.cp=2", f"parallel.cp_impl={impl
               for impl in ("tokenring", "ring", "ulysses") for second in ("dp2", "tp2")}
 CP_LAYOUTS["cp2_dp2_auto"] = ["parallel.cp=2", "parallel.cp_impl=auto", "parallel.dp_shard=2",
                               "parallel.cp_link_gbps=0.01"]
+# cp outside dp_shard (rank = 2*cp + dp_shard): FSDP's dp_shard_cp is all 4 ranks, listed [0, 2, 1, 3] when
+# flattened dp_shard-major; each rank's shard must still be the one at its place in FSDP's process group.
+CP_LAYOUTS["cp2_dp2_ring_order_cp_outside_shard"] = ["parallel.cp=2", "parallel.cp_impl=ring",
+                                                     "parallel.dp_shard=2",
+                                                     "parallel.mesh_order=pp,dp_replicate,cp,dp_shard,tp"]
 # Ulysses splits heads over cp*tp = 4: that model needs 4 KV heads (its own reference run).
 MHA = ("model.n_kv_heads=4",)
 
@@ -180,7 +185,8 @@ def _initial_params(rank, overrides):
     ["parallel.tp=2", "parallel.dp_shard=2", "parallel.activation_checkpoint=full"],
     ["parallel.pp=2", "parallel.dp_shard=2", "parallel.pp_schedule=interleaved_1f1b",
      "parallel.pp_virtual_stages=2", "model.n_layers=4", "train.microbatches=4"],
-], ids=["tp2_dp_shard2_ac", "pp2_interleaved_dp_shard2"])
+    ["parallel.cp=2", "parallel.dp_shard=2", "parallel.mesh_order=pp,dp_replicate,cp,dp_shard,tp"],
+], ids=["tp2_dp_shard2_ac", "pp2_interleaved_dp_shard2", "cp2_dp_shard2_order_cp_outside_shard"])
 def test_sharded_init_equals_single_process_init(layout, small_corpus, tmp_path):
     """The model is built on the meta device and each rank fills only its shards; the values are
     exactly those of the whole model initialised in one process."""
