@@ -22,6 +22,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 from loomtrain.comms import traffic
 from loomtrain.faulttol.manager import host_name
@@ -84,23 +85,28 @@ class StragglerDetector:
 
 
 class HealthMonitor:
-    """Per rank: times its steps (busy, data) and, from every rank's times, names the straggler."""
+    """Per rank: times its steps (busy, data) and, from every rank's times, names the straggler.
 
-    def __init__(self, hosts: list[str], is_main: bool, **detector):
-        self._traffic = traffic
+    ``clock`` and ``blocked`` (seconds so far blocked in collectives) are the host clock and
+    ``comms/traffic.py``'s counter; tests pass clocks they advance themselves, so what is named
+    does not depend on how the machine schedules the ranks."""
+
+    def __init__(self, hosts: list[str], is_main: bool, clock: Callable[[], float] = time.perf_counter,
+                 blocked: Callable[[], float] = traffic.blocked_seconds, **detector):
+        self.clock, self.blocked = clock, blocked
         self.detector = StragglerDetector(hosts, **detector)
         self.is_main = is_main
         self.busy = self.data = 0.0
         self._t0 = self._blocked0 = 0.0
 
     def start(self) -> None:
-        self._t0, self._blocked0 = time.perf_counter(), self._traffic.blocked_seconds()
+        self._t0, self._blocked0 = self.clock(), self.blocked()
 
     def data_ready(self) -> None:
-        self.data = time.perf_counter() - self._t0
+        self.data = self.clock() - self._t0
 
     def stop(self) -> None:
-        self.busy = time.perf_counter() - self._t0 - (self._traffic.blocked_seconds() - self._blocked0)
+        self.busy = self.clock() - self._t0 - (self.blocked() - self._blocked0)
 
     def observe(self, step: int, busy: list[float], data: list[float]) -> None:
         found = self.detector.observe(step, busy, data)

@@ -23,6 +23,7 @@ import signal
 import struct
 import time
 from collections import deque
+from typing import Callable
 
 HEARTBEAT_DIR_ENV = "LOOMTRAIN_HEARTBEAT_DIR"
 STACK_SIGNAL = signal.SIGUSR2  # the monitor's request for every thread's Python stack
@@ -53,9 +54,12 @@ def proc_stat(pid: int) -> tuple[str, int] | None:
 
 
 class Heartbeat:
-    """This rank's record. ``phase``/``step_done``/``waiting`` are what the training loop calls."""
+    """This rank's record. ``phase``/``step_done``/``waiting`` are what the training loop calls. ``clock`` times
+    the steps (tests pass one they advance themselves); the record's ``beat`` is always wall-clock time."""
 
-    def __init__(self, directory: str, rank: int, local_rank: int, attempt: int):
+    def __init__(self, directory: str, rank: int, local_rank: int, attempt: int,
+                 clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
         os.makedirs(directory, exist_ok=True)
         self.path = record_path(directory, rank)
         tmp = f"{self.path}.tmp-{os.getpid()}"
@@ -69,7 +73,7 @@ class Heartbeat:
                        "factor": 3.0, "min_s": 5.0, "phase_timeout": 1800.0, "warmup_steps": 5, "phase": "start",
                        "started": (proc_stat(os.getpid()) or ("", 0))[1]}
         self._times: deque = deque(maxlen=200)
-        self._last_step, self._excluded, self._phase_since = None, 0.0, time.monotonic()
+        self._last_step, self._excluded, self._phase_since = None, 0.0, clock()
         self._stacks = open(self.path[:-len(".hb")] + ".stack", "w")
         faulthandler.register(STACK_SIGNAL, file=self._stacks, all_threads=True)
         self._write()
@@ -87,7 +91,7 @@ class Heartbeat:
         self._write()
 
     def phase(self, name: str) -> None:
-        now = time.monotonic()
+        now = self._clock()
         if self.fields["phase"] != "step" and self._last_step is not None:
             self._excluded += now - self._phase_since  # checkpoints, evaluation: not part of a step's time
         if name == "step" and self._last_step is None:
@@ -98,7 +102,7 @@ class Heartbeat:
 
     def step_done(self, step: int) -> None:
         """Step ``step`` is done: its time is the time since the last one, less checkpoints and evaluation."""
-        now = time.monotonic()
+        now = self._clock()
         seconds = now - (self._last_step if self._last_step is not None else now) - self._excluded
         self._last_step, self._excluded = now, 0.0
         f = self.fields

@@ -20,9 +20,21 @@ import torch
 
 
 def free_port() -> int:
+    """A port free now, for a server started elsewhere (slurmctld in tests/test_slurm.py). Another process may
+    take it before that server binds it; for torch's store the ranks are given a :func:`held_port`."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def held_port() -> socket.socket:
+    """A socket bound to a free port and kept bound, not listening, until it is closed. Meanwhile no other
+    process's bind, to that port or to port 0, gets it; a server that sets SO_REUSEADDR (torch's TCPStore,
+    started by rank 0 from ``MASTER_PORT``) still binds and listens on it. Close it when the ranks are done."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", 0))
+    return s
 
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS",
@@ -38,8 +50,9 @@ def launch_env(launcher: str, rank: int, world: int, port: int) -> dict:
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
 
 
-def _child(fn, rank, world, port, args, conn, env, launcher):
+def _child(fn, rank, world, port, args, conn, env, launcher, holder):
     try:
+        holder.close()  # the launcher's copy keeps the port until the store is done with it
         torch.set_num_threads(1)  # libgomp's pool does not survive fork; one thread per rank
         for k in LAUNCH_VARS:
             os.environ.pop(k, None)
@@ -56,17 +69,25 @@ def _child(fn, rank, world, port, args, conn, env, launcher):
 
 
 def _fork_ranks(fn, world_size: int, args, env: dict, launcher: str):
+    """The ranks' processes and pipes, and the socket holding ``MASTER_PORT`` (the caller closes it once the
+    ranks are reaped): no other process can take the port between here and rank 0's store binding it."""
     ctx = mp.get_context("fork")
-    port = free_port()
+    holder = held_port()
+    port = holder.getsockname()[1]
     procs, pipes = [], []
-    for rank in range(max(1, world_size)):
-        parent, child = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_child, args=(fn, rank, world_size, port, args, child, env, launcher))
-        p.start()
-        child.close()
-        procs.append(p)
-        pipes.append(parent)
-    return procs, pipes
+    try:
+        for rank in range(max(1, world_size)):
+            parent, child = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=_child, args=(fn, rank, world_size, port, args, child, env, launcher, holder))
+            p.start()
+            child.close()
+            procs.append(p)
+            pipes.append(parent)
+    except BaseException:
+        _reap(procs)
+        holder.close()
+        raise
+    return procs, pipes, holder
 
 
 def _new_run() -> str:
@@ -88,7 +109,7 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 300.0, env: dict | No
     ``world_size=0`` runs one forked process with no distributed environment (single-process mode).
     Returns the per-rank results; raises with the child's traceback if any rank failed.
     """
-    procs, pipes = _fork_ranks(fn, world_size, args, {"LOOMTRAIN_RUN_ID": _new_run()} | (env or {}), launcher)
+    procs, pipes, holder = _fork_ranks(fn, world_size, args, {"LOOMTRAIN_RUN_ID": _new_run()} | (env or {}), launcher)
     results, errors = [], []
     try:
         for rank, conn in enumerate(pipes):
@@ -102,6 +123,7 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 300.0, env: dict | No
                 errors.append(f"rank {rank}:\n{payload}")
     finally:
         _reap(procs)
+        holder.close()
     if errors:
         raise AssertionError("\n".join(errors))
     return results
@@ -133,7 +155,7 @@ def run_ranks_restarting(fn, world_size: int, *args, max_restarts: int = 1, time
 def _restarting(fn, world_size, args, max_restarts, timeout, run_env, failures):
     for attempt in range(max_restarts + 1):
         attempt_env = dict(run_env, LOOMTRAIN_ATTEMPT=str(attempt))
-        procs, pipes = _fork_ranks(fn, world_size, args, attempt_env, "torchrun")
+        procs, pipes, holder = _fork_ranks(fn, world_size, args, attempt_env, "torchrun")
         results: dict[int, object] = {}
         failed = None
         deadline = time.monotonic() + timeout
@@ -171,6 +193,7 @@ def _restarting(fn, world_size, args, max_restarts, timeout, run_env, failures):
                     if p.is_alive():
                         os.kill(p.pid, signal.SIGKILL)
             _reap(procs)
+            holder.close()
         if failed is None:
             return [results[r] for r in range(len(procs))], failures
         failures.append(failed)

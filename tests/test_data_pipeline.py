@@ -96,17 +96,18 @@ def test_concurrent_prepares_one_killed_leave_one_valid_cache(tmp_path):
     while not list((tmp_path / "cache").glob("tokens_train.tmp-*.bin")):
         assert time.time() < deadline and first.is_alive(), "the first writer never started writing"
         time.sleep(0.01)
+    os.kill(first.pid, signal.SIGSTOP)  # mid-way, holding the lock, until it is killed: it cannot finish first
+    assert not (tmp_path / "cache" / "tokens.json").exists()
     others = [ctx.Process(target=_prepare_in_child, args=(cfg, prefix, q)) for _ in range(3)]
     for p in others:
         p.start()
-    time.sleep(0.5)  # they are waiting on the lock now
-    assert not (tmp_path / "cache" / "tokens.json").exists()
+    results = [q.get(timeout=120) for _ in others]  # each says so when it finds the lock taken
+    assert sorted(results) == sorted(("waited", p.pid) for p in others), results
     os.kill(first.pid, signal.SIGKILL)
     first.join()
     for p in others:
         p.join(120)
         assert p.exitcode == 0
-    results = []
     while len([r for r in results if r[0] != "waited"]) < len(others):
         results.append(q.get(timeout=10))
     while not q.empty():

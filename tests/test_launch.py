@@ -1,14 +1,19 @@
 """Launch paths: --nproc (elastic), torchrun, Slurm srun variables, sbatch writer, plan, data prepare."""
+import datetime
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 
+import pytest
+import torch.distributed as dist
 
 from conftest import run_ranks
 from loomtrain.launch.cli import main
 from loomtrain.launch.env import expand_slurm_nodelist, read_env, slurm_rendezvous
+from loomtrain.launch.forked import held_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -175,3 +180,18 @@ def test_data_prepare_command(tmp_path, capsys):
                  "--output", str(prefix), "--writer", "builtin"]) == 0
     assert (tmp_path / "out" / "tokens_train.bin").is_file() and (tmp_path / "out" / "tokens.json").is_file()
     assert f"data.prepared={prefix}" in capsys.readouterr().out
+
+
+def test_a_held_port_is_taken_by_no_other_bind_but_by_rank_0s_store():
+    """What held_port promises run_ranks: while it is held, no other bind gets the port (the race free_port
+    had), and torch's TCPStore, which sets SO_REUSEADDR, binds and serves on it."""
+    holder = held_port()
+    port = holder.getsockname()[1]
+    try:
+        with socket.socket() as other, pytest.raises(OSError):
+            other.bind(("127.0.0.1", port))
+        store = dist.TCPStore("127.0.0.1", port, 1, is_master=True, timeout=datetime.timedelta(seconds=30))
+        store.set("k", "v")
+        assert dist.TCPStore("127.0.0.1", port, 1, is_master=False).get("k") == b"v"
+    finally:
+        holder.close()
