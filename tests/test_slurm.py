@@ -139,7 +139,7 @@ def test_preemption_warning_checkpoints_requeues_and_resumes_identically(slurm, 
     job, log, sets = _submit(slurm, tmp_path, small_corpus)
     _wait(slurm, job, {"RUNNING"}, log=log)
     deadline = time.monotonic() + 120
-    while not (os.path.exists(log) and re.search(r"^step=2\d ", open(log).read(), re.M)):
+    while not (os.path.exists(log) and re.search(r"^step=2\d/", open(log).read(), re.M)):
         assert time.monotonic() < deadline, open(log).read()[-3000:] if os.path.exists(log) else "no log"
         time.sleep(0.2)
     # What `#SBATCH --signal=B:USR1@LEAD` sends before the time limit.
@@ -167,7 +167,7 @@ def test_rank_killed_inside_the_job_is_restored_from_memory(slurm, small_corpus,
     info = _wait(slurm, job, {"COMPLETED", "FAILED", "CANCELLED"}, log=log)
     text = open(log).read()
     assert info["JobState"] == "COMPLETED", text[-3000:]
-    assert "restored step 4 from memory" in text and f"step={STEPS} " in text
+    assert "restored step 4 from memory" in text and f"step={STEPS}/{STEPS} " in text
     assert _leftovers(before) == []
 
 
