@@ -189,15 +189,16 @@ def test_a_record_caught_mid_write_is_not_returned(tmp_path):
 
 
 def test_a_record_read_while_it_is_written_is_never_torn(tmp_path):
-    """20,000 reads of a record another process rewrites as fast as it can (without the seqlock about 1 copy
-    in 1,000 was torn here): every one is whole. The writer runs until the reads are done, however slow."""
+    """5,000 reads of a record another process rewrites as fast as it can (without the seqlock about 1 copy
+    in 1,000 was torn here, so ~5 expected): every one is whole. The writer runs until the reads are done,
+    however slow."""
     from loomtrain.faulttol.heartbeat import read_record, record_path
 
     writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
         assert writer.stdout.readline().strip() == "ready"
         steps = []
-        while len(steps) < 20_000 or steps[-1] == steps[0]:  # until the reads have overlapped writes
+        while len(steps) < 5_000 or steps[-1] == steps[0]:  # until the reads have overlapped writes
             assert writer.poll() is None, "the writer died"
             rec = read_record(record_path(str(tmp_path), 0))
             if rec is not None:
