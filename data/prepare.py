@@ -342,11 +342,12 @@ def load_prepared(data_cfg, need_valid: bool = False) -> PreparedData:
     return PreparedData(prefix, valid, vocab, eos, meta)
 
 
-def data_vocab(data_cfg) -> tuple[int, str]:
+def data_vocab(data_cfg, need_valid: bool = False) -> tuple[int, str]:
     """(vocabulary size, where it comes from) that training will use, without tokenizing anything: the
-    prepared data's (``data.prepared``), else the tokenizer's. ConfigError when those files are not here."""
+    prepared data's (``data.prepared``; ``need_valid`` as in :func:`load_prepared`), else the tokenizer's.
+    ConfigError when those files are not here."""
     if data_cfg.prepared:
-        prepared = load_prepared(data_cfg)
+        prepared = load_prepared(data_cfg, need_valid)
         return prepared.vocab_size, prepared.meta.get("vocab_source", data_cfg.prepared)
     try:
         return build_tokenizer(data_cfg.tokenizer).vocab_size, data_cfg.tokenizer

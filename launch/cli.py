@@ -92,18 +92,15 @@ def preflight(exp: Experiment, world_size: int, local_world_size: int | None = N
     """The experiment's checks (the ones ``train`` and ``plan`` run) for ``device_type`` (``None``: this
     machine's), then this machine's data paths."""
     from loomtrain.data.corpus import corpus_files
+    from loomtrain.data.prepare import data_vocab
     from loomtrain.trainer.checks import check_experiment, check_vocab
 
     dims = check_experiment(exp, world_size, local_world_size, device_type)
-    from loomtrain.data.prepare import data_vocab, load_prepared
-
     if exp.data.tokenizer != "byte" and not os.path.isfile(exp.data.tokenizer):
         raise ConfigError(f"data.tokenizer: '{exp.data.tokenizer}' is neither 'byte' nor an existing tokenizer.json")
-    if exp.data.prepared:
-        load_prepared(exp.data, need_valid=bool(exp.train.eval_every))
-    else:
+    if not exp.data.prepared:
         corpus_files(exp.data.corpus, exp.data.file_glob)
-    vocab, source = data_vocab(exp.data)
+    vocab, source = data_vocab(exp.data, need_valid=bool(exp.train.eval_every))  # reads data.prepared once
     if exp.model.vocab_size:
         check_vocab(exp.model.vocab_size, vocab, dims.tp, source)
 

@@ -357,8 +357,7 @@ class Trainer:
                 from tqdm import tqdm
 
                 bar = tqdm(total=tcfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
-        finished, self._fit_start, self._eta_from = False, time.perf_counter(), self.step
-        first_step = self.step
+        finished, self._fit_start, self._fit_first_step = False, time.perf_counter(), self.step
         heartbeat.phase("step")
         try:
             while self.step < tcfg.steps:
@@ -410,7 +409,7 @@ class Trainer:
         result.last_step = self.step
         if result.stopped_by_signal:
             self._say(f"stopped by signal after step {self.step}; checkpoint saved to {result.checkpoint}")
-        self._say(f"done: step {self.step}/{tcfg.steps} ({self.step - first_step} this run), "
+        self._say(f"done: step {self.step}/{tcfg.steps} ({self.step - self._fit_first_step} this run), "
                   f"{self.step * self.tokens_per_step:,} tokens, {time.perf_counter() - self._fit_start:.1f} s; "
                   f"checkpoint {result.checkpoint or 'none (checkpoint.at_end: false)'}; "
                   f"metrics {os.path.join(tcfg.output_dir, 'metrics.jsonl')}")
@@ -451,8 +450,7 @@ class Trainer:
 
     def _eta(self) -> str:
         """Time left at this run's average step time so far (evaluation and checkpoints included)."""
-        done = self.step - getattr(self, "_eta_from", self.step - 1)
-        per_step = (time.perf_counter() - self._fit_start) / max(1, done)
+        per_step = (time.perf_counter() - self._fit_start) / max(1, self.step - self._fit_first_step)
         left = int(per_step * (self.exp.train.steps - self.step))
         return f"{left // 3600}h{left % 3600 // 60:02d}m" if left >= 3600 else f"{left // 60}m{left % 60:02d}s"
 
