@@ -84,14 +84,29 @@ def choose_device(requested: str, local_rank: int) -> torch.device:
 
 
 def choose_backend(requested: str, device: torch.device) -> str:
-    if requested != "auto":
+    """The default group's backend string, always with a CPU backend: fault tolerance, checkpoint and
+    snapshot bookkeeping all-reduce CPU tensors on the default group, and NCCL binds to ``cuda`` only
+    ("No backend type associated with device type cpu"). So CUDA runs get ``cpu:gloo,cuda:nccl``."""
+    if requested == "auto":
+        requested = "nccl" if device.type == "cuda" else "gloo"
+    if requested == "gloo" or ":" in requested:  # gloo serves both device types; a mapping is taken as given
         return requested
-    return "nccl" if device.type == "cuda" else "gloo"
+    return f"cpu:gloo,{device.type}:{requested}" if device.type != "cpu" else requested
+
+
+def device_backend(backend: str, device_type: str) -> str:
+    """The backend a ``choose_backend`` string uses for ``device_type`` tensors (``nccl`` for cuda in
+    ``cpu:gloo,cuda:nccl``)."""
+    if ":" not in backend:
+        return backend
+    return dict(part.split(":") for part in backend.split(","))[device_type]
 
 
 def init_distributed(par_cfg, timeout_s: float = 600.0) -> DistEnv:
     """Start the default process group (a one-rank gloo group when running alone)."""
     rank, world, local_rank, local_world, source = read_env()
+    # DeepSpeed (and other libraries) assert LOCAL_RANK is set; single-process and srun runs never set it.
+    os.environ.setdefault("LOCAL_RANK", str(local_rank))
     device = choose_device(par_cfg.device, local_rank)
     backend = choose_backend(par_cfg.backend, device)
     if not dist.is_initialized():

@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass
 
 from loomtrain.comms import traffic
+from loomtrain.launch.env import device_backend
 from loomtrain.launch.topology import Cluster
 from loomtrain.parallel.mesh import MESH_DIMS, ParallelDims
 
@@ -253,7 +254,7 @@ def place_ranks(exp, env, dims: ParallelDims) -> Placement:
         mine = next(g for g in dims.groups(dim) if env.rank in g)
         if len(mine) > 1 and all(_interface(cluster, g, r) for g in dims.groups(dim) if len(g) > 1 for r in g):
             link, _ = cluster.link(mine)
-            override[dim] = _bound(env.backend, _interface(cluster, mine, env.rank), cluster.fabrics[link].kind)
+            override[dim] = _bound(device_backend(env.backend, env.device.type), _interface(cluster, mine, env.rank), cluster.fabrics[link].kind)
     if env.rank == 0:
         found = groups(cluster, dims, order)
         placed_hosts = list(dict.fromkeys(cluster.hosts[cluster.host_of(r)].name for r in order))

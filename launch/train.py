@@ -10,6 +10,7 @@ import os
 import sys
 
 from loomtrain.comms import traffic
+from loomtrain.device import configure_math
 from loomtrain.faulttol import heartbeat
 from loomtrain.faulttol.inject import attempt
 from loomtrain.faulttol.manager import host_name
@@ -39,6 +40,7 @@ def run(exp: Experiment, resume: str | None = None):
             env = init_distributed(exp.parallel)
         heartbeat.phase("build")
         set_threads(exp, env)
+        configure_math(env.device.type)  # TF32 for fp32 matmuls on CUDA
         traffic.install()  # bytes sent per purpose, logged with the metrics; the hang monitor sees the waits
         placement = place_ranks(exp, env, dims)
         env = placement.env  # renumbered, where the fabric order needs it

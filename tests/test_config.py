@@ -55,7 +55,7 @@ def test_shipped_configs_load_by_name():
     (["trian.steps=3"], "trian: unknown key; did you mean 'train'?"),
     (["train.steps=abc"], "train.steps: expected an integer, got 'abc'"),
     (["train.steps=0"], "train.steps: must be > 0, got 0"),
-    (["model.dtype=fp16"], "model.dtype: must be one of float32, bfloat16, got 'fp16'"),
+    (["model.dtype=fp16"], "model.dtype: must be one of auto, float32, bfloat16, got 'fp16'"),
     (["model.n_kv_heads=3"], "model.n_kv_heads: must divide model.n_heads (8), got 3"),
     (["parallel.tp=3"], "parallel.tp: must divide model.n_heads (8) and model.n_kv_heads (4), got 3"),
     (["parallel.mesh_order=tp,cp"], "parallel.mesh_order: must be a permutation"),

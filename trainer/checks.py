@@ -18,7 +18,7 @@ def check_experiment(exp: Experiment, world_size: int, local_world_size: int | N
     """The experiment's ParallelDims for ``world_size`` ranks, or ConfigError naming the first bad field.
 
     ``device_type``: where it will run (``None``: where ``parallel.device`` resolves on this machine;
-    ``plan`` passes ``cuda``, the cluster it plans for)."""
+    ``plan`` passes ``cuda``, the cluster it plans for). Resolves ``model.dtype: auto`` for that device."""
     validate(exp)
     par = exp.parallel
     if par.pp > 1 and par.cp > 1:
@@ -28,6 +28,9 @@ def check_experiment(exp: Experiment, world_size: int, local_world_size: int | N
         from loomtrain.device import device_type_for
 
         device_type = device_type_for(par.device)
+    from loomtrain.device import resolve_dtype
+
+    exp.model.dtype = resolve_dtype(exp.model.dtype, device_type)  # auto: bf16 on CUDA, fp32 elsewhere
     if par.compile and par.tp > 1 and device_type == "cpu":  # measured by tests/test_parallel_parity.py before
         raise ConfigError("parallel.compile: not with parallel.tp > 1 on CPU: compiled tensor-parallel blocks gave "
                           "gradient norms 0.7% off eager (and crashed with activation checkpointing) on torch "

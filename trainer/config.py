@@ -42,7 +42,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_seq_len: int = 0  # 0 = data.seq_len
-    dtype: str = "float32"  # float32 | bfloat16 (bfloat16 = mixed precision, fp32 master weights)
+    dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 elsewhere) | float32 | bfloat16 (mixed precision, fp32 master weights)
     attention: str = "auto"  # auto | sdpa | flash (flash-attn, CUDA only)
     init_std: float = 0.02
 
@@ -269,7 +269,7 @@ class Experiment:
 
 
 CHOICES = {
-    "model.dtype": ("float32", "bfloat16"),
+    "model.dtype": ("auto", "float32", "bfloat16"),
     "model.attention": ("auto", "sdpa", "flash"),
     "parallel.backend": ("auto", "nccl", "gloo"),
     "parallel.device": ("auto", "cpu", "cuda"),

@@ -61,17 +61,21 @@ class ModelArgs:
         return 6.0 * self.num_params(embeddings=False) + 6.0 * self.n_layers * self.dim * seq_len
 
 
-@dataclass
 class AttnContext:
-    """Per-forward inputs every attention layer shares (built once in ``Transformer.forward``)."""
+    """Per-forward inputs every attention layer shares (built once in ``Transformer.forward``).
 
-    cos: torch.Tensor  # (B, S, head_dim/2)
-    sin: torch.Tensor
-    doc_ids: torch.Tensor | None  # (B, S) or None when no row holds more than one document
-    backend: str
-    context_parallel: object = None  # the model's ContextParallelAttention when cp > 1
-    varlen: tuple | None = None  # flash-attn (cu_seqlens, max_len), made once per forward (and reused by recompute)
-    documents: object = None  # a DocumentAttention keeping this forward's per-document plan (one device)
+    Deliberately not a dataclass: FSDP2's mixed precision casts a block's floating inputs and recurses into
+    dataclasses (``torch/distributed/utils.py::_apply_to_tensors``), which turned the fp32 RoPE tables bf16
+    under FSDP only; a plain object passes through untouched, so every layout rotates with fp32 tables."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, doc_ids: torch.Tensor | None, backend: str,
+                 context_parallel=None, varlen: tuple | None = None, documents=None):
+        self.cos, self.sin = cos, sin  # (B, S, head_dim/2) fp32
+        self.doc_ids = doc_ids  # (B, S) or None when no row holds more than one document
+        self.backend = backend
+        self.context_parallel = context_parallel  # the model's ContextParallelAttention when cp > 1
+        self.varlen = varlen  # flash-attn (cu_seqlens, max_len), made once per forward (and reused by recompute)
+        self.documents = documents  # a DocumentAttention keeping this forward's per-document plan (one device)
 
 
 def canonical_name(name: str) -> str:

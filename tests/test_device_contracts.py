@@ -1,0 +1,166 @@
+"""The CUDA paths' contracts, modelled on CPU (no GPU here): each test stands in for what the device or a
+CUDA library enforces and would fail on the code before the fix (issue 23)."""
+import os
+
+import pytest
+import torch
+
+from conftest import run_ranks
+
+CUDA_ONLY = "cudaonlygloo"  # a backend bound to the cuda device type only, as torch binds NCCL
+
+
+def _register_cuda_only_backend():
+    import torch.distributed as dist
+
+    if CUDA_ONLY.upper() not in dist.Backend._plugins:
+        dist.Backend.register_backend(CUDA_ONLY, lambda store, rank, size, timeout:
+                                      dist.ProcessGroupGloo(store, rank, size, timeout), devices=["cuda"])
+
+
+def _cpu_collectives_on_default_group(rank, backend):
+    """Start the default group as ``launch.env`` would on a CUDA machine whose collective backend is
+    ``backend`` (standing in for nccl), then run the CPU collectives fault tolerance runs on every step."""
+    import torch.distributed as dist
+
+    from loomtrain.launch.env import choose_backend
+
+    _register_cuda_only_backend()
+    chosen = choose_backend(backend, torch.device("cuda"))
+    dist.init_process_group(chosen)
+    try:
+        count = torch.tensor([rank + 1], dtype=torch.int64)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)  # faulttol/manager.py: _agree_generation
+        name = ["run-a" if rank == 0 else ""]
+        dist.broadcast_object_list(name, src=0)
+        return chosen, int(count), name[0]
+    except RuntimeError as e:
+        return chosen, None, str(e)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_cuda_backend_keeps_a_cpu_backend_for_host_collectives():
+    """A backend registered for ``cuda`` only (as NCCL is) cannot all-reduce CPU tensors on the default group;
+    ``choose_backend`` pairs it with gloo for ``cpu``, so the fault-tolerance collectives run."""
+    for chosen, count, name in run_ranks(_cpu_collectives_on_default_group, 2, CUDA_ONLY):
+        assert chosen == f"cpu:gloo,cuda:{CUDA_ONLY}"
+        assert count == 2 and name == "run-a"
+
+
+def _unmapped_cpu_all_reduce(rank):
+    import torch.distributed as dist
+
+    _register_cuda_only_backend()
+    dist.init_process_group(CUDA_ONLY)
+    try:
+        dist.all_reduce(torch.ones(1))
+        return "ran"
+    except RuntimeError as e:
+        return str(e)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_cuda_only_backend_models_nccl_refusing_cpu_tensors():
+    """The stand-in reproduces NCCL's start-up crash: on a group started with the cuda-only backend alone, a CPU
+    all-reduce raises "No backend type associated with device type cpu" (what the old default group did)."""
+    for outcome in run_ranks(_unmapped_cpu_all_reduce, 2):
+        assert "No backend type associated with device type cpu" in outcome
+
+
+def test_choose_backend_strings():
+    """auto -> gloo on CPU and cpu:gloo,cuda:nccl on CUDA; gloo and explicit mappings are kept as given."""
+    from loomtrain.launch.env import choose_backend, device_backend
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert choose_backend("auto", cpu) == "gloo"
+    assert choose_backend("auto", cuda) == "cpu:gloo,cuda:nccl"
+    assert choose_backend("nccl", cuda) == "cpu:gloo,cuda:nccl"
+    assert choose_backend("gloo", cuda) == "gloo"
+    assert choose_backend("cpu:gloo,cuda:nccl", cuda) == "cpu:gloo,cuda:nccl"
+    assert device_backend("cpu:gloo,cuda:nccl", "cuda") == "nccl"
+    assert device_backend("gloo", "cuda") == "gloo"
+
+
+def _deepspeed_alone(rank, overrides):
+    from loomtrain.launch import train as launch_train
+    from loomtrain.trainer.config import load_config
+
+    local_rank_before = os.environ.get("LOCAL_RANK")
+    r = launch_train.run(load_config("tiny", overrides))
+    return local_rank_before, r.last_step
+
+
+def test_deepspeed_runs_as_a_single_process_without_local_rank(overrides):
+    """DeepSpeed asserts LOCAL_RANK is set; a single-process run (no launcher variables) must set it itself."""
+    ov = overrides + ["train.steps=2", "parallel.dp_engine=deepspeed", "parallel.zero_stage=1"]
+    [(before, last)] = run_ranks(_deepspeed_alone, 0, ov)
+    assert before is None and last == 2
+
+
+def _rope_table_dtypes(rank, world, layout):
+    """The dtype of the RoPE tables each attention layer receives, the model laid out as ``layout``."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from loomtrain.parallel.parallelize import apply_fsdp
+    from loomtrain.trainer.models.llama.model import ModelArgs, Transformer
+
+    dist.init_process_group("gloo")
+    try:
+        model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, ffn_hidden=64,
+                                      max_seq_len=16))
+        model.init_weights(0)
+        seen = []
+        for block in model.layers.values():
+            block.attention.register_forward_pre_hook(lambda m, args: seen.append((args[1].cos.dtype,
+                                                                                    args[1].sin.dtype)))
+        tokens = torch.randint(0, 64, (1, 16))
+        if layout == "fsdp_bf16":
+            apply_fsdp(model, init_device_mesh("cpu", (world,)), torch.bfloat16)
+            model(tokens)
+        else:  # autocast, as the non-FSDP bf16 layouts run
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                model(tokens)
+        return seen
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("layout", ["fsdp_bf16", "autocast_bf16"])
+def test_rope_tables_stay_fp32_under_every_bf16_layout(layout):
+    """Every attention layer rotates with fp32 cos/sin whatever the bf16 layout (FSDP2's input cast used to make
+    them bf16 under FSDP only, so numerics depended on the layout)."""
+    [seen] = run_ranks(_rope_table_dtypes, 1, 1, layout)
+    assert len(seen) == 2 and all(d == (torch.float32, torch.float32) for d in seen)
+
+
+def test_model_dtype_auto_is_bf16_on_cuda_and_fp32_on_cpu():
+    """``model.dtype: auto`` (the default) resolves for the device the run plans for."""
+    from loomtrain.trainer.checks import check_experiment
+    from loomtrain.trainer.config import load_config
+
+    for device, expected in (("cuda", "bfloat16"), ("cpu", "float32")):
+        exp = load_config("tiny", ["model.dtype=auto"])
+        check_experiment(exp, 1, 1, device)
+        assert exp.model.dtype == expected
+    exp = load_config("tiny", ["model.dtype=float32"])
+    check_experiment(exp, 1, 1, "cuda")
+    assert exp.model.dtype == "float32"
+
+
+def test_cuda_fp32_matmuls_use_tf32():
+    """On CUDA, ``configure_math`` turns TF32 on for fp32 matmuls (the peak MFU divides by); CPU runs are unchanged."""
+    from loomtrain.device import configure_math
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "ieee"
+        configure_math("cpu")
+        assert matmul.fp32_precision == "ieee"
+        configure_math("cuda")
+        assert matmul.fp32_precision == "tf32"
+    finally:
+        matmul.fp32_precision = before
