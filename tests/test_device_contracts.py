@@ -164,3 +164,39 @@ def test_cuda_fp32_matmuls_use_tf32():
         assert matmul.fp32_precision == "tf32"
     finally:
         matmul.fp32_precision = before
+
+
+def test_fused_rope_compiles_whole_and_matches_eager():
+    """The CUDA RoPE path is ``torch.compile(_rotate, fullgraph=True, dynamic=True)``: on CPU the same compilation
+    must succeed in one graph (a graph break would raise) and equal the eager rotation, fp32 and bf16, for two
+    sequence lengths (dynamic shapes: no recompilation per length)."""
+    from loomtrain.trainer.models.llama.model import _rotate, rope_tables
+
+    fused = torch.compile(_rotate, dynamic=True, fullgraph=True)
+    cos_t, sin_t = rope_tables(16, 64, 10000.0)
+    for seqlen in (24, 40):
+        pos = torch.arange(seqlen).expand(2, seqlen)
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(2, seqlen, 4, 16).to(dtype)
+            expected = _rotate(x, cos_t[pos], sin_t[pos])
+            got = fused(x, cos_t[pos], sin_t[pos])
+            assert got.dtype == dtype
+            torch.testing.assert_close(got.float(), expected.float(), rtol=1e-6 if dtype == torch.float32 else 1e-2,
+                                       atol=1e-6 if dtype == torch.float32 else 1e-2)
+
+
+def test_rms_norm_matches_the_fp32_formula():
+    """``F.rms_norm`` (fused on CUDA) computes x * rsqrt(mean(x^2) + eps) * w in fp32 and returns x's dtype."""
+    from loomtrain.trainer.models.llama.model import RMSNorm
+
+    norm = RMSNorm(32, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(32) + 0.5)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(3, 5, 32) * 3).to(dtype)
+        xf = x.float()
+        expected = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight.float()).to(dtype)
+        got = norm(x)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, expected, rtol=1e-6 if dtype == torch.float32 else 0,
+                                   atol=1e-6 if dtype == torch.float32 else 0)
