@@ -200,3 +200,33 @@ def test_rms_norm_matches_the_fp32_formula():
         assert got.dtype == dtype
         torch.testing.assert_close(got, expected, rtol=1e-6 if dtype == torch.float32 else 0,
                                    atol=1e-6 if dtype == torch.float32 else 0)
+
+
+def test_flex_document_mask_matches_the_dense_mask_without_building_it(monkeypatch):
+    """Compiled CUDA blocks attend packed documents through FlexAttention's block mask: equal to the dense
+    (B, 1, S, S) document mask's result (forward; FlexAttention has no CPU backward), GQA included, and the dense
+    mask is never built on that path. Also: ``Module.compile`` on the blocks is what routes a model there."""
+    import warnings
+
+    from loomtrain.trainer import attention
+    from loomtrain.trainer.models.llama.model import ModelArgs, Transformer, _blocks_compiled
+
+    doc = torch.tensor([[0] * 100 + [1] * 60 + [2] * 96, [0] * 10 + [1] * 246])
+    q, k, v = torch.randn(2, 256, 4, 16), torch.randn(2, 256, 2, 16), torch.randn(2, 256, 2, 16)
+    dense = attention.attend(q, k, v, doc)  # 256 tokens: below PER_DOCUMENT_MIN_SEQ, the dense-mask call
+    block_mask = attention.document_block_mask(doc)
+
+    def no_dense_mask(doc_ids):
+        raise AssertionError("a dense document mask was built")
+
+    monkeypatch.setattr(attention, "document_causal_mask", no_dense_mask)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eager FlexAttention warns it is unfused
+        flex = attention.attend(q, k, v, doc, documents=block_mask)
+    torch.testing.assert_close(flex, dense, rtol=1e-5, atol=1e-5)
+    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, ffn_hidden=64,
+                                  max_seq_len=16))
+    assert not _blocks_compiled(model)
+    for block in model.layers.values():
+        block.compile()
+    assert _blocks_compiled(model)

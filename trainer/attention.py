@@ -13,6 +13,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask
 
 from loomtrain.parallel.cp.attention import DocumentAttention
 
@@ -51,10 +52,33 @@ def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
 PER_DOCUMENT_MIN_SEQ = 512
 
 
+def document_block_mask(doc_ids: torch.Tensor):
+    """FlexAttention's block mask for causal attention inside packed documents: blocks that cross documents are
+    skipped, not computed and masked, and no (B, 1, S, S) mask exists (4 GiB per row at 64K). Built once per
+    forward, outside the compiled blocks (on CUDA by a compiled builder, which never materializes S x S)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def same_document_causal(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
+
+    bsz, seqlen = doc_ids.shape
+    return create_block_mask(same_document_causal, bsz, None, seqlen, seqlen, device=doc_ids.device,
+                             _compile=doc_ids.is_cuda)
+
+
+def _flex(q, k, v, block_mask):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    out = flex_attention(*(t.transpose(1, 2) for t in (q, k, v)), block_mask=block_mask,
+                         enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2)
+
+
 def _sdpa(q, k, v, doc_ids, documents):
     if doc_ids is not None and q.shape[1] >= PER_DOCUMENT_MIN_SEQ and not torch.compiler.is_compiling():
         # One unmasked causal block per document (exact; skips all cross-document work, which a
-        # dense mask still computes). Compiled graphs keep the dense mask: it traces cleanly.
+        # dense mask still computes). Compiled CPU blocks keep the dense mask (it traces cleanly; CUDA ones
+        # get FlexAttention's block mask instead, ``document_block_mask``).
         return (documents or DocumentAttention())(q, k, v, causal=True, doc_ids=doc_ids)
     rep = q.shape[2] // k.shape[2]
     if rep > 1:
@@ -95,9 +119,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Ten
            backend: str = "sdpa", context_parallel=None, varlen=None, documents=None) -> torch.Tensor:
     """``context_parallel``: the model's ``ContextParallelAttention`` (q/k/v are then this rank's zigzag
     shard); ``varlen``: flash-attn document metadata and ``documents``: a ``DocumentAttention`` holding
-    the per-document plan, both made once per forward rather than per layer."""
+    the per-document plan (or, for compiled blocks, FlexAttention's ``BlockMask``), both made once per forward
+    rather than per layer."""
     if context_parallel is not None:
         return context_parallel(q, k, v, causal=True, doc_ids=doc_ids)
+    if isinstance(documents, BlockMask):  # compiled blocks: FlexAttention over the document block mask
+        return _flex(q, k, v, documents)
     if backend == "flash":
         return _flash(q, k, v, doc_ids, varlen)
     return _sdpa(q, k, v, doc_ids, documents)

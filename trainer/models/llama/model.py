@@ -18,7 +18,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from loomtrain.parallel.cp.attention import DocumentAttention
-from loomtrain.trainer.attention import attend, flash_varlen_metadata
+from loomtrain.trainer.attention import attend, document_block_mask, flash_varlen_metadata
 
 
 @dataclass
@@ -175,6 +175,13 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+def _blocks_compiled(model) -> bool:
+    """Whether ``parallel.parallelize.apply_compile`` compiled the blocks (``Module.compile`` keeps the compiled
+    call in ``_compiled_call_impl``): on CUDA their packed documents then go through FlexAttention (which has no
+    CPU backward: compiled CPU blocks keep the dense document mask, ``trainer/attention.py``)."""
+    return any(getattr(b, "_compiled_call_impl", None) is not None for b in model.layers.values())
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -295,7 +302,9 @@ class Transformer(nn.Module):
         # forward's one host sync, once, not per layer.
         varlen = documents = None
         if doc_ids is not None and self.context_parallel is None:
-            if self.attention_backend == "flash":
+            if doc_ids.is_cuda and _blocks_compiled(self):  # FlexAttention's document block mask, once per forward
+                documents = document_block_mask(doc_ids)
+            elif self.attention_backend == "flash":
                 varlen = flash_varlen_metadata(doc_ids)
             else:
                 documents = DocumentAttention()  # lives for this forward (and its recompute)
