@@ -50,6 +50,8 @@ _installed = False
 _blocked = [0.0]  # seconds the main thread spent blocked in collectives (faulttol/health.py)
 _MAIN = threading.main_thread().ident
 _wait_hook = [None]  # called with True/False around the main thread's blocking waits (faulttol/heartbeat.py)
+_device_marker = [None]  # records a device event on the current stream (faulttol/health.py's CUDA timer)
+_device_waits: list = []  # (event before, event after) of each of the main thread's waits while a marker is set
 
 
 def label(group, purpose: str) -> None:
@@ -97,16 +99,35 @@ def set_wait_hook(hook) -> None:
     _wait_hook[0] = hook
 
 
+def set_device_marker(mark) -> None:
+    """``mark()`` records an event on the current stream and returns it, or None where it cannot serve (None:
+    off). While set, each of the main thread's waits is also bracketed by two events: on CUDA a wait returns
+    to the host before the device has waited, so only the device time between them says how long the rank
+    was blocked."""
+    _device_marker[0] = mark
+
+
+def take_device_waits() -> list:
+    """The (before, after) events of the waits bracketed since the last call."""
+    out = _device_waits[:]
+    _device_waits.clear()
+    return out
+
+
 def _waited(fn, args, kwargs):
     """Call ``fn``, adding the time to the main thread's blocked seconds and telling the wait hook."""
-    hook = _wait_hook[0]
+    hook, mark = _wait_hook[0], _device_marker[0]
     if hook is not None:
         hook(True)
+    before = mark() if mark is not None else None
     t0 = time.perf_counter()
     try:
         return fn(*args, **kwargs)
     finally:
         _blocked[0] += time.perf_counter() - t0
+        after = mark() if before is not None else None
+        if after is not None:
+            _device_waits.append((before, after))
         if hook is not None:
             hook(False)
 

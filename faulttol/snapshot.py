@@ -7,8 +7,9 @@ layout: names, dtypes, shapes). Nothing read back from shared memory is unpickle
 
 1. ``start`` (main thread, after optimizer step s) records the small rest and hands the
    tensors to a background thread, which copies them into a host staging buffer (on CUDA
-   the copy is issued on a side stream right away). Training goes on; only the *next*
-   optimizer step waits (``before_update``) until the copy is done.
+   through a few fixed-size pinned buffers on a side stream ordered after the step:
+   :class:`PinnedStaging`). Training goes on; only the *next* optimizer step waits
+   (``before_update``) until the copy is done.
 2. The background thread splits the payload into k chunks, adds m parity chunks
    (``ReedSolomon``), computes each chunk's CRC at the source, reserves the segments it
    will hold in its node's snapshot process (SMP), and — once every rank has reserved
@@ -35,6 +36,7 @@ import sys
 import threading
 import time
 import zlib
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -105,6 +107,95 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+# Pinned buffers the CUDA staging goes through. A power of two: torch's caching host allocator rounds every
+# pinned block up to one, so one payload-sized pinned block (what this replaced) pinned up to 2x the payload
+# (a 17 GB shard: 32 GB per rank). Two buffers: the device fills one while the host empties the other.
+PINNED_BUFFER_BYTES = 64 << 20
+PINNED_BUFFERS = 2
+
+
+class CudaCopies:
+    """The device operations of :class:`PinnedStaging` on CUDA: a seam, so a test can stand in a device
+    that finishes queued work later than the host's call returns."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def stream(self):
+        return torch.cuda.Stream(self.device)
+
+    def current_stream(self):
+        return torch.cuda.current_stream(self.device)
+
+    def pinned(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+    def copy(self, stream, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Queue ``dst.copy_(src)`` for each (dst, src) on ``stream`` (device to pinned host: asynchronous)."""
+        with torch.cuda.stream(stream):
+            for dst, src in pairs:
+                dst.copy_(src, non_blocking=True)
+
+
+def _windows(tensors: list[torch.Tensor], size: int):
+    """Consecutive windows of at most ``size`` bytes over the tensors' bytes laid end to end, as
+    (offset, length, [(source bytes, offset in the window)]): small tensors share a window."""
+    parts, offset, used = [], 0, 0
+    for t in tensors:
+        src, at = _as_bytes(t), 0
+        while at < src.numel():
+            n = min(size - used, src.numel() - at)
+            parts.append((src[at:at + n], used))
+            used, at = used + n, at + n
+            if used == size:
+                yield offset, used, parts
+                parts, offset, used = [], offset + used, 0
+    if used:
+        yield offset, used, parts
+
+
+class PinnedStaging:
+    """Device-to-host copies of the live state into pageable staging memory through ``buffers`` pinned
+    buffers of ``buffer_bytes`` each, on a side stream: the device fills one buffer while the host copies
+    the last one out. Pinned memory stays ``buffers * buffer_bytes`` whatever the payload.
+
+    Host memory per rank on CUDA: the payload-sized pageable staging buffer (kept between snapshots), plus
+    ``PINNED_BUFFERS * PINNED_BUFFER_BYTES`` pinned (128 MiB), plus, while a snapshot is encoded, its m parity
+    chunks (m/k x the payload), plus the shared-memory segments this rank holds in its node's SMP: two epochs
+    of (k+m)/k x the payload (erasure), or two copies of it (replicas as the redundancy)."""
+
+    def __init__(self, ops, buffer_bytes: int = PINNED_BUFFER_BYTES, buffers: int = PINNED_BUFFERS):
+        self.ops, self.buffer_bytes, self.buffers = ops, buffer_bytes, buffers
+        self._stream = None
+        self._pinned: list[torch.Tensor] = []
+
+    def after_compute(self) -> None:
+        """Main thread, after the step: the copies queued later come after what the current stream holds.
+        The first call allocates the stream and the pinned buffers (here, on the rank's device)."""
+        if self._stream is None:
+            self._stream = self.ops.stream()
+            self._pinned = [self.ops.pinned(self.buffer_bytes) for _ in range(self.buffers)]
+        self._stream.wait_stream(self.ops.current_stream())
+
+    def copy(self, staging: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+        """Background thread: returns once ``staging`` holds every byte, so the device has read them all."""
+        pending = deque()  # (event, pinned buffer, staging slice): copies queued, not yet copied out
+
+        def drain():
+            event, buf, dst = pending.popleft()
+            event.synchronize()  # the device wrote ``buf``; only now may the host read it (or refill it)
+            dst.copy_(buf[:dst.numel()])
+
+        for i, (offset, length, parts) in enumerate(_windows(tensors, self.buffer_bytes)):
+            if len(pending) == self.buffers:
+                drain()
+            buf = self._pinned[i % self.buffers]
+            self.ops.copy(self._stream, [(buf[at:at + src.numel()], src) for src, at in parts])
+            pending.append((self._stream.record_event(), buf, staging[offset:offset + length]))
+        while pending:
+            drain()
+
+
 @dataclass
 class Located:
     epoch: int
@@ -130,8 +221,10 @@ class Snapshotter:
     def __init__(self, layout: NodeLayout, rank: int, smp_dir: str, signature: str, node: int | str,
                  device: torch.device, *,
                  run: str = "", attempt: int = 0, timeout_s: float = 120.0, idle_exit_s: float = 0.0,
-                 fault=None):
+                 fault=None, copier: PinnedStaging | None = None):
         self.layout, self.rank, self.signature, self.device = layout, rank, signature, device
+        # How the device's tensors reach host memory (None: plain copies, on CPU); a test passes a fake device.
+        self._copier = copier or (PinnedStaging(CudaCopies(device)) if device.type == "cuda" else None)
         self.run, self.attempt = run, attempt
         self._fault = fault or (lambda phase, step: None)  # fault injection: called at each phase (tests)
         self.smp_dir, self.idle_exit_s = smp_dir, idle_exit_s
@@ -156,7 +249,6 @@ class Snapshotter:
         self.broken = False  # a snapshot collective failed: the snapshot groups are out of step, stop using them
         self._copied = threading.Event()
         self._copied.set()
-        self._cuda_event = None
         self._staging: torch.Tensor | None = None
         self._tensors: list[torch.Tensor] | None = None  # live local state tensors, flattened once
         self._layout: list[list] = []
@@ -193,38 +285,33 @@ class Snapshotter:
         chunk = 8 * max(1, math.ceil(payload / (self.layout.data * 8)))  # int64 words for the bitwise codes
         need = chunk * self.layout.data
         if self._staging is None or self._staging.numel() < need:
-            self._staging = torch.empty(need, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+            self._staging = torch.empty(need, dtype=torch.uint8)  # pageable: pinned memory goes through _copier
         staging = self._staging[:need]
         staging[tensor_bytes:payload].copy_(torch.frombuffer(bytearray(meta), dtype=torch.uint8))
         staging[payload:].zero_()
         self._copied.clear()
-        if self.device.type == "cuda":  # device-to-host on a side stream, after what the step computed
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                self._copy_into(staging, tensors, non_blocking=True)
-            self._cuda_event = stream.record_event()
-            tensors = None
+        if self._copier is not None:
+            self._copier.after_compute()  # the side stream's copies come after what the step computed
         self._thread = threading.Thread(target=self._run, name=f"snapshot-{step}", daemon=True,
                                         args=(step, staging, tensors, payload, tensor_bytes, chunk, meta))
         self._thread.start()
         self.last_stall_s = time.perf_counter() - t0
 
-    @staticmethod
-    def _copy_into(staging: torch.Tensor, tensors: list[torch.Tensor], non_blocking: bool = False) -> None:
+    def _copy_into(self, staging: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+        if self._copier is not None:
+            self._copier.copy(staging, tensors)
+            return
         offset = 0
         for t in tensors:
             n = _nbytes(t)
-            staging[offset:offset + n].copy_(_as_bytes(t), non_blocking=non_blocking)
+            staging[offset:offset + n].copy_(_as_bytes(t))
             offset += n
 
     def before_update(self) -> None:
-        """Call before the optimizer changes parameters: the snapshot's copy must have read them."""
+        """Call before the optimizer changes parameters: the snapshot's copy must have read them (on CUDA
+        too: the background thread sets ``_copied`` only after the device finished every copy)."""
         t0 = time.perf_counter()
-        if self._cuda_event is not None:
-            torch.cuda.current_stream(self.device).wait_event(self._cuda_event)
-        else:
-            self._copied.wait()
+        self._copied.wait()
         self.wait_s += time.perf_counter() - t0
 
     def poll(self) -> list[str]:
@@ -278,10 +365,7 @@ class Snapshotter:
 
         try:
             try:
-                if tensors is not None:
-                    self._copy_into(staging, tensors)
-                else:
-                    self._cuda_event.synchronize()
+                self._copy_into(staging, tensors)
                 self._fault("copy", step)
             finally:
                 self._copied.set()

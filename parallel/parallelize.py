@@ -56,7 +56,8 @@ def apply_cp(model: nn.Module, dims, cp_mesh, impl: str) -> None:
             created = dist.new_group(ranks)
             if ranks == mine:
                 reverse = created
-    model.context_parallel = cp.make(group, reverse_group=reverse)
+    # The run's attention backend (``model.attention_backend``) serves the cp blocks too.
+    model.context_parallel = cp.make(group, reverse_group=reverse, kernel=getattr(model, "attention_backend", "auto"))
 
 
 def apply_ac(model: nn.Module) -> None:

@@ -1,48 +1,68 @@
-"""Block kernels of context parallelism: numerics against float64 attention, run-time choice, the CUDA
+"""Block kernels of context parallelism: numerics against float64 attention, per-block choice, the CUDA
 kernels' calls on meta tensors, and the document decomposition into unmasked rectangles.
 
 One query block against a diagonal key block and an earlier one, merged by log-sum-exp and differentiated
 from the merged out/lse, as ring and TokenRing use the kernels: out, lse and dq/dk/dv against float64
-attention. ``cpu_flash`` and ``math`` run here on CPU; ``sdpa_flash`` / ``sdpa_efficient`` have no CPU
-implementation: the same comparison runs on CUDA (marked ``gpu``), and on CPU their exact aten calls run on
-meta tensors (argument order, output shapes and dtypes, the efficient kernel's lse padding) and their
-helpers run on real tensors. ``flash_attn`` is not exercised at all (not installable here).
+attention. ``cpu_flash`` and ``math`` run here on CPU; ``sdpa_flash`` / ``fa3`` / ``cudnn`` /
+``sdpa_efficient`` have no CPU implementation: the same comparison runs on CUDA (marked ``gpu``), and on CPU
+their exact aten calls run on meta tensors (argument order, output shapes and dtypes, K/V heads, the
+efficient kernel's lse padding) and their helpers run on real tensors. ``flash_attn`` runs on CPU through
+a stand-in package that enforces flash-attn's contract (tests/test_attention_backends.py).
 """
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from loomtrain.parallel.cp import block_kernels as kernels
 from loomtrain.parallel.cp import attention as cp
 
+Machine = kernels.Machine
+H100 = Machine("cuda", (9, 0), (2, 13), 91000, flash_attn=False, fa3=False)
+H100_FA2 = Machine("cuda", (9, 0), (2, 13), 91000, flash_attn=True, fa3=False)
+H100_OLD_TORCH = Machine("cuda", (9, 0), (2, 9), 91000, flash_attn=True, fa3=False)
+A100_FA2 = Machine("cuda", (8, 0), (2, 13), 91000, flash_attn=True, fa3=False)
+A100 = Machine("cuda", (8, 0), (2, 13), None, flash_attn=False, fa3=False)
+CPU = Machine("cpu", torch_version=(2, 13))
 
-@pytest.mark.parametrize("device, dtype, head_dim, masked, flash_attn, expected", [
-    ("cpu", torch.float32, 64, False, False, "cpu_flash"),
-    ("cpu", torch.bfloat16, 64, True, True, "cpu_flash"),
-    ("cuda", torch.bfloat16, 128, False, True, "flash_attn"),
-    ("cuda", torch.float16, 128, False, False, "sdpa_flash"),
-    ("cuda", torch.bfloat16, 128, True, True, "sdpa_efficient"),
-    ("cuda", torch.float32, 128, False, True, "sdpa_efficient"),
-    ("cuda", torch.bfloat16, 12, False, True, "sdpa_efficient"),
-    ("cuda", torch.bfloat16, 512, False, True, "sdpa_efficient"),
-    ("xpu", torch.bfloat16, 128, False, True, "math"),
-    ("cuda", torch.bfloat16, 256, False, False, "sdpa_flash"),  # the largest head_dim the flash kernels take
-    ("cuda", torch.float16, 8, False, False, "sdpa_flash"),
-    ("cuda", torch.float16, 264, False, False, "sdpa_efficient"),
-    ("cuda", torch.float16, 20, False, False, "sdpa_efficient"),  # not a multiple of 8
-    ("cuda", torch.float32, 64, True, False, "sdpa_efficient"),
+
+@pytest.mark.parametrize("device, dtype, head_dim, masked, machine, expected", [
+    ("cpu", torch.float32, 64, False, CPU, "cpu_flash"),
+    ("cpu", torch.bfloat16, 64, True, CPU, "cpu_flash"),
+    ("cuda", torch.bfloat16, 128, False, H100, "cudnn"),  # Hopper, torch >= 2.10: cuDNN
+    ("cuda", torch.bfloat16, 128, False, H100_FA2, "cudnn"),  # ... even with flash-attn installed
+    ("cuda", torch.bfloat16, 256, False, H100_FA2, "flash_attn"),  # above cuDNN's 128
+    ("cuda", torch.bfloat16, 256, False, H100, "sdpa_flash"),  # the largest head_dim the flash kernels take
+    ("cuda", torch.bfloat16, 128, False, H100_OLD_TORCH, "flash_attn"),
+    ("cuda", torch.bfloat16, 128, False, A100_FA2, "flash_attn"),
+    ("cuda", torch.float16, 128, False, A100, "sdpa_flash"),
+    ("cuda", torch.float16, 8, False, A100, "sdpa_flash"),
+    ("cuda", torch.bfloat16, 128, True, H100_FA2, "sdpa_efficient"),  # masked
+    ("cuda", torch.float32, 128, False, H100_FA2, "sdpa_efficient"),  # fp32: no flash kernel takes it
+    ("cuda", torch.float32, 64, True, A100, "sdpa_efficient"),
+    ("cuda", torch.bfloat16, 12, False, H100_FA2, "sdpa_efficient"),
+    ("cuda", torch.bfloat16, 512, False, H100_FA2, "sdpa_efficient"),
+    ("cuda", torch.float16, 264, False, A100, "sdpa_efficient"),
+    ("cuda", torch.float16, 20, False, A100, "sdpa_efficient"),  # not a multiple of 8
+    ("xpu", torch.bfloat16, 128, False, Machine("xpu"), "math"),
 ])
-def test_choice(monkeypatch, device, dtype, head_dim, masked, flash_attn, expected):
-    monkeypatch.setattr(kernels, "flash_attn_installed", lambda: flash_attn)
-    assert kernels.choose_for(device, dtype, head_dim, masked) == expected
+def test_choice(device, dtype, head_dim, masked, machine, expected):
+    """Per-block choice on modelled machines: run_backend's rule, and a maskable kernel for masked blocks."""
+    assert kernels.choose_for(device, dtype, head_dim, masked, probe=machine) == expected
+    if not masked:
+        assert kernels.run_backend(device, dtype, head_dim, probe=machine, deterministic=False) == expected
 
 
 def test_forced_kernel_serves_only_what_it_can():
-    """A forced kernel serves every block it can; a masked block falls back to the device's masked kernel."""
+    """A forced kernel serves every block it can; a masked block falls back to the device's masked kernel,
+    a block a half-precision kernel cannot take (fp32, head_dim) to the rule."""
     assert kernels.choose_for("cpu", torch.bfloat16, 64, False, "sdpa_flash") == "sdpa_flash"
     assert kernels.choose_for("cpu", torch.bfloat16, 64, True, "sdpa_flash") == "cpu_flash"  # no masks: falls back
-    for forced in ("sdpa_flash", "flash_attn"):
-        assert kernels.choose_for("cuda", torch.bfloat16, 128, True, forced) == "sdpa_efficient"
+    for forced in kernels.HALF_ONLY:
+        assert kernels.choose_for("cuda", torch.bfloat16, 128, True, forced, H100_FA2) == "sdpa_efficient"
+        assert kernels.choose_for("cuda", torch.float32, 128, False, forced, H100_FA2) == "sdpa_efficient"
+        assert kernels.choose_for("cpu", torch.float32, 64, False, forced) == "cpu_flash"
+    assert kernels.choose_for("cuda", torch.bfloat16, 192, False, "cudnn", H100_FA2) == "flash_attn"  # > 128
     for forced in kernels.MASKABLE:
         assert kernels.choose_for("cuda", torch.bfloat16, 128, True, forced) == forced
     with pytest.raises(ValueError, match="kernel: must be one of"):
@@ -53,7 +73,8 @@ def _meta(*shape, dtype):
     return torch.empty(*shape, device="meta", dtype=dtype)
 
 
-@pytest.mark.parametrize("kernel, dtype", [("sdpa_flash", torch.bfloat16), ("sdpa_efficient", torch.float32),
+@pytest.mark.parametrize("kernel, dtype", [("sdpa_flash", torch.bfloat16), ("cudnn", torch.bfloat16),
+                                           ("cudnn", torch.float16), ("sdpa_efficient", torch.float32),
                                            ("sdpa_efficient", torch.bfloat16)])
 @pytest.mark.parametrize("k_chunks", [(0, 3), (1, 2)])
 def test_cuda_kernel_calls_on_meta(kernel, dtype, k_chunks):
@@ -66,6 +87,64 @@ def test_cuda_kernel_calls_on_meta(kernel, dtype, k_chunks):
     dq, dk, dv = cp.block_backward(dout, q, k, v, out, lse, (0, 3), k_chunks, True, None, kernel)
     assert [t.shape for t in (dq, dk, dv)] == [q.shape, k.shape, k.shape]
     assert {t.dtype for t in (dq, dk, dv)} == {torch.float32}
+
+
+class _AtenCalls(TorchDispatchMode):
+    """Records the aten calls made under it (name, positional arguments) and runs them."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append((func.overloadpacket.__name__, args))
+        return func(*args, **(kwargs or {}))
+
+    def heads(self, name, *positions):
+        """The head count (dim 1, BHSD) of the arguments at ``positions`` of every call of ``name``."""
+        return [tuple(args[i].shape[1] for i in positions) for op, args in self.calls if op == name]
+
+
+# kernel -> (its forward aten op: q, k, v at 0-2; its backward aten op: q, k, v at 1-3)
+ATEN_CALLS = {
+    "sdpa_flash": ("_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward"),
+    "fa3": ("_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward"),
+    "cudnn": ("_scaled_dot_product_cudnn_attention", "_scaled_dot_product_cudnn_attention_backward"),
+    "sdpa_efficient": ("_scaled_dot_product_efficient_attention",
+                       "_scaled_dot_product_efficient_attention_backward"),
+}
+
+
+@pytest.mark.parametrize("kernel, kv_heads", [("sdpa_flash", 2), ("fa3", 2), ("cudnn", 2), ("sdpa_efficient", 8)])
+def test_grouped_query_kernels_get_kv_heads_unrepeated(monkeypatch, kernel, kv_heads):
+    """GQA 8/2: torch's flash op (FA2 or FA3) and cuDNN take K/V with their own 2 heads (4x less K/V
+    traffic at this ratio than repeating them); the memory-efficient op checks q/k/v heads are equal, so
+    it gets them repeated. dk/dv come back with k's heads either way."""
+    monkeypatch.setattr(kernels, "_FA3_ACTIVE", True)  # no FA3 here: its activation is tested apart
+    b, s, h, hkv, d = 2, 24, 8, 2, 16
+    dtype = torch.float32 if kernel == "sdpa_efficient" else torch.bfloat16
+    q, dout = _meta(b, s, h, d, dtype=dtype), _meta(b, s, h, d, dtype=dtype)
+    k, v = _meta(b, s, hkv, d, dtype=dtype), _meta(b, s, hkv, d, dtype=dtype)
+    fwd, bwd = ATEN_CALLS[kernel]
+    with _AtenCalls() as calls:
+        out, lse = kernels.forward(q, k, v, True, None, kernel)
+        dq, dk, dv = kernels.backward(dout, q, k, v, out, lse, True, None, kernel)
+    assert calls.heads(fwd, 0, 1, 2) == [(h, kv_heads, kv_heads)]
+    assert calls.heads(bwd, 1, 2, 3) == [(h, kv_heads, kv_heads)]
+    assert [t.shape for t in (dq, dk, dv)] == [q.shape, k.shape, k.shape]
+
+
+def test_cpu_flash_gets_kv_heads_unrepeated():
+    """torch 2.13's CPU flash op takes fewer K/V heads (probed once): K/V reach it with their own heads,
+    and the block's numerics still match float64 attention (the numerics tests below, GQA 4/2)."""
+    assert kernels._cpu_flash_gqa()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 8, heads, 8, generator=g) for heads in (4, 2, 2))
+    with _AtenCalls() as calls:
+        out, lse = kernels.forward(q, k, v, True, None, "cpu_flash")
+        kernels.backward(torch.ones_like(q), q, k, v, out, lse, True, None, "cpu_flash")
+    assert calls.heads("_scaled_dot_product_flash_attention_for_cpu", 0, 1, 2) == [(4, 2, 2)]
+    assert calls.heads("_scaled_dot_product_flash_attention_for_cpu_backward", 1, 2, 3) == [(4, 2, 2)]
 
 
 def test_efficient_kernel_with_unaligned_mask_on_meta():
@@ -188,6 +267,9 @@ def test_cpu_flash_in_half_precision_matches_float64_attention(dtype, case):
 # float32 and every masked block), held to the tolerances of the CPU kernels in the same dtypes.
 CUDA_RUNS = [(kernel, dtype, case) for kernel, dtypes, cases in [
     ("sdpa_flash", (torch.bfloat16, torch.float16), ("diagonal", "diagonal_and_earlier")),
+    ("cudnn", (torch.bfloat16, torch.float16), ("diagonal", "diagonal_and_earlier")),
+    ("fa3", (torch.bfloat16, torch.float16), ("diagonal", "diagonal_and_earlier")),
+    ("flash_attn", (torch.bfloat16, torch.float16), ("diagonal", "diagonal_and_earlier")),
     ("sdpa_efficient", (torch.float32, torch.bfloat16, torch.float16), CASES)]
     for dtype in dtypes for case in cases]
 
@@ -196,11 +278,14 @@ CUDA_RUNS = [(kernel, dtype, case) for kernel, dtypes, cases in [
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("kernel, dtype, case", CUDA_RUNS, ids=str)
 def test_cuda_kernels_match_float64_attention(kernel, dtype, case):
-    """Out, lse (natural log, rows cut back from the efficient kernel's padding), dq and dk/dv (summed back
-    to the kv heads) of torch's CUDA attention ops, merged and differentiated as ring attention does."""
+    """Out, lse (natural log, rows cut back from the efficient kernel's padding, cuDNN's trailing 1
+    dropped), dq and dk/dv (with the kv heads) of each CUDA kernel this GPU offers (torch's flash op, FA3
+    through it, cuDNN, flash-attn, memory-efficient), merged and differentiated as ring attention does."""
     # fp32 on CUDA: the kernels' matmuls may run in TF32-based arithmetic; 1e-4 still fails a wrong scale,
     # lse base, GQA reduction or dead-row handling by orders of magnitude.
     tolerance = {torch.float32: 1e-4}.get(dtype, TOLERANCE[dtype])
+    if kernel not in kernels.available_backends("cuda"):
+        pytest.skip(f"{kernel} is not available on this GPU: {kernels.machine('cuda')}")
     for name, err in _relative_errors(kernel, "cuda", dtype, case).items():
         assert err <= tolerance, (name, err)
 

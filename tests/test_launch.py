@@ -34,6 +34,8 @@ def test_nproc_launch_end_to_end(overrides, tmp_path):
     for key in ("step", "loss", "lr", "tokens_per_s", "mfu", "grad_norm", "step_time_s"):
         assert key in records[0]
     assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in records)
+    assert all(r["attention"] == "cpu_flash" and r["dtype"] == "float32" for r in records)  # the run's choices
+    assert "float32, attention cpu_flash" in p.stdout  # ... and the start line's
     assert (out / "config.yaml").is_file()
     assert (out / "checkpoints" / "step_00000003" / ".metadata").is_file()
     assert "tp=2" in p.stdout

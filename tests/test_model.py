@@ -71,14 +71,21 @@ def test_parameter_count_and_flops():
 
 
 def test_backend_selection_on_cpu():
-    assert resolve_backend("auto", "cpu") == "sdpa"
-    assert resolve_backend("sdpa", "cuda") == "sdpa"
-    try:
-        resolve_backend("flash", "cpu")
-    except RuntimeError as e:
-        assert "model.attention" in str(e)
-    else:
-        raise AssertionError("flash on CPU must be refused")
+    """CPU runs choose torch's CPU flash kernel; a backend this machine cannot run is refused, naming the valid
+    ones; a possible forced one is kept."""
+    assert resolve_backend("auto", "cpu", torch.float32, 16) == "cpu_flash"
+    assert resolve_backend("math", "cpu", torch.float32, 16) == "math"
+    with pytest.raises(ValueError, match="valid: auto, cpu_flash, math"):
+        resolve_backend("flash_attn", "cpu", torch.bfloat16, 16)
+
+
+def test_a_backend_the_machine_lacks_is_a_config_error():
+    """``model.attention`` is checked with the rest of the experiment, before any work starts."""
+    from loomtrain.trainer.checks import check_experiment
+    from loomtrain.trainer.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="model.attention: .*cudnn"):
+        check_experiment(load_config("tiny", ["model.attention=cudnn"]), 1, 1)
 
 
 def test_init_is_deterministic_by_seed():

@@ -1,7 +1,11 @@
-"""Attention kernels chosen at run time: flash-attn on CUDA when installed, else torch SDPA.
+"""The model's attention, on the backend one place chooses for the run.
 
-Packed documents without flash-attn go through ``parallel.context.DocumentAttention``: one
-unmasked causal block per document rather than SDPA with a dense document mask.
+``parallel/cp/block_kernels.py::run_backend`` picks the backend from the device, dtype and head size
+(cuDNN, FlashAttention-3, flash-attn 2, torch flash, memory-efficient, CPU flash, math); the same name runs
+here and in every context-parallel block. Without packed documents a row is one causal call: torch SDPA
+pinned to that backend (grouped-query attention native, no K/V repeat), or flash-attn's function. Packed
+documents go through ``DocumentAttention`` (the block kernels; flash-attn: its varlen function), compiled CUDA
+blocks through FlexAttention's document block mask, and short CPU rows through one masked SDPA call.
 
 Inputs are ``(batch, seq, heads, head_dim)`` with ``kv_heads`` dividing ``heads``
 (grouped-query attention). ``doc_ids`` (batch, seq), when given, marks which packed
@@ -9,33 +13,20 @@ document each token belongs to; attention stays inside a document.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask
 
+from loomtrain.parallel.cp import block_kernels as kernels
 from loomtrain.parallel.cp.attention import DocumentAttention
 
 
-@functools.lru_cache(maxsize=None)
-def flash_attn_available() -> bool:
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
-
-
-def resolve_backend(requested: str, device_type: str) -> str:
-    """``auto`` -> ``flash`` on CUDA with flash-attn installed, else ``sdpa``."""
-    if requested == "flash":
-        if device_type != "cuda" or not flash_attn_available():
-            raise RuntimeError("model.attention: 'flash' needs CUDA and flash-attn (pip install 'loomtrain[gpu]')")
-        return "flash"
-    if requested == "auto":
-        return "flash" if device_type == "cuda" and flash_attn_available() else "sdpa"
-    return "sdpa"
+def resolve_backend(requested: str, device_type: str, dtype: torch.dtype, head_dim: int) -> str:
+    """``model.attention`` for this run: ``auto`` -> the chooser's pick; a named backend is checked against
+    what this machine, dtype and head size allow (a ValueError naming the valid ones). Activates it
+    (FlashAttention-3 switches torch's flash op once per process)."""
+    return kernels.activate(kernels.run_backend(device_type, dtype, head_dim, requested))
 
 
 def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -74,21 +65,20 @@ def _flex(q, k, v, block_mask):
     return out.transpose(1, 2)
 
 
-def _sdpa(q, k, v, doc_ids, documents):
-    if doc_ids is not None and q.shape[1] >= PER_DOCUMENT_MIN_SEQ and not torch.compiler.is_compiling():
-        # One unmasked causal block per document (exact; skips all cross-document work, which a
+def _sdpa(q, k, v, doc_ids, documents, backend):
+    if doc_ids is not None and (q.is_cuda or q.shape[1] >= PER_DOCUMENT_MIN_SEQ) \
+            and not torch.compiler.is_compiling():
+        # One variable-length call over the documents (exact; skips all cross-document work, which a
         # dense mask still computes). Compiled CPU blocks keep the dense mask (it traces cleanly; CUDA ones
         # get FlexAttention's block mask instead, ``document_block_mask``).
-        return (documents or DocumentAttention())(q, k, v, causal=True, doc_ids=doc_ids)
-    rep = q.shape[2] // k.shape[2]
-    if rep > 1:
-        k = k.repeat_interleave(rep, dim=2)
-        v = v.repeat_interleave(rep, dim=2)
+        return (documents or DocumentAttention(backend))(q, k, v, causal=True, doc_ids=doc_ids)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    if doc_ids is None:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    gqa = q.shape[1] != k.shape[1]
+    if doc_ids is not None:  # short CPU rows: one masked call (masks need a maskable kernel, not flash)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=document_causal_mask(doc_ids), enable_gqa=gqa)
     else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=document_causal_mask(doc_ids))
+        with sdpa_kernel(getattr(SDPBackend, kernels.SDPA_BACKEND[backend])):
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     return out.transpose(1, 2)
 
 
@@ -104,7 +94,7 @@ def flash_varlen_metadata(doc_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return cu, int((cu[1:] - cu[:-1]).max())
 
 
-def _flash(q, k, v, doc_ids, varlen):  # pragma: no cover - needs CUDA + flash-attn
+def _flash_attn(q, k, v, doc_ids, varlen):  # pragma: no cover - needs CUDA + flash-attn
     from flash_attn import flash_attn_func, flash_attn_varlen_func
 
     if doc_ids is None:
@@ -116,7 +106,7 @@ def _flash(q, k, v, doc_ids, varlen):  # pragma: no cover - needs CUDA + flash-a
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None,
-           backend: str = "sdpa", context_parallel=None, varlen=None, documents=None) -> torch.Tensor:
+           backend: str = "cpu_flash", context_parallel=None, varlen=None, documents=None) -> torch.Tensor:
     """``context_parallel``: the model's ``ContextParallelAttention`` (q/k/v are then this rank's zigzag
     shard); ``varlen``: flash-attn document metadata and ``documents``: a ``DocumentAttention`` holding
     the per-document plan (or, for compiled blocks, FlexAttention's ``BlockMask``), both made once per forward
@@ -125,6 +115,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Ten
         return context_parallel(q, k, v, causal=True, doc_ids=doc_ids)
     if isinstance(documents, BlockMask):  # compiled blocks: FlexAttention over the document block mask
         return _flex(q, k, v, documents)
-    if backend == "flash":
-        return _flash(q, k, v, doc_ids, varlen)
-    return _sdpa(q, k, v, doc_ids, documents)
+    if backend == "flash_attn":
+        return _flash_attn(q, k, v, doc_ids, varlen)
+    return _sdpa(q, k, v, doc_ids, documents, backend)

@@ -24,13 +24,15 @@ def check_experiment(exp: Experiment, world_size: int, local_world_size: int | N
     if par.pp > 1 and par.cp > 1:
         raise ConfigError("parallel.cp: context parallelism inside pipeline stages is not supported yet; "
                           "use pp=1 or cp=1")
-    if device_type is None:
-        from loomtrain.device import device_type_for
+    from loomtrain.device import device_type_for
 
+    if device_type is None:
         device_type = device_type_for(par.device)
     from loomtrain.device import resolve_dtype
 
     exp.model.dtype = resolve_dtype(exp.model.dtype, device_type)  # auto: bf16 on CUDA, fp32 elsewhere
+    if device_type == device_type_for(par.device):  # running here (not planning for another machine)
+        _check_attention(exp, device_type)
     if par.compile and par.tp > 1 and device_type == "cpu":  # measured by tests/test_parallel_parity.py before
         raise ConfigError("parallel.compile: not with parallel.tp > 1 on CPU: compiled tensor-parallel blocks gave "
                           "gradient norms 0.7% off eager (and crashed with activation checkpointing) on torch "
@@ -100,6 +102,20 @@ def check_vocab(vocab_size: int, tokenizer_vocab: int, tp: int, source: str = "t
                           f"({tokenizer_vocab})")
     if vocab_size % tp:
         raise ConfigError(f"model.vocab_size: {vocab_size} must be divisible by parallel.tp {tp}")
+
+
+def _check_attention(exp: Experiment, device_type: str) -> None:
+    """``model.attention`` can run on this machine in this dtype and head size (a forced backend that cannot is
+    refused before any work, naming the ones that can)."""
+    import torch
+
+    from loomtrain.parallel.cp.block_kernels import run_backend
+
+    m = exp.model
+    try:
+        run_backend(device_type, getattr(torch, m.dtype), m.dim // max(1, m.n_heads), m.attention)
+    except ValueError as e:
+        raise ConfigError(f"model.attention: {e}") from None
 
 
 # Compute rate the cp_impl=auto choice assumes when logging.peak_tflops is not set: the H100 dense

@@ -43,7 +43,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     max_seq_len: int = 0  # 0 = data.seq_len
     dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 elsewhere) | float32 | bfloat16 (mixed precision, fp32 master weights)
-    attention: str = "auto"  # auto | sdpa | flash (flash-attn, CUDA only)
+    attention: str = "auto"  # auto (the chooser's pick for the device and dtype) | a backend (docs/gpu.md)
     init_std: float = 0.02
 
 
@@ -270,7 +270,7 @@ class Experiment:
 
 CHOICES = {
     "model.dtype": ("auto", "float32", "bfloat16"),
-    "model.attention": ("auto", "sdpa", "flash"),
+    "model.attention": ("auto", "cudnn", "fa3", "flash_attn", "sdpa_flash", "sdpa_efficient", "cpu_flash", "math"),
     "parallel.backend": ("auto", "nccl", "gloo"),
     "parallel.device": ("auto", "cpu", "cuda"),
     "parallel.activation_checkpoint": ("none", "full"),

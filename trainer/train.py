@@ -135,7 +135,8 @@ class Trainer:
         check_vocab(self.args.vocab_size, prepared.vocab_size, self.dims.tp,
                     prepared.meta.get("vocab_source", prepared.meta.get("tokenizer", "the tokenizer")))
         # Sequence parallelism (static cp, or adaptive groups per step) and the batch plan that feeds it.
-        backend = resolve_backend(exp.model.attention, env.device.type)
+        backend = self.attention_backend = resolve_backend(exp.model.attention, env.device.type, self.dtype,
+                                                           self.args.head_dim)
         self.sp, plan = sequence_parallel(exp, self.args, self.dims, self.mesh, self.train_data, self.dp_rank,
                                           env.device, env.local_world_size,
                                           ModelCopy(family.build, token_loss_sum, backend))
@@ -210,7 +211,7 @@ class Trainer:
         self.restored_from, self.restore_seconds = None, 0.0
         self.ft = FaultTolerance(exp, env, self.dims, self.placement.cluster if self.placement else None)
         # Ranks are compared with the others of their pipeline stage (stages differ in work by design).
-        self.health = HealthMonitor(gather_hosts(env.world_size), env.is_main,
+        self.health = HealthMonitor(gather_hosts(env.world_size), env.is_main, device_type=env.device.type,
                                     cohorts=[list(c) for c in zip(*self.dims.groups("pp"))])
         with heartbeat.in_phase("restore"):
             self._restore(resume)
@@ -429,7 +430,8 @@ class Trainer:
         tps = self.tokens_per_step / step_time
         record = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                   "tokens_per_s": tps, "mfu": self.flops_per_token * tps / (self.peak_flops * self.env.world_size),
-                  "step_time_s": step_time, "tokens": self.step * self.tokens_per_step, "time": time.time()}
+                  "step_time_s": step_time, "tokens": self.step * self.tokens_per_step, "time": time.time(),
+                  "attention": self.attention_backend, "dtype": self.exp.model.dtype}
         if self.ft.snapshots is not None:
             record["snapshot_failures"] = self.ft.snapshot_failures
         return record | self._bytes_sent() | self.health.record()
@@ -507,7 +509,8 @@ class Trainer:
                      f"({self.batches.accumulation_steps} micro-steps/rank)")
         print(f"loomtrain: {self.dims.describe()}{cp} on {self.env.device.type} ({self.env.backend}); "
               f"model {a.num_params() / 1e6:.2f}M params ({a.n_layers} layers, dim {a.dim}, "
-              f"{a.n_heads}/{a.n_kv_heads} heads, vocab {a.vocab_size}); "
+              f"{a.n_heads}/{a.n_kv_heads} heads, vocab {a.vocab_size}, {self.exp.model.dtype}, attention "
+              f"{self.attention_backend}); "
               f"{batch}; data {self.prepared.meta['train_tokens']:,} train tokens; peak {self.peak_flops / 1e12:.3g} "
               f"TFLOP/s/device ({self.peak_source})"
               + (f"; resumed from {self.resumed_from} at step {self.step}" if self.resumed_from else "")

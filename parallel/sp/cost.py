@@ -299,6 +299,10 @@ def _calibration_model(build_model, model_args, device, dtype, backend: str, act
     model = build_model(model_args).to(device)
     if dtype is not None:
         model = model.to(dtype)
+    if backend == "auto":  # the run's choice for this device and dtype (block_kernels.run_backend)
+        from loomtrain.parallel.cp.block_kernels import run_backend
+
+        backend = run_backend(torch.device(device).type, dtype or torch.float32, model_args.head_dim)
     model.attention_backend = backend
     if shard_model is not None:
         shard_model(model)

@@ -82,7 +82,8 @@ class StaticSP:
 class SequenceGroups:
     """Process groups by rank set, created collectively and kept; one attention module per (ranks, strategy)."""
 
-    def __init__(self):
+    def __init__(self, kernel: str = "auto"):
+        self.kernel = kernel  # the run's attention backend, which the cp blocks run too
         self.groups: dict[tuple, tuple] = {}  # ranks -> (group, reverse group)
         self.attention: dict[tuple, object] = {}  # (ranks, strategy) -> its attention callable
         self.created = 0
@@ -98,7 +99,7 @@ class SequenceGroups:
         key = (ranks, impl)
         if key not in self.attention:
             group, reverse = self.groups[ranks]
-            self.attention[key] = cp_strategy(impl).make(group, reverse_group=reverse)
+            self.attention[key] = cp_strategy(impl).make(group, reverse_group=reverse, kernel=self.kernel)
         return self.attention[key]
 
 
@@ -152,7 +153,7 @@ class AdaptiveSP:
         # The pool's members are the data-parallel coordinates (one tensor-parallel group each).
         pool = PoolRanks(dims.groups("dp"), dist.get_rank())
         per_node = max(1, ranks_per_node // dims.tp)
-        sp, degrees = cls(pool), sp_degrees(exp.parallel, pool.size)
+        sp, degrees = cls(pool, copy.backend), sp_degrees(exp.parallel, pool.size)
         nodes = per_node if pool.size % per_node == 0 and per_node < pool.size else None
         every = placeable_rank_sets(pool.size, degrees, nodes)
         if len(every) <= PRECREATE_GROUPS:  # a node's worth: no step ever creates a group
@@ -170,8 +171,8 @@ class AdaptiveSP:
                                d.seq_len, pool.member, pool.size, cost, degrees, nodes, dims.tp)
         return sp, plan
 
-    def __init__(self, pool):
-        self.pool, self.groups = pool, SequenceGroups()
+    def __init__(self, pool, kernel: str = "auto"):
+        self.pool, self.groups = pool, SequenceGroups(kernel)
 
     def begin_step(self, micro) -> None:
         ranges = micro[0]["sp_plan"].tolist()  # (start, size) of every group of this step's plan, in members
@@ -295,7 +296,7 @@ class ModelCopy:
 
     build: Callable
     loss_sum: Callable
-    backend: str = "sdpa"
+    backend: str = "auto"
 
 
 def sequence_parallel(exp, model_args, dims, mesh, train_data, dp_rank: int, device, ranks_per_node: int,

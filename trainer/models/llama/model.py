@@ -194,7 +194,7 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.attention_backend = "sdpa"
+        self.attention_backend = "cpu_flash"  # the run's (``block_kernels.run_backend``), set by the trainer
         self.context_parallel = None  # a ContextParallelAttention, set by parallel.parallelize.apply_cp
 
     @torch.no_grad()
@@ -304,10 +304,10 @@ class Transformer(nn.Module):
         if doc_ids is not None and self.context_parallel is None:
             if doc_ids.is_cuda and _blocks_compiled(self):  # FlexAttention's document block mask, once per forward
                 documents = document_block_mask(doc_ids)
-            elif self.attention_backend == "flash":
+            elif self.attention_backend == "flash_attn":
                 varlen = flash_varlen_metadata(doc_ids)
             else:
-                documents = DocumentAttention()  # lives for this forward (and its recompute)
+                documents = DocumentAttention(self.attention_backend)  # this forward's (and its recompute's)
         ctx = AttnContext(self.rope_cos[position_ids], self.rope_sin[position_ids], doc_ids,
                           self.attention_backend, self.context_parallel, varlen, documents)
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
