@@ -25,7 +25,9 @@ setup(
         "dev": ["pytest", "pytest-timeout", "deepspeed", "megatron-core", "wandb", "scipy", "tokenizers", "hypothesis",
                 "transformers", "safetensors", "pyarrow", "pyeclib"],
         "data": ["pyarrow", "tokenizers"],  # Parquet corpora (Hugging Face datasets on disk), tokenizer.json
-        "gpu": ["flash-attn"],
+        # No "gpu" extra: flash-attn is a source package whose build imports torch (it needs
+        # --no-build-isolation, which an extra cannot pass). docs/gpu.md says how to install it; torch's own
+        # cuDNN and flash kernels serve without it.
         "ec": ["pyeclib"],  # ISA-L's erasure-code kernels (bundled in its wheel) for CPU snapshots
         "bench": ["matplotlib"],  # the plots of scripts/bench_*.py
     },

@@ -1,13 +1,13 @@
-"""Attention over packed documents on CPU: unmasked rectangles vs a dense document mask.
+"""Attention over packed documents on CPU: per-document segments vs a dense document mask.
 
-Context-parallel blocks with sorted document ids are cut into one unmasked rectangle per
-shared document (``parallel/cp/attention.py::_Docs``); unsorted ids fall back to a dense additive
-mask. This measures forward+backward of causal attention over one packed sequence with
+Context-parallel blocks with sorted document ids make one variable-length call per chunk pair over
+the shared documents' segments (``parallel/cp/attention.py::_Docs``, ``parallel/cp/varlen.py``; on CPU
+the call runs one kernel per segment); unsorted ids fall back to a dense additive mask. This measures forward+backward of causal attention over one packed sequence with
 documents of a given mean length, three ways, in the same run:
 
 - ``dense SDPA``: what the trainer does without cp (``trainer/attention.py``, boolean mask),
 - ``blocks, mask``: the block kernels with the dense-mask path forced,
-- ``blocks, rectangles``: the block kernels with the rectangle path (the default).
+- ``blocks, rectangles``: the block kernels with the segment (varlen) path (the default).
 
     python scripts/bench_documents.py --seq 8192 --doc-lens 256 1024 4096 --repeats 3
 """

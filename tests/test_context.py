@@ -1,8 +1,9 @@
 """Context-parallel attention (TokenRing, ring, Ulysses) against single-device attention on the full sequence.
 
 Outputs, lse and dq/dk/dv within 1e-5 (fp32) on 2 and 4 gloo ranks; causal and not, zigzag and
-contiguous, GQA, odd sizes, packed documents (sorted ids: unmasked rectangles) and unsorted
-document ids (dense masks, rows that see nothing in a block); P2P message counts per strategy.
+contiguous, GQA, odd sizes, packed documents (sorted ids: one variable-length call per chunk pair)
+and unsorted document ids (dense masks, rows that see nothing in a block); P2P message counts per
+strategy. Kernel calls per block: tests/test_cp_kernel_calls.py.
 """
 
 import re
@@ -109,6 +110,8 @@ CASES = {
     "packed_documents": (2, 48, 4, 2, 8, True, "zigzag", 4),
     "packed_documents_noncausal_contiguous": (1, 32, 4, 4, 8, False, "contiguous", 3),
     "random_documents": (2, 48, 4, 2, 8, True, "zigzag", "random"),
+    # heads that split over 4 ranks: Ulysses' natural-order reordering of 8 zigzag chunks, with documents
+    "packed_documents_8_heads": (1, 64, 8, 4, 8, True, "zigzag", 5),
 }
 
 

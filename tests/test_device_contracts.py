@@ -230,3 +230,20 @@ def test_flex_document_mask_matches_the_dense_mask_without_building_it(monkeypat
     for block in model.layers.values():
         block.compile()
     assert _blocks_compiled(model)
+
+
+def test_no_extra_names_a_package_pip_cannot_build_in_isolation():
+    """flash-attn's and NVIDIA apex's builds import torch, so ``pip install 'loomtrain[X]'`` cannot build them (pip
+    isolates builds; an extra cannot pass --no-build-isolation): no extra may list them, and docs/gpu.md says how to
+    install flash-attn instead."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    call = next(n for n in ast.walk(ast.parse((root / "setup.py").read_text()))
+                if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
+    extras = ast.literal_eval(next(k.value for k in call.keywords if k.arg == "extras_require"))
+    needs_torch_to_build = {"flash-attn", "flash_attn", "apex"}
+    assert not {name: pkgs for name, pkgs in extras.items() if needs_torch_to_build & set(pkgs)}
+    guide = (root / "docs" / "gpu.md").read_text()
+    assert "pip install flash-attn --no-build-isolation" in guide

@@ -14,7 +14,9 @@ A sequence of S tokens is split over a group of W ranks. ``layout="zigzag"`` cut
   (Q, dO, O, lse) the same way, computes dQ/dK/dV against the resident K/V (dK/dV never
   move) and returns dQ to the owner.
 - ``ulysses_attention``: all-to-all to head-sharded full sequences, local attention,
-  all-to-all back. Needs H and H_kv divisible by W.
+  all-to-all back. Needs H and H_kv divisible by W. The all-to-all leaves the 2W chunks in rank
+  order; they are put in natural order once so the whole sequence is one causal call (not
+  W(2W+1) chunk pairs), and back after.
 
 Blocks are computed by pairs of chunks: a key chunk before the query chunk is attended
 in full, the same chunk causally, a later chunk is skipped. Partial results merge by
@@ -22,7 +24,8 @@ log-sum-exp in fp32; a block whose rows see no key contributes lse = -inf. Backw
 re-runs each block's kernel backward with the *final* out and lse, which gives exact
 partial gradients. ``doc_ids`` (local shard of per-token document ids, laid out like q)
 restricts attention to the same document: with sorted ids (packed documents) each chunk
-pair becomes unmasked rectangles, one per shared document, so flash kernels serve it;
+pair is one variable-length call (``varlen.py``: every shared document of every batch row a
+segment, unmasked, one merge), so the calls do not grow with the number of documents;
 unsorted ids use a dense additive mask.
 
 Kernels are picked per block at run time (``block_kernels.py``): torch's CPU flash op on
@@ -45,6 +48,7 @@ import torch.distributed as dist
 
 from loomtrain.comms.p2p import P2P
 from loomtrain.parallel.cp import block_kernels as kernels
+from loomtrain.parallel.cp import varlen
 
 # ----------------------------------------------------------------------------- layout
 def _chunk_ids(rank: int, world: int, layout: str) -> tuple[int, ...]:
@@ -118,15 +122,19 @@ class _Docs:
 
     When each chunk's ids are sorted (packed documents are), a document occupies one run of rows
     in every chunk, so a chunk pair's attention is a few unmasked rectangles (per batch row:
-    the documents both chunks hold). Those run on any kernel, flash ones included, and skip
-    the masked-out work. Unsorted ids fall back to one dense additive mask per pair.
+    the documents both chunks hold), run as the segments of one variable-length call
+    (:meth:`segments`). That skips the masked-out work and serves flash kernels. Unsorted ids
+    fall back to one dense additive mask per pair.
     """
 
-    def __init__(self, chunks: dict):
+    def __init__(self, chunks: dict, host: dict | None = None):
         self.chunks = chunks
-        self.host = {c: t.cpu() for c, t in chunks.items()}  # one device-to-host copy per plan (step)
+        # one device-to-host copy per plan (step)
+        self.host = host if host is not None else {c: t.cpu() for c, t in chunks.items()}
         self.sorted = all(bool((t[:, 1:] >= t[:, :-1]).all()) for t in self.host.values())
         self._rects: dict = {}
+        self._segments: dict = {}
+        self._whole = None
 
     def pieces(self, qc: int, kc: int, causal: bool, dtype):
         """[(batch rows, query rows, key rows, causal, mask or None)] covering the pair (qc, kc)."""
@@ -149,6 +157,79 @@ class _Docs:
                 if k_hi > k_lo:  # on the diagonal the key rows are the query rows: causal stays exact
                     rects.append((slice(b, b + 1), slice(start, start + n), slice(k_lo, k_hi), causal, None))
         return rects
+
+    def segments(self, qc: int, kc: int, causal: bool):
+        """The pair (qc, kc) as one variable-length call (sorted ids only): a :class:`_Segments` over the
+        pair's rows of every batch row flattened, or None when no query shares a document with a key."""
+        key = (qc, kc, causal)
+        if key not in self._segments:
+            b, cq = self.host[qc].shape
+            ck = self.host[kc].shape[1]
+            rects = self.pieces(qc, kc, causal, None)
+            self._segments[key] = _Segments.of(rects, b, cq, ck) if rects else None
+        return self._segments[key]
+
+    def whole(self):
+        """The plan of the whole sequence as one chunk (0): the chunks in the order of their index."""
+        if len(self.chunks) == 1:
+            return self
+        if self._whole is None:
+            order = sorted(self.chunks)
+            self._whole = _Docs({0: torch.cat([self.chunks[c] for c in order], 1)},
+                                {0: torch.cat([self.host[c] for c in order], 1)})
+        return self._whole
+
+
+class _Segments:
+    """A chunk pair of packed documents as the segments of one variable-length call (``varlen.py``).
+
+    Query rows ``b * Cq + r`` and key rows ``b * Ck + r`` (batch row b, row r of the chunk) are packed
+    back to back; each same-document rectangle is a segment, and the rows between rectangles become
+    segments without keys (queries whose document the key chunk lacks: out 0, lse -inf) or without
+    queries (keys no query of the chunk attends: zero gradients).
+    """
+
+    def __init__(self, lengths, max_q, max_k):
+        q_lens, k_lens = zip(*lengths)
+        self.host = tuple(torch.tensor([0, *lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+                          for lens in (q_lens, k_lens))
+        self.max_q, self.max_k = max_q, max_k
+        self._on: dict = {}
+
+    @classmethod
+    def of(cls, rects, batch: int, cq: int, ck: int):
+        lengths = []
+
+        def add(nq, nk):
+            if not (nq or nk):
+                return
+            if lengths and ((nk == 0 and lengths[-1][1] == 0) or (nq == 0 and lengths[-1][0] == 0)):
+                lengths[-1] = (lengths[-1][0] + nq, lengths[-1][1] + nk)  # gaps of one kind merge
+            else:
+                lengths.append((nq, nk))
+
+        at_q = at_k = 0
+        for rows, qr, kr, _, _ in rects:
+            b = rows.start
+            q0, q1, k0, k1 = b * cq + qr.start, b * cq + qr.stop, b * ck + kr.start, b * ck + kr.stop
+            assert q0 >= at_q and k0 >= at_k, "rectangles of sorted ids come in row order"
+            add(q0 - at_q, 0)
+            add(0, k0 - at_k)
+            lengths.append((q1 - q0, k1 - k0))
+            at_q, at_k = q1, k1
+        add(batch * cq - at_q, 0)
+        add(0, batch * ck - at_k)
+        return cls(lengths, max(n for n, _ in lengths), max(n for _, n in lengths))
+
+    def args(self, device):
+        """(cu_q, cu_k, max_q, max_k) with the cumulative lengths on ``device`` (copied there once)."""
+        if device.type == "cpu":
+            cu = self.host
+        else:
+            if device not in self._on:
+                self._on[device] = tuple(t.to(device) for t in self.host)
+            cu = self._on[device]
+        return (*cu, self.max_q, self.max_k)
 
 
 def _pairs(q_chunks, k_chunks, causal: bool):
@@ -176,46 +257,150 @@ def merge_(out, lse, blk_out, blk_lse):
 
 
 def _work(q_chunks, k_chunks, causal, docs, dtype):
-    """(i, j, pieces) for every query chunk i / key chunk j pair with work (see ``_Docs.pieces``)."""
+    """(i, j, causal, segments, pieces) for every query chunk i / key chunk j pair with work: ``segments`` (a
+    :class:`_Segments`, sorted document ids: one variable-length call) or ``pieces`` (one kernel call each:
+    no documents, or unsorted ids with a dense mask)."""
     for i, j, diag in _pairs(q_chunks, k_chunks, causal):
         c = diag and causal
         if docs is None:
-            yield i, j, [(_ALL, _ALL, _ALL, c, None)]
+            yield i, j, c, None, [(_ALL, _ALL, _ALL, c, None)]
+        elif docs.sorted:
+            seg = docs.segments(q_chunks[i], k_chunks[j], c)
+            if seg is not None:  # else no query of chunk i shares a document with a key of chunk j
+                yield i, j, c, seg, None
         else:
-            yield i, j, docs.pieces(q_chunks[i], k_chunks[j], c, dtype)
+            yield i, j, c, None, docs.pieces(q_chunks[i], k_chunks[j], c, dtype)
+
+
+def _flat(t):
+    """(B, C, H, D) -> (B*C, H, D): the rows of every batch row back to back (a view when B == 1)."""
+    return t.reshape(-1, *t.shape[2:])
+
+
+def _flat_lse(lse):
+    """(B, H, C) -> (H, B*C), the varlen lse layout."""
+    return lse.transpose(0, 1).reshape(lse.shape[1], -1)
 
 
 def block_forward(q, k, v, q_chunks, k_chunks, causal, docs, kernel="auto"):
-    """Attention of the query chunks in ``q`` over the key chunks in ``k``/``v``: (out fp32, lse)."""
+    """Attention of the query chunks in ``q`` over the key chunks in ``k``/``v``: (out fp32, lse).
+
+    One kernel call per chunk pair: packed documents (sorted ids) go to one variable-length call
+    (``varlen.py``) covering every document and batch row of the pair. A query chunk's first result
+    is copied in (what merging it into an empty result gives, bit for bit; a block of one query chunk
+    keeps a variable-length call's result as it is), later ones merged."""
     b, s, h, d = q.shape
-    out = torch.zeros(b, s, h, d, dtype=torch.float32, device=q.device)
-    lse = torch.full((b, h, s), float("-inf"), dtype=torch.float32, device=q.device)
+    acc = _Result(torch.Size((b, s, h, d)), torch.Size((b, h, s)), len(q_chunks), q.device)
     qs, ks, vs = _split(q, len(q_chunks), 1), _split(k, len(k_chunks), 1), _split(v, len(k_chunks), 1)
-    outs, lses = _split(out, len(q_chunks), 1), _split(lse, len(q_chunks), 2)
-    for i, j, pieces in _work(q_chunks, k_chunks, causal, docs, q.dtype):
+    for i, j, c, seg, pieces in _work(q_chunks, k_chunks, causal, docs, q.dtype):
+        if seg is not None:
+            qi = _flat(qs[i])
+            o, l = varlen.varlen_forward(qi, _flat(ks[j]), _flat(vs[j]), *seg.args(varlen.cu_device(qi, kernel)),
+                                         c, kernel)
+            acc.fold(i, _ALL, _ALL, o.view(b, -1, h, d), l.view(h, b, -1).transpose(0, 1), owned=True)
+            continue
         for rows, qr, kr, c, mask in pieces:
             o, l = kernels.forward(qs[i][rows, qr], ks[j][rows, kr], vs[j][rows, kr], c, mask, kernel)
-            merge_(outs[i][rows, qr], lses[i][rows, :, qr], o, l)
-    return out, lse
+            acc.fold(i, rows, qr, o, l)
+    return acc.finish()
+
+
+class _Result:
+    """A block's (out, lse), per query chunk: the first result of a chunk is copied in, later ones merged
+    (:func:`merge_`); chunks without any result end as out 0, lse -inf. A block of one chunk adopts an
+    ``owned`` first result (a fresh contiguous tensor) instead of copying it."""
+
+    def __init__(self, out_shape, lse_shape, chunks: int, device):
+        self.shapes, self.chunks, self.device = (out_shape, lse_shape), chunks, device
+        self.out = self.lse = None
+        self.written = [False] * chunks
+
+    def _parts(self):
+        if self.out is None:
+            self.out, self.lse = (torch.empty(shape, dtype=torch.float32, device=self.device) for shape in self.shapes)
+        return _split(self.out, self.chunks, 1), _split(self.lse, self.chunks, 2)
+
+    def fold(self, i, rows, qr, o, l, owned=False):
+        whole = rows is _ALL and qr is _ALL
+        if whole and owned and self.out is None and self.chunks == 1:
+            self.out, self.lse, self.written[0] = o, l.contiguous(), True
+            return
+        outs, lses = self._parts()
+        if not self.written[i]:
+            self.written[i] = True
+            if whole:
+                outs[i].copy_(o)
+                lses[i].copy_(l)
+                return
+            outs[i].zero_()
+            lses[i].fill_(float("-inf"))
+        merge_(outs[i][rows, qr], lses[i][rows, :, qr], o, l)
+
+    def finish(self):
+        outs, lses = self._parts()
+        for i, done in enumerate(self.written):
+            if not done:  # no key for these queries
+                outs[i].zero_()
+                lses[i].fill_(float("-inf"))
+        return self.out, self.lse
+
+
+class _Grad:
+    """A block's gradient of q (or k, or v), per chunk: the first part of a chunk is copied in, later ones
+    added; chunks no work touched end as 0. A block of one chunk adopts an ``owned`` first part."""
+
+    def __init__(self, like, chunks: int):
+        self.like, self.chunks, self.grad = like, chunks, None
+        self.written = [False] * chunks
+
+    def add(self, idx, rows, r, part, owned=False):
+        whole = rows is _ALL and r is _ALL
+        if whole and owned and self.grad is None and self.chunks == 1:
+            self.grad, self.written[0] = part, True
+            return
+        if self.grad is None:
+            self.grad = torch.empty(self.like.shape, dtype=torch.float32, device=self.like.device)
+        dst = _split(self.grad, self.chunks, 1)[idx]
+        if not self.written[idx]:
+            self.written[idx] = True
+            if whole:
+                dst.copy_(part)
+                return
+            dst.zero_()
+        dst[rows, r].add_(part)
+
+    def finish(self):
+        if self.grad is None:
+            self.grad = torch.empty(self.like.shape, dtype=torch.float32, device=self.like.device)
+        for t, done in zip(_split(self.grad, self.chunks, 1), self.written):
+            if not done:
+                t.zero_()
+        return self.grad
 
 
 def block_backward(dout, q, k, v, out, lse, q_chunks, k_chunks, causal, docs, kernel="auto"):
     """Partial (dq, dk, dv) of one block, given the final ``out``/``lse`` of the query rows."""
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-    dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     nq, nk = len(q_chunks), len(k_chunks)
+    dq, dk, dv = _Grad(q, nq), _Grad(k, nk), _Grad(v, nk)
     qs, dos, os_, ls = _split(q, nq, 1), _split(dout, nq, 1), _split(out, nq, 1), _split(lse, nq, 2)
     ks, vs = _split(k, nk, 1), _split(v, nk, 1)
-    dqs, dks, dvs = _split(dq, nq, 1), _split(dk, nk, 1), _split(dv, nk, 1)
-    for i, j, pieces in _work(q_chunks, k_chunks, causal, docs, q.dtype):
+    for i, j, c, seg, pieces in _work(q_chunks, k_chunks, causal, docs, q.dtype):
+        if seg is not None:
+            qi = _flat(qs[i])
+            a, b_, c_ = varlen.varlen_backward(_flat(dos[i]), qi, _flat(ks[j]), _flat(vs[j]), _flat(os_[i]),
+                                               _flat_lse(ls[i]), *seg.args(varlen.cu_device(qi, kernel)), c,
+                                               kernel)
+            dq.add(i, _ALL, _ALL, a.view(qs[i].shape), owned=True)
+            dk.add(j, _ALL, _ALL, b_.view(ks[j].shape), owned=True)
+            dv.add(j, _ALL, _ALL, c_.view(vs[j].shape), owned=True)
+            continue
         for rows, qr, kr, c, mask in pieces:
             a, b_, c_ = kernels.backward(dos[i][rows, qr], qs[i][rows, qr], ks[j][rows, kr], vs[j][rows, kr],
                                          os_[i][rows, qr], ls[i][rows, :, qr], c, mask, kernel)
-            dqs[i][rows, qr].add_(a)
-            dks[j][rows, kr].add_(b_)
-            dvs[j][rows, kr].add_(c_)
-    return dq, dk, dv
+            dq.add(i, rows, qr, a)
+            dk.add(j, rows, kr, b_)
+            dv.add(j, rows, kr, c_)
+    return dq.finish(), dk.finish(), dv.finish()
 
 
 class _PlanCache:
@@ -481,21 +666,63 @@ def _count_all_to_all(attn, send):
 
 
 class _LocalAttention(torch.autograd.Function):
-    """Full-sequence attention through the same block kernels (returns lse as well)."""
+    """Full-sequence attention through the same block kernels (returns lse as well).
+
+    ``chunks``: the global chunk ids of the sequence's parts in the order they are laid out (Ulysses:
+    rank order after the all-to-all). Without documents or with sorted document ids over the whole
+    sequence, the parts are put in their natural order once, attended as ONE chunk (one causal call; with
+    packed documents one variable-length call) and put back; unsorted ids keep the chunk pairs (a dense
+    mask per pair, never one over the whole sequence).
+    """
 
     @staticmethod
     def forward(ctx, q, k, v, chunks, causal, docs, kernel="auto"):
-        out, lse = block_forward(q, k, v, chunks, chunks, causal, docs, kernel)
+        order = _natural_order(chunks, docs)
+        if order is None:
+            out, lse = block_forward(q, k, v, chunks, chunks, causal, docs, kernel)
+        else:
+            q, k, v = (_reorder(t, order, 1) for t in (q, k, v))
+            docs = docs.whole() if docs is not None else None
+            out, lse = block_forward(q, k, v, (0,), (0,), causal, docs, kernel)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.meta = (chunks, causal, docs, kernel)
-        return out.to(q.dtype), lse
+        ctx.meta = (chunks, causal, docs, kernel, order)
+        if order is None:
+            return out.to(q.dtype), lse
+        inverse = _inverse(order)
+        return _reorder(out.to(q.dtype), inverse, 1), _reorder(lse, inverse, 2)
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        chunks, causal, docs, kernel = ctx.meta
-        dq, dk, dv = block_backward(dout.contiguous(), q, k, v, out, lse, chunks, chunks, causal, docs, kernel)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        chunks, causal, docs, kernel, order = ctx.meta
+        if order is None:
+            dq, dk, dv = block_backward(dout.contiguous(), q, k, v, out, lse, chunks, chunks, causal, docs, kernel)
+            return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        dq, dk, dv = block_backward(_reorder(dout, order, 1), q, k, v, out, lse, (0,), (0,), causal, docs, kernel)
+        inverse = _inverse(order)
+        return (*(_reorder(g.to(t.dtype), inverse, 1) for g, t in ((dq, q), (dk, k), (dv, v))),
+                None, None, None, None)
+
+
+def _natural_order(chunks, docs):
+    """For parts laid out as ``chunks`` (a permutation of 0..n-1): the position of each chunk in natural
+    order, or None where the pairs stay (one part already; unsorted document ids over the whole sequence)."""
+    if len(chunks) == 1 or (docs is not None and not docs.whole().sorted):
+        return None
+    return tuple(chunks.index(c) for c in range(len(chunks)))
+
+
+def _inverse(order):
+    return tuple(order.index(p) for p in range(len(order)))
+
+
+def _reorder(t, order, dim):
+    """The parts of ``t`` along ``dim`` (``len(order)`` equal ones) in the order ``order`` (a copy; none
+    for the identity)."""
+    if order == tuple(range(len(order))):
+        return t.contiguous()
+    parts = t.chunk(len(order), dim)
+    return torch.cat([parts[p] for p in order], dim)
 
 
 def _ulysses(q, k, v, attn, causal, docs, want_lse=True):
@@ -503,7 +730,8 @@ def _ulysses(q, k, v, attn, causal, docs, want_lse=True):
     if q.shape[2] % world or k.shape[2] % world:
         raise ValueError(f"ulysses_attention: heads ({q.shape[2]}) and kv_heads ({k.shape[2]}) must be divisible "
                          f"by the group size {world}")
-    # After the all-to-all the sequence is in rank order of chunks: (chunks of rank 0, of rank 1, ...).
+    # After the all-to-all the sequence is in rank order of chunks: (chunks of rank 0, of rank 1, ...);
+    # _LocalAttention puts it in natural order for one causal call.
     order = [c for r in range(world) for c in _chunk_ids(r, world, layout)]
     qh, kh, vh = (_AllToAll.apply(t, attn, True) for t in (q, k, v))
     out, lse = _LocalAttention.apply(qh, kh, vh, tuple(order), causal, docs, attn.kernel)
@@ -581,9 +809,10 @@ class ContextParallelAttention:
 class DocumentAttention:
     """Attention over whole (unsharded) sequences on one device through the block kernels.
 
-    With packed documents this is the fast path: one unmasked block per document instead of a
-    dense (S, S) mask whose cross-document work a masked kernel still pays for. Like
-    :class:`ContextParallelAttention` it keeps the current step's document plan (one per instance).
+    With packed documents this is the fast path: one variable-length call (each document of each
+    row a segment) instead of a dense (S, S) mask whose cross-document work a masked kernel still
+    pays for. Like :class:`ContextParallelAttention` it keeps the current step's document plan (one
+    per instance).
     """
 
     def __init__(self, kernel: str = "auto"):
