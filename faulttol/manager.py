@@ -29,6 +29,7 @@ from loomtrain.errors import ConfigError
 SMP_DIR_ENV = "LOOMTRAIN_SMP_DIR"
 RUN_ID_ENV = "LOOMTRAIN_RUN_ID"
 HOST_ID_ENV = "LOOMTRAIN_HOST_ID"
+CHAIN_ENV = "LOOMTRAIN_CHAIN"  # set by loomtrain's launchers and the test harness: one launch and its restarts
 RUN_ID_FILE = ".run_id"  # in the output directory, when no launcher names the run
 
 
@@ -63,6 +64,25 @@ def run_id() -> str:
         if value and value != "none":
             return value
     return ""
+
+
+def launch_chain() -> str:
+    """Which launch this process belongs to: the same across its launcher's restarts, new at a relaunch
+    (even one with the same run id: a fixed ``--rdzv-id``, one Slurm job, a fixed ``LOOMTRAIN_RUN_ID``).
+    ``LOOMTRAIN_CHAIN`` where loomtrain's harness names it; under torch elastic, the agent that started
+    this rank (its pid and start time on this host). Empty without a launcher: nothing restarts a bare
+    process, so it never restores from memory."""
+    if os.environ.get(CHAIN_ENV):
+        return os.environ[CHAIN_ENV]
+    if not os.environ.get("TORCHELASTIC_RUN_ID"):
+        return ""
+    parent = os.getppid()
+    try:
+        with open(f"/proc/{parent}/stat") as f:
+            started = f.read().rpartition(")")[2].split()[19]  # field 22, starttime: pids are reused
+    except (OSError, IndexError):
+        started = ""
+    return f"{host_key()}:{parent}:{started}"
 
 
 def code_version() -> str:
@@ -143,23 +163,19 @@ class FaultTolerance:
         def connect():
             nonlocal client
             self.smp_dir = secure_directory(smp_directory(self.exp))
-            client = SnapshotClient(socket_path(self.smp_dir, node), run=self.run)
+            client = SnapshotClient(socket_path(self.smp_dir, node), chain=chain)
             # Launchers start SMPs; one missing (bare torchrun, or killed) is started here, detached.
             if first and ensure_daemon(self.smp_dir, node, self.cfg.smp_idle_exit_s):
                 print(f"faulttol: started the snapshot process of node {node} ({self.smp_dir})",
                       file=sys.stderr, flush=True)
 
+        chain = launch_chain()
         guarded(connect)  # the node's first rank makes sure its SMP is up
         dist.barrier()
-        info = guarded(lambda: client._call(op="ping"))
-        # Restart counters are per node: a failure on node A, then one on node B, both read "1". The SMPs
-        # remember which attempt of this run they served, so each restart gets a number of its own.
-        newest = torch.tensor([info["attempt"] if info and info["run"] == self.run else -1], dtype=torch.int64)
-        dist.all_reduce(newest, op=dist.ReduceOp.MAX)
-        if self.attempt > 0 or int(newest.item()) >= 0:
-            self.attempt = max(self.attempt, int(newest.item()) + 1)
+        info = guarded(lambda: client._call(op="ping", chain=chain))
+        self.attempt, self.run = self._agree_chain(info)
         if client is not None:
-            client.attempt = self.attempt
+            client.run, client.attempt = self.run, self.attempt
         if first:
             guarded(lambda: client.register(env.rank))  # first: a new run or attempt drops what can never serve it
         dist.barrier()
@@ -176,6 +192,25 @@ class FaultTolerance:
                                      env.device, run=self.run, attempt=self.attempt,
                                      timeout_s=self.cfg.snapshot.timeout_s, idle_exit_s=self.cfg.smp_idle_exit_s,
                                      fault=snapshot_phase_fault(self.cfg.inject, env.rank))
+
+    def _agree_chain(self, info: dict | None) -> tuple[int, str]:
+        """(attempt, run) for the SMPs, the same on every rank. A restart of this launch (some rank's SMP saw
+        its launcher serve this run) continues that run with the next attempt: restart counters are per
+        node (a failure on node A, then one on node B, both read "1"), and a spare host's counter is 0, so
+        the SMPs' count decides. Anything else is a new launch: its run is this run id plus a new suffix, so
+        memory left by an earlier launch of the same run id is never loaded (an explicit ``--resume``
+        wins) and that launch's stragglers are fenced off."""
+        served = None
+        if info and info.get("chain_known") and str(info["run"]).rpartition("@")[0] == self.run:
+            served = (int(info["attempt"]), str(info["run"]))
+        seen = [None] * self.env.world_size
+        dist.all_gather_object(seen, served)
+        served = max((s for s in seen if s is not None), default=None)
+        if served is not None:
+            return max(self.attempt, served[0] + 1), served[1]
+        name = [f"{self.run}@{uuid.uuid4().hex[:8]}"]
+        dist.broadcast_object_list(name, src=0)
+        return self.attempt, name[0]
 
     def _agree_nodes(self) -> str:
         """This rank's node label, checked against every rank's: a real node is its host (hostname and boot

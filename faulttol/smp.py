@@ -5,9 +5,11 @@ of a trainer), so a trainer killed with SIGKILL loses nothing: the SMP created e
 segment and only the SMP unlinks them. Trainers talk to it over a Unix socket with
 one JSON object per line, each carrying the run's secret:
 
-- ``register {rank, pid, run, attempt}``: a trainer of generation (run, attempt) lives on this
+- ``register {rank, pid, run, attempt, chain}``: a trainer of generation (run, attempt) lives on this
   node. A new run drops every epoch of the previous one (they can never serve it); a new
-  attempt drops the torn leftovers of the last; an older attempt is refused (a fence);
+  attempt drops the torn leftovers of the last; an older attempt is refused (a fence). ``chain``
+  names the launch the trainer belongs to (its launcher), remembered for the run: only a restart
+  by a launcher the SMP has seen serve this run is a restart (``ping {chain}`` answers ``chain_known``);
 - ``alloc {key, size, epoch, run, attempt}``: a segment for chunk ``key`` of a snapshot. Space is
   reserved for real (``posix_fallocate``: tmpfs allocates lazily, so an unreserved segment can
   kill its writer with SIGBUS), and segments are reused: once two complete epochs are held,
@@ -56,6 +58,7 @@ import zlib
 from loomtrain.fsutil import atomic_write_text
 
 KEEP_EPOCHS = 2
+MAX_CHAINS = 64  # launches of one run remembered per node (each restart by a new agent adds one)
 SHM_DIR_ENV = "LOOMTRAIN_SHM_DIR"  # where segments live: /dev/shm unless a test mounts a small tmpfs
 REQUEST_TIMEOUT_S = 30.0  # a client that sends nothing for this long loses its connection
 CLIENT_TIMEOUT_S = 120.0  # a client waits this long for a reply (alloc of GBs takes a moment)
@@ -188,6 +191,7 @@ class SnapshotDaemon:
         self.epochs: dict[int, dict] = {}
         self.run, self.attempt = "", 0
         self.ranks: dict[str, int] = {}  # trainer rank -> pid (this attempt), for node-loss injection
+        self.chains: list[str] = []  # the launches (launchers) that served this run on this node
         self._stop = threading.Event()  # the serving loop exits
         self._closing = threading.Event()  # shutdown answered: refuse the rest, stop once the reply is out
         self._last_request = time.monotonic()
@@ -201,6 +205,7 @@ class SnapshotDaemon:
                 index = json.load(f)
             self.run, self.attempt = str(index["run"]), int(index["attempt"])
             self.ranks = {str(k): int(v) for k, v in index.get("ranks", {}).items()}
+            self.chains = [str(c) for c in index.get("chains", [])]
             for epoch, ep in index["epochs"].items():
                 owners = {}
                 for owner, entries in ep["owners"].items():
@@ -234,7 +239,7 @@ class SnapshotDaemon:
             return False
 
     def _save_index(self) -> None:
-        index = {"run": self.run, "attempt": self.attempt, "ranks": self.ranks,
+        index = {"run": self.run, "attempt": self.attempt, "ranks": self.ranks, "chains": self.chains,
                  "epochs": {str(e): ep for e, ep in self.epochs.items()}}
         atomic_write_text(self.index_path, json.dumps(index))
 
@@ -303,14 +308,14 @@ class SnapshotDaemon:
                              f"{self.run!r} attempt {self.attempt} (a stale trainer, or one that did not register)"}
         return None
 
-    def register(self, rank: str, pid: int, run: str, attempt: int) -> dict:
+    def register(self, rank: str, pid: int, run: str, attempt: int, chain: str = "") -> dict:
         if run != self.run:
             if self.epochs:
                 print(f"smp: run {run!r} registered; dropping epochs {sorted(self.epochs)} of run {self.run!r}",
                       file=sys.stderr, flush=True)
             for epoch in list(self.epochs):
                 self._drop_epoch(epoch)
-            self.run, self.attempt, self.ranks = run, attempt, {}
+            self.run, self.attempt, self.ranks, self.chains = run, attempt, {}, []
             self.free_uncommitted()
         elif attempt < self.attempt:
             return {"error": f"snapshot: attempt {attempt} of run {run!r} refused: attempt {self.attempt} is running"}
@@ -318,6 +323,8 @@ class SnapshotDaemon:
             self.attempt, self.ranks = attempt, {}
             self.free_uncommitted()
         self.ranks[rank] = pid
+        if chain and chain not in self.chains:
+            self.chains = (self.chains + [chain])[-MAX_CHAINS:]
         self._save_index()
         return {"ok": True}
 
@@ -431,10 +438,12 @@ class SnapshotDaemon:
                     return self.free_uncommitted()
                 if op == "register":
                     return self.register(str(req["rank"]), int(req["pid"]), str(req.get("run", "")),
-                                         int(req.get("attempt", 0)))
+                                         int(req.get("attempt", 0)), str(req.get("chain", "")))
                 if op == "ping":
+                    chain = str(req.get("chain", ""))
                     return {"ok": True, "pid": os.getpid(), "prefix": self.prefix, "ranks": self.ranks,
-                            "run": self.run, "attempt": self.attempt}
+                            "run": self.run, "attempt": self.attempt, "chain_known": bool(chain) and
+                            chain in self.chains}
                 if op == "shutdown":
                     self.free_all()  # before replying: the caller may check for leftovers next
                     self._closing.set()  # the serving loop stops once this reply is written
@@ -514,8 +523,10 @@ class SnapshotDaemon:
 class SnapshotClient:
     """A trainer's view of its node's SMP: write an epoch of named byte tensors, read the newest intact one."""
 
-    def __init__(self, socket_path: str, run: str = "", attempt: int = 0, timeout_s: float = CLIENT_TIMEOUT_S):
+    def __init__(self, socket_path: str, run: str = "", attempt: int = 0, timeout_s: float = CLIENT_TIMEOUT_S,
+                 chain: str = ""):
         self.socket_path, self.run, self.attempt, self.timeout_s = socket_path, run, attempt, timeout_s
+        self.chain = chain
         self._secret = None
 
     def _call(self, timeout_s: float | None = None, **req) -> dict:
@@ -542,7 +553,8 @@ class SnapshotClient:
         return reply
 
     def register(self, rank: int) -> dict:
-        return self._call(op="register", rank=rank, pid=os.getpid(), run=self.run, attempt=self.attempt)
+        return self._call(op="register", rank=rank, pid=os.getpid(), run=self.run, attempt=self.attempt,
+                          chain=self.chain)
 
     def alloc(self, key: str, size: int, epoch: int) -> str:
         return self._call(op="alloc", key=key, size=size, epoch=epoch, run=self.run, attempt=self.attempt)["name"]

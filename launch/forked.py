@@ -90,8 +90,9 @@ def _fork_ranks(fn, world_size: int, args, env: dict, launcher: str):
     return procs, pipes, holder
 
 
-def _new_run() -> str:
-    return f"forked-{uuid.uuid4().hex[:12]}"
+def _new_run() -> dict:
+    """A run id and a launch (chain) of its own: what a launcher invocation gives its ranks."""
+    return {"LOOMTRAIN_RUN_ID": f"forked-{uuid.uuid4().hex[:12]}", "LOOMTRAIN_CHAIN": f"launch-{uuid.uuid4().hex[:12]}"}
 
 
 def _reap(procs, grace: float = 5.0) -> None:
@@ -109,7 +110,7 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 300.0, env: dict | No
     ``world_size=0`` runs one forked process with no distributed environment (single-process mode).
     Returns the per-rank results; raises with the child's traceback if any rank failed.
     """
-    procs, pipes, holder = _fork_ranks(fn, world_size, args, {"LOOMTRAIN_RUN_ID": _new_run()} | (env or {}), launcher)
+    procs, pipes, holder = _fork_ranks(fn, world_size, args, _new_run() | (env or {}), launcher)
     results, errors = [], []
     try:
         for rank, conn in enumerate(pipes):
@@ -139,7 +140,7 @@ def run_ranks_restarting(fn, world_size: int, *args, max_restarts: int = 1, time
     and one line per failed attempt saying which rank failed and how.
     """
     failures = []
-    run_env = {"LOOMTRAIN_RUN_ID": _new_run()} | (env or {})  # one run: its attempts share the id
+    run_env = _new_run() | (env or {})  # one run and launch: its attempts share both
     if monitor is not None:
         from loomtrain.faulttol.heartbeat import HEARTBEAT_DIR_ENV
 

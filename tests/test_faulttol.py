@@ -385,6 +385,42 @@ def test_a_fresh_start_never_loads_a_stale_snapshot(resume, overrides, smp_dir, 
         assert f"resume: step 2 from the disk checkpoint {path}" in capfd.readouterr().out
 
 
+def test_the_launch_chain_is_the_agent_that_started_the_rank(monkeypatch):
+    """Under torch elastic a launch is its agent (pid and start time): the same across the agent's restarts,
+    another for a relaunch. Without a launcher there is no chain (nothing restarts a bare process)."""
+    from loomtrain.faulttol.manager import launch_chain
+
+    monkeypatch.delenv("LOOMTRAIN_CHAIN", raising=False)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "fixed")
+    code = "from loomtrain.faulttol.manager import launch_chain; print(launch_chain())"
+    children = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+                for _ in range(2)]
+    assert children[0] == children[1] and f":{os.getpid()}:" in children[0]  # this process is their agent
+    assert launch_chain() != children[0] and f":{os.getppid()}:" in launch_chain()
+    monkeypatch.setenv("LOOMTRAIN_CHAIN", "named")
+    assert launch_chain() == "named"
+    monkeypatch.delenv("LOOMTRAIN_CHAIN")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    assert launch_chain() == ""
+
+
+def test_a_relaunch_with_the_same_run_id_loads_its_explicit_resume_not_memory(overrides, smp_dir, uninterrupted,
+                                                                              tmp_path, capfd):
+    """A relaunch that keeps the run id (a fixed ``--rdzv-id``, one Slurm job, a fixed LOOMTRAIN_RUN_ID) after
+    a launch killed at step 7 is a new launch, not a restart: its ``--resume step_4`` (a rollback) wins over
+    the newer memory snapshot and disk checkpoint (step 6) the killed launch left."""
+    env = {"LOOMTRAIN_SMP_DIR": smp_dir, "LOOMTRAIN_RUN_ID": "one-allocation"}
+    with pytest.raises(AssertionError, match="rank 1 died"):
+        run_ranks_restarting(_train, WORLD, overrides + FT + ["faulttol.persist_every_steps=2",
+                                                              "faulttol.inject={kind: sigkill, rank: 1, step: 7}"],
+                             max_restarts=0, env=env, timeout=180)
+    path = str(tmp_path / "run" / "checkpoints" / "step_00000004")
+    results = run_ranks(_train, WORLD, overrides + FT, path, env=env, timeout=180)
+    assert [r[1] for r in results] == ["disk"] * WORLD
+    _assert_identical_after(results, uninterrupted, restored_step=4)
+    assert f"resume: step 4 from the disk checkpoint {path}" in capfd.readouterr().out
+
+
 def test_snapshot_torn_by_the_failure_is_never_loaded(overrides, smp_dir, uninterrupted):
     # Killed right after starting the step-6 snapshot: no rank can have committed it (the commit needs
     # every rank's agreement), so the restore must use step 4.
