@@ -209,6 +209,30 @@ def exclude_list(output_dir: str, min_failures: int, job: str | None = None) -> 
     return sorted(h for h, n in counts.items() if n >= min_failures)
 
 
+UNUSABLE_STATES = ("down", "drain", "fail", "maint", "no_respond", "not_responding", "future", "unknown")
+
+
+def unusable_nodes(nodelist: str) -> list[str]:
+    """Nodes of ``nodelist`` (Slurm's syntax) that Slurm marks down, drained, failing or not responding: hosts
+    that crashed rather than hung leave no line in failures.jsonl, but Slurm saw them go. Empty when sinfo is
+    not there or fails (the hang list still works)."""
+    if not nodelist:
+        return []
+    try:
+        out = subprocess.run(["sinfo", "-h", "-N", "-n", nodelist, "-o", "%N %T"], capture_output=True, text=True,
+                             timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if out.returncode != 0:
+        return []
+    bad = set()
+    for line in out.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and (parts[1].endswith("*") or parts[1].lower().startswith(UNUSABLE_STATES)):
+            bad.add(parts[0])
+    return sorted(bad)
+
+
 class HangMonitor:
     """Watches the heartbeats under ``directory`` (``expected``: local ranks, when known) and acts on a hang."""
 
@@ -322,10 +346,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="print the hosts with at least --min-failures failures (comma-separated) and exit")
     p.add_argument("--min-failures", type=int, default=2)
     p.add_argument("--job", default=None, help="with --exclude-list: count this Slurm job's failures only")
+    p.add_argument("--nodes", default=None, help="with --exclude-list: also the nodes of this Slurm node list that "
+                                                 "Slurm marks down, drained, failing or not responding")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command to run")
     args = p.parse_args(argv)
     if args.exclude_list:
-        print(",".join(exclude_list(args.exclude_list, args.min_failures, args.job)))
+        hosts = set(exclude_list(args.exclude_list, args.min_failures, args.job))
+        print(",".join(sorted(hosts | set(unusable_nodes(args.nodes or "")))))
         return 0
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:

@@ -5,6 +5,11 @@ With in-memory snapshots on, the launcher also starts one snapshot process (SMP)
 outlive every restart in between, which is what lets a restarted group restore from memory.
 A hang monitor (``faulttol/hang_monitor.py``) watches the ranks' heartbeats from this process: it
 kills a rank that hangs, which the elastic agent restarts like any other failure.
+
+The launcher owns the run: it holds ``train.output_dir``'s lock (``launch/dirlock.py``) from before the first
+rank starts until after the last attempt, so restarts never meet their own run's lock and a second launch on
+the directory fails at once; and its ranks die with it (``launch/train.py``'s ``die_with_launcher``), so a
+launcher killed outright leaves no rank training on into the directory.
 """
 from __future__ import annotations
 
@@ -14,6 +19,8 @@ import shutil
 import sys
 import tempfile
 import uuid
+
+LAUNCHER_PID_ENV = "LOOMTRAIN_LAUNCHER_PID"  # for the ranks: the launcher they die with (launch/train.py)
 
 
 def worker_args(config_path: str, overrides: list[str], resume: str | None) -> list[str]:
@@ -56,6 +63,26 @@ def node_snapshot_processes(exp, nproc: int):
             os.environ[SMP_DIR_ENV] = previous
 
 
+@contextlib.contextmanager
+def owning_the_run(output_dir: str, run_id: str):
+    """For the block: ``output_dir`` locked by this process (``DirectoryInUse`` if another run holds it), and in
+    the environment the ranks started inside it inherit, that the lock is held for them and the pid to die with."""
+    from loomtrain.launch.dirlock import HELD_ENV, acquire
+
+    with acquire(output_dir, run=run_id) as lock:
+        values = {HELD_ENV: lock.path, LAUNCHER_PID_ENV: str(os.getpid())}
+        previous = {k: os.environ.get(k) for k in values}
+        os.environ.update(values)
+        try:
+            yield lock
+        finally:
+            for k, v in previous.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
 def launch_local(exp, config_path: str, overrides: list[str], nproc: int, max_restarts: int,
                  resume: str | None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -67,7 +94,8 @@ def launch_local(exp, config_path: str, overrides: list[str], nproc: int, max_re
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=max_restarts,
                           monitor_interval=0.5)
     try:
-        with node_snapshot_processes(exp, nproc), watching(nproc):
+        with owning_the_run(exp.train.output_dir, config.run_id), node_snapshot_processes(exp, nproc), \
+                watching(nproc):
             elastic_launch(config, entrypoint=sys.executable)(*worker_args(config_path, overrides, resume))
     except ChildFailedError as e:
         failures = e.failures

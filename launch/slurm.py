@@ -8,8 +8,14 @@ are not forwarded: srun turns a SIGTERM into SIGKILL of its tasks, torchrun exit
 SIGTERM (a clean stop recorded as FAILED) and gives its workers 30 s, and USR1 kills torchrun.
 The batch shell waits for srun in a loop (a trap interrupts ``wait``) and, after a stop on
 the warning, requeues the job (``--requeue``), which resumes from that checkpoint
-(``--resume auto``). Each node's torchrun runs inside the hang monitor (``faulttol/hang_monitor.py``);
-a host whose own ranks hung ``exclude_after`` times in the job is excluded from the requeue, and a job
+(``--resume auto``). A pre-emption without the warning, a time limit or ``scancel`` sends
+SIGTERM to every process of the job and SIGKILL GraceTime (or KillWait) seconds later: the
+ranks get the SIGTERM themselves, finish their step and checkpoint (torchrun gives them 30 s);
+the batch shell traps it too, so it stays to clean up (Slurm, not the script, decides whether a
+pre-empted job is requeued). The trainer's output directory is passed as an absolute path, so
+a script submitted from any directory finds its STOP file, logs and exclude list. Each node's torchrun runs inside the hang monitor (``faulttol/hang_monitor.py``);
+a host whose own ranks hung ``exclude_after`` times in the job, or that Slurm marks down, drained or not
+responding after the step (a host that crashed), is excluded from the requeue, and a job
 that failed because of a host not yet excluded is requeued without it (at most ``failure_requeues`` such
 requeues per job; pre-emption requeues do not count).
 Logs are appended across requeues. A last step on every node removes the
@@ -51,6 +57,12 @@ on_warning() {{
   touch "$stop_file"
 }}
 trap on_warning USR1
+terminated=0
+on_terminate() {{  # pre-emption without warning, time limit, scancel: the ranks got SIGTERM too and checkpoint
+  terminated=1
+  echo "loomtrain: SIGTERM: the ranks finish their step, checkpoint and stop"
+}}
+trap on_terminate TERM
 echo "loomtrain: job $SLURM_JOB_ID start $(date -Is) (requeue count ${{SLURM_RESTART_COUNT:-0}})"
 rm -f "$stop_file"  # a warning that came after the last step of an earlier run
 # Each node's torchrun runs inside loomtrain's hang monitor: it names a rank that hangs, dumps every rank's
@@ -75,7 +87,7 @@ if [ -e "$stop_file" ]; then  # training ended before it saw the request: nothin
 fi
 # Hosts whose own ranks hung {exclude_after}+ times in this job (health/failures.jsonl) are left out of the requeue.
 exclude=$(python -m loomtrain.faulttol.hang_monitor --exclude-list {output_dir_q} --min-failures {exclude_after} \\
-  --job "$SLURM_JOB_ID")
+  --job "$SLURM_JOB_ID" --nodes "$SLURM_JOB_NODELIST")
 current=$(scontrol show job "$SLURM_JOB_ID" | grep -o 'ExcNodeList=[^ ]*' | cut -d= -f2)
 [ "$current" = "(null)" ] && current=""
 excluded=$([ -n "$current" ] && scontrol show hostnames "$current" | paste -sd, -)
@@ -97,14 +109,20 @@ requeue_job() {{
   scontrol requeuehold "$SLURM_JOB_ID"
   for _ in $(seq 40); do [ "$termed" = 1 ] && break; sleep 0.5; done
   scontrol update JobId="$SLURM_JOB_ID" ExcNodeList="${{excluded:+$excluded,}}$newly"
-  scontrol release "$SLURM_JOB_ID"
+  for _ in 1 2 3; do  # never leave the job held: release until Slurm no longer reports the hold
+    scontrol release "$SLURM_JOB_ID"
+    scontrol show job "$SLURM_JOB_ID" | grep -q 'Reason=JobHeld' || break
+    sleep 1
+  done
 }}
-if [ "$preempted" = 1 ] && [ "$status" = 0 ] && [ "{requeue}" = 1 ]; then
+if [ "$terminated" = 1 ]; then
+  echo "loomtrain: job $SLURM_JOB_ID ended by SIGTERM (status $status); Slurm decides whether it is requeued"
+elif [ "$preempted" = 1 ] && [ "$status" = 0 ] && [ "{requeue}" = 1 ]; then
   requeue_job "checkpointed on the pre-emption warning"
 elif [ "$status" != 0 ] && [ -n "$newly" ] && [ "{requeue}" = 1 ] \\
      && [ "$(cat "$failure_requeues" 2>/dev/null | wc -l)" -lt {failure_requeues} ]; then
   echo requeue >> "$failure_requeues"  # resumes from the last checkpoint on other hosts
-  requeue_job "failed with host(s) that failed repeatedly"
+  requeue_job "failed with host(s) that failed repeatedly or that Slurm marks unusable"
 fi
 exit "$status"
 """
@@ -139,7 +157,9 @@ def write_sbatch(exp, config_path: str, overrides: list[str], nodes: int, gpus_p
         raise ConfigError(f"train.output_dir: an sbatch script cannot name a path with spaces or '%' in #SBATCH "
                           f"lines, got '{out_dir}'")
     path = output or os.path.join(out_dir, "launch.sbatch")
-    args = " ".join([shlex.quote(os.path.abspath(config_path))] + [f"--set {shlex.quote(o)}" for o in overrides])
+    # The output directory last and absolute: the job's working directory is wherever sbatch was run.
+    sets = list(overrides) + [f"train.output_dir={out_dir}"]
+    args = " ".join([shlex.quote(os.path.abspath(config_path))] + [f"--set {shlex.quote(o)}" for o in sets])
     cpus = cpus_per_task or max(1, 8 * gpus_per_node)
     lead, estimate = preemption_lead_s(exp, nodes)
     text = TEMPLATE.format(

@@ -152,6 +152,30 @@ def test_hosts_that_fail_repeatedly_make_the_exclude_list(tmp_path, monkeypatch)
     assert printed.stdout.strip() == "gpu-a,gpu-b"
 
 
+def test_hosts_slurm_marks_down_or_not_responding_join_the_exclude_list(tmp_path):
+    """A host that crashed leaves no failure line (its monitor died with it), but Slurm saw it go: sinfo's
+    down, drained and not-responding (``*``) nodes of the job are excluded too; healthy ones are not. A fake
+    sinfo on PATH answers as Slurm 22.05 does for ``sinfo -h -N -n LIST -o '%N %T'``."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "sinfo").write_text("#!/bin/sh\necho \"$@\" > " + str(tmp_path / "args") + "\n"
+                                "printf 'gpu-a allocated\\ngpu-b down*\\ngpu-c drained\\ngpu-d mixed\\n"
+                                "gpu-e idle*\\ngpu-f completing\\n'\n")
+    (fake / "sinfo").chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}")
+    record_failure(str(tmp_path), "gpu-d.cluster", "gpu-d", "stopped", 1)
+    printed = subprocess.run([sys.executable, "-m", "loomtrain.faulttol.hang_monitor", "--exclude-list",
+                              str(tmp_path), "--min-failures", "1", "--nodes", "gpu-[a-f]"],
+                             capture_output=True, text=True, check=True, env=env)
+    assert printed.stdout.strip() == "gpu-b,gpu-c,gpu-d,gpu-e"
+    assert (tmp_path / "args").read_text().split() == ["-h", "-N", "-n", "gpu-[a-f]", "-o", "%N", "%T"]
+    (fake / "sinfo").write_text("#!/bin/sh\nexit 1\n")  # Slurm unreachable: the hang list still works
+    printed = subprocess.run([sys.executable, "-m", "loomtrain.faulttol.hang_monitor", "--exclude-list",
+                              str(tmp_path), "--min-failures", "1", "--nodes", "gpu-[a-f]"],
+                             capture_output=True, text=True, check=True, env=env)
+    assert printed.stdout.strip() == "gpu-d"
+
+
 def test_the_wrapper_runs_the_command_with_a_heartbeat_directory_and_returns_its_code(tmp_path):
     script = "import os, sys; print(os.path.isdir(os.environ['LOOMTRAIN_HEARTBEAT_DIR'])); sys.exit(3)"
     out = subprocess.run([sys.executable, "-m", "loomtrain.faulttol.hang_monitor", "--nproc", "1", "--",

@@ -187,6 +187,44 @@ def test_scancel_leaves_nothing_behind(slurm, small_corpus, tmp_path):
         time.sleep(0.5)
 
 
+def test_sigterm_checkpoints_where_a_relative_output_dir_says_from_any_submit_directory(slurm, small_corpus,
+                                                                                         tmp_path, monkeypatch):
+    """A pre-emption without warning, a time limit and scancel all send SIGTERM to every process of the job
+    (SIGKILL KillWait s later): the ranks finish their step and checkpoint. The script was written with a
+    relative output_dir and submitted from another directory: the trainer still writes where the STOP file,
+    the log and the exclude list are (the script passes the directory as an absolute path)."""
+    from loomtrain.launch.cli import main
+
+    (tmp_path / "project").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "project")
+    out = tmp_path / "project" / "run-rel"
+    args = ["slurm", "tiny", "--nodes", "1", "--gpus-per-node", "2", "--cpus-per-task", str(os.cpu_count()),
+            "--time", "10:00", "--max-restarts", "0"]
+    for s in TEST_OVERRIDES + [f"data.prepared={small_corpus}", "train.output_dir=run-rel", "train.steps=100000",
+                               "parallel.dp_shard=2", "faulttol.snapshot.every_steps=2", "train.log_every=1",
+                               "checkpoint.every_steps=0"]:
+        args += ["--set", s]
+    assert main(args) == 0
+    job = subprocess.run(["sbatch", "--parsable", str(out / "launch.sbatch")], capture_output=True, text=True,
+                         env=slurm, check=True, cwd=tmp_path / "elsewhere").stdout.strip().split(";")[0]
+    log = str(out / f"slurm-{job}.out")
+    try:
+        _wait(slurm, job, {"RUNNING"}, log=log)
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").exists() or len(_losses(out)) < 5:
+            assert time.monotonic() < deadline, open(log).read()[-3000:] if os.path.exists(log) else "no log"
+            time.sleep(0.2)
+    finally:
+        subprocess.run(["scancel", job], env=slurm, check=True)
+        _wait(slurm, job, {"CANCELLED", "COMPLETED", "FAILED"}, log=log)
+    text = open(log).read()
+    stopped = int(re.search(r"stopped by signal after step (\d+)", text).group(1))
+    assert os.path.isfile(out / "checkpoints" / f"step_{stopped:08d}" / ".metadata"), text[-3000:]
+    assert stopped >= 5 and "loomtrain: SIGTERM" in text
+    assert not (tmp_path / "elsewhere" / "run-rel").exists()
+
+
 def test_a_host_whose_rank_hangs_is_named_and_excluded_when_the_job_is_requeued(slurm, small_corpus, tmp_path):
     """Rank 1 hangs at step 5 with no torchrun restarts left: the node's hang monitor names it and kills it, the
     job fails, and the script requeues it without that host (--exclude-after 1). On this one-node cluster the
