@@ -10,22 +10,36 @@ one JSON object per line, each carrying the run's secret:
   attempt drops the torn leftovers of the last; an older attempt is refused (a fence). ``chain``
   names the launch the trainer belongs to (its launcher), remembered for the run: only a restart
   by a launcher the SMP has seen serve this run is a restart (``ping {chain}`` answers ``chain_known``);
-- ``alloc {key, size, epoch, run, attempt}``: a segment for chunk ``key`` of a snapshot. Space is
-  reserved for real (``posix_fallocate``: tmpfs allocates lazily, so an unreserved segment can
-  kill its writer with SIGBUS), and segments are reused: once two complete epochs are held,
-  the oldest one's segments serve the next snapshot (peak: two epochs, not three);
+- ``alloc {key, size, epoch, run, attempt}``: a segment for chunk ``key`` of a snapshot, of at least ``size``
+  bytes (``segment_capacity``: 1/64 more, rounded up to a page, as chunk sizes drift by a few bytes
+  between snapshots; entries record the logical ``size``, readers use that). Space is reserved for real
+  (``posix_fallocate``: tmpfs allocates lazily, so an unreserved segment can kill its writer with
+  SIGBUS), and segments are reused: once two complete epochs are held, the oldest one's segments
+  serve the next snapshot, the closest fit first, one slightly too small grown in place (peak: two
+  epochs, not three);
 - ``commit {epoch, owner, entries, run, attempt}``: the owner's (a rank's) segments of that epoch
   are complete. Only committed entries are served; the two newest complete epochs, ordered by
   (attempt, epoch), are kept; a commit older than both is refused, not silently dropped;
   re-committing an epoch frees the segments it replaces;
-- ``latest``: committed epochs, newest first; ``free_uncommitted``: drop a torn snapshot's
-  leftovers; ``ping``: pid, prefix, generation, ranks; ``shutdown``: unlink everything and exit.
+- ``latest``: committed epochs, newest first (not fenced: a restarted trainer reads its predecessors'
+  epochs; it changes nothing); ``free_uncommitted {run, attempt}``: drop a torn snapshot's leftovers;
+  ``ping``: pid, prefix, generation, ranks; ``shutdown {run, attempt}``: unlink everything and exit.
+  Both are fenced like ``alloc`` (a stale trainer cannot free or stop what a newer attempt uses),
+  unless sent with ``operator: true`` by the launcher or the job's cleanup (``stop_daemons``).
 
 Each connection is served by a thread of its own with a timeout: a client that dies, stalls
 or sends garbage costs its own request only. The committed index is kept in a file next to
 the socket, so an SMP restarted after SIGKILL adopts its predecessor's segments; SIGTERM
-(scancel, a time limit) unlinks every segment before exiting. The socket lives in a
-directory of mode 0700 owned by the user, and the SMP checks each peer's uid.
+(scancel, a time limit) unlinks every segment before exiting; so does the death of the process it was
+told to watch (``--watch-pid``: the launcher, which SIGKILL or a hangup can end without its cleanup).
+SIGHUP is ignored: the SMP runs in a session of its own, so no terminal's hangup is meant for it, and
+the snapshots it holds are there to outlive the processes that die. The socket lives in a directory
+of mode 0700 owned by the user, and the SMP checks each peer's uid.
+
+Another user can create files in /dev/shm and knows the job's directory name, so segment names start
+with a prefix derived from the directory's secret (``segment_prefix``), are created with O_EXCL, and
+every cleanup touches only regular files of this uid, skipping (with one warning line) what it cannot
+remove: a planted file never stops an SMP, its sweep, or a job's cleanup.
 
 Clients map segments by name (plain mmap), never through Python's resource tracker, which
 would unlink a segment when it believes the attaching process died. The daemon imports no
@@ -64,6 +78,10 @@ REQUEST_TIMEOUT_S = 30.0  # a client that sends nothing for this long loses its 
 CLIENT_TIMEOUT_S = 120.0  # a client waits this long for a reply (alloc of GBs takes a moment)
 MAX_REQUEST = 16 << 20
 SEGMENT_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
+PAGE = 4096
+HEADROOM = 64  # a segment holds 1/HEADROOM more than asked for: chunk sizes drift between snapshots
+REUSE_SLACK = 8  # a pooled segment serves a request if no more than 1/REUSE_SLACK larger than it needs
+WATCH_INTERVAL_S = 1.0
 
 
 class SMPError(RuntimeError):
@@ -107,13 +125,33 @@ def checksum(buf) -> int:
     return zlib.crc32(buf)
 
 
+def segment_capacity(size: int) -> int:
+    """The bytes an SMP reserves for a chunk of ``size``: 1/HEADROOM more (a snapshot's size drifts by a few
+    bytes between epochs: host state, padding), rounded up to a page (tmpfs reserves whole pages anyway)."""
+    want = max(1, size) + max(1, size) // HEADROOM
+    return -(-want // PAGE) * PAGE
+
+
+def _warn(message: str) -> None:
+    print(f"smp: {message}", file=sys.stderr, flush=True)
+
+
+def _is_ours(st: os.stat_result, kind=stat.S_ISDIR) -> bool:
+    return kind(st.st_mode) and st.st_uid == os.getuid()
+
+
 def secure_directory(path: str) -> str:
-    """Create ``path`` with mode 0700, or check that an existing one is ours and closed to others."""
+    """Create ``path`` with mode 0700, or check that an existing one is ours and closed to others.
+
+    An existing directory that is not (another user may create the predictable name of a job's directory
+    in /tmp first) is refused, never used or repaired: its owner could read the secret or swap the socket.
+    The error names the way out (a directory of one's own in ``LOOMTRAIN_SMP_DIR``)."""
     os.makedirs(path, mode=0o700, exist_ok=True)
     st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+    if not _is_ours(st) or st.st_mode & 0o077:
         raise SMPError(f"snapshot: directory {path} must be a directory owned by uid {os.getuid()} with mode 0700 "
-                       f"(it is uid {st.st_uid}, mode {oct(st.st_mode & 0o7777)}); remove it or choose another")
+                       f"(it is uid {st.st_uid}, mode {oct(st.st_mode & 0o7777)}); remove it or choose another "
+                       f"(LOOMTRAIN_SMP_DIR)")
     return path
 
 
@@ -144,18 +182,51 @@ def load_secret(socket_file: str, create: bool = False) -> str:
         return f.read().strip()
 
 
-def orphan_segments(prefix: str) -> list[str]:
+def _scan_segments(prefix: str) -> tuple[list[str], list[str]]:
+    """The files in the shm directory named ``prefix-*``: (ours: regular files of this uid, the others, each
+    with why it is not ours). Another user can create files there under any name it can guess."""
     d = shm_dir()
-    return sorted(f for f in os.listdir(d) if f.startswith(prefix + "-")) if os.path.isdir(d) else []
+    try:
+        names = sorted(f for f in os.listdir(d) if f.startswith(prefix + "-"))
+    except OSError:
+        return [], []
+    ours, others = [], []
+    for name in names:
+        try:
+            st = os.lstat(os.path.join(d, name))
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            others.append(f"{name} ({e.strerror})")
+            continue
+        if _is_ours(st, stat.S_ISREG):
+            ours.append(name)
+        else:
+            others.append(f"{name} (uid {st.st_uid})")
+    return ours, others
 
 
-def remove_segments(prefix: str) -> None:
-    """Unlink every segment named with ``prefix`` (left by a killed daemon, or a node's memory being lost)."""
-    for name in orphan_segments(prefix):
+def orphan_segments(prefix: str) -> list[str]:
+    """This user's segments named with ``prefix`` (files of other users that carry it are not)."""
+    return _scan_segments(prefix)[0]
+
+
+def remove_segments(prefix: str) -> list[str]:
+    """Unlink every segment of ours named with ``prefix`` (left by a killed daemon, or a node's memory being
+    lost). Files of other users, and any that cannot be removed, are left with one warning line, never raised
+    on: the SMP, its sweep and the job's cleanup must get past them. Returns what was left."""
+    ours, left = _scan_segments(prefix)
+    for name in ours:
         try:
             os.unlink(os.path.join(shm_dir(), name))
         except FileNotFoundError:
             pass
+        except OSError as e:
+            left.append(f"{name} ({e.strerror})")
+    if left:
+        _warn(f"left {len(left)} file(s) named {prefix}-* in {shm_dir()} alone (another user's, or not removable): "
+              + ", ".join(left[:3]) + (", ..." if len(left) > 3 else ""))
+    return left
 
 
 def _newest_first(epochs: dict) -> list[int]:
@@ -166,27 +237,19 @@ class SnapshotDaemon:
     """The SMP's state and request handling; ``serve`` runs it on a socket."""
 
     def __init__(self, socket_path: str, prefix: str, idle_exit_s: float = 0.0,
-                 request_timeout_s: float = REQUEST_TIMEOUT_S):
+                 request_timeout_s: float = REQUEST_TIMEOUT_S, watch: tuple[int, int | None] | None = None):
         self.socket_path, self.prefix = socket_path, prefix
         self.idle_exit_s, self.request_timeout_s = idle_exit_s, request_timeout_s
+        self.watch = watch  # (pid, start time): the launcher whose death frees everything and ends this SMP
         self.index_path = index_path(socket_path)
         # One SMP per socket, taken before anything else: a second one (started because this one looked dead)
         # would otherwise adopt, and unlink, what this one is writing.
-        self._lock = open(lock_path(socket_path), "a")
-        for attempt in range(50):  # a liveness probe (_serving) holds it for an instant
-            try:
-                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if attempt == 49:
-                    self._lock.close()
-                    raise SMPError(f"snapshot: another snapshot process serves {socket_path}") from None
-                time.sleep(0.01)
+        self._lock = _take_lock(socket_path)
         self.secret = load_secret(socket_path, create=True)
         self.lock = threading.Lock()
-        self.segments: dict[str, int] = {}  # every segment this SMP owns: name -> size
+        self.segments: dict[str, int] = {}  # every segment this SMP owns: name -> capacity (>= what it holds)
         self.pending: dict[str, tuple[int, str]] = {}  # allocated, not yet committed: name -> (epoch, key)
-        self.pool: dict[str, int] = {}  # evicted segments waiting to be reused: name -> size
+        self.pool: dict[str, int] = {}  # evicted segments waiting to be reused: name -> capacity
         # Committed, by epoch: {epoch: {"attempt", "complete", "owners": {owner: {key: entry}}}}
         self.epochs: dict[int, dict] = {}
         self.run, self.attempt = "", 0
@@ -195,6 +258,7 @@ class SnapshotDaemon:
         self._stop = threading.Event()  # the serving loop exits
         self._closing = threading.Event()  # shutdown answered: refuse the rest, stop once the reply is out
         self._last_request = time.monotonic()
+        self._warned_unlink = False
         self._adopt()
 
     # ------------------------------------------------------------------ the committed index
@@ -222,21 +286,25 @@ class SnapshotDaemon:
         for ep in self.epochs.values():
             for entries in ep["owners"].values():
                 for e in entries.values():
-                    self.segments[e["name"]] = int(e["size"])
-        for name in orphan_segments(self.prefix):
+                    self.segments[e["name"]] = self._present(e)
+        for name in orphan_segments(self.prefix):  # ours only: a file another user planted is not touched
             if name not in self.segments:
                 self._unlink(name)
         if self.epochs:
             print(f"smp: adopted epochs {sorted(self.epochs)} of run {self.run!r} from {self.index_path}",
                   file=sys.stderr, flush=True)
 
-    def _present(self, entry: dict) -> bool:
+    def _present(self, entry: dict) -> int:
+        """The capacity of an index entry's segment if it is still there, ours, and holds the entry's bytes; else 0."""
         try:
             name = str(entry["name"])
-            return name.startswith(self.prefix + "-") and os.stat(segment_path(name)).st_size == max(
-                1, int(entry["size"]))
-        except (OSError, SMPError, KeyError, ValueError):
-            return False
+            st = os.lstat(segment_path(name))
+            if name.startswith(self.prefix + "-") and _is_ours(st, stat.S_ISREG) and \
+                    st.st_size >= max(1, int(entry["size"])):
+                return st.st_size
+        except (OSError, SMPError, KeyError, ValueError, TypeError):
+            pass
+        return 0
 
     def _save_index(self) -> None:
         index = {"run": self.run, "attempt": self.attempt, "ranks": self.ranks, "chains": self.chains,
@@ -249,6 +317,10 @@ class SnapshotDaemon:
             os.unlink(os.path.join(shm_dir(), name))
         except FileNotFoundError:  # removed from outside (a wiped node, an operator)
             pass
+        except OSError as e:  # never fatal: the SMP goes on serving (warned once)
+            if not self._warned_unlink:
+                self._warned_unlink = True
+                _warn(f"cannot remove {os.path.join(shm_dir(), name)} ({e.strerror}); left in place")
 
     def _free(self, name: str) -> None:
         self.segments.pop(name, None)
@@ -268,25 +340,62 @@ class SnapshotDaemon:
                 (self._retire if reuse else self._free)(e["name"])
 
     def _create(self, size: int) -> dict:
-        name = f"{self.prefix}-{uuid.uuid4().hex[:12]}"
-        path = os.path.join(shm_dir(), name)
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        capacity = segment_capacity(size)
+        for _ in range(8):
+            name = f"{self.prefix}-{uuid.uuid4().hex[:12]}"
+            try:  # O_EXCL: never a file someone else made (it is theirs to read or swap)
+                fd = os.open(os.path.join(shm_dir(), name), os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW, 0o600)
+                break
+            except FileExistsError:
+                continue
+            except OSError as e:
+                return {"error": f"snapshot: cannot create a segment in {shm_dir()} ({e.strerror})"}
+        else:
+            return {"error": f"snapshot: cannot create a segment in {shm_dir()} (every name tried exists)"}
         try:
             while True:
                 try:
-                    os.posix_fallocate(fd, 0, max(1, size))  # reserve the pages now, not at the first write
+                    os.posix_fallocate(fd, 0, capacity)  # reserve the pages now, not at the first write
                     break
                 except OSError as e:
                     if not self.pool:
-                        os.unlink(path)
+                        self._unlink(name)
                         return {"error": f"snapshot: {shm_dir()} cannot hold a segment of {size / 2**20:.1f} MiB "
                                          f"({e.strerror}; raise the shm size or snapshot less often)"}
                     for pooled in list(self.pool):  # segments of sizes nobody asks for any more
                         self._free(pooled)
         finally:
             os.close(fd)
-        self.segments[name] = size
+        self.segments[name] = capacity
         return {"name": name}
+
+    def _reuse(self, size: int) -> str | None:
+        """A pooled segment for a chunk of ``size``: the smallest that holds it without wasting more than
+        1/REUSE_SLACK, else the largest smaller one grown in place (a mapping of it stays valid); None if
+        neither (a new segment, and pooled ones no request fits are freed when the epoch is sealed)."""
+        limit = segment_capacity(size) + segment_capacity(size) // REUSE_SLACK
+        snug = [(cap, name) for name, cap in self.pool.items() if size <= cap <= limit]
+        if snug:
+            name = min(snug)[1]
+            del self.pool[name]
+            return name
+        smaller = [(cap, name) for name, cap in self.pool.items() if cap < size]
+        if not smaller:
+            return None
+        name = max(smaller)[1]
+        del self.pool[name]
+        capacity = segment_capacity(size)
+        try:
+            fd = os.open(os.path.join(shm_dir(), name), os.O_RDWR | os.O_NOFOLLOW)
+            try:
+                os.posix_fallocate(fd, 0, capacity)
+            finally:
+                os.close(fd)
+        except OSError:  # no room to grow it (or it is gone): make room with the rest of the pool, or fail
+            self._free(name)
+            return None
+        self.segments[name] = capacity
+        return name
 
     def _complete(self) -> list[int]:
         return [e for e in _newest_first(self.epochs) if self.epochs[e]["complete"]]
@@ -340,17 +449,14 @@ class SnapshotDaemon:
         if len(complete) >= KEEP_EPOCHS and epoch not in self.epochs:
             self._drop_epoch(complete[-1])  # double buffering: the oldest complete epoch becomes the new one
             self._save_index()
-        for name, pooled in self.pool.items():
-            if pooled == size:
-                del self.pool[name]
-                break
-        else:
+        name = self._reuse(size)
+        if name is None:
             reply = self._create(size)
             if "error" in reply:
                 return reply
             name = reply["name"]
         self.pending[name] = (epoch, key)
-        return {"name": name}
+        return {"name": name, "capacity": self.segments[name]}
 
     def commit(self, epoch: int, owner: str, entries: dict, seal: bool = False) -> dict:
         if epoch in self.epochs and self.epochs[epoch]["attempt"] != self.attempt:
@@ -399,7 +505,7 @@ class SnapshotDaemon:
         self.epochs.clear()
         try:
             os.unlink(self.index_path)
-        except FileNotFoundError:
+        except OSError:
             pass
 
     def free_uncommitted(self) -> dict:
@@ -420,6 +526,11 @@ class SnapshotDaemon:
                 if self._stop.is_set() or self._closing.is_set():
                     return {"error": "snapshot: this snapshot process is shutting down"}
                 if op in ("alloc", "commit", "seal") and (refused := self._fence(req)):
+                    return refused
+                # A stale trainer must not free or stop what a newer attempt uses; the launcher and the job's
+                # cleanup (operators, holding the secret too) stop any SMP.
+                if op in ("free_uncommitted", "shutdown") and req.get("operator") is not True and \
+                        (refused := self._fence(req)):
                     return refused
                 if op == "alloc":
                     return self.alloc(str(req["key"]), int(req["size"]), int(req["epoch"]))
@@ -500,9 +611,19 @@ class SnapshotDaemon:
             os.umask(old_umask)
         server.listen(64)
         server.settimeout(0.2)
-        signal.signal(signal.SIGTERM, lambda *_: self._stop.set())  # scancel, time limit: free, then exit
+        handlers = {signal.SIGTERM: signal.signal(signal.SIGTERM, lambda *_: self._stop.set()),  # scancel, a time
+                    # limit: free, then exit. A hangup is not ours (no terminal: a session of its own); the epochs
+                    # held are there to outlive what dies, and the launcher's death is seen through ``watch``.
+                    signal.SIGHUP: signal.signal(signal.SIGHUP, signal.SIG_IGN)}
+        next_watch = 0.0
         try:
             while not self._stop.is_set():
+                if self.watch and time.monotonic() >= next_watch:
+                    next_watch = time.monotonic() + WATCH_INTERVAL_S
+                    if not _same_process(*self.watch):
+                        _warn(f"the process it watched (pid {self.watch[0]}, its launcher) is gone: freeing every "
+                              f"segment and exiting")
+                        return
                 try:
                     conn, _ = server.accept()
                 except TimeoutError:
@@ -518,6 +639,9 @@ class SnapshotDaemon:
             remove_node_files(self.socket_path, self.prefix)
             lock.close()
             _remove_if_unused(os.path.dirname(os.path.abspath(self.socket_path)))
+            for signum, handler in handlers.items():
+                if handler is not None:  # None: not set from Python; left as it is
+                    signal.signal(signum, handler)
 
 
 class SnapshotClient:
@@ -529,7 +653,7 @@ class SnapshotClient:
         self.chain = chain
         self._secret = None
 
-    def _call(self, timeout_s: float | None = None, **req) -> dict:
+    def _request(self, timeout_s: float | None, req: dict) -> dict:
         try:
             if self._secret is None:
                 self._secret = load_secret(self.socket_path)
@@ -543,12 +667,29 @@ class SnapshotClient:
             reply = json.loads(line) if line else None
         except (OSError, ValueError) as e:
             raise SMPError(f"snapshot process at {self.socket_path} is not answering ({type(e).__name__}: {e})") from e
-        if reply is None:
+        if not isinstance(reply, dict):
             raise SMPError(f"snapshot process at {self.socket_path} closed the connection without a reply")
+        return reply
+
+    def _call(self, timeout_s: float | None = None, **req) -> dict:
+        reply = self._request(timeout_s, req)
+        if str(reply.get("error", "")).startswith("snapshot: unauthorized"):
+            # A restarted SMP may have written a new secret: read it once more, and ask once more if it changed.
+            # Never more: a secret file that does not match its SMP stays so (a loop here would never end).
+            sent, self._secret = self._secret, None
+            try:
+                fresh = load_secret(self.socket_path)
+            except OSError as e:
+                raise SMPError(f"snapshot process at {self.socket_path} refused its secret and "
+                               f"{secret_path(self.socket_path)} cannot be read ({e})") from e
+            if fresh != sent:
+                self._secret = fresh
+                reply = self._request(timeout_s, req)
+            if str(reply.get("error", "")).startswith("snapshot: unauthorized"):
+                raise SMPError(f"snapshot process at {self.socket_path} refused the secret of "
+                               f"{secret_path(self.socket_path)} (secret mismatch: that file does not hold the secret "
+                               f"it was started with; stop it and start it again)")
         if "error" in reply:
-            if reply["error"].startswith("snapshot: unauthorized") and self._secret is not None:
-                self._secret = None  # a restarted SMP may have written a new secret: read it once more
-                return self._call(timeout_s, **req)
             raise SMPError(reply["error"])
         return reply
 
@@ -614,14 +755,23 @@ class SnapshotClient:
                 return ep["epoch"], out
         return None
 
-    def shutdown(self) -> None:
-        self._call(op="shutdown")
+    def free_uncommitted(self) -> dict:
+        """Drop the segments no committed epoch holds; refused unless this client's generation is the SMP's."""
+        return self._call(op="free_uncommitted", run=self.run, attempt=self.attempt)
+
+    def shutdown(self, operator: bool | None = None) -> None:
+        """Free everything and stop the SMP. A trainer's client (one with a run) is fenced like its other requests;
+        ``operator`` (default: a client of no run, the launcher's or the job cleanup's) stops any SMP."""
+        if operator is None:
+            operator = not self.run
+        self._call(op="shutdown", run=self.run, attempt=self.attempt, operator=bool(operator))
 
     def alive(self, timeout_s: float = 5.0) -> bool:
+        """It answers a ping; False on any failure (refused, unreachable, a secret that does not match)."""
         try:
             self._call(op="ping", timeout_s=timeout_s)
             return True
-        except SMPError:
+        except Exception:  # noqa: BLE001 - a liveness probe answers, it never raises
             return False
 
 
@@ -667,14 +817,52 @@ def lock_path(socket_file: str) -> str:
     return os.path.splitext(socket_file)[0] + ".lock"
 
 
-def remove_node_files(socket_file: str, prefix: str) -> None:
-    """Everything of one node's SMP: its segments, index, socket and lock file."""
-    remove_segments(prefix)
+def remove_node_files(socket_file: str, prefix: str | None) -> None:
+    """Everything of one node's SMP: its segments (``prefix``; None: unknown, left), index, socket and lock file."""
+    if prefix is not None:
+        remove_segments(prefix)
     for leftover in (index_path(socket_file), socket_file, lock_path(socket_file)):
         try:
             os.unlink(leftover)
-        except FileNotFoundError:
+        except OSError:
             pass
+
+
+def _take_lock(socket_file: str, tries: int = 50):
+    """The exclusive lock an SMP holds while it lives, with its pid written in (for a stop that finds it too busy
+    to answer). A liveness probe (_serving) holds it for an instant, so a few tries; the lock must be on the file
+    the path names now (a sweep may have removed the one opened), else taken again."""
+    path = lock_path(socket_file)
+    for attempt in range(tries):
+        lock = open(path, "a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            if attempt == tries - 1:
+                raise SMPError(f"snapshot: another snapshot process serves {socket_file}") from None
+            time.sleep(0.01)
+            continue
+        try:
+            same = os.fstat(lock.fileno()).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            lock.truncate(0)
+            lock.write(f"{os.getpid()}\n")
+            lock.flush()
+            return lock
+        lock.close()
+    raise SMPError(f"snapshot: cannot take the lock {path}")
+
+
+def _lock_holder(socket_file: str) -> int:
+    """The pid an SMP wrote into its lock file (0 if none can be read)."""
+    try:
+        with open(lock_path(socket_file)) as f:
+            return int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return 0
 
 
 def _alive(pid: int) -> bool:
@@ -692,6 +880,39 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def _start_time(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot; /proc), None if unknown: a reused pid differs in it."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _same_process(pid: int, start: int | None) -> bool:
+    """Process ``pid`` lives and is the one that started at ``start`` (not a later one given its pid)."""
+    return _alive(pid) and (start is None or _start_time(pid) in (None, start))
+
+
+def watch_spec(pid: int) -> str:
+    """``pid:start``: how an SMP is told which process to die with (``--watch-pid``)."""
+    start = _start_time(pid)
+    return f"{pid}:{start}" if start is not None else str(pid)
+
+
+def _launcher_pid() -> int | None:
+    """The loomtrain launcher this process runs under (it exports its pid to its ranks), if any."""
+    from loomtrain.launch.elastic import LAUNCHER_PID_ENV
+
+    pid = os.environ.get(LAUNCHER_PID_ENV, "")
+    return int(pid) if pid.isdigit() else None
+
+
+def _parse_watch(spec: str) -> tuple[int, int | None]:
+    pid, _, start = spec.partition(":")
+    return int(pid), int(start) if start else None
+
+
 def _serving(socket_file: str) -> bool:
     """An SMP holds this socket's lock (it is alive, even if too busy to answer or not yet listening)."""
     try:
@@ -706,6 +927,30 @@ def _serving(socket_file: str) -> bool:
         return False
 
 
+def _remove_if_dead(socket_file: str, prefix: str | None) -> bool:
+    """Remove a node's files unless an SMP serves it (holds its lock, busy or not), holding the lock meanwhile
+    so that none starts in the middle; True if removed."""
+    try:
+        lock = open(lock_path(socket_file), "a")
+    except OSError:
+        return False
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        remove_node_files(socket_file, prefix)
+        return True
+
+
+def _prefix_or_none(smp_dir: str, node: int | str) -> str | None:
+    try:
+        return segment_prefix(smp_dir, node)
+    except SMPError as e:
+        _warn(f"the segments of node {node} in {smp_dir} cannot be found: {e}")
+        return None
+
+
 def _remove_if_unused(d: str, min_age_s: float = 0.0) -> None:
     """Remove an SMP directory loomtrain named once no SMP uses it (nothing but the secret is left),
     if old enough. A directory a user or launcher chose is theirs to remove."""
@@ -718,54 +963,87 @@ def _remove_if_unused(d: str, min_age_s: float = 0.0) -> None:
         pass
 
 
+def _our_directory(d: str) -> bool:
+    """``d`` is a directory (not a link) of this user, closed to others: one an SMP of ours may use."""
+    try:
+        st = os.lstat(d)
+    except OSError:
+        return False
+    return _is_ours(st) and not st.st_mode & 0o077
+
+
 def sweep_dead(keep: str | None = None) -> list[str]:
     """Remove the segments, index and socket of every SMP of this user on this host whose process is gone
     (SIGKILLed with its job, a node's trainers killed by Slurm): the cleanup that also runs after SIGKILL,
     at the next start of an SMP on the host. ``keep``: a directory not to touch (the one an SMP is about to
-    start in: it adopts its predecessor's segments). Returns the directories swept."""
+    start in: it adopts its predecessor's segments). An SMP that lives (its lock held), however busy, keeps
+    everything. Returns the directories swept."""
     swept, root = [], tempfile.gettempdir()
-    for entry in os.listdir(root):
+    try:
+        entries = os.listdir(root)
+    except OSError:
+        return swept
+    for entry in entries:
         d = os.path.join(root, entry)
         if not entry.startswith(SMP_DIR_PREFIX) or (keep and os.path.abspath(d) == os.path.abspath(keep)):
             continue
+        if not _our_directory(d):  # another user's (or a planted one): not ours to judge
+            continue
         try:
-            st = os.lstat(d)
-            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
-                continue
             nodes = directory_nodes(d)
         except OSError:
             continue
         for node in nodes:
-            if not _serving(socket_path(d, node)):
-                remove_node_files(socket_path(d, node), segment_prefix(d, node))
+            sock = socket_path(d, node)
+            if not _serving(sock) and _remove_if_dead(sock, _prefix_or_none(d, node)):
                 swept.append(d)
         _remove_if_unused(d, min_age_s=600)  # an old directory nobody serves from (a job started may be new)
     return swept
 
 
 def cleanup_job(output_dir: str, job_id: str) -> None:
-    """Stop the job's SMPs on this host and remove everything they held (the sbatch script's last step)."""
+    """Stop the job's SMPs on this host and remove everything they held (the sbatch script's last step).
+    A directory of that name that is not this user's is left alone; one an SMP still serves is kept."""
     d = job_directory(output_dir, job_id)
-    if os.path.isdir(d):
-        stop_daemons(d, directory_nodes(d))
+    if not os.path.lexists(d):
+        return
+    if not _our_directory(d):
+        _warn(f"{d} is not a private directory of uid {os.getuid()}: left alone")
+        return
+    stop_daemons(d, directory_nodes(d))
+    if not any(_serving(socket_path(d, node)) for node in directory_nodes(d)):
         shutil.rmtree(d, ignore_errors=True)
 
 
 def segment_prefix(smp_dir: str, node: int | str) -> str:
-    """Stable per (job directory, node): a restarted daemon finds its predecessor's segments."""
-    return f"lt{zlib.crc32(os.path.abspath(smp_dir).encode()):08x}n{node_label(node)}"
+    """What names node ``node``'s segments: stable per (job directory, node), so a restarted SMP finds its
+    predecessor's, and derived from the directory's secret (readable by this user only): another user cannot
+    know it, so cannot create files under it before the SMP does. SMPError if the secret cannot be read."""
+    d, label = os.path.abspath(smp_dir), node_label(node)
+    try:
+        secret = load_secret(socket_path(d, label))
+    except OSError as e:
+        raise SMPError(f"snapshot: no readable secret in {d} ({e.strerror})") from e
+    tag = hmac.new(secret.encode(), f"segments|{d}|{label}".encode(), hashlib.sha256).hexdigest()[:16]
+    return f"lt{tag}n{label}"
 
 
 def start_daemon(smp_dir: str, node: int | str, idle_exit_s: float = 0.0, timeout_s: float = 30.0,
-                 env: dict | None = None) -> int:
-    """Start node ``node``'s SMP in a session of its own (no trainer's death takes it down); returns its pid."""
+                 env: dict | None = None, watch_pid: int | None = None) -> int:
+    """Start node ``node``'s SMP in a session of its own (no trainer's death takes it down); returns its pid.
+    ``watch_pid`` (default: the loomtrain launcher this runs under, ``LOOMTRAIN_LAUNCHER_PID``; none under plain
+    torchrun or Slurm, where the SMP must outlive every process of a restart): when that process is gone, the
+    SMP frees everything and exits (a launcher SIGKILLed or hung up never runs its cleanup)."""
     for swept in sweep_dead(keep=smp_dir):
         print(f"smp: removed the leftovers of a dead snapshot process in {swept}", file=sys.stderr, flush=True)
     secure_directory(smp_dir)
     sock = socket_path(smp_dir, node)
     load_secret(sock, create=True)
+    watch_pid = watch_pid or _launcher_pid()
+    watch = watch_spec(watch_pid) if watch_pid else ""
     proc = subprocess.Popen([sys.executable, "-m", "loomtrain.faulttol.smp", "--socket", sock,
-                             "--prefix", segment_prefix(smp_dir, node), "--idle-exit-s", str(idle_exit_s)],
+                             "--prefix", segment_prefix(smp_dir, node), "--idle-exit-s", str(idle_exit_s)]
+                            + (["--watch-pid", watch] if watch else []),
                             start_new_session=True, stdin=subprocess.DEVNULL,
                             env=dict(os.environ, **env) if env else None)
     client = SnapshotClient(sock)
@@ -788,19 +1066,35 @@ def ensure_daemon(smp_dir: str, node: int | str, idle_exit_s: float = 0.0) -> bo
     return True
 
 
-def stop_daemons(smp_dir: str, nodes) -> None:
-    """Shut down (unlinking every segment) the SMPs of ``nodes`` that are still running."""
+def stop_daemons(smp_dir: str, nodes, timeout_s: float = 10.0, run: str | None = None, attempt: int = 0) -> None:
+    """Shut down (unlinking every segment) the SMPs of ``nodes`` that are still running, and remove what dead
+    ones left. ``run``/``attempt``: a trainer's stop at its clean end, fenced like its other requests (an SMP now
+    serving a newer attempt is left running); without: an operator's (launcher, job cleanup), any SMP. One that
+    lives but does not answer is sent SIGTERM; the files of an SMP that still lives are never removed."""
     for node in nodes:
-        client = SnapshotClient(socket_path(smp_dir, node))
+        sock = socket_path(smp_dir, node)
+        client = SnapshotClient(sock, run=run or "", attempt=attempt)
         try:
-            pid = client._call(op="ping", timeout_s=5.0)["pid"]
-            client.shutdown()
-            deadline = time.monotonic() + 10
-            while _alive(pid) and time.monotonic() < deadline:  # gone before the caller looks for leftovers
-                time.sleep(0.02)
-        except SMPError:
-            pass
-        remove_node_files(socket_path(smp_dir, node), segment_prefix(smp_dir, node))  # a SIGKILLed one's too
+            pid = int(client._call(op="ping", timeout_s=min(5.0, timeout_s))["pid"])
+        except (SMPError, KeyError, TypeError, ValueError):
+            pid = 0
+        if pid:
+            try:
+                client.shutdown(operator=run is None)
+            except SMPError as e:
+                if run is not None:
+                    _warn(f"left the snapshot process of node {node} running: {e}")
+                    continue
+        elif _serving(sock) and (pid := _lock_holder(sock)):  # alive, too busy to answer: as scancel would
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except OSError:
+                pass
+        deadline = time.monotonic() + timeout_s
+        while _serving(sock) and time.monotonic() < deadline:  # gone before the caller looks for leftovers
+            time.sleep(0.02)
+        if not _remove_if_dead(sock, _prefix_or_none(smp_dir, node)):  # a SIGKILLed one's files too
+            _warn(f"the snapshot process of node {node} ({sock}) still runs: its files are left to it")
     _remove_if_unused(smp_dir)
 
 
@@ -812,6 +1106,8 @@ def main(argv=None) -> int:
     p.add_argument("--socket")
     p.add_argument("--prefix", default=f"loomtrain-{os.getpid()}")
     p.add_argument("--idle-exit-s", type=float, default=0.0, help="exit after this long without a request; 0 = never")
+    p.add_argument("--watch-pid", metavar="PID[:START]", default=None,
+                   help="free everything and exit once this process (started at START, clock ticks) is gone")
     a = p.parse_args(argv)
     if a.cleanup_job:
         cleanup_job(a.cleanup_job, os.environ.get("SLURM_JOB_ID", ""))
@@ -819,8 +1115,13 @@ def main(argv=None) -> int:
         return 0
     if not a.socket:
         p.error("--socket is required")
+    try:
+        watch = _parse_watch(a.watch_pid) if a.watch_pid else None
+    except ValueError:
+        p.error(f"--watch-pid: PID or PID:START, not {a.watch_pid!r}")
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # from the start (see ``serve``)
     secure_directory(os.path.dirname(os.path.abspath(a.socket)))
-    SnapshotDaemon(a.socket, a.prefix, a.idle_exit_s).serve()
+    SnapshotDaemon(a.socket, a.prefix, a.idle_exit_s, watch=watch).serve()
     return 0
 
 

@@ -19,8 +19,12 @@ layout: names, dtypes, shapes). Nothing read back from shared memory is unpickle
 3. Two-phase commit: only when every rank has written and verified all it holds (a second
    agreement, on a gloo group of the snapshot's own) does each rank commit its entries,
    tagged with the run, attempt, epoch and source, in its SMP. A failure anywhere skips that
-   snapshot (counted, reported by ``poll``), leaves an uncommitted epoch that is never served,
-   and training goes on.
+   snapshot (counted, reported by ``poll``): each rank closes every mapping it opened for it
+   and its SMP drops the uncommitted segments (never served, never handed out again), and
+   training goes on. A collective of the snapshot's own groups that fails (a timeout, a dead
+   peer) leaves them out of step: at the next snapshot every rank learns it from one all-reduce
+   on the default group and all rebuild them together; snapshots go off (one warning) only if
+   the rebuild fails or the groups fail at ``MAX_GROUP_FAILURES`` snapshots in a row.
 
 ``locate`` + ``restore`` reverse it: every rank reports the committed, checksum-valid
 chunks its SMP holds, all ranks pick the newest epoch from which every payload can be
@@ -172,9 +176,10 @@ class PinnedStaging:
     def after_compute(self) -> None:
         """Main thread, after the step: the copies queued later come after what the current stream holds.
         The first call allocates the stream and the pinned buffers (here, on the rank's device)."""
-        if self._stream is None:
-            self._stream = self.ops.stream()
-            self._pinned = [self.ops.pinned(self.buffer_bytes) for _ in range(self.buffers)]
+        if self._stream is None:  # both or neither: an allocation that failed is tried again next time
+            stream = self.ops.stream()
+            pinned = [self.ops.pinned(self.buffer_bytes) for _ in range(self.buffers)]
+            self._stream, self._pinned = stream, pinned
         self._stream.wait_stream(self.ops.current_stream())
 
     def copy(self, staging: torch.Tensor, tensors: list[torch.Tensor]) -> None:
@@ -186,12 +191,17 @@ class PinnedStaging:
             event.synchronize()  # the device wrote ``buf``; only now may the host read it (or refill it)
             dst.copy_(buf[:dst.numel()])
 
-        for i, (offset, length, parts) in enumerate(_windows(tensors, self.buffer_bytes)):
-            if len(pending) == self.buffers:
-                drain()
-            buf = self._pinned[i % self.buffers]
-            self.ops.copy(self._stream, [(buf[at:at + src.numel()], src) for src, at in parts])
-            pending.append((self._stream.record_event(), buf, staging[offset:offset + length]))
+        try:
+            for i, (offset, length, parts) in enumerate(_windows(tensors, self.buffer_bytes)):
+                if len(pending) == self.buffers:
+                    drain()
+                buf = self._pinned[i % self.buffers]
+                self.ops.copy(self._stream, [(buf[at:at + src.numel()], src) for src, at in parts])
+                pending.append((self._stream.record_event(), buf, staging[offset:offset + length]))
+        except BaseException:
+            for event, _, _ in pending:  # failed midway: the device is done with the buffers before we go on
+                event.synchronize()
+            raise
         while pending:
             drain()
 
@@ -214,6 +224,9 @@ class Restored:
     rebuilt: int  # ranks whose payload needed parity (their chunks were lost with a node), or a replica's copy
 
 
+MAX_GROUP_FAILURES = 3  # snapshots in a row whose own process groups failed before snapshots go off
+
+
 class Snapshotter:
     """One rank's side of the snapshots. A failed snapshot is skipped, counted and reported by ``poll``;
     training never stops for one (the previous epoch still serves, and the next snapshot retries)."""
@@ -230,23 +243,24 @@ class Snapshotter:
         self.smp_dir, self.idle_exit_s = smp_dir, idle_exit_s
         self.node = node  # this rank's node's SMP: its host, not a rank number (see FaultTolerance)
         self.client = SnapshotClient(socket_path(smp_dir, node), run=run, attempt=attempt, timeout_s=timeout_s)
-        # Groups of their own: the background thread's collectives never interleave with training's, and a
-        # peer that died mid-exchange ends this snapshot with an error after timeout_s instead of a hang.
-        timeout = datetime.timedelta(seconds=timeout_s)
-        self.world_group = dist.new_group(backend="gloo", timeout=timeout)
-        self.stripe_group = None
-        for ranks in layout.stripes():
-            group = dist.new_group(ranks, backend="gloo", timeout=timeout) if layout.group_nodes > 1 else None
-            if rank in ranks:
-                self.stripe_group = group
+        self.timeout_s = timeout_s
+        self.world_group = self.stripe_group = None
+        self._make_groups()
         self.stripe = layout.stripe(rank)
         self.me = layout.member(rank)
         self.code = ReedSolomon(layout.data, layout.parity) if layout.parity and not layout.by_replicas else None
         self._thread: threading.Thread | None = None
         self._failures: list[str] = []  # failed snapshots not yet reported by poll()
         self.late = 0  # snapshots that had to wait for the previous one to finish
-        self._leaked: list = []  # mappings kept open after a failed transfer
-        self.broken = False  # a snapshot collective failed: the snapshot groups are out of step, stop using them
+        # Set by the background thread: a collective or transfer of the snapshot groups failed, so they are out of
+        # step (a peer may still be in an operation this rank gave up on). Every rank rebuilds them at the next start.
+        self._groups_broken = False
+        self._group_failures = 0  # consecutive snapshots whose groups failed (decided the same on every rank)
+        self._unsettled = False  # the running snapshot left a transfer into its segments unfinished
+        # Mappings of segments a failed transfer may still write into: kept (the SMP has unlinked the segments)
+        # until the groups that hold the transfer are destroyed, then closed.
+        self._quarantine: list[Attached] = []
+        self.broken = False  # snapshots are off for the rest of the run (every rank decided it together)
         self._copied = threading.Event()
         self._copied.set()
         self._staging: torch.Tensor | None = None
@@ -259,9 +273,45 @@ class Snapshotter:
         self.last_seconds = 0.0  # background time of the newest snapshot (copy + encode + exchange + commit)
 
     # ------------------------------------------------------------------ taking snapshots
+    def _make_groups(self) -> None:
+        """The snapshot's gloo groups: every rank creates every group, in the same order (``new_group`` is
+        collective over the default group). Groups of their own: the background thread's collectives never
+        interleave with training's, and a peer that died mid-exchange ends this snapshot with an error after
+        timeout_s instead of a hang."""
+        timeout = datetime.timedelta(seconds=self.timeout_s)
+        self.world_group = dist.new_group(backend="gloo", timeout=timeout)
+        self.stripe_group = None
+        for ranks in self.layout.stripes():
+            group = dist.new_group(ranks, backend="gloo", timeout=timeout) if self.layout.group_nodes > 1 else None
+            if self.rank in ranks:
+                self.stripe_group = group
+
+    def _destroy_groups(self) -> None:
+        """Destroy this rank's snapshot groups (their connections close: no transfer of theirs runs any more),
+        then close the mappings quarantined for their transfers."""
+        groups = [g for g in (self.stripe_group, self.world_group) if g is not None]
+        self.world_group = self.stripe_group = None
+        try:
+            for group in groups:
+                dist.destroy_process_group(group)
+        finally:
+            del groups
+            quarantine, self._quarantine = self._quarantine, []
+            for shm in quarantine:
+                try:
+                    shm.close()
+                except BufferError:  # a view still holds it: unmapped when the last one goes
+                    pass
+
     def start(self, step: int, model, optimizer, host: dict, extra: dict | None = None) -> None:
         """Begin snapshot ``step``; returns once the copy is under way (the previous snapshot must be done).
-        ``extra``: more live tensors by name (the sync's outer state), restored in place like the rest."""
+        ``extra``: more live tensors by name (the sync's outer state), restored in place like the rest.
+
+        Collective over the default group: every rank calls it at the same step. One all-reduce of two ints
+        says whether every rank prepared its snapshot and whether any rank's snapshot groups failed, so all
+        ranks skip this snapshot, or rebuild the groups, together. A failure here never reaches the training
+        loop (it is reported by ``poll``); only the default group's own all-reduce may raise, as training's
+        next collective would."""
         if self.broken:
             return
         t0 = time.perf_counter()
@@ -272,12 +322,36 @@ class Snapshotter:
                       f"({self.late} time(s) so far; one takes {self.last_seconds:.2f}s in the background): "
                       f"raise faulttol.snapshot.every_steps", file=sys.stderr, flush=True)
         self.wait()
+        job, problem = None, None
+        try:
+            job = self._prepare(step, model, optimizer, host, extra)
+        except Exception as e:  # noqa: BLE001 - reported by poll(); training goes on
+            problem = f"prepare: {type(e).__name__}: {e}"
+        if self._go_ahead(step, problem):
+            self._copied.clear()
+            try:
+                thread = threading.Thread(target=self._run, name=f"snapshot-{step}", daemon=True, args=job)
+                thread.start()
+                self._thread = thread
+            except Exception as e:  # noqa: BLE001 - no thread: the peers give up on this rank after timeout_s
+                self._copied.set()
+                self._groups_broken = True
+                self._failures.append(f"snapshot of step {step} skipped on rank {self.rank}: start: "
+                                      f"{type(e).__name__}: {e}")
+        self.last_stall_s = time.perf_counter() - t0
+
+    def _prepare(self, step, model, optimizer, host, extra) -> tuple:
+        """Main thread: the small rest as JSON, the staging buffer, the device ordering; the background
+        thread's arguments."""
         ids = _state_ids(optimizer) + [id(t) for t in (extra or {}).values()]
         if self._tensors is None or ids != self._tensor_ids:
             # get_state_dict costs milliseconds; its tensors are the live ones, updated in place.
             self._tensors, self._layout = flatten_state(model, optimizer, extra)
             self._tensor_ids = ids
         tensors = self._tensors
+        for t, (name, _, _) in zip(tensors, self._layout):  # the copies read raw bytes: checked here, not midway
+            if not t.is_contiguous():
+                raise RuntimeError(f"snapshot: state tensor {name} of shape {tuple(t.shape)} is not contiguous")
         meta = codec.dumps({"step": step, "rank": self.rank, "host": host, "optimizer": _hyperparameters(optimizer),
                             "layout": self._layout})
         tensor_bytes = sum(_nbytes(t) for t in tensors)
@@ -285,17 +359,71 @@ class Snapshotter:
         chunk = 8 * max(1, math.ceil(payload / (self.layout.data * 8)))  # int64 words for the bitwise codes
         need = chunk * self.layout.data
         if self._staging is None or self._staging.numel() < need:
+            self._staging = None  # the old buffer goes first: the new one is larger
             self._staging = torch.empty(need, dtype=torch.uint8)  # pageable: pinned memory goes through _copier
         staging = self._staging[:need]
         staging[tensor_bytes:payload].copy_(torch.frombuffer(bytearray(meta), dtype=torch.uint8))
         staging[payload:].zero_()
-        self._copied.clear()
         if self._copier is not None:
             self._copier.after_compute()  # the side stream's copies come after what the step computed
-        self._thread = threading.Thread(target=self._run, name=f"snapshot-{step}", daemon=True,
-                                        args=(step, staging, tensors, payload, tensor_bytes, chunk, meta))
-        self._thread.start()
-        self.last_stall_s = time.perf_counter() - t0
+        return step, staging, tensors, payload, tensor_bytes, chunk, meta
+
+    def _go_ahead(self, step: int, problem: str | None) -> bool:
+        """Collective over the default group (never used by the background thread, so never out of step with
+        it): rebuild the snapshot groups if any rank's failed, and start this snapshot only if every rank
+        prepared its own."""
+        flags = torch.tensor([int(self._groups_broken), int(problem is not None)], dtype=torch.int32)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        regroup, skip = bool(flags[0]), bool(flags[1])
+        if regroup:
+            self._group_failures += 1
+            if not self._regroup():
+                return False
+        else:
+            self._group_failures = 0
+        if skip:
+            self._failures.append(f"snapshot of step {step} skipped on rank {self.rank}: "
+                                  f"{problem or 'another rank could not prepare its snapshot'}")
+            return False
+        return True
+
+    def _regroup(self) -> bool:
+        """Every rank at once: destroy the snapshot groups and create them again, or turn snapshots off (after
+        ``MAX_GROUP_FAILURES`` failed snapshots in a row, or if the rebuild fails on any rank)."""
+        if self._group_failures >= MAX_GROUP_FAILURES:
+            self._turn_off(f"their process groups failed at {self._group_failures} snapshots in a row", None)
+            return False
+        problem = None
+        try:
+            self._destroy_groups()
+        except Exception as e:  # noqa: BLE001 - still create the new ones: every rank must call new_group alike
+            problem = f"destroying the old groups: {type(e).__name__}: {e}"
+        try:
+            self._make_groups()
+        except Exception as e:  # noqa: BLE001 - decided below, on every rank
+            problem = problem or f"{type(e).__name__}: {e}"
+        flag = torch.tensor([0 if problem is None else 1], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            self._turn_off("rebuilding their process groups failed", problem)
+            return False
+        self._groups_broken = False
+        if self.rank == 0:
+            print(f"faulttol: rebuilt the snapshot process groups after a failed collective ({self._group_failures} "
+                  f"failure(s) in a row; snapshots go off at {MAX_GROUP_FAILURES})", file=sys.stderr, flush=True)
+        return True
+
+    def _turn_off(self, why: str, problem: str | None) -> None:
+        """Snapshots off for the rest of the run, on every rank (the callers decided it together): rank 0 says
+        why in one line, and a rank whose own rebuild failed says how."""
+        self.broken = True
+        try:
+            self._destroy_groups()
+        except Exception:  # noqa: BLE001 - off anyway; the groups are never used again
+            pass
+        if self.rank == 0 or problem is not None:
+            print(f"faulttol: WARNING: in-memory snapshots are off for the rest of this run (rank {self.rank}): "
+                  f"{why}" + (f" ({problem})" if problem else ""), file=sys.stderr, flush=True)
 
     def _copy_into(self, staging: torch.Tensor, tensors: list[torch.Tensor]) -> None:
         if self._copier is not None:
@@ -342,10 +470,14 @@ class Snapshotter:
 
         A rank whose SMP is dead or full never leaves its peers waiting in the exchange, and an epoch is
         sealed (counts as complete in every SMP) only once every rank committed it. A failure skips this
-        snapshot only; a collective that itself fails (a timeout) turns snapshots off on that rank.
+        snapshot only: this rank closes the mappings it opened for it and its SMP drops the uncommitted
+        segments. A collective that itself fails (a timeout, a dead peer) marks the snapshot groups for a
+        rebuild at the next ``start``; mappings a failed transfer may still write into stay open until then.
         """
         t0 = time.perf_counter()
         failure, views, segments, entries, chunks = None, {}, [], None, None
+        reserving = False
+        self._unsettled = False  # set by _exchange: a transfer into the segments may still be running
 
         def local(what, fn):
             nonlocal failure
@@ -365,14 +497,14 @@ class Snapshotter:
 
         try:
             try:
-                self._copy_into(staging, tensors)
-                self._fault("copy", step)
+                local("copy", lambda: (self._copy_into(staging, tensors), self._fault("copy", step)))
             finally:
                 self._copied.set()
             chunks = local("encode", lambda: self._encode(staging, chunk))
-            if agreed("encode"):
+            if agreed("copy and encode its payload"):
                 sources = self._gather_replicas(staging, tensor_bytes, meta) if self.layout.by_replicas else \
                     self._gather_sources(chunks, chunk, payload, tensor_bytes)
+                reserving = True
                 entries = local("reserve", lambda: self._reserve(step, sources, views, segments))
                 if agreed("reserve its segments") and \
                         local("exchange", lambda: self._exchange(step, chunks, views, entries)) is None and \
@@ -384,18 +516,43 @@ class Snapshotter:
                         if failure is None:
                             self.committed.append(step)
         except BaseException as e:  # a collective failed (timeout, a dead peer): the groups are out of step
-            failure = f"{type(e).__name__}: {e}; in-memory snapshots are off on this rank from now on"
-            self.broken = True
+            failed = f"a snapshot collective failed: {type(e).__name__}: {e}"
+            failure = f"{failure}; then {failed}" if failure else failed
+            self._groups_broken = True
         finally:
             views.clear()
-            if failure is not None and failure.startswith("exchange") or self.broken:
-                self._leaked.extend(segments)  # a transfer may still write into them: never unmap under it
+            entries = chunks = None
+            if self._unsettled:  # never unmap under a transfer: closed once its groups are destroyed
+                self._quarantine.extend(segments)
             else:
-                for shm in segments:
-                    shm.close()
+                self._unmap(segments)
+            if failure is not None and reserving:
+                self._drop_uncommitted()
         self.last_seconds = time.perf_counter() - t0
         if failure is not None:
+            if self._groups_broken:
+                failure += "; the snapshot process groups are rebuilt at the next snapshot"
             self._failures.append(f"snapshot of step {step} skipped on rank {self.rank}: {failure}")
+
+    def _unmap(self, segments: list[Attached]) -> None:
+        for shm in segments:
+            try:
+                shm.close()
+            except BufferError:  # a view of it is still alive somewhere: closed with the quarantine instead
+                self._quarantine.append(shm)
+        segments.clear()
+
+    def _drop_uncommitted(self) -> None:
+        """After a failed snapshot: this node's SMP unlinks the segments reserved and not committed (this
+        rank's and, on a node of several ranks, its neighbours', which failed the same snapshot: the failure
+        was agreed), so they are never handed out again while a mapping or a late transfer still holds them.
+        Only an SMP that serves this generation is asked: a stale trainer must not free a newer one's."""
+        try:
+            info = self.client._call(op="ping")
+            if (info.get("run"), info.get("attempt")) == (self.run, self.attempt):
+                self.client._call(op="free_uncommitted", run=self.run, attempt=self.attempt)
+        except (SMPError, KeyError, TypeError):  # a dead SMP holds nothing; a restarted one adopts committed ones
+            pass
 
     def _smp_up(self) -> None:
         """Make sure this rank's SMP serves this generation: the node's first rank restarts a dead one (it
@@ -502,11 +659,27 @@ class Snapshotter:
             ops.append(dist.P2POp(dist.isend, chunks[j], self.stripe[(self.me + j) % n], self.stripe_group))
             ops.append(dist.P2POp(dist.irecv, views[(self.me - j) % n], self.stripe[(self.me - j) % n],
                                   self.stripe_group))
-        works = dist.batch_isend_irecv(ops) if ops else []
-        self._fault("exchange", step)
-        for work in works:
-            work.wait()
-        del ops, works
+        # Every transfer into or out of the segments ends before they are unmapped, even when this rank failed
+        # meanwhile (its peers posted theirs: they complete). One that fails, or may not have been posted, leaves
+        # the stripe group out of step and its segments possibly still written: both wait for the rebuild.
+        try:
+            works = dist.batch_isend_irecv(ops) if ops else []
+        except BaseException:
+            self._unsettled = self._groups_broken = True
+            raise
+        finally:
+            ops.clear()
+        try:
+            self._fault("exchange", step)
+        finally:
+            try:
+                for work in works:
+                    work.wait()
+            except BaseException:
+                self._unsettled = self._groups_broken = True
+                raise
+            finally:
+                works.clear()
         for i, entry in zip(range(n), entries.values()):
             if _crc(views[i]) != entry["crc"]:
                 raise RuntimeError(f"chunk {entry['chunk']} of rank {entry['src']} arrived corrupted "
@@ -560,6 +733,8 @@ class Snapshotter:
         serves what it committed, point to point. So a rank sends O(world x n) 4-byte words per generation
         tried plus O(n) records, instead of receiving every rank's inventory.
         """
+        if self.broken:  # decided on every rank alike: no rank enters the collectives below
+            return None, "in-memory snapshots were turned off earlier in this run"
         inventory = self._inventory()
         world, n, k = self.layout.world, self.layout.group_nodes, self.layout.data
         held = {(int(e["attempt"]), int(e["step"])) for e in inventory}

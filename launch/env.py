@@ -102,11 +102,31 @@ def device_backend(backend: str, device_type: str) -> str:
     return dict(part.split(":") for part in backend.split(","))[device_type]
 
 
+def few_sockets() -> None:
+    """Keep each rank's sockets in proportion to the peers it talks to, not to the world. gloo connects every
+    group as a full mesh at creation: each world-sized group costs world - 1 sockets per rank, and loomtrain has
+    several (the default group's CPU side, the snapshots' and the async checkpoint's background groups), which at
+    1,024 ranks is thousands of sockets against a common default limit of 1,024 open files. Lazy connection
+    (``TORCH_GLOO_LAZY_INIT``, unless the user set it) connects a pair at its first message: a ring's two
+    neighbours, a broadcast root's peers. The soft open-files limit is also raised to the hard one."""
+    os.environ.setdefault("TORCH_GLOO_LAZY_INIT", "1")
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20),
+                                                        hard))
+    except (ImportError, ValueError, OSError):
+        pass  # not POSIX, or a limit the kernel refuses: keep what the launcher gave
+
+
 def init_distributed(par_cfg, timeout_s: float = 600.0) -> DistEnv:
     """Start the default process group (a one-rank gloo group when running alone)."""
     rank, world, local_rank, local_world, source = read_env()
     # DeepSpeed (and other libraries) assert LOCAL_RANK is set; single-process and srun runs never set it.
     os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    few_sockets()
     device = choose_device(par_cfg.device, local_rank)
     backend = choose_backend(par_cfg.backend, device)
     if not dist.is_initialized():

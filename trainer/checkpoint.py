@@ -7,6 +7,12 @@ updates (``parallel.dp_sync: diloco | co2``) hold different parameters, which DC
 deduplicate as replicas: each writes its own ``worker<NNN>`` directory inside the step's. It is written under a ``.tmp`` name and renamed by rank 0 once
 every rank has finished, and ``latest`` is rewritten atomically after that, so an
 interrupted save never looks like a checkpoint.
+
+Loading one runs no code planted in it (a ``--resume`` path can be shared, or written by someone else):
+loomtrain's own per-rank parts and tensor parts' host state are JSON (``faulttol/codec.py``), DCP's
+``.metadata`` is unpickled with only the classes DCP metadata holds (``SafeFileSystemReader``), and its
+non-tensor items with ``torch.load(weights_only=True)`` (``SafeLoadPlanner``); a part pickled by an older
+loomtrain is refused unless ``LOOMTRAIN_TRUST_CHECKPOINT_PICKLE=1`` (``UnsafeCheckpointError``).
 """
 from __future__ import annotations
 
@@ -20,9 +26,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from loomtrain.comms import traffic
+from loomtrain.faulttol import codec
 from loomtrain.fsutil import atomic_write_text
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -64,6 +75,126 @@ def _dcp_dir(step_dir: str, worker: int | None) -> str:
     return step_dir if worker is None else os.path.join(step_dir, f"worker{worker:03d}")
 
 
+# ----------------------------------------------------------------------------- loading without running code
+TRUST_PICKLE_ENV = "LOOMTRAIN_TRUST_CHECKPOINT_PICKLE"
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint holds something whose loading could run code (a pickle where data belongs)."""
+
+
+# What DCP's ``.metadata`` pickle refers to (logged from every layout the tests write: one process, FSDP,
+# pipeline, a checkpoint per worker): its own dataclasses and enum, where the file items are, torch sizes,
+# dtypes and layouts, paths. Nothing here runs code when called with the arguments a pickle can give it.
+_METADATA_MODULE = dcp_metadata.__name__
+_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+    ("builtins", "set"), ("builtins", "frozenset"),
+    ("pathlib", "Path"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+    ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP metadata only: any other global (a function to call, a class to build) is refused."""
+
+    def find_class(self, module: str, name: str):
+        if module == _METADATA_MODULE:
+            found = getattr(dcp_metadata, name, None)
+            if isinstance(found, type) and found.__module__ == _METADATA_MODULE:
+                return found
+        elif module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        elif (module, name) in _METADATA_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}, which DCP metadata never holds")
+
+
+class SafeFileSystemReader(dcp.FileSystemReader):
+    """``FileSystemReader`` whose ``read_metadata`` unpickles ``.metadata`` with ``_MetadataUnpickler`` (DCP's
+    own uses ``pickle.load``: a planted ``.metadata`` would run code before any check)."""
+
+    def read_metadata(self, *args, **kwargs) -> dcp_metadata.Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            try:
+                metadata = _MetadataUnpickler(f).load()
+            except pickle.UnpicklingError as e:
+                raise UnsafeCheckpointError(f"--resume: refusing {path}: {e}") from None
+        if not isinstance(metadata, dcp_metadata.Metadata):
+            raise UnsafeCheckpointError(f"--resume: refusing {path}: it holds a {type(metadata).__name__}, "
+                                        "not DCP Metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = dcp_metadata.StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def _weights_only_reason(e: Exception) -> str:
+    """What ``torch.load(weights_only=True)`` refused, in a few words (its message advises allowlisting it)."""
+    found = re.search(r"GLOBAL (\S+)", str(e))
+    return f"it refers to {found.group(1)}" if found else str(e).strip().splitlines()[0]
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """``DefaultLoadPlanner`` whose non-tensor items (step, scheduler, data position, encoded parts) are read with
+    ``torch.load(weights_only=True)``: plain Python data and tensors only (DCP's own passes ``weights_only=False``)."""
+
+    def __init__(self, checkpoint: str = "", **kwargs):
+        super().__init__(**kwargs)
+        self.checkpoint = checkpoint
+
+    def load_bytes(self, read_item, value) -> None:
+        fqn = read_item.dest_index.fqn
+        try:
+            loaded = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise UnsafeCheckpointError(f"--resume: refusing {self.checkpoint}: item '{fqn}' is not plain data "
+                                        f"({_weights_only_reason(e)})") from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], loaded)
+        else:
+            self.state_dict[fqn] = loaded
+
+
+def safe_dcp_load(state_dict: dict, checkpoint: str, **kwargs) -> None:
+    """``dcp.load`` of ``checkpoint`` into ``state_dict`` with ``SafeFileSystemReader`` and ``SafeLoadPlanner``;
+    an ``UnsafeCheckpointError`` on any rank is raised as itself (DCP wraps it in a ``CheckpointException``)."""
+    try:
+        dcp.load(state_dict, storage_reader=SafeFileSystemReader(checkpoint),
+                 planner=SafeLoadPlanner(checkpoint), **kwargs)
+    except CheckpointException as e:
+        refused = [exc for exc, _ in e.failures.values() if isinstance(exc, UnsafeCheckpointError)]
+        if refused:
+            raise refused[0] from e
+        raise
+
+
+def read_dcp_metadata(checkpoint: str) -> dcp_metadata.Metadata:
+    """The ``.metadata`` of the DCP checkpoint ``checkpoint``, read without running code."""
+    return SafeFileSystemReader(checkpoint).read_metadata()
+
+
+def _decode_part(data, checkpoint: str, name: str):
+    """Part ``name``'s state from its stored bytes (``codec`` JSON). Pickled bytes (written by a loomtrain from
+    before parts were JSON) are unpickled only under ``LOOMTRAIN_TRUST_CHECKPOINT_PICKLE=1``."""
+    if isinstance(data, bytes) and data[:1] == b"\x80":  # pickle's PROTO opcode: an older loomtrain's part
+        if os.environ.get(TRUST_PICKLE_ENV) == "1":
+            return pickle.loads(data)
+        raise UnsafeCheckpointError(
+            f"--resume: refusing {checkpoint}: part '{name}' is pickled (written by an older loomtrain), and "
+            f"unpickling could run code planted in it; if you trust whoever wrote it, resume once with "
+            f"{TRUST_PICKLE_ENV}=1 (checkpoints saved from then on are in the new format)")
+    try:
+        if not isinstance(data, bytes):
+            raise TypeError(f"a {type(data).__name__}, not bytes")
+        return codec.loads(data)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # JSON, UTF-8, tags, dtypes
+        raise UnsafeCheckpointError(f"--resume: refusing {checkpoint}: part '{name}' is not loomtrain's "
+                                    f"encoded state ({e})") from None
+
+
 class Checkpointer:
     """``workers``: (this rank's worker, every worker's ranks) when replicas take local updates, else None."""
 
@@ -88,9 +219,9 @@ class Checkpointer:
 
     def _state(self, state, step: int, gather: bool = True) -> dict:
         """The DCP mapping of ``state`` (a ``trainer/state.py::TrainState``). Keys are the same on every rank and
-        every layout (DCP reshards tensors between layouts): a per-rank part travels as one pickled list of
-        all ranks' states, so a run resumed on another world size finds its key. ``gather=False`` (a template
-        to load into) skips the all-gathers: DCP replaces the values."""
+        every layout (DCP reshards tensors between layouts): a per-rank part travels as one encoded (``codec``
+        JSON, never a pickle) list of all ranks' states, so a run resumed on another world size finds its key.
+        ``gather=False`` (a template to load into) skips the all-gathers: DCP replaces the values."""
         model_sd, optim_sd = get_state_dict(state.model, state.optimizer, options=OPTIONS)
         out = {"model": model_sd, "optim": optim_sd, "trainer": {"step": step}}
         for name, part in state.parts.items():
@@ -100,9 +231,9 @@ class Checkpointer:
                 if gather and dist.is_initialized() and dist.get_world_size() > 1:
                     every = [None] * dist.get_world_size()
                     dist.all_gather_object(every, mine)
-                out[name] = pickle.dumps(every)  # one opaque value: its key does not depend on the world size
+                out[name] = codec.dumps(every)  # one opaque value: its key does not depend on the world size
             elif hasattr(part, "checkpoint_tensors"):
-                out[name] = {"tensors": part.checkpoint_tensors(), "host": pickle.dumps(part.state_dict())}
+                out[name] = {"tensors": part.checkpoint_tensors(), "host": codec.dumps(part.state_dict())}
             else:
                 out["trainer"][name] = part.state_dict()
         return out
@@ -182,8 +313,8 @@ class Checkpointer:
         if f"{name}.host" not in keys:
             return False
         probe = {name: {"host": b""}}
-        dcp.load(probe, checkpoint_id=source, process_group=self._pg)
-        return pickle.loads(probe[name]["host"]).get("signature") == part.signature()
+        safe_dcp_load(probe, source, process_group=self._pg)
+        return _decode_part(probe[name]["host"], source, f"{name}.host").get("signature") == part.signature()
 
     def load(self, path: str, state) -> int:
         """Restore ``state`` (a ``TrainState``) from ``path``; the step it was saved at. A part the checkpoint
@@ -191,7 +322,8 @@ class Checkpointer:
         state of another dp_sync method or layout) gets ``load_state_dict(None)``: the outer schedule restarts
         from the loaded parameters. every_step and
         diloco/co2 checkpoints are laid out differently (one DCP directory, or one per worker) and refuse each
-        other."""
+        other. Nothing in the checkpoint is unpickled beyond plain data (``safe_dcp_load``, ``_decode_part``):
+        one that would run code raises ``UnsafeCheckpointError``."""
         source = _dcp_dir(path, self.worker)
         if not os.path.isfile(os.path.join(source, ".metadata")):
             other = os.path.join(path, ".metadata") if self.worker is not None else _dcp_dir(path, 0) + "/.metadata"
@@ -199,26 +331,27 @@ class Checkpointer:
                     "co2 one per worker)") if os.path.isfile(other) else ""
             raise FileNotFoundError(f"--resume: '{source}' is not a complete checkpoint (no .metadata){hint}")
         template = self._state(state, 0, gather=False)
-        keys = dcp.FileSystemReader(source).read_metadata().state_dict_metadata
+        keys = read_dcp_metadata(source).state_dict_metadata
         missing = [name for name, part in state.parts.items()
                    if (name in template or name in template["trainer"])
                    and not self._loadable(source, keys, name, part)]
         for name in missing:
             template.pop(name, None)
             template["trainer"].pop(name, None)
-        dcp.load(template, checkpoint_id=source, process_group=self._pg)
+        safe_dcp_load(template, source, process_group=self._pg)
         set_state_dict(state.model, state.optimizer, model_state_dict=template["model"],
                        optim_state_dict=template["optim"], options=OPTIONS)
         for name, part in state.parts.items():
             if getattr(part, "per_rank", False) and name in template:
                 # Same world size: each rank continues its own streams (exact resume). Another layout has no
                 # such continuation; rank r takes saved rank r mod the saved world size.
-                saved = pickle.loads(template[name])
+                saved = _decode_part(template[name], source, name)
                 part.load_state_dict(saved[self.rank % len(saved)])
             elif hasattr(part, "checkpoint_tensors"):
                 if name in template:
                     part.load_checkpoint_tensors(template[name]["tensors"])
-                part.load_state_dict(pickle.loads(template[name]["host"]) if name in template else None)
+                part.load_state_dict(_decode_part(template[name]["host"], source, f"{name}.host")
+                                     if name in template else None)
             elif name in template["trainer"]:
                 part.load_state_dict(template["trainer"][name])
             elif name in missing:  # a part added since the checkpoint was written
@@ -227,7 +360,13 @@ class Checkpointer:
 
 
 class DeepSpeedCheckpointer:
-    """The Checkpointer interface over ``engine.save_checkpoint`` / ``load_checkpoint``."""
+    """The Checkpointer interface over ``engine.save_checkpoint`` / ``load_checkpoint``.
+
+    loomtrain's own file per rank (``loomtrain_rng_rank<r>.pt``: the per-rank parts, RNG states) holds their
+    ``codec`` JSON and is read with ``torch.load(weights_only=True)``; one written by an older loomtrain (a pickle
+    with numpy objects) is refused unless ``LOOMTRAIN_TRUST_CHECKPOINT_PICKLE=1``. DeepSpeed's own
+    ``load_checkpoint`` still reads its files (model, optimizer, ``client_state``: step, scheduler, data position)
+    with ``torch.load(weights_only=False)``: resuming a DeepSpeed checkpoint trusts whoever wrote it."""
 
     def __init__(self, ckpt_root: str, keep: int, rank: int, engine):
         self.root, self.keep, self.rank, self.engine = ckpt_root, keep, rank, engine
@@ -246,7 +385,7 @@ class DeepSpeedCheckpointer:
         self.engine.save_checkpoint(self.root, tag=name + ".tmp", save_latest=False,
                                     client_state={"step": step, **plain})
         ranked = {n: p.state_dict() for n, p in state.parts.items() if getattr(p, "per_rank", False)}
-        torch.save(ranked, os.path.join(tmp, f"loomtrain_rng_rank{self.rank}.pt"))
+        torch.save({"codec": codec.dumps(ranked)}, os.path.join(tmp, f"loomtrain_rng_rank{self.rank}.pt"))
         dist.barrier()
         if self.rank == 0:
             shutil.rmtree(final, ignore_errors=True)
@@ -257,13 +396,29 @@ class DeepSpeedCheckpointer:
         dist.barrier()
         return final
 
+    def _ranked(self, rng_file: str) -> dict:
+        """This rank's per-rank parts by name, from ``rng_file``, running no code planted in it."""
+        try:
+            stored = torch.load(rng_file, weights_only=True)
+        except pickle.UnpicklingError as e:
+            if os.environ.get(TRUST_PICKLE_ENV) != "1":
+                raise UnsafeCheckpointError(
+                    f"--resume: refusing {rng_file}: it is not plain data ({_weights_only_reason(e)}); a file written "
+                    f"by an older loomtrain is a pickle, and unpickling could run code planted in it; if you trust "
+                    f"whoever wrote it, resume once with {TRUST_PICKLE_ENV}=1 (checkpoints saved from then on are "
+                    f"in the new format)") from None
+            stored = torch.load(rng_file, weights_only=False)
+        if isinstance(stored, dict) and set(stored) == {"codec"}:
+            return _decode_part(stored["codec"], rng_file, "per-rank parts")
+        return stored  # an older file that holds plain data only (or one trusted above)
+
     def load(self, path: str, state) -> int:
         path = path.rstrip("/")
         rng_file = os.path.join(path, f"loomtrain_rng_rank{self.rank}.pt")
         if not os.path.isfile(rng_file):
             raise FileNotFoundError(f"--resume: '{path}' is not a complete DeepSpeed checkpoint of this world size")
+        ranked = self._ranked(rng_file)  # before DeepSpeed reads its own files: a planted file stops the resume
         _, client = self.engine.load_checkpoint(os.path.dirname(path), tag=os.path.basename(path))
-        ranked = torch.load(rng_file, weights_only=False)
         if "torch" in ranked:  # written before per-rank parts had names: the RNG state itself
             ranked = {"rng": ranked}
         for name, part in state.parts.items():

@@ -6,7 +6,7 @@ line in ``Trainer.__init__`` (``parts={... "name": obj}``) and every save and re
 Two optional attributes say how a part is saved:
 
 - ``per_rank = True``: every rank's state differs (RNG streams): a checkpoint holds all ranks' (one
-  pickled list under the part's name); a run resumed on the same world continues each rank's own,
+  JSON-encoded list (faulttol/codec.py) under the part's name); a run resumed on the same world continues each rank's own,
   on another rank r takes saved rank r mod the saved world;
 - ``tensors()`` / ``checkpoint_tensors()`` / ``load_checkpoint_tensors()`` / ``signature()``: the part also
   has live tensors (the dp_sync method's outer state), saved beside its host state, and loaded only
