@@ -82,6 +82,7 @@ PAGE = 4096
 HEADROOM = 64  # a segment holds 1/HEADROOM more than asked for: chunk sizes drift between snapshots
 REUSE_SLACK = 8  # a pooled segment serves a request if no more than 1/REUSE_SLACK larger than it needs
 WATCH_INTERVAL_S = 1.0
+LAUNCHER_PID_ENV = "LOOMTRAIN_LAUNCHER_PID"  # set by the loomtrain launcher (launch/elastic.py) for its ranks
 
 
 class SMPError(RuntimeError):
@@ -902,8 +903,6 @@ def watch_spec(pid: int) -> str:
 
 def _launcher_pid() -> int | None:
     """The loomtrain launcher this process runs under (it exports its pid to its ranks), if any."""
-    from loomtrain.launch.elastic import LAUNCHER_PID_ENV
-
     pid = os.environ.get(LAUNCHER_PID_ENV, "")
     return int(pid) if pid.isdigit() else None
 

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import uuid
 
-LAUNCHER_PID_ENV = "LOOMTRAIN_LAUNCHER_PID"  # for the ranks: the launcher they die with (launch/train.py)
+from loomtrain.faulttol.smp import LAUNCHER_PID_ENV  # for the ranks: the launcher they die with (launch/train.py)
 
 
 def worker_args(config_path: str, overrides: list[str], resume: str | None) -> list[str]:

@@ -17,7 +17,7 @@ import torch
 from loomtrain.faulttol.smp import (SMPError, SnapshotClient, _alive, job_directory, load_secret,
                                    secret_path, secure_directory, segment_capacity, segment_prefix, socket_path,
                                    start_daemon, stop_daemons, sweep_dead)
-from loomtrain.launch.elastic import LAUNCHER_PID_ENV
+from loomtrain.faulttol.smp import LAUNCHER_PID_ENV
 from test_smp import _start, needs_root, segments
 
 NOBODY = 65534
