@@ -1092,6 +1092,8 @@ def stop_daemons(smp_dir: str, nodes, timeout_s: float = 10.0, run: str | None =
         deadline = time.monotonic() + timeout_s
         while _serving(sock) and time.monotonic() < deadline:  # gone before the caller looks for leftovers
             time.sleep(0.02)
+        if not os.path.isdir(smp_dir):  # the last SMP to exit removed its directory: nothing is left
+            continue
         if not _remove_if_dead(sock, _prefix_or_none(smp_dir, node)):  # a SIGKILLed one's files too
             _warn(f"the snapshot process of node {node} ({sock}) still runs: its files are left to it")
     _remove_if_unused(smp_dir)

@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(s)
     s.add_argument("--nodes", type=int, required=True)
     s.add_argument("--gpus-per-node", type=int, required=True)
+    s.add_argument("--spare-nodes", type=int, default=0,
+                   help="more nodes that wait to replace a lost one; the job goes on from memory (default 0)")
     s.add_argument("--output", default=None, help="script path (default: <train.output_dir>/launch.sbatch)")
     s.add_argument("--partition", default=None)
     s.add_argument("--time", default="24:00:00")
@@ -180,6 +182,8 @@ def cmd_slurm(args) -> int:
 
     if args.max_restarts < 0:
         raise ConfigError(f"--max-restarts: must be >= 0, got {args.max_restarts}")
+    if args.spare_nodes < 0:
+        raise ConfigError(f"--spare-nodes: must be >= 0, got {args.spare_nodes}")
     if args.failure_requeues < 0:
         raise ConfigError(f"--failure-requeues: must be >= 0, got {args.failure_requeues}")
     _at_least_one(nodes=args.nodes, gpus_per_node=args.gpus_per_node, exclude_after=args.exclude_after,
@@ -194,7 +198,7 @@ def cmd_slurm(args) -> int:
                         args.output, args.partition, args.time, args.job_name, max_restarts=args.max_restarts,
                         cpus_per_task=args.cpus_per_task, mem=args.mem, preempt_lead_s=args.preempt_lead_s,
                         requeue=args.requeue, sbatch_args=args.sbatch_arg, exclude_after=args.exclude_after,
-                        failure_requeues=args.failure_requeues)
+                        failure_requeues=args.failure_requeues, spare_nodes=args.spare_nodes)
     print(f"wrote {path}  (submit with: sbatch {path})")
     return 0
 

@@ -20,6 +20,14 @@ that failed because of a host not yet excluded is requeued without it (at most `
 requeues per job; pre-emption requeues do not count).
 Logs are appended across requeues. A last step on every node removes the
 job's snapshot segments, whatever state the trainers left them in.
+
+With ``spare_nodes`` S > 0 the job holds N + S nodes and a lost node does not end it: ``--no-kill`` keeps
+the allocation and the step when a node fails, the agents meet at a rendezvous store the batch shell runs
+outside torchrun (``launch/rdzv_store.py``) with ``--nnodes=N:N``, so S agents wait as spares (torchrun's agent
+with two fixes for spares, ``launch/agent.py``); after a node
+is lost the survivors' ranks fail, their agents start a new round, and one spare completes it (the lost
+host's snapshot chunks are rebuilt on it from parity). The batch shell runs on the first node, so that
+node's loss still ends the job (Slurm requeues it, from disk); any other node's loss is survived S times.
 """
 from __future__ import annotations
 
@@ -31,8 +39,8 @@ from loomtrain.fsutil import atomic_write_text
 
 TEMPLATE = """#!/bin/bash
 #SBATCH --job-name={job_name}
-#SBATCH --nodes={nodes}
-#SBATCH --ntasks-per-node=1
+#SBATCH --nodes={alloc_nodes}
+{no_kill_line}#SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node={gpus}
 #SBATCH --cpus-per-task={cpus}
 {mem_line}#SBATCH --time={time}
@@ -67,9 +75,9 @@ echo "loomtrain: job $SLURM_JOB_ID start $(date -Is) (requeue count ${{SLURM_RES
 rm -f "$stop_file"  # a warning that came after the last step of an earlier run
 # Each node's torchrun runs inside loomtrain's hang monitor: it names a rank that hangs, dumps every rank's
 # stack under {output_dir}/health/, and kills the rank so that torchrun restarts the group from memory.
-srun --kill-on-bad-exit=1 python -m loomtrain.faulttol.hang_monitor --nproc {gpus} -- torchrun \\
-  --nnodes={nodes} --nproc-per-node={gpus} \\
-  --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" \\
+{store_block}srun {srun_flags} python -m loomtrain.faulttol.hang_monitor --nproc {gpus} -- {torchrun} \\
+  --nnodes={nnodes} --nproc-per-node={gpus} \\
+  --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT"{rdzv_conf} \\
   --rdzv-id="$SLURM_JOB_ID.${{SLURM_RESTART_COUNT:-0}}" --max-restarts={max_restarts} \\
   -m loomtrain.launch.train {args} --resume auto &
 srun_pid=$!
@@ -79,7 +87,7 @@ while kill -0 "$srun_pid" 2>/dev/null; do
 done
 wait "$srun_pid"  # srun's own exit status, also when it ended while the trap ran
 status=$?
-# Snapshot segments never outlive the job (also after a SIGKILLed trainer or snapshot process).
+{store_stop}# Snapshot segments never outlive the job (also after a SIGKILLed trainer or snapshot process).
 srun --ntasks-per-node=1 --overlap python -m loomtrain.faulttol.smp --cleanup-job {output_dir_q} || true
 if [ -e "$stop_file" ]; then  # training ended before it saw the request: nothing left to requeue for
   rm -f "$stop_file"
@@ -142,12 +150,33 @@ def preemption_lead_s(exp, nodes: int) -> tuple[int, str]:
                  f"per node at {SAVE_GBPS:g} GB/s"
 
 
+def _spare_fields(nodes: int, spares: int, out_dir: str) -> dict:
+    """What differs with spare nodes: the allocation, the step's reaction to a lost node, the store."""
+    if not spares:
+        return dict(alloc_nodes=nodes, no_kill_line="", store_block="", store_stop="", srun_flags="--kill-on-bad-exit=1",
+                    nnodes=nodes, rdzv_conf="", torchrun="torchrun")
+    from loomtrain.launch.rdzv_store import AGENT_ENV, agent_rdzv_conf
+
+    log = shlex.quote(os.path.join(out_dir, "rdzv-store-")) + "$SLURM_JOB_ID.log"
+    exports = "".join(f"export {k}={v}\n" for k, v in AGENT_ENV.items())
+    store_block = (f"# {spares} spare node(s): the rendezvous lives in a store this shell runs (outside torchrun), so it\n"
+                   f"# survives the loss of any other node; torchrun's agents only connect to it (is_host=false).\n"
+                   f"{exports}python -m loomtrain.launch.rdzv_store --port \"$MASTER_PORT\" >> {log} 2>&1 &\n"
+                   f"store_pid=$!\n")
+    return dict(alloc_nodes=nodes + spares, no_kill_line="#SBATCH --no-kill\n", store_block=store_block,
+                store_stop='kill "$store_pid" 2>/dev/null\n', srun_flags="--no-kill --kill-on-bad-exit=0",
+                nnodes=f"{nodes}:{nodes}", rdzv_conf=f" \\\n  --rdzv-conf={agent_rdzv_conf()}",
+                torchrun="python -m loomtrain.launch.agent")  # torchrun, fixed for spares
+
+
 def write_sbatch(exp, config_path: str, overrides: list[str], nodes: int, gpus_per_node: int,
                  output: str | None = None, partition: str | None = None, time: str = "24:00:00",
                  job_name: str = "loomtrain", max_restarts: int = 3, cpus_per_task: int | None = None,
                  mem: str | None = None, preempt_lead_s: int | None = None, requeue: bool = True,
-                 sbatch_args: list[str] | None = None, exclude_after: int = 2, failure_requeues: int = 3) -> str:
-    """The sbatch script for ``exp``; returns its path. ``cpus_per_task`` defaults to 8 per GPU."""
+                 sbatch_args: list[str] | None = None, exclude_after: int = 2, failure_requeues: int = 3,
+                 spare_nodes: int = 0) -> str:
+    """The sbatch script for ``exp``; returns its path. ``cpus_per_task`` defaults to 8 per GPU; ``spare_nodes``
+    more nodes wait to replace a lost one (see the module docstring)."""
     from loomtrain.trainer.train import STOP_FILE
 
     out_dir = os.path.abspath(exp.train.output_dir)
@@ -163,12 +192,12 @@ def write_sbatch(exp, config_path: str, overrides: list[str], nodes: int, gpus_p
     cpus = cpus_per_task or max(1, 8 * gpus_per_node)
     lead, estimate = preemption_lead_s(exp, nodes)
     text = TEMPLATE.format(
-        job_name=job_name, nodes=nodes, gpus=gpus_per_node, cpus=cpus, time=time, output_dir=out_dir,
+        job_name=job_name, gpus=gpus_per_node, cpus=cpus, time=time, output_dir=out_dir,
         output_dir_q=shlex.quote(out_dir), max_restarts=max_restarts, args=args, lead=preempt_lead_s or lead,
         save_estimate=estimate, threads=max(1, cpus // max(1, gpus_per_node)),
         stop_file=shlex.quote(os.path.join(out_dir, STOP_FILE)), requeue=int(requeue),
         exclude_after=exclude_after, failure_requeues=failure_requeues,
-        mem_line=f"#SBATCH --mem={mem}\n" if mem else "",
+        mem_line=f"#SBATCH --mem={mem}\n" if mem else "", **_spare_fields(nodes, spare_nodes, out_dir),
         partition_line=f"#SBATCH --partition={partition}\n" if partition else "",
         extra_lines="".join(f"#SBATCH {a}\n" for a in sbatch_args or []))
     atomic_write_text(path, text)

@@ -60,9 +60,11 @@ def overrides(small_corpus, tmp_path) -> list[str]:
     return TEST_OVERRIDES + [f"data.prepared={small_corpus}", f"train.output_dir={tmp_path / 'run'}"]
 
 
-def signal_self_after_step(step: int, sig: int) -> None:
+def signal_self_after_step(step: int, sig: int, settled: bool = False) -> None:
     """In a forked rank: deliver ``sig`` to this process right after optimizer step ``step``,
-    exercising the trainer's real signal path (finish the step, checkpoint, stop)."""
+    exercising the trainer's real signal path (finish the step, checkpoint, stop). ``settled``: first wait
+    until the snapshot in flight has committed, for a test that expects that snapshot restored (on busy
+    cores its background exchange can still run when the step ends)."""
 
     from loomtrain.trainer import train as train_mod
 
@@ -71,6 +73,8 @@ def signal_self_after_step(step: int, sig: int) -> None:
     def step_then_signal(self):
         out = original(self)
         if self.step + 1 == step:
+            if settled and self.ft.snapshots is not None:
+                self.ft.snapshots.wait()
             os.kill(os.getpid(), sig)
         return out
 

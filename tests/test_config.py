@@ -123,6 +123,7 @@ def test_override_parsing_keeps_yaml_types():
     ["plan", "--world-size", "6", "--set", "parallel.tp=4"],
     ["plan", "--world-size", "0"],
     ["slurm", "--nodes", "0", "--gpus-per-node", "8"],
+    ["slurm", "--nodes", "1", "--gpus-per-node", "1", "--spare-nodes", "-1"],
     ["train", "--nproc", "2", "--max-restarts", "-1"],
     ["train", "--resume", "/no/such/checkpoint"],
 ])

@@ -444,7 +444,7 @@ def test_sigkill_inside_each_snapshot_phase_restores_a_whole_epoch(phase, overri
 
 def _killed_at_step_5_on_attempt_0(rank, overrides):
     if rank == 1 and os.environ["LOOMTRAIN_ATTEMPT"] == "0":
-        signal_self_after_step(5, signal.SIGKILL)
+        signal_self_after_step(5, signal.SIGKILL, settled=True)
     return _train(rank, overrides)
 
 
@@ -551,7 +551,7 @@ def _uneven_restart_counters(rank, overrides):
     attempt = int(os.environ["LOOMTRAIN_ATTEMPT"])
     os.environ["LOOMTRAIN_ATTEMPT"] = str([[0, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]][attempt][rank])
     if (attempt, rank) in ((0, 1), (1, 3)):
-        signal_self_after_step(3 if attempt == 0 else 5, signal.SIGKILL)
+        signal_self_after_step(3 if attempt == 0 else 5, signal.SIGKILL, settled=True)
     return _train(rank, overrides)
 
 

@@ -142,6 +142,44 @@ def test_sbatch_script(tmp_path, capsys):
     assert main(["slurm", "tiny", "--nodes", "1", "--gpus-per-node", "1", "--cpus-per-task", "0"]) == 2
 
 
+def test_sbatch_script_with_spare_nodes_survives_a_lost_node(tmp_path):
+    """Spares: N + S nodes held, a lost node ends neither the job (--no-kill) nor the step, the rendezvous is a
+    store outside torchrun that agents only join (is_host=false, no shared bootstrap store) and N:N agents
+    train while S wait. Without spares the script is today's (a failed task ends the step)."""
+    script = tmp_path / "job.sbatch"
+    assert main(["slurm", "tiny", "--nodes", "4", "--gpus-per-node", "2", "--spare-nodes", "1", "--output",
+                 str(script), "--set", "train.output_dir=" + str(tmp_path / "run")]) == 0
+    text = script.read_text()
+    lines = text.splitlines()
+    assert "#SBATCH --nodes=5" in lines and "#SBATCH --no-kill" in lines
+    assert "--nnodes=4:4 --nproc-per-node=2" in text and "srun --no-kill --kill-on-bad-exit=0 python" in text
+    assert "-- python -m loomtrain.launch.agent \\" in text  # torchrun with the spare fixes
+    assert "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in lines and "--rdzv-conf=is_host=false," in text
+    store = text.index("python -m loomtrain.launch.rdzv_store --port \"$MASTER_PORT\"")
+    assert store < text.index("srun --no-kill") < text.index('kill "$store_pid"')
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    assert main(["slurm", "tiny", "--nodes", "4", "--gpus-per-node", "2", "--output", str(script)]) == 0
+    plain = script.read_text()
+    assert "#SBATCH --nodes=4" in plain and "--no-kill" not in plain and "rdzv_store" not in plain
+    assert "srun --kill-on-bad-exit=1 python" in plain and "--nnodes=4 --nproc-per-node=2" in plain
+
+
+def test_the_spare_fixes_apply_to_this_torch(monkeypatch):
+    """launch/agent.py patches torch's elastic internals; a torch whose internals moved must fail here, not
+    fall back quietly to restarts for every waiting spare."""
+    from torch.distributed.elastic.agent.server import api as agent_api
+    from torch.distributed.elastic.rendezvous import dynamic_rendezvous as dr
+
+    from loomtrain.launch.agent import patch_torch_elastic
+
+    for owner, name in ((dr._RendezvousJoinOp, "__call__"), (dr.DynamicRendezvousHandler, "num_nodes_waiting"),
+                        (agent_api.SimpleElasticAgent, "run")):
+        monkeypatch.setattr(owner, name, getattr(owner, name))  # restored after the test
+
+    assert patch_torch_elastic() and patch_torch_elastic()  # idempotent
+    assert getattr(dr._RendezvousJoinOp.__call__, "_loomtrain", False)
+
+
 def test_plan_at_cluster_scale(capsys):
     assert main(["plan", "llama8b_64k_cluster", "--world-size", "1024", "--gpus-per-node", "8"]) == 0
     out = capsys.readouterr().out

@@ -14,6 +14,8 @@ import subprocess
 import sys
 import time
 
+from loomtrain.launch.netns import running as _alive
+
 PR_GET_PDEATHSIG = 2
 LAUNCHER_VARS = ("TORCHELASTIC_RUN_ID", "LOOMTRAIN_LAUNCHER_PID")
 
@@ -24,13 +26,6 @@ def _sets(overrides):
     return [a for o in overrides for a in ("--set", o)]
 
 
-def _alive(pid: int) -> bool:
-    """Running (a zombie nobody reaped yet counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _processes_of(marker: str, exclude: int) -> list[int]:
