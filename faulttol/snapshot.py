@@ -809,9 +809,9 @@ class Snapshotter:
         """
         t0 = time.perf_counter()
         k = self.layout.data
-        problem, meta, payload = None, None, None
+        problem, meta, data, d, segments = None, None, None, None, []
         try:
-            received = self._gather_chunks(located)
+            received = self._gather_chunks(located, segments)
             self._fault("restore", located.epoch)
             bad = [j for j, t in received.items() if _crc(t) != located.records[j]["crc"]]
             if bad:
@@ -822,10 +822,13 @@ class Snapshotter:
             else:
                 data = [received[j] for j in range(k)] if all(j in received for j in range(k)) \
                     else self.code.decode(received)
-            if [_crc(d) for d in data] != entry["data_crcs"]:
-                raise RuntimeError("the rebuilt payload does not match the source's CRCs")
-            payload = torch.cat(data)[:entry["payload"]]
-            meta = codec.loads(payload[entry["tensor_bytes"]:].numpy().tobytes())
+            # A data chunk that arrived as itself was checked above (its CRC is the source's data CRC): only
+            # rebuilt ones are hashed again, and every one is compared with the owner's record.
+            for i, d in enumerate(data):
+                verified = located.records[i]["crc"] if d is received.get(i) else _crc(d)
+                if verified != entry["data_crcs"][i]:
+                    raise RuntimeError("the rebuilt payload does not match the source's CRCs")
+            meta = codec.loads(_read_range(data, entry["tensor_bytes"], entry["payload"]))
             if self.layout.by_replicas:
                 meta = meta[str(self.rank)]
             if meta["step"] != located.epoch or meta["rank"] != self.rank:
@@ -839,27 +842,30 @@ class Snapshotter:
                                    f"(now {diff[0]}, snapshot {diff[1]})")
         except Exception as e:  # noqa: BLE001 - any failure here must reach the agreement, not hang peers
             problem = f"{type(e).__name__}: {e}"
-        if not self._agree(problem is None):
-            raise RestoreFailed(f"rank {self.rank}: {problem}" if problem else "another rank could not verify its part")
-        offset = 0
-        for t in tensors:
-            n = _nbytes(t)
-            _as_bytes(t).copy_(payload[offset:offset + n])
-            offset += n
+        try:
+            if not self._agree(problem is None):
+                raise RestoreFailed(f"rank {self.rank}: {problem}" if problem else
+                                    "another rank could not verify its part")
+            _copy_from_chunks(tensors, data)  # straight from the chunks (some still in shared memory)
+        finally:
+            received = data = d = None  # every view into a segment, before it is unmapped
+            for shm in segments:
+                shm.close()
         _set_hyperparameters(optimizer, meta["optimizer"])
         return Restored(located.epoch, meta["host"], time.perf_counter() - t0, located.rebuilt)
 
-    def _gather_chunks(self, located: Located) -> dict[int, torch.Tensor]:
-        """Send the chunks this rank holds to their owners; receive the k this rank needs."""
-        received, segments, sends = {}, [], []
+    def _gather_chunks(self, located: Located, segments: list) -> dict[int, torch.Tensor]:
+        """Send the chunks this rank holds to their owners; receive the k this rank needs. A chunk this rank
+        holds for itself is a view into its segment, which stays mapped (in ``segments``) until the caller
+        closes it."""
+        received, sends = {}, []
         try:
             for src, j, entry in located.serves:
                 shm = Attached(entry["name"])
                 segments.append(shm)
                 view = torch.frombuffer(shm.buf, dtype=torch.uint8, count=entry["size"])
                 if src == self.rank:
-                    received[j] = view.clone()
-                    del view
+                    received[j] = view
                 else:
                     sends.append((src, view))
             for j, holder in located.needs.items():
@@ -868,10 +874,33 @@ class Snapshotter:
             self._send_home(sends, [(holder, received[j]) for j, holder in located.needs.items()
                                     if holder != self.rank])
         finally:
-            sends.clear()  # the views point into the segments: drop them before unmapping
-            for shm in segments:
-                shm.close()
+            sends.clear()  # views into the segments: dropped before the caller unmaps them
         return received
+
+
+def _read_range(chunks: list[torch.Tensor], start: int, end: int) -> bytes:
+    """Bytes ``start:end`` of the payload the chunks hold one after another."""
+    out, offset = [], 0
+    for c in chunks:
+        lo, hi = max(start, offset), min(end, offset + c.numel())
+        if lo < hi:
+            out.append(c[lo - offset:hi - offset].numpy().tobytes())
+        offset += c.numel()
+    return b"".join(out)
+
+
+def _copy_from_chunks(tensors: list[torch.Tensor], chunks: list[torch.Tensor]) -> None:
+    """Load the payload's leading tensor bytes into ``tensors`` in place, one pass over the chunks (no
+    concatenated copy of the payload first)."""
+    ci, co = 0, 0  # chunk index, offset in it
+    for t in tensors:
+        dst, done, n = _as_bytes(t), 0, _nbytes(t)
+        while done < n:
+            while co == chunks[ci].numel():
+                ci, co = ci + 1, 0
+            take = min(n - done, chunks[ci].numel() - co)
+            dst[done:done + take].copy_(chunks[ci][co:co + take])
+            done, co = done + take, co + take
 
 
 class RestoreFailed(RuntimeError):

@@ -68,7 +68,7 @@ def _bench_rank(rank, overrides, steps, out_dir):
     starts = []
 
     def snapshot():
-        snaps.start(tr.step, tr.model, tr.optimizer, tr._host_state())
+        snaps.start(tr.step, tr.model, tr.optimizer, tr.state.host_state())
         starts.append(snaps.last_stall_s)
 
     snaps.wait_s = 0.0
@@ -105,7 +105,7 @@ def _bench_rank(rank, overrides, steps, out_dir):
 
     # Recovery of the same state: memory (newest committed snapshot), with every node and with one node's
     # memory lost (its chunks rebuilt from parity), vs the DCP checkpoint.
-    snaps.start(tr.step, tr.model, tr.optimizer, tr._host_state())
+    snaps.start(tr.step, tr.model, tr.optimizer, tr.state.host_state())
     snaps.wait()
     assert not snaps.poll()
 

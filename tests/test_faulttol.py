@@ -382,7 +382,7 @@ def test_a_fresh_start_never_loads_a_stale_snapshot(resume, overrides, smp_dir, 
     assert all(r[1] == ("disk" if resume else None) for r in results)
     _assert_identical_after(results, uninterrupted, restored_step=2 if resume else 0)
     if resume:
-        assert f"resume: step 2 from the disk checkpoint {path}" in capfd.readouterr().out
+        assert f"resume: step 2 from the disk checkpoint {path} in " in capfd.readouterr().out
 
 
 def test_the_launch_chain_is_the_agent_that_started_the_rank(monkeypatch):
@@ -418,7 +418,7 @@ def test_a_relaunch_with_the_same_run_id_loads_its_explicit_resume_not_memory(ov
     results = run_ranks(_train, WORLD, overrides + FT, path, env=env, timeout=180)
     assert [r[1] for r in results] == ["disk"] * WORLD
     _assert_identical_after(results, uninterrupted, restored_step=4)
-    assert f"resume: step 4 from the disk checkpoint {path}" in capfd.readouterr().out
+    assert f"resume: step 4 from the disk checkpoint {path} in " in capfd.readouterr().out
 
 
 def test_snapshot_torn_by_the_failure_is_never_loaded(overrides, smp_dir, uninterrupted):

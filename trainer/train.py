@@ -276,7 +276,8 @@ class Trainer:
                           f"from the disk checkpoint {path} in {self.restore_seconds:.2f}s", file=sys.stderr,
                           flush=True)
                 else:
-                    print(f"resume: step {self.step} from the disk checkpoint {path} ({why})", flush=True)
+                    print(f"resume: step {self.step} from the disk checkpoint {path} in {self.restore_seconds:.2f}s "
+                          f"({why})", flush=True)
         elif ft.restarted and self.env.is_main:
             print(f"faulttol: WARNING: restarted with nothing to restore ({why}; no disk checkpoint): "
                   f"training again from step 0", file=sys.stderr, flush=True)
