@@ -31,6 +31,11 @@ RUN_ID_ENV = "LOOMTRAIN_RUN_ID"
 HOST_ID_ENV = "LOOMTRAIN_HOST_ID"
 CHAIN_ENV = "LOOMTRAIN_CHAIN"  # set by loomtrain's launchers and the test harness: one launch and its restarts
 RUN_ID_FILE = ".run_id"  # in the output directory, when no launcher names the run
+# A start-up hookup of the SMPs that failed is tried again at later snapshot steps, every rank together: the gaps
+# double from one snapshot interval up to HOOKUP_MAX_GAP intervals, and after HOOKUP_TRIES tries (start-up's
+# included) snapshots stay off for the run.
+HOOKUP_TRIES = 8
+HOOKUP_MAX_GAP = 32
 
 
 def smp_directory(exp) -> str:
@@ -134,6 +139,10 @@ class FaultTolerance:
         self.node = None
         self.attempt, self.run = self._agree_generation()
         self.snapshot_failures = 0
+        # SMP hookup: tries so far, scheduled snapshot steps to let pass before the next one after a failure,
+        # and why the last one failed (the same on every rank: decided by collectives).
+        self.hookup_tries, self._hookup_wait, self._hookup_why = 0, 0, ""
+        self._chain, self._signature = "", ""
         # Armed first: SMP hookup, snapshot groups and the restore can hang too. Where a hang monitor watches
         # from outside (loomtrain's launchers, the sbatch script), it owns hangs and this stays off.
         self.watchdog = Watchdog(0 if heartbeat.watched() else self.cfg.hang_timeout_s, env.rank,
@@ -142,10 +151,44 @@ class FaultTolerance:
             self._connect(dims)
 
     def _connect(self, dims) -> None:
-        from loomtrain.faulttol.snapshot import Snapshotter
+        """Start-up: agree on the nodes and the generation, and hook every rank up to its node's SMP. Where some
+        rank cannot (its SMP unreachable, or failing to start), training goes on without snapshots and
+        ``after_step`` tries again, every rank together, at later snapshot steps (``_retry_hookup``)."""
+        self.node = self._agree_nodes()
+        self._signature = state_signature(self.exp, self.env, dims, self.layout)
+        self._chain = launch_chain()
+        why = self._try_hookup(start_up=True)
+        if why is not None:
+            self._hookup_failed(why, None)
 
-        env, layout = self.env, self.layout
-        self.node = node = self._agree_nodes()
+    def _try_hookup(self, start_up: bool) -> str | None:
+        """Collective: hook every rank up to its SMP and create the snapshot groups; None and ``self.snapshots``
+        set, or why not (the same on every rank). A failure to create the groups does not raise either:
+        mid-run, nothing here may stop training."""
+        why = self._agree_hookup(self._hook_up(start_up))
+        if why is not None:
+            return why
+        snapshots, problem = None, None
+        try:
+            snapshots = self._snapshotter()
+        except Exception as e:  # noqa: BLE001 - decided below, on every rank
+            problem = f"creating the snapshot process groups: {type(e).__name__}: {e}"
+        why = self._agree_hookup(problem)
+        if why is None:
+            self.snapshots = snapshots
+        elif snapshots is not None:
+            try:
+                snapshots._destroy_groups()
+            except Exception:  # noqa: BLE001 - never used again
+                pass
+        return why
+
+    def _hook_up(self, start_up: bool) -> str | None:
+        """Collective: make sure this rank's node SMP runs (the node's first rank starts one that does not
+        answer) and register with it; at start-up also agree on (attempt, run) from what the SMPs remember.
+        This rank's problem in one line, or None. A local failure is recorded, never raised: every rank must
+        reach every collective here."""
+        env, layout, node = self.env, self.layout, self.node
         first = env.rank == layout.node_ranks(layout.node_of(env.rank))[0]
         problem, client = None, None
 
@@ -163,35 +206,88 @@ class FaultTolerance:
         def connect():
             nonlocal client
             self.smp_dir = secure_directory(smp_directory(self.exp))
-            client = SnapshotClient(socket_path(self.smp_dir, node), chain=chain)
+            client = SnapshotClient(socket_path(self.smp_dir, node), run=self.run, attempt=self.attempt,
+                                    chain=self._chain)
             # Launchers start SMPs; one missing (bare torchrun, or killed) is started here, detached.
             if first and ensure_daemon(self.smp_dir, node, self.cfg.smp_idle_exit_s):
                 print(f"faulttol: started the snapshot process of node {node} ({self.smp_dir})",
                       file=sys.stderr, flush=True)
 
-        chain = launch_chain()
         guarded(connect)  # the node's first rank makes sure its SMP is up
         dist.barrier()
-        info = guarded(lambda: client._call(op="ping", chain=chain))
-        self.attempt, self.run = self._agree_chain(info)
-        if client is not None:
-            client.run, client.attempt = self.run, self.attempt
+        if start_up:
+            info = guarded(lambda: client._call(op="ping", chain=self._chain))
+            self.attempt, self.run = self._agree_chain(info)
+            if client is not None:
+                client.run, client.attempt = self.run, self.attempt
         if first:
             guarded(lambda: client.register(env.rank))  # first: a new run or attempt drops what can never serve it
         dist.barrier()
         if not first:
             guarded(lambda: client.register(env.rank))
-        flag = torch.tensor([0 if problem else 1], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # snapshots on every rank, or on none
-        if not flag.item():
-            print(f"faulttol: WARNING: in-memory snapshots are off for this run: "
-                  f"{problem or 'another node could not reach its snapshot process'}", file=sys.stderr, flush=True)
+        return problem
+
+    def _agree_hookup(self, problem: str | None) -> str | None:
+        """Collective: None if every rank hooked up, else the same line on every rank: the lowest failing rank,
+        its node and its reason, and how many ranks failed."""
+        world = self.env.world_size
+        failed = torch.tensor([1 if problem else 0], dtype=torch.int64)
+        lowest = torch.tensor([self.env.rank if problem else world], dtype=torch.int64)
+        dist.all_reduce(failed, op=dist.ReduceOp.SUM)
+        dist.all_reduce(lowest, op=dist.ReduceOp.MIN)
+        if not failed.item():
+            return None
+        src = int(lowest.item())
+        why = [f"rank {self.env.rank} (node {self.node}): {problem}" if problem else None]
+        dist.broadcast_object_list(why, src=src)
+        others = int(failed.item()) - 1
+        return why[0] + (f" (and {others} other rank(s))" if others else "")
+
+    def _snapshotter(self):
+        from loomtrain.faulttol.snapshot import Snapshotter
+
+        snap = self.cfg.snapshot
+        return Snapshotter(self.layout, self.env.rank, self.smp_dir, self._signature, self.node, self.env.device,
+                           run=self.run, attempt=self.attempt, timeout_s=snap.timeout_s, min_gbps=snap.min_gbps,
+                           idle_exit_s=self.cfg.smp_idle_exit_s,
+                           fault=snapshot_phase_fault(self.cfg.inject, self.env.rank))
+
+    def _hookup_failed(self, why: str, step: int | None) -> None:
+        """After a failed hookup (decided on every rank): schedule the next try, the gaps doubling from one
+        snapshot interval up to HOOKUP_MAX_GAP, or give up after HOOKUP_TRIES. Rank 0 says so in one line."""
+        self.hookup_tries += 1
+        self._hookup_why = why
+        gap = min(2 ** (self.hookup_tries - 1), HOOKUP_MAX_GAP)  # in snapshot intervals
+        self._hookup_wait = gap - 1
+        if self.env.rank != 0:
             return
-        self.snapshots = Snapshotter(layout, env.rank, self.smp_dir, state_signature(self.exp, env, dims, layout),
-                                     node,
-                                     env.device, run=self.run, attempt=self.attempt,
-                                     timeout_s=self.cfg.snapshot.timeout_s, idle_exit_s=self.cfg.smp_idle_exit_s,
-                                     fault=snapshot_phase_fault(self.cfg.inject, env.rank))
+        at = "at start-up" if step is None else f"at step {step}"
+        if self.hookup_tries >= HOOKUP_TRIES:
+            then = "no more tries: in-memory snapshots are off for the rest of this run"
+        elif step is None:
+            then = "trying again at the next snapshot step"
+        else:
+            then = f"trying again at step {step + gap * self.every}"
+        print(f"faulttol: WARNING: in-memory snapshots are off: hooking up the snapshot processes failed {at} "
+              f"(try {self.hookup_tries} of {HOOKUP_TRIES}): {why}; {then}", file=sys.stderr, flush=True)
+
+    def _retry_hookup(self, step: int) -> None:
+        """At a snapshot step while start-up's hookup has not succeeded: every rank decides alike whether a try is
+        due (the schedule depends only on agreed results), and all try together; on success snapshots start
+        with this step's."""
+        if self.hookup_tries >= HOOKUP_TRIES:
+            return
+        if self._hookup_wait > 0:
+            self._hookup_wait -= 1
+            return
+        why = self._try_hookup(start_up=False)
+        if why is not None:
+            self._hookup_failed(why, step)
+            return
+        if self.env.rank == 0:
+            print(f"faulttol: in-memory snapshots are on from step {step}: every node's snapshot process answers "
+                  f"(after {self.hookup_tries} failed tr{'y' if self.hookup_tries == 1 else 'ies'})",
+                  file=sys.stderr, flush=True)
 
     def _agree_chain(self, info: dict | None) -> tuple[int, str]:
         """(attempt, run) for the SMPs, the same on every rank. A restart of this launch (some rank's SMP saw
@@ -263,6 +359,8 @@ class FaultTolerance:
         """(Located or None, why not) — collective. Memory serves only a restart of the same run: a fresh
         start (attempt 0) never loads a snapshot, whatever an SMP still holds."""
         if self.snapshots is None:
+            if self.every:
+                return None, f"the snapshot processes could not be reached at start-up ({self._hookup_why})"
             return None, "snapshots are off (faulttol.snapshot.every_steps=0)"
         if not self.restarted:
             return None, "a fresh start does not load memory snapshots"
@@ -275,7 +373,11 @@ class FaultTolerance:
     @traffic.counted_as("snapshot")
     def after_step(self, step: int, model, optimizer, host_state, extra_state=None) -> None:
         """Snapshot if due, fire an injected fault if due, and tell the watchdog we are alive.
-        ``host_state()``: the small rest; ``extra_state()``: more live tensors by name (called first)."""
+        ``host_state()``: the small rest; ``extra_state()``: more live tensors by name (called first).
+        While the start-up hookup of the SMPs has not succeeded, a due snapshot step tries it again first."""
+        if self.snapshots is None and self.every and step % self.every == 0:
+            with heartbeat.in_phase("checkpoint"):  # a try may start an SMP
+                self._retry_hookup(step)
         if self.snapshots is not None:
             self.report_failures()
             if step % self.every == 0:

@@ -24,7 +24,9 @@ layout: names, dtypes, shapes). Nothing read back from shared memory is unpickle
    training goes on. A collective of the snapshot's own groups that fails (a timeout, a dead
    peer) leaves them out of step: at the next snapshot every rank learns it from one all-reduce
    on the default group and all rebuild them together; snapshots go off (one warning) only if
-   the rebuild fails or the groups fail at ``MAX_GROUP_FAILURES`` snapshots in a row.
+   the rebuild fails or the groups fail at ``MAX_GROUP_FAILURES`` snapshots in a row. How long a
+   snapshot's collectives, transfers and SMP requests may take grows with the bytes it moves
+   (``snapshot_timeout_s``).
 
 ``locate`` + ``restore`` reverse it: every rank reports the committed, checksum-valid
 chunks its SMP holds, all ranks pick the newest epoch from which every payload can be
@@ -227,14 +229,24 @@ class Restored:
 MAX_GROUP_FAILURES = 3  # snapshots in a row whose own process groups failed before snapshots go off
 
 
+def snapshot_timeout_s(floor_s: float, moved_bytes: int, min_gbps: float) -> float:
+    """Seconds a snapshot's (or restore's) collectives, transfers and SMP requests may each take before it is
+    skipped: ``floor_s + moved_bytes * 8 / (min_gbps * 1e9)``. ``floor_s`` (``faulttol.snapshot.timeout_s``)
+    covers the fixed costs (scheduling, an SMP restarted mid-snapshot); the second term is ``moved_bytes``, the
+    most bytes any rank moves (agreed, so every rank waits alike; see ``moved_bytes``), at ``min_gbps``
+    (``faulttol.snapshot.min_gbps``), the slowest rate a healthy snapshot is assumed to reach. A big shard on a
+    slow link is not cut off by a fixed value, and a small state need not wait that long for a dead peer."""
+    return float(floor_s) + max(0, int(moved_bytes)) * 8 / (float(min_gbps) * 1e9)
+
+
 class Snapshotter:
     """One rank's side of the snapshots. A failed snapshot is skipped, counted and reported by ``poll``;
     training never stops for one (the previous epoch still serves, and the next snapshot retries)."""
 
     def __init__(self, layout: NodeLayout, rank: int, smp_dir: str, signature: str, node: int | str,
                  device: torch.device, *,
-                 run: str = "", attempt: int = 0, timeout_s: float = 120.0, idle_exit_s: float = 0.0,
-                 fault=None, copier: PinnedStaging | None = None):
+                 run: str = "", attempt: int = 0, timeout_s: float = 120.0, min_gbps: float = 1.0,
+                 idle_exit_s: float = 0.0, fault=None, copier: PinnedStaging | None = None):
         self.layout, self.rank, self.signature, self.device = layout, rank, signature, device
         # How the device's tensors reach host memory (None: plain copies, on CPU); a test passes a fake device.
         self._copier = copier or (PinnedStaging(CudaCopies(device)) if device.type == "cuda" else None)
@@ -243,7 +255,9 @@ class Snapshotter:
         self.smp_dir, self.idle_exit_s = smp_dir, idle_exit_s
         self.node = node  # this rank's node's SMP: its host, not a rank number (see FaultTolerance)
         self.client = SnapshotClient(socket_path(smp_dir, node), run=run, attempt=attempt, timeout_s=timeout_s)
-        self.timeout_s = timeout_s
+        # timeout_s is the floor; each snapshot and restore waits snapshot_timeout_s of the bytes it moves
+        self.timeout_s, self.min_gbps = timeout_s, min_gbps
+        self.wait_timeout_s = timeout_s  # what the running snapshot's (or restore's) groups and requests wait
         self.world_group = self.stripe_group = None
         self._make_groups()
         self.stripe = layout.stripe(rank)
@@ -277,7 +291,8 @@ class Snapshotter:
         """The snapshot's gloo groups: every rank creates every group, in the same order (``new_group`` is
         collective over the default group). Groups of their own: the background thread's collectives never
         interleave with training's, and a peer that died mid-exchange ends this snapshot with an error after
-        timeout_s instead of a hang."""
+        its timeout instead of a hang (created with the floor ``timeout_s``; ``_use_timeout`` sets each
+        snapshot's)."""
         timeout = datetime.timedelta(seconds=self.timeout_s)
         self.world_group = dist.new_group(backend="gloo", timeout=timeout)
         self.stripe_group = None
@@ -285,6 +300,27 @@ class Snapshotter:
             group = dist.new_group(ranks, backend="gloo", timeout=timeout) if self.layout.group_nodes > 1 else None
             if self.rank in ranks:
                 self.stripe_group = group
+
+    def _use_timeout(self, seconds: float) -> None:
+        """The timeout of what comes next on the snapshot groups (their collectives; point-to-point waits are
+        given it) and of this rank's SMP requests. Only while no snapshot runs (the main thread)."""
+        self.wait_timeout_s = self.client.timeout_s = seconds
+        timeout = datetime.timedelta(seconds=seconds)
+        for group in (self.world_group, self.stripe_group):
+            if group is not None:
+                dist.distributed_c10d._set_pg_timeout(timeout, group)
+
+    def _wait_works(self, works) -> None:
+        timeout = datetime.timedelta(seconds=self.wait_timeout_s)
+        for work in works:
+            work.wait(timeout)
+
+    def moved_bytes(self, payload: int, chunk: int) -> int:
+        """Bytes this rank's snapshot moves: its payload copied into staging, plus (erasure) the n-1 chunks it
+        sends and the n-1 it receives, or (replicas) its copy written into its segment."""
+        if self.layout.by_replicas:
+            return 2 * payload
+        return payload + 2 * (self.layout.group_nodes - 1) * chunk
 
     def _destroy_groups(self) -> None:
         """Destroy this rank's snapshot groups (their connections close: no transfer of theirs runs any more),
@@ -307,9 +343,10 @@ class Snapshotter:
         """Begin snapshot ``step``; returns once the copy is under way (the previous snapshot must be done).
         ``extra``: more live tensors by name (the sync's outer state), restored in place like the rest.
 
-        Collective over the default group: every rank calls it at the same step. One all-reduce of two ints
+        Collective over the default group: every rank calls it at the same step. One all-reduce of three ints
         says whether every rank prepared its snapshot and whether any rank's snapshot groups failed, so all
-        ranks skip this snapshot, or rebuild the groups, together. A failure here never reaches the training
+        ranks skip this snapshot, or rebuild the groups, together, and the most bytes any rank's snapshot moves,
+        which sets every rank's timeout alike (``snapshot_timeout_s``). A failure here never reaches the training
         loop (it is reported by ``poll``); only the default group's own all-reduce may raise, as training's
         next collective would."""
         if self.broken:
@@ -322,12 +359,13 @@ class Snapshotter:
                       f"({self.late} time(s) so far; one takes {self.last_seconds:.2f}s in the background): "
                       f"raise faulttol.snapshot.every_steps", file=sys.stderr, flush=True)
         self.wait()
-        job, problem = None, None
+        job, problem, moved = None, None, 0
         try:
             job = self._prepare(step, model, optimizer, host, extra)
+            moved = self.moved_bytes(job[3], job[5])
         except Exception as e:  # noqa: BLE001 - reported by poll(); training goes on
             problem = f"prepare: {type(e).__name__}: {e}"
-        if self._go_ahead(step, problem):
+        if self._go_ahead(step, problem, moved):
             self._copied.clear()
             try:
                 thread = threading.Thread(target=self._run, name=f"snapshot-{step}", daemon=True, args=job)
@@ -368,13 +406,13 @@ class Snapshotter:
             self._copier.after_compute()  # the side stream's copies come after what the step computed
         return step, staging, tensors, payload, tensor_bytes, chunk, meta
 
-    def _go_ahead(self, step: int, problem: str | None) -> bool:
+    def _go_ahead(self, step: int, problem: str | None, moved: int = 0) -> bool:
         """Collective over the default group (never used by the background thread, so never out of step with
         it): rebuild the snapshot groups if any rank's failed, and start this snapshot only if every rank
-        prepared its own."""
-        flags = torch.tensor([int(self._groups_broken), int(problem is not None)], dtype=torch.int32)
+        prepared its own, with the timeout of the most bytes any rank moves (``moved``: this rank's)."""
+        flags = torch.tensor([int(self._groups_broken), int(problem is not None), moved], dtype=torch.int64)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        regroup, skip = bool(flags[0]), bool(flags[1])
+        regroup, skip, most = bool(flags[0]), bool(flags[1]), int(flags[2])
         if regroup:
             self._group_failures += 1
             if not self._regroup():
@@ -385,6 +423,7 @@ class Snapshotter:
             self._failures.append(f"snapshot of step {step} skipped on rank {self.rank}: "
                                   f"{problem or 'another rank could not prepare its snapshot'}")
             return False
+        self._use_timeout(snapshot_timeout_s(self.timeout_s, most, self.min_gbps))
         return True
 
     def _regroup(self) -> bool:
@@ -673,8 +712,7 @@ class Snapshotter:
             self._fault("exchange", step)
         finally:
             try:
-                for work in works:
-                    work.wait()
+                self._wait_works(works)
             except BaseException:
                 self._unsettled = self._groups_broken = True
                 raise
@@ -794,8 +832,7 @@ class Snapshotter:
         ops = [dist.P2POp(dist.isend, t, peer, self.world_group) for peer, t in sends] + \
             [dist.P2POp(dist.irecv, t, peer, self.world_group) for peer, t in receives]
         try:
-            for work in dist.batch_isend_irecv(ops) if ops else []:
-                work.wait()
+            self._wait_works(dist.batch_isend_irecv(ops) if ops else [])
         finally:
             ops.clear()  # they hold views into shared-memory segments the caller unmaps
 
@@ -805,9 +842,15 @@ class Snapshotter:
 
         Every chunk is checked against its source CRC on arrival and the rebuilt payload against the
         source's data-chunk CRCs; the state is touched only once every rank has verified its payload,
-        so a failure (``RestoreFailed`` on every rank) leaves a fresh model for the disk fallback.
+        so a failure (``RestoreFailed`` on every rank) leaves a fresh model for the disk fallback. Its timeout
+        grows with the most bytes any rank sends and receives (``snapshot_timeout_s``), like a snapshot's.
         """
         t0 = time.perf_counter()
+        moved = sum(int(e["size"]) for src, _, e in located.serves if src != self.rank) + \
+            sum(int(located.records[j]["size"]) for j, holder in located.needs.items() if holder != self.rank)
+        most = torch.tensor([moved], dtype=torch.int64)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX, group=self.world_group)
+        self._use_timeout(snapshot_timeout_s(self.timeout_s, int(most), self.min_gbps))
         k = self.layout.data
         problem, meta, data, d, segments = None, None, None, None, []
         try:

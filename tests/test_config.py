@@ -91,6 +91,7 @@ def test_shipped_configs_load_by_name():
       "dp_sync.diloco.fragments=4", "dp_sync.diloco.sync_every=8"],
      "dp_sync.diloco.fragments: must be <= 2, the layers of the pipeline rank with the fewest"),
     (["faulttol.snapshot.every=2"], "faulttol.snapshot.every: unknown key; did you mean 'every_steps'?"),
+    (["faulttol.snapshot.min_gbps=0"], "faulttol.snapshot.min_gbps: must be > 0, got 0.0"),
 ])
 def test_bad_values_name_the_field(override, message):
     with pytest.raises(ConfigError) as e:

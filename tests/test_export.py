@@ -60,3 +60,51 @@ def test_export_refuses_a_non_checkpoint(tmp_path, capsys):
     assert main(["export", str(tmp_path / "run" / "checkpoints" / "step_00000001"), "--hf", str(tmp_path / "o")]) == 2
     assert "not a complete DCP checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+class _Planted:
+    """Unpickling it makes directory ``path``: a stand-in for whatever code a planted pickle could run."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def test_export_refuses_a_planted_metadata_pickle_without_running_it(tmp_path, capsys):
+    """A checkpoint on a shared path may be anyone's: a ``.metadata`` whose unpickling runs code is refused in one
+    line naming what it refers to (exit 2), and its code never runs (DCP's own reader unpickled it whole)."""
+    import pickle
+
+    from loomtrain.launch.cli import main
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000001"
+    ckpt.mkdir(parents=True)
+    (tmp_path / "run" / "config.yaml").write_text("train:\n  steps: 1\n")
+    marker = tmp_path / "planted_code_ran"
+    (ckpt / ".metadata").write_bytes(pickle.dumps(_Planted(str(marker))))
+    assert main(["export", str(ckpt), "--hf", str(tmp_path / "o")]) == 2
+    assert not marker.exists(), "the planted pickle ran"
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: CHECKPOINT: refusing {ckpt / '.metadata'}: it refers to posix.mkdir, which DCP metadata " \
+                  "never holds", err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_dcp_checkpoint_written_without_a_process_group_reads_back_exactly(tmp_path):
+    """The safe reader still reads what DCP writes: the model tensors come back bit for bit, under the unsplit
+    model's names, and the rest of the checkpoint (optimizer state, a step) is left unread."""
+    import torch.distributed.checkpoint as dcp
+
+    from loomtrain.trainer.hf_export import read_model_state
+
+    torch.manual_seed(0)
+    model = {"tok_embeddings.weight": torch.randn(16, 8), "layers.0.attention.wq.weight": torch.randn(8, 8),
+             "norm.weight": torch.rand(8)}
+    state = {f"model.{k}": v for k, v in model.items()} | {"optim.state.norm.weight.exp_avg": torch.ones(8),
+                                                           "trainer.step": 3}
+    dcp.save(state, checkpoint_id=str(tmp_path / "ckpt"), no_dist=True)
+    read = read_model_state(str(tmp_path / "ckpt"))
+    assert read.keys() == model.keys()
+    assert all(torch.equal(read[k], v) for k, v in model.items())

@@ -113,7 +113,12 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 class SafeFileSystemReader(dcp.FileSystemReader):
     """``FileSystemReader`` whose ``read_metadata`` unpickles ``.metadata`` with ``_MetadataUnpickler`` (DCP's
-    own uses ``pickle.load``: a planted ``.metadata`` would run code before any check)."""
+    own uses ``pickle.load``: a planted ``.metadata`` would run code before any check). ``label``: what the
+    refusal names (the flag or argument the path came from)."""
+
+    def __init__(self, path, *args, label: str = "--resume", **kwargs):
+        super().__init__(path, *args, **kwargs)
+        self.label = label
 
     def read_metadata(self, *args, **kwargs) -> dcp_metadata.Metadata:
         path = self._get_metadata_path(kwargs.get("rank"))
@@ -121,9 +126,9 @@ class SafeFileSystemReader(dcp.FileSystemReader):
             try:
                 metadata = _MetadataUnpickler(f).load()
             except pickle.UnpicklingError as e:
-                raise UnsafeCheckpointError(f"--resume: refusing {path}: {e}") from None
+                raise UnsafeCheckpointError(f"{self.label}: refusing {path}: {e}") from None
         if not isinstance(metadata, dcp_metadata.Metadata):
-            raise UnsafeCheckpointError(f"--resume: refusing {path}: it holds a {type(metadata).__name__}, "
+            raise UnsafeCheckpointError(f"{self.label}: refusing {path}: it holds a {type(metadata).__name__}, "
                                         "not DCP Metadata")
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = dcp_metadata.StorageMeta()
@@ -141,16 +146,16 @@ class SafeLoadPlanner(DefaultLoadPlanner):
     """``DefaultLoadPlanner`` whose non-tensor items (step, scheduler, data position, encoded parts) are read with
     ``torch.load(weights_only=True)``: plain Python data and tensors only (DCP's own passes ``weights_only=False``)."""
 
-    def __init__(self, checkpoint: str = "", **kwargs):
+    def __init__(self, checkpoint: str = "", label: str = "--resume", **kwargs):
         super().__init__(**kwargs)
-        self.checkpoint = checkpoint
+        self.checkpoint, self.label = checkpoint, label
 
     def load_bytes(self, read_item, value) -> None:
         fqn = read_item.dest_index.fqn
         try:
             loaded = torch.load(value, weights_only=True)
         except pickle.UnpicklingError as e:
-            raise UnsafeCheckpointError(f"--resume: refusing {self.checkpoint}: item '{fqn}' is not plain data "
+            raise UnsafeCheckpointError(f"{self.label}: refusing {self.checkpoint}: item '{fqn}' is not plain data "
                                         f"({_weights_only_reason(e)})") from None
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[fqn], loaded)
@@ -158,12 +163,12 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             self.state_dict[fqn] = loaded
 
 
-def safe_dcp_load(state_dict: dict, checkpoint: str, **kwargs) -> None:
+def safe_dcp_load(state_dict: dict, checkpoint: str, label: str = "--resume", **kwargs) -> None:
     """``dcp.load`` of ``checkpoint`` into ``state_dict`` with ``SafeFileSystemReader`` and ``SafeLoadPlanner``;
     an ``UnsafeCheckpointError`` on any rank is raised as itself (DCP wraps it in a ``CheckpointException``)."""
     try:
-        dcp.load(state_dict, storage_reader=SafeFileSystemReader(checkpoint),
-                 planner=SafeLoadPlanner(checkpoint), **kwargs)
+        dcp.load(state_dict, storage_reader=SafeFileSystemReader(checkpoint, label=label),
+                 planner=SafeLoadPlanner(checkpoint, label=label), **kwargs)
     except CheckpointException as e:
         refused = [exc for exc, _ in e.failures.values() if isinstance(exc, UnsafeCheckpointError)]
         if refused:
@@ -171,9 +176,9 @@ def safe_dcp_load(state_dict: dict, checkpoint: str, **kwargs) -> None:
         raise
 
 
-def read_dcp_metadata(checkpoint: str) -> dcp_metadata.Metadata:
+def read_dcp_metadata(checkpoint: str, label: str = "--resume") -> dcp_metadata.Metadata:
     """The ``.metadata`` of the DCP checkpoint ``checkpoint``, read without running code."""
-    return SafeFileSystemReader(checkpoint).read_metadata()
+    return SafeFileSystemReader(checkpoint, label=label).read_metadata()
 
 
 def _decode_part(data, checkpoint: str, name: str):

@@ -166,7 +166,10 @@ class SnapshotConfig:
     """In-memory snapshots held by each node's snapshot process (SMP)."""
 
     every_steps: int = 0  # snapshot every N optimizer steps; 0 = off
-    timeout_s: float = 120.0  # a snapshot whose exchange or SMP request takes longer is skipped (training goes on)
+    # A snapshot whose collective, exchange or SMP request takes longer than timeout_s plus the time its bytes take
+    # at min_gbps (Gbit/s, the slowest rate assumed healthy) is skipped (training goes on); a restore likewise.
+    timeout_s: float = 120.0
+    min_gbps: float = 1.0
 
 
 @dataclass
@@ -446,7 +449,8 @@ def validate(exp: Experiment) -> None:
     require_positive(exp, "model.dim", "model.n_layers", "model.n_heads", "model.n_kv_heads",
               "model.ffn_multiple_of", "model.norm_eps", "model.rope_theta", "data.seq_len",
               "train.steps", "train.global_batch_size", "train.log_every", "optim.lr",
-              "parallel.cp_link_gbps", "faulttol.snapshot.timeout_s", "faulttol.monitor.step_factor",
+              "parallel.cp_link_gbps", "faulttol.snapshot.timeout_s", "faulttol.snapshot.min_gbps",
+              "faulttol.monitor.step_factor",
               "faulttol.monitor.min_s", "faulttol.monitor.phase_timeout_s")
     require_positive(exp, "model.ffn_hidden", "model.vocab_size", "model.max_seq_len", "train.micro_batch_size",
               "train.eval_every", "train.eval_batches", "train.threads", "parallel.cp_latency_us", "optim.warmup_steps",

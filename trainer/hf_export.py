@@ -37,9 +37,12 @@ _TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight
 def read_model_state(checkpoint: str) -> dict[str, torch.Tensor]:
     """Full (unsharded) model tensors of a DCP checkpoint, under the unsplit model's names. A run whose
     workers took local updates (dp_sync diloco | co2) saved one checkpoint per worker: what is read is the
-    outer model they share (the sync's anchors), not one worker's local parameters."""
-    import torch.distributed.checkpoint as dcp
+    outer model they share (the sync's anchors), not one worker's local parameters. Nothing in the checkpoint is
+    unpickled beyond DCP metadata and plain data (a checkpoint on a shared path may have been planted): one that
+    would run code is refused with a one-line ``ConfigError``."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from loomtrain.trainer.checkpoint import UnsafeCheckpointError, read_dcp_metadata, safe_dcp_load
 
     if not os.path.isdir(checkpoint):
         raise ConfigError(f"CHECKPOINT: '{checkpoint}' is not a directory")
@@ -51,10 +54,13 @@ def read_model_state(checkpoint: str) -> dict[str, torch.Tensor]:
         deepspeed = any(f.startswith("loomtrain_rng_rank") for f in os.listdir(checkpoint))
         kind = "a DeepSpeed checkpoint (not supported by export)" if deepspeed else "not a complete DCP checkpoint"
         raise ConfigError(f"CHECKPOINT: '{checkpoint}' is {kind}")
-    meta = dcp.FileSystemReader(checkpoint).read_metadata().state_dict_metadata
-    template = {key[len(prefix):]: torch.empty(m.size, dtype=m.properties.dtype)
-                for key, m in meta.items() if key.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
-    dcp.load({prefix + k: v for k, v in template.items()}, checkpoint_id=checkpoint, no_dist=True)
+    try:
+        meta = read_dcp_metadata(checkpoint, label="CHECKPOINT").state_dict_metadata
+        template = {key[len(prefix):]: torch.empty(m.size, dtype=m.properties.dtype)
+                    for key, m in meta.items() if key.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
+        safe_dcp_load({prefix + k: v for k, v in template.items()}, checkpoint, label="CHECKPOINT", no_dist=True)
+    except UnsafeCheckpointError as e:
+        raise ConfigError(str(e)) from None
     out = {}
     for name, t in template.items():
         name = canonical_name(name)
