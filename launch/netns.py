@@ -128,6 +128,15 @@ class HostCluster:
         self._made.clear()
 
 
+def read_log(path: str) -> str:
+    """A host's log so far ('' before it exists)."""
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
 def running(pid: int) -> bool:
     """Running (a zombie nobody reaped yet counts as gone)."""
     try:

@@ -60,14 +60,6 @@ def _steps(out) -> list[dict]:
         return []
 
 
-def _read(path) -> str:
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return ""
-
-
 def _rx_bytes(cluster) -> dict[str, int]:
     out = {}
     for name, host in cluster.hosts.items():
@@ -88,7 +80,7 @@ def _wait(predicate, timeout_s: float, what: str, poll_s: float = 0.2):
 
 
 def run(mode: str, sets: list[str], work: str, settle_s: float) -> dict:
-    from loomtrain.launch.netns import HostCluster
+    from loomtrain.launch.netns import HostCluster, read_log as _read
     from loomtrain.launch.rdzv_store import AGENT_ENV, agent_rdzv_conf
 
     out = os.path.join(work, mode)

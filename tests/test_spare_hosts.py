@@ -16,6 +16,7 @@ import time
 import pytest
 
 from loomtrain.launch.forked import run_ranks
+from loomtrain.launch.netns import read_log
 from loomtrain.launch.rdzv_store import AGENT_ENV, agent_rdzv_conf
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
@@ -163,7 +164,7 @@ def test_a_second_host_lost_during_the_restore_falls_back_to_disk_on_the_last_sp
     three hosts gone memory cannot serve: the run loads its disk checkpoint, says why, and trains on
     bit-identically."""
     def when_a_spare_restores(cluster, logs):
-        spare_up = any("started the snapshot process" in _read(logs[h]) for h in "de")
+        spare_up = any("started the snapshot process" in read_log(logs[h]) for h in "de")
         return [next(h for h in "bc" if h not in first)] if spare_up else []
 
     first = []
@@ -177,11 +178,3 @@ def test_a_second_host_lost_during_the_restore_falls_back_to_disk_on_the_last_sp
     fallback = re.search(r"memory snapshots could not serve \((.+)\); restored step (\d+) from the disk", text)
     assert fallback, text[-6000:]
     _assert_bit_identical(records, reference, int(fallback.group(2)))
-
-
-def _read(path) -> str:
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return ""
