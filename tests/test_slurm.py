@@ -129,13 +129,19 @@ def _reference(rank, overrides):
     return launch_train.run(load_config("tiny", overrides)).losses
 
 
+def _present() -> set[str]:
+    """Snapshot segments in /dev/shm and SMP directories in /tmp, as they are now."""
+    return {f for f in os.listdir("/dev/shm") if f.startswith("lt")} | \
+        {os.path.join("/tmp", f) for f in os.listdir("/tmp") if f.startswith("loomtrain-smp-")}
+
+
 def _leftovers(before: set[str]) -> list[str]:
-    return sorted(f for f in set(os.listdir("/dev/shm")) - before if f.startswith("lt")) + \
-        sorted(f for f in os.listdir("/tmp") if f.startswith("loomtrain-smp-"))
+    """What the job left behind (anything already there when the test started is not its doing)."""
+    return sorted(_present() - before)
 
 
 def test_preemption_warning_checkpoints_requeues_and_resumes_identically(slurm, small_corpus, tmp_path):
-    before = set(os.listdir("/dev/shm"))
+    before = _present()
     job, log, sets = _submit(slurm, tmp_path, small_corpus)
     _wait(slurm, job, {"RUNNING"}, log=log)
     deadline = time.monotonic() + 120
@@ -161,7 +167,7 @@ def test_preemption_warning_checkpoints_requeues_and_resumes_identically(slurm, 
 
 
 def test_rank_killed_inside_the_job_is_restored_from_memory(slurm, small_corpus, tmp_path):
-    before = set(os.listdir("/dev/shm"))
+    before = _present()
     job, log, _ = _submit(slurm, tmp_path, small_corpus, ["faulttol.inject={kind: sigkill, rank: 1, step: 5}"],
                           max_restarts=1)
     info = _wait(slurm, job, {"COMPLETED", "FAILED", "CANCELLED"}, log=log)
@@ -172,7 +178,7 @@ def test_rank_killed_inside_the_job_is_restored_from_memory(slurm, small_corpus,
 
 
 def test_scancel_leaves_nothing_behind(slurm, small_corpus, tmp_path):
-    before = set(os.listdir("/dev/shm"))
+    before = _present()
     job, log, _ = _submit(slurm, tmp_path, small_corpus, ["train.steps=100000"])
     _wait(slurm, job, {"RUNNING"}, log=log)
     deadline = time.monotonic() + 120
