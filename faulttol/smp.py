@@ -950,13 +950,20 @@ def _prefix_or_none(smp_dir: str, node: int | str) -> str | None:
         return None
 
 
+STALE_TEMP_S = 600  # an atomic write's temporary file this old was left by a writer killed mid-write
+
+
 def _remove_if_unused(d: str, min_age_s: float = 0.0) -> None:
-    """Remove an SMP directory loomtrain named once no SMP uses it (nothing but the secret is left),
-    if old enough. A directory a user or launcher chose is theirs to remove."""
+    """Remove an SMP directory loomtrain named once no SMP uses it (nothing but the secret is left, and
+    perhaps a temporary file a writer killed mid-write left long ago), if old enough. A directory a user or
+    launcher chose is theirs to remove."""
     if not os.path.basename(d).startswith(SMP_DIR_PREFIX):
         return
     try:
-        if set(os.listdir(d)) <= {"secret"} and time.time() - os.stat(d).st_mtime >= min_age_s:
+        now = time.time()
+        left = {f for f in os.listdir(d)
+                if not (f.startswith(".tmp-") and now - os.stat(os.path.join(d, f)).st_mtime >= STALE_TEMP_S)}
+        if left <= {"secret"} and now - os.stat(d).st_mtime >= min_age_s:
             shutil.rmtree(d, ignore_errors=True)
     except OSError:
         pass

@@ -235,3 +235,25 @@ def test_a_stale_trainer_can_neither_free_a_newer_attempts_segments_nor_stop_the
     finally:
         stop_daemons(d, [0])  # the operator's
     assert _wait_gone(pid) and not os.path.exists(sock)
+
+
+def test_a_temporary_file_left_by_a_killed_writer_does_not_keep_a_job_directory_forever(tmp_path, monkeypatch):
+    """A SIGKILL inside an atomic write leaves ``.tmp-*`` next to the secret; the sweep removes the directory
+    once that file is stale (it kept the directory, and failed a later job's leftover check, before). A fresh
+    temporary file is a live writer's: the directory stays."""
+    from loomtrain.faulttol import smp
+
+    monkeypatch.setattr(smp.tempfile, "gettempdir", lambda: str(tmp_path))
+    d = tmp_path / (smp.SMP_DIR_PREFIX + "0-deadbeef")
+    d.mkdir(mode=0o700)
+    (d / "secret").write_text("x" * 64)
+    temp = d / ".tmp-abc123"
+    temp.write_text("{}")
+    old = time.time() - 3600  # older than STALE_TEMP_S and the sweep's own minimum age
+    os.utime(d, (old, old))
+    smp.sweep_dead()
+    assert d.exists()  # a writer may still be busy with it
+    os.utime(temp, (old, old))
+    os.utime(d, (old, old))
+    smp.sweep_dead()
+    assert not d.exists()
