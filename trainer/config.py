@@ -27,6 +27,53 @@ from loomtrain.parallel.mesh import MESH_DIMS
 from loomtrain.parallel.stages import pipeline_stage_layers  # noqa: F401  (callers import it from here too)
 
 
+# model.rope_scaling: the parameters each type takes (transformers' RoPE types for the Llama family,
+# ``transformers/modeling_rope_utils.py``); "required" ones have no default (unset = 0).
+ROPE_SCALING_PARAMS = {
+    "default": {"required": (), "optional": ()},
+    "linear": {"required": ("factor",), "optional": ()},
+    "llama3": {"required": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+               "optional": ()},
+    "yarn": {"required": ("factor", "original_max_position_embeddings"),
+             "optional": ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate")},
+}
+
+
+@dataclass
+class RopeScalingConfig:
+    """RoPE scaling for a context longer than the one trained (``model.rope_scaling``), as transformers computes it:
+    ``type: default`` (none; only model.rope_theta) | linear | llama3 | yarn. Exported to config.json as
+    ``rope_parameters`` (and ``rope_scaling``)."""
+
+    type: str = "default"  # default | linear (factor) | llama3 (factor, low_freq_factor, high_freq_factor,
+    #   original_max_position_embeddings) | yarn (factor, original_max_position_embeddings; optional beta_fast,
+    #   beta_slow, attention_factor, mscale, mscale_all_dim, truncate)
+    factor: float = 0.0  # linear, llama3, yarn (required, >= 1): how many times longer the context becomes
+    low_freq_factor: float = 0.0  # llama3 (required, > 0): wavelengths above original/low_freq_factor are scaled
+    high_freq_factor: float = 0.0  # llama3 (required, > low_freq_factor): below original/high_freq_factor kept
+    original_max_position_embeddings: int = 0  # llama3, yarn (required, > 0): the context the model was trained for
+    beta_fast: float = 32.0  # yarn: rotations bounding the interpolation ramp (> beta_slow)
+    beta_slow: float = 1.0  # yarn (> 0)
+    attention_factor: float = 0.0  # yarn: cos/sin multiplier; 0 = transformers' (from factor, mscale, mscale_all_dim)
+    mscale: float = 0.0  # yarn: with mscale_all_dim, attention_factor = mscale(factor, mscale)/mscale(factor, all_dim)
+    mscale_all_dim: float = 0.0  # yarn
+    truncate: bool = True  # yarn: round the ramp's bounds to whole dimensions (transformers' default)
+
+    def parameters(self) -> dict | None:
+        """The type's parameters as transformers' ``rope_parameters`` holds them (without rope_theta); None for
+        ``default``. Optional yarn values left at 0 are left out (transformers then computes them)."""
+        if self.type == "default":
+            return None
+        spec = ROPE_SCALING_PARAMS[self.type]
+        out = {"rope_type": self.type}
+        for name in spec["required"] + spec["optional"]:
+            value = getattr(self, name)
+            if name in ("attention_factor", "mscale", "mscale_all_dim") and not value:
+                continue
+            out[name] = value
+        return out
+
+
 @dataclass
 class ModelConfig:
     """The model: its family (``trainer/models``, or a plugin's) and shape."""
@@ -41,6 +88,7 @@ class ModelConfig:
     vocab_size: int = 0  # 0 = tokenizer's vocabulary rounded up to a multiple of 64
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)  # longer contexts: linear | llama3 | yarn
     max_seq_len: int = 0  # 0 = data.seq_len
     dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 elsewhere) | float32 | bfloat16 (mixed precision, fp32 master weights)
     attention: str = "auto"  # auto (the chooser's pick for the device and dtype) | a backend (docs/gpu.md)
@@ -273,6 +321,7 @@ class Experiment:
 
 CHOICES = {
     "model.dtype": ("auto", "float32", "bfloat16"),
+    "model.rope_scaling.type": tuple(ROPE_SCALING_PARAMS),
     "model.attention": ("auto", "cudnn", "fa3", "flash_attn", "sdpa_flash", "sdpa_efficient", "cpu_flash", "math"),
     "parallel.backend": ("auto", "nccl", "gloo"),
     "parallel.device": ("auto", "cpu", "cuda"),
@@ -470,6 +519,7 @@ def validate(exp: Experiment) -> None:
         raise ConfigError(f"model.dim: dim/n_heads must be even for RoPE, got {m.dim // m.n_heads}")
     if m.n_heads % m.n_kv_heads:
         raise ConfigError(f"model.n_kv_heads: must divide model.n_heads ({m.n_heads}), got {m.n_kv_heads}")
+    _validate_rope_scaling(m.rope_scaling)
     if m.max_seq_len and m.max_seq_len < exp.data.seq_len:
         raise ConfigError(f"model.max_seq_len: must be >= data.seq_len ({exp.data.seq_len}), got {m.max_seq_len}")
     if not 0.0 <= exp.data.valid_fraction < 1.0:
@@ -517,6 +567,40 @@ def validate(exp: Experiment) -> None:
     _validate_dp_sync(exp)
     _validate_pipeline(exp)
     _validate_engine(exp)
+
+
+def _validate_rope_scaling(rs: RopeScalingConfig) -> None:
+    """model.rope_scaling: every parameter its type needs, valid, and none it does not use (type checked by CHOICES)."""
+    spec = ROPE_SCALING_PARAMS[rs.type]
+    takes = spec["required"] + spec["optional"]
+    defaults = RopeScalingConfig()
+    for f in dataclasses.fields(rs):
+        if f.name != "type" and f.name not in takes and getattr(rs, f.name) != getattr(defaults, f.name):
+            uses = ", ".join(takes) if takes else "no parameters (model.rope_theta sets the base)"
+            raise ConfigError(f"model.rope_scaling.{f.name}: not used by type {rs.type}, which takes {uses}")
+    p = "model.rope_scaling"
+
+    def need(name: str, ok: bool, valid: str) -> None:
+        value = getattr(rs, name)
+        if name in spec["required"] and value == getattr(defaults, name):
+            raise ConfigError(f"{p}.{name}: required by type {rs.type} ({valid})")
+        if not (ok and math.isfinite(value)):
+            raise ConfigError(f"{p}.{name}: must be {valid}, got {value}")
+
+    if "factor" in takes:
+        need("factor", rs.factor >= 1, "a number >= 1")
+    if "original_max_position_embeddings" in takes:
+        need("original_max_position_embeddings", rs.original_max_position_embeddings > 0,
+             "the context the model was trained for, > 0")
+    if rs.type == "llama3":
+        need("low_freq_factor", rs.low_freq_factor > 0, "a number > 0")
+        need("high_freq_factor", rs.high_freq_factor > rs.low_freq_factor,
+             f"a number > low_freq_factor ({rs.low_freq_factor})")
+    if rs.type == "yarn":
+        need("beta_slow", rs.beta_slow > 0, "a number > 0")
+        need("beta_fast", rs.beta_fast >= rs.beta_slow, f"a number >= beta_slow ({rs.beta_slow})")
+        for name in ("attention_factor", "mscale", "mscale_all_dim"):
+            need(name, getattr(rs, name) >= 0, "a number >= 0 (0: transformers' default)")
 
 
 def _validate_faulttol(exp: Experiment) -> None:

@@ -93,12 +93,17 @@ def to_hf_state(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, to
 
 
 def hf_config(args: ModelArgs, eos_id: int, dtype: str) -> dict:
-    return {
+    """``config.json``. RoPE goes where each transformers version reads it: ``rope_parameters`` (5.x: the type, theta
+    and the scaling's parameters), and for a scaled RoPE also ``rope_scaling`` beside the top-level ``rope_theta``
+    (4.x; 5.x takes rope_scaling in place of rope_parameters and adds rope_theta from the top level)."""
+    rope = {"rope_type": "default", "rope_theta": args.rope_theta} | (args.rope_scaling or {})
+    scaling = {"rope_scaling": dict(args.rope_scaling)} if args.rope_scaling else {}
+    return scaling | {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.dim,
         "intermediate_size": args.ffn_hidden, "num_hidden_layers": args.n_layers,
         "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
         "vocab_size": args.vocab_size, "max_position_embeddings": args.max_seq_len, "rms_norm_eps": args.norm_eps,
-        "rope_theta": args.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
+        "rope_theta": args.rope_theta, "rope_parameters": rope,
         "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
         "bos_token_id": None, "eos_token_id": eos_id, "torch_dtype": dtype,
     }

@@ -34,6 +34,7 @@ class ModelArgs:
     rope_theta: float = 10000.0
     init_std: float = 0.02
     attention: str = "auto"
+    rope_scaling: dict | None = None  # transformers' rope_parameters of a scaled RoPE (rope_type linear|llama3|yarn)
 
     @property
     def head_dim(self) -> int:
@@ -44,7 +45,7 @@ class ModelArgs:
         ffn = m.ffn_hidden or m.ffn_multiple_of * math.ceil(int(8 * m.dim / 3) / m.ffn_multiple_of)
         vocab = m.vocab_size or 64 * math.ceil(vocab_size / 64)
         return cls(m.dim, m.n_layers, m.n_heads, m.n_kv_heads, vocab, ffn, m.max_seq_len or seq_len,
-                   m.norm_eps, m.rope_theta, m.init_std, m.attention)
+                   m.norm_eps, m.rope_theta, m.init_std, m.attention, m.rope_scaling.parameters())
 
     def num_params(self, embeddings: bool = True) -> int:
         d, kv = self.dim, self.n_kv_heads * self.head_dim
@@ -101,10 +102,60 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -> tuple[torch.Tensor, float]:
+    """(inverse frequency of each pair (head_dim/2, float64), factor multiplying cos and sin): transformers' formulas
+    for the Llama family (``transformers/modeling_rope_utils.py``: ``_compute_linear_scaling_rope_parameters``,
+    ``_compute_llama3_parameters``, ``_compute_yarn_parameters``), computed in float64. ``scaling`` is a
+    ``rope_parameters`` dict (``RopeScalingConfig.parameters``); None: plain RoPE."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "default":
+        return freqs, 1.0
+    factor = float(scaling["factor"])
+    if kind == "linear":  # position interpolation: positions / factor
+        return freqs / factor, 1.0
+    if kind == "llama3":  # long wavelengths / factor, short ones kept, a smooth blend between
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / freqs
+        scaled = torch.where(wavelen > old / low, freqs / factor, freqs)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / high) & (wavelen <= old / low)
+        return torch.where(medium, smoothed, scaled), 1.0
+    if kind == "yarn":  # NTK-by-parts: interpolate below beta_slow rotations, extrapolate above beta_fast
+        old = scaling["original_max_position_embeddings"]
+
+        def mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        attention = scaling.get("attention_factor")
+        if attention is None:
+            m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+            attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+        beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+        def correction_dim(rotations: float) -> float:
+            return head_dim * math.log(old / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        lo, hi = correction_dim(beta_fast), correction_dim(beta_slow)
+        if scaling.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, head_dim - 1)
+        if lo == hi:
+            hi += 0.001
+        ramp = ((torch.arange(head_dim // 2, dtype=torch.float64) - lo) / (hi - lo)).clamp(0, 1)
+        return freqs / factor * ramp + freqs * (1 - ramp), float(attention)
+    raise ValueError(f"unknown rope_type {kind!r}")
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float,
+                scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (max_seq_len, head_dim/2) cos and sin tables (a scaled RoPE's attention factor folded in: it
+    multiplies cos and sin, as transformers' rotary embedding does)."""
+    freqs, attention = rope_frequencies(head_dim, theta, scaling)
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), freqs)
-    return angles.cos().float(), angles.sin().float()
+    return (angles.cos() * attention).float(), (angles.sin() * attention).float()
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -191,7 +242,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(args, i) for i in range(args.n_layers)})
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
+        cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta, args.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.attention_backend = "cpu_flash"  # the run's (``block_kernels.run_backend``), set by the trainer
@@ -216,7 +267,7 @@ class Transformer(nn.Module):
             if isinstance(param, DTensor):
                 full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
             param.copy_(full)
-        cos, sin = rope_tables(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta)
+        cos, sin = rope_tables(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, self.args.rope_scaling)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
