@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -93,6 +94,20 @@ class HostCluster:
         finally:
             if log:
                 out.close()
+
+    def spawn_agent(self, name: str, store: str, nnodes: int, rdzv_id: str, overrides: list[str], log: str,
+                    join_timeout_s: int = 600, max_restarts: int = 3, env: dict | None = None) -> subprocess.Popen:
+        """Start host ``name``'s training agent (``loomtrain.launch.agent``, one rank, ``--nnodes=N:N``) meeting
+        the others at ``store`` (HOST:PORT); a dead agent is dropped after 3 missed 1 s keep-alives. The host
+        is ``LOOMTRAIN_HOST_ID=host-<name>``: its snapshots are found by host, whatever rank it gets."""
+        from loomtrain.launch.rdzv_store import AGENT_ENV, agent_rdzv_conf
+
+        argv = [sys.executable, "-m", "loomtrain.launch.agent", f"--nnodes={nnodes}:{nnodes}", "--nproc-per-node=1",
+                "--rdzv-backend=c10d", f"--rdzv-endpoint={store}", f"--rdzv-id={rdzv_id}",
+                f"--rdzv-conf={agent_rdzv_conf(join_timeout_s, keep_alive_s=1, keep_alive_misses=3)}",
+                f"--max-restarts={max_restarts}", "--monitor-interval=0.5", f"--local-addr={self.hosts[name].address}",
+                "-m", "loomtrain.launch.train", "tiny"] + [a for o in overrides for a in ("--set", o)]
+        return self.spawn(name, argv, env={"LOOMTRAIN_HOST_ID": f"host-{name}", **AGENT_ENV, **(env or {})}, log=log)
 
     def pids(self, name: str) -> list[int]:
         """Every process running on host ``name``."""

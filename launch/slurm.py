@@ -24,7 +24,7 @@ job's snapshot segments, whatever state the trainers left them in.
 With ``spare_nodes`` S > 0 the job holds N + S nodes and a lost node does not end it: ``--no-kill`` keeps
 the allocation and the step when a node fails, the agents meet at a rendezvous store the batch shell runs
 outside torchrun (``launch/rdzv_store.py``) with ``--nnodes=N:N``, so S agents wait as spares (torchrun's agent
-with two fixes for spares, ``launch/agent.py``); after a node
+with its spare fixes, ``launch/agent.py``); after a node
 is lost the survivors' ranks fail, their agents start a new round, and one spare completes it (the lost
 host's snapshot chunks are rebuilt on it from parity). The batch shell runs on the first node, so that
 node's loss still ends the job (Slurm requeues it, from disk); any other node's loss is survived S times.

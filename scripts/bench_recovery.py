@@ -81,7 +81,6 @@ def _wait(predicate, timeout_s: float, what: str, poll_s: float = 0.2):
 
 def run(mode: str, sets: list[str], work: str, settle_s: float) -> dict:
     from loomtrain.launch.netns import HostCluster, read_log as _read
-    from loomtrain.launch.rdzv_store import AGENT_ENV, agent_rdzv_conf
 
     out = os.path.join(work, mode)
     saving = (["faulttol.snapshot.every_steps=2", "faulttol.persist_every_steps=0"] if mode == "memory" else
@@ -94,12 +93,8 @@ def run(mode: str, sets: list[str], work: str, settle_s: float) -> dict:
                       log=logs["store"])
 
         def agent(host):
-            argv = [sys.executable, "-m", "loomtrain.launch.agent", f"--nnodes={len(HOSTS)}:{len(HOSTS)}",
-                    "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={store}:{PORT}",
-                    f"--rdzv-id=bench-{mode}", f"--rdzv-conf={agent_rdzv_conf(600, 1, 3)}", "--max-restarts=2",
-                    "--monitor-interval=0.5", f"--local-addr={cluster.hosts[host].address}",
-                    "-m", "loomtrain.launch.train", "tiny"] + [a for o in overrides for a in ("--set", o)]
-            return cluster.spawn(host, argv, env={"LOOMTRAIN_HOST_ID": f"host-{host}", **AGENT_ENV}, log=logs[host])
+            return cluster.spawn_agent(host, f"{store}:{PORT}", len(HOSTS), f"bench-{mode}", overrides, logs[host],
+                                       max_restarts=2)
 
         agents = {h: agent(h) for h in HOSTS}
         print(f"[{mode}] starting 3 hosts; waiting for step 1", flush=True)

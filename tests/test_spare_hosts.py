@@ -17,7 +17,6 @@ import pytest
 
 from loomtrain.launch.forked import run_ranks
 from loomtrain.launch.netns import read_log
-from loomtrain.launch.rdzv_store import AGENT_ENV, agent_rdzv_conf
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 pytestmark = needs_root
@@ -47,14 +46,8 @@ def reference(small_corpus, tmp_path_factory):
 
 
 def _agent(cluster, host, store, overrides, log):
-    address = cluster.hosts[host].address
-    argv = [sys.executable, "-m", "loomtrain.launch.agent", f"--nnodes={WORKERS}:{WORKERS}", "--nproc-per-node=1",
-            "--rdzv-backend=c10d", f"--rdzv-endpoint={store}:{PORT}", "--rdzv-id=spares",
-            f"--rdzv-conf={agent_rdzv_conf(join_timeout_s=180, keep_alive_s=1, keep_alive_misses=3)}",
-            "--max-restarts=3", "--monitor-interval=0.5", f"--local-addr={address}",
-            "-m", "loomtrain.launch.train", "tiny"] + [a for o in overrides for a in ("--set", o)]
-    return cluster.spawn(host, argv, env={"LOOMTRAIN_HOST_ID": f"host-{host}", "OMP_NUM_THREADS": "1",
-                                          **AGENT_ENV}, log=log)
+    return cluster.spawn_agent(host, f"{store}:{PORT}", WORKERS, "spares", overrides, log, join_timeout_s=180,
+                               env={"OMP_NUM_THREADS": "1"})
 
 
 def _steps(out) -> list[dict]:
