@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 from loomtrain.faulttol.heartbeat import HEARTBEAT_DIR_ENV, STACK_SIGNAL, UNWATCHED_PHASES, proc_stat, read_record
 from loomtrain.fsutil import atomic_write_text
+from loomtrain.log import say
 
 FAILURES_FILE = "failures.jsonl"
 HEALTH_DIR = "health"
@@ -300,7 +301,7 @@ class HangMonitor:
 
     def _say(self, line: str) -> None:
         if not self.quiet:
-            print(line, file=sys.stderr, flush=True)
+            say(line)
 
     def start(self) -> "HangMonitor":
         self._thread = threading.Thread(target=self._run, name="hang-monitor", daemon=True)

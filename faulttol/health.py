@@ -19,7 +19,6 @@ host clocks would measure only the launches.
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import torch
 
 from loomtrain.comms import traffic
 from loomtrain.faulttol.manager import host_name
+from loomtrain.log import say
 
 
 @dataclass
@@ -186,9 +186,9 @@ class HealthMonitor:
     def observe(self, step: int, busy: list[float], data: list[float]) -> None:
         found = self.detector.observe(step, busy, data)
         if found is not None and self.is_main:
-            print(f"health: WARNING: rank {found.rank} on host {found.host} is the slow one since step "
+            say(f"health: WARNING: rank {found.rank} on host {found.host} is the slow one since step "
                   f"{found.since_step}: its steps take {found.slowdown:.2f}x the others' outside collectives "
-                  f"({found.cause})", file=sys.stderr, flush=True)
+                  f"({found.cause})")
 
     def record(self) -> dict:
         """metrics.jsonl fields while a straggler is named."""

@@ -17,6 +17,7 @@ from typing import Protocol
 
 from loomtrain.faulttol.smp import SnapshotClient, remove_segments, segment_prefix, socket_path
 from loomtrain.registry import Registry
+from loomtrain.log import say
 
 EXIT_HANG = 124  # what timeout(1) uses
 
@@ -55,7 +56,7 @@ class AfterStep:
 
     def after_step(self, cfg, rank: int, step: int, node: str | None, smp_dir: str | None) -> None:
         if due(cfg, rank, step):
-            print(f"faulttol: injecting '{cfg.kind}' on rank {rank} after step {step}", file=sys.stderr, flush=True)
+            say(f"faulttol: injecting '{cfg.kind}' on rank {rank} after step {step}")
             self.fire(rank, step, node, smp_dir)
 
     def fire(self, rank: int, step: int, node: str | None, smp_dir: str | None) -> None:
@@ -100,8 +101,8 @@ class SnapshotKill:
     def snapshot_hook(self, cfg, rank: int):
         def hook(phase: str, step: int) -> None:
             if phase == cfg.phase and due(cfg, rank, step):
-                print(f"faulttol: injecting 'snapshot_kill' on rank {rank} inside the '{phase}' phase of the "
-                      f"snapshot of step {step}", file=sys.stderr, flush=True)
+                say(f"faulttol: injecting 'snapshot_kill' on rank {rank} inside the '{phase}' phase of the "
+                      f"snapshot of step {step}")
                 os.kill(os.getpid(), signal.SIGKILL)
 
         return hook
@@ -135,7 +136,7 @@ def _kill_smp(node: str | None, smp_dir: str | None) -> dict:
 
 def _lose_node(node: str | None, smp_dir: str | None) -> None:
     """A node disappears: its SMP and its memory, then every rank on it (this one last)."""
-    print(f"faulttol: injecting 'node_loss' of node {node}", file=sys.stderr, flush=True)
+    say(f"faulttol: injecting 'node_loss' of node {node}")
     info = _kill_smp(node, smp_dir)
     remove_segments(segment_prefix(smp_dir, node))  # the node's RAM is gone
     for pid in info["ranks"].values():
@@ -181,7 +182,7 @@ class Watchdog:
             limit = self.timeout_s if self._started else self.startup_s
             if time.monotonic() - self._last > limit:
                 phase = "between steps" if self._started else "before its first step"
-                print(f"faulttol: watchdog: rank {self.rank} made no progress for {limit:g}s {phase}; "
-                      f"exiting so the launcher restarts the group. Stacks:", file=sys.stderr, flush=True)
+                say(f"faulttol: watchdog: rank {self.rank} made no progress for {limit:g}s {phase}; "
+                      f"exiting so the launcher restarts the group. Stacks:")
                 faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
                 os._exit(EXIT_HANG)

@@ -11,7 +11,6 @@ import importlib.util
 import json
 import os
 import socket
-import sys
 import uuid
 
 import torch
@@ -25,6 +24,7 @@ from loomtrain.faulttol.layout import NodeLayout, identical_replicas
 from loomtrain.faulttol.smp import (SMPError, SnapshotClient, ensure_daemon, host_label, job_directory,
                                    secure_directory, socket_path, stop_daemons)
 from loomtrain.errors import ConfigError
+from loomtrain.log import say
 
 SMP_DIR_ENV = "LOOMTRAIN_SMP_DIR"
 RUN_ID_ENV = "LOOMTRAIN_RUN_ID"
@@ -210,8 +210,7 @@ class FaultTolerance:
                                     chain=self._chain)
             # Launchers start SMPs; one missing (bare torchrun, or killed) is started here, detached.
             if first and ensure_daemon(self.smp_dir, node, self.cfg.smp_idle_exit_s):
-                print(f"faulttol: started the snapshot process of node {node} ({self.smp_dir})",
-                      file=sys.stderr, flush=True)
+                say(f"faulttol: started the snapshot process of node {node} ({self.smp_dir})")
 
         guarded(connect)  # the node's first rank makes sure its SMP is up
         dist.barrier()
@@ -268,8 +267,8 @@ class FaultTolerance:
             then = "trying again at the next snapshot step"
         else:
             then = f"trying again at step {step + gap * self.every}"
-        print(f"faulttol: WARNING: in-memory snapshots are off: hooking up the snapshot processes failed {at} "
-              f"(try {self.hookup_tries} of {HOOKUP_TRIES}): {why}; {then}", file=sys.stderr, flush=True)
+        say(f"faulttol: WARNING: in-memory snapshots are off: hooking up the snapshot processes failed {at} "
+              f"(try {self.hookup_tries} of {HOOKUP_TRIES}): {why}; {then}")
 
     def _retry_hookup(self, step: int) -> None:
         """At a snapshot step while start-up's hookup has not succeeded: every rank decides alike whether a try is
@@ -285,9 +284,8 @@ class FaultTolerance:
             self._hookup_failed(why, step)
             return
         if self.env.rank == 0:
-            print(f"faulttol: in-memory snapshots are on from step {step}: every node's snapshot process answers "
-                  f"(after {self.hookup_tries} failed tr{'y' if self.hookup_tries == 1 else 'ies'})",
-                  file=sys.stderr, flush=True)
+            say(f"faulttol: in-memory snapshots are on from step {step}: every node's snapshot process answers "
+                  f"(after {self.hookup_tries} failed tr{'y' if self.hookup_tries == 1 else 'ies'})")
 
     def _agree_chain(self, info: dict | None) -> tuple[int, str]:
         """(attempt, run) for the SMPs, the same on every rank. A restart of this launch (some rank's SMP saw
@@ -391,7 +389,7 @@ class FaultTolerance:
         """Warn about (and count) snapshots that failed; training goes on without them."""
         for line in self.snapshots.poll():
             self.snapshot_failures += 1
-            print(f"faulttol: WARNING: {line}", file=sys.stderr, flush=True)
+            say(f"faulttol: WARNING: {line}")
 
     def persist_due(self, step: int) -> bool:
         return bool(self.cfg.persist_every_steps) and step % self.cfg.persist_every_steps == 0

@@ -70,6 +70,7 @@ import uuid
 import zlib
 
 from loomtrain.fsutil import atomic_write_text
+from loomtrain.log import say
 
 KEEP_EPOCHS = 2
 MAX_CHAINS = 64  # launches of one run remembered per node (each restart by a new agent adds one)
@@ -134,7 +135,7 @@ def segment_capacity(size: int) -> int:
 
 
 def _warn(message: str) -> None:
-    print(f"smp: {message}", file=sys.stderr, flush=True)
+    say(f"smp: {message}")
 
 
 def _is_ours(st: os.stat_result, kind=stat.S_ISDIR) -> bool:
@@ -282,7 +283,7 @@ class SnapshotDaemon:
         except FileNotFoundError:
             pass
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            print(f"smp: ignoring an unreadable index {self.index_path} ({e})", file=sys.stderr, flush=True)
+            say(f"smp: ignoring an unreadable index {self.index_path} ({e})")
             self.epochs.clear()
         for ep in self.epochs.values():
             for entries in ep["owners"].values():
@@ -292,8 +293,7 @@ class SnapshotDaemon:
             if name not in self.segments:
                 self._unlink(name)
         if self.epochs:
-            print(f"smp: adopted epochs {sorted(self.epochs)} of run {self.run!r} from {self.index_path}",
-                  file=sys.stderr, flush=True)
+            say(f"smp: adopted epochs {sorted(self.epochs)} of run {self.run!r} from {self.index_path}")
 
     def _present(self, entry: dict) -> int:
         """The capacity of an index entry's segment if it is still there, ours, and holds the entry's bytes; else 0."""
@@ -421,8 +421,7 @@ class SnapshotDaemon:
     def register(self, rank: str, pid: int, run: str, attempt: int, chain: str = "") -> dict:
         if run != self.run:
             if self.epochs:
-                print(f"smp: run {run!r} registered; dropping epochs {sorted(self.epochs)} of run {self.run!r}",
-                      file=sys.stderr, flush=True)
+                say(f"smp: run {run!r} registered; dropping epochs {sorted(self.epochs)} of run {self.run!r}")
             for epoch in list(self.epochs):
                 self._drop_epoch(epoch)
             self.run, self.attempt, self.ranks, self.chains = run, attempt, {}, []
@@ -598,7 +597,7 @@ class SnapshotDaemon:
         except OSError:  # the client went away mid-request or timed out: its problem, not the node's
             pass
         except Exception as e:  # noqa: BLE001 - e.g. JSON nested too deep: still only this client's problem
-            print(f"smp: dropped a client: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            say(f"smp: dropped a client: {type(e).__name__}: {e}")
 
     def serve(self) -> None:
         lock = self._lock
@@ -1041,7 +1040,7 @@ def start_daemon(smp_dir: str, node: int | str, idle_exit_s: float = 0.0, timeou
     torchrun or Slurm, where the SMP must outlive every process of a restart): when that process is gone, the
     SMP frees everything and exits (a launcher SIGKILLed or hung up never runs its cleanup)."""
     for swept in sweep_dead(keep=smp_dir):
-        print(f"smp: removed the leftovers of a dead snapshot process in {swept}", file=sys.stderr, flush=True)
+        say(f"smp: removed the leftovers of a dead snapshot process in {swept}")
     secure_directory(smp_dir)
     sock = socket_path(smp_dir, node)
     load_secret(sock, create=True)

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import datetime
 import math
-import sys
 import threading
 import time
 import zlib
@@ -56,6 +55,7 @@ from loomtrain.faulttol import codec
 from loomtrain.faulttol.erasure import ReedSolomon
 from loomtrain.faulttol.layout import NodeLayout, choose_chunks
 from loomtrain.faulttol.smp import Attached, SMPError, SnapshotClient, checksum, ensure_daemon, socket_path
+from loomtrain.log import say
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -355,9 +355,9 @@ class Snapshotter:
         if self._thread is not None and self._thread.is_alive():
             self.late += 1  # the interval is shorter than a snapshot takes: say so instead of stretching it quietly
             if self.late in (1, 10, 100) or self.late % 1000 == 0:
-                print(f"faulttol: WARNING: rank {self.rank}: snapshot of step {step} waits for the previous one "
+                say(f"faulttol: WARNING: rank {self.rank}: snapshot of step {step} waits for the previous one "
                       f"({self.late} time(s) so far; one takes {self.last_seconds:.2f}s in the background): "
-                      f"raise faulttol.snapshot.every_steps", file=sys.stderr, flush=True)
+                      f"raise faulttol.snapshot.every_steps")
         self.wait()
         job, problem, moved = None, None, 0
         try:
@@ -448,8 +448,8 @@ class Snapshotter:
             return False
         self._groups_broken = False
         if self.rank == 0:
-            print(f"faulttol: rebuilt the snapshot process groups after a failed collective ({self._group_failures} "
-                  f"failure(s) in a row; snapshots go off at {MAX_GROUP_FAILURES})", file=sys.stderr, flush=True)
+            say(f"faulttol: rebuilt the snapshot process groups after a failed collective ({self._group_failures} "
+                  f"failure(s) in a row; snapshots go off at {MAX_GROUP_FAILURES})")
         return True
 
     def _turn_off(self, why: str, problem: str | None) -> None:
@@ -461,8 +461,8 @@ class Snapshotter:
         except Exception:  # noqa: BLE001 - off anyway; the groups are never used again
             pass
         if self.rank == 0 or problem is not None:
-            print(f"faulttol: WARNING: in-memory snapshots are off for the rest of this run (rank {self.rank}): "
-                  f"{why}" + (f" ({problem})" if problem else ""), file=sys.stderr, flush=True)
+            say(f"faulttol: WARNING: in-memory snapshots are off for the rest of this run (rank {self.rank}): "
+                  f"{why}" + (f" ({problem})" if problem else ""))
 
     def _copy_into(self, staging: torch.Tensor, tensors: list[torch.Tensor]) -> None:
         if self._copier is not None:
@@ -598,7 +598,7 @@ class Snapshotter:
         adopts its predecessor's committed epochs); every rank registers again with one that lost them."""
         if self.rank == self.layout.node_ranks(self.layout.node_of(self.rank))[0] and not self.client.alive():
             ensure_daemon(self.smp_dir, self.node, self.idle_exit_s)
-            print(f"faulttol: restarted the snapshot process of node {self.node}", file=sys.stderr, flush=True)
+            say(f"faulttol: restarted the snapshot process of node {self.node}")
         info = self.client._call(op="ping")
         if (info["run"], info["attempt"]) != (self.run, self.attempt) or str(self.rank) not in info["ranks"]:
             self.client.register(self.rank)

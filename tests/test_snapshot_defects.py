@@ -285,6 +285,23 @@ def test_snapshots_go_off_with_one_warning_only_after_3_group_failures_in_a_row_
                                    "(rank 0): rebuilding their process groups failed (") for line in off)
 
 
+
+def test_the_snapshots_off_warning_reaches_stderr_in_one_write(monkeypatch):
+    """Ranks share a stderr; ``print`` writes a line and its newline separately, so two ranks' warnings came out
+    as one line in CI (rank 1's inside rank 0's) and the line count above saw one warning for two."""
+    import sys
+    import types
+
+    from loomtrain.faulttol.snapshot import Snapshotter
+
+    writes = []
+    monkeypatch.setattr(sys, "stderr", types.SimpleNamespace(write=writes.append, flush=lambda: None))
+    snap = types.SimpleNamespace(rank=1, broken=False, _destroy_groups=lambda: None)
+    Snapshotter._turn_off(snap, "rebuilding their process groups failed", "RuntimeError: injected")
+    assert snap.broken
+    assert writes == ["faulttol: WARNING: in-memory snapshots are off for the rest of this run (rank 1): rebuilding "
+                      "their process groups failed (RuntimeError: injected)\n"]
+
 # ---------------------------------------------------------------- H2, start-up: a node whose SMP cannot be reached
 def _hookup_run(rank, out, how, attempt):
     """A FaultTolerance over a small model in a forked rank, as the trainer drives it. Attempt 0: node 1's first

@@ -40,6 +40,7 @@ from loomtrain.trainer.metrics import MetricsSink, detect_peak_flops
 from loomtrain.trainer.models import model_family
 from loomtrain.trainer.optim import build_optimizer, build_scheduler
 from loomtrain.trainer.step import MicroBatchSteps, PipelineSteps
+from loomtrain.log import say
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -224,7 +225,7 @@ class Trainer:
 
     def _data_wait(self, message: str) -> None:
         if self.env.is_main:
-            print(message, file=sys.stderr, flush=True)
+            say(message)
 
     def _restore(self, resume: str | None) -> None:
         """Where the state comes from, in an order users can predict (and the log says which and why):
@@ -272,15 +273,14 @@ class Trainer:
             self.restore_seconds = time.perf_counter() - start
             if self.env.is_main:
                 if loud:
-                    print(f"faulttol: WARNING: memory snapshots could not serve ({why}); restored step {self.step} "
-                          f"from the disk checkpoint {path} in {self.restore_seconds:.2f}s", file=sys.stderr,
-                          flush=True)
+                    say(f"faulttol: WARNING: memory snapshots could not serve ({why}); restored step {self.step} "
+                          f"from the disk checkpoint {path} in {self.restore_seconds:.2f}s")
                 else:
                     print(f"resume: step {self.step} from the disk checkpoint {path} in {self.restore_seconds:.2f}s "
                           f"({why})", flush=True)
         elif ft.restarted and self.env.is_main:
-            print(f"faulttol: WARNING: restarted with nothing to restore ({why}; no disk checkpoint): "
-                  f"training again from step 0", file=sys.stderr, flush=True)
+            say(f"faulttol: WARNING: restarted with nothing to restore ({why}; no disk checkpoint): "
+                  f"training again from step 0")
 
     # ------------------------------------------------------------------ steps
     def _forward_loss_sum(self, batch: dict) -> torch.Tensor:
