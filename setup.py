@@ -24,7 +24,7 @@ setup(
     extras_require={
         "dev": ["pytest", "pytest-timeout", "deepspeed", "megatron-core", "wandb", "scipy", "tokenizers", "hypothesis",
                 "transformers", "safetensors", "pyarrow", "pyeclib"],
-        "data": ["pyarrow", "tokenizers"],  # Parquet corpora (Hugging Face datasets on disk), tokenizer.json
+        "data": ["pyarrow", "tokenizers", "safetensors"],  # Parquet corpora, tokenizer.json, model.init_from
         # No "gpu" extra: flash-attn is a source package whose build imports torch (it needs
         # --no-build-isolation, which an extra cannot pass). docs/gpu.md says how to install it; torch's own
         # cuDNN and flash kernels serve without it.

@@ -33,7 +33,8 @@ from loomtrain.data.tokenizer import build_tokenizer
 from loomtrain.errors import ConfigError
 from loomtrain.fsutil import atomic_write_text
 
-FORMAT_VERSION = 3  # 3: the validation split counts tokens, not documents
+FORMAT_VERSION = 4  # 3: the validation split counts tokens, not documents; 4: documents start with the
+#   tokenizer's leading special tokens (Llama's BOS)
 IN_FLIGHT_PER_WORKER = 2  # tasks queued per worker: bounds memory, keeps workers busy
 
 

@@ -33,16 +33,40 @@ class HFTokenizer:
         self._tok = Tokenizer.from_file(path)
         self.name = os.path.abspath(path)
         base = self._tok.get_vocab_size(with_added_tokens=True)
-        ids = [self._tok.token_to_id(n) for n in self.EOS_NAMES]
+        named = _eos_token(os.path.join(os.path.dirname(self.name), "tokenizer_config.json"))
+        ids = [self._tok.token_to_id(n) for n in ((named,) if named else ()) + self.EOS_NAMES]
         found = [i for i in ids if i is not None]
         self.eos_id = found[0] if found else base
         self.vocab_size = max(base, self.eos_id + 1)
+        self.bos_ids = self._leading_specials()
+
+    def _leading_specials(self) -> list[int]:
+        """The special tokens the tokenizer's post-processor puts before a text: Llama's BOS, none for Qwen2 or
+        GPT-2-style tokenizers. Every document starts with them, as the model saw in its pretraining."""
+        plain = self._tok.encode("a", add_special_tokens=False).ids
+        full = self._tok.encode("a", add_special_tokens=True).ids
+        for start in range(len(full) - len(plain) + 1):
+            if full[start:start + len(plain)] == plain:
+                return full[:start]
+        return []
 
     def encode(self, text: str) -> np.ndarray:
-        return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+        return np.asarray(self.bos_ids + self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
 
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids])
+
+
+def _eos_token(config_path: str) -> str | None:
+    """``eos_token`` of a ``tokenizer_config.json`` beside the tokenizer (a string or an AddedToken mapping)."""
+    import json
+
+    try:
+        with open(config_path) as f:
+            token = json.load(f).get("eos_token")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return token.get("content") if isinstance(token, dict) else token if isinstance(token, str) else None
 
 
 def build_tokenizer(spec: str):

@@ -228,7 +228,7 @@ def cmd_export(args) -> int:
         raise ConfigError(f"--config: '{config}' does not exist (pass the run's config.yaml)")
     summary = export_hf(checkpoint, args.hf, load_config(config))
     print(f"wrote {summary['out_dir']}: {summary['parameters'] / 1e6:.2f}M parameters in {summary['tensors']} tensors "
-          f"(LlamaForCausalLM), tokenizer.json (load with transformers' AutoModelForCausalLM / AutoTokenizer)")
+          f"({summary['architecture']}), tokenizer.json (load with transformers' AutoModelForCausalLM / AutoTokenizer)")
     return 0
 
 

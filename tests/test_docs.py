@@ -424,7 +424,8 @@ def check_yaml_block(s: Snippet, errors: list[str]) -> None:
         errors.append(f"{s.where()}: a yaml block that is not a mapping")
         return
     if set(values) <= set(sections()) | {"plugins"}:
-        if "plugins" in values:  # names a plugin file of the reader's: the keys are checked, not the values
+        # names a plugin file or a model directory of the reader's: the keys are checked, not the values
+        if "plugins" in values or "init_from" in (values.get("model") or {}):
             for path in flatten({k: v for k, v in values.items() if k != "plugins"}):
                 if not key_exists(path):
                     errors.append(f"{s.where()}: {path}: no such config key")

@@ -78,7 +78,9 @@ class RopeScalingConfig:
 class ModelConfig:
     """The model: its family (``trainer/models``, or a plugin's) and shape."""
 
-    family: str = "llama"  # a registered model family (trainer/models): llama, or one a plugin registers
+    family: str = "llama"  # a registered model family (trainer/models): llama | qwen2, or one a plugin registers
+    init_from: str = ""  # a Hugging Face model directory (config.json, safetensors, tokenizer.json) to start from:
+    #   family, shape, vocabulary, RoPE and data.tokenizer come from it (docs/import.md)
     dim: int = 256  # hidden size
     n_layers: int = 4  # decoder blocks
     n_heads: int = 8  # query heads
@@ -449,7 +451,14 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         exp.plugins = [_plugin_path(p, path) for p in plugins]
         load_plugins(exp.plugins)  # before the sections: they may name what a plugin registers
         _apply(exp, values)
-    _apply(exp, parse_overrides(overrides or []))
+    else:
+        values = {}
+    overridden = parse_overrides(overrides or [])
+    _apply(exp, overridden)
+    if exp.model.init_from:  # the model's shape, RoPE and tokenizer from its config.json (headers checked)
+        from loomtrain.trainer.hf_import import given_keys, resolve_init_from
+
+        resolve_init_from(exp, given_keys(values) | given_keys(overridden))
     validate(exp)
     return exp
 

@@ -1,8 +1,9 @@
-"""``loomtrain export CHECKPOINT --hf OUT_DIR``: a checkpoint of any layout as a Hugging Face Llama model.
+"""``loomtrain export CHECKPOINT --hf OUT_DIR``: a checkpoint of any layout as a Hugging Face Llama (or Qwen2)
+model; and the names and row order ``model.init_from`` imports with (``hf_import``): the Llama family's adapter.
 
 Reads the model tensors of a DCP checkpoint at their global shapes (DCP reassembles the
 shards of whatever tp/dp/pp layout wrote them, without a process group), renames them to
-``LlamaForCausalLM``'s names and writes ``config.json``, ``model.safetensors`` and a tokenizer
+``LlamaForCausalLM``'s (``Qwen2ForCausalLM``'s) names and writes ``config.json``, ``model.safetensors`` and a tokenizer
 ``AutoTokenizer`` loads. loomtrain's RoPE rotates adjacent pairs (x[2i], x[2i+1]); Hugging
 Face's rotates halves (x[i], x[i + d/2]), so the rows of q/k projections are permuted per head
 (the permutation Meta-to-HF conversion uses; q.k is unchanged because both are permuted alike).
@@ -19,6 +20,7 @@ import torch
 
 from loomtrain.errors import ConfigError
 from loomtrain.fsutil import atomic_write_text
+from loomtrain.trainer.hf_import import FAMILIES
 from loomtrain.trainer.models.llama.model import ModelArgs, canonical_name
 
 EOS_TOKEN = "<|endoftext|>"
@@ -28,8 +30,11 @@ _BLOCK_NAMES = {
     "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
     "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w2.weight": "mlp.down_proj.weight",
     "feed_forward.w3.weight": "mlp.up_proj.weight", "attention_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight", "attention.wq.bias": "self_attn.q_proj.bias",
+    "attention.wk.bias": "self_attn.k_proj.bias", "attention.wv.bias": "self_attn.v_proj.bias",
 }
+_ROTATED = {"attention.wq.weight": "n_heads", "attention.wk.weight": "n_kv_heads", "attention.wq.bias": "n_heads",
+            "attention.wk.bias": "n_kv_heads"}  # rows in RoPE pair order: permuted per head
 _TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
               "output.weight": "lm_head.weight"}
 
@@ -70,43 +75,54 @@ def read_model_state(checkpoint: str) -> dict[str, torch.Tensor]:
 
 
 def _halves_rope(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """Rows (head, pair i, member j) -> (head, member j, pair i): adjacent-pair RoPE to rotate-half RoPE."""
-    rows, cols = w.shape
-    return w.view(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+    """Rows (head, pair i, member j) -> (head, member j, pair i): adjacent-pair RoPE to rotate-half RoPE (a weight's
+    rows or a bias)."""
+    rows, rest = w.shape[0], w.shape[1:]
+    return w.reshape(heads, rows // heads // 2, 2, *rest).transpose(1, 2).reshape(rows, *rest)
+
+
+def hf_name(name: str, args: ModelArgs) -> tuple[str, int]:
+    """(Hugging Face tensor name, head_dim if its rows are in RoPE pair order else 0) of a loomtrain parameter
+    (the unsplit model's name); ``hf_import.load_pretrained`` reads with it."""
+    if name in _TOP_NAMES:
+        return _TOP_NAMES[name], 0
+    m = _LAYER.match(name)
+    if not m or m.group(2) not in _BLOCK_NAMES:
+        raise ValueError(f"unexpected parameter '{name}' (no Hugging Face name)")
+    return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}", args.head_dim if m.group(2) in _ROTATED else 0
 
 
 def to_hf_state(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
     out = {}
     for name, t in state.items():
-        if name in _TOP_NAMES:
-            out[_TOP_NAMES[name]] = t
-            continue
-        m = _LAYER.match(name)
-        if not m or m.group(2) not in _BLOCK_NAMES:
-            raise ValueError(f"export: unexpected parameter '{name}' in the checkpoint")
-        if m.group(2) == "attention.wq.weight":
-            t = _halves_rope(t, args.n_heads)
-        elif m.group(2) == "attention.wk.weight":
-            t = _halves_rope(t, args.n_kv_heads)
-        out[f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}"] = t
+        try:
+            target, rotated = hf_name(name, args)
+        except ValueError as e:
+            raise ValueError(f"export: {e} in the checkpoint") from None
+        if rotated:
+            t = _halves_rope(t, getattr(args, _ROTATED[_LAYER.match(name).group(2)]))
+        out[target] = t
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def hf_config(args: ModelArgs, eos_id: int, dtype: str) -> dict:
+def hf_config(args: ModelArgs, eos_id: int, dtype: str, model_type: str = "llama") -> dict:
     """``config.json``. RoPE goes where each transformers version reads it: ``rope_parameters`` (5.x: the type, theta
     and the scaling's parameters), and for a scaled RoPE also ``rope_scaling`` beside the top-level ``rope_theta``
-    (4.x; 5.x takes rope_scaling in place of rope_parameters and adds rope_theta from the top level)."""
+    (4.x; 5.x takes rope_scaling in place of rope_parameters and adds rope_theta from the top level). ``model_type``:
+    llama or qwen2 (whose q/k/v biases are implied by the type)."""
+    from loomtrain.trainer.hf_import import FAMILIES
+
     rope = {"rope_type": "default", "rope_theta": args.rope_theta} | (args.rope_scaling or {})
     scaling = {"rope_scaling": dict(args.rope_scaling)} if args.rope_scaling else {}
     return scaling | {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.dim,
+        "architectures": [FAMILIES[model_type][1]], "model_type": model_type, "hidden_size": args.dim,
         "intermediate_size": args.ffn_hidden, "num_hidden_layers": args.n_layers,
         "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
         "vocab_size": args.vocab_size, "max_position_embeddings": args.max_seq_len, "rms_norm_eps": args.norm_eps,
         "rope_theta": args.rope_theta, "rope_parameters": rope,
         "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
         "bos_token_id": None, "eos_token_id": eos_id, "torch_dtype": dtype,
-    }
+    } | ({"use_sliding_window": False} if model_type == "qwen2" else {})
 
 
 def byte_tokenizer_json(eos_id: int) -> str:
@@ -146,7 +162,8 @@ def export_hf(checkpoint: str, out_dir: str, exp) -> dict:
     ``hf_adapter``); a family without one is refused in one line."""
     from loomtrain.trainer.models import model_family
 
-    if model_family(exp.model.family).hf_adapter is not sys.modules[__name__]:
+    family = model_family(exp.model.family)
+    if family.hf_adapter is not sys.modules[__name__]:
         raise ConfigError(f"export: model.family {exp.model.family} has no Hugging Face adapter (its hf_adapter is "
                           "not loomtrain.trainer.hf_export)")
     try:
@@ -159,7 +176,7 @@ def export_hf(checkpoint: str, out_dir: str, exp) -> dict:
     state = read_model_state(checkpoint)
     tokenizer = build_tokenizer(exp.data.tokenizer)
     vocab = state["tok_embeddings.weight"].shape[0]
-    args = ModelArgs.from_config(exp.model, vocab, exp.data.seq_len)
+    args = family.args(exp.model, vocab, exp.data.seq_len)
     args.vocab_size = vocab  # the checkpoint's, even if --config names another run's
     hf = to_hf_state(state, args)
     os.makedirs(out_dir, exist_ok=True)
@@ -167,7 +184,8 @@ def export_hf(checkpoint: str, out_dir: str, exp) -> dict:
     save_file(hf, tmp, metadata={"format": "pt"})
     os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
     dtype = str(next(iter(hf.values())).dtype).removeprefix("torch.")
-    atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(hf_config(args, tokenizer.eos_id, dtype), indent=2))
+    atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(hf_config(args, tokenizer.eos_id, dtype,
+                                                                           family.hf_model_type), indent=2))
     if exp.data.tokenizer == "byte":
         atomic_write_text(os.path.join(out_dir, "tokenizer.json"), byte_tokenizer_json(tokenizer.eos_id))
         eos = EOS_TOKEN
@@ -178,4 +196,5 @@ def export_hf(checkpoint: str, out_dir: str, exp) -> dict:
     atomic_write_text(os.path.join(out_dir, "tokenizer_config.json"), json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "model_max_length": args.max_seq_len,
         "clean_up_tokenization_spaces": False}, indent=2))
-    return {"parameters": sum(t.numel() for t in hf.values()), "tensors": len(hf), "out_dir": out_dir}
+    return {"parameters": sum(t.numel() for t in hf.values()), "tensors": len(hf), "out_dir": out_dir,
+            "architecture": FAMILIES[family.hf_model_type][1]}

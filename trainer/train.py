@@ -37,6 +37,7 @@ from loomtrain.trainer.checks import check_experiment, check_vocab, cp_attention
 from loomtrain.trainer.config import Experiment, pipeline_microbatches, pipeline_stage_layers
 from loomtrain.trainer.loss import label_tokens, token_loss_sum
 from loomtrain.trainer.metrics import MetricsSink, detect_peak_flops
+from loomtrain.trainer.hf_import import import_weights
 from loomtrain.trainer.models import model_family
 from loomtrain.trainer.optim import build_optimizer, build_scheduler
 from loomtrain.trainer.step import MicroBatchSteps, PipelineSteps
@@ -175,6 +176,11 @@ class Trainer:
         for part in parts:
             part.to_empty(device=env.device)
             part.init_weights(tcfg.seed)
+        if exp.model.init_from:  # a pretrained model: each rank reads only the regions of the files it holds
+            self.imported = import_weights(parts, exp.model.init_from, family, self.args)
+            if env.is_main:
+                print(f"init_from: {self.imported['tensors']} tensors ({self.imported['bytes_read'] / 2**20:.1f} MiB "
+                      f"on rank 0) from {exp.model.init_from} in {self.imported['seconds']:.2f}s", flush=True)
         model = parts[0] if len(parts) == 1 else torch.nn.ModuleList(parts)
 
         # The engine takes the model, optimizer and schedule (DeepSpeed hands back its own wrappers of them).

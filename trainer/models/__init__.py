@@ -1,6 +1,6 @@
 """Model families: the interface the trainer, ``parallel/`` and ``plan`` use instead of a model's names.
 
-``model.family`` names one of :data:`MODEL_FAMILIES` (built-in: ``llama``, ``models/llama``). A plugin adds
+``model.family`` names one of :data:`MODEL_FAMILIES` (built-in: ``llama`` and ``qwen2``, ``models/llama``). A plugin adds
 one with ``MODEL_FAMILIES.add("name", family)``.
 """
 from __future__ import annotations
@@ -30,7 +30,8 @@ class ModelFamily(Protocol):
       attention callable of ``parallel/cp`` that its attention layers call when set) and
       ``attention_backend``; ``forward(tokens, position_ids=None, doc_ids=None) -> logits``.
     - ``hf_adapter``: the module that converts to and from Hugging Face (names, RoPE layout, config.json),
-      or None.
+      or None; with it ``hf_model_type`` (config.json's model_type: what ``model.init_from`` reads and export
+      writes).
     """
 
     hf_adapter: object
@@ -42,6 +43,7 @@ class ModelFamily(Protocol):
 
 MODEL_FAMILIES = Registry("model.family", "model family")
 MODEL_FAMILIES.add("llama", "loomtrain.trainer.models.llama:LLAMA")
+MODEL_FAMILIES.add("qwen2", "loomtrain.trainer.models.llama:QWEN2")
 
 
 def model_family(name: str) -> ModelFamily:

@@ -35,6 +35,7 @@ class ModelArgs:
     init_std: float = 0.02
     attention: str = "auto"
     rope_scaling: dict | None = None  # transformers' rope_parameters of a scaled RoPE (rope_type linear|llama3|yarn)
+    qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2); set by the model family
 
     @property
     def head_dim(self) -> int:
@@ -49,7 +50,7 @@ class ModelArgs:
 
     def num_params(self, embeddings: bool = True) -> int:
         d, kv = self.dim, self.n_kv_heads * self.head_dim
-        block = d * d * 2 + 2 * d * kv + 3 * d * self.ffn_hidden + 2 * d
+        block = d * d * 2 + 2 * d * kv + 3 * d * self.ffn_hidden + 2 * d + (d + 2 * kv if self.qkv_bias else 0)
         total = self.n_layers * block + d + self.vocab_size * d  # blocks, final norm, output
         return total + (self.vocab_size * d if embeddings else 0)
 
@@ -186,9 +187,9 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.head_dim = args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=args.qkv_bias)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=args.qkv_bias)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
 
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
@@ -258,8 +259,8 @@ class Transformer(nn.Module):
         for name, param in self.named_parameters():
             fqn = canonical_name(name)
             std = self._init_std(fqn)
-            if std is None:  # norm weights
-                full = torch.ones(param.shape, device=param.device)
+            if std is None:  # norm weights: ones; biases: zeros
+                full = torch.full(param.shape, 0.0 if fqn.endswith(".bias") else 1.0, device=param.device)
             else:
                 gen = torch.Generator(param.device).manual_seed(
                     (seed * 1_000_003 + zlib.crc32(fqn.encode())) % 2 ** 63)
@@ -272,8 +273,8 @@ class Transformer(nn.Module):
         self.rope_sin.copy_(sin)
 
     def _init_std(self, fqn: str) -> float | None:
-        """Standard deviation of a parameter's normal init (None: ones)."""
-        if fqn.endswith("norm.weight"):
+        """Standard deviation of a parameter's normal init (None: ones for norms, zeros for biases)."""
+        if fqn.endswith(("norm.weight", ".bias")):
             return None
         if fqn == "tok_embeddings.weight":
             return 1.0
