@@ -200,10 +200,25 @@ class TrainBatches:
         return micro
 
     def state_dict(self) -> dict:
-        return self.sampler.state_dict()
+        return self.sampler.state_dict() | {"seq_len": self.dataset.seq_len}
 
     def load_state_dict(self, state: dict) -> None:
-        self.sampler.load_state_dict(state)
+        self.sampler.load_state_dict(rescaled_to_length(state, self.dataset))
+
+
+def rescaled_to_length(state: dict, dataset: "PackedDataset") -> dict:
+    """A windows position saved at another ``data.seq_len`` (the previous stage of a context extension), moved to
+    this length's windows of the same data: the same number of tokens consumed, so the same fraction of the epoch
+    (the order of the new windows is another permutation: the rest of that epoch may repeat or skip some tokens;
+    ``data.batching: documents`` keeps the exact position). A position of other data still fails the check."""
+    old_len = int(state.get("seq_len", dataset.seq_len))
+    if old_len == dataset.seq_len:
+        return state
+    tokens = len(dataset.data.tokens) - 1
+    if int(state["num_windows"]) != tokens // old_len:
+        return state  # not this data at another length: the sampler's check says so
+    return state | {"num_windows": len(dataset), "seq_len": dataset.seq_len,
+                    "consumed": -(-int(state["consumed"]) * old_len // dataset.seq_len)}
 
 
 # ----------------------------------------------------------------------------- documents

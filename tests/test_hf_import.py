@@ -329,3 +329,26 @@ def test_the_tokenizer_starts_documents_as_the_model_expects(tmp_path):
     (tmp_path / "plain" / "tokenizer.json").write_text(byte_tokenizer_json(256))
     plain = build_tokenizer(str(tmp_path / "plain" / "tokenizer.json"))
     assert list(plain.encode("hi")) == [ord("h"), ord("i")] and plain.eos_id == 256
+
+
+def _resume_without_import(rank, config_path, overrides, resume):
+    from loomtrain.launch import train as launch_train
+    from loomtrain.trainer import hf_import
+    from loomtrain.trainer.config import load_config
+
+    def refuse(*args):
+        raise AssertionError("imported weights although --resume PATH replaces them")
+
+    hf_import.load_pretrained = refuse
+    return launch_train.run(load_config(config_path, overrides), resume=resume).losses
+
+
+def test_a_run_resumed_from_a_path_reads_no_weights(small_corpus, tmp_path):
+    """The next stage of an extension (``--resume PATH``) checks config.json but does not read the weights."""
+    make_hf_model(tmp_path / "hf", "llama")
+    config = _write_config(tmp_path, tmp_path / "hf", small_corpus)
+    run_ranks(_final_params, 0, config, [f"train.output_dir={tmp_path / 'one'}", "train.steps=1",
+                                         "checkpoint.at_end=true"])
+    [losses] = run_ranks(_resume_without_import, 0, config, [f"train.output_dir={tmp_path / 'two'}"],
+                         str(tmp_path / "one" / "checkpoints" / "step_00000001"))
+    assert sorted(losses) == [2]

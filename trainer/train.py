@@ -176,7 +176,9 @@ class Trainer:
         for part in parts:
             part.to_empty(device=env.device)
             part.init_weights(tcfg.seed)
-        if exp.model.init_from:  # a pretrained model: each rank reads only the regions of the files it holds
+        # A pretrained model: each rank reads only the regions of the files it holds (not when an explicit
+        # --resume PATH, e.g. the previous stage of a context extension, replaces the weights anyway).
+        if exp.model.init_from and resume in (None, "latest", "auto"):
             self.imported = import_weights(parts, exp.model.init_from, family, self.args)
             if env.is_main:
                 print(f"init_from: {self.imported['tensors']} tensors ({self.imported['bytes_read'] / 2**20:.1f} MiB "
