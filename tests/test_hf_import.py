@@ -352,3 +352,62 @@ def test_a_run_resumed_from_a_path_reads_no_weights(small_corpus, tmp_path):
     [losses] = run_ranks(_resume_without_import, 0, config, [f"train.output_dir={tmp_path / 'two'}"],
                          str(tmp_path / "one" / "checkpoints" / "step_00000001"))
     assert sorted(losses) == [2]
+
+
+LLAMA31_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+              "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+              "num_key_value_heads": 8, "vocab_size": 128256, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+              "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                               "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+              "max_position_embeddings": 131072, "hidden_act": "silu", "tie_word_embeddings": False,
+              "bos_token_id": 128000, "eos_token_id": 128001, "torch_dtype": "bfloat16"}
+
+
+def make_sparse_hf_model(path, config=None, files=4):
+    """A Hugging Face directory with a real model's config.json and bf16 safetensors files whose headers are real
+    and whose data is a hole (sparse files: no disk, no time), for what reads only headers (``plan``, checks)."""
+    import struct
+
+    from loomtrain.trainer.hf_export import byte_tokenizer_json
+    from loomtrain.trainer.hf_import import expected_tensors
+
+    config = config or LLAMA31_8B
+    os.makedirs(path, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "tokenizer.json").write_text(byte_tokenizer_json(256))
+    shape = {"dim": config["hidden_size"], "n_heads": config["num_attention_heads"],
+             "n_kv_heads": config["num_key_value_heads"], "ffn_hidden": config["intermediate_size"],
+             "vocab_size": config["vocab_size"], "n_layers": config["num_hidden_layers"]}
+    names = list(expected_tensors(shape, config["model_type"] == "qwen2", config["tie_word_embeddings"]).items())
+    weight_map = {}
+    for i in range(files):
+        name = f"model-{i + 1:05d}-of-{files:05d}.safetensors"
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for tensor, dims in names[i::files]:
+            size = 2 * int(torch.Size(dims).numel())
+            header[tensor] = {"dtype": "BF16", "shape": dims, "data_offsets": [offset, offset + size]}
+            offset += size
+            weight_map[tensor] = name
+        raw = json.dumps(header).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(path / name, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            f.truncate(8 + len(raw) + offset)
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return path
+
+
+def test_a_sparse_llama31_8b_directory_sets_the_model_and_plans(tmp_path, capsys):
+    """config.json and the headers of a Llama-3.1-8B-shaped directory give the 8B model (and its llama3 RoPE);
+    ``plan`` runs on it for 64 ranks."""
+    from loomtrain.launch.cli import main
+    from loomtrain.trainer.config import load_config
+
+    make_sparse_hf_model(tmp_path / "l8b")
+    exp = load_config(None, [f"model.init_from={tmp_path / 'l8b'}"])
+    assert (exp.model.dim, exp.model.n_layers, exp.model.vocab_size, exp.model.rope_theta) == (4096, 32, 128256, 5e5)
+    assert exp.model.rope_scaling.type == "llama3" and exp.model.rope_scaling.factor == 8
+    (tmp_path / "x.yaml").write_text(f"model:\n  init_from: {tmp_path / 'l8b'}\n  dtype: bfloat16\n")
+    assert main(["plan", str(tmp_path / "x.yaml"), "--set", "data.seq_len=8192", "--set", "parallel.tp=8",
+                 "--world-size", "64"]) == 0
+    assert "model: 8.030B parameters (32 layers, dim 4096, 32/8 heads, ffn 14336, vocab 128256" in capsys.readouterr().out
