@@ -17,7 +17,6 @@ from loomtrain.trainer.checks import check_experiment
 from loomtrain.trainer.config import load_config
 
 REFUSED = [  # (overrides, world size, the line's start)
-    (["parallel.pp=2", "parallel.cp=2"], 4, "parallel.cp: context parallelism inside pipeline stages"),
     (["parallel.tp=2", "data.seq_len=68", "parallel.cp=4"], 8, "data.seq_len: must be divisible by 8"),
     (["parallel.tp=4", "data.seq_len=66", "model.n_kv_heads=4"], 4, "data.seq_len: must be divisible by 4"),
     (["parallel.tp=3"], 3, "parallel.tp: must divide model.n_heads"),

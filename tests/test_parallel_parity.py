@@ -131,6 +131,13 @@ PP_LAYOUTS = {  # name: (world, overrides); 4 layers so that pp=2 x 2 virtual st
     "pp2_dp_shard2": (4, ["parallel.pp=2", "parallel.dp_shard=2"]),
     "pp2_tp2": (4, ["parallel.pp=2", "parallel.tp=2", "parallel.dp_shard=1"]),
     "pp2_dp_replicate2": (4, ["parallel.pp=2", "parallel.dp_replicate=2", "parallel.dp_shard=1"]),
+    # context parallelism inside the stages: every stage of a cp rank takes the same zigzag share of the tokens
+    "pp2_cp2_gpipe": (4, ["parallel.pp=2", "parallel.cp=2", "parallel.pp_schedule=gpipe", "parallel.dp_shard=1"]),
+    "pp2_cp2_1f1b": (4, ["parallel.pp=2", "parallel.cp=2", "parallel.dp_shard=1"]),
+    "pp2_cp2_interleaved": (4, ["parallel.pp=2", "parallel.cp=2", "parallel.pp_schedule=interleaved_1f1b",
+                                "parallel.pp_virtual_stages=2", "parallel.dp_shard=1"]),
+    "pp2_cp2_tp2": (8, ["parallel.pp=2", "parallel.cp=2", "parallel.tp=2", "parallel.dp_shard=1"]),
+    "pp2_cp2_dp_shard2": (8, ["parallel.pp=2", "parallel.cp=2", "parallel.dp_shard=2"]),
 }
 FOUR_LAYERS = ("model.n_layers=4",)
 

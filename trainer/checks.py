@@ -21,9 +21,6 @@ def check_experiment(exp: Experiment, world_size: int, local_world_size: int | N
     ``plan`` passes ``cuda``, the cluster it plans for). Resolves ``model.dtype: auto`` for that device."""
     validate(exp)
     par = exp.parallel
-    if par.pp > 1 and par.cp > 1:
-        raise ConfigError("parallel.cp: context parallelism inside pipeline stages is not supported yet; "
-                          "use pp=1 or cp=1")
     from loomtrain.device import device_type_for
 
     if device_type is None:

@@ -47,10 +47,14 @@ class MicroBatchSteps:
 class PipelineSteps:
     """Pipeline stages: the schedule splits the rank batch into its microbatches and runs them."""
 
-    def __init__(self, make_schedule, engine, *, first: bool, last: bool, pp_group, loss_parallel: bool, device):
+    def __init__(self, make_schedule, engine, *, first: bool, last: bool, pp_group, loss_parallel: bool, device,
+                 prepare=None):
+        """``prepare(batch)``: this rank's part of the (host) batch, e.g. its zigzag share of the tokens under context
+        parallelism (every stage of a cp rank takes the same share; only hidden states cross stages)."""
         self.schedule = make_schedule(self._loss)
         self.engine, self.first, self.last, self.pp_group = engine, first, last, pp_group
         self.loss_parallel, self.device = loss_parallel, device
+        self.prepare = prepare or (lambda batch: batch)
         self._scale, self._sums = 1.0, []
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -60,7 +64,8 @@ class PipelineSteps:
         return loss * self._scale
 
     def _run(self, micro: list[dict], scale: float, train: bool) -> torch.Tensor:
-        batch = {k: torch.cat([b[k] for b in micro]).to(self.device, non_blocking=True) for k in micro[0]}
+        batch = self.prepare({k: torch.cat([b[k] for b in micro]) for k in micro[0]})
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         self._scale, self._sums = scale, []
         args = (batch["input_ids"],) if self.first else ()
         target = batch["labels"] if self.last else None

@@ -212,7 +212,8 @@ class Trainer:
                 self.mesh["pp"].get_group(), env.device, loss_fn)
             self.steps = PipelineSteps(make, self.engine, first=0 in self.stage_ids,
                                        last=n_stages - 1 in self.stage_ids, pp_group=self.mesh["pp"].get_group(),
-                                       loss_parallel=self.loss_parallel, device=env.device)
+                                       loss_parallel=self.loss_parallel, device=env.device,
+                                       prepare=lambda batch: self.sp.prepare(None, batch))
         else:
             self.steps = MicroBatchSteps(self.engine, self._forward_loss_sum, self.loss_parallel, env.device)
         self.step = 0
