@@ -73,8 +73,8 @@ def test_shipped_configs_load_by_name():
     (["parallel.pp=2", "train.micro_batch_size=4"], "train.micro_batch_size: with parallel.pp > 1"),
     (["faulttol.inject.kind=boom"], "faulttol.inject.kind: must be one of none, sigkill"),
     (["parallel.dp_sync=localsgd"], "parallel.dp_sync: must be one of every_step, diloco, co2"),
-    (["parallel.dp_sync=diloco"], "parallel.dp_sync: diloco syncs replicas over parallel.dp_replicate, which must "
-                                  "be >= 2"),
+    (["optim.name=lion"], "optim.name: must be one of adamw, sgd, got 'lion'"),
+    (["optim.momentum=1.0"], "optim.momentum: must be in [0, 1), got 1.0"),
     (["parallel.dp_sync=co2", "parallel.dp_replicate=2", "parallel.dp_engine=deepspeed"],
      "parallel.dp_sync: co2 runs on parallel.dp_engine=fsdp"),
     (["parallel.dp_sync=diloco", "parallel.dp_replicate=2", "dp_sync.diloco.fragments=2", "dp_sync.diloco.sync_every=5"],

@@ -160,3 +160,78 @@ def test_workers_agree_and_count_bytes(kind):
     syncs = 8 // 2  # a fragment every h = 2 steps; 2 workers: all-reduce 2(n-1)/n * 4 bytes, or (n-1) * payload
     assert stats["dp_sync"] == syncs * wire_bytes(64, kind)  # counted at the transport, under dp_sync
     assert not torch.equal(local0[0], local1[0])  # fragment 0 has taken local steps since its sync
+
+
+def _train_capture(rank, overrides):
+    from conftest import train_capturing
+
+    return train_capturing(rank, overrides)
+
+
+A0 = ["optim.name=sgd", "optim.grad_clip=0", "optim.weight_decay=0", "optim.lr=0.05", "train.steps=4",
+      "parallel.dp_shard=1", "parallel.dp_replicate=4", "checkpoint.at_end=false"]
+
+
+def test_diloco_at_one_inner_step_with_sgd_and_plain_outer_steps_is_ddp(overrides, tmp_path):
+    """The bug detector of the slow-links benchmark (issue 28's A0): SGD inside, no clipping, H = 1, outer lr 1 and
+    no momentum make each outer step theta - lr * mean(g), which is DDP's step: 4 workers equal DDP on 4 ranks
+    within fp32 rounding (losses 1e-5 relative, parameters 1e-6; gradient norms differ by definition: a worker
+    reports its own gradient's, DDP the average's)."""
+    ddp = run_ranks(_train_capture, 4, overrides + A0 + [f"train.output_dir={tmp_path / 'ddp'}"])
+    diloco = run_ranks(_train_capture, 4, overrides + A0 + [
+        f"train.output_dir={tmp_path / 'diloco'}", "parallel.dp_sync=diloco", "dp_sync.diloco.sync_every=1",
+        "dp_sync.diloco.outer_lr=1.0", "dp_sync.diloco.outer_momentum=0", "dp_sync.diloco.nesterov=false"])
+    ref_losses, _, ref = ddp[0]
+    for losses, _, captured in diloco:
+        assert losses.keys() == ref_losses.keys()
+        for step, loss in ref_losses.items():
+            assert losses[step] == pytest.approx(loss, rel=1e-5), step
+        for name, value in ref["params"].items():
+            assert (captured["params"][name] - value).abs().max().item() <= 1e-6, name
+    moved = max((ref["params"][n] - c).abs().max().item() for n, c in _initial(overrides + A0).items())
+    assert moved > 1e-3  # the parameters moved far beyond the tolerance
+    first, last = ddp[0][0][1], ddp[0][0][4]
+    assert last < first - 0.05  # it trained
+
+
+def _initial(overrides):
+    """The seeded initial parameters of the model these overrides describe (one process, full tensors)."""
+    from loomtrain.trainer.config import load_config
+    from loomtrain.trainer.models import model_family
+
+    exp = load_config("tiny", overrides)
+    family = model_family(exp.model.family)
+    model = family.build(family.args(exp.model, 257, exp.data.seq_len))
+    model.init_weights(exp.train.seed)
+    return {n: p.detach() for n, p in model.named_parameters()}
+
+
+def _different_start(rank, overrides):
+    from loomtrain.launch import train as launch_train
+    from loomtrain.trainer.config import load_config
+    from loomtrain.trainer.models.llama import model as llama
+
+    if rank == 1:  # this worker's initialisation differs by one value
+        init = llama.Transformer.init_weights
+
+        def init_then_nudge(self, seed):
+            init(self, seed)
+            next(self.parameters()).data.view(-1)[0] += 1e-3
+
+        llama.Transformer.init_weights = init_then_nudge
+    launch_train.run(load_config("tiny", overrides))
+
+
+def test_workers_that_start_from_different_parameters_stop_at_start(overrides, tmp_path):
+    with pytest.raises(AssertionError, match="the workers do not start from the same parameters"):
+        run_ranks(_different_start, 2, overrides + ["parallel.dp_replicate=2", "parallel.dp_shard=1",
+                                                    "parallel.dp_sync=diloco", "train.steps=1",
+                                                    f"train.output_dir={tmp_path / 'x'}"])
+
+
+def test_one_worker_runs_diloco(overrides, tmp_path):
+    """dp_replicate = 1 is allowed (the one-worker baseline of the DiLoCo scaling-law paper)."""
+    [(losses, _, _)] = run_ranks(_train_capture, 0, overrides + [
+        "parallel.dp_sync=diloco", "dp_sync.diloco.sync_every=2", "train.steps=4",
+        f"train.output_dir={tmp_path / 'one'}"])
+    assert sorted(losses) == [1, 2, 3, 4]

@@ -160,8 +160,10 @@ class ParallelConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warmup and cosine decay."""
+    """AdamW (or plain SGD) with linear warmup and cosine decay."""
 
+    name: str = "adamw"  # adamw | sgd (plain SGD with optim.momentum: e.g. the check that DiLoCo at H=1 is DDP)
+    momentum: float = 0.0  # sgd only
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
     warmup_steps: int = 10
@@ -334,6 +336,7 @@ CHOICES = {
     "parallel.placement": ("none", "fabric"),
     "faulttol.redundancy": ("auto", "erasure", "replicas"),
     "optim.fused": ("auto", "true", "false"),
+    "optim.name": ("adamw", "sgd"),
     "logging.wandb_mode": ("auto", "online", "offline"),
     "faulttol.inject.phase": ("copy", "request", "exchange", "commit", "restore"),
 }
@@ -535,7 +538,7 @@ def validate(exp: Experiment) -> None:
         raise ConfigError(f"data.valid_fraction: must be in [0, 1), got {exp.data.valid_fraction}")
     if not 0.0 <= exp.optim.min_lr_ratio <= 1.0:
         raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1], got {exp.optim.min_lr_ratio}")
-    for p in ("optim.beta1", "optim.beta2"):
+    for p in ("optim.beta1", "optim.beta2", "optim.momentum"):
         v = getattr(exp.optim, p.split(".")[1])
         if not 0.0 <= v < 1.0:
             raise ConfigError(f"{p}: must be in [0, 1), got {v}")
@@ -628,9 +631,6 @@ def _validate_dp_sync(exp: Experiment) -> None:
     par = exp.parallel
     method = DP_SYNC.get(par.dp_sync)
     if method.local_updates:
-        if par.dp_replicate < 2:
-            raise ConfigError(f"parallel.dp_sync: {par.dp_sync} syncs replicas over parallel.dp_replicate, which "
-                              f"must be >= 2 (got {par.dp_replicate})")
         if not ENGINES.get(par.dp_engine).averages_within_workers:
             able = [n for n, e in ENGINES.items() if e.averages_within_workers]
             raise ConfigError(f"parallel.dp_sync: {par.dp_sync} runs on parallel.dp_engine={' or '.join(able)} "

@@ -1,4 +1,4 @@
-"""AdamW (fused where the platform has it) with linear warmup and cosine decay."""
+"""AdamW (fused where the platform has it), or plain SGD, with linear warmup and cosine decay."""
 from __future__ import annotations
 
 import math
@@ -11,6 +11,8 @@ def build_optimizer(params, cfg, device: torch.device) -> torch.optim.Optimizer:
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]  # norms: no weight decay
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, foreach=True)
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     fused = cfg.fused == "true" or cfg.fused == "auto"  # CUDA and CPU both have fused AdamW (torch>=2.4)
     if fused:

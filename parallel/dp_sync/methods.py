@@ -82,7 +82,29 @@ class OuterSync:
         self.inflight = [[torch.zeros_like(a) for a in ps] for ps in self.anchor]  # arrived averages (settle)
         self.pending: dict[int, list] = {}  # group -> its averages in flight
         self.t = 0
+        self._check_same_start()
         self._hook = inner_optimizer.register_step_post_hook(lambda *_: self.after_inner_step())
+
+    @traffic.counted_as("other")  # once at start-up: not the sync's bytes
+    def _check_same_start(self) -> None:
+        """Workers must start from the same parameters (outer steps average their *differences* from a shared
+        anchor): a checksum of this rank's shards (sum and sum of squares per parameter, float64) is compared
+        with its ``dp_replicate`` peers', which hold the same shards. A seed or an import that differs between
+        workers stops the run here instead of training a silently averaged mixture."""
+        if self.group is None or dist.get_world_size(self.group) < 2:
+            return
+        flat = [a.detach().double() for ps in self.anchor for a in ps]
+        mine = torch.tensor([v for a in flat for v in (float(a.sum()), float((a * a).sum()))] or [0.0],
+                            dtype=torch.float64)
+        device = self.anchor[0][0].device if self.anchor and self.anchor[0] else mine.device
+        mine = mine.to(device)
+        every = [torch.empty_like(mine) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(every, mine, group=self.group)
+        differ = [i for i, other in enumerate(every) if not torch.equal(other, mine)]
+        if differ:
+            raise RuntimeError(f"dp_sync: the workers do not start from the same parameters (this rank's checksum "
+                               f"differs from group rank(s) {differ}): give every worker the same train.seed and "
+                               f"model.init_from")
 
     # The trainer's strategy interface (the engine clips, updates and schedules; the hook does the rest).
     def step(self):
