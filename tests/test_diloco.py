@@ -235,3 +235,75 @@ def test_one_worker_runs_diloco(overrides, tmp_path):
         "parallel.dp_sync=diloco", "dp_sync.diloco.sync_every=2", "train.steps=4",
         f"train.output_dir={tmp_path / 'one'}"])
     assert sorted(losses) == [1, 2, 3, 4]
+
+
+def _fixtures():
+    import json
+    import os
+
+    with open(os.path.join(os.path.dirname(__file__), "data", "torchft_diloco_fixtures.json")) as f:
+        return json.load(f)["cases"]
+
+
+class _ConstantGradientReplica:
+    """One replica of torchft's mocked regression test: two one-weight layers (the fragments) at 1, gradient 2
+    at every inner step, inner SGD lr 1, sync every 6, outer SGD lr 2 without momentum. Both replicas see the
+    same gradients, so their average is each one's own: one process stands for the pair."""
+
+    def __init__(self, case):
+        self.layers = _one_weight_layers()
+        self.inner = torch.optim.SGD(self.layers.parameters(), lr=1.0)
+        self.diloco = DiLoCo(list(self.layers), self.inner, sync_every=6, outer_lr=2.0, outer_momentum=0.0,
+                             nesterov=False, fragment_sync_delay=case["fragment_sync_delay"],
+                             fragment_update_alpha=case["fragment_update_alpha"])
+
+    def weights(self):
+        return [layer.weight.item() for layer in self.layers]
+
+    def anchors(self):
+        return [a[0].item() for a in self.diloco.anchor]
+
+    def step(self):
+        for p in self.layers.parameters():
+            p.grad = torch.full_like(p, 2.0)
+        self.inner.step()
+
+
+@pytest.mark.parametrize("name", [f"test_diloco_mocked_updates_{i}" for i in range(6)])
+def test_every_torchft_regression_fixture_over_its_whole_history(name):
+    """torchft's six DiLoCo fixtures (2 fragments; delay 0 or 1; alpha 0, 0.5 or 1): the parameters before
+    every local step and the outer copy at every sync, exactly."""
+    case = _fixtures()[name]
+    replica = _ConstantGradientReplica(case)
+    want = case["replicas"][0]
+    assert case["replicas"][1]["history"] == want["history"]  # the replicas agree: one stands for both
+    for step, expected in enumerate(want["history"]):
+        assert replica.weights() == expected, step
+        if str(step) in want["global"] and step:
+            assert replica.anchors() == want["global"][str(step)], step
+        replica.step()
+
+
+def test_torchfts_failure_recovery_fixture():
+    """torchft's failure-recovery fixture: replica 1 dies after 2 local steps; replica 0 goes on alone; replica 1
+    comes back by taking replica 0's state (parameters and outer state, loomtrain's ``state_dict``) at replica
+    0's step 9 and then follows the fixture's history step for step, as replica 0 does."""
+    case = _fixtures()["test_diloco_mocked_failure_recovery_0"]
+    survivor, lost = (case["replicas"][r]["history"] for r in (0, 1))
+    a, b = _ConstantGradientReplica(case), _ConstantGradientReplica(case)
+    for step in range(case["fails"]["at_step"] + 1):
+        assert a.weights() == survivor[step] and b.weights() == lost[step], step
+        a.step()
+        b.step()
+    rejoin = survivor.index(lost[3])  # the survivor's step whose state the returning replica takes
+    assert rejoin == 9
+    for step in range(3, rejoin):
+        a.step()
+    b = _ConstantGradientReplica(case)
+    b.layers.load_state_dict(a.layers.state_dict())
+    b.diloco.load_state_dict(a.diloco.state_dict())
+    for step in range(3, len(lost)):
+        assert b.weights() == lost[step] == survivor[step - 3 + rejoin], step
+        assert a.weights() == survivor[step - 3 + rejoin], step
+        a.step()
+        b.step()
