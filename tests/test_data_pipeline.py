@@ -353,7 +353,8 @@ def test_prefetcher_reports_the_position_handed_out(tmp_path):
             for a, b in zip(plain.next_step(), ahead.next_step()):
                 torch.testing.assert_close(a, b)
         time.sleep(0.2)  # the thread has built steps 4-6 by now
-        assert ahead.state_dict() == plain.state_dict() == {"consumed": 24, "seed": 4, "num_windows": len(ds)}
+        assert ahead.state_dict() == plain.state_dict() == {"consumed": 24, "seed": 4, "num_windows": len(ds),
+                                                            "seq_len": 32}
         ahead.load_state_dict({"consumed": 8, "seed": 4, "num_windows": len(ds)})
         plain.load_state_dict({"consumed": 8, "seed": 4, "num_windows": len(ds)})
         for a, b in zip(plain.next_step(), ahead.next_step()):
