@@ -32,12 +32,14 @@ def eager_run(small_corpus, tmp_path_factory):
     return ov, run_ranks(train_capturing, 0, ov)[0]
 
 
-@pytest.mark.parametrize("option, rtol, timeout", [("parallel.activation_checkpoint=full", 1e-6, 300),
-                                                   ("parallel.compile=true", 1e-5, 600)], ids=["ac", "compile"])
-def test_activation_checkpointing_and_compile_match_eager(option, rtol, timeout, eager_run):
+@pytest.mark.parametrize("option, rtol, atol_params, timeout", [
+    ("parallel.activation_checkpoint=full", 1e-6, 1e-6, 300), ("parallel.compile=true", 1e-5, 1e-5, 600)],
+    ids=["ac", "compile"])
+def test_activation_checkpointing_and_compile_match_eager(option, rtol, atol_params, timeout, eager_run):
     """Recomputed activations and the compiled model: losses and gradient norms within ``rtol`` relative, final
-    parameters within 1e-6 of eager (a x2 gradient moves the norm by 100%; recomputation is exact here, compile
-    reorders float sums)."""
+    parameters within ``atol_params`` of eager (a x2 gradient moves the norm by 100%; 3 steps move the parameters by
+    ~3e-3). Recomputation is exact here; compile reorders float sums, by how much depends on the CPU's vector width
+    (1.75e-6 on this session's machine, under 1e-6 on the previous one)."""
     ov, (ref_losses, ref_norms, ref) = eager_run
     losses, norms, captured = run_ranks(train_capturing, 0, ov + [option], timeout=timeout)[0]
     assert sorted(losses) == sorted(ref_losses) == [1, 2, 3]
@@ -46,7 +48,7 @@ def test_activation_checkpointing_and_compile_match_eager(option, rtol, timeout,
         assert norms[step] == pytest.approx(ref_norms[step], rel=rtol), step
     assert captured["params"].keys() == ref["params"].keys()
     for name, want in ref["params"].items():
-        assert (captured["params"][name] - want).abs().max().item() <= 1e-6, name
+        assert (captured["params"][name] - want).abs().max().item() <= atol_params, name
 
 
 @pytest.mark.parametrize("world, layout", [(0, []), (2, ["parallel.dp_shard=2"])], ids=["autocast", "fsdp_mp"])
