@@ -280,7 +280,8 @@ class DiLoCoConfig:
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     nesterov: bool = True
-    quantize: str = "none"  # none | int8 | fp4: outer gradients on the wire (one fp32 scale per 64 values)
+    quantize: str = "none"  # none | int8 | fp4 (E2M1) | fp4_e3m0: outer gradients on the wire (fp32 scale per 64)
+    error_feedback: bool = False  # quantized: each worker re-sends next round what quantization dropped
 
 
 @dataclass
@@ -332,7 +333,7 @@ CHOICES = {
     "parallel.activation_checkpoint": ("none", "full"),
     "parallel.cp_topology": ("full_mesh", "ring"),
     "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved_1f1b"),
-    "dp_sync.diloco.quantize": ("none", "int8", "fp4"),
+    "dp_sync.diloco.quantize": ("none", "int8", "fp4", "fp4_e3m0"),
     "parallel.placement": ("none", "fabric"),
     "faulttol.redundancy": ("auto", "erasure", "replicas"),
     "optim.fused": ("auto", "true", "false"),

@@ -224,7 +224,9 @@ class DiLoCo(OuterSync):
 
     - at step t - tau (tau = ``fragment_sync_delay`` < h) each worker takes the pseudo-gradient
       delta = theta_global[f] - theta_local[f] and starts averaging it over ``group`` in the background
-      (quantized per ``quantize``: each worker's payload sent once, summed in fp32);
+      (quantized per ``quantize``: each worker's payload sent once, summed in fp32; with ``error_feedback``
+      the worker adds what quantization dropped from its previous delta of the fragment, e, and keeps
+      e = (delta + e) - decoded(payload): nothing is lost for good, only sent a round late);
     - at step t the outer optimizer (torch SGD: ``outer_lr``, ``outer_momentum``, ``nesterov``) steps
       theta_global[f] with gradient mean(delta), and the fragment's local parameters become
       (1 - alpha) * theta_global[f] + alpha * theta_local[f] (alpha = ``fragment_update_alpha``).
@@ -259,6 +261,9 @@ class DiLoCo(OuterSync):
             raise ConfigError(f"dp_sync.diloco.fragment_update_alpha: must be in [0, 1], got {d.fragment_update_alpha}")
         if not d.outer_momentum < 1.0:
             raise ConfigError(f"dp_sync.diloco.outer_momentum: must be in [0, 1), got {d.outer_momentum}")
+        if d.error_feedback and d.quantize == "none":
+            raise ConfigError("dp_sync.diloco.error_feedback: needs a quantize other than none (nothing is lost "
+                              "unquantized)")
 
     @classmethod
     def replica_bytes_per_step(cls, exp, shard_params: float, replicas: int) -> float:
@@ -272,7 +277,8 @@ class DiLoCo(OuterSync):
 
     @classmethod
     def state_copies(cls, exp) -> int:
-        return 2 + (exp.dp_sync.diloco.outer_momentum > 0)
+        d = exp.dp_sync.diloco
+        return 2 + (d.outer_momentum > 0) + bool(d.error_feedback)
 
     @classmethod
     def build(cls, exp, engine, *, blocks, params, names, group, worker_group=None) -> "DiLoCo":
@@ -284,11 +290,12 @@ class DiLoCo(OuterSync):
         return cls(fragments, engine.optimizer, group=group, sync_every=cfg.sync_every,
                    fragment_sync_delay=cfg.fragment_sync_delay, fragment_update_alpha=cfg.fragment_update_alpha,
                    outer_lr=cfg.outer_lr, outer_momentum=cfg.outer_momentum, nesterov=cfg.nesterov,
-                   quantize=cfg.quantize, names=names, engine=engine)
+                   quantize=cfg.quantize, error_feedback=cfg.error_feedback, names=names, engine=engine)
 
     def __init__(self, fragments, inner_optimizer, *, group=None, sync_every: int, fragment_sync_delay: int = 0,
                  fragment_update_alpha: float = 0.0, outer_lr: float = 0.7, outer_momentum: float = 0.9,
-                 nesterov: bool = True, quantize: str = "none", names: dict | None = None, engine=None):
+                 nesterov: bool = True, quantize: str = "none", error_feedback: bool = False,
+                 names: dict | None = None, engine=None):
         fragments = list(fragments)
         n = len(fragments)
         if n < 1:
@@ -304,6 +311,8 @@ class DiLoCo(OuterSync):
             raise ValueError(f"dp_sync.diloco.fragment_update_alpha: must be in [0, 1], got {fragment_update_alpha}")
         if quantize not in KINDS:
             raise ValueError(f"dp_sync.diloco.quantize: must be one of {', '.join(KINDS)}, got {quantize!r}")
+        if error_feedback and quantize == "none":
+            raise ValueError("dp_sync.diloco.error_feedback: needs a quantize other than none")
         super().__init__([list(f.parameters() if isinstance(f, torch.nn.Module) else f) for f in fragments],
                          inner_optimizer, group, names, engine)
         self.quantize, self.delay, self.alpha = quantize, fragment_sync_delay, fragment_update_alpha
@@ -315,9 +324,12 @@ class DiLoCo(OuterSync):
                 for g in gs:
                     opt.state[g]["momentum_buffer"] = torch.zeros_like(g)
                 self.momentum[f] = [opt.state[g]["momentum_buffer"] for g in gs]
+        # per worker, what quantization has not yet delivered of each fragment's deltas (error feedback)
+        self.residual = [[torch.zeros_like(g) for g in gs] for gs in self.anchor] if error_feedback else None
 
     def _tensor_sets(self):
-        return super()._tensor_sets() | ({"momentum": self.momentum} if any(self.momentum) else {})
+        return super()._tensor_sets() | ({"momentum": self.momentum} if any(self.momentum) else {}) | \
+            ({"residual": self.residual} if self.residual is not None else {})
 
     def _fragment(self, t: int) -> int:
         return (t // self.h - 1) % len(self.local)
@@ -330,7 +342,12 @@ class DiLoCo(OuterSync):
         if (t + self.delay) % self.h == 0:  # start averaging the fragment due at t + delay
             f = self._fragment(t + self.delay)
             deltas = [g.detach() - _local(p).detach().float() for g, p in zip(self.anchor[f], self.local[f])]
+            if self.residual is not None:
+                deltas = [d.add_(e) for d, e in zip(deltas, self.residual[f])]
             self.pending[f] = [PendingMean(d, self.quantize, self.group) for d in deltas]
+            if self.residual is not None:
+                for e, d, pending in zip(self.residual[f], deltas, self.pending[f]):
+                    torch.sub(d, pending.sent, out=e)
         if t % self.h == 0:
             f = self._fragment(t)
             with torch.no_grad():
