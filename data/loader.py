@@ -97,10 +97,28 @@ class ResumableSampler:
         self.consumed += n
         return out
 
+    @property
+    def position(self) -> int:
+        return self.consumed
+
+    @position.setter
+    def position(self, position: int) -> None:
+        self.consumed = position
+
+    def span(self, position: int, n: int) -> tuple[np.ndarray, int]:
+        """(the ``n`` items from stream ``position`` on, the position after them): the plans' one call."""
+        return self.at(np.arange(position, position + n)), position + n
+
+    def source_tokens(self, seq_len: int) -> dict[str, int]:
+        return {}  # one corpus: the step's tokens are all its own (a blend's sampler counts per source)
+
     def state_dict(self) -> dict:
         return {"consumed": self.consumed, "seed": self.seed, "num_windows": self.num_windows}
 
     def load_state_dict(self, state: dict) -> None:
+        if "consumed" not in state:
+            raise ValueError("checkpoint: its data position is not a one-corpus windows position (a blend's, "
+                             "data.sources, or data.batching=documents'); this run reads one corpus in windows")
         if int(state["num_windows"]) != self.num_windows or int(state["seed"]) != self.seed:
             raise ValueError(f"checkpoint: data sampler state is for {state['num_windows']} items / seed "
                              f"{state['seed']}, this run has {self.num_windows} / {self.seed} (different data?)")
@@ -122,6 +140,13 @@ class PackedDataset:
     def __len__(self) -> int:
         return self.num_windows
 
+    def sampler(self, seed: int) -> ResumableSampler:
+        """The global order of the windows (``data/blend.py``'s ``BlendedDataset`` answers with a blend's)."""
+        return ResumableSampler(len(self), seed)
+
+    def rescaled(self, state: dict) -> dict:
+        return rescaled_to_length(state, self)
+
     def window(self, i: int) -> dict[str, np.ndarray]:
         lo = i * self.seq_len
         toks = np.asarray(self.data.tokens[lo:lo + self.seq_len + 1], dtype=np.int64)
@@ -133,8 +158,12 @@ class PackedDataset:
         return {"input_ids": toks[:-1], "labels": toks[1:], "position_ids": position, "doc_ids": doc}
 
     def batch(self, indices) -> dict[str, torch.Tensor]:
-        windows = [self.window(int(i)) for i in indices]
-        return {k: torch.from_numpy(np.stack([w[k] for w in windows])) for k in windows[0]}
+        return stacked([self.window(int(i)) for i in indices])
+
+
+def stacked(windows: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    """Rows of equal length as one batch of tensors."""
+    return {k: torch.from_numpy(np.stack([w[k] for w in windows])) for k in windows[0]}
 
 
 def batch_layout(global_batch: int, micro_batch: int, dp_size: int) -> tuple[int, int]:
@@ -174,7 +203,7 @@ class TrainBatches:
         self.local_batch, micro_batch = batch_layout(global_batch, micro_batch, dp_size)
         self.dataset, self.global_batch, self.micro_batch = dataset, global_batch, micro_batch
         self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.sampler = ResumableSampler(len(dataset), seed)
+        self.sampler = dataset.sampler(seed)  # one corpus's window order, or a blend's (data/blend.py)
 
     @property
     def accumulation_steps(self) -> int:
@@ -182,17 +211,21 @@ class TrainBatches:
 
     @property
     def position(self):
-        return self.sampler.consumed
+        return self.sampler.position
 
-    def build(self, position: int) -> tuple[list[dict[str, torch.Tensor]], int]:
+    def build(self, position):
         """(this rank's micro-batches of the step starting at stream ``position``, the next position)."""
-        indices = self.sampler.at(np.arange(position, position + self.global_batch))
+        indices, nxt = self.sampler.span(position, self.global_batch)
         mine = indices[self.dp_rank * self.local_batch:(self.dp_rank + 1) * self.local_batch]
         micro = [self.dataset.batch(mine[i:i + self.micro_batch]) for i in range(0, len(mine), self.micro_batch)]
-        return without_single_document_ids(micro), position + self.global_batch
+        return without_single_document_ids(micro), nxt
 
-    def advance(self, position: int) -> None:
-        self.sampler.consumed = position
+    def advance(self, position) -> None:
+        self.sampler.position = position
+
+    def source_tokens(self) -> dict[str, int]:
+        """Tokens drawn so far from each source of a blend (``tokens/<name>`` in metrics); {} for one corpus."""
+        return self.sampler.source_tokens(self.dataset.seq_len)
 
     def next_step(self) -> list[dict[str, torch.Tensor]]:
         micro, nxt = self.build(self.position)
@@ -203,7 +236,7 @@ class TrainBatches:
         return self.sampler.state_dict() | {"seq_len": self.dataset.seq_len}
 
     def load_state_dict(self, state: dict) -> None:
-        self.sampler.load_state_dict(rescaled_to_length(state, self.dataset))
+        self.sampler.load_state_dict(self.dataset.rescaled(state))
 
 
 def rescaled_to_length(state: dict, dataset: "PackedDataset") -> dict:
@@ -212,7 +245,7 @@ def rescaled_to_length(state: dict, dataset: "PackedDataset") -> dict:
     (the order of the new windows is another permutation: the rest of that epoch may repeat or skip some tokens;
     ``data.batching: documents`` keeps the exact position). A position of other data still fails the check."""
     old_len = int(state.get("seq_len", dataset.seq_len))
-    if old_len == dataset.seq_len:
+    if old_len == dataset.seq_len or "consumed" not in state:
         return state
     tokens = len(dataset.data.tokens) - 1
     if int(state["num_windows"]) != tokens // old_len:
@@ -469,6 +502,10 @@ class Prefetcher:
 
     def state_dict(self) -> dict:
         return self.plan.state_dict()
+
+    def source_tokens(self) -> dict[str, int]:
+        """The plan's per-source token counts at the steps handed out (a blend's; {} otherwise)."""
+        return getattr(self.plan, "source_tokens", dict)()
 
     def load_state_dict(self, state: dict) -> None:
         self.close()

@@ -346,7 +346,11 @@ def load_prepared(data_cfg, need_valid: bool = False) -> PreparedData:
 def data_vocab(data_cfg, need_valid: bool = False) -> tuple[int, str]:
     """(vocabulary size, where it comes from) that training will use, without tokenizing anything: the
     prepared data's (``data.prepared``; ``need_valid`` as in :func:`load_prepared`), else the tokenizer's.
-    ConfigError when those files are not here."""
+    ConfigError when those files are not here. A blend (``data.sources``): its sources' one vocabulary."""
+    if data_cfg.sources:
+        from loomtrain.data.blend import check_sources
+
+        return check_sources(data_cfg, need_valid)
     if data_cfg.prepared:
         prepared = load_prepared(data_cfg, need_valid)
         return prepared.vocab_size, prepared.meta.get("vocab_source", data_cfg.prepared)

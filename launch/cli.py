@@ -100,9 +100,10 @@ def preflight(exp: Experiment, world_size: int, local_world_size: int | None = N
     dims = check_experiment(exp, world_size, local_world_size, device_type)
     if exp.data.tokenizer != "byte" and not os.path.isfile(exp.data.tokenizer):
         raise ConfigError(f"data.tokenizer: '{exp.data.tokenizer}' is neither 'byte' nor an existing tokenizer.json")
-    if not exp.data.prepared:
+    if not exp.data.prepared and not exp.data.sources:
         corpus_files(exp.data.corpus, exp.data.file_glob)
-    vocab, source = data_vocab(exp.data, need_valid=bool(exp.train.eval_every))  # reads data.prepared once
+    # reads data.prepared once (a blend: checks every source)
+    vocab, source = data_vocab(exp.data, need_valid=bool(exp.train.eval_every))
     if exp.model.vocab_size:
         check_vocab(exp.model.vocab_size, vocab, dims.tp, source)
 
@@ -204,19 +205,32 @@ def cmd_slurm(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from loomtrain.data.prepare import prepare
+    from loomtrain.data.blend import prepare_sources
 
     exp = load_config(args.config, args.overrides)
-    prepared = prepare(exp.data, out_prefix=args.output, writer=args.writer, progress=True, workers=args.workers)
+    if exp.data.sources:
+        if args.output:
+            raise ConfigError("--output: data.sources prepares each source into data.cache_dir; leave --output out")
+        for source in prepare_sources(exp.data, writer=args.writer, progress=True, workers=args.workers).sources:
+            print(f"source {source.name} (weight {source.weight:.3g}):")
+            _summary(source.data, blended=True)
+        return 0
+    from loomtrain.data.prepare import prepare
+
+    _summary(prepare(exp.data, out_prefix=args.output, writer=args.writer, progress=True, workers=args.workers))
+    return 0
+
+
+def _summary(prepared, blended: bool = False) -> None:
     m = prepared.meta
     if prepared.valid_prefix is None or "valid_documents" not in m:
         print(f"data.prepared is already a Megatron dataset: {m['train_documents']:,} documents, "
               f"{m['train_tokens']:,} tokens at {prepared.train_prefix}.bin/.idx; nothing to prepare")
-        return 0
+        return
     print(f"train: {m['train_documents']:,} documents, {m['train_tokens']:,} tokens -> {prepared.train_prefix}.bin/.idx")
     print(f"valid: {m['valid_documents']:,} documents, {m['valid_tokens']:,} tokens -> {prepared.valid_prefix}.bin/.idx")
-    print(f"use it with: --set data.prepared={prepared.train_prefix[:-len('_train')]}")
-    return 0
+    if not blended:
+        print(f"use it with: --set data.prepared={prepared.train_prefix[:-len('_train')]}")
 
 
 def cmd_export(args) -> int:

@@ -53,6 +53,7 @@ ALLOWED_FLAGS = {  # flags of other tools, named in prose without their command
     "--nnodes": "torchrun's",
     "--nproc-per-node": "torchrun's",
     "--split-sentences": "Megatron-LM's tools/preprocess_data.py",
+    "--data-path": "Megatron-LM's pretrain_gpt.py (the weighted blend data.sources follows)",
 }
 EXTERNAL_TOOLS = {  # a command line starting with one of these: its flags are not loomtrain's (until a loomtrain
     # anchor such as `-m loomtrain.launch.train` takes over), and not checked

@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,6 +99,22 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One source of a data blend (``data.sources``): a corpus or a prepared prefix, drawn in proportion to its
+    weight. The per-corpus fields left empty (text_key, file_glob, max_documents) take data.*'s value; the
+    tokenizer, cache, split and packing are data.*'s for every source (one vocabulary, one batch layout)."""
+
+    corpus: str = ""  # as data.corpus (stdlib | a text file | a folder | .jsonl | .parquet); or give prepared
+    prepared: str = ""  # as data.prepared: a prepared prefix (loomtrain's or Megatron's .bin/.idx)
+    valid_prepared: str = ""  # as data.valid_prepared: with a Megatron prepared prefix, its validation prefix
+    weight: float = 1.0  # >= 0; weights are normalised (Megatron's --data-path w1 p1 w2 p2); 0 = evaluated only
+    name: str = ""  # in metrics (tokens/<name>, val_loss/<name>); empty = the path's last component
+    text_key: str = ""  # empty = data.text_key
+    file_glob: str = ""  # empty = data.file_glob
+    max_documents: int = 0  # 0 = data.max_documents
+
+
+@dataclass
 class DataConfig:
     """Where tokens come from and how they are packed."""
 
@@ -115,6 +132,8 @@ class DataConfig:
     max_documents: int = 0  # 0 = all documents of the corpus
     batching: str = "windows"  # windows (fixed seq_len windows) | documents (whole documents up to a token budget)
     max_doc_tokens: int = 0  # batching=documents: longer documents are cut into pieces of this many; 0 = seq_len
+    sources: list[SourceConfig] = field(default_factory=list)  # a blend instead of data.corpus / data.prepared:
+    #   [{corpus or prepared, weight, name, ...}], samples drawn in proportion to the weights (docs/data.md)
 
 
 @dataclass
@@ -321,7 +340,10 @@ class Experiment:
     plugins: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if not out["data"]["sources"]:  # no blend: no key (an empty data.sources is refused when read back)
+            del out["data"]["sources"]
+        return out
 
 
 CHOICES = {
@@ -412,8 +434,21 @@ def _apply(obj: Any, values: dict, path: str = "") -> None:
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             _apply(current, value if value is not None else {}, sub)
+        elif typing.get_origin(hints[key]) is list:
+            setattr(obj, key, _list_of(sub, value, typing.get_args(hints[key])[0]))
         else:
             setattr(obj, key, _coerce(sub, value, hints[key]))
+
+
+def _list_of(path: str, values: Any, cls: type) -> list:
+    """A YAML list of mappings as a list of ``cls`` dataclasses, each read like a section (``path[i].key``)."""
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"{path}: expected a non-empty list of mappings, got {values!r}")
+    out = []
+    for i, item in enumerate(values):
+        out.append(cls())
+        _apply(out[-1], item, f"{path}[{i}]")
+    return out
 
 
 def parse_overrides(overrides: list[str]) -> dict:
@@ -535,6 +570,7 @@ def validate(exp: Experiment) -> None:
     _validate_rope_scaling(m.rope_scaling)
     if m.max_seq_len and m.max_seq_len < exp.data.seq_len:
         raise ConfigError(f"model.max_seq_len: must be >= data.seq_len ({exp.data.seq_len}), got {m.max_seq_len}")
+    _validate_sources(exp.data)
     if not 0.0 <= exp.data.valid_fraction < 1.0:
         raise ConfigError(f"data.valid_fraction: must be in [0, 1), got {exp.data.valid_fraction}")
     if not 0.0 <= exp.optim.min_lr_ratio <= 1.0:
@@ -614,6 +650,45 @@ def _validate_rope_scaling(rs: RopeScalingConfig) -> None:
         need("beta_fast", rs.beta_fast >= rs.beta_slow, f"a number >= beta_slow ({rs.beta_slow})")
         for name in ("attention_factor", "mscale", "mscale_all_dim"):
             need(name, getattr(rs, name) >= 0, "a number >= 0 (0: transformers' default)")
+
+
+def _validate_sources(d: DataConfig) -> None:
+    """data.sources: each entry one corpus or prepared prefix, a weight >= 0, a distinct name; weights with a
+    positive sum; nothing that data.corpus / data.prepared would contradict. (Paths: data/blend.py's
+    ``check_sources``, on the machine that reads them.)"""
+    if not d.sources:
+        return
+    from loomtrain.data.blend import SOURCE_NAME, source_name
+
+    defaults = DataConfig()
+    for key in ("corpus", "prepared", "valid_prepared"):
+        if getattr(d, key) != getattr(defaults, key):
+            raise ConfigError(f"data.{key}: not used with data.sources (give each source's {key} in its entry), "
+                              f"got {getattr(d, key)!r}")
+    if d.batching != "windows":
+        raise ConfigError(f"data.batching: data.sources blends windows; use data.batching=windows, got {d.batching}")
+    names: dict[str, int] = {}
+    for i, s in enumerate(d.sources):
+        p = f"data.sources[{i}]"
+        if bool(s.corpus) == bool(s.prepared):
+            raise ConfigError(f"{p}: give exactly one of corpus (text to prepare) or prepared (a prepared prefix), "
+                              f"got {'both' if s.corpus else 'neither'}")
+        if s.valid_prepared and not s.prepared:
+            raise ConfigError(f"{p}.valid_prepared: only with {p}.prepared (a Megatron prefix)")
+        if not (math.isfinite(s.weight) and s.weight >= 0):
+            raise ConfigError(f"{p}.weight: must be >= 0, got {s.weight:g}")
+        if s.max_documents < 0:
+            raise ConfigError(f"{p}.max_documents: must be >= 0, got {s.max_documents}")
+        name = source_name(s)
+        if not re.fullmatch(SOURCE_NAME, name):
+            raise ConfigError(f"{p}.name: letters, digits, '_', '.', '-' only (it is a metric key), got {name!r}")
+        if name in names:
+            raise ConfigError(f"{p}.name: '{name}' is already data.sources[{names[name]}]'s name; give each source "
+                              f"a distinct name")
+        names[name] = i
+    total = sum(s.weight for s in d.sources)
+    if not total > 0:
+        raise ConfigError(f"data.sources: the weights sum to {total:g}; at least one must be > 0")
 
 
 def _validate_faulttol(exp: Experiment) -> None:

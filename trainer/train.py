@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 
 from loomtrain.comms import traffic
-from loomtrain.data.loader import PackedDataset, Prefetcher, eval_batches
-from loomtrain.data.prepare import prepare
+from loomtrain.data.blend import prepare_sources
+from loomtrain.data.loader import Prefetcher, eval_batches
 from loomtrain.faulttol import heartbeat
 from loomtrain.faulttol.health import HealthMonitor, gather_hosts
 from loomtrain.faulttol.manager import FaultTolerance
@@ -124,12 +124,13 @@ class Trainer:
 
         # Data: every rank asks for the token files; one process writes them under a file lock, the
         # rest wait on the lock (not in a collective that could time out) and read.
+        # A blend (data.sources) prepares each source so; its sampler draws them in proportion to their weights.
         with heartbeat.in_phase("data", then="build"):  # may take hours: not watched for hangs
-            prepared = prepare(exp.data, progress=env.is_main and tcfg.progress, on_wait=self._data_wait,
-                               need_valid=bool(tcfg.eval_every))
+            prepared = prepare_sources(exp.data, progress=env.is_main and tcfg.progress, on_wait=self._data_wait,
+                                       need_valid=bool(tcfg.eval_every))
         self.prepared = prepared
-        self.train_data = PackedDataset(prepared.train_prefix, exp.data.seq_len)
-        self.valid_data = PackedDataset(prepared.valid_prefix, exp.data.seq_len) if tcfg.eval_every else None
+        self.train_data = prepared.train_dataset(exp.data.seq_len)
+        self.valid_data = prepared.valid_datasets(exp.data.seq_len) if tcfg.eval_every else None  # by source
 
         # Model: identical full init on every rank (seeded), then laid over the mesh.
         family = model_family(exp.model.family)
@@ -341,11 +342,15 @@ class Trainer:
         return loss, grad_norm
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self) -> dict[str, float]:
+        """``val_loss`` (a blend: also ``val_loss/<source>``, each over its own validation split)."""
         self.model.eval()
+        return self.prepared.val_record({name: self._validation_loss(data) for name, data in self.valid_data.items()})
+
+    def _validation_loss(self, data) -> float:
         tcfg = self.exp.train
         micro = tcfg.micro_batch_size or self.batches.micro_batch or 1
-        batches = eval_batches(self.valid_data, tcfg.eval_batches, micro, self.dp_rank, self.dims.dp)
+        batches = eval_batches(data, tcfg.eval_batches, micro, self.dp_rank, self.dims.dp)
         tokens = self._global_tokens(batches)
         with self.sync.outer_model():  # workers with local updates: the model they share, not their own
             total = sum((self.steps.evaluate(b) for b in batches), torch.zeros((), device=self.env.device))
@@ -382,8 +387,9 @@ class Trainer:
                 record = self._metrics(loss, grad_norm, step_time) if self._due(tcfg.log_every) else None
                 if tcfg.eval_every and self._due(tcfg.eval_every):
                     with heartbeat.in_phase("eval"):
-                        result.val_losses[self.step] = val = self.evaluate()
-                    record = (record or {"step": self.step}) | {"val_loss": val}
+                        val = self.evaluate()
+                    result.val_losses[self.step] = val["val_loss"]
+                    record = (record or {"step": self.step}) | val
                 self._report(record, sink, bar, loss)
                 with heartbeat.in_phase("checkpoint"):  # an async save's commit and pruning
                     self.ckpt.poll()
@@ -442,6 +448,7 @@ class Trainer:
                   "tokens_per_s": tps, "mfu": self.flops_per_token * tps / (self.peak_flops * self.env.world_size),
                   "step_time_s": step_time, "tokens": self.step * self.tokens_per_step, "time": time.time(),
                   "attention": self.attention_backend, "dtype": self.exp.model.dtype}
+        record |= {f"tokens/{name}": n for name, n in self.batches.source_tokens().items()}  # a blend's sources
         if self.ft.snapshots is not None:
             record["snapshot_failures"] = self.ft.snapshot_failures
         return record | self._bytes_sent() | self.health.record()
