@@ -37,27 +37,17 @@ def apply_tp(model: nn.Module, tp_mesh, loss_parallel: bool) -> None:
         parallelize_module(block, tp_mesh, block_plan)
 
 
-def apply_cp(model: nn.Module, dims, cp_mesh, impl: str) -> None:
+def apply_cp(model: nn.Module, dims, cp_mesh, impl) -> None:
     """Attention over the cp group's zigzag shards (the loader hands each cp rank its shard), by the
-    registered strategy ``impl`` (``parallel/cp``).
-
-    A strategy's second (reverse) direction needs a group per cp group; creating groups is
-    collective over the world, so every rank creates all of them and keeps its own.
+    registered strategy ``impl`` (``parallel/cp``; a name, or a two-dimensional strategy bound to its Ulysses
+    group size). The process groups it needs beyond the cp group (TokenRing's reverse direction, a 2-D
+    strategy's inner and outer groups) are made collectively for every cp group (``parallel.cp.build``).
     """
-    import torch.distributed as dist
+    from loomtrain.parallel.cp import build
 
-    from loomtrain.parallel.cp import strategy
-
-    cp = strategy(impl)
-    group, reverse = cp_mesh.get_group(), None
-    if cp.needs_reverse_group:
-        mine = dist.get_process_group_ranks(group)
-        for ranks in dims.groups("cp"):
-            created = dist.new_group(ranks)
-            if ranks == mine:
-                reverse = created
     # The run's attention backend (``model.attention_backend``) serves the cp blocks too.
-    model.context_parallel = cp.make(group, reverse_group=reverse, kernel=getattr(model, "attention_backend", "auto"))
+    model.context_parallel = build(impl, cp_mesh.get_group(), dims.groups("cp"),
+                                   kernel=getattr(model, "attention_backend", "auto"))
 
 
 def apply_ac(model: nn.Module) -> None:

@@ -51,34 +51,43 @@ def _check_strategy(rank, strategy, case, kernel="auto"):
 
     from loomtrain.parallel.cp import attention as cp
 
+    impl = {"token_ring": "tokenring"}.get(strategy, strategy)
     dist.init_process_group("gloo")
     try:
-        b, s, h, hkv, d, causal, layout, docs = case
-        q, k, v, dout, doc_ids = make_inputs(7, b, s, h, hkv, d, docs)
-        ref_in = [t.clone().double().requires_grad_() for t in (q, k, v)]
-        ref_out, ref_lse = reference(*ref_in, causal, doc_ids)
-        (ref_out * dout.double()).sum().backward()
-        shard = lambda t, dim=1: cp.shard_sequence(t, dim=dim, layout=layout)  # noqa: E731
-        ql, kl, vl = (shard(t).clone().requires_grad_() for t in (q, k, v))
-        impl = {"token_ring": "tokenring"}.get(strategy, strategy)
-        attn = cp.ContextParallelAttention(impl, layout=layout, kernel=kernel,
-                                           reverse_group=dist.new_group(list(range(dist.get_world_size()))))
-        out, lse = attn(ql, kl, vl, causal=causal, return_lse=True,
-                        doc_ids=shard(doc_ids) if doc_ids is not None else None)
-        fwd_msgs = attn.comm.stats.messages
-        out.backward(shard(dout))
-        bwd_msgs = attn.comm.stats.messages - fwd_msgs
-        errors = {
-            "out": (out.double() - shard(ref_out)).abs().max().item(),
-            "lse": (lse.double() - shard(ref_lse, 2)).abs().max().item(),
-            "dq": (ql.grad.double() - shard(ref_in[0].grad)).abs().max().item(),
-            "dk": (kl.grad.double() - shard(ref_in[1].grad)).abs().max().item(),
-            "dv": (vl.grad.double() - shard(ref_in[2].grad)).abs().max().item(),
-        }
-        roundtrip = torch.equal(cp.unshard_sequence(shard(q), layout=layout), q)
-        return errors, fwd_msgs, bwd_msgs, roundtrip
+        return against_reference(case, lambda layout: cp.ContextParallelAttention(
+            impl, layout=layout, kernel=kernel, reverse_group=dist.new_group(list(range(dist.get_world_size())))))
     finally:
         dist.destroy_process_group()
+
+
+def against_reference(case, make_attention, seed=7):
+    """In a rank of the (world) group: the attention ``make_attention(layout)`` returns, on this rank's shards of
+    random q/k/v (and document ids), against float64 attention on the whole sequence: (max errors of out, lse,
+    dq, dk, dv; P2P messages forward; backward; whether sharding round-trips)."""
+    from loomtrain.parallel.cp import attention as cp
+
+    b, s, h, hkv, d, causal, layout, docs = case
+    q, k, v, dout, doc_ids = make_inputs(seed, b, s, h, hkv, d, docs)
+    ref_in = [t.clone().double().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse = reference(*ref_in, causal, doc_ids)
+    (ref_out * dout.double()).sum().backward()
+    shard = lambda t, dim=1: cp.shard_sequence(t, dim=dim, layout=layout)  # noqa: E731
+    ql, kl, vl = (shard(t).clone().requires_grad_() for t in (q, k, v))
+    attn = make_attention(layout)
+    out, lse = attn(ql, kl, vl, causal=causal, return_lse=True,
+                    doc_ids=shard(doc_ids) if doc_ids is not None else None)
+    fwd_msgs = attn.comm.stats.messages
+    out.backward(shard(dout))
+    bwd_msgs = attn.comm.stats.messages - fwd_msgs
+    errors = {
+        "out": (out.double() - shard(ref_out)).abs().max().item(),
+        "lse": (lse.double() - shard(ref_lse, 2)).abs().max().item(),
+        "dq": (ql.grad.double() - shard(ref_in[0].grad)).abs().max().item(),
+        "dk": (kl.grad.double() - shard(ref_in[1].grad)).abs().max().item(),
+        "dv": (vl.grad.double() - shard(ref_in[2].grad)).abs().max().item(),
+    }
+    roundtrip = torch.equal(cp.unshard_sequence(shard(q), layout=layout), q)
+    return errors, fwd_msgs, bwd_msgs, roundtrip
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

@@ -107,13 +107,19 @@ CP_LAYOUTS["cp2_dp2_auto"] = ["parallel.cp=2", "parallel.cp_impl=auto", "paralle
 CP_LAYOUTS["cp2_dp2_ring_order_cp_outside_shard"] = ["parallel.cp=2", "parallel.cp_impl=ring",
                                                      "parallel.dp_shard=2",
                                                      "parallel.mesh_order=pp,dp_replicate,cp,dp_shard,tp"]
+# Two-dimensional cp: Ulysses inside pairs of cp ranks (the model's 2 KV heads split over them), ring or TokenRing
+# across the two pairs.
+CP_LAYOUTS.update({f"cp4_ulysses2_{outer}": ["parallel.cp=4", f"parallel.cp_impl=ulysses_{outer}",
+                                             "parallel.cp_ulysses=2", "parallel.dp_shard=1"]
+                   for outer in ("ring", "tokenring")})
 # Ulysses splits heads over cp*tp = 4: that model needs 4 KV heads (its own reference run).
 MHA = ("model.n_kv_heads=4",)
 
 
 @pytest.mark.parametrize("layout", CP_LAYOUTS)
 def test_context_parallel_matches_single_process(layout, references, small_corpus, tmp_path):
-    """cp=2 x dp=2 and cp=2 x tp=2, each attention strategy: the single-process loss curve within 1e-4."""
+    """cp=2 x dp=2 and cp=2 x tp=2, each attention strategy, and cp=4 split 2 x 2 (Ulysses x ring / TokenRing):
+    the single-process loss curve within 1e-4."""
     from conftest import TEST_OVERRIDES
 
     model = MHA if layout == "cp2_tp2_ulysses" else ()

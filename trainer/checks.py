@@ -121,11 +121,16 @@ def _check_attention(exp: Experiment, device_type: str) -> None:
 REFERENCE_TFLOPS = {"bfloat16": 989.0, "float32": 494.0}
 
 
-def cp_attention(exp: Experiment, args, dims: ParallelDims) -> str:
-    """The context-parallel attention strategy: the configured one, or for ``auto`` the cost model's
+def cp_attention(exp: Experiment, args, dims: ParallelDims):
+    """The context-parallel attention strategy: the configured one (a name; a two-dimensional strategy bound to
+    ``parallel.cp_ulysses``), or for ``auto`` the cost model's
     fastest for this model shape and the configured cp links (``parallel.cp_link_gbps``, ``cp_latency_us``,
-    ``cp_topology``). A pure function of the experiment, so identical on every rank."""
+    ``cp_topology``; with ``cp_inner_link_gbps`` also the two-dimensional splits). A pure function of the experiment, so identical on every rank."""
     par = exp.parallel
+    if par.cp_ulysses:  # a two-dimensional strategy (validated): bound to its Ulysses group size
+        from loomtrain.parallel.cp import strategy
+
+        return strategy(par.cp_impl).with_ulysses(par.cp_ulysses)
     if par.cp_impl != "auto":
         return par.cp_impl
     from loomtrain.parallel.cp import choose
@@ -135,4 +140,5 @@ def cp_attention(exp: Experiment, args, dims: ParallelDims) -> str:
     shape = Shape(micro, exp.data.seq_len, args.n_heads // dims.tp, args.n_kv_heads // dims.tp,
                   args.head_dim, dims.cp, elem_bytes=2 if exp.model.dtype == "bfloat16" else 4)
     flops = (exp.logging.peak_tflops or REFERENCE_TFLOPS[exp.model.dtype]) * 1e12
-    return choose(shape, par.cp_link_gbps * 1e9 / 8, par.cp_latency_us * 1e-6, flops, par.cp_topology)
+    return choose(shape, par.cp_link_gbps * 1e9 / 8, par.cp_latency_us * 1e-6, flops, par.cp_topology,
+                  inner_bandwidth=par.cp_inner_link_gbps * 1e9 / 8 or None)

@@ -149,11 +149,16 @@ class ParallelConfig:
     dp_shard: int = -1  # sharded data parallel (FSDP2); -1 = whatever the world size leaves
     cp: int = 1  # context (sequence) parallel
     tp: int = 1  # tensor parallel
-    cp_impl: str = "auto"  # context-parallel attention: auto (cost model, from shape and cp links) | tokenring | ring | ulysses
+    cp_impl: str = "auto"  # context-parallel attention: auto (cost model, from shape and cp links) | tokenring | ring |
+    #   ulysses | ulysses_ring | ulysses_tokenring (two-dimensional: Ulysses inside groups of cp_ulysses ranks)
+    cp_ulysses: int = 0  # with cp_impl=ulysses_ring | ulysses_tokenring: the Ulysses group size U (1 < U < cp, dividing
+    #   cp; U consecutive cp ranks, the closest links; ring or TokenRing across the cp/U groups); 0 = unset
     cp_link_gbps: float = 100.0  # for cp_impl=auto: bandwidth between cp peers per direction, Gbit/s
     # (auto also assumes logging.peak_tflops, or the H100 datasheet figure when that is 0)
     cp_latency_us: float = 10.0  # for cp_impl=auto: per-transfer latency between cp peers
     cp_topology: str = "full_mesh"  # for cp_impl=auto: full_mesh (NVSwitch-like) | ring
+    cp_inner_link_gbps: float = 0.0  # for cp_impl=auto: the faster link inside groups of consecutive cp ranks (a node),
+    #   Gbit/s; set, auto also weighs the two-dimensional splits (Ulysses on it, cp_link_gbps between groups); 0 = unknown
     mesh_order: str = "pp,dp_replicate,dp_shard,cp,tp"  # outermost to innermost
     placement: str = "none"  # none (ranks fill the mesh in rank order) | fabric (hosts grouped by the fabric they
     #   share, tp inside a host, dp/cp inside a fabric, pp across: launch/placement.py; needs the default mesh_order)
@@ -553,7 +558,7 @@ def validate(exp: Experiment) -> None:
               "train.eval_every", "train.eval_batches", "train.threads", "parallel.cp_latency_us", "optim.warmup_steps",
               "optim.weight_decay", "optim.grad_clip", "optim.eps", "checkpoint.every_steps",
               "checkpoint.keep", "data.max_documents", "data.workers", "data.vocab_size", "data.max_doc_tokens", "train.global_batch_tokens",
-              "parallel.sp_alpha1", "parallel.sp_alpha2", "parallel.sp_inter_node_gbps", "logging.peak_tflops",
+              "parallel.sp_alpha1", "parallel.sp_alpha2", "parallel.sp_inter_node_gbps", "parallel.cp_inner_link_gbps", "logging.peak_tflops",
               "faulttol.snapshot.every_steps", "faulttol.persist_every_steps", "faulttol.ranks_per_node", "faulttol.ec_group_stride",
               "faulttol.ec_group_nodes", "faulttol.ec_parity", "faulttol.hang_timeout_s", "faulttol.startup_timeout_s",
               "faulttol.smp_idle_exit_s", "faulttol.inject.rank", "faulttol.inject.step", "faulttol.inject.attempt",
@@ -602,7 +607,8 @@ def validate(exp: Experiment) -> None:
     if exp.data.seq_len % unit:
         raise ConfigError(f"data.seq_len: must be divisible by {unit} (tp{' and 2*cp and cp*tp (zigzag)' if par.cp > 1 else ''} "
                           f"for parallel.tp={par.tp}, cp={par.cp}), got {exp.data.seq_len}")
-    if par.cp > 1 and par.cp_impl != "auto":
+    _validate_cp_ulysses(exp)
+    if par.cp > 1 and par.cp_impl != "auto" and not par.cp_ulysses:  # (a 2-D one: checked with its U above)
         heads, kv_heads = m.n_heads // par.tp, m.n_kv_heads // par.tp  # one tensor-parallel rank's
         if why := cp_strategy(par.cp_impl).unsupported(heads, kv_heads, par.cp):
             others = usable(heads, kv_heads, par.cp)
@@ -616,6 +622,26 @@ def validate(exp: Experiment) -> None:
     _validate_dp_sync(exp)
     _validate_pipeline(exp)
     _validate_engine(exp)
+
+
+def _validate_cp_ulysses(exp: Experiment) -> None:
+    """``parallel.cp_ulysses``: given exactly with a two-dimensional ``cp_impl``, and a group size that strategy can
+    use for this cp degree and these heads (its ``unsupported``, with U bound)."""
+    from loomtrain.parallel.cp import two_dimensional
+
+    par, m = exp.parallel, exp.model
+    s = cp_strategy(par.cp_impl) if par.cp_impl != "auto" else None
+    if not two_dimensional(s):
+        if par.cp_ulysses:
+            two_d = [n for n, t in CP_STRATEGIES.items() if two_dimensional(t)]
+            raise ConfigError(f"parallel.cp_ulysses: only used with parallel.cp_impl={' | '.join(two_d)}, got "
+                              f"cp_impl={par.cp_impl} (unset it, or pick a two-dimensional cp_impl)")
+        return
+    if par.cp_ulysses < 0:
+        raise ConfigError(f"parallel.cp_ulysses: must be >= 2, got {par.cp_ulysses}")
+    if why := s.with_ulysses(par.cp_ulysses).unsupported(m.n_heads // par.tp, m.n_kv_heads // par.tp, par.cp):
+        raise ConfigError(f"parallel.cp_ulysses: {why} (parallel.cp_impl={par.cp_impl}, cp={par.cp}, tp={par.tp}, "
+                          f"model.n_heads {m.n_heads}, n_kv_heads {m.n_kv_heads})")
 
 
 def _validate_rope_scaling(rs: RopeScalingConfig) -> None:

@@ -725,21 +725,34 @@ def _reorder(t, order, dim):
     return torch.cat([parts[p] for p in order], dim)
 
 
-def _ulysses(q, k, v, attn, causal, docs, want_lse=True):
-    world, layout = attn.world, attn.layout
+def heads_exchange(q, k, v, attn, held, attend, want_lse=True):
+    """Ulysses' frame: an all-to-all over ``attn``'s group (its ``group``, ``world``, ``comm``) turns every rank's
+    sequence part of all heads into the group's parts of 1/world of the heads, laid out in group rank order
+    (``held``: the chunk ids that order holds); ``attend(qh, kh, vh, held) -> (out, lse)`` runs on them and the
+    output goes back by the reverse all-to-all (lse too with ``want_lse``). Ulysses attends locally; the
+    two-dimensional strategies (``two_dim.py``) run ring or TokenRing across groups in its place."""
+    world = attn.world
     if q.shape[2] % world or k.shape[2] % world:
         raise ValueError(f"ulysses_attention: heads ({q.shape[2]}) and kv_heads ({k.shape[2]}) must be divisible "
                          f"by the group size {world}")
-    # After the all-to-all the sequence is in rank order of chunks: (chunks of rank 0, of rank 1, ...);
-    # _LocalAttention puts it in natural order for one causal call.
-    order = [c for r in range(world) for c in _chunk_ids(r, world, layout)]
     qh, kh, vh = (_AllToAll.apply(t, attn, True) for t in (q, k, v))
-    out, lse = _LocalAttention.apply(qh, kh, vh, tuple(order), causal, docs, attn.kernel)
+    out, lse = attend(qh, kh, vh, held)
     out = _AllToAll.apply(out, attn, False)
     if not want_lse:
         return out, None
     lse_seq = _all_to_all(lse.transpose(1, 2).unsqueeze(-1).contiguous(), attn, False)
     return out, lse_seq.squeeze(-1).transpose(1, 2)
+
+
+def _ulysses(q, k, v, attn, causal, docs, want_lse=True):
+    # After the all-to-all the sequence is in rank order of chunks: (chunks of rank 0, of rank 1, ...);
+    # _LocalAttention puts it in natural order for one causal call.
+    held = tuple(c for r in range(attn.world) for c in _chunk_ids(r, attn.world, attn.layout))
+
+    def attend(qh, kh, vh, chunks):
+        return _LocalAttention.apply(qh, kh, vh, chunks, causal, docs, attn.kernel)
+
+    return heads_exchange(q, k, v, attn, held, attend, want_lse)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -787,23 +800,33 @@ class ContextParallelAttention:
     def __call__(self, q, k, v, *, causal: bool = True, doc_ids=None, return_lse: bool = False):
         """This rank's (B, S/W, H, D) output (and lse (B, H, S/W) with ``return_lse``)."""
         _check(q, k, v, self.layout, self.world)
-        docs = self.document_plan(doc_ids)
-        if self.impl == "ulysses":
-            out, lse = _ulysses(q, k, v, self, causal, docs, return_lse)
-        else:
-            out, lse = {"tokenring": _TokenRing, "ring": _RingAttention}[self.impl].apply(q, k, v, self, causal, docs)
+        out, lse = self.run(q, k, v, causal, self.document_plan(doc_ids), return_lse)
         return (out, lse) if return_lse else out
+
+    def run(self, q, k, v, causal, docs, want_lse=True):
+        """(out, lse or None) of checked shards given the step's document plan ``docs`` (a :class:`_Docs` by this
+        group's chunk ids, or None): what a caller that plans documents itself (``two_dim.py``) calls."""
+        if self.impl == "ulysses":
+            return _ulysses(q, k, v, self, causal, docs, want_lse)
+        return {"tokenring": _TokenRing, "ring": _RingAttention}[self.impl].apply(q, k, v, self, causal, docs)
 
     def document_plan(self, doc_ids):
         """Every chunk's document ids, by global chunk index (one all-gather of a small int tensor per step)."""
-        if doc_ids is None:
-            return None
+        return gathered_documents(self._plans, doc_ids, self.group, self.layout, _num_chunks(self.world, self.layout))
 
-        def build():
-            full = unshard_sequence(doc_ids, dim=1, group=self.group, layout=self.layout)
-            return _Docs(dict(enumerate(full.chunk(_num_chunks(self.world, self.layout), 1))))
 
-        return self._plans.get(doc_ids, build)
+def gathered_documents(plans: "_PlanCache", doc_ids, group, layout: str, chunks: int):
+    """The document plan of ``doc_ids`` (this rank's shard over ``group`` in ``layout``) with the whole sequence
+    cut into ``chunks`` chunks, by index: one all-gather per step (cached in ``plans``); None without ids. A
+    two-dimensional strategy gathers over the whole cp group and cuts the sequence for its outer ring."""
+    if doc_ids is None:
+        return None
+
+    def build():
+        full = unshard_sequence(doc_ids, dim=1, group=group, layout=layout)
+        return _Docs(dict(enumerate(full.chunk(chunks, 1))))
+
+    return plans.get(doc_ids, build)
 
 
 class DocumentAttention:

@@ -11,6 +11,8 @@ accounting); times are a model:
   over W/2 hops on average.
 - Ulysses: all-to-all does not overlap compute; on a full mesh each rank's W-1 pieces go
   in parallel over W-1 links, on a ring they cross W/4 hops on average in each direction.
+- Ulysses x ring / TokenRing (``two_dim_*``): Ulysses' all-to-alls inside a group of U on the link
+  inside it, plus the outer strategy over W/U ranks with 1/U of the heads on the link between groups.
 """
 from __future__ import annotations
 
@@ -82,7 +84,38 @@ def predict_seconds(s: Shape, bandwidth: float, latency: float, flops: float,
     hops = 1 if topology == "full_mesh" else w / 2
     tr_f = pipelined(max(c_f, t(frac * (out32 + lse), hops)), t(frac * q), t(frac * (out32 + lse), hops))
     tr_b = pipelined(max(c_b, t(frac * out32, hops)), t(frac * (3 * q + lse)), t(frac * out32, hops))
-    links = (w - 1) if topology == "full_mesh" else 2 / max(1.0, w / 4)
-    a2a = (w - 1) / w * (2 * q + 2 * kv)
-    ulysses = 3.5 * fwd_total + 2 * a2a / (bandwidth * links) + 8 * latency
+    ulysses = 3.5 * fwd_total + _all_to_all_seconds(s, bandwidth, latency, topology)
     return {"tokenring": tr_f + tr_b, "ring": ring, "ulysses": ulysses}
+
+
+def _all_to_all_seconds(s: Shape, bandwidth: float, latency: float, topology: str) -> float:
+    """Ulysses' four all-to-alls (q, k, v and out forward; their gradients backward), exposed."""
+    w, z = s.world, _sizes(s)
+    links = (w - 1) if topology == "full_mesh" else 2 / max(1.0, w / 4)
+    a2a = (w - 1) / w * (2 * z["q"] + 2 * z["kv"])
+    return 2 * a2a / (bandwidth * links) + 8 * latency
+
+
+def two_dim_shapes(s: Shape, ulysses: int) -> tuple[Shape, Shape]:
+    """(inner, outer) of a two-dimensional split of ``s`` (``two_dim.py``): Ulysses over ``ulysses`` ranks holding
+    the same tokens per rank; the outer ring over world/ulysses ranks with 1/ulysses of the heads each."""
+    inner = Shape(s.batch, s.seq * ulysses // s.world, s.heads, s.kv_heads, s.head_dim, ulysses, s.elem_bytes, s.causal)
+    outer = Shape(s.batch, s.seq, s.heads // ulysses, s.kv_heads // ulysses, s.head_dim, s.world // ulysses,
+                  s.elem_bytes, s.causal)
+    return inner, outer
+
+
+def two_dim_bytes(s: Shape, ulysses: int, outer: str) -> tuple[float, float]:
+    """(forward, backward) bytes a rank sends: the inner all-to-alls plus the outer ring's."""
+    inner_shape, outer_shape = two_dim_shapes(s, ulysses)
+    a, b = bytes_per_rank(inner_shape)["ulysses"], bytes_per_rank(outer_shape)[outer]
+    return a[0] + b[0], a[1] + b[1]
+
+
+def two_dim_seconds(s: Shape, ulysses: int, outer: str, bandwidth: float, inner_bandwidth: float, latency: float,
+                    flops: float, topology: str = "full_mesh") -> float:
+    """The outer ring's modelled seconds (compute included: 1/U of the heads over W/U ranks is the same work
+    per rank) on ``bandwidth`` between groups, plus the exposed all-to-alls on ``inner_bandwidth`` inside one."""
+    inner_shape, outer_shape = two_dim_shapes(s, ulysses)
+    return (predict_seconds(outer_shape, bandwidth, latency, flops, topology)[outer]
+            + _all_to_all_seconds(inner_shape, inner_bandwidth, latency, topology))
