@@ -222,7 +222,7 @@ def plan(exp, world_size: int, gpus_per_node: int = 8, device_memory_gb: float =
     mem = memory_estimate(exp, args, dims, args.vocab_size)
     for k, v in mem.items():
         lines.append(f"  {k:<36}{v / GiB:>10.2f} GiB")
-    ckpt = exp.parallel.activation_checkpoint == "full"
+    ckpt = "full" in exp.parallel.activation_checkpoint.split("+")  # the estimate knows full recompute only
     total = sum(v for k, v in mem.items() if k != ("activations" if ckpt else "activations (checkpointed)"))
     lines.append(f"  {'total (' + ('with' if ckpt else 'without') + ' checkpointing)':<36}{total / GiB:>10.2f} GiB"
                  + (f"  of {device_memory_gb:g} GiB" if device == "cuda" else "  (CPU: host memory)"))

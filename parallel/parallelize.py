@@ -4,7 +4,7 @@ Applied in that fixed order by :func:`parallelize_model`, outside the model code
 torchtitan pattern). Nothing here knows a module name: the model family supplies its plan
 (torchtitan's TrainSpec idea) through this protocol:
 
-- ``model.layers``: the repeated blocks (a ModuleDict); AC, compile and FSDP act per block;
+- ``model.layers``: the repeated blocks (a ModuleDict); AC (and activation offload), compile and FSDP act per block;
 - ``model.tp_plan(loss_parallel) -> (plan, block_plan)``: ``parallelize_module`` plans;
 - ``model.fsdp_units() -> [[module, ...], ...]``: groups FSDP shards on their own;
 - ``model.context_parallel``: set here to the ``ContextParallelAttention`` its attention layers call.
@@ -50,12 +50,12 @@ def apply_cp(model: nn.Module, dims, cp_mesh, impl) -> None:
                                    kernel=getattr(model, "attention_backend", "auto"))
 
 
-def apply_ac(model: nn.Module) -> None:
-    """Full activation checkpointing: each block recomputes its forward during backward."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+def apply_ac(model: nn.Module, mode: str = "full", every: int = 1, save_ops: str | None = None):
+    """Activation checkpointing and offload per block, by ``mode`` (``parallel/ac.py``): none, full, selective,
+    offload, full+offload, selective+offload. Returns the offloader when offloading, else None."""
+    from loomtrain.parallel import ac
 
-    for name, block in list(model.layers.items()):
-        model.layers[name] = checkpoint_wrapper(block, preserve_rng_state=False)
+    return ac.apply_ac(model, mode, every, ac.DEFAULT_SAVE_OPS if save_ops is None else save_ops)
 
 
 def apply_compile(model: nn.Module) -> None:
@@ -87,15 +87,16 @@ def apply_fsdp(model: nn.Module, dp_mesh, param_dtype: torch.dtype, keep_gathere
 
 def parallelize_model(model: nn.Module, dims, mesh, *, loss_parallel: bool, activation_checkpoint: str,
                       compile: bool, param_dtype: torch.dtype, cp_impl: str = "tokenring", fsdp: bool = True,
-                      keep_gathered: bool = False) -> None:
+                      keep_gathered: bool = False, ac_every: int = 1, ac_save_ops: str | None = None) -> None:
     """``fsdp=False`` leaves data parallelism to another engine (DeepSpeed); ``keep_gathered``: FSDP units stay
-    gathered from the first forward to the step's last backward (pipeline stages, adaptive sp)."""
+    gathered from the first forward to the step's last backward (pipeline stages, adaptive sp);
+    ``activation_checkpoint``, ``ac_every``, ``ac_save_ops``: ``parallel/ac.py``."""
     if dims.tp > 1:
         apply_tp(model, mesh["tp"], loss_parallel)
     if dims.cp > 1:
         apply_cp(model, dims, mesh["cp"], cp_impl)
-    if activation_checkpoint == "full":
-        apply_ac(model)
+    if activation_checkpoint != "none":
+        apply_ac(model, activation_checkpoint, ac_every, ac_save_ops)
     if compile:
         apply_compile(model)
     if dims.fsdp_enabled and fsdp:

@@ -20,6 +20,7 @@ import yaml
 from loomtrain.errors import ConfigError, require_positive
 from loomtrain.fsutil import atomic_write_text
 from loomtrain.registry import load_plugins
+from loomtrain.parallel import ac as activation_modes
 from loomtrain.parallel.cp import CP_STRATEGIES, usable
 from loomtrain.parallel.dp_sync import DP_SYNC
 from loomtrain.parallel.engines import ENGINES
@@ -166,7 +167,11 @@ class ParallelConfig:
     #   NICs from sysfs, hosts whose best NICs match assumed to share a fabric
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
     device: str = "auto"  # auto | cpu | cuda
-    activation_checkpoint: str = "none"  # none | full
+    activation_checkpoint: str = "none"  # none | full | selective | offload | full+offload | selective+offload
+    #   (parallel/ac.py: recompute blocks, keep only chosen ops' outputs, or move saved activations to host memory)
+    ac_every: int = 1  # selective: checkpoint every Nth block of each model part (pipeline stage); others kept whole
+    ac_save_ops: str = "matmul,attention"  # selective: ops whose outputs are kept, comma-separated (matmul,
+    #   attention, or aten names: mm, addmm, bmm, _scaled_dot_product_flash_attention, ...); "" = recompute all
     compile: bool = False  # torch.compile each decoder block
     loss_parallel: bool = True  # vocab-parallel cross entropy when tp > 1
     dp_engine: str = "fsdp"  # fsdp (FSDP2 over the mesh) | deepspeed (ZeRO; data parallelism only)
@@ -215,6 +220,8 @@ class TrainConfig:
     output_dir: str = "runs/tiny"
     threads: int = 0  # torch intra-op threads per rank; 0 = cores / local ranks
     progress: bool = True  # progress bar on rank 0 (a terminal); log lines otherwise
+    loss_chunk_tokens: int = 0  # 0 = one cross entropy over all logits; N = over chunks of at most N tokens'
+    #   logits, each recomputed in backward (the whole sequence's full-vocabulary logits never exist)
 
 
 @dataclass
@@ -357,7 +364,6 @@ CHOICES = {
     "model.attention": ("auto", "cudnn", "fa3", "flash_attn", "sdpa_flash", "sdpa_efficient", "cpu_flash", "math"),
     "parallel.backend": ("auto", "nccl", "gloo"),
     "parallel.device": ("auto", "cpu", "cuda"),
-    "parallel.activation_checkpoint": ("none", "full"),
     "parallel.cp_topology": ("full_mesh", "ring"),
     "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved_1f1b"),
     "dp_sync.diloco.quantize": ("none", "int8", "fp4", "fp4_e3m0"),
@@ -562,7 +568,7 @@ def validate(exp: Experiment) -> None:
               "faulttol.snapshot.every_steps", "faulttol.persist_every_steps", "faulttol.ranks_per_node", "faulttol.ec_group_stride",
               "faulttol.ec_group_nodes", "faulttol.ec_parity", "faulttol.hang_timeout_s", "faulttol.startup_timeout_s",
               "faulttol.smp_idle_exit_s", "faulttol.inject.rank", "faulttol.inject.step", "faulttol.inject.attempt",
-              "train.microbatches", "faulttol.monitor.warmup_steps",
+              "train.microbatches", "faulttol.monitor.warmup_steps", "train.loss_chunk_tokens",
               allow_zero=True)
     require_positive(exp, "parallel.pp_virtual_stages")
     m = exp.model
@@ -618,6 +624,7 @@ def validate(exp: Experiment) -> None:
         raise ConfigError(
             f"train.micro_batch_size: must divide train.global_batch_size ({exp.train.global_batch_size}), "
             f"got {exp.train.micro_batch_size}")
+    activation_modes.check(par)
     _validate_faulttol(exp)
     _validate_dp_sync(exp)
     _validate_pipeline(exp)

@@ -44,6 +44,61 @@ def measure_matmul_flops(dtype: torch.dtype = torch.float32, n: int = 1024, seco
     return 2.0 * n ** 3 * iters / (time.perf_counter() - start)
 
 
+class PeakMemory:
+    """This process's peak memory since the last :meth:`read_mib` (``mem_peak_mib`` in ``metrics.jsonl``).
+
+    - CUDA: the caching allocator's peak of allocated bytes on the device (``torch.cuda.max_memory_allocated``),
+      reset after each read (``reset_peak_memory_stats``): tensors only, not the allocator's reserved slack.
+    - CPU (Linux): the peak resident set size of the process (``VmHWM`` in ``/proc/self/status``: everything the
+      process holds in RAM, the Python interpreter and torch's libraries included), reset to the current RSS after
+      each read by writing 5 to ``/proc/self/clear_refs``. Where that file cannot be written (not Linux, or a
+      kernel that refuses), the process's peak RSS since it started (``ru_maxrss``), which never goes down.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.resettable = True
+        self._reset()
+
+    def _reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        if self.resettable:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                self.resettable = False
+
+    def read_mib(self) -> float:
+        """The peak since the last read (or construction), in MiB; starts the next interval."""
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            peak = _peak_rss() if self.resettable else None
+            if peak is None:
+                import resource
+                import sys
+
+                self.resettable = False
+                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        self._reset()
+        return peak / 2 ** 20
+
+
+def _peak_rss() -> int | None:
+    """``VmHWM`` of this process in bytes (None without ``/proc``)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 class MetricsSink:
     """JSON lines to ``<output_dir>/metrics.jsonl`` (one flushed line per record) and wandb when enabled."""
 

@@ -48,18 +48,20 @@ class PipelineSteps:
     """Pipeline stages: the schedule splits the rank batch into its microbatches and runs them."""
 
     def __init__(self, make_schedule, engine, *, first: bool, last: bool, pp_group, loss_parallel: bool, device,
-                 prepare=None):
+                 prepare=None, loss_sum=token_loss_sum):
         """``prepare(batch)``: this rank's part of the (host) batch, e.g. its zigzag share of the tokens under context
-        parallelism (every stage of a cp rank takes the same share; only hidden states cross stages)."""
+        parallelism (every stage of a cp rank takes the same share; only hidden states cross stages); ``loss_sum``:
+        the loss over the last stage's output (``trainer/loss.py::build_loss_sum``)."""
+        self.loss_sum = loss_sum
         self.schedule = make_schedule(self._loss)
         self.engine, self.first, self.last, self.pp_group = engine, first, last, pp_group
         self.loss_parallel, self.device = loss_parallel, device
         self.prepare = prepare or (lambda batch: batch)
         self._scale, self._sums = 1.0, []
 
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The schedule's loss_fn, called on the last stage once per microbatch."""
-        loss = token_loss_sum(logits, labels)
+        loss = self.loss_sum(output, labels)
         self._sums.append(local_value(loss).detach())
         return loss * self._scale
 

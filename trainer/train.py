@@ -35,8 +35,8 @@ from loomtrain.trainer.checkpoint import STEP_DIR, checkpointer_for, latest_chec
 from loomtrain.trainer.state import RNGState, SyncState, TrainState
 from loomtrain.trainer.checks import check_experiment, check_vocab, cp_attention, tokens_per_step
 from loomtrain.trainer.config import Experiment, pipeline_microbatches, pipeline_stage_layers
-from loomtrain.trainer.loss import label_tokens, token_loss_sum
-from loomtrain.trainer.metrics import MetricsSink, detect_peak_flops
+from loomtrain.trainer.loss import build_loss_sum, label_tokens, token_loss_sum
+from loomtrain.trainer.metrics import MetricsSink, PeakMemory, detect_peak_flops
 from loomtrain.trainer.hf_import import import_weights
 from loomtrain.trainer.models import model_family
 from loomtrain.trainer.optim import build_optimizer, build_scheduler
@@ -173,7 +173,8 @@ class Trainer:
             parallelize_model(part, self.dims, self.mesh, loss_parallel=self.loss_parallel,
                               activation_checkpoint=par.activation_checkpoint, compile=par.compile,
                               param_dtype=self.dtype, cp_impl=self.cp_impl, fsdp=engine_kind.applies_fsdp,
-                              keep_gathered=self.dims.pp > 1 or uneven)
+                              keep_gathered=self.dims.pp > 1 or uneven, ac_every=par.ac_every,
+                              ac_save_ops=par.ac_save_ops)
         for part in parts:
             part.to_empty(device=env.device)
             part.init_weights(tcfg.seed)
@@ -184,6 +185,9 @@ class Trainer:
             if env.is_main:
                 print(f"init_from: {self.imported['tensors']} tensors ({self.imported['bytes_read'] / 2**20:.1f} MiB "
                       f"on rank 0) from {exp.model.init_from} in {self.imported['seconds']:.2f}s", flush=True)
+        # The loss over the model's output: its logits, or its hidden states through its head chunk by chunk.
+        self.loss_sum = build_loss_sum(tcfg.loss_chunk_tokens, parts[-1] if self.dims.pp == 1
+                                       or n_stages - 1 in self.stage_ids else None)
         model = parts[0] if len(parts) == 1 else torch.nn.ModuleList(parts)
 
         # The engine takes the model, optimizer and schedule (DeepSpeed hands back its own wrappers of them).
@@ -214,7 +218,7 @@ class Trainer:
             self.steps = PipelineSteps(make, self.engine, first=0 in self.stage_ids,
                                        last=n_stages - 1 in self.stage_ids, pp_group=self.mesh["pp"].get_group(),
                                        loss_parallel=self.loss_parallel, device=env.device,
-                                       prepare=lambda batch: self.sp.prepare(None, batch))
+                                       prepare=lambda batch: self.sp.prepare(None, batch), loss_sum=self.loss_sum)
         else:
             self.steps = MicroBatchSteps(self.engine, self._forward_loss_sum, self.loss_parallel, env.device)
         self.step = 0
@@ -297,8 +301,8 @@ class Trainer:
         """This rank's summed token loss over one (host) micro-batch."""
         batch = self.sp.prepare(self.model, batch)  # this rank's part of the tokens, and its attention
         batch = {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
-        logits = self.model(batch["input_ids"], batch["position_ids"], batch.get("doc_ids"))
-        return token_loss_sum(logits, batch["labels"])
+        output = self.model(batch["input_ids"], batch["position_ids"], batch.get("doc_ids"))
+        return self.loss_sum(output, batch["labels"])
 
     @traffic.counted_as("other")
     def _global_tokens(self, batches: list[dict]) -> torch.Tensor:
@@ -374,6 +378,7 @@ class Trainer:
 
                 bar = tqdm(total=tcfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         finished, self._fit_start, self._fit_first_step = False, time.perf_counter(), self.step
+        self.peak_memory = PeakMemory(env.device)  # each logged step's record: the peak since the previous one
         heartbeat.phase("step")
         try:
             while self.step < tcfg.steps:
@@ -451,7 +456,7 @@ class Trainer:
         record |= {f"tokens/{name}": n for name, n in self.batches.source_tokens().items()}  # a blend's sources
         if self.ft.snapshots is not None:
             record["snapshot_failures"] = self.ft.snapshot_failures
-        return record | self._bytes_sent() | self.health.record()
+        return record | self._bytes_sent() | self._memory_peak() | self.health.record()
 
     def _report(self, record: dict | None, sink, bar, loss: float) -> None:
         """The record to the metrics sinks, and to the progress bar or a log line."""
@@ -506,6 +511,11 @@ class Trainer:
         total, busiest = every.sum(0), every.max(0).values
         return {f"bytes_{p}": int(total[i]) for i, p in enumerate(traffic.PURPOSES)} | \
             {f"bytes_max_rank_{p}": int(busiest[i]) for i, p in enumerate(traffic.PURPOSES)}
+
+    @traffic.counted_as("other")
+    def _memory_peak(self) -> dict:
+        """The busiest rank's peak memory since the last logged step (``trainer/metrics.py::PeakMemory``)."""
+        return {"mem_peak_mib": round(float(self._gather_rows([self.peak_memory.read_mib()])[:, 0].max()), 1)}
 
     def _announce(self) -> None:
         a = self.args

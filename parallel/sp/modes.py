@@ -285,7 +285,7 @@ def adaptive_cost(exp, model_args, device, pool, members_per_node: int, groups: 
                           degrees=degrees or range(1, pool.size + 1), capacity=exp.data.seq_len, groups=groups,
                           dtype=getattr(torch, exp.model.dtype), backend=copy.backend,
                           build_model=copy.build, loss_sum=copy.loss_sum,
-                          activation_checkpoint=par.activation_checkpoint == "full", shard_model=shard_model,
+                          activation_checkpoint="full" in par.activation_checkpoint.split("+"), shard_model=shard_model,
                           loss_parallel=loss_parallel, **links)
 
 

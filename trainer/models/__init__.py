@@ -28,7 +28,12 @@ class ModelFamily(Protocol):
       ``pipeline_stage(layer_names, first, last)`` (a pruned copy for a pipeline stage, FQNs unchanged),
       ``init_weights(seed)`` (deterministic, on any sharding), the attributes ``context_parallel`` (the
       attention callable of ``parallel/cp`` that its attention layers call when set) and
-      ``attention_backend``; ``forward(tokens, position_ids=None, doc_ids=None) -> logits``.
+      ``attention_backend``; ``forward(tokens, position_ids=None, doc_ids=None) -> logits``. For the chunked loss
+      (``train.loss_chunk_tokens``, ``trainer/loss.py``): ``head(hidden) -> logits`` (what forward applies last:
+      the final norm and the output projection; under tensor parallelism it takes this rank's sequence shard and
+      gathers a chunk's shards in rank order, as ``tp_plan`` lays them out) and the attribute ``hidden_output``
+      (False; the trainer sets it True on the model or pipeline stage holding the head, whose forward then
+      returns the hidden states before ``head``).
     - ``hf_adapter``: the module that converts to and from Hugging Face (names, RoPE layout, config.json),
       or None; with it ``hf_model_type`` (config.json's model_type: what ``model.init_from`` reads and export
       writes).

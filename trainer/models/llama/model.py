@@ -248,6 +248,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.attention_backend = "cpu_flash"  # the run's (``block_kernels.run_backend``), set by the trainer
         self.context_parallel = None  # a ContextParallelAttention, set by parallel.parallelize.apply_cp
+        self.hidden_output = False  # True: forward stops before ``head`` (trainer/loss.py's chunked loss applies it)
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
@@ -343,7 +344,7 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids -> logits. A pipeline stage without embeddings takes hidden states instead, and one
-        without the output returns hidden states."""
+        without the output (or with ``hidden_output``) returns hidden states."""
         bsz, seqlen = tokens.shape[:2]
         if position_ids is None:
             position_ids = torch.arange(seqlen, device=tokens.device).expand(bsz, seqlen)
@@ -365,6 +366,10 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         for block in self.layers.values():
             h = block(h, ctx)
-        if self.output is None:
+        if self.output is None or self.hidden_output:
             return h
+        return self.head(h)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states -> logits: the final norm and the output projection (the chunked loss calls it per chunk)."""
         return self.output(self.norm(h))
