@@ -23,7 +23,7 @@ setup(
     install_requires=["torch>=2.7", "numpy", "pyyaml", "tqdm", "filelock"],
     extras_require={
         "dev": ["pytest", "pytest-timeout", "deepspeed", "megatron-core", "wandb", "scipy", "tokenizers", "hypothesis",
-                "transformers", "safetensors", "pyarrow", "pyeclib"],
+                "transformers", "safetensors", "pyarrow", "pyeclib", "matplotlib"],
         "data": ["pyarrow", "tokenizers", "safetensors"],  # Parquet corpora, tokenizer.json, model.init_from
         # No "gpu" extra: flash-attn is a source package whose build imports torch (it needs
         # --no-build-isolation, which an extra cannot pass). docs/gpu.md says how to install it; torch's own

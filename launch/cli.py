@@ -1,4 +1,4 @@
-"""``loomtrain`` command line: train, plan, slurm, data prepare.
+"""``loomtrain`` command line: train, plan, slurm, export, eval, data prepare.
 
 Every user error (config, degrees, paths) is reported as one line ``error: <field>: <what is
 valid>`` with exit code 2, before any process group or worker starts.
@@ -77,6 +77,33 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--hf", required=True, metavar="OUT_DIR", help="where to write config.json, model.safetensors "
                                                                    "and the tokenizer")
     e.add_argument("--config", default=None, help="the run's config (default: <run>/config.yaml two levels up)")
+
+    v = sub.add_parser("eval", help="long-context evaluation of a checkpoint or a Hugging Face directory: loss by "
+                                    "position, passkey retrieval (docs/evaluation.md)")
+    v.add_argument("source", nargs="?", default=None, metavar="SOURCE",
+                   help="a checkpoint directory (e.g. runs/tiny/checkpoints/step_00000100) or a Hugging Face model "
+                        "directory (config.json, safetensors, tokenizer.json)")
+    v.add_argument("--config", default=None, help="the run's config (default for a checkpoint: <run>/config.yaml two "
+                                                  "levels up; for a Hugging Face directory: optional)")
+    v.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable)")
+    text = v.add_mutually_exclusive_group()
+    text.add_argument("--text", default=None, metavar="FILE", help="evaluate on this text file (one document)")
+    text.add_argument("--corpus", default=None, metavar="CORPUS", help="on the documents of this corpus, in order "
+                                                                       "(as data.corpus; default: the run's data.corpus)")
+    v.add_argument("--seq-len", type=int, default=None, metavar="N",
+                   help="tokens evaluated (default: the model's max_seq_len, or all the text has if fewer)")
+    v.add_argument("--bucket", type=int, default=0, metavar="B", help="first position bucket [0, B); then doubling "
+                                                                      "(default: 1024, less for short sequences)")
+    v.add_argument("--passkey-lengths", type=int, nargs="+", default=[], metavar="L",
+                   help="passkey retrieval at these prompt lengths in tokens (default: none)")
+    v.add_argument("--passkey-depths", type=float, nargs="+", default=None, metavar="D",
+                   help="where the key sits in the filler, 0 (start) to 1 (end) (default: 0 0.25 0.5 0.75 1)")
+    v.add_argument("--passkey-trials", type=int, default=5, help="keys per length and depth (default 5)")
+    v.add_argument("--seed", type=int, default=0, help="draws the passkeys (default 0)")
+    v.add_argument("--cp", type=int, default=1, help="context-parallel ranks splitting each sequence (default 1)")
+    v.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (default 1)")
+    v.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
     d = sub.add_parser("data", help="data tools")
     dsub = d.add_subparsers(dest="data_command", required=True)
@@ -246,7 +273,22 @@ def cmd_export(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "plan": cmd_plan, "slurm": cmd_slurm, "export": cmd_export, "data": cmd_data}
+def cmd_eval(args) -> int:
+    from loomtrain.launch.env import read_env
+    from loomtrain.launch.eval import run
+    from loomtrain.trainer.evaluate import DEFAULT_DEPTHS, EvalRequest, format_report
+
+    req = EvalRequest(args.source, args.config, args.overrides, args.text, args.corpus, args.seq_len, args.bucket,
+                      args.passkey_lengths, list(DEFAULT_DEPTHS if args.passkey_depths is None else args.passkey_depths),
+                      args.passkey_trials, args.seed, args.cp, args.tp)
+    result = run(req)
+    if read_env()[0] == 0:
+        print(json.dumps(result) if args.json else format_report(result), flush=True)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "plan": cmd_plan, "slurm": cmd_slurm, "export": cmd_export, "eval": cmd_eval,
+            "data": cmd_data}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -311,7 +311,7 @@ def check_loomtrain_command(ws: list[str], where: str, errors: list[str]) -> Non
                     if alt not in action.choices:
                         errors.append(f"{where}: loomtrain {' '.join(key)} {name} {alt}: not one of "
                                       f"{', '.join(map(str, action.choices))}")
-        elif not w.startswith("-") and config is None and key != ("export",):
+        elif not w.startswith("-") and config is None and key not in (("export",), ("eval",)):  # CHECKPOINT, SOURCE
             config = w
             for alt in w.split("|"):
                 if not is_placeholder(alt) and alt not in ALLOWED_CONFIGS:

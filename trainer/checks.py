@@ -30,6 +30,13 @@ def check_experiment(exp: Experiment, world_size: int, local_world_size: int | N
     exp.model.dtype = resolve_dtype(exp.model.dtype, device_type)  # auto: bf16 on CUDA, fp32 elsewhere
     if device_type == device_type_for(par.device):  # running here (not planning for another machine)
         _check_attention(exp, device_type)
+        if exp.train.eval_by_position:
+            from loomtrain.trainer.position_loss import require_matplotlib
+
+            require_matplotlib("train.eval_by_position")
+    if exp.train.eval_by_position and par.pp > 1:
+        raise ConfigError("train.eval_by_position: not with parallel.pp > 1 (per-token losses are taken from the "
+                          "model's logits; a pipeline's last stage alone has them); use pp=1 or leave it off")
     if par.compile and par.tp > 1 and device_type == "cpu":  # measured by tests/test_parallel_parity.py before
         raise ConfigError("parallel.compile: not with parallel.tp > 1 on CPU: compiled tensor-parallel blocks gave "
                           "gradient norms 0.7% off eager (and crashed with activation checkpointing) on torch "

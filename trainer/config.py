@@ -217,6 +217,9 @@ class TrainConfig:
     log_every: int = 1
     eval_every: int = 50  # 0 = never
     eval_batches: int = 4
+    eval_by_position: bool = False  # each evaluation also gives the loss by position bucket (metrics.jsonl's
+    #   loss_by_position) and redraws <output_dir>/loss_by_position.png (needs matplotlib; docs/evaluation.md)
+    eval_bucket: int = 0  # eval_by_position's first bucket [0, B), then doubling; 0 = 1024, less for short seq_len
     output_dir: str = "runs/tiny"
     threads: int = 0  # torch intra-op threads per rank; 0 = cores / local ranks
     progress: bool = True  # progress bar on rank 0 (a terminal); log lines otherwise
@@ -561,7 +564,7 @@ def validate(exp: Experiment) -> None:
               "faulttol.monitor.step_factor",
               "faulttol.monitor.min_s", "faulttol.monitor.phase_timeout_s")
     require_positive(exp, "model.ffn_hidden", "model.vocab_size", "model.max_seq_len", "train.micro_batch_size",
-              "train.eval_every", "train.eval_batches", "train.threads", "parallel.cp_latency_us", "optim.warmup_steps",
+              "train.eval_every", "train.eval_batches", "train.eval_bucket", "train.threads", "parallel.cp_latency_us", "optim.warmup_steps",
               "optim.weight_decay", "optim.grad_clip", "optim.eps", "checkpoint.every_steps",
               "checkpoint.keep", "data.max_documents", "data.workers", "data.vocab_size", "data.max_doc_tokens", "train.global_batch_tokens",
               "parallel.sp_alpha1", "parallel.sp_alpha2", "parallel.sp_inter_node_gbps", "parallel.cp_inner_link_gbps", "logging.peak_tflops",
@@ -582,6 +585,8 @@ def validate(exp: Experiment) -> None:
     if m.max_seq_len and m.max_seq_len < exp.data.seq_len:
         raise ConfigError(f"model.max_seq_len: must be >= data.seq_len ({exp.data.seq_len}), got {m.max_seq_len}")
     _validate_sources(exp.data)
+    if exp.train.eval_by_position and not exp.train.eval_every:
+        raise ConfigError("train.eval_by_position: needs train.eval_every > 0 (it runs with each evaluation)")
     if not 0.0 <= exp.data.valid_fraction < 1.0:
         raise ConfigError(f"data.valid_fraction: must be in [0, 1), got {exp.data.valid_fraction}")
     if not 0.0 <= exp.optim.min_lr_ratio <= 1.0:

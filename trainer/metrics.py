@@ -125,7 +125,9 @@ class MetricsSink:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+            # scalars only: lists (loss_by_position) stay in metrics.jsonl
+            self.wandb.log({k: v for k, v in record.items() if k != "step" and not isinstance(v, (list, dict))},
+                           step=record["step"])
 
     def close(self) -> None:
         if self.file is not None:

@@ -37,6 +37,8 @@ from loomtrain.trainer.checks import check_experiment, check_vocab, cp_attention
 from loomtrain.trainer.config import Experiment, pipeline_microbatches, pipeline_stage_layers
 from loomtrain.trainer.loss import build_loss_sum, label_tokens, token_loss_sum
 from loomtrain.trainer.metrics import MetricsSink, PeakMemory, detect_peak_flops
+from loomtrain.trainer.position_loss import PLOT_NAME as POSITION_PLOT
+from loomtrain.trainer.position_loss import bucket_losses, mean_loss, plot_metrics, position_buckets, position_sums
 from loomtrain.trainer.hf_import import import_weights
 from loomtrain.trainer.models import model_family
 from loomtrain.trainer.optim import build_optimizer, build_scheduler
@@ -107,6 +109,22 @@ def set_threads(exp: Experiment, env) -> None:
         torch.set_num_threads(threads)
 
 
+def lay_out_model(parts, exp: Experiment, dims, mesh, device, *, cp_impl, loss_parallel: bool,
+                  fsdp: bool = True, keep_gathered: bool = False) -> None:
+    """Lay the parts of a model built on the meta device over the mesh (``parallelize_model``: TP, CP, AC, compile,
+    FSDP in that order), then allocate them on ``device`` and initialize them from ``train.seed``. The trainer's
+    one way to place its model, which ``loomtrain eval`` (``trainer/evaluate.py``) reuses before loading weights.
+    ``cp_impl``: ``checks.cp_attention``'s answer (None without context parallelism)."""
+    par = exp.parallel
+    for part in parts:
+        parallelize_model(part, dims, mesh, loss_parallel=loss_parallel, activation_checkpoint=par.activation_checkpoint,
+                          compile=par.compile, param_dtype=DTYPES[exp.model.dtype], cp_impl=cp_impl, fsdp=fsdp,
+                          keep_gathered=keep_gathered, ac_every=par.ac_every, ac_save_ops=par.ac_save_ops)
+    for part in parts:
+        part.to_empty(device=device)
+        part.init_weights(exp.train.seed)
+
+
 class Trainer:
     def __init__(self, exp: Experiment, env, resume: str | None = None, placement=None):
         """``env``: this rank's ``launch.env.DistEnv``; ``placement``: ``launch.placement.place_ranks``'s answer
@@ -169,15 +187,9 @@ class Trainer:
             self.stage_ids, parts = build_stages(model, counts, self.mesh["pp"].get_local_rank(), par.pp,
                                                  par.pp_virtual_stages)
             del model
-        for part in parts:
-            parallelize_model(part, self.dims, self.mesh, loss_parallel=self.loss_parallel,
-                              activation_checkpoint=par.activation_checkpoint, compile=par.compile,
-                              param_dtype=self.dtype, cp_impl=self.cp_impl, fsdp=engine_kind.applies_fsdp,
-                              keep_gathered=self.dims.pp > 1 or uneven, ac_every=par.ac_every,
-                              ac_save_ops=par.ac_save_ops)
-        for part in parts:
-            part.to_empty(device=env.device)
-            part.init_weights(tcfg.seed)
+        lay_out_model(parts, exp, self.dims, self.mesh, env.device, cp_impl=self.cp_impl,
+                      loss_parallel=self.loss_parallel, fsdp=engine_kind.applies_fsdp,
+                      keep_gathered=self.dims.pp > 1 or uneven)
         # A pretrained model: each rank reads only the regions of the files it holds (not when an explicit
         # --resume PATH, e.g. the previous stage of a context extension, replaces the weights anyway).
         if exp.model.init_from and resume in (None, "latest", "auto"):
@@ -297,11 +309,17 @@ class Trainer:
                   f"training again from step 0")
 
     # ------------------------------------------------------------------ steps
-    def _forward_loss_sum(self, batch: dict) -> torch.Tensor:
-        """This rank's summed token loss over one (host) micro-batch."""
+    def _forward_logits(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """(the model's output: logits, or hidden states under the chunked loss; this rank's part of the batch on the
+        device) for one (host) micro-batch."""
         batch = self.sp.prepare(self.model, batch)  # this rank's part of the tokens, and its attention
         batch = {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
-        output = self.model(batch["input_ids"], batch["position_ids"], batch.get("doc_ids"))
+        return self.model(batch["input_ids"], batch["position_ids"], batch.get("doc_ids")), batch
+
+    def _forward_loss_sum(self, batch: dict) -> torch.Tensor:
+        """This rank's summed token loss over one (host) micro-batch (chunked when train.loss_chunk_tokens > 0: the
+        model then returns hidden states and the loss applies its head chunk by chunk)."""
+        output, batch = self._forward_logits(batch)
         return self.loss_sum(output, batch["labels"])
 
     @traffic.counted_as("other")
@@ -346,20 +364,52 @@ class Trainer:
         return loss, grad_norm
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """``val_loss`` (a blend: also ``val_loss/<source>``, each over its own validation split)."""
+    def evaluate(self) -> dict:
+        """``val_loss`` (a blend: also ``val_loss/<source>``, each over its own validation split); with
+        ``train.eval_by_position`` also ``loss_by_position``, pooled over every split's tokens
+        (``trainer/position_loss.py``), from the same forwards."""
         self.model.eval()
-        return self.prepared.val_record({name: self._validation_loss(data) for name, data in self.valid_data.items()})
+        positions = torch.zeros(2, self.exp.data.seq_len, dtype=torch.float64, device=self.env.device) \
+            if self.exp.train.eval_by_position else None
+        record = self.prepared.val_record({name: self._validation_loss(data, positions)
+                                           for name, data in self.valid_data.items()})
+        if positions is not None:
+            record["loss_by_position"] = bucket_losses(positions, position_buckets(self.exp.data.seq_len,
+                                                                                   self.exp.train.eval_bucket))
+        return record
 
-    def _validation_loss(self, data) -> float:
+    def _validation_loss(self, data, positions: torch.Tensor | None = None) -> float:
+        """The per-token mean over ``data``'s validation batches (every rank's); ``positions``: also add each token's
+        loss and count at its position (within its document) into it, summed over the ranks."""
         tcfg = self.exp.train
         micro = tcfg.micro_batch_size or self.batches.micro_batch or 1
         batches = eval_batches(data, tcfg.eval_batches, micro, self.dp_rank, self.dims.dp)
+        if positions is not None:
+            return self._loss_by_position(batches, positions)
         tokens = self._global_tokens(batches)
         with self.sync.outer_model():  # workers with local updates: the model they share, not their own
             total = sum((self.steps.evaluate(b) for b in batches), torch.zeros((), device=self.env.device))
         with heartbeat.waiting():
             return self._global_mean(total, tokens).item()
+
+    @torch.no_grad()
+    def _loss_by_position(self, batches: list[dict], positions: torch.Tensor) -> float:
+        """:meth:`_validation_loss` keeping every token's loss (one forward per batch, as there): the sums of the
+        ranks holding disjoint tokens (dp x cp) add up; tp and pp peers hold the same ones (pp is refused)."""
+        sums = torch.zeros_like(positions)
+        with self.sync.outer_model():
+            for batch in batches:
+                with self.engine.precision():
+                    logits, batch = self._forward_logits(batch)
+                    if getattr(self.model, "hidden_output", False):  # chunked loss: the head, for every position
+                        logits = self.model.head(logits)
+                    sums += position_sums(logits, batch["labels"], batch["position_ids"], sums.shape[1])
+        if self.dims.dp * self.dims.cp > 1:
+            with traffic.counted_as("other"):
+                dist.all_reduce(sums, group=self.mesh["loss"].get_group())
+        positions += sums
+        with heartbeat.waiting():
+            return mean_loss(sums)
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> TrainResult:
@@ -396,6 +446,9 @@ class Trainer:
                     result.val_losses[self.step] = val["val_loss"]
                     record = (record or {"step": self.step}) | val
                 self._report(record, sink, bar, loss)
+                if record and "loss_by_position" in record and env.is_main:  # every evaluated step so far
+                    plot_metrics(os.path.join(tcfg.output_dir, "metrics.jsonl"),
+                                 os.path.join(tcfg.output_dir, POSITION_PLOT))
                 with heartbeat.in_phase("checkpoint"):  # an async save's commit and pruning
                     self.ckpt.poll()
                 self.ft.after_step(self.step, self.model, self.optimizer, self.state.host_state,
@@ -468,7 +521,8 @@ class Trainer:
             else:
                 self._say(f"step={self.step}/{self.exp.train.steps} " + " ".join(
                     f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
-                    if k not in ("step", "time") and not k.startswith("bytes_")) + f" eta={self._eta()}")
+                    if k not in ("step", "time", "loss_by_position") and not k.startswith("bytes_"))
+                    + f" eta={self._eta()}")
         if bar is not None:
             bar.update(1)
 
