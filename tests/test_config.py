@@ -30,23 +30,31 @@ def _leaves(values, path=""):
             yield f"{path}{key}", value
 
 
-def test_shipped_configs_load_by_name():
-    """Every shipped YAML loads by its bare name and every value it sets is the loaded experiment's."""
+def test_shipped_configs_load_by_name(tmp_path):
+    """Every shipped YAML loads by its bare name and every value it sets is the loaded experiment's (a recipe that
+    imports a model directory the user makes first is loaded with a stand-in directory)."""
     import loomtrain.configs
+    from test_hf_import import make_sparse_hf_model
 
     shipped = os.path.dirname(loomtrain.configs.__file__)
     names = sorted(f[:-5] for f in os.listdir(shipped) if f.endswith(".yaml"))
     assert names == sorted(["tiny", "cpu_tp2_dp2", "cpu_long_cp2", "llama8b_64k_cluster", "cpu_adaptive_sp",
-                            "llama8b_512k_adaptive_cluster"])
+                            "llama8b_512k_adaptive_cluster", "cpu_extend_yarn", "llama3_8b_extend_128k_cluster"])
+    stand_in = make_sparse_hf_model(tmp_path / "hf")  # a Llama-3-8B's config and headers
     for name in names:
-        exp = load_config(name)
         with open(os.path.join(shipped, f"{name}.yaml")) as f:
-            leaves = list(_leaves(yaml.safe_load(f)))
+            values = yaml.safe_load(f)
+        imports = "init_from" in values.get("model", {})
+        exp = load_config(name, [f"model.init_from={tmp_path / 'hf'}"] if imports else [])
+        leaves = [(k, v) for k, v in _leaves(values) if k != "model.init_from"]
         assert leaves, name
+        assert stand_in is not None
         for key, value in leaves:
             got = exp
             for part in key.split("."):
                 got = getattr(got, part)
+            if isinstance(value, list) and value and isinstance(value[0], dict):  # a list of entries (data.sources)
+                got = [{k: getattr(entry, k) for k in given} for entry, given in zip(got, value)]
             assert got == value, (name, key, got, value)
 
 

@@ -411,3 +411,27 @@ def test_a_sparse_llama31_8b_directory_sets_the_model_and_plans(tmp_path, capsys
     assert main(["plan", str(tmp_path / "x.yaml"), "--set", "data.seq_len=8192", "--set", "parallel.tp=8",
                  "--world-size", "64"]) == 0
     assert "model: 8.030B parameters (32 layers, dim 4096, 32/8 heads, ffn 14336, vocab 128256" in capsys.readouterr().out
+
+
+STAGES = {"8K": [], "32K": ["data.seq_len=32768", "parallel.cp=2", "train.global_batch_size=128"],
+          "128K": ["data.seq_len=131072", "parallel.cp=8", "train.global_batch_size=32"]}
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+@pytest.mark.parametrize("world", [64, 256])
+def test_the_cluster_recipe_plans_every_stage(stage, world, tmp_path, capsys):
+    """configs/llama3_8b_extend_128k_cluster.yaml with a Llama-3-8B-shaped directory: every stage of the extension
+    plans on 64 and 256 GPUs within 80 GiB per GPU (plan's estimate; BENCHMARKS.md says how far it is from
+    measured peaks)."""
+    import re
+
+    from loomtrain.launch.cli import main
+
+    config = dict(LLAMA31_8B, rope_scaling=None, max_position_embeddings=8192)  # Llama 3 (8K), not 3.1
+    make_sparse_hf_model(tmp_path / "l8b", config)
+    sets = [f"model.init_from={tmp_path / 'l8b'}"] + STAGES[stage]
+    argv = ["plan", "llama3_8b_extend_128k_cluster", "--world-size", str(world)]
+    assert main(argv + [a for s in sets for a in ("--set", s)]) == 0
+    out = capsys.readouterr().out
+    total = float(re.search(r"total \(with checkpointing\)\s+([\d.]+) GiB\s+of 80 GiB", out).group(1))
+    assert 0 < total < 80, out
