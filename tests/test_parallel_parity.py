@@ -258,18 +258,20 @@ def test_no_rank_materializes_the_whole_model(small_corpus, tmp_path):
 
 def _train_spying_logits(rank, overrides):
     """(losses, dtypes of the logits the loss saw on this rank)."""
+    from loomtrain.trainer import loss as loss_mod
     from loomtrain.trainer import step as step_mod
     from loomtrain.trainer import train as train_mod
     from loomtrain.launch import train as launch_train
     from loomtrain.trainer.config import load_config
 
-    seen, original = set(), step_mod.token_loss_sum
+    seen, original = set(), loss_mod.token_loss_sum
 
     def spy(logits, labels):
         seen.add(str(logits.dtype))
         return original(logits, labels)
 
-    step_mod.token_loss_sum = train_mod.token_loss_sum = spy
+    # the steps get the loss from loss.build_loss_sum (train.loss_chunk_tokens), which hands out this module's
+    step_mod.token_loss_sum = train_mod.token_loss_sum = loss_mod.token_loss_sum = spy
     result = launch_train.run(load_config("tiny", overrides))
     return result.losses, result.grad_norms, seen
 
