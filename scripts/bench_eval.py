@@ -43,23 +43,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
-    import torch
-    import transformers
+    from bench_import import save_random_llama  # scripts/ is on the path of a script run from it
 
     from loomtrain.data.corpus import corpus_files
     from loomtrain.launch.forked import run_ranks
-    from loomtrain.trainer.hf_export import byte_tokenizer_json
 
     work = tempfile.mkdtemp(prefix="bench_eval_")
     source = os.path.join(work, "hf")
-    cfg = transformers.LlamaConfig(hidden_size=args.dim, intermediate_size=args.dim * 8 // 3 // 64 * 64,
-                                   num_hidden_layers=args.layers, num_attention_heads=args.dim // 32,
-                                   num_key_value_heads=args.dim // 64, vocab_size=320,
-                                   max_position_embeddings=max(args.lengths), eos_token_id=256)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(source)
-    with open(os.path.join(source, "tokenizer.json"), "w") as f:
-        f.write(byte_tokenizer_json(256))
+    save_random_llama(source, args.dim, args.layers, heads=args.dim // 32, kv_heads=args.dim // 64, vocab=320,
+                      max_positions=max(args.lengths))
     text = os.path.join(work, "text.txt")
     with open(text, "w") as out:
         for path in corpus_files("stdlib", "*.py")[:200]:

@@ -113,6 +113,28 @@ def _rank(rank, config, overrides, mode):
     return out
 
 
+def save_random_llama(path: str, dim: int, layers: int, *, heads: int, kv_heads: int, vocab: int, max_positions: int,
+                      bf16: bool = False, shard_mb: int | None = None) -> int:
+    """A random Llama saved by transformers as a Hugging Face directory, with loomtrain's byte tokenizer (eos 256; so
+    ``vocab`` > 256); the parameter count. The benchmarks' stand-in for a downloaded model."""
+    import torch
+    import transformers
+
+    from loomtrain.trainer.hf_export import byte_tokenizer_json
+
+    cfg = transformers.LlamaConfig(hidden_size=dim, intermediate_size=dim * 8 // 3 // 64 * 64, num_hidden_layers=layers,
+                                   num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+                                   max_position_embeddings=max_positions, tie_word_embeddings=False, eos_token_id=256)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    if bf16:
+        model = model.to(torch.bfloat16)
+    model.save_pretrained(path, **({"max_shard_size": f"{shard_mb}MB"} if shard_mb else {}))
+    with open(os.path.join(path, "tokenizer.json"), "w") as f:
+        f.write(byte_tokenizer_json(256))
+    return sum(p.numel() for p in model.parameters())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dim", type=int, default=1024)
@@ -120,27 +142,14 @@ def main() -> None:
     ap.add_argument("--shard-mb", type=int, default=100)
     args = ap.parse_args()
 
-    import torch
-    import transformers
-
     from loomtrain.data.prepare import prepare
     from loomtrain.launch.forked import run_ranks
     from loomtrain.trainer.config import DataConfig
-    from loomtrain.trainer.hf_export import byte_tokenizer_json
 
     work = tempfile.mkdtemp(prefix="bench_import_")
     hf_dir = os.path.join(work, "hf")
-    cfg = transformers.LlamaConfig(hidden_size=args.dim, intermediate_size=args.dim * 8 // 3 // 64 * 64,
-                                   num_hidden_layers=args.layers, num_attention_heads=args.dim // 64,
-                                   num_key_value_heads=max(2, args.dim // 256), vocab_size=32000,
-                                   max_position_embeddings=4096, tie_word_embeddings=False, eos_token_id=256)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
-    params = sum(p.numel() for p in model.parameters())
-    model.save_pretrained(hf_dir, max_shard_size=f"{args.shard_mb}MB")
-    del model
-    with open(os.path.join(hf_dir, "tokenizer.json"), "w") as f:
-        f.write(byte_tokenizer_json(256))
+    params = save_random_llama(hf_dir, args.dim, args.layers, heads=args.dim // 64, kv_heads=max(2, args.dim // 256),
+                               vocab=32000, max_positions=4096, bf16=True, shard_mb=args.shard_mb)
     files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
     print(f"model: {params / 1e6:.0f}M parameters, {len(files)} bf16 safetensors files in {hf_dir}", flush=True)
     corpus = os.path.join(work, "corpus")
