@@ -187,8 +187,8 @@ class HealthMonitor:
         found = self.detector.observe(step, busy, data)
         if found is not None and self.is_main:
             say(f"health: WARNING: rank {found.rank} on host {found.host} is the slow one since step "
-                  f"{found.since_step}: its steps take {found.slowdown:.2f}x the others' outside collectives "
-                  f"({found.cause})")
+                f"{found.since_step}: its steps take {found.slowdown:.2f}x the others' outside collectives "
+                f"({found.cause})")
 
     def record(self) -> dict:
         """metrics.jsonl fields while a straggler is named."""

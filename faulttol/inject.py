@@ -102,7 +102,7 @@ class SnapshotKill:
         def hook(phase: str, step: int) -> None:
             if phase == cfg.phase and due(cfg, rank, step):
                 say(f"faulttol: injecting 'snapshot_kill' on rank {rank} inside the '{phase}' phase of the "
-                      f"snapshot of step {step}")
+                    f"snapshot of step {step}")
                 os.kill(os.getpid(), signal.SIGKILL)
 
         return hook
@@ -183,6 +183,6 @@ class Watchdog:
             if time.monotonic() - self._last > limit:
                 phase = "between steps" if self._started else "before its first step"
                 say(f"faulttol: watchdog: rank {self.rank} made no progress for {limit:g}s {phase}; "
-                      f"exiting so the launcher restarts the group. Stacks:")
+                    f"exiting so the launcher restarts the group. Stacks:")
                 faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
                 os._exit(EXIT_HANG)

@@ -268,7 +268,7 @@ class FaultTolerance:
         else:
             then = f"trying again at step {step + gap * self.every}"
         say(f"faulttol: WARNING: in-memory snapshots are off: hooking up the snapshot processes failed {at} "
-              f"(try {self.hookup_tries} of {HOOKUP_TRIES}): {why}; {then}")
+            f"(try {self.hookup_tries} of {HOOKUP_TRIES}): {why}; {then}")
 
     def _retry_hookup(self, step: int) -> None:
         """At a snapshot step while start-up's hookup has not succeeded: every rank decides alike whether a try is
@@ -285,7 +285,7 @@ class FaultTolerance:
             return
         if self.env.rank == 0:
             say(f"faulttol: in-memory snapshots are on from step {step}: every node's snapshot process answers "
-                  f"(after {self.hookup_tries} failed tr{'y' if self.hookup_tries == 1 else 'ies'})")
+                f"(after {self.hookup_tries} failed tr{'y' if self.hookup_tries == 1 else 'ies'})")
 
     def _agree_chain(self, info: dict | None) -> tuple[int, str]:
         """(attempt, run) for the SMPs, the same on every rank. A restart of this launch (some rank's SMP saw

@@ -356,8 +356,8 @@ class Snapshotter:
             self.late += 1  # the interval is shorter than a snapshot takes: say so instead of stretching it quietly
             if self.late in (1, 10, 100) or self.late % 1000 == 0:
                 say(f"faulttol: WARNING: rank {self.rank}: snapshot of step {step} waits for the previous one "
-                      f"({self.late} time(s) so far; one takes {self.last_seconds:.2f}s in the background): "
-                      f"raise faulttol.snapshot.every_steps")
+                    f"({self.late} time(s) so far; one takes {self.last_seconds:.2f}s in the background): "
+                    f"raise faulttol.snapshot.every_steps")
         self.wait()
         job, problem, moved = None, None, 0
         try:
@@ -449,7 +449,7 @@ class Snapshotter:
         self._groups_broken = False
         if self.rank == 0:
             say(f"faulttol: rebuilt the snapshot process groups after a failed collective ({self._group_failures} "
-                  f"failure(s) in a row; snapshots go off at {MAX_GROUP_FAILURES})")
+                f"failure(s) in a row; snapshots go off at {MAX_GROUP_FAILURES})")
         return True
 
     def _turn_off(self, why: str, problem: str | None) -> None:
@@ -462,7 +462,7 @@ class Snapshotter:
             pass
         if self.rank == 0 or problem is not None:
             say(f"faulttol: WARNING: in-memory snapshots are off for the rest of this run (rank {self.rank}): "
-                  f"{why}" + (f" ({problem})" if problem else ""))
+                f"{why}" + (f" ({problem})" if problem else ""))
 
     def _copy_into(self, staging: torch.Tensor, tensors: list[torch.Tensor]) -> None:
         if self._copier is not None:

@@ -300,13 +300,13 @@ class Trainer:
             if self.env.is_main:
                 if loud:
                     say(f"faulttol: WARNING: memory snapshots could not serve ({why}); restored step {self.step} "
-                          f"from the disk checkpoint {path} in {self.restore_seconds:.2f}s")
+                        f"from the disk checkpoint {path} in {self.restore_seconds:.2f}s")
                 else:
                     print(f"resume: step {self.step} from the disk checkpoint {path} in {self.restore_seconds:.2f}s "
                           f"({why})", flush=True)
         elif ft.restarted and self.env.is_main:
             say(f"faulttol: WARNING: restarted with nothing to restore ({why}; no disk checkpoint): "
-                  f"training again from step 0")
+                f"training again from step 0")
 
     # ------------------------------------------------------------------ steps
     def _forward_logits(self, batch: dict) -> tuple[torch.Tensor, dict]:
