@@ -64,10 +64,10 @@ def whole_state_dict_load(model, init_from, hf_names):
     from safetensors.torch import load_file
     from torch.distributed.tensor import DTensor
 
-    from loomtrain.trainer.hf_import import local_region, read_hf_model
+    from loomtrain.trainer.hf_import import HFModel, local_region, read_hf_model
     from loomtrain.trainer.models.llama.model import canonical_name
 
-    hf = read_hf_model(init_from)
+    hf = init_from if isinstance(init_from, HFModel) else read_hf_model(init_from)
     state = {}
     for file in sorted(set(hf.files.values())):
         state |= {k: v.clone() for k, v in load_file(file).items()}

@@ -274,18 +274,18 @@ def _read_rows_as_pairs(view, offset: list[int], shape: list[int], head_dim: int
     return torch.narrow(paired, 0, first - lo, shape[0])
 
 
-def load_pretrained(model, init_from: str, hf_names) -> dict:
-    """Fill every parameter of ``model`` (the whole model or one pipeline stage, parallelized) from the directory,
-    each rank reading only the regions it holds. ``hf_names(fqn) -> (file tensor name, q/k head_dim or 0)`` maps
-    loomtrain's names (the family's adapter). Returns {tensors, bytes_read, largest_read} (what the tests and
-    ``scripts/bench_import.py`` measure)."""
+def load_pretrained(model, init_from: "str | HFModel", hf_names) -> dict:
+    """Fill every parameter of ``model`` (the whole model or one pipeline stage, parallelized) from the directory
+    (its path, or :func:`read_hf_model`'s answer for it), each rank reading only the regions it holds.
+    ``hf_names(fqn) -> (file tensor name, q/k head_dim or 0)`` maps loomtrain's names (the family's adapter).
+    Returns {tensors, bytes_read, largest_read} (what the tests and ``scripts/bench_import.py`` measure)."""
     import torch
     from safetensors import safe_open
     from torch.distributed.tensor import DTensor
 
     from loomtrain.trainer.models.llama.model import canonical_name
 
-    hf = read_hf_model(init_from)
+    hf = init_from if isinstance(init_from, HFModel) else read_hf_model(init_from)
     handles: dict = {}
     stats = {"tensors": 0, "bytes_read": 0, "largest_read": 0}
     try:
@@ -324,8 +324,9 @@ def import_weights(parts, init_from: str, family, args) -> dict:
     if adapter is None or not hasattr(adapter, "hf_name"):
         raise ConfigError(f"{FIELD}: model family {type(family).__name__} has no Hugging Face adapter to import with")
     start = time.perf_counter()
+    hf = read_hf_model(init_from)  # the headers once, for every part this rank holds
     total = {"tensors": 0, "bytes_read": 0, "largest_read": 0}
     for part in parts:
-        stats = load_pretrained(part, init_from, lambda name: adapter.hf_name(name, args))
+        stats = load_pretrained(part, hf, lambda name: adapter.hf_name(name, args))
         total = {k: max(total[k], v) if k == "largest_read" else total[k] + v for k, v in stats.items()}
     return total | {"seconds": time.perf_counter() - start}

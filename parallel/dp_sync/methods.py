@@ -94,10 +94,9 @@ class OuterSync:
         if self.group is None or dist.get_world_size(self.group) < 2:
             return
         flat = [a.detach().double() for ps in self.anchor for a in ps]
-        mine = torch.tensor([v for a in flat for v in (float(a.sum()), float((a * a).sum()))] or [0.0],
-                            dtype=torch.float64)
-        device = self.anchor[0][0].device if self.anchor and self.anchor[0] else mine.device
-        mine = mine.to(device)
+        # on the parameters' device: one vector, no host round trip per parameter
+        mine = torch.stack([s for a in flat for s in (a.sum(), (a * a).sum())]) if flat else \
+            torch.zeros(1, dtype=torch.float64)
         every = [torch.empty_like(mine) for _ in range(dist.get_world_size(self.group))]
         dist.all_gather(every, mine, group=self.group)
         differ = [i for i, other in enumerate(every) if not torch.equal(other, mine)]
