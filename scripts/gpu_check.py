@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """The device check (issue 23): loomtrain's CUDA paths checked and measured by one command.
 
-    python scripts/gpu_check.py --out DIR                         # one GPU: within 8 minutes on an H200
+    python scripts/gpu_check.py --out DIR                         # one GPU: 7 minutes on an H200
     python scripts/gpu_check.py --out DIR --device cpu --tiny     # every section's code path on CPU (smoke)
     python scripts/gpu_check.py --out DIR --only kernels,cp       # some sections again
 
 Sections, each in a process of its own with a time cap (one that fails, crashes or hangs does not stop
-the others; a CUDA error poisons only its own process). Together they get ``--budget`` seconds (450): a
+the others; a CUDA error poisons only its own process). Together they get ``--budget`` seconds (460): a
 section that cannot start with its minimum left is skipped and says so; one killed at its cap fails.
 
 1. ``environment``  torch, CUDA and cuDNN versions, the device, the attention backends that run here,
@@ -29,6 +29,11 @@ section that cannot start with its minimum left is skipped and says so; one kill
 6. ``tflops``       attention TFLOP/s, forward + backward, causal, bf16, 32/8 heads, head_dim 128 at 8K and
    32K: loomtrain's block kernels against torch SDPA forced to cuDNN and to flash; ``DocumentAttention``
    with 8 and 64 documents per row against one variable-length call.
+
+7. ``modes``        the same model through the trainer, one knob at a time, on windows of two long documents
+   (dense causal attention): eager vs ``parallel.compile`` vs compile + ``train.loss_chunk_tokens`` at 2 x 8K;
+   ``activation_checkpoint`` none / full / selective / offload / full + chunked loss at 32K; full + chunked
+   loss + compile at 128K. Tokens/s, MFU, peak memory, each against the first run of its length.
 
 Writes ``DIR/gpu_check.json`` and ``DIR/gpu_check.md`` (a table per section), rewritten after every
 section; exits 1 if any check failed. Needs only torch, numpy, pyyaml and loomtrain.
@@ -737,34 +742,45 @@ def train_shape(tiny: bool) -> dict:
                 documents=200)
 
 
-def section_train(run: Run, rep: Report) -> None:
+def stdlib_corpus() -> list[str]:
+    """The interpreter's standard library as the corpus, or this repository's own files where it has none."""
     from loomtrain.data.corpus import corpus_files
 
-    shp = train_shape(run.tiny)
-    peak = measure_matmul_peak(run)
-    rep.info["matmul_peak"] = peak
-    rep.note(f"bf16 matmul {peak['n']}^3: median {peak['median'] / 1e12:.4g} TFLOP/s, best {peak['best'] / 1e12:.4g}")
-    rep.row(item="measured bf16 matmul peak (median / best)",
-            value=f"{peak['median'] / 1e12:.4g} / {peak['best'] / 1e12:.4g} TFLOP/s")
-    corpus = ["data.corpus=stdlib"]
     try:
         if not corpus_files("stdlib", "*.py"):
             raise FileNotFoundError("no standard library sources")
+        return ["data.corpus=stdlib"]
     except Exception:  # noqa: BLE001 - an interpreter without its sources: this repository's own files
-        corpus = [f"data.corpus={ROOT}", "data.file_glob='*.py,*.md'"]
-    work = os.path.join(run.out, "train")
+        return [f"data.corpus={ROOT}", "data.file_glob='*.py,*.md'"]
+
+
+def trainer_overrides(run: Run, shp: dict, work: str, peak: dict, corpus: list[str]) -> list[str]:
+    """``--set`` values for a bf16 trainer run of the shape ``shp`` writing under ``work``."""
     overrides = [
         f"model.dim={shp['dim']}", f"model.n_layers={shp['n_layers']}", f"model.n_heads={shp['n_heads']}",
-        f"model.n_kv_heads={shp['n_kv_heads']}", f"model.vocab_size={shp['vocab_size']}", "model.dtype=bfloat16",
-        *corpus, "data.tokenizer=byte", f"data.seq_len={shp['seq_len']}",
+        f"model.n_kv_heads={shp['n_kv_heads']}", f"model.vocab_size={shp['vocab_size']}", *corpus,
+        "model.dtype=bfloat16", "data.tokenizer=byte", f"data.seq_len={shp['seq_len']}",
         f"data.max_documents={shp['documents']}", "data.valid_fraction=0", f"data.cache_dir={work}/cache",
         "data.workers=1", f"train.steps={shp['steps']}", f"train.global_batch_size={shp['batch']}",
         "train.log_every=1", "train.eval_every=0", "train.progress=false", f"train.output_dir={work}/run",
         "optim.warmup_steps=2", "optim.lr=3e-4", "checkpoint.at_end=false", "faulttol.hang_timeout_s=0",
         f"parallel.device={run.device.type}",
     ]
-    if not run.cuda:  # the trainer's own CPU probe times 1024^3 bf16 products for seconds: use the one above
+    if not run.cuda:  # the trainer's own CPU probe times 1024^3 bf16 products for seconds: use the measured one
         overrides.append(f"logging.peak_tflops={peak['median'] / 1e12:.6g}")
+    return overrides
+
+
+def section_train(run: Run, rep: Report) -> None:
+    shp = train_shape(run.tiny)
+    peak = measure_matmul_peak(run)
+    rep.info["matmul_peak"] = peak
+    rep.note(f"bf16 matmul {peak['n']}^3: median {peak['median'] / 1e12:.4g} TFLOP/s, best {peak['best'] / 1e12:.4g}")
+    rep.row(item="measured bf16 matmul peak (median / best)",
+            value=f"{peak['median'] / 1e12:.4g} / {peak['best'] / 1e12:.4g} TFLOP/s")
+    work = os.path.join(run.out, "train")
+    corpus = stdlib_corpus()
+    overrides = trainer_overrides(run, shp, work, peak, corpus)
     rep.info["overrides"] = overrides
     rep.note(f"the trainer: dim {shp['dim']}, {shp['n_layers']} layers, {shp['n_heads']}/{shp['n_kv_heads']} heads, "
              f"vocab {shp['vocab_size']}, {shp['batch']} x {shp['seq_len']} tokens per step, bf16, {shp['steps']} "
@@ -793,7 +809,12 @@ def section_train(run: Run, rep: Report) -> None:
     steady = [r for r in records if r["step"] > min(3, len(records) - 1)] or records
     tps = statistics.median(r["tokens_per_s"] for r in steady)
     fpt = got["flops_per_token"]
-    memory = torch.cuda.max_memory_allocated(run.device) if run.cuda else None
+    logged_peaks = [r["mem_peak_mib"] for r in records if r.get("mem_peak_mib") is not None]
+    if logged_peaks:  # the trainer resets the allocator's peak at every logged step: the largest of its readings
+        memory, memory_how = max(logged_peaks) * 2 ** 20, "the trainer's mem_peak_mib, largest step"
+    else:
+        memory = torch.cuda.max_memory_allocated(run.device) if run.cuda else None
+        memory_how = "max_memory_allocated"
     mfu_989 = fpt * tps / DATASHEET_BF16
     mfu_measured = fpt * tps / peak["median"]
     losses = [r["loss"] for r in records]
@@ -809,7 +830,7 @@ def section_train(run: Run, rep: Report) -> None:
     rep.row(item="MFU vs the measured matmul peak", value=f"{mfu_measured:.1%}")
     if got.get("logged_mfu") is not None:
         rep.row(item=f"MFU the trainer logged (peak: {got.get('peak_source')})", value=f"{got['logged_mfu']:.1%}")
-    rep.row(item="peak memory (max_memory_allocated)", value=f"{memory / 2 ** 30:.1f} GiB" if memory else "n/a (CPU)")
+    rep.row(item=f"peak memory ({memory_how})", value=f"{memory / 2 ** 30:.1f} GiB" if memory else "n/a (CPU)")
     rep.row(item="attention backend", value=got.get("backend", "?"))
     rep.info.update(tokens_per_s=tps, flops_per_token=fpt, mfu_989=mfu_989, mfu_measured=mfu_measured,
                     peak_memory_bytes=memory, losses=losses, backend=got.get("backend"), how=got["how"])
@@ -1051,6 +1072,120 @@ def _flash_varlen_step(q, k, v, dout, cu, max_len):  # pragma: no cover - needs 
     return step
 
 
+# ----------------------------------------------------------------------------- 7. memory and speed modes
+def mode_variants(tiny: bool) -> list[dict]:
+    """The trainer runs of section 7: the same ~1B model (tiny: the smoke shape) one knob at a time.
+
+    Every run reads one long document (rows are single documents, so attention does the dense causal work the
+    FLOP count assumes). The first run of each length is that length's baseline."""
+    base = train_shape(tiny)
+    short, long_, longest = (128, 256, 512) if tiny else (8192, 32768, 131072)
+    chunk = 64 if tiny else 4096
+    rows = [
+        ("eager", short, 2, []),
+        ("compile", short, 2, ["parallel.compile=true"]),
+        ("compile + chunked loss", short, 2, ["parallel.compile=true", f"train.loss_chunk_tokens={chunk}"]),
+        ("none", long_, 1, []),
+        ("full", long_, 1, ["parallel.activation_checkpoint=full"]),
+        ("selective", long_, 1, ["parallel.activation_checkpoint=selective"]),
+        ("offload", long_, 1, ["parallel.activation_checkpoint=offload"]),
+        ("full + chunked loss", long_, 1, ["parallel.activation_checkpoint=full", f"train.loss_chunk_tokens={chunk}"]),
+        ("full + chunked loss + compile", longest, 1,
+         ["parallel.activation_checkpoint=full", f"train.loss_chunk_tokens={chunk}", "parallel.compile=true"]),
+    ]
+    if tiny:  # the CPU smoke run: one run per code path that differs (compiling on CPU takes minutes)
+        rows = [rows[0], rows[3], rows[7]]
+    out = []
+    for label, seq, batch, extra in rows:
+        steps = 3 if seq == longest else 5
+        out.append({"label": label, "shape": dict(base, seq_len=seq, batch=batch, steps=steps, documents=2),
+                    "extra": extra})
+    return out
+
+
+def long_documents(folder: str, tokens: int) -> str:
+    """A folder of two text files of at least ``tokens`` bytes each (byte tokens; the data pipeline wants two
+    documents or more), cut from the standard library's sources (or this repository's): a corpus whose windows
+    are all one document, but for the one window that spans both."""
+    from loomtrain.data.corpus import corpus_files
+
+    try:
+        files = sorted(corpus_files("stdlib", "*.py"))
+    except Exception:  # noqa: BLE001 - no standard library sources: this repository's own files
+        files = []
+    files = iter(files or sorted(corpus_files(ROOT, "*.py,*.md")))
+    os.makedirs(folder, exist_ok=True)
+    for part in ("a", "b"):
+        size = 0
+        with open(os.path.join(folder, f"{part}.txt"), "w", encoding="utf-8") as f:
+            for name in files:
+                with open(name, encoding="utf-8", errors="replace") as g:
+                    text = g.read()
+                f.write(text)
+                size += len(text.encode("utf-8"))
+                if size >= tokens:
+                    break
+        if size < tokens:
+            raise RuntimeError(f"only {size} bytes of sources for two {tokens}-token documents")
+    return folder
+
+
+def section_modes(run: Run, rep: Report) -> None:
+    peak = {"median": DATASHEET_BF16}
+    if not run.cuda:
+        peak = measure_matmul_peak(run)
+    variants = mode_variants(run.tiny)
+    need = max(v["shape"]["seq_len"] * v["shape"]["batch"] * (v["shape"]["steps"] + 2) for v in variants)
+    work = os.path.join(run.out, "modes")
+    os.makedirs(work, exist_ok=True)
+    corpus = [f"data.corpus={long_documents(os.path.join(work, 'corpus'), need)}", "data.file_glob='*.txt'"]
+    rep.note("one ~1B Llama (train section's shape), bf16, windows of two long documents (dense causal "
+             "attention); tokens/s = median of the steps after the first two; memory = the trainer's mem_peak_mib "
+             "(largest step); each run its own process")
+    baseline = {}
+    for i, v in enumerate(variants):
+        shp, label = v["shape"], v["label"]
+        name = f"{shp['batch']} x {shp['seq_len']}"
+        if run.left() < (20 if run.tiny else 45):
+            rep.row(tokens=name, mode=label, note="skipped: section time cap")
+            continue
+        out_dir = os.path.join(work, f"run{i}")
+        overrides = trainer_overrides(run, shp, out_dir, peak, corpus) + v["extra"]
+        overrides = [o for o in overrides if not o.startswith("data.cache_dir=")] + [f"data.cache_dir={work}/cache"]
+        cmd = [sys.executable, "-m", "loomtrain.launch.cli", "train"] + [x for o in overrides for x in ("--set", o)]
+        t0 = time.time()
+        try:
+            proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=max(10.0, run.left() - 5))
+            error = "" if proc.returncode == 0 else " / ".join(proc.stderr.strip().splitlines()[-3:])[-300:] or "?"
+        except subprocess.TimeoutExpired:
+            error = "killed at the section's time cap"
+        seconds = time.time() - t0
+        metrics = os.path.join(out_dir, "run", "metrics.jsonl")
+        records = []
+        if os.path.exists(metrics):
+            with open(metrics) as f:
+                records = [r for r in (json.loads(line) for line in f if line.strip()) if "tokens_per_s" in r]
+        if error or not records:
+            rep.row(tokens=name, mode=label, seconds=round(seconds, 1), note=error or "no metrics", ok=False)
+            say(rep.name, f"{name} {label}: FAILED: {error or 'no metrics'}")
+            continue
+        steady = [r for r in records if r["step"] > 2] or records
+        tps = statistics.median(r["tokens_per_s"] for r in steady)
+        mfu = statistics.median(r["mfu"] for r in steady) if all("mfu" in r for r in steady) else None
+        mem = max(r.get("mem_peak_mib", 0.0) for r in records)
+        losses = [r["loss"] for r in records]
+        base = baseline.setdefault(shp["seq_len"], {"tps": tps, "mem": mem})
+        ok = len(records) == shp["steps"] and all(math.isfinite(x) for x in losses)
+        rep.row(tokens=name, mode=label, tokens_per_s=round(tps), mfu=None if mfu is None else round(mfu, 4),
+                mem_peak_gib=round(mem / 1024, 2), speed_vs_first=round(tps / base["tps"], 3),
+                memory_vs_first=round(mem / base["mem"], 3) if base["mem"] else None,
+                loss_last=round(losses[-1], 4), seconds=round(seconds, 1), ok=ok)
+        say(rep.name, f"{name} {label}: {tps:,.0f} tokens/s, mfu {mfu}, peak {mem / 1024:.2f} GiB, {seconds:.0f} s")
+        rep.info.setdefault("runs", []).append({"label": label, "shape": shp, "overrides": overrides,
+                                                 "records": records})
+
+
+
 # ----------------------------------------------------------------------------- driver
 @dataclass
 class Spec:
@@ -1068,6 +1203,7 @@ SECTIONS = {
     "snapshot": Spec("Snapshot side-stream ordering", section_snapshot, 40, 30, 10),
     "train": Spec("Training a ~1B Llama at 8K tokens, bf16", section_train, 150, 60, 60),
     "tflops": Spec("Attention TFLOP/s, forward + backward", section_tflops, 100, 40, 20),
+    "modes": Spec("Memory and speed modes of the trainer (~1B Llama, 8K-128K tokens)", section_modes, 330, 150, 60),
 }
 
 
@@ -1151,8 +1287,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     p.add_argument("--tiny", action="store_true", help="tiny shapes (the CPU smoke run)")
     p.add_argument("--only", default="", help=f"comma-separated sections ({', '.join(SECTIONS)}); default all")
-    p.add_argument("--budget", type=float, default=450.0,
-                   help="seconds for the whole check; a section not started in time is skipped (default 450)")
+    p.add_argument("--budget", type=float, default=460.0,
+                   help="seconds for the whole check; a section not started in time is skipped (default 460)")
     p.add_argument("--no-isolate", action="store_true", help="run the sections in this process (debugging)")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
     p.add_argument("--child-result", default="", help=argparse.SUPPRESS)

@@ -291,3 +291,35 @@ def test_flash_attn_backward_is_deterministic_when_torch_is(fake_flash_attn):
         finally:
             torch.use_deterministic_algorithms(False)
         assert fake_flash_attn.calls[-1] == ("backward", {"deterministic": flag, "causal": True})
+
+
+def test_memory_efficient_kernel_gets_kv_repeated_in_the_model(monkeypatch):
+    """torch's memory-efficient kernel takes no grouped-query attention on CUDA: torch 2.11 on an H200 answered
+    'No available kernel' to enable_gqa, and the device check found the model's own attention (no cp, fp32 on
+    CUDA, where the chooser picks that kernel) sending it fewer K/V heads. Modelled here by a stand-in SDPA that
+    enforces the contract whenever only the efficient kernel is enabled, then computes with the math kernel."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from loomtrain.trainer import attention as attn
+
+    real, seen = F.scaled_dot_product_attention, []
+
+    def contract(q, k, v, *args, enable_gqa=False, **kwargs):
+        b = torch.backends.cuda
+        only_efficient = b.mem_efficient_sdp_enabled() and not (
+            b.flash_sdp_enabled() or b.math_sdp_enabled() or b.cudnn_sdp_enabled())
+        if only_efficient and (enable_gqa or q.shape[1] != k.shape[1]):
+            raise RuntimeError("No available kernel. Aborting execution.")
+        seen.append(only_efficient)
+        with sdpa_kernel(SDPBackend.MATH):
+            return real(q, k, v, *args, enable_gqa=enable_gqa, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", contract)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 16, h, 8, generator=gen) for h in (4, 2, 2))
+    out = attn._sdpa(q, k, v, None, None, "sdpa_efficient")
+    assert seen == [True]
+    expected = real(q.transpose(1, 2), *(t.transpose(1, 2).repeat_interleave(2, dim=1) for t in (k, v)),
+                    is_causal=True).transpose(1, 2)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)

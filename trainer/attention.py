@@ -74,6 +74,11 @@ def _sdpa(q, k, v, doc_ids, documents, backend):
         return (documents or DocumentAttention(backend))(q, k, v, causal=True, doc_ids=doc_ids)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     gqa = q.shape[1] != k.shape[1]
+    if gqa and doc_ids is None and backend == "sdpa_efficient":
+        # torch's memory-efficient kernel takes no grouped-query attention on CUDA ("No available kernel" with
+        # enable_gqa, torch 2.11 on an H200): K/V repeated to the query heads, as the block kernels do
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+        gqa = False
     if doc_ids is not None:  # short CPU rows: one masked call (masks need a maskable kernel, not flash)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=document_causal_mask(doc_ids), enable_gqa=gqa)
     else:
