@@ -17,7 +17,7 @@ def _co2_constant_gradient(steps, **kw):
     each step and the CO2 object."""
     w = torch.nn.Parameter(torch.ones(1))
     inner = torch.optim.SGD([w], lr=1.0)
-    co2 = CO2([w], inner, **({"sync_every": 2, "outer_lr": 1.0, "outer_momentum": 0.0, "staleness_penalty": 0.0,
+    co2 = CO2([w], inner, **({"sync_every": 2, "outer_lr": 1.0, "outer_momentum": 0.0, "staleness_penalty": 1.0,
                               "clip": 0.0} | kw))
     trace = []
     for _ in range(steps):
@@ -28,21 +28,44 @@ def _co2_constant_gradient(steps, **kw):
 
 
 def test_co2_update_in_closed_form():
-    # alpha 1, no momentum, no penalty: one round late, nothing lost: plain SGD at every step
+    # alpha 1, no momentum, lambda 1 (no penalty): one round late, nothing lost: plain SGD at every step
     trace, co2 = _co2_constant_gradient(6)
     assert trace == [1 - 2 * t for t in range(1, 7)]
     assert co2.anchor[0][0].item() == -7  # round 2's average lands at step 6: anchor 1 - 4 - 4
-    # staleness gap penalty: at step 6 the anchor moved by u = -4 since D = 4 was measured:
-    # Lambda = 1 + 1 * 4 / 4 = 2, m = 2, anchor -3 - 2 = -5, weight -5 + (-11 - -7) = -9
-    assert _co2_constant_gradient(6, staleness_penalty=1.0)[0][5] == -9
     # outer momentum 0.5: m = 0.5 * 4 + 4 = 6 at step 6: anchor -3 - 6 = -9, weight -9 - 4 = -13
     assert _co2_constant_gradient(6, outer_momentum=0.5)[0][5] == -13
+
+
+def test_co2_staleness_gap_penalty_divides_the_stale_average():
+    """The authors' formula m = beta * m + D / lambda (fairscale-CO2's co2_gap_penalty), by hand: each round
+    moves the weight by D = 4 (gradient 2, lr 1, tau 2); the first average lands at step 4."""
+    # lambda 2, beta 0: step 4: m = 4 / 2 = 2, anchor 1 - 2 = -1, weight -1 + round 2's own -4 = -5;
+    # step 6: m = 2, anchor -3, weight -3 - 4 = -7
+    trace, co2 = _co2_constant_gradient(6, staleness_penalty=2.0)
+    assert trace[3] == -5 and trace[5] == -7 and co2.momentum[0][0].item() == 2.0
+    # lambda 4, beta 0.5: step 4: m = 1, anchor 0, weight -4; step 6: m = 0.5 + 1 = 1.5, anchor -1.5, weight -5.5
+    trace, co2 = _co2_constant_gradient(6, staleness_penalty=4.0, outer_momentum=0.5)
+    assert trace[3] == -4 and trace[5] == -5.5 and co2.momentum[0][0].item() == 1.5
+    with pytest.raises(ValueError, match="staleness_penalty and outer_lr must be > 0"):
+        _co2_constant_gradient(1, staleness_penalty=0.0)
 
 
 def test_co2_clip_really_clips_the_momentum():
     trace, co2 = _co2_constant_gradient(4, clip=1.0)
     assert co2.momentum[0][0].item() == 1.0  # clamp_(-1, 1) of 4, in place
     assert trace[3] == 0 - 4  # anchor 1 - 1, plus round 2's own progress -4
+
+
+def test_co2_clip_is_element_wise():
+    """Two weights with gradients 2 and 0.25 (D = 4 and 0.5 a round), clip 1: only the first is clipped."""
+    w = torch.nn.Parameter(torch.ones(2))
+    inner = torch.optim.SGD([w], lr=1.0)
+    co2 = CO2([w], inner, sync_every=2, outer_lr=1.0, outer_momentum=0.0, staleness_penalty=1.0, clip=1.0)
+    for _ in range(4):
+        w.grad = torch.tensor([2.0, 0.25])
+        inner.step()
+    assert co2.momentum[0][0].tolist() == [1.0, 0.5]
+    assert w.tolist() == [1 - 1 - 4, 1 - 0.5 - 0.5]  # anchor 1 - m, plus round 2's own progress
 
 
 def _co2_workers(rank, world):
@@ -53,7 +76,7 @@ def _co2_workers(rank, world):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
         inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        co2 = CO2(model.parameters(), inner, sync_every=3, outer_momentum=0.5, staleness_penalty=0.5, clip=0.05)
+        co2 = CO2(model.parameters(), inner, sync_every=3, outer_momentum=0.5, staleness_penalty=2.0, clip=0.05)
         g = torch.Generator().manual_seed(rank)  # every worker sees different data
         for _ in range(12):
             inner.zero_grad()

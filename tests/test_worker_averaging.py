@@ -59,7 +59,7 @@ def _workers(rank, world):
         diloco, _ = _constant_gradient_trace(DiLoCo, rank, 15, sync_every=6, outer_lr=2.0, outer_momentum=0.0,
                                              nesterov=False)
         co2_trace, co2 = _constant_gradient_trace(CO2, rank, 6, sync_every=2, outer_lr=1.0, outer_momentum=0.0,
-                                                  staleness_penalty=0.0, clip=0.0)
+                                                  staleness_penalty=1.0, clip=0.0)
         return {"means": means, "diloco": diloco, "co2": [w[0] for w in co2_trace],
                 "co2_anchor": co2.anchor[0][0].item()}
     finally:

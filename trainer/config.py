@@ -315,6 +315,9 @@ class DiLoCoConfig:
     outer_momentum: float = 0.9
     nesterov: bool = True
     quantize: str = "none"  # none | int8 | fp4 (E2M1) | fp4_e3m0: outer gradients on the wire (fp32 scale per 64)
+    exchange: str = "all_gather"  # quantized: all_gather (each payload once, (M-1) payloads a worker) |
+    #   reduce_scatter (quantized shards to their owners, averaged in fp32, the quantized average all-gathered:
+    #   2(M-1)/M payloads a worker, below a bf16 ring at any worker count; the mean is quantized a second time)
     error_feedback: bool = False  # quantized: each worker re-sends next round what quantization dropped
 
 
@@ -325,8 +328,8 @@ class CO2Config:
     sync_every: int = 10  # tau: local steps per outer round; the round's all-reduce overlaps the next tau
     outer_lr: float = 1.0
     outer_momentum: float = 0.5
-    staleness_penalty: float = 0.5  # lambda of the staleness gap penalty (0 = off)
-    clip: float = 1.0  # outer momentum clipping threshold (0 = off)
+    staleness_penalty: float = 1.0  # lambda > 0: the outer momentum takes the stale average / lambda (1 = none)
+    clip: float = 1.0  # outer momentum clipped element-wise to [-clip, clip] (0 = off); the authors' defaults
 
 
 @dataclass
@@ -370,6 +373,7 @@ CHOICES = {
     "parallel.cp_topology": ("full_mesh", "ring"),
     "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved_1f1b"),
     "dp_sync.diloco.quantize": ("none", "int8", "fp4", "fp4_e3m0"),
+    "dp_sync.diloco.exchange": ("all_gather", "reduce_scatter"),
     "parallel.placement": ("none", "fabric"),
     "faulttol.redundancy": ("auto", "erasure", "replicas"),
     "optim.fused": ("auto", "true", "false"),

@@ -16,7 +16,6 @@ waited for first (:meth:`OuterSync.settle`).
 from __future__ import annotations
 
 import contextlib
-import math
 
 from loomtrain.errors import ConfigError, require_positive
 
@@ -25,6 +24,9 @@ import torch.distributed as dist
 
 from loomtrain.comms import traffic
 from loomtrain.parallel.dp_sync.quantize import KINDS, PendingMean
+from loomtrain.parallel.dp_sync.sharded import PendingShardedMean
+
+EXCHANGES = ("all_gather", "reduce_scatter")  # dp_sync.diloco.exchange: how a quantized average travels
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -32,15 +34,6 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return t.to_local() if isinstance(t, DTensor) else t
-
-
-def _replicas(p: torch.Tensor) -> int:
-    """Ranks of the worker holding the same values of ``p`` (a DTensor's replicated mesh dimensions)."""
-    from torch.distributed.tensor import DTensor
-
-    if not isinstance(p, DTensor):
-        return 1
-    return math.prod(p.device_mesh.size(i) for i, pl in enumerate(p.placements) if pl.is_replicate())
 
 
 class Resolved:
@@ -51,6 +44,9 @@ class Resolved:
 
     def wait(self) -> torch.Tensor:
         return self.value
+
+    def poll(self) -> None:
+        """Nothing left to start."""
 
 
 class OuterSync:
@@ -171,6 +167,7 @@ class OuterSync:
         self.t = 0
         self.pending = {}
 
+    @traffic.counted_as("dp_sync")  # a two-stage exchange may start its second stage here
     def settle(self) -> None:
         """Wait for the averages in flight and keep them in the ``inflight`` buffers (for a snapshot)."""
         with torch.no_grad():
@@ -223,9 +220,13 @@ class DiLoCo(OuterSync):
 
     - at step t - tau (tau = ``fragment_sync_delay`` < h) each worker takes the pseudo-gradient
       delta = theta_global[f] - theta_local[f] and starts averaging it over ``group`` in the background
-      (quantized per ``quantize``: each worker's payload sent once, summed in fp32; with ``error_feedback``
-      the worker adds what quantization dropped from its previous delta of the fragment, e, and keeps
-      e = (delta + e) - decoded(payload): nothing is lost for good, only sent a round late);
+      (quantized per ``quantize``, exchanged per ``exchange``: ``all_gather`` sends each worker's payload
+      once and every worker sums them in fp32, (M-1) payloads a worker; ``reduce_scatter`` (``sharded.py``)
+      sends each worker's shard j to worker j, which averages it in fp32, quantizes that average and
+      all-gathers it, 2 (M-1)/M payloads a worker, below a bf16 ring at any M; with ``error_feedback`` the
+      worker adds what quantization dropped from its previous delta of the fragment, e, and keeps
+      e = (delta + e) - decoded(payload), and under ``reduce_scatter`` a shard's owner keeps what stage 2
+      dropped of its average likewise: nothing is lost for good, only sent a round late);
     - at step t the outer optimizer (torch SGD: ``outer_lr``, ``outer_momentum``, ``nesterov``) steps
       theta_global[f] with gradient mean(delta), and the fragment's local parameters become
       (1 - alpha) * theta_global[f] + alpha * theta_local[f] (alpha = ``fragment_update_alpha``).
@@ -263,21 +264,30 @@ class DiLoCo(OuterSync):
         if d.error_feedback and d.quantize == "none":
             raise ConfigError("dp_sync.diloco.error_feedback: needs a quantize other than none (nothing is lost "
                               "unquantized)")
+        if d.exchange == "reduce_scatter" and d.quantize == "none":
+            raise ConfigError("dp_sync.diloco.exchange: reduce_scatter needs a quantize other than none "
+                              "(unquantized, the all-reduce already is a ring)")
 
     @classmethod
     def replica_bytes_per_step(cls, exp, shard_params: float, replicas: int) -> float:
-        """One fp32 ring all-reduce of the shard per round, or the quantized payload all-gathered."""
+        """One fp32 ring all-reduce of the shard per round, or the quantized payload all-gathered, or
+        reduce-scattered and all-gathered quantized (``sharded.py``)."""
         from loomtrain.parallel.dp_sync.quantize import wire_bytes
+        from loomtrain.parallel.dp_sync.sharded import bytes_per_value
 
         d = exp.dp_sync.diloco
-        sent = 2 * (replicas - 1) / replicas * 4 * shard_params if d.quantize == "none" else \
-            (replicas - 1) * wire_bytes(int(shard_params), d.quantize)
+        if d.quantize == "none":
+            sent = 2 * (replicas - 1) / replicas * 4 * shard_params
+        elif d.exchange == "reduce_scatter":
+            sent = bytes_per_value(d.quantize, replicas) * shard_params
+        else:
+            sent = (replicas - 1) * wire_bytes(int(shard_params), d.quantize)
         return sent / d.sync_every
 
     @classmethod
     def state_copies(cls, exp) -> int:
         d = exp.dp_sync.diloco
-        return 2 + (d.outer_momentum > 0) + bool(d.error_feedback)
+        return 2 + (d.outer_momentum > 0) + bool(d.error_feedback) * (1 + (d.exchange == "reduce_scatter"))
 
     @classmethod
     def build(cls, exp, engine, *, blocks, params, names, group, worker_group=None) -> "DiLoCo":
@@ -289,12 +299,13 @@ class DiLoCo(OuterSync):
         return cls(fragments, engine.optimizer, group=group, sync_every=cfg.sync_every,
                    fragment_sync_delay=cfg.fragment_sync_delay, fragment_update_alpha=cfg.fragment_update_alpha,
                    outer_lr=cfg.outer_lr, outer_momentum=cfg.outer_momentum, nesterov=cfg.nesterov,
-                   quantize=cfg.quantize, error_feedback=cfg.error_feedback, names=names, engine=engine)
+                   quantize=cfg.quantize, exchange=cfg.exchange, error_feedback=cfg.error_feedback, names=names,
+                   engine=engine)
 
     def __init__(self, fragments, inner_optimizer, *, group=None, sync_every: int, fragment_sync_delay: int = 0,
                  fragment_update_alpha: float = 0.0, outer_lr: float = 0.7, outer_momentum: float = 0.9,
-                 nesterov: bool = True, quantize: str = "none", error_feedback: bool = False,
-                 names: dict | None = None, engine=None):
+                 nesterov: bool = True, quantize: str = "none", exchange: str = "all_gather",
+                 error_feedback: bool = False, names: dict | None = None, engine=None):
         fragments = list(fragments)
         n = len(fragments)
         if n < 1:
@@ -312,9 +323,14 @@ class DiLoCo(OuterSync):
             raise ValueError(f"dp_sync.diloco.quantize: must be one of {', '.join(KINDS)}, got {quantize!r}")
         if error_feedback and quantize == "none":
             raise ValueError("dp_sync.diloco.error_feedback: needs a quantize other than none")
+        if exchange not in EXCHANGES:
+            raise ValueError(f"dp_sync.diloco.exchange: must be one of {', '.join(EXCHANGES)}, got {exchange!r}")
+        if exchange == "reduce_scatter" and quantize == "none":
+            raise ValueError("dp_sync.diloco.exchange: reduce_scatter needs a quantize other than none")
         super().__init__([list(f.parameters() if isinstance(f, torch.nn.Module) else f) for f in fragments],
                          inner_optimizer, group, names, engine)
-        self.quantize, self.delay, self.alpha = quantize, fragment_sync_delay, fragment_update_alpha
+        self.quantize, self.exchange = quantize, exchange
+        self.delay, self.alpha = fragment_sync_delay, fragment_update_alpha
         self.outer = [torch.optim.SGD(g, lr=outer_lr, momentum=outer_momentum, nesterov=nesterov and outer_momentum > 0)
                       for g in self.anchor]
         self.momentum = [[] for _ in self.anchor]
@@ -325,10 +341,14 @@ class DiLoCo(OuterSync):
                 self.momentum[f] = [opt.state[g]["momentum_buffer"] for g in gs]
         # per worker, what quantization has not yet delivered of each fragment's deltas (error feedback)
         self.residual = [[torch.zeros_like(g) for g in gs] for gs in self.anchor] if error_feedback else None
+        # reduce_scatter: what stage 2 dropped of the average of the shard this worker owns (zero elsewhere)
+        self.residual_mean = [[torch.zeros_like(g) for g in gs] for gs in self.anchor] \
+            if error_feedback and exchange == "reduce_scatter" else None
 
     def _tensor_sets(self):
         return super()._tensor_sets() | ({"momentum": self.momentum} if any(self.momentum) else {}) | \
-            ({"residual": self.residual} if self.residual is not None else {})
+            ({"residual": self.residual} if self.residual is not None else {}) | \
+            ({"residual_mean": self.residual_mean} if self.residual_mean is not None else {})
 
     def _fragment(self, t: int) -> int:
         return (t // self.h - 1) % len(self.local)
@@ -338,12 +358,19 @@ class DiLoCo(OuterSync):
         """Called after every inner step (by the hook)."""
         self.t += 1
         t = self.t
+        for pendings in self.pending.values():  # a two-stage exchange starts its second stage when it can
+            for pending in pendings:
+                pending.poll()
         if (t + self.delay) % self.h == 0:  # start averaging the fragment due at t + delay
             f = self._fragment(t + self.delay)
             deltas = [g.detach() - _local(p).detach().float() for g, p in zip(self.anchor[f], self.local[f])]
             if self.residual is not None:
                 deltas = [d.add_(e) for d, e in zip(deltas, self.residual[f])]
-            self.pending[f] = [PendingMean(d, self.quantize, self.group) for d in deltas]
+            if self.exchange == "reduce_scatter":
+                self.pending[f] = PendingShardedMean(deltas, self.quantize, self.group, shard_residual=None if
+                                                     self.residual_mean is None else self.residual_mean[f]).parts()
+            else:
+                self.pending[f] = [PendingMean(d, self.quantize, self.group) for d in deltas]
             if self.residual is not None:
                 for e, d, pending in zip(self.residual[f], deltas, self.pending[f]):
                     torch.sub(d, pending.sent, out=e)
@@ -370,32 +397,37 @@ class CO2(OuterSync):
     1. delta_k = start - theta: the round's local movement; a *copy* is averaged over ``group`` in the
        background (never the live parameters), and ``start`` becomes theta after step 3;
     2. D_{k-1} = mean(delta_{k-1}), started one round ago, is waited for (round 1 has none);
-    3. the outer step, with state identical on every worker:
-         staleness gap penalty  Lambda = 1 + lambda * ||u_{k-1}|| / (||D_{k-1}|| + eps), where u_{k-1} is
-                                the outer update applied one round ago: how far the anchor moved since
-                                D_{k-1} was measured from it (lambda = ``staleness_penalty``); norms over
-                                the whole model (every shard of the worker, replicas counted once), so
-                                the step does not depend on how the worker is sharded;
-         outer momentum         m_k = beta * m_{k-1} + D_{k-1} / Lambda          (beta = ``outer_momentum``)
-         momentum clipping      m_k = clamp(m_k, -phi, phi), element-wise, in place   (phi = ``clip``; 0 = off)
-         update                 u_k = -alpha * m_k;  anchor += u_k                 (alpha = ``outer_lr``)
+    3. the outer step, with state identical on every worker (the authors' code, below):
+         outer momentum with the staleness gap penalty
+                                m_k = beta * m_{k-1} + D_{k-1} / lambda
+                                (beta = ``outer_momentum``, lambda = ``staleness_penalty``, a constant > 0;
+                                1 = no penalty, > 1 damps the stale average)
+         momentum clipping      m_k = clamp(m_k, -phi, phi), element-wise   (phi = ``clip``; 0 = off)
+         update                 anchor -= alpha * m_k                     (alpha = ``outer_lr``)
        and the local parameters become anchor + (theta - start): the overlapped round's own progress is
        kept on top of the averaged one, so no local step is thrown away.
 
-    With a constant gradient g (inner SGD lr eta) and alpha = 1, lambda = 0, beta = 0 this is exactly
-    single-worker SGD one round late; tests check it in closed form. The paper's exact form of the
-    penalty is not in its public code (a constant divisor there, and the clamp's result is discarded);
-    this is our reading, built so that every worker computes the same outer step.
+    Source of the formulas: the authors' implementation, github.com/weigao266/fairscale-CO2 (the code
+    OpenNLPLab/CO2's README points to) at commit 55aaca56ee57302a4d96fc730a5596fa562dac0f,
+    ``fairscale/experimental/nn/data_parallel/gossip/co2.py``, ``_perform_local_optimization``:
+    ``gmb.mul_(outer_momentum).sub_(p, alpha=1/co2_gap_penalty).add_(old, alpha=1/co2_gap_penalty)``
+    (old - p is the averaged movement D), then ``_co2_clip(gmb, co2_clip_threshold)`` when ``co2_clip``,
+    then ``old.add_(gmb, alpha=-outer_lr)``. Defaults there: outer_momentum 0.5, outer_lr 1.0,
+    co2_gap_penalty 1.0, co2_clip_threshold 1.0 (ours). One difference, stated: their ``_co2_clip`` calls
+    the out-of-place ``torch.clamp`` and discards the result, so in their runs the clip never acts; we
+    clamp in place, as the paper's name for it and the function's say (``clip: 0`` reproduces their runs
+    exactly). The paper's own text could not be read here: these are the code's formulas.
+
+    With a constant gradient g (inner SGD lr eta) and alpha = 1, lambda = 1, beta = 0 this is exactly
+    single-worker SGD one round late; tests check it in closed form.
     """
 
-    EPS = 1e-12
     ANCHORED = ("anchor", "start")
 
     @classmethod
     def check(cls, exp) -> None:
-        require_positive(exp, "dp_sync.co2.sync_every", "dp_sync.co2.outer_lr")
-        require_positive(exp, "dp_sync.co2.staleness_penalty", "dp_sync.co2.clip", "dp_sync.co2.outer_momentum",
-                         allow_zero=True)
+        require_positive(exp, "dp_sync.co2.sync_every", "dp_sync.co2.outer_lr", "dp_sync.co2.staleness_penalty")
+        require_positive(exp, "dp_sync.co2.clip", "dp_sync.co2.outer_momentum", allow_zero=True)
         if not exp.dp_sync.co2.outer_momentum < 1.0:
             raise ConfigError(f"dp_sync.co2.outer_momentum: must be in [0, 1), got {exp.dp_sync.co2.outer_momentum}")
 
@@ -415,21 +447,20 @@ class CO2(OuterSync):
         ordered = [p for b in blocks for p in b.parameters()] + [p for p in params if id(p) not in in_blocks]
         return cls(ordered, engine.optimizer, group=group, sync_every=cfg.sync_every, outer_lr=cfg.outer_lr,
                    outer_momentum=cfg.outer_momentum, staleness_penalty=cfg.staleness_penalty, clip=cfg.clip,
-                   names=names, engine=engine, worker_group=worker_group)
+                   names=names, engine=engine)
 
     def __init__(self, params, inner_optimizer, *, group=None, sync_every: int, outer_lr: float = 1.0,
-                 outer_momentum: float = 0.5, staleness_penalty: float = 0.5, clip: float = 1.0,
-                 names: dict | None = None, engine=None, worker_group=None):
+                 outer_momentum: float = 0.5, staleness_penalty: float = 1.0, clip: float = 1.0,
+                 names: dict | None = None, engine=None):
         if sync_every < 1:
             raise ValueError(f"dp_sync.co2.sync_every: must be >= 1, got {sync_every}")
         if not 0.0 <= outer_momentum < 1.0:
             raise ValueError(f"dp_sync.co2.outer_momentum: must be in [0, 1), got {outer_momentum}")
-        if staleness_penalty < 0 or clip < 0 or outer_lr <= 0:
-            raise ValueError("dp_sync.co2: staleness_penalty and clip must be >= 0 and outer_lr > 0")
+        if staleness_penalty <= 0 or clip < 0 or outer_lr <= 0:
+            raise ValueError("dp_sync.co2: staleness_penalty and outer_lr must be > 0, clip >= 0")
         super().__init__([list(params)], inner_optimizer, group, names, engine)
         self.tau, self.lr, self.beta, self.lam, self.clip = sync_every, outer_lr, outer_momentum, \
             staleness_penalty, clip
-        self.worker_group = worker_group  # the worker's ranks, for model-wide norms (None: one rank)
         self.momentum = [[torch.zeros_like(a) for a in self.anchor[0]]]
         self.start = [[a.detach().clone() for a in self.anchor[0]]]
 
@@ -448,31 +479,16 @@ class CO2(OuterSync):
             self.pending[0] = [PendingMean(d, "none", self.group) for d in deltas]
             if arrived is not None:
                 means = [pending.wait() for pending in arrived]
-                penalty = self._penalty(means)
                 for i, (mean_delta, p) in enumerate(zip(means, params)):
-                    self._outer_step(i, mean_delta, p, penalty)
+                    self._outer_step(i, mean_delta, p)
             for s, p in zip(self.start[0], params):
                 s.copy_(p)
 
-    def _penalty(self, means: list[torch.Tensor]) -> float:
-        """Lambda: ||u_{k-1}|| = alpha * ||m_{k-1}|| (the momentum still holds m_{k-1}) against ||D_{k-1}||."""
-        if not self.lam:
-            return 1.0
-        sq = torch.zeros(2, dtype=torch.float64, device=means[0].device)
-        for p, m, d in zip(self.local[0], self.momentum[0], means):
-            share = 1.0 / _replicas(p)
-            sq[0] += share * m.double().square().sum()
-            sq[1] += share * d.double().square().sum()
-        if self.worker_group is not None and dist.get_world_size(self.worker_group) > 1:
-            dist.all_reduce(sq, group=self.worker_group)
-        moved, measured = (self.lr * sq[0].sqrt()).item(), sq[1].sqrt().item()
-        return 1.0 + self.lam * moved / (measured + self.EPS)
-
-    def _outer_step(self, i: int, mean_delta: torch.Tensor, p: torch.Tensor, penalty: float) -> None:
+    def _outer_step(self, i: int, mean_delta: torch.Tensor, p: torch.Tensor) -> None:
         anchor, m = self.anchor[0][i], self.momentum[0][i]
-        m.mul_(self.beta).add_(mean_delta, alpha=1.0 / penalty)
+        m.mul_(self.beta).add_(mean_delta, alpha=1.0 / self.lam)  # the staleness gap penalty: a constant divisor
         if self.clip:
-            m.clamp_(-self.clip, self.clip)  # in place: the clip the public code computes and throws away
+            m.clamp_(-self.clip, self.clip)  # in place: the authors' code computes this clamp and discards it
         progress = p.float() - self.start[0][i]
         anchor.add_(m, alpha=-self.lr)
         p.copy_((anchor + progress).to(p.dtype))

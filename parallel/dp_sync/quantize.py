@@ -111,6 +111,9 @@ class PendingMean:
             return self.result
         return dequantize(*self._mine, self.kind, self.numel).view(self.shape)
 
+    def poll(self) -> None:
+        """Nothing to advance: one collective, started at once (``sharded.PendingShardedMean`` has two)."""
+
     def wait(self) -> torch.Tensor:
         if self.result is None:
             for w in self.works:
