@@ -60,18 +60,22 @@ def _check_strategy(rank, strategy, case, kernel="auto"):
         dist.destroy_process_group()
 
 
-def against_reference(case, make_attention, seed=7):
+def against_reference(case, make_attention, seed=7, pieces=0):
     """In a rank of the (world) group: the attention ``make_attention(layout)`` returns, on this rank's shards of
     random q/k/v (and document ids), against float64 attention on the whole sequence: (max errors of out, lse,
-    dq, dk, dv; P2P messages forward; backward; whether sharding round-trips)."""
+    dq, dk, dv; P2P messages forward; backward; whether sharding round-trips). ``pieces``: each row first put
+    in per-document zigzag order with that many pieces per document (``parallel/cp/doc_layout.py``)."""
     from loomtrain.parallel.cp import attention as cp
+    from loomtrain.parallel.cp.doc_layout import along, inverse, row_orders
 
     b, s, h, hkv, d, causal, layout, docs = case
     q, k, v, dout, doc_ids = make_inputs(seed, b, s, h, hkv, d, docs)
     ref_in = [t.clone().double().requires_grad_() for t in (q, k, v)]
     ref_out, ref_lse = reference(*ref_in, causal, doc_ids)
     (ref_out * dout.double()).sum().backward()
-    shard = lambda t, dim=1: cp.shard_sequence(t, dim=dim, layout=layout)  # noqa: E731
+    order = row_orders(doc_ids, pieces) if pieces else None
+    shard = lambda t, dim=1: cp.shard_sequence(t if order is None else along(t, order, dim), dim=dim,  # noqa: E731
+                                               layout=layout)
     ql, kl, vl = (shard(t).clone().requires_grad_() for t in (q, k, v))
     attn = make_attention(layout)
     out, lse = attn(ql, kl, vl, causal=causal, return_lse=True,
@@ -86,7 +90,8 @@ def against_reference(case, make_attention, seed=7):
         "dk": (kl.grad.double() - shard(ref_in[1].grad)).abs().max().item(),
         "dv": (vl.grad.double() - shard(ref_in[2].grad)).abs().max().item(),
     }
-    roundtrip = torch.equal(cp.unshard_sequence(shard(q), layout=layout), q)
+    whole = cp.unshard_sequence(shard(q), layout=layout)
+    roundtrip = torch.equal(whole if order is None else along(whole, inverse(order)), q)
     return errors, fwd_msgs, bwd_msgs, roundtrip
 
 

@@ -108,6 +108,10 @@ DOCUMENTS = ["data.batching=documents", "train.global_batch_tokens=600", "data.m
 @pytest.mark.parametrize("world, extra", [
     (2, ["parallel.dp_shard=2", "train.micro_batch_size=2"]),
     (4, ["parallel.cp=2", "parallel.dp_shard=2", "parallel.cp_impl=ring"]),
+    # per-document zigzag (each packed document split over the cp ranks), 1-D and two-dimensional
+    (2, ["parallel.cp=2", "parallel.dp_shard=1", "parallel.cp_impl=tokenring", "parallel.cp_layout=zigzag_documents"]),
+    (4, ["parallel.cp=4", "parallel.dp_shard=1", "parallel.cp_impl=ulysses_ring", "parallel.cp_ulysses=2",
+         "parallel.cp_layout=zigzag_documents"]),
 ])
 def test_whole_document_batches_match_single_process(world, extra, small_corpus, tmp_path):
     """data.batching=documents: each rank packs its token-balanced share of the step's documents into rows;

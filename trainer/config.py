@@ -154,6 +154,9 @@ class ParallelConfig:
     #   ulysses | ulysses_ring | ulysses_tokenring (two-dimensional: Ulysses inside groups of cp_ulysses ranks)
     cp_ulysses: int = 0  # with cp_impl=ulysses_ring | ulysses_tokenring: the Ulysses group size U (1 < U < cp, dividing
     #   cp; U consecutive cp ranks, the closest links; ring or TokenRing across the cp/U groups); 0 = unset
+    cp_layout: str = "zigzag"  # how a packed row is cut over the cp ranks: zigzag (the row in 2*cp chunks, rank r holds
+    #   r and 2*cp-1-r) | zigzag_documents (each document so: balanced work when documents differ in length;
+    #   docs/context-parallelism.md)
     cp_link_gbps: float = 100.0  # for cp_impl=auto: bandwidth between cp peers per direction, Gbit/s
     # (auto also assumes logging.peak_tflops, or the H100 datasheet figure when that is 0)
     cp_latency_us: float = 10.0  # for cp_impl=auto: per-transfer latency between cp peers
@@ -371,6 +374,7 @@ CHOICES = {
     "parallel.backend": ("auto", "nccl", "gloo"),
     "parallel.device": ("auto", "cpu", "cuda"),
     "parallel.cp_topology": ("full_mesh", "ring"),
+    "parallel.cp_layout": ("zigzag", "zigzag_documents"),
     "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved_1f1b"),
     "dp_sync.diloco.quantize": ("none", "int8", "fp4", "fp4_e3m0"),
     "dp_sync.diloco.exchange": ("all_gather", "reduce_scatter"),
@@ -623,6 +627,9 @@ def validate(exp: Experiment) -> None:
         raise ConfigError(f"data.seq_len: must be divisible by {unit} (tp{' and 2*cp and cp*tp (zigzag)' if par.cp > 1 else ''} "
                           f"for parallel.tp={par.tp}, cp={par.cp}), got {exp.data.seq_len}")
     _validate_cp_ulysses(exp)
+    if par.cp_layout == "zigzag_documents" and par.sp_mode != "static":
+        raise ConfigError(f"parallel.cp_layout: zigzag_documents cuts the rows of static cp (parallel.sp_mode=static); "
+                          f"sp_mode={par.sp_mode} cuts its own rows, use cp_layout=zigzag")
     if par.cp > 1 and par.cp_impl != "auto" and not par.cp_ulysses:  # (a 2-D one: checked with its U above)
         heads, kv_heads = m.n_heads // par.tp, m.n_kv_heads // par.tp  # one tensor-parallel rank's
         if why := cp_strategy(par.cp_impl).unsupported(heads, kv_heads, par.cp):

@@ -158,9 +158,10 @@ class Trainer:
         # Sequence parallelism (static cp, or adaptive groups per step) and the batch plan that feeds it.
         backend = self.attention_backend = resolve_backend(exp.model.attention, env.device.type, self.dtype,
                                                            self.args.head_dim)
+        self.cp_impl = cp_attention(exp, self.args, self.dims) if self.dims.cp > 1 else None
         self.sp, plan = sequence_parallel(exp, self.args, self.dims, self.mesh, self.train_data, self.dp_rank,
                                           env.device, env.local_world_size,
-                                          ModelCopy(family.build, token_loss_sum, backend))
+                                          ModelCopy(family.build, token_loss_sum, backend), cp_impl=self.cp_impl)
         self.batches = Prefetcher(plan, pin_memory=env.device.type == "cuda")
         self.tokens_per_step = tokens_per_step(exp)
         self.flops_per_token = self.args.flops_per_token(exp.data.seq_len)
@@ -168,7 +169,6 @@ class Trainer:
             self.peak_flops, self.peak_source = exp.logging.peak_tflops * 1e12, "logging.peak_tflops"
         else:
             self.peak_flops, self.peak_source = detect_peak_flops(env.device, self.dtype)
-        self.cp_impl = cp_attention(exp, self.args, self.dims) if self.dims.cp > 1 else None
 
         engine_kind = ENGINES.get(exp.parallel.dp_engine)  # how gradients are reduced and the update applied
         uneven = SP_MODES.get(exp.parallel.sp_mode).uneven  # ranks may run different numbers of micro-batches
@@ -573,7 +573,7 @@ class Trainer:
 
     def _announce(self) -> None:
         a = self.args
-        cp = f" (cp attention: {self.cp_impl})" if self.cp_impl else ""
+        cp = f" (cp attention: {self.cp_impl}, {self.exp.parallel.cp_layout})" if self.cp_impl else ""
         if self.dims.pp > 1:
             par = self.exp.parallel
             cp += (f" (pipeline: {par.pp_schedule}, {par.pp * par.pp_virtual_stages} stages, "

@@ -32,6 +32,8 @@ class ContextParallelStrategy(Protocol):
     - optional ``sub_groups(ranks)``: {name: [rank set, ...]} a strategy needs as process groups inside one cp
       group (``ranks``, in cp order); :func:`build` creates them and passes ``make(..., sub_groups={name: group})``
       (this rank's). Optional ``with_ulysses(u)``: a two-dimensional strategy bound to ``parallel.cp_ulysses``.
+      Optional ``document_pieces(world)``: how many pieces ``parallel.cp_layout: zigzag_documents`` cuts each
+      packed document into for it (``doc_layout.py``; default 2W, the zigzag's chunks).
     - :meth:`make`: the attention callable for ``group`` (a process group; None = the world):
       ``attention(q, k, v, *, causal=True, doc_ids=None, return_lse=False)`` takes this rank's
       (B, S/W, H, D) zigzag shards (``doc_ids``: (B, S/W) document ids of the same tokens) and returns

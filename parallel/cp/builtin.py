@@ -20,6 +20,11 @@ class _Builtin:
     def unsupported(self, heads: int, kv_heads: int, world: int) -> str | None:
         return None
 
+    def document_pieces(self, world: int) -> int:
+        """Pieces per document under ``parallel.cp_layout: zigzag_documents`` (``doc_layout.py``): the ring's 2W
+        chunks."""
+        return 2 * world
+
     def bytes_per_rank(self, shape) -> tuple[float, float]:
         return cost.bytes_per_rank(shape)[self.name]
 
@@ -52,6 +57,10 @@ class Ulysses(_Builtin):
         if heads % world or kv_heads % world:
             return f"ulysses needs heads ({heads}) and kv heads ({kv_heads}) divisible by {world} ranks"
         return None
+
+    def document_pieces(self, world: int) -> int:
+        """1: every rank attends over the whole sequence (its heads), balanced whatever the documents."""
+        return 1
 
 
 TOKENRING = TokenRing("tokenring")
@@ -102,6 +111,10 @@ class UlyssesAcross:
 
         inner, outer = rank_sets(ranks, self.ulysses)
         return {"inner": inner, "outer": outer, **({"outer_reverse": outer} if self.outer.needs_reverse_group else {})}
+
+    def document_pieces(self, world: int) -> int:
+        """2W/U: the outer ring's chunks (Ulysses inside a group splits heads, balanced whatever the documents)."""
+        return 2 * world // self.ulysses
 
     def bytes_per_rank(self, shape) -> tuple[float, float]:
         return cost.two_dim_bytes(shape, self.ulysses, self.outer.name)

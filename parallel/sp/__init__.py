@@ -19,8 +19,9 @@ class SequenceParallelMode(Protocol):
     keeps parameters gathered over the step and reduces gradients once, after the last),
     ``check(exp, dims)`` (ConfigError for what it cannot run on ``dims``, a ``ParallelDims``),
     ``longest_sequence(exp, world)`` (the longest row a model sees: its RoPE table) and
-    ``build(exp, model_args, dims, mesh, train_data, dp_rank, device, ranks_per_node, copy)`` ->
-    ``(mode, batch plan)`` (``copy``: a ``modes.ModelCopy`` for calibrations).
+    ``build(exp, model_args, dims, mesh, train_data, dp_rank, device, ranks_per_node, copy, cp_impl=None)`` ->
+    ``(mode, batch plan)`` (``copy``: a ``modes.ModelCopy`` for calibrations; ``cp_impl``: the run's cp strategy,
+    None without cp).
 
     On the instance: ``begin_step(micro)`` (before the step's first micro-batch, on every rank: e.g. make
     the process groups its plan needs) and ``prepare(model, batch) -> batch`` (this rank's part of the
@@ -36,7 +37,8 @@ class SequenceParallelMode(Protocol):
     def longest_sequence(cls, exp, world: int) -> int: ...
 
     @classmethod
-    def build(cls, exp, model_args, dims, mesh, train_data, dp_rank, device, ranks_per_node, copy): ...
+    def build(cls, exp, model_args, dims, mesh, train_data, dp_rank, device, ranks_per_node, copy,
+              cp_impl=None): ...
 
     def begin_step(self, micro) -> None: ...
 

@@ -33,6 +33,7 @@ from loomtrain.errors import ConfigError
 from loomtrain.parallel.cp import CP_STRATEGIES
 from loomtrain.parallel.cp import strategy as cp_strategy
 from loomtrain.parallel.cp.attention import shard_for, shard_sequence, zigzag_multiple
+from loomtrain.parallel.cp.doc_layout import pieces_for, reorder_batch
 from loomtrain.parallel.sp.planner import PoolRanks, placeable_rank_sets, plan_groups
 
 
@@ -61,14 +62,18 @@ class StaticSP:
         return exp.data.seq_len
 
     @classmethod
-    def build(cls, exp, model_args, dims, mesh, train_data, dp_rank: int, device, ranks_per_node: int, copy):
+    def build(cls, exp, model_args, dims, mesh, train_data, dp_rank: int, device, ranks_per_node: int, copy,
+              cp_impl=None):
         from loomtrain.data.loader import build_batch_plan
 
         cp_group = mesh["cp"].get_group() if dims.cp > 1 else None
-        return cls(cp_group), build_batch_plan(exp, train_data, dp_rank, dims.dp)
+        pieces = pieces_for(cp_impl, dims.cp) if cp_group and exp.parallel.cp_layout == "zigzag_documents" else 0
+        return cls(cp_group, pieces), build_batch_plan(exp, train_data, dp_rank, dims.dp)
 
-    def __init__(self, cp_group=None):
-        self.cp_group = cp_group
+    def __init__(self, cp_group=None, pieces: int = 0):
+        """``pieces``: with ``parallel.cp_layout: zigzag_documents``, how many pieces each packed document of a row
+        is cut into before the zigzag cut (``parallel/cp/doc_layout.py``); 0: the row is cut as a whole."""
+        self.cp_group, self.pieces = cp_group, pieces
 
     def begin_step(self, micro) -> None:
         pass
@@ -76,6 +81,7 @@ class StaticSP:
     def prepare(self, model, batch: dict) -> dict:
         if self.cp_group is None:
             return batch
+        batch = reorder_batch(batch, self.pieces)  # per-document zigzag: each document's pieces over the ranks
         return {k: shard_sequence(v, dim=1, group=self.cp_group) for k, v in batch.items()}
 
 
@@ -146,7 +152,8 @@ class AdaptiveSP:
         return max(d.seq_len, -(-(d.max_doc_tokens or d.seq_len) // (2 * world)) * 2 * world)
 
     @classmethod
-    def build(cls, exp, model_args, dims, mesh, train_data, dp_rank: int, device, ranks_per_node: int, copy):
+    def build(cls, exp, model_args, dims, mesh, train_data, dp_rank: int, device, ranks_per_node: int, copy,
+              cp_impl=None):
         """The pool, its process groups, the cost model (declared, or calibrated by the pool) and the plan."""
         from loomtrain.parallel.sp.planner import sp_degrees
 
@@ -300,12 +307,13 @@ class ModelCopy:
 
 
 def sequence_parallel(exp, model_args, dims, mesh, train_data, dp_rank: int, device, ranks_per_node: int,
-                      copy: ModelCopy):
-    """(mode, batch plan) for ``parallel.sp_mode`` (``parallel/sp/__init__.py``)."""
+                      copy: ModelCopy, cp_impl=None):
+    """(mode, batch plan) for ``parallel.sp_mode`` (``parallel/sp/__init__.py``); ``cp_impl``: the run's cp
+    strategy (``trainer/checks.py::cp_attention``), None without cp."""
     from loomtrain.parallel.sp import SP_MODES
 
     return SP_MODES.get(exp.parallel.sp_mode).build(exp, model_args, dims, mesh, train_data, dp_rank, device,
-                                                    ranks_per_node, copy)
+                                                    ranks_per_node, copy, cp_impl=cp_impl)
 
 
 def longest_sequence(exp, world: int) -> int:
