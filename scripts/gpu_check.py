@@ -531,6 +531,7 @@ def _cp_rank(rank: int, world: int, store_path: str, result_dir: str, device_typ
     import torch.distributed as dist
 
     from loomtrain.parallel.cp.attention import IMPLS, ContextParallelAttention, shard_for, unshard_sequence
+    from loomtrain.parallel.cp.doc_layout import along, inverse, pieces_for, row_orders
 
     if device_type == "cuda":
         torch.cuda.set_device(0)
@@ -544,6 +545,11 @@ def _cp_rank(rank: int, world: int, store_path: str, result_dir: str, device_typ
     shp = cp_shapes(tiny)
     q, k, v, dout = attention_inputs(shp["b"], shp["s"], shp["h"], shp["hkv"], shp["d"], device)
     packed = packed_doc_ids(shp["b"], shp["s"], shp["docs"]).to(device)
+    # per-document zigzag (parallel.cp_layout: zigzag_documents) on rows whose first documents are shorter than
+    # the pieces they are cut into (empty pieces: zero-length segments for the variable-length kernels)
+    short = torch.cat([torch.repeat_interleave(torch.arange(4), torch.tensor([1, 2, 3, 5])),
+                       4 + packed_doc_ids(1, shp["s"] - 11, shp["docs"])[0]])
+    short = short.expand(shp["b"], -1).contiguous().to(device)
     refs = {}
     rows, errors = [], []
     sizes = [w for w in (2, 4) if w <= world]
@@ -555,7 +561,8 @@ def _cp_rank(rank: int, world: int, store_path: str, result_dir: str, device_typ
             continue
         group, reverse = groups[w]
         for impl in IMPLS:
-            for docs_name, ids in (("one document per row", None), ("packed documents", packed)):
+            for docs_name, ids in (("one document per row", None), ("packed documents", packed),
+                                   ("packed, per-document zigzag, short documents", short)):
                 row = {"ranks": w, "impl": impl, "documents": docs_name}
                 if broken:
                     rows.append(dict(row, note="skipped: an earlier case failed (the groups may be out of step)"))
@@ -563,11 +570,19 @@ def _cp_rank(rank: int, world: int, store_path: str, result_dir: str, device_typ
                 try:
                     attn = ContextParallelAttention(impl, group, reverse_group=reverse, layout="zigzag",
                                                     comm=make_host_p2p())
-                    local = [shard_for(t, rank, w, dim=1).detach().clone().requires_grad_() for t in (q, k, v)]
-                    out = attn(*local, causal=True, doc_ids=None if ids is None else shard_for(ids, rank, w, dim=1))
-                    out.backward(shard_for(dout, rank, w, dim=1))
+                    order = None
+                    if ids is short:  # the row reordered as StaticSP.prepare does (pieces per strategy)
+                        order = row_orders(ids.cpu(), pieces_for(impl, w)).to(device)
+                    ins = [t if order is None else along(t, order) for t in (q, k, v, dout)]
+                    local = [shard_for(t, rank, w, dim=1).detach().clone().requires_grad_() for t in ins[:3]]
+                    sharded_ids = None if ids is None else shard_for(ids if order is None else along(ids, order),
+                                                                     rank, w, dim=1)
+                    out = attn(*local, causal=True, doc_ids=sharded_ids)
+                    out.backward(shard_for(ins[3], rank, w, dim=1))
                     full = [unshard_sequence(t.detach().to("cpu"), dim=1, group=group)
                             for t in (out, local[0].grad, local[1].grad, local[2].grad)]
+                    if order is not None:  # back to the row's own order, as the reference has it
+                        full = [along(t, inverse(order).cpu()) for t in full]
                     if rank == 0:
                         if docs_name not in refs:
                             refs[docs_name] = as_ref(*reference_attention(q, k, v, dout, ids))
