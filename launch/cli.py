@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "fabrics and compare with Megatron's default order")
     p.add_argument("--json", action="store_true", help="with --cluster: print the placement as JSON")
     p.add_argument("--device-memory-gb", type=float, default=80.0)
+    p.add_argument("--memory-gib", type=float, default=0.0, metavar="G",
+                   help="also print the longest sequence per rank whose estimated peak fits in G GiB, per "
+                        "activation_checkpoint mode")
     p.add_argument("--peak-tflops", type=float, default=0.0,
                    help="per-device peak (default: logging.peak_tflops, else H100 dense: 989 bf16 / 494 fp32)")
     p.add_argument("--intra-node-gbps", type=float, default=3600.0, help="per-device bandwidth inside a node")
@@ -186,6 +189,8 @@ def cmd_plan(args) -> int:
     if args.world_size is None:
         raise ConfigError("--world-size: required without --cluster")
     _at_least_one(world_size=args.world_size, gpus_per_node=args.gpus_per_node)
+    if args.memory_gib < 0:
+        raise ConfigError(f"--memory-gib: must be > 0, got {args.memory_gib}")
     for flag in ("device_memory_gb", "intra_node_gbps", "inter_node_gbps"):
         if getattr(args, flag) <= 0:
             raise ConfigError(f"--{flag.replace('_', '-')}: must be > 0, got {getattr(args, flag)}")
@@ -196,7 +201,7 @@ def cmd_plan(args) -> int:
         print(json.dumps(plan_cluster(exp, cluster, args.peak_tflops), indent=1))
         return 0
     print(plan(exp, args.world_size, args.gpus_per_node, args.device_memory_gb, args.peak_tflops,
-               args.intra_node_gbps, args.inter_node_gbps, cluster_file=args.cluster))
+               args.intra_node_gbps, args.inter_node_gbps, cluster_file=args.cluster, memory_gib=args.memory_gib))
     if cluster is not None:
         from loomtrain.launch.placement import describe
 

@@ -4,16 +4,8 @@ Builds the DeviceMesh on torch's fake process group (so degrees and flattening a
 checked by the same code the trainer runs), then prints group sizes, which ranks
 share a node, parameter count, FLOPs per token and a per-device memory estimate.
 
-Memory model (per device): parameters, gradients and two AdamW moments in fp32, divided
-by tp x pp x (dp_shard*cp when FSDP shards); with FSDP, the parameters gathered at once
-(three blocks and the output unit; every unit of a pipeline stage, which is not resharded
-after forward; the whole model in adaptive sp, whose ranks run different numbers of rows, one
-per forward) and, with gradient accumulation, pipeline microbatches or adaptive sp, the unsharded
-fp32 gradients FSDP2 keeps until the last micro-batch's reduce-scatter; without FSDP, bf16 adds
-autocast's copy of about two layers. Activations per layer follow Korthikanti et al. (2022) with flash
-attention (no s^2 term): 34*s*b*h bytes in 16-bit, /tp with sequence parallelism, /cp;
-with full activation checkpointing only each layer's input (2*s*b*h) is kept plus one
-layer's working set. The loss keeps fp32 logits: 4*s*b*V/tp.
+Memory: the peak per rank by part, from ``launch/memory.py`` (which moment of the step it is, every
+activation_checkpoint mode and the chunked loss), and with ``--memory-gib`` the longest sequence that fits per mode.
 """
 from __future__ import annotations
 
@@ -21,7 +13,6 @@ import math
 
 from loomtrain.data.batching import BATCHINGS
 from loomtrain.device import job_device_type
-from loomtrain.parallel.engines import ENGINES
 from loomtrain.parallel.mesh import ParallelDims
 from loomtrain.parallel.sp import SP_MODES
 from loomtrain.trainer.checks import REFERENCE_TFLOPS, check_experiment, cp_attention, micro_layout, tokens_per_step
@@ -67,45 +58,82 @@ def build_fake_mesh(dims: ParallelDims):
             dist.destroy_process_group()
 
 
-def memory_estimate(exp, args, dims: ParallelDims, vocab: int) -> dict[str, float]:
-    """Bytes per device by kind (see the module docstring), with the FSDP policy of ``apply_fsdp``."""
-    n = args.num_params()
-    model_split = dims.tp * dims.pp
-    fsdp = dims.fsdp_enabled and ENGINES.get(exp.parallel.dp_engine).applies_fsdp
-    fsdp_split = dims.dp_shard * dims.cp if fsdp else 1
-    states = n / model_split / fsdp_split
-    micro, n_micro = micro_layout(exp, dims)
-    adaptive = SP_MODES.get(exp.parallel.sp_mode).uneven  # groups planned per step (one row per forward)
-    if adaptive:  # one row (of data.seq_len tokens per rank) per forward
-        micro = 1
-    s, h, layers = exp.data.seq_len, args.dim, args.n_layers / dims.pp
-    width = 2 if exp.model.dtype == "bfloat16" else 4
-    per_layer = 34 * s * micro * h * (width / 2) / dims.tp / dims.cp
-    act_full = per_layer * layers
-    act_ckpt = (2 * s * micro * h * (width / 2) / dims.tp / dims.cp) * layers + per_layer
-    if dims.pp > 1:  # 1F1B keeps up to pp microbatches' activations in flight on the first stage (GPipe: all)
-        in_flight = n_micro if exp.parallel.pp_schedule == "gpipe" else min(n_micro, dims.pp)
-        act_full, act_ckpt = act_full * in_flight, act_ckpt * in_flight
-    logits = 4 * s * micro * vocab / dims.tp / dims.cp
-    out = {"parameters": 4 * states, "gradients": 4 * states, "optimizer": 8 * states,
-           "activations": act_full + logits, "activations (checkpointed)": act_ckpt + logits}
-    from loomtrain.parallel.dp_sync import DP_SYNC
+def memory_estimate(exp, args, dims: ParallelDims, vocab: int, device_type: str | None = None) -> dict[str, float]:
+    """Bytes per rank by part at the step's peak (``launch/memory.py``); ``vocab`` is ``args.vocab_size``'s (kept
+    for callers). ``device_type``: the run's (default: ``parallel.device``'s)."""
+    from loomtrain.launch.memory import estimate
 
-    if copies := DP_SYNC.get(exp.parallel.dp_sync).state_copies(exp):  # fp32 anchors, averages, momentum, ...
-        out["outer state (dp_sync)"] = 4 * copies * states
-    if fsdp and (fsdp_split > 1 or adaptive):
-        block = (n - 2 * vocab * h) / args.n_layers / dims.tp  # one block's parameters on this tp rank
-        head = vocab * h / dims.tp  # the output projection (the [norm, output] unit is kept after forward)
-        # Gathered at once: under pp every unit of the stage, in adaptive sp (ranks run different numbers of
-        # rows) the whole model, stays unsharded for the step (no reshard after forward); otherwise the block
-        # being computed, the prefetched next one, the last block (kept for backward) and the output unit.
-        gathered = block * layers + 2 * head if adaptive else block * layers + head if dims.pp > 1 else 3 * block + head
-        out["FSDP unsharded parameters"] = gathered * width
-        if n_micro > 1 or adaptive:  # gradient sync only on the last micro-batch: unsharded fp32 gradients till then
-            out["accumulation gradients (unsharded)"] = 4 * n / model_split
-    elif exp.model.dtype == "bfloat16":
-        out["bf16 working copy"] = 2 * n / model_split / max(1, args.n_layers) * 2  # autocast casts ~2 layers
-    return out
+    return estimate(exp, args, dims, device_type or job_device_type(exp.parallel.device))["parts"]
+
+
+MODES_SHOWN = ("none", "full", "selective", "offload", "full+offload")
+
+
+def memory_lines(exp, args, dims: ParallelDims, device: str, device_memory_gb: float) -> tuple[list[str], float]:
+    """(the plan's memory section, the estimated peak in bytes)."""
+    from loomtrain.launch.memory import estimate
+
+    est = estimate(exp, args, dims, device)
+    lines = [f"peak memory per rank (estimate; at the {est['moment']}; "
+             f"activation_checkpoint {exp.parallel.activation_checkpoint}"
+             + (f", loss chunks of {exp.train.loss_chunk_tokens} tokens" if exp.train.loss_chunk_tokens else "")
+             + "):"]
+    for k, v in est["parts"].items():
+        lines.append(f"  {k:<44}{v / GiB:>10.2f} GiB")
+    lines.append(f"  {'total':<44}{est['peak'] / GiB:>10.2f} GiB"
+                 + (f"  of {device_memory_gb:g} GiB" if device == "cuda" else "  (CPU: host memory)"))
+    if est["host"]:
+        lines.append(f"  {'offloaded to host memory':<44}{est['host'] / GiB:>10.2f} GiB")
+    if device == "cuda":
+        lines.append(f"  (torch.cuda.max_memory_allocated would read about {est['allocated'] / GiB:.2f} GiB: "
+                     "the total less the context and the allocator's slack)")
+    by_mode = []
+    for mode in MODES_SHOWN:
+        if mode == exp.parallel.activation_checkpoint:
+            continue
+        other = estimate(_with_mode(exp, mode), args, dims, device)
+        by_mode.append(f"{mode} {other['peak'] / GiB:.2f}")
+    lines.append("  other activation_checkpoint modes (GiB): " + ", ".join(by_mode))
+    return lines, est["peak"]
+
+
+def _with_mode(exp, mode: str):
+    """``exp`` with another ``parallel.activation_checkpoint`` (selective with its default op list)."""
+    from dataclasses import replace
+
+    from loomtrain.parallel.ac import DEFAULT_SAVE_OPS
+
+    sel = "selective" in mode
+    return replace(exp, parallel=replace(exp.parallel, activation_checkpoint=mode,
+                                         ac_every=exp.parallel.ac_every if sel else 1,
+                                         ac_save_ops=exp.parallel.ac_save_ops if sel else DEFAULT_SAVE_OPS))
+
+
+def longest_sequence_lines(exp, dims: ParallelDims, device: str, memory_gib: float) -> list[str]:
+    """``--memory-gib``: per activation_checkpoint mode, the longest ``data.seq_len`` whose estimated peak fits."""
+    from dataclasses import replace
+
+    from loomtrain.launch.memory import longest_sequence
+    from loomtrain.trainer.models import model_family
+
+    family = model_family(exp.model.family)
+    args0, _ = planned_model_args(exp)
+
+    def args_for(seq_len):
+        m = replace(exp.model, vocab_size=args0.vocab_size, max_seq_len=0)
+        return family.args(m, args0.vocab_size, seq_len)
+
+    multiple = 2 * dims.cp * dims.tp  # zigzag chunks under cp; whole tokens per tp rank
+    chunk = exp.train.loss_chunk_tokens
+    lines = [f"longest sequence per rank within {memory_gib:g} GiB (data.seq_len, {multiple}-token steps; "
+             f"micro-batch and layout as configured; loss " + (f"chunks of {chunk} tokens" if chunk else "unchunked")
+             + "):",
+             f"  {'activation_checkpoint':<24}{'data.seq_len':>14}{'tokens per rank':>18}{'peak (GiB)':>12}"]
+    for mode in MODES_SHOWN:
+        s, peak = longest_sequence(_with_mode(exp, mode), args_for, dims, device, memory_gib * GiB, multiple)
+        shown = f"{s:,}" if s else "none fits"
+        lines.append(f"  {mode:<24}{shown:>14}{s // dims.cp:>18,}{peak / GiB:>12.2f}")
+    return lines
 
 
 def traffic_per_step(exp, args, dims: ParallelDims) -> dict[str, float]:
@@ -185,9 +213,10 @@ def node_links(dims: ParallelDims, gpus_per_node: int, intra_bw: float, inter_bw
 
 def plan(exp, world_size: int, gpus_per_node: int = 8, device_memory_gb: float = 80.0,
          peak_tflops: float = 0.0, intra_node_gbps: float = 3600.0, inter_node_gbps: float = 400.0,
-         cluster_file: str | None = None) -> str:
+         cluster_file: str | None = None, memory_gib: float = 0.0) -> str:
     """The plan's text. ``cluster_file``: the step is modelled per fabric from that file (printed after this),
-    so the two-tier node estimate is left out rather than contradicting it."""
+    so the two-tier node estimate is left out rather than contradicting it. ``memory_gib``: also the longest sequence
+    per rank that fits in that much memory, per activation_checkpoint mode."""
     device = job_device_type(exp.parallel.device)
     dims = check_experiment(exp, world_size, min(gpus_per_node, world_size), device)  # refuses what train refuses
     sizes = build_fake_mesh(dims)
@@ -218,14 +247,11 @@ def plan(exp, world_size: int, gpus_per_node: int = 8, device_memory_gb: float =
                if BATCHINGS.get(exp.data.batching).whole_documents else
                f"batch: {exp.train.global_batch_size} sequences x {exp.data.seq_len} = {tokens:,} tokens/step, ") +
               f"{fpt * tokens / 1e15:.2f} PFLOP/step", "",
-              "per-device memory estimate:"]
-    mem = memory_estimate(exp, args, dims, args.vocab_size)
-    for k, v in mem.items():
-        lines.append(f"  {k:<36}{v / GiB:>10.2f} GiB")
-    ckpt = "full" in exp.parallel.activation_checkpoint.split("+")  # the estimate knows full recompute only
-    total = sum(v for k, v in mem.items() if k != ("activations" if ckpt else "activations (checkpointed)"))
-    lines.append(f"  {'total (' + ('with' if ckpt else 'without') + ' checkpointing)':<36}{total / GiB:>10.2f} GiB"
-                 + (f"  of {device_memory_gb:g} GiB" if device == "cuda" else "  (CPU: host memory)"))
+              ]
+    mem_lines, total = memory_lines(exp, args, dims, device, device_memory_gb)
+    lines += mem_lines
+    if memory_gib:
+        lines += [""] + longest_sequence_lines(exp, dims, device, memory_gib)
     peak = (peak_tflops or exp.logging.peak_tflops or REFERENCE_TFLOPS[exp.model.dtype]) * 1e12
     uneven = SP_MODES.get(exp.parallel.sp_mode).uneven
     est = step_estimate(exp, args, dims, node_links(dims, gpus_per_node, intra_node_gbps * 1e9 / 8,

@@ -1,31 +1,60 @@
-"""``plan``'s per-rank memory estimate against the peak measured while training, on CPU, 4 ranks.
+"""``plan``'s peak memory per rank (``launch/memory.py``) against the peak measured while training, on CPU.
 
-Each layout trains a few steps of one model (fp32, no activation checkpointing) on 4 forked
-gloo ranks. Measured: growth of each rank's peak resident memory (VmHWM) from just before the
-first step to the end, i.e. gradients, AdamW state, FSDP's gathered parameters and
-accumulation buffers, activations and logits (the parameter shards already exist before).
-Estimated: ``launch.plan.memory_estimate`` for the same experiment, minus its parameter line.
-CPU resident memory also holds allocator slack and gloo buffers, so this checks the model's
-terms and their scaling with the layout, not a GPU's exact figure.
+Each case trains a few steps of one small model (fp32) in the real trainer, on one process or on 4 forked gloo
+ranks. What is measured, per rank: the largest resident set size of the process during the steps (``VmHWM``,
+reset before each step by writing 5 to ``/proc/self/clear_refs``) minus its resident size just before the trainer
+was built (Python, torch's libraries and the gloo process group are left out; the parameters, gradients, optimizer
+state, activations, logits, communication buffers and everything else the trainer allocates are in). glibc's
+malloc is told (``mallopt``) to serve every block of 64 KiB or more from its own mapping and to give freed memory
+back at once, so the resident size follows the live tensors rather than what the allocator keeps cached; the
+largest rank is shown. Estimated: ``launch.memory.estimate(...)["peak"]`` for the same experiment, CPU runtime
+included.
 
-    python scripts/bench_memory.py
+    python scripts/bench_memory.py            # every case
+    python scripts/bench_memory.py --case tp  # the cases whose name contains "tp"
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import tempfile
+import time
 
-MODEL = ["model.dim=512", "model.n_layers=4", "model.n_heads=8", "model.n_kv_heads=4", "data.seq_len=512",
-         "train.global_batch_size=8", "train.steps=3", "train.eval_every=0", "train.progress=false",
-         "train.threads=1", "checkpoint.at_end=false", "logging.peak_tflops=1", "train.log_every=100"]
-LAYOUTS = {
-    "dp_shard=4": ["parallel.dp_shard=4"],
-    "tp=2 x dp_shard=2": ["parallel.tp=2", "parallel.dp_shard=2"],
-    "dp_shard=4, 2 micro-batches": ["parallel.dp_shard=4", "train.micro_batch_size=1"],
-    "pp=2 x dp_shard=2": ["parallel.pp=2", "parallel.dp_shard=2", "train.microbatches=2",
-                          "parallel.pp_schedule=gpipe"],
+MODEL = ["model.dim=256", "model.n_layers=4", "model.n_heads=8", "model.n_kv_heads=4", "model.vocab_size=4096",
+         "data.seq_len=2048", "train.global_batch_size=4", "train.steps=3", "train.eval_every=0",
+         "train.progress=false", "train.threads=1", "checkpoint.at_end=false", "logging.peak_tflops=1",
+         "train.log_every=100"]
+# name -> (ranks, overrides)
+CASES = {
+    "1 process, none": (1, ["train.global_batch_size=2"]),
+    "1 process, full": (1, ["train.global_batch_size=2", "parallel.activation_checkpoint=full"]),
+    "1 process, selective": (1, ["train.global_batch_size=2", "parallel.activation_checkpoint=selective", "parallel.ac_save_ops=matmul"]),
+    "1 process, offload": (1, ["train.global_batch_size=2", "parallel.activation_checkpoint=offload"]),
+    "1 process, none, loss chunks of 512": (1, ["train.global_batch_size=2", "train.loss_chunk_tokens=512"]),
+    "dp_shard=4, none": (4, ["parallel.dp_shard=4"]),
+    "tp=2 x dp_shard=2, selective": (4, ["parallel.tp=2", "parallel.dp_shard=2",
+                                         "parallel.activation_checkpoint=selective", "parallel.ac_save_ops=matmul"]),
+    "cp=4, full+offload": (4, ["parallel.cp=4", "parallel.dp_shard=1", "train.global_batch_size=1",
+                               "data.seq_len=8192", "parallel.activation_checkpoint=full+offload"]),
+    "cp=2 x dp_shard=2, none, loss chunks": (4, ["parallel.cp=2", "parallel.dp_shard=2", "data.seq_len=4096",
+                                                 "train.global_batch_size=2", "train.loss_chunk_tokens=512"]),
+    "pp=2 x dp_shard=2, 1F1B, none": (4, ["parallel.pp=2", "parallel.dp_shard=2", "train.microbatches=4",
+                                          "train.global_batch_size=8", "data.seq_len=1024",
+                                          "parallel.pp_schedule=1f1b"]),
+    "adaptive sp, 4 ranks, full": (4, ["parallel.sp_mode=adaptive", "parallel.dp_shard=4", "data.batching=documents",
+                                       "train.global_batch_tokens=16384", "parallel.activation_checkpoint=full"]),
 }
+
+
+def fix_malloc() -> None:
+    """Blocks of 64 KiB and more get their own mapping, freed memory goes back at once (glibc's ``mallopt``)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD (fixed: no dynamic raise)
+    libc.mallopt(-1, 1 << 16)  # M_TRIM_THRESHOLD
 
 
 def _kib(field: str) -> int:
@@ -33,47 +62,74 @@ def _kib(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def _measure(rank, overrides):
+def measure(rank, overrides) -> int:
+    """This rank's peak growth in bytes over the steps (see the module docstring)."""
     from loomtrain.launch.env import init_distributed
     from loomtrain.trainer import train as train_mod
     from loomtrain.trainer.config import load_config
 
+    fix_malloc()
     exp = load_config("tiny", overrides)
     env = init_distributed(exp.parallel)
     train_mod.set_threads(exp, env)
-    trainer = train_mod.Trainer(exp, env)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # peak := current
     before = _kib("VmRSS")
+    trainer = train_mod.Trainer(exp, env)
+    peak = 0
     for _ in range(exp.train.steps):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # peak := current
         trainer.train_step()
-    return (_kib("VmHWM") - before) * 1024
+        peak = max(peak, _kib("VmHWM"))
+    return (peak - before) * 1024
+
+
+def estimate(overrides, ranks: int) -> float:
+    """``launch.memory.estimate``'s peak for these overrides on ``ranks`` CPU ranks."""
+    from loomtrain.launch.memory import estimate as memory_estimate
+    from loomtrain.launch.plan import planned_model_args
+    from loomtrain.trainer.checks import check_experiment
+    from loomtrain.trainer.config import load_config
+
+    exp = load_config("tiny", overrides)
+    dims = check_experiment(exp, ranks, ranks, "cpu")
+    args, _ = planned_model_args(exp)
+    return memory_estimate(exp, args, dims, "cpu")["peak"]
+
+
+def run_case(overrides, ranks: int) -> int:
+    """The largest rank's measured peak growth (bytes)."""
+    from loomtrain.launch.forked import run_ranks
+
+    return max(run_ranks(measure, 0 if ranks == 1 else ranks, overrides, timeout=900))  # 0: one plain process
+
+
+def prepared_corpus(tmp: str) -> str:
+    from loomtrain.data.prepare import prepare
+    from loomtrain.trainer.config import DataConfig
+
+    prefix = os.path.join(tmp, "c")
+    prepare(DataConfig(corpus="stdlib", max_documents=300), out_prefix=prefix, writer="builtin")
+    return prefix
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.parse_args()
-    from loomtrain.data.prepare import prepare
-    from loomtrain.launch.forked import run_ranks
-    from loomtrain.launch.plan import memory_estimate
-    from loomtrain.parallel.mesh import ParallelDims
-    from loomtrain.trainer.config import DataConfig, load_config
-    from loomtrain.trainer.models.llama.model import ModelArgs
-
+    ap.add_argument("--case", default="", help="only the cases whose name contains this")
+    a = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="bench_memory_")
-    prepared = prepare(DataConfig(corpus="stdlib", max_documents=300), out_prefix=os.path.join(tmp, "c"),
-                       writer="builtin")
-    print("| layout | estimate (MiB) | measured peak growth, max over ranks (MiB) | error |")
-    print("|---|---|---|---|")
-    for name, layout in LAYOUTS.items():
-        ov = MODEL + layout + [f"data.prepared={os.path.join(tmp, 'c')}", f"train.output_dir={tmp}/{len(name)}"]
-        exp = load_config("tiny", ov)
-        dims = ParallelDims.from_config(exp.parallel, 4)
-        args = ModelArgs.from_config(exp.model, prepared.vocab_size, exp.data.seq_len)
-        est = memory_estimate(exp, args, dims, args.vocab_size)
-        want = sum(v for k, v in est.items() if k not in ("parameters", "activations (checkpointed)"))
-        got = max(run_ranks(_measure, 4, ov, timeout=900))
-        print(f"| {name} | {want / 2**20:.0f} | {got / 2**20:.0f} | {100 * (want - got) / got:+.0f}% |", flush=True)
+    prefix = prepared_corpus(tmp)
+    print("| case | ranks | estimate (MiB) | measured (MiB) | error |")
+    print("|---|---:|---:|---:|---:|")
+    worst, start = 0.0, time.perf_counter()
+    for i, (name, (ranks, layout)) in enumerate(CASES.items()):
+        if a.case not in name:
+            continue
+        ov = MODEL + layout + [f"data.prepared={prefix}", f"train.output_dir={tmp}/{i}"]
+        want, got = estimate(ov, ranks), run_case(ov, ranks)
+        err = (want - got) / got
+        worst = max(worst, abs(err))
+        print(f"| {name} | {ranks} | {want / 2**20:.0f} | {got / 2**20:.0f} | {100 * err:+.1f}% |", flush=True)
+    print(f"\nlargest error {100 * worst:.1f}%, {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

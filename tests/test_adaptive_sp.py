@@ -405,13 +405,13 @@ def test_the_memory_estimate_keeps_the_whole_model_gathered_in_adaptive_mode():
     args = ModelArgs.from_config(exp.model, exp.model.vocab_size, exp.data.seq_len)
     mem = memory_estimate(exp, args, dims, args.vocab_size)
     n = args.num_params()
-    assert mem["FSDP unsharded parameters"] == pytest.approx(2 * n, rel=0.02)
-    assert mem["accumulation gradients (unsharded)"] == pytest.approx(4 * n)
+    assert mem["FSDP gathered parameters"] == pytest.approx(2 * n, rel=0.02)
+    assert mem["accumulation gradients (unsharded fp32)"] == pytest.approx(4 * n)
     # pure replication (HSDP with shards of 1) keeps the same; activations are one row's at any pool size
     replicated = load_config("llama8b_512k_adaptive_cluster", ["parallel.dp_replicate=64", "parallel.dp_shard=1"])
     mem64 = memory_estimate(replicated, args, check_experiment(replicated, 64, 8, "cuda"), args.vocab_size)
-    assert mem64["FSDP unsharded parameters"] == mem["FSDP unsharded parameters"]
-    assert mem64["activations (checkpointed)"] == mem["activations (checkpointed)"]
+    assert mem64["FSDP gathered parameters"] == mem["FSDP gathered parameters"]
+    assert mem64["activations (full)"] == mem["activations (full)"]
 
 
 def test_padding_positions_stay_inside_the_rope_table(tmp_path):

@@ -433,5 +433,5 @@ def test_the_cluster_recipe_plans_every_stage(stage, world, tmp_path, capsys):
     argv = ["plan", "llama3_8b_extend_128k_cluster", "--world-size", str(world)]
     assert main(argv + [a for s in sets for a in ("--set", s)]) == 0
     out = capsys.readouterr().out
-    total = float(re.search(r"total \(with checkpointing\)\s+([\d.]+) GiB\s+of 80 GiB", out).group(1))
+    total = float(re.search(r"  total\s+([\d.]+) GiB\s+of 80 GiB", out).group(1))
     assert 0 < total < 80, out

@@ -54,6 +54,45 @@ class ModelArgs:
         total = self.n_layers * block + d + self.vocab_size * d  # blocks, final norm, output
         return total + (self.vocab_size * d if embeddings else 0)
 
+    def saved_per_token(self, device_type: str, working: int, residual: int) -> dict[str, list[tuple]]:
+        """What one block keeps for backward per token of its (cp) sequence shard, as the code above runs:
+        ``{"none": [...], "input": [...], "matmul": [...], ...}``, each a list of (what, bytes, split over tp). ``working``: bytes of
+        the matmul dtype (2 in bf16); ``residual``: of the residual stream (4 under autocast, whose embeddings and
+        residual adds stay fp32; 2 under FSDP's bf16 parameters). Not split over tp: the all-gathered input of a
+        column-parallel matmul and a row-parallel matmul's partial sums (sequence parallelism splits the rest,
+        heads or tokens).
+
+        ``none`` (counted with saved-tensor hooks, ``tests/test_memory_model.py``): the two RMSNorms keep their
+        inputs (the block input and the residual after attention) and rstd, on CPU also ``x * rstd`` (the
+        norm runs in fp32 there, CUDA's fused kernel needs only rstd); the norm outputs feed the matmuls; RoPE
+        keeps only the cos/sin rows (shared by all blocks, :meth:`shared_saved_per_token`); attention keeps the
+        rotated q and k, v, its output and the log-sum-exp (fp32 per head); SwiGLU keeps w1's and w3's outputs,
+        silu's and the product. ``selective`` (torch's selective checkpointing, ``parallel/ac.py``'s default op
+        list): the block input and the output of every matmul and attention call, needed by backward or not."""
+        d, kv, f, e, r = self.dim, self.n_kv_heads * self.head_dim, self.ffn_hidden, working, residual
+        none = [("block input and residual", 2 * r * d, True),
+                ("norm statistics" + (" and x*rstd" if device_type != "cuda" else ""),
+                 8 + (8 * d if device_type != "cuda" else 0), True),
+                ("norm outputs (matmul inputs)", 2 * e * d, False),
+                ("rotated q, k; v", e * (d + 2 * kv), True),
+                ("attention output, lse", e * d + 4 * self.n_heads, True),
+                ("SwiGLU", 4 * e * f, True)]
+        # selective, by ``parallel.ac_save_ops`` group: the block input, then the outputs of that group's ops
+        matmul = [("q, k, v", e * (d + 2 * kv), True), ("w1, w3", 2 * e * f, True),
+                  ("wo, w2 (partial sums under tp)", 2 * e * d, False)]
+        attention = [("attention output, lse", e * d + 4 * self.n_heads, True)]
+        # what a selectively checkpointed block's backward recomputes and holds: ``none``'s less the cached outputs
+        redo_matmul = none[:3] + [("rotated q, k", e * (d + kv), True), ("silu, product", 2 * e * f, True)]
+        # the head (final norm, output projection) keeps what a block's attention norm keeps, once
+        head = [("final norm input" + (", x*rstd" if device_type != "cuda" else ""),
+                 r * d + 4 + (4 * d if device_type != "cuda" else 0), True), ("final norm output", e * d, False)]
+        return {"none": none, "head": head, "input": [("block input", r * d, True)], "matmul": matmul, "attention": attention,
+                "recompute, matmul kept": redo_matmul + attention, "recompute, matmul and attention kept": redo_matmul}
+
+    def shared_saved_per_token(self) -> float:
+        """Bytes per token every block shares: the fp32 RoPE cos/sin rows and the position ids."""
+        return 4 * self.head_dim + 8
+
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 x matmul parameters + causal attention (6 * L * dim * S).
 
