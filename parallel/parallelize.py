@@ -1,4 +1,5 @@
-"""Lay a model over a DeviceMesh: ``apply_tp``, ``apply_cp``, ``apply_ac``, ``apply_compile``, ``apply_fsdp``.
+"""Lay a model over a DeviceMesh: ``apply_tp``, ``apply_cp``, ``apply_tiled_mlp``, ``apply_ac``, ``apply_compile``,
+``apply_fsdp``.
 
 Applied in that fixed order by :func:`parallelize_model`, outside the model code (the
 torchtitan pattern). Nothing here knows a module name: the model family supplies its plan
@@ -7,6 +8,7 @@ torchtitan pattern). Nothing here knows a module name: the model family supplies
 - ``model.layers``: the repeated blocks (a ModuleDict); AC (and activation offload), compile and FSDP act per block;
 - ``model.tp_plan(loss_parallel) -> (plan, block_plan)``: ``parallelize_module`` plans;
 - ``model.fsdp_units() -> [[module, ...], ...]``: groups FSDP shards on their own;
+- ``model.position_wise_modules() -> [name, ...]``: modules inside each block that the tiled MLP runs over tiles;
 - ``model.context_parallel``: set here to the ``ContextParallelAttention`` its attention layers call.
 
 FSDP2 (``fully_shard``) shards over ``dp_shard_cp`` and replicates over ``dp_replicate`` (HSDP).
@@ -50,6 +52,13 @@ def apply_cp(model: nn.Module, dims, cp_mesh, impl) -> None:
                                    kernel=getattr(model, "attention_backend", "auto"))
 
 
+def apply_tiled_mlp(model: nn.Module, tokens: int) -> None:
+    """Each block's position-wise modules over tiles of at most ``tokens`` tokens (``parallel/tiled_mlp.py``)."""
+    from loomtrain.parallel import tiled_mlp
+
+    tiled_mlp.apply_tiled_mlp(model, tokens)
+
+
 def apply_ac(model: nn.Module, mode: str = "full", every: int = 1, save_ops: str | None = None):
     """Activation checkpointing and offload per block, by ``mode`` (``parallel/ac.py``): none, full, selective,
     offload, full+offload, selective+offload. Returns the offloader when offloading, else None."""
@@ -87,14 +96,18 @@ def apply_fsdp(model: nn.Module, dp_mesh, param_dtype: torch.dtype, keep_gathere
 
 def parallelize_model(model: nn.Module, dims, mesh, *, loss_parallel: bool, activation_checkpoint: str,
                       compile: bool, param_dtype: torch.dtype, cp_impl: str = "tokenring", fsdp: bool = True,
-                      keep_gathered: bool = False, ac_every: int = 1, ac_save_ops: str | None = None) -> None:
+                      keep_gathered: bool = False, ac_every: int = 1, ac_save_ops: str | None = None,
+                      tiled_mlp_tokens: int = 0) -> None:
     """``fsdp=False`` leaves data parallelism to another engine (DeepSpeed); ``keep_gathered``: FSDP units stay
     gathered from the first forward to the step's last backward (pipeline stages, adaptive sp);
-    ``activation_checkpoint``, ``ac_every``, ``ac_save_ops``: ``parallel/ac.py``."""
+    ``activation_checkpoint``, ``ac_every``, ``ac_save_ops``: ``parallel/ac.py``; ``tiled_mlp_tokens`` (0: off):
+    ``parallel/tiled_mlp.py``."""
     if dims.tp > 1:
         apply_tp(model, mesh["tp"], loss_parallel)
     if dims.cp > 1:
         apply_cp(model, dims, mesh["cp"], cp_impl)
+    if tiled_mlp_tokens:
+        apply_tiled_mlp(model, tiled_mlp_tokens)
     if activation_checkpoint != "none":
         apply_ac(model, activation_checkpoint, ac_every, ac_save_ops)
     if compile:

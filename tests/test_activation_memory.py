@@ -1,5 +1,6 @@
 """Activation memory (issue 25): ``parallel.activation_checkpoint`` none | full | selective | offload and their
-combinations, the chunked loss (``train.loss_chunk_tokens``) and ``mem_peak_mib`` in ``metrics.jsonl``.
+combinations, the chunked loss (``train.loss_chunk_tokens``), the tiled MLP (``parallel.tiled_mlp_tokens``) and
+``mem_peak_mib`` in ``metrics.jsonl``.
 
 Each mode trades memory for recomputation or copies and must not change the training: losses, gradient norms and
 final parameters equal ``none``'s within 1e-5 (fp32) on one process and on 4 ranks (tp2 x cp2, pp2 x tp2), each
@@ -7,7 +8,8 @@ layout against itself without the modes. The pieces are checked where they act: 
 matmuls and attention kernel (backward recomputes none of them, full checkpointing recomputes all), the offload
 hooks really move every activation a block saves (and nothing else) and bring the block before back ahead of its
 backward, on CUDA on a side stream after the producing kernel; the chunked loss never computes more than a chunk's
-logits at once, under tensor parallelism vocabulary-parallel.
+logits at once, under tensor parallelism vocabulary-parallel; the tiled MLP saves none of its intermediates and
+recomputes one tile at a time (on CUDA: a lower allocator peak).
 """
 import json
 
@@ -18,6 +20,7 @@ from conftest import TEST_OVERRIDES, assert_same_training, run_ranks, train_capt
 
 STEPS = 3
 AC = "parallel.activation_checkpoint="
+TILED = "parallel.tiled_mlp_tokens="
 ONE_PROCESS = {  # every mode, every combination, and the settings of selective
     "full": [AC + "full"],
     "selective": [AC + "selective"],
@@ -28,6 +31,11 @@ ONE_PROCESS = {  # every mode, every combination, and the settings of selective
     "selective+offload": [AC + "selective+offload", "parallel.ac_every=2"],
     "chunked_loss": ["train.loss_chunk_tokens=100", "train.eval_every=3"],  # evaluation through it too
     "chunked_loss+selective+offload": ["train.loss_chunk_tokens=100", AC + "selective+offload"],
+    # the tiled MLP: 8 rows x 12 positions per tile, 6 tiles (the last of 4 positions)
+    "tiled_mlp": [TILED + "100", "train.eval_every=3"],
+    "tiled_mlp+full": [TILED + "100", AC + "full"],
+    "tiled_mlp+offload": [TILED + "100", AC + "offload"],
+    "tiled_mlp+selective+offload+chunked_loss": [TILED + "100", AC + "selective+offload", "train.loss_chunk_tokens=100"],
 }
 FOUR_RANKS = {  # layout, the modes it runs
     "tp2_cp2": (["parallel.tp=2", "parallel.cp=2", "parallel.dp_shard=1"],
@@ -36,6 +44,12 @@ FOUR_RANKS = {  # layout, the modes it runs
                 [AC + "full+offload", "train.loss_chunk_tokens=100"]),
     "pp2_cp2": (["parallel.pp=2", "parallel.cp=2", "parallel.dp_shard=1"],
                 [AC + "offload", "train.loss_chunk_tokens=100"]),
+    # the tiled MLP alone and combined: tiles of a tp rank's local shard (3 tiles: 6, 6, 4 positions of 16), per
+    # pipeline microbatch (2 tiles), under FSDP
+    "tp2_cp2_tiled": (["parallel.tp=2", "parallel.cp=2", "parallel.dp_shard=1"], [TILED + "100"]),
+    "pp2_tp2_tiled": (["parallel.pp=2", "parallel.tp=2", "parallel.dp_shard=1"],
+                      [TILED + "100", AC + "full+offload", "train.loss_chunk_tokens=100"]),
+    "dp2_cp2_tiled": (["parallel.dp_shard=2", "parallel.cp=2"], [TILED + "40", AC + "full"]),
 }
 
 
@@ -84,6 +98,7 @@ def test_metrics_record_the_peak_memory_of_each_logged_step(base, tmp_path):
     ([AC + "selective", "parallel.ac_every=0"], "parallel.ac_every: must be >= 1, got 0"),
     ([AC + "full+offload", "parallel.compile=true"], "parallel.compile: not with activation_checkpoint offload"),
     (["train.loss_chunk_tokens=-1"], "train.loss_chunk_tokens: must be >= 0"),
+    ([TILED + "-1"], "parallel.tiled_mlp_tokens: must be >= 0"),
 ])
 def test_bad_modes_are_one_line_and_exit_2(argv, field, capsys, tmp_path):
     from loomtrain.launch.cli import main
@@ -94,9 +109,11 @@ def test_bad_modes_are_one_line_and_exit_2(argv, field, capsys, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def _block_model(mode: str = "none", seq: int = 64, **kw):
-    """A 2-layer model of the test shape on CPU, its blocks wrapped for ``mode``; (model, offloader)."""
+def _block_model(mode: str = "none", seq: int = 64, tiled: int = 0, **kw):
+    """A 2-layer model of the test shape on CPU, its MLPs tiled by ``tiled`` tokens (0: not) and its blocks wrapped
+    for ``mode``; (model, offloader)."""
     from loomtrain.parallel.ac import apply_ac
+    from loomtrain.parallel.tiled_mlp import apply_tiled_mlp
     from loomtrain.trainer.config import load_config
     from loomtrain.trainer.models import model_family
 
@@ -106,6 +123,8 @@ def _block_model(mode: str = "none", seq: int = 64, **kw):
     model = family.build(args)
     model.init_weights(0)
     model.attention_backend = "cpu_flash"
+    if tiled:
+        apply_tiled_mlp(model, tiled)
     return model, (apply_ac(model, mode, **kw) if mode != "none" else None)
 
 
@@ -292,6 +311,43 @@ def test_chunked_loss_equals_the_whole_loss_and_never_holds_more_than_a_chunk_of
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)  # summed in another order
 
 
+@pytest.mark.parametrize("mode", ["none", "full"])
+def test_tiled_mlp_saves_no_intermediate_and_recomputes_one_tile_at_a_time(mode):
+    """Forward keeps none of the MLP's (rows x positions x ffn_hidden) intermediates (the untiled model keeps four per
+    block); backward recomputes the tiles last first, each tile's gradient done before the next tile is recomputed,
+    and every tile holds at most ``tiled_mlp_tokens`` tokens (2 rows x 20 positions: tiles of 20, 20, 20, 4)."""
+    hidden = _block_model()[0].args.ffn_hidden
+
+    def saved_ffn(model):  # activations (not weights) of ffn_hidden features autograd saves outside the tiles
+        weights, saved = {p.untyped_storage().data_ptr() for p in model.parameters()}, []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            loss = model(_tokens()).logsumexp(-1).sum()
+        return loss, sum(t.shape[-1] == hidden and t.untyped_storage().data_ptr() not in weights for t in saved)
+
+    assert saved_ffn(_block_model(mode)[0])[1] == (8 if mode == "none" else 0)  # full: recomputed whole blocks
+    model, _ = _block_model(mode, tiled=40)
+    log, phase = [], ["forward"]
+    w1 = model.layers["1"].get_submodule(("_checkpoint_wrapped_module." if mode == "full" else "")
+                                         + "feed_forward._checkpoint_wrapped_module.w1")
+
+    def on_w1(module, args, out):
+        positions = args[0].shape[1]
+        log.append((phase[0], positions))
+        if phase[0] == "forward" and out.requires_grad:  # the graph backward runs is the one forward built
+            out.register_hook(lambda g: log.append(("gradient", positions)))
+
+    w1.register_forward_hook(on_w1)
+    loss, saved = saved_ffn(model)
+    assert saved == 0 and log == [("forward", 20)] * 3 + [("forward", 4)]
+    log.clear()
+    phase[0] = "backward"
+    loss.backward()
+    if mode == "full":  # the block's recompute runs up to the last thing it saved, the last tile's input: through
+        assert log[:3] == [("backward", 20)] * 3  # the other tiles' forwards (under their checkpoints: nothing kept)
+        log = log[3:]
+    assert log == [e for positions in (4, 20, 20, 20) for e in (("backward", positions), ("gradient", positions))]
+
+
 def test_peak_memory_covers_the_interval_and_resets():
     from loomtrain.trainer.metrics import PeakMemory
 
@@ -334,5 +390,34 @@ def test_cuda_offload_takes_activations_off_the_device_and_trains_alike():
     model, offloader, held = run("offload")
     assert isinstance(offloader.copies(device), StreamCopies) and offloader.packed > 0 and offloader.prefetched > 0
     assert held < held_reference - offloader.packed_bytes // 2, (held, held_reference, offloader.packed_bytes)
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.gpu
+def test_cuda_tiled_mlp_lowers_the_peak_by_the_mlp_intermediates_and_trains_alike():
+    """On CUDA, where the allocator's peak is exact: tiles of 2048 tokens (4 rows x 512 positions of 4096) lower the
+    peak of a forward and backward by at least half of what the untiled MLPs keep (four rows x positions x
+    ffn_hidden fp32 tensors per block), with the gradients of the untiled model."""
+    from loomtrain.trainer.attention import resolve_backend
+
+    device = torch.device("cuda")
+    tokens = torch.randint(0, 320, (4, 4096), device=device, generator=torch.Generator(device).manual_seed(0))
+
+    def run(tiled):
+        model, _ = _block_model(seq=4096, tiled=tiled)
+        model.to(device)
+        model.attention_backend = resolve_backend("auto", "cuda", torch.float32, model.args.head_dim)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        model(tokens).logsumexp(-1).sum().backward()
+        torch.cuda.synchronize()
+        return model, torch.cuda.max_memory_allocated() - before
+
+    reference, peak_reference = run(0)
+    model, peak = run(2048)
+    kept = 4 * tokens.numel() * model.args.ffn_hidden * 4 * model.args.n_layers
+    assert peak < peak_reference - kept // 2, (peak, peak_reference, kept)
     for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)

@@ -21,6 +21,7 @@ from loomtrain.errors import ConfigError, require_positive
 from loomtrain.fsutil import atomic_write_text
 from loomtrain.registry import load_plugins
 from loomtrain.parallel import ac as activation_modes
+from loomtrain.parallel import tiled_mlp
 from loomtrain.parallel.cp import CP_STRATEGIES, usable
 from loomtrain.parallel.dp_sync import DP_SYNC
 from loomtrain.parallel.engines import ENGINES
@@ -175,6 +176,8 @@ class ParallelConfig:
     ac_every: int = 1  # selective: checkpoint every Nth block of each model part (pipeline stage); others kept whole
     ac_save_ops: str = "matmul,attention"  # selective: ops whose outputs are kept, comma-separated (matmul,
     #   attention, or aten names: mm, addmm, bmm, _scaled_dot_product_flash_attention, ...); "" = recompute all
+    tiled_mlp_tokens: int = 0  # 0 = off; N = each block's MLP runs over tiles of at most N tokens of the sequence,
+    #   each recomputed in backward, so one tile's intermediates exist at a time (parallel/tiled_mlp.py, ALST)
     compile: bool = False  # torch.compile each decoder block
     loss_parallel: bool = True  # vocab-parallel cross entropy when tp > 1
     dp_engine: str = "fsdp"  # fsdp (FSDP2 over the mesh) | deepspeed (ZeRO; data parallelism only)
@@ -641,6 +644,7 @@ def validate(exp: Experiment) -> None:
             f"train.micro_batch_size: must divide train.global_batch_size ({exp.train.global_batch_size}), "
             f"got {exp.train.micro_batch_size}")
     activation_modes.check(par)
+    tiled_mlp.check(par)
     _validate_faulttol(exp)
     _validate_dp_sync(exp)
     _validate_pipeline(exp)

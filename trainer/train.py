@@ -111,15 +111,17 @@ def set_threads(exp: Experiment, env) -> None:
 
 def lay_out_model(parts, exp: Experiment, dims, mesh, device, *, cp_impl, loss_parallel: bool,
                   fsdp: bool = True, keep_gathered: bool = False) -> None:
-    """Lay the parts of a model built on the meta device over the mesh (``parallelize_model``: TP, CP, AC, compile,
-    FSDP in that order), then allocate them on ``device`` and initialize them from ``train.seed``. The trainer's
-    one way to place its model, which ``loomtrain eval`` (``trainer/evaluate.py``) reuses before loading weights.
+    """Lay the parts of a model built on the meta device over the mesh (``parallelize_model``: TP, CP, tiled MLP,
+    AC, compile, FSDP in that order), then allocate them on ``device`` and initialize them from ``train.seed``. The
+    trainer's one way to place its model, which ``loomtrain eval`` (``trainer/evaluate.py``) reuses before loading
+    weights.
     ``cp_impl``: ``checks.cp_attention``'s answer (None without context parallelism)."""
     par = exp.parallel
     for part in parts:
         parallelize_model(part, dims, mesh, loss_parallel=loss_parallel, activation_checkpoint=par.activation_checkpoint,
                           compile=par.compile, param_dtype=DTYPES[exp.model.dtype], cp_impl=cp_impl, fsdp=fsdp,
-                          keep_gathered=keep_gathered, ac_every=par.ac_every, ac_save_ops=par.ac_save_ops)
+                          keep_gathered=keep_gathered, ac_every=par.ac_every, ac_save_ops=par.ac_save_ops,
+                          tiled_mlp_tokens=par.tiled_mlp_tokens)
     for part in parts:
         part.to_empty(device=device)
         part.init_weights(exp.train.seed)

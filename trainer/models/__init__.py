@@ -33,7 +33,10 @@ class ModelFamily(Protocol):
       the final norm and the output projection; under tensor parallelism it takes this rank's sequence shard and
       gathers a chunk's shards in rank order, as ``tp_plan`` lays them out) and the attribute ``hidden_output``
       (False; the trainer sets it True on the model or pipeline stage holding the head, whose forward then
-      returns the hidden states before ``head``).
+      returns the hidden states before ``head``). For the tiled MLP (``parallel.tiled_mlp_tokens``,
+      ``parallel/tiled_mlp.py``): ``position_wise_modules()``, the names inside each block of the modules whose
+      output at a position depends on that position's input alone (under tensor parallelism taking and giving
+      sequence shards, as ``tp_plan`` lays them out).
     - ``hf_adapter``: the module that converts to and from Hugging Face (names, RoPE layout, config.json),
       or None; with it ``hf_model_type`` (config.json's model_type: what ``model.init_from`` reads and export
       writes).

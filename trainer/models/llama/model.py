@@ -364,6 +364,12 @@ class Transformer(nn.Module):
         units = [[self.tok_embeddings], [m for m in (self.norm, self.output) if m is not None]]
         return [u for u in units if u and u[0] is not None]
 
+    def position_wise_modules(self) -> tuple[str, ...]:
+        """Modules inside each block whose output at a position depends on that position's input alone: the SwiGLU
+        MLP, which ``parallel.tiled_mlp_tokens`` runs over tiles of the sequence (``parallel/tiled_mlp.py``). Under
+        tensor parallelism its plan takes and gives sequence shards (``tp_plan``), as tiling needs."""
+        return ("feed_forward",)
+
     def pipeline_stage(self, layer_names: set[str], first: bool, last: bool) -> "Transformer":
         """A copy keeping only the named layers, plus the embeddings on the first stage and norm +
         output on the last (FQNs stay those of the unsplit model)."""
