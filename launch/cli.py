@@ -128,6 +128,10 @@ def preflight(exp: Experiment, world_size: int, local_world_size: int | None = N
     from loomtrain.trainer.checks import check_experiment, check_vocab
 
     dims = check_experiment(exp, world_size, local_world_size, device_type)
+    if dims.cp > 1:  # cp_impl=auto reading a cluster file that does not hold this run: one line, before any work
+        from loomtrain.launch.cp_links import cluster_links
+
+        cluster_links(exp, dims)
     if exp.data.tokenizer != "byte" and not os.path.isfile(exp.data.tokenizer):
         raise ConfigError(f"data.tokenizer: '{exp.data.tokenizer}' is neither 'byte' nor an existing tokenizer.json")
     if not exp.data.prepared and not exp.data.sources:
@@ -197,6 +201,10 @@ def cmd_plan(args) -> int:
     if args.peak_tflops < 0:
         raise ConfigError(f"--peak-tflops: must be >= 0, got {args.peak_tflops}")
     exp = load_config(args.config, args.overrides)
+    if cluster is not None and exp.parallel.cluster and (
+            os.path.realpath(exp.parallel.cluster) != os.path.realpath(args.cluster)):
+        raise ConfigError(f"--cluster: {args.cluster}, but parallel.cluster is {exp.parallel.cluster}; plan the "
+                          "cluster the run uses (give one of them)")
     if cluster is not None and args.json:
         print(json.dumps(plan_cluster(exp, cluster, args.peak_tflops), indent=1))
         return 0

@@ -106,6 +106,7 @@ class Placement:
     env: object  # the rank's DistEnv: renumbered when the placement needs it
     cluster: Cluster | None = None
     order: list[int] | None = None
+    cp_links: object = None  # launch/cp_links.py::CpLinks for cp_impl=auto, read from parallel.cluster (or None)
 
     def pp_split(self, exp, args, dims: ParallelDims, peak_flops: float) -> str:
         """``parallel.pp_split`` resolved: ``auto`` by the stages' fabrics when placed, else as configured."""
@@ -146,16 +147,23 @@ def crossings(found: dict[str, list[Group]], cluster: Cluster, sent: dict[str, f
 
 def compare(exp, args, dims: ParallelDims, cluster: Cluster, peak_flops: float) -> dict:
     """The placed order against Megatron's default: groups, bytes per fabric, modelled step times (data)."""
+    from loomtrain.launch.cp_links import for_plan
     from loomtrain.launch.plan import step_estimate, traffic_per_step
+    from loomtrain.trainer.checks import cp_attention
 
     if cluster.world_size != dims.world_size:
         raise ValueError(f"--cluster: its hosts hold {cluster.world_size} ranks, the plan is for {dims.world_size}")
-    sent = traffic_per_step(exp, args, dims)
     out = {}
     for name, order in (("placed", fabric_order(cluster)), ("megatron_default", naive_order(cluster))):
         found = groups(cluster, dims, order)
-        est = step_estimate(exp, args, dims, link_function(found), peak_flops)
+        # cp_impl: auto decided on this order's cp groups, as train decides with parallel.cluster (cp_links.py)
+        links = for_plan(exp, dims, cluster, order)
+        impl = cp_attention(exp, args, dims, links) if dims.cp > 1 else None
+        sent = traffic_per_step(exp, args, dims, impl)
+        est = step_estimate(exp, args, dims, link_function(found), peak_flops, impl)
+        est["cp_impl"] = None if impl is None else str(impl)
         out[name] = {"order": order, "step_s": est["step_s"], "estimate": est,
+                     "cp_links": links.describe() if links else None,
                      "bytes_per_fabric": bytes_per_fabric(found, sent),
                      "crossings": crossings(found, cluster, sent),
                      "groups": {d: [{"ranks": g.ranks, "hosts": g.hosts, "link": g.link, "gbps": g.gbps}
@@ -194,6 +202,8 @@ def describe(result: dict, max_groups: int = 4) -> list[str]:
                               for g in gs[:max_groups])
             more = f"; ... ({len(gs)} groups)" if len(gs) > max_groups else ""
             lines.append(f"  {dim:<13}{shown}{more}")
+        if r["estimate"]["cp_impl"]:
+            lines.append(f"  cp_impl      {r['estimate']['cp_impl']}" + (f" ({r['cp_links']})" if r["cp_links"] else ""))
         per = ", ".join(f"{link} {b / 1e9:.3f} GB" for link, b in sorted(r["bytes_per_fabric"].items()))
         lines.append(f"  bytes per step by link: {per or 'none'}")
         lines += [f"  warning: {c}" for c in r["crossings"]]
@@ -235,6 +245,10 @@ def place_ranks(exp, env, dims: ParallelDims) -> Placement:
         cluster = Cluster(base.fabrics, [Host(h, described[h].fabric, names.count(h), described[h].interface,
                                                  described[h].between_interface) for h in hosts],
                           base.between, base.intra_host_gbps)
+        if env.rank == 0 and dims.cp > 1 and par.cp_impl == "auto" and [(h.name, h.devices) for h in cluster.hosts] != [
+                (h.name, h.devices) for h in base.hosts]:
+            print(f"placement: warning: this job's hosts are not those of {par.cluster} in order; "
+                  "cp_impl=auto read the cp links from the file's hosts (launch/cp_links.py)", flush=True)
     else:
         cluster = cluster_from_nics([(h, names.count(h), next(nics for n, nics in every if n == h)) for h in hosts])
     order = fabric_order(cluster)

@@ -13,6 +13,7 @@ import math
 
 from loomtrain.data.batching import BATCHINGS
 from loomtrain.device import job_device_type
+from loomtrain.launch.cp_links import cluster_links
 from loomtrain.parallel.mesh import ParallelDims
 from loomtrain.parallel.sp import SP_MODES
 from loomtrain.trainer.checks import REFERENCE_TFLOPS, check_experiment, cp_attention, micro_layout, tokens_per_step
@@ -136,13 +137,14 @@ def longest_sequence_lines(exp, dims: ParallelDims, device: str, memory_gib: flo
     return lines
 
 
-def traffic_per_step(exp, args, dims: ParallelDims) -> dict[str, float]:
+def traffic_per_step(exp, args, dims: ParallelDims, cp_impl=None) -> dict[str, float]:
     """Bytes one rank sends per optimizer step over each kind of group (ring formulas, as comms/traffic.py
     counts them): ``tp`` (sequence parallel: 2 all-gathers + 2 reduce-scatters of the layer's activations
     forward, the same backward), ``dp_shard_cp`` (FSDP: parameter all-gathers forward and backward in
     the working dtype, fp32 gradient reduce-scatter), ``dp_replicate`` (HSDP's fp32 all-reduce of the
     gradient shard), ``cp`` (``parallel/cp/cost.py``) and ``pp`` (each microbatch's activations forward
-    and their gradients backward across a stage boundary)."""
+    and their gradients backward across a stage boundary). ``cp_impl``: the cp strategy (default:
+    ``checks.cp_attention``'s, what train runs)."""
     from loomtrain.parallel.cp import strategy
     from loomtrain.parallel.cp.cost import Shape
 
@@ -160,7 +162,7 @@ def traffic_per_step(exp, args, dims: ParallelDims) -> dict[str, float]:
            if dims.pp > 1 else 0.0,
            "cp": 0.0}
     if dims.cp > 1:
-        impl = cp_attention(exp, args, dims)
+        impl = cp_impl or cp_attention(exp, args, dims, cluster_links(exp, dims))
         shape = Shape(micro, s, args.n_heads // dims.tp, args.n_kv_heads // dims.tp, args.head_dim, dims.cp, e)
         out["cp"] = sum(strategy(impl).bytes_per_rank(shape)) * layers * n_micro
     return out
@@ -173,9 +175,9 @@ def _outer_sync_bytes(exp, shard_params: float, replicas: int) -> float:
     return DP_SYNC.get(exp.parallel.dp_sync).replica_bytes_per_step(exp, shard_params, replicas)
 
 
-def step_estimate(exp, args, dims: ParallelDims, link, peak_flops: float) -> dict[str, float]:
+def step_estimate(exp, args, dims: ParallelDims, link, peak_flops: float, cp_impl=None) -> dict[str, float]:
     """Modelled seconds per optimizer step and MFU. ``link(dim)``: bytes/s per device of that dimension's
-    slowest group (``dp_shard_cp`` for FSDP's group).
+    slowest group (``dp_shard_cp`` for FSDP's group); ``cp_impl``: as :func:`traffic_per_step`.
 
     compute: FLOPs / (devices x peak), stretched by the pipeline bubble of the configured
     schedule ((p-1)/(m+p-1); interleaving divides the idle part by the virtual stages);
@@ -189,9 +191,9 @@ def step_estimate(exp, args, dims: ParallelDims, link, peak_flops: float) -> dic
     tokens = tokens_per_step(exp)
     compute = tokens * args.flops_per_token(exp.data.seq_len) / (dims.world_size * peak_flops)
     bubble = bubble_fraction(exp.parallel.pp_schedule, dims.pp, n_micro, exp.parallel.pp_virtual_stages)
-    sent = traffic_per_step(exp, args, dims)
+    impl = (cp_impl or cp_attention(exp, args, dims, cluster_links(exp, dims))) if dims.cp > 1 else None  # as train
+    sent = traffic_per_step(exp, args, dims, impl)
     t = {d: sent[d] / link(d) if sent[d] else 0.0 for d in sent}
-    impl = cp_attention(exp, args, dims) if dims.cp > 1 else None  # what train will run
     from loomtrain.parallel.cp import strategy
 
     overlapped = impl is not None and strategy(impl).overlaps_compute

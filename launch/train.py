@@ -59,6 +59,7 @@ from loomtrain.faulttol import heartbeat
 from loomtrain.faulttol.inject import attempt
 from loomtrain.faulttol.manager import host_name, run_id
 from loomtrain.launch import dirlock
+from loomtrain.launch.cp_links import cluster_links
 from loomtrain.launch.env import init_distributed, read_env, shutdown
 from loomtrain.launch.placement import place_ranks
 from loomtrain.registry import load_plugins
@@ -77,6 +78,7 @@ def run(exp: Experiment, resume: str | None = None):
     load_plugins(exp.plugins)  # an Experiment built in another process: its plugins register here too
     rank, world, local_rank, local_world, _ = read_env()
     dims = check_experiment(exp, world, local_world)  # before any process group starts
+    cp_links = cluster_links(exp, dims) if dims.cp > 1 else None  # a cluster file that does not hold the run: here
     locks_here = rank == 0 and not dirlock.held_by_launcher(exp.train.output_dir)
     lock = dirlock.acquire(exp.train.output_dir, run=run_id()) if locks_here else None
     try:
@@ -92,6 +94,7 @@ def run(exp: Experiment, resume: str | None = None):
         traffic.install()  # bytes sent per purpose, logged with the metrics; the hang monitor sees the waits
         placement = place_ranks(exp, env, dims)
         env = placement.env  # renumbered, where the fabric order needs it
+        placement.cp_links = cp_links
         if env.is_main:
             save_config(exp, os.path.join(exp.train.output_dir, "config.yaml"))
         return Trainer(exp, env, resume, placement).fit()

@@ -128,11 +128,15 @@ def _check_attention(exp: Experiment, device_type: str) -> None:
 REFERENCE_TFLOPS = {"bfloat16": 989.0, "float32": 494.0}
 
 
-def cp_attention(exp: Experiment, args, dims: ParallelDims):
+def cp_attention(exp: Experiment, args, dims: ParallelDims, links=None):
     """The context-parallel attention strategy: the configured one (a name; a two-dimensional strategy bound to
-    ``parallel.cp_ulysses``), or for ``auto`` the cost model's
-    fastest for this model shape and the configured cp links (``parallel.cp_link_gbps``, ``cp_latency_us``,
-    ``cp_topology``; with ``cp_inner_link_gbps`` also the two-dimensional splits). A pure function of the experiment, so identical on every rank."""
+    ``parallel.cp_ulysses``), or for ``auto`` the cost model's fastest for this model shape and the cp links:
+    read from ``parallel.cluster`` for the run's real cp groups when one is set and the link numbers below are
+    left at their defaults (``launch/cp_links.py``: the tier across, and only the Ulysses group sizes whose
+    groups sit on a faster tier), else the configured ones (``parallel.cp_link_gbps``; with
+    ``cp_inner_link_gbps`` also the two-dimensional splits), with ``cp_latency_us`` and ``cp_topology``.
+    ``links``: the ``launch/cp_links.py::CpLinks`` the launcher read from ``parallel.cluster`` (None: the
+    configured numbers). A pure function of the experiment (and the cluster file), so identical on every rank."""
     par = exp.parallel
     if par.cp_ulysses:  # a two-dimensional strategy (validated): bound to its Ulysses group size
         from loomtrain.parallel.cp import strategy
@@ -147,5 +151,5 @@ def cp_attention(exp: Experiment, args, dims: ParallelDims):
     shape = Shape(micro, exp.data.seq_len, args.n_heads // dims.tp, args.n_kv_heads // dims.tp,
                   args.head_dim, dims.cp, elem_bytes=2 if exp.model.dtype == "bfloat16" else 4)
     flops = (exp.logging.peak_tflops or REFERENCE_TFLOPS[exp.model.dtype]) * 1e12
-    return choose(shape, par.cp_link_gbps * 1e9 / 8, par.cp_latency_us * 1e-6, flops, par.cp_topology,
-                  inner_bandwidth=par.cp_inner_link_gbps * 1e9 / 8 or None)
+    across, inner = links.bandwidths() if links else (par.cp_link_gbps * 1e9 / 8, par.cp_inner_link_gbps * 1e9 / 8)
+    return choose(shape, across, par.cp_latency_us * 1e-6, flops, par.cp_topology, inner_bandwidth=inner or None)

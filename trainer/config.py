@@ -158,7 +158,10 @@ class ParallelConfig:
     cp_layout: str = "zigzag"  # how a packed row is cut over the cp ranks: zigzag (the row in 2*cp chunks, rank r holds
     #   r and 2*cp-1-r) | zigzag_documents (each document so: balanced work when documents differ in length;
     #   docs/context-parallelism.md)
-    cp_link_gbps: float = 100.0  # for cp_impl=auto: bandwidth between cp peers per direction, Gbit/s
+    cp_link_gbps: float = 100.0  # for cp_impl=auto: bandwidth between cp peers per direction, Gbit/s. With
+    #   parallel.cluster and this and cp_inner_link_gbps at their defaults, auto reads both links from the cluster
+    #   instead (the tier the real cp groups span; splits only for U whose groups sit on a faster tier:
+    #   launch/cp_links.py); set either one and the declared numbers win
     # (auto also assumes logging.peak_tflops, or the H100 datasheet figure when that is 0)
     cp_latency_us: float = 10.0  # for cp_impl=auto: per-transfer latency between cp peers
     cp_topology: str = "full_mesh"  # for cp_impl=auto: full_mesh (NVSwitch-like) | ring

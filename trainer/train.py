@@ -160,7 +160,8 @@ class Trainer:
         # Sequence parallelism (static cp, or adaptive groups per step) and the batch plan that feeds it.
         backend = self.attention_backend = resolve_backend(exp.model.attention, env.device.type, self.dtype,
                                                            self.args.head_dim)
-        self.cp_impl = cp_attention(exp, self.args, self.dims) if self.dims.cp > 1 else None
+        links = placement.cp_links if placement is not None else None  # from parallel.cluster (the launcher's)
+        self.cp_impl = cp_attention(exp, self.args, self.dims, links) if self.dims.cp > 1 else None
         self.sp, plan = sequence_parallel(exp, self.args, self.dims, self.mesh, self.train_data, self.dp_rank,
                                           env.device, env.local_world_size,
                                           ModelCopy(family.build, token_loss_sum, backend), cp_impl=self.cp_impl)

@@ -112,20 +112,25 @@ def predict(shape, bandwidth: float, latency: float, flops: float, topology: str
             for n in usable(shape.heads, shape.kv_heads, shape.world, names)}
 
 
-def splits(shape, inner_bandwidth: float) -> list:
+def splits(shape, inner_bandwidth) -> list:
     """Every two-dimensional strategy bound to every Ulysses group size U that splits ``shape`` (1 < U < world,
-    dividing it and the heads), its all-to-all costed on ``inner_bandwidth`` (the link inside a group)."""
-    u_all = [u for u in range(2, shape.world) if shape.world % u == 0]
+    dividing it and the heads), its all-to-all costed on ``inner_bandwidth`` (the link inside a group, bytes/s).
+    ``inner_bandwidth`` may be a {U: bytes/s} mapping instead: only those U, each on its own link (the group sizes
+    whose groups really sit on a faster tier: ``launch/cp_links.py``)."""
+    links = inner_bandwidth if isinstance(inner_bandwidth, dict) else {
+        u: inner_bandwidth for u in range(2, shape.world) if shape.world % u == 0}
     return [b for _, s in CP_STRATEGIES.items() if two_dimensional(s)
-            for b in (s.with_ulysses(u, inner_bandwidth) for u in u_all)
+            for b in (s.with_ulysses(u, bw) for u, bw in sorted(links.items()) if 1 < u < shape.world
+                      and shape.world % u == 0)
             if b.unsupported(shape.heads, shape.kv_heads, shape.world) is None]
 
 
 def choose(shape, bandwidth: float, latency: float, flops: float, topology: str = "full_mesh", names=None,
-           inner_bandwidth: float | None = None):
+           inner_bandwidth=None):
     """The predicted fastest usable strategy (of ``names``; default every registered one): a name, or with
-    ``inner_bandwidth`` (the link inside groups of consecutive cp ranks; ``bandwidth`` is then the link between
-    them) possibly a two-dimensional strategy bound to its Ulysses group size (:func:`splits`)."""
+    ``inner_bandwidth`` (the link inside groups of consecutive cp ranks, or {U: that link} for the group sizes U
+    allowed: :func:`splits`; ``bandwidth`` is then the link between them) possibly a two-dimensional strategy
+    bound to its Ulysses group size."""
     t = predict(shape, bandwidth, latency, flops, topology, names)
     if inner_bandwidth:
         t.update({b: b.seconds(shape, bandwidth, latency, flops, topology) for b in splits(shape, inner_bandwidth)})
