@@ -89,9 +89,15 @@ def predict_seconds(s: Shape, bandwidth: float, latency: float, flops: float,
 
 
 def _all_to_all_seconds(s: Shape, bandwidth: float, latency: float, topology: str) -> float:
-    """Ulysses' four all-to-alls (q, k, v and out forward; their gradients backward), exposed."""
+    """Ulysses' four all-to-alls (q, k, v and out forward; their gradients backward), exposed.
+
+    ``bandwidth`` is what one rank can send (its NVLink total inside a node, its NIC between nodes): on a
+    switched full mesh a rank's (W-1)/W of the data leaves through it whatever the number of peers. (This model
+    once divided by W-1 links, as if every peer had a link of its own: Ulysses over 2 hosts x 2 ranks measured
+    1.3-1.5 s where it predicted 0.79, scripts/bench_context_tiers.py.) On a ring, traffic crosses W/4 hops on
+    average over the two directions."""
     w, z = s.world, _sizes(s)
-    links = (w - 1) if topology == "full_mesh" else 2 / max(1.0, w / 4)
+    links = 1.0 if topology == "full_mesh" else 2 / max(1.0, w / 4)
     a2a = (w - 1) / w * (2 * z["q"] + 2 * z["kv"])
     return 2 * a2a / (bandwidth * links) + 8 * latency
 
