@@ -85,3 +85,28 @@ def test_plan_figures_agree_with_each_other(tmp_path, capsys):
     assert "Gbit/s between nodes" not in out and "estimated step time" not in out  # the file's fabrics decide
     assert "modelled step" in out and "ranks 0,16 on a0,b0 via dc" in out  # a pipeline pair, not 17 ranks
     assert "ranks 0-15 on a0,a1 via pod-a" in out
+
+
+@pytest.mark.parametrize("config, world, layout", [
+    ("llama70b_256k_cluster", 512, "pp=4 x dp_replicate=1 x dp_shard=4 x cp=8 x tp=4"),
+    ("llama405b_128k_cluster", 1024, "pp=16 x dp_replicate=1 x dp_shard=4 x cp=2 x tp=8"),
+    ("llama8b_512k_adaptive_cluster", 512, None),
+])
+def test_the_large_cluster_configs_plan_within_80_gib(config, world, layout, capsys):
+    """The 70B at 256K (2-D cp inside pp), 405B at 128K and 8B at 512K recipes fit an 80 GiB GPU by plan's memory
+    model, with their activation modes; without them (plain full checkpointing for the 405B, no loss chunks for
+    the 8B) they would not, which is why the configs set them."""
+    import re
+
+    def total(extra):
+        assert main(["plan", config, "--world-size", str(world), *extra]) == 0
+        out = capsys.readouterr().out
+        if layout:
+            assert layout in out
+        return float(re.search(r"total\s+([\d.]+) GiB\s+of 80 GiB", out).group(1))
+
+    assert total([]) < 80 * 0.9  # a 10% margin for the model's error
+    if config == "llama405b_128k_cluster":
+        assert total(["--set", "parallel.activation_checkpoint=full"]) > 80 * 0.9
+    if config == "llama8b_512k_adaptive_cluster":
+        assert total(["--set", "train.loss_chunk_tokens=0"]) > 80
