@@ -5,7 +5,9 @@ The peak is the largest of three moments of a step, each a sum of what is alive 
 - **loss**: the forward is done; every activation the checkpoint mode keeps is alive (under pipeline
   parallelism, those of the schedule's in-flight microbatches), and the cross entropy's backward holds the fp32
   log-softmax, its incoming gradient and its input's gradient (3 x 4 bytes per logit; the whole shard of logits, or
-  one chunk of ``train.loss_chunk_tokens`` under the chunked loss, which keeps the hidden states instead).
+  one chunk of ``train.loss_chunk_tokens`` under the chunked loss, which keeps the hidden states instead); a
+  pipeline's last stage also holds its output, the logits, which the schedule keeps until that microbatch's backward
+  (measured: 16 MiB of the 1 x 1,024-token microbatches of ``scripts/bench_memory.py``'s pp case).
 - **first block's backward** and **last block's backward**: the kept activations of the blocks not yet done, the
   block's recomputed forward (``full``/``selective``: what ``none`` would have kept for it), its gradient
   temporaries (two of the SwiGLU width and two of the model width per token), and the parameter gradients
@@ -157,6 +159,8 @@ def _rank(exp, args, dims, device_type: str, first: bool, last: bool) -> dict:
         # fp32 log-softmax, its gradient and the input's gradient; torch's vocabulary-parallel log-softmax
         # (tensor/parallel/loss.py) holds the logits, their shifted copy, its exp and the result at once
         loss = (16 if lp > 1 else 12) * logits + (e * logits if bf16 else 0)
+        if dims.pp > 1 and not chunk:  # the schedule keeps the stage's output, the logits, until its backward
+            loss += e * logits
         if chunk:  # the hidden states stay (the head runs per chunk); their gradient builds up over the chunks
             loss += (r + 4) * tokens * h / tp
         else:

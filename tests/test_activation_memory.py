@@ -11,6 +11,7 @@ backward, on CUDA on a side stream after the producing kernel; the chunked loss 
 logits at once, under tensor parallelism vocabulary-parallel; the tiled MLP saves none of its intermediates and
 recomputes one tile at a time (on CUDA: a lower allocator peak).
 """
+import contextlib
 import json
 
 import pytest
@@ -109,7 +110,7 @@ def test_bad_modes_are_one_line_and_exit_2(argv, field, capsys, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def _block_model(mode: str = "none", seq: int = 64, tiled: int = 0, **kw):
+def _block_model(mode: str = "none", seq: int = 64, tiled: int = 0, backend: str = "cpu_flash", **kw):
     """A 2-layer model of the test shape on CPU, its MLPs tiled by ``tiled`` tokens (0: not) and its blocks wrapped
     for ``mode``; (model, offloader)."""
     from loomtrain.parallel.ac import apply_ac
@@ -122,7 +123,7 @@ def _block_model(mode: str = "none", seq: int = 64, tiled: int = 0, **kw):
     torch.manual_seed(0)
     model = family.build(args)
     model.init_weights(0)
-    model.attention_backend = "cpu_flash"
+    model.attention_backend = backend
     if tiled:
         apply_tiled_mlp(model, tiled)
     return model, (apply_ac(model, mode, **kw) if mode != "none" else None)
@@ -164,6 +165,49 @@ def test_selective_keeps_matmuls_and_attention_and_recomputes_elementwise_ops():
     assert selective[mm] == none[mm] and recomputed == 6 and full[mm] == none[mm] + 2 * recomputed
     mm_only = _backward_ops("selective", save_ops="mm")
     assert mm_only.get(attention, 0) == 2 and mm_only[mm] == none[mm]  # an op list of one: attention recomputed
+
+
+def _packed_step(mode: str, route: str):
+    """(loss, gradients by parameter name, attention forward calls in forward and in backward) of one step over 2
+    rows of 512 tokens holding 5 documents each: long enough for the per-document variable-length calls
+    (``trainer/attention.py::PER_DOCUMENT_MIN_SEQ``). ``route``: ``cpu_flash`` (fp32, a CPU flash call per
+    document) or ``flash_op`` (bf16 autocast through torch's varlen flash op, the CUDA route)."""
+    from test_cp_kernel_calls import packed_ids
+
+    model, _ = _block_model(mode, seq=512, backend="sdpa_flash" if route == "flash_op" else "cpu_flash")
+    op = (torch.ops.aten._flash_attention_forward if route == "flash_op"
+          else torch.ops.aten._scaled_dot_product_flash_attention_for_cpu).default
+    tokens = torch.randint(0, 320, (2, 512), generator=torch.Generator().manual_seed(2))
+    with OpCounter() as forward, torch.autocast("cpu", torch.bfloat16, enabled=route == "flash_op"):
+        loss = model(tokens, doc_ids=packed_ids(3, 512, 5, seed=2)[1:]).float().logsumexp(-1).mean()
+    with OpCounter() as backward:
+        loss.backward()
+    grads = {n.replace("_checkpoint_wrapped_module.", ""): p.grad for n, p in model.named_parameters()}
+    return loss.detach(), grads, forward.counts.get(op, 0), backward.counts.get(op, 0)
+
+
+@pytest.mark.parametrize("route", ["cpu_flash", "flash_op"])
+def test_selective_over_packed_documents_trains_like_none(route):
+    """Selective checkpointing with the default ``ac_save_ops`` (the attention kernels' outputs kept) over packed
+    documents: loss and gradients equal ``none``'s within 1e-5, and backward reruns no attention kernel.
+
+    ``cpu_flash``: the process's first CPU flash call comes from inside a checkpointed block (the kernel's GQA
+    probe, cached per process, is cleared first): the probe's own calls of the op were once recorded by the
+    selective mode and handed to the recompute in place of the documents' results (a shape error in backward).
+    ``flash_op``: the CUDA route, torch's varlen flash op modelled on CPU by a kernel that enforces its contract
+    (tests/test_cp_kernel_calls.py), one call per layer."""
+    from test_cp_kernel_calls import flash_op_on_cpu
+
+    from loomtrain.parallel.cp import block_kernels
+
+    with flash_op_on_cpu() if route == "flash_op" else contextlib.nullcontext():
+        loss, grads, calls, _ = _packed_step("none", route)
+        block_kernels._cpu_flash_gqa.cache_clear()
+        sel_loss, sel_grads, sel_calls, recomputed = _packed_step("selective", route)
+    assert calls == sel_calls == (2 if route == "flash_op" else 2 * 2 * 5) and recomputed == 0
+    torch.testing.assert_close(sel_loss, loss, rtol=1e-5, atol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(sel_grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)
 
 
 class Recording:

@@ -370,9 +370,10 @@ def _fake_flash_backward(grad_out, query, key, value, out, logsumexp, cum_seq_q,
     return dq.to(query.dtype), dk.to(query.dtype), dv.to(query.dtype)
 
 
-@pytest.fixture
-def cuda_flash_model():
-    """torch's varlen flash ops given a CPU kernel that enforces the CUDA kernel's contract (removed after)."""
+@contextlib.contextmanager
+def flash_op_on_cpu():
+    """torch's varlen flash ops given a CPU kernel that enforces the CUDA kernel's contract (removed after);
+    tests/test_activation_memory.py runs a model's packed documents through it."""
     lib = torch.library.Library("aten", "IMPL")
     lib.impl("_flash_attention_forward", _fake_flash_forward, "CPU")
     lib.impl("_flash_attention_backward", _fake_flash_backward, "CPU")
@@ -380,6 +381,12 @@ def cuda_flash_model():
         yield
     finally:
         lib._destroy()
+
+
+@pytest.fixture
+def cuda_flash_model():
+    with flash_op_on_cpu():
+        yield
 
 
 # bf16: outputs rounded to bf16 by the op; the tolerance of tests/test_block_kernels.py (8 units of 2^-8).

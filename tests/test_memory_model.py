@@ -84,7 +84,8 @@ def test_parts_of_a_small_config_match_hand_computed_numbers():
 
 def test_layouts_divide_what_they_split():
     """tp halves the head-sharded activations and the vocabulary-parallel logits, cp halves the tokens, FSDP over 4
-    ranks quarters the states; pipeline 1F1B holds min(microbatches, pp) microbatches on its first stage."""
+    ranks quarters the states; pipeline 1F1B holds min(microbatches, pp) microbatches on its first stage, and its last
+    stage the logits of its microbatch as well."""
     _, _, _, one = _estimate([])
     _, _, _, cp = _estimate(["parallel.cp=2", "data.seq_len=2048"], world=2)
     assert cp["parts"]["activations (none)"] == pytest.approx(one["parts"]["activations (none)"], rel=1e-9)
@@ -97,6 +98,13 @@ def test_layouts_divide_what_they_split():
     _, _, _, gpipe = _estimate(["parallel.pp=2", "train.microbatches=4", "train.global_batch_size=8",
                                 "parallel.pp_schedule=gpipe"], world=2)
     assert gpipe["peak"] > pp["peak"]
+    # the last stage's microbatch is one's forward (2 x 1,024 tokens) and also holds its logits (fp32): the schedule
+    # keeps a stage's output until that microbatch's backward (bench_memory.py's pp case: 16 MiB)
+    from loomtrain.launch import memory
+
+    exp, args, dims, _ = _estimate(["parallel.pp=2", "train.microbatches=4", "train.global_batch_size=8"], world=2)
+    last = memory._rank(exp, args, dims, "cpu", first=False, last=True)
+    assert last["parts"]["logits and loss"] == one["parts"]["logits and loss"] + 4 * 2 * 1024 * 4096
 
 
 def test_memory_gib_answers_are_monotone_and_consistent_with_the_estimate():
@@ -171,3 +179,25 @@ def test_tiled_mlp_keeps_only_one_tiles_intermediates(mode):
     # a block's backward: the recomputed MLP holds one tile's four tensors (and temporaries), not the sequence's
     saved_in_backward = plain["moments"]["first block backward"] - tiled["moments"]["first block backward"]
     assert saved_in_backward >= kept + ffn_tok * (2 * tokens - 6 * tile)
+
+
+def test_pipeline_steps_ask_the_schedule_not_to_keep_every_output():
+    """The last stage would otherwise keep every microbatch's logits until the step ends (and concatenate them):
+    bench_memory.py's pp case measured 270 MiB on the last stage with them, 218-222 without. Older torch (no
+    ``return_outputs``) gets nothing it would hand to the model as a keyword."""
+    import inspect
+
+    from torch.distributed import pipelining
+
+    from loomtrain.trainer.step import _no_outputs
+
+    class Old:
+        def step(self, *args, target=None, losses=None, **kwargs):
+            pass
+
+    assert _no_outputs(Old()) == {}
+    for name in ("ScheduleGPipe", "Schedule1F1B", "ScheduleInterleaved1F1B"):
+        cls = getattr(pipelining, name)
+        if "return_outputs" not in inspect.signature(cls.step).parameters:
+            pytest.skip("torch < 2.10: schedules take no return_outputs")
+        assert _no_outputs(cls) == {"return_outputs": False}, name

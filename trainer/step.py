@@ -10,6 +10,7 @@ engine's precision context, so bf16 means the same thing under every layout.
 """
 from __future__ import annotations
 
+import inspect
 
 import torch
 import torch.distributed as dist
@@ -19,6 +20,12 @@ from loomtrain.parallel.parallelize import loss_parallel_context  # noqa: F401  
 from loomtrain.trainer.loss import token_loss_sum
 
 
+
+
+def _no_outputs(schedule) -> dict:
+    """``return_outputs=False`` where the schedule takes it (torch >= 2.10): else the last stage keeps every
+    microbatch's output (the logits) until the step ends and concatenates them for a return value nobody reads."""
+    return {"return_outputs": False} if "return_outputs" in inspect.signature(schedule.step).parameters else {}
 
 
 class MicroBatchSteps:
@@ -74,7 +81,7 @@ class PipelineSteps:
         run = self.schedule.step if train else self.schedule.eval
         losses: list[torch.Tensor] = []
         with loss_parallel_context(self.loss_parallel), self.engine.precision():
-            run(*args, target=target, losses=losses, position_ids=batch["position_ids"],
+            run(*args, target=target, losses=losses, position_ids=batch["position_ids"], **_no_outputs(self.schedule),
                 **({"doc_ids": batch["doc_ids"]} if "doc_ids" in batch else {}))
         # The schedule's first run also calls loss_fn while it infers shapes: keep the microbatches' own calls.
         mine = self._sums[len(self._sums) - len(losses):] if losses else []

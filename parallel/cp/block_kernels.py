@@ -54,6 +54,7 @@ import re
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _disable_current_modes
 
 BACKENDS = ("cudnn", "fa3", "flash_attn", "sdpa_flash", "sdpa_efficient", "cpu_flash", "math")
 KERNELS = ("auto",) + BACKENDS
@@ -293,7 +294,17 @@ def _kill_dead(out, lse, mask):
 @functools.cache
 def _cpu_flash_gqa() -> bool:
     """Whether this torch's CPU flash op takes fewer K/V heads than query heads (2.13 does), forward and
-    backward, with the grouping of ``repeat_interleave``: probed once on tiny fixed tensors."""
+    backward, with the grouping of ``repeat_interleave``: probed once on tiny fixed tensors.
+
+    The probe runs outside every active dispatch mode: its first call may come from inside a block under
+    selective checkpointing (``parallel/ac.py``), whose mode records the outputs of the attention op in call
+    order and hands them back, in that order, to the block's recompute; a probe recorded there (and not
+    repeated by the recompute: cached) would shift every later output by one call."""
+    with _disable_current_modes():
+        return _probe_cpu_flash_gqa()
+
+
+def _probe_cpu_flash_gqa() -> bool:
     op, bwd = (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
                torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward)
     q = torch.linspace(-1, 1, 4 * 3 * 8).reshape(1, 4, 3, 8)
