@@ -33,7 +33,7 @@ def _rss_kib() -> tuple[int, int]:
     return values.get("RssAnon", 0), values.get("VmRSS", 0)
 
 
-class PeakMemory:
+class SampledGrowth:
     """Peak growth of this process's resident memory while the block runs (sampled): private (copies made) and
     all (with the file pages it maps: safetensors maps its files, so a whole-file load's tensors are file pages)."""
 
@@ -97,7 +97,7 @@ def _rank(rank, config, overrides, mode):
 
     def measured(model, init_from, hf_names):
         load = sharded if mode == "sharded" else whole_state_dict_load
-        with PeakMemory() as mem:
+        with SampledGrowth() as mem:
             start = time.perf_counter()
             stats = load(model, init_from, hf_names)
             seconds = time.perf_counter() - start
