@@ -16,8 +16,10 @@ The peak is the largest of three moments of a step, each a sum of what is alive 
 
 Always alive: fp32 parameters, gradients' accumulation buffers, AdamW's two fp32 moments (one rank's shard of all
 three under FSDP), FSDP's gathered units in the working dtype (three blocks and the output unit; every unit of a
-pipeline stage or, in adaptive sp, the whole model), autocast's bf16 weight copies without FSDP (cached for the
-step: every matmul keeps its weight's), communication buffers, and the runtime.
+pipeline stage or, in ``sp_mode: adaptive``, the whole model, with its unsharded gradients; ``adaptive_sharded``
+reshards as static layouts do and accumulates a shard of the gradients, reduce-scattered after every forward),
+autocast's bf16 weight copies without FSDP (cached for the step: every matmul keeps its weight's), communication
+buffers, and the runtime.
 
 What is saved per block comes from the model family (``saved_per_token``); the modes combine it:
 ``none`` keeps it all, ``full`` keeps the block input, ``selective`` keeps the block input and the matmul and
@@ -27,7 +29,7 @@ memory is the device, so offload saves nothing there and its host buffers are co
 
 Runtime: on CUDA the context and the caching allocator's slack (not in ``torch.cuda.max_memory_allocated``, so
 left out of what that measures); on CPU the modules, data and gloo buffers the trainer adds to the process (measured
-once on this code: ``CPU_RUNTIME``).
+once on this code: ``CPU_RUNTIME``; adaptive sp adds the planner's scipy, ``CPU_PLANNER``).
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from loomtrain.parallel.ac import parse_mode
 
 MiB, GiB = 2 ** 20, 2 ** 30
 CPU_RUNTIME = 46 * MiB  # the trainer's growth of a process beyond its parameters before step 1 (bench_memory.py)
+CPU_PLANNER = 40 * MiB  # adaptive sp on CPU: scipy.optimize (the planner's MILP), imported by the process (measured)
 CUDA_CONTEXT = 0.75 * GiB  # CUDA context, cuBLAS/cuDNN workspaces: outside the allocator's counters
 CUDA_SLACK = 0.05  # the caching allocator's reserved-but-unallocated share under a steady step
 OFFLOAD_IN_FLIGHT = 2  # blocks an offloading device still holds: the one computing and the one copying
@@ -73,7 +76,10 @@ def _rank(exp, args, dims, device_type: str, first: bool, last: bool) -> dict:
     par, cuda = exp.parallel, device_type == "cuda"
     bf16 = exp.model.dtype == "bfloat16"
     fsdp = dims.fsdp_enabled and ENGINES.get(par.dp_engine).applies_fsdp
-    adaptive = SP_MODES.get(par.sp_mode).uneven
+    sp_kind = SP_MODES.get(par.sp_mode)
+    adaptive = sp_kind.adaptive  # one row per forward, several forwards per step
+    gathered_step = sp_kind.uneven  # every unit gathered for the whole step
+    sharded_acc = fsdp and sp_kind.sharded_accumulation  # gradients reduce-scattered after every forward
     e = 2 if bf16 else 4
     r = 2 if bf16 and fsdp else 4  # FSDP casts the parameters (everything bf16); autocast keeps fp32 residuals
     micro, n_micro = micro_layout(exp, dims)
@@ -95,14 +101,14 @@ def _rank(exp, args, dims, device_type: str, first: bool, last: bool) -> dict:
         parts["outer state (dp_sync)"] = 4 * copies * mine / shard
     grads_all = 4 * mine / shard
     if fsdp and (shard > 1 or adaptive):
-        gathered = (mine if adaptive or dims.pp > 1 else (3 * block + (head if last else 0)) / tp)
+        gathered = (mine if gathered_step or dims.pp > 1 else (3 * block + (head if last else 0)) / tp)
         parts["FSDP gathered parameters"] = e * gathered
         accumulating = n_micro > 1 or adaptive
     else:
         accumulating = n_micro > 1
         if bf16 and not fsdp:
             parts["bf16 weight copies (autocast cache)"] = 2 * (mine - (embed / tp if first else 0))
-    if accumulating and fsdp and (shard > 1 or adaptive):
+    if accumulating and fsdp and (shard > 1 or adaptive) and not sharded_acc:
         parts["accumulation gradients (unsharded fp32)"] = 4 * mine
         grads_all = 4 * mine / shard  # the sharded ones appear at the last reduce-scatter
 
@@ -183,7 +189,8 @@ def _rank(exp, args, dims, device_type: str, first: bool, last: bool) -> dict:
     base = sum(parts.values()) - kept_all - shared - loss
     grad_block = 4 * block / tp / shard
     grad_head = 4 * (head / tp if last else 0) / shard
-    early = grads_all if (accumulating and not fsdp) or (dims.pp > 1 and par.pp_schedule != "gpipe") else 0.0
+    early = grads_all if (accumulating and not fsdp) or sharded_acc or (dims.pp > 1 and par.pp_schedule != "gpipe") \
+        else 0.0  # gradients of earlier forwards of the step (sharded ones under sharded accumulation)
     moments = {
         "loss": base + kept_all + shared + loss + early,
         "first block backward": base + kept_all + shared + redo * tokens + work + max(early, grad_head + grad_block),
@@ -200,7 +207,7 @@ def _rank(exp, args, dims, device_type: str, first: bool, last: bool) -> dict:
     if cuda:
         runtime = CUDA_CONTEXT + CUDA_SLACK * device_peak
     else:
-        runtime = CPU_RUNTIME
+        runtime = CPU_RUNTIME + (CPU_PLANNER if adaptive else 0)
     parts["runtime and allocator"] = runtime
     return {"parts": parts, "moment": moment, "moments": moments, "allocated": device_peak,
             "peak": device_peak + runtime, "host": host}

@@ -255,7 +255,7 @@ def plan(exp, world_size: int, gpus_per_node: int = 8, device_memory_gb: float =
     if memory_gib:
         lines += [""] + longest_sequence_lines(exp, dims, device, memory_gib)
     peak = (peak_tflops or exp.logging.peak_tflops or REFERENCE_TFLOPS[exp.model.dtype]) * 1e12
-    uneven = SP_MODES.get(exp.parallel.sp_mode).uneven
+    uneven = SP_MODES.get(exp.parallel.sp_mode).adaptive  # groups planned per step
     est = step_estimate(exp, args, dims, node_links(dims, gpus_per_node, intra_node_gbps * 1e9 / 8,
                                                     inter_node_gbps * 1e9 / 8), peak)
     if device != "cuda":
@@ -349,4 +349,12 @@ def adaptive_sample(exp, args, world: int, gpus_per_node: int, peak: float, intr
     vs = (f"; best static degree {best}: {statics[best]:.3f} s ({statics[best] / plan.makespan:.2f}x)" if best
           else "; no static degree holds the longest sequence")
     out.append(f"  predicted makespan {plan.makespan:.3f} s ({plan.method}){vs}")
+    if SP_MODES.get(par.sp_mode).waves:  # every rank the same number of rows: FSDP stays sharded
+        from loomtrain.parallel.sp.waves import plan_waves
+
+        w = plan_waves(lengths, world, capacity, cost, tp=tp, degrees=sp_degrees(par, world),
+                       ranks_per_node=gpus_per_node if world % gpus_per_node == 0 and gpus_per_node < world else None)
+        out.append(f"  in waves (sp_mode: {par.sp_mode}, FSDP sharded): {len(w.waves)} waves, {w.time:.3f} s "
+                   f"({w.method}; {w.time / plan.makespan:.2f}x the makespan" +
+                   (f", {statics[best] / w.time:.2f}x faster than static)" if best else ")"))
     return out

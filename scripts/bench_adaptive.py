@@ -19,9 +19,12 @@ the cost model's choice (ulysses | ring | tokenring; none for one device).
 - ``stall``: the longest stall of a thread beside the planner while it solves its slowest (MILP) steps.
 - ``train``: 4 forked CPU ranks on the standard-library documents: step time of ``sp_mode: adaptive`` vs
   static cp=4 and cp=2 over the same steps, and the planner's predicted makespan vs the measured step.
+- ``sharded``: 4 forked CPU ranks: ``sp_mode: adaptive`` vs ``adaptive_sharded``, measured peak memory
+  (``mem_peak_mib``), ``plan``'s estimate and step time.
 
     python scripts/bench_adaptive.py quality longtail speed
     python scripts/bench_adaptive.py train
+    python scripts/bench_adaptive.py sharded   # adaptive vs adaptive_sharded: peak memory and step time
     ip netns exec slow python scripts/bench_adaptive.py train --link-gbps 0.2   # shaped loopback (TESTING.md)
 """
 from __future__ import annotations
@@ -249,9 +252,60 @@ def train(args):
         print(f"| {name} | {t:.3f} | {t / adaptive:.2f} | {'' if p is None else f'{p:.3f}'} |")
 
 
+def _sharded_rank(rank, overrides):
+    from bench_memory import fix_malloc
+    from loomtrain.launch.train import run
+    from loomtrain.trainer.config import load_config
+
+    fix_malloc()  # the resident size follows the live tensors, not what malloc keeps cached
+    exp = load_config("tiny", overrides)
+    run(exp)
+    with open(os.path.join(exp.train.output_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    rows = [r for r in rows if "step_time_s" in r]
+    return [r["step_time_s"] for r in rows], [r["mem_peak_mib"] for r in rows]
+
+
+def sharded(args):
+    """``adaptive`` (the whole model gathered over the step, unsharded gradients) against ``adaptive_sharded``
+    (waves of one row per rank, FSDP resharding and reduce-scattering after every pass): the measured peak
+    (``mem_peak_mib``: the busiest rank's peak resident set, interpreter included), ``plan``'s estimate and the
+    step time, 4 forked CPU ranks, the same documents and plans."""
+    from loomtrain.launch.forked import run_ranks
+    from loomtrain.launch.memory import estimate
+    from loomtrain.launch.plan import planned_model_args
+    from loomtrain.trainer.checks import check_experiment
+    from loomtrain.trainer.config import load_config
+
+    base = ["model.dim=512", "model.n_layers=8", "model.n_heads=8", "model.n_kv_heads=4", "model.vocab_size=4096",
+            "train.progress=false", "train.eval_every=0", "train.threads=1", "checkpoint.at_end=false",
+            "data.batching=documents", f"train.global_batch_tokens={args.budget}",
+            f"data.max_doc_tokens={args.max_doc}", f"data.seq_len={args.max_doc // 4}",
+            f"train.steps={args.train_steps}", "train.log_every=1", "parallel.dp_shard=4",
+            "parallel.activation_checkpoint=full", "parallel.sp_alpha1=1e-9", "parallel.sp_alpha2=2e-6"]
+    print(f"\n### Sharded adaptive pools, 4 forked CPU ranks on 2 cores: stdlib documents, <= {args.budget} "
+          f"tokens/step, pieces <= {args.max_doc}, {args.max_doc // 4} tokens per rank; 8 layers x 512, full "
+          f"checkpointing; median over steps 2-{args.train_steps}\n")
+    print("| sp_mode | step s (median) | measured peak MiB (max over steps) | plan's estimate MiB | "
+          "gathered params + unsharded grads in the estimate MiB |")
+    print("|---|---:|---:|---:|---:|")
+    for mode in ("adaptive", "adaptive_sharded"):
+        ov = base + [f"parallel.sp_mode={mode}"]
+        exp = load_config("tiny", ov)
+        margs, _ = planned_model_args(exp)
+        est = estimate(exp, margs, check_experiment(exp, 4, 4, "cpu"), "cpu")
+        whole = est["parts"].get("FSDP gathered parameters", 0) + est["parts"].get(
+            "accumulation gradients (unsharded fp32)", 0)
+        with tempfile.TemporaryDirectory() as out:
+            res = run_ranks(_sharded_rank, 4, ov + [f"train.output_dir={out}"], timeout=3600)
+        times, peaks = res[0]
+        print(f"| {mode} | {statistics.median(times[1:]):.3f} | {max(peaks):.0f} | {est['peak'] / 2**20:.0f} | "
+              f"{whole / 2**20:.0f} |", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", nargs="+", choices=("quality", "longtail", "speed", "stall", "train"))
+    p.add_argument("what", nargs="+", choices=("quality", "longtail", "speed", "stall", "train", "sharded"))
     p.add_argument("--instances", type=int, default=1000)
     p.add_argument("--worlds", type=int, nargs="+", default=[64, 256, 1024])
     p.add_argument("--steps", type=int, default=5)

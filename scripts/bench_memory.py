@@ -25,6 +25,7 @@ MODEL = ["model.dim=256", "model.n_layers=4", "model.n_heads=8", "model.n_kv_hea
          "data.seq_len=2048", "train.global_batch_size=4", "train.steps=3", "train.eval_every=0",
          "train.progress=false", "train.threads=1", "checkpoint.at_end=false", "logging.peak_tflops=1",
          "train.log_every=100"]
+ADAPTIVE_COST = ["parallel.sp_alpha1=1e-9", "parallel.sp_alpha2=2e-6"]  # declared: no calibration run
 # name -> (ranks, overrides)
 CASES = {
     "1 process, none": (1, ["train.global_batch_size=2"]),
@@ -43,7 +44,11 @@ CASES = {
                                           "train.global_batch_size=8", "data.seq_len=1024",
                                           "parallel.pp_schedule=1f1b"]),
     "adaptive sp, 4 ranks, full": (4, ["parallel.sp_mode=adaptive", "parallel.dp_shard=4", "data.batching=documents",
-                                       "train.global_batch_tokens=16384", "parallel.activation_checkpoint=full"]),
+                                       "train.global_batch_tokens=16384", "parallel.activation_checkpoint=full"]
+                                   + ADAPTIVE_COST),
+    "adaptive_sharded sp, 4 ranks, full": (4, ["parallel.sp_mode=adaptive_sharded", "parallel.dp_shard=4",
+                                               "data.batching=documents", "train.global_batch_tokens=16384",
+                                               "parallel.activation_checkpoint=full"] + ADAPTIVE_COST),
 }
 
 

@@ -106,10 +106,30 @@ def _adaptive_run(rank, overrides, record):
     from loomtrain.trainer.config import load_config
     from loomtrain.launch.train import run
 
-    plans, created, rank_sets, packed = [], [], set(), [0]
+    plans, created, rank_sets, packed, passes = [], [], set(), [0], []
     if record:
+        from loomtrain.parallel.engines.fsdp import FSDPEngine
+
+        engine_backward = FSDPEngine.backward
+
+        def backward_and_look(self, loss):  # sharded gradients after each pass (none until FSDP reduces them)
+            from torch.distributed.tensor import DTensor
+
+            engine_backward(self, loss)
+            passes.append(("grads", sum(isinstance(p.grad, DTensor) and bool(set(p.grad.device_mesh.mesh_dim_names or ())
+                                                                                 - {"tp"})  # tp alone: not FSDP's
+                                        for p in self.model.parameters())))
+
+        FSDPEngine.backward = backward_and_look
         original, ensure = hybrid_dp.AdaptiveBatches.plan, hybrid_dp.SequenceGroups.ensure
-        rows = hybrid_dp.AdaptiveBatches.rows
+        rows, build = hybrid_dp.AdaptiveBatches.rows, hybrid_dp.AdaptiveBatches.build
+
+        def build_and_count(self, position):
+            micro, nxt = build(self, position)
+            passes.append(("rows", len(micro)))
+            return micro, nxt
+
+        hybrid_dp.AdaptiveBatches.build = build_and_count
 
         def rows_and_count(self, seqs, pieces, d):
             out = rows(self, seqs, pieces, d)
@@ -121,6 +141,8 @@ def _adaptive_run(rank, overrides, record):
         def plan(self, position=None):
             out = original(self, position)
             plans.append([(len(r), len(s)) for r, s in out[0].groups])
+            if hasattr(out[0], "waves"):  # adaptive_sharded: groups are one row each, packed by plan_waves
+                packed[0] = max([packed[0]] + [len(s) for _, s in out[0].groups])
             rank_sets.update(tuple(r) for r, _ in out[0].groups if len(r) > 1)
             return out
 
@@ -131,7 +153,7 @@ def _adaptive_run(rank, overrides, record):
         hybrid_dp.AdaptiveBatches.plan = plan
         hybrid_dp.SequenceGroups.ensure = ensure_and_count
     result = run(load_config("tiny", overrides))
-    return result.losses, result.grad_norms, result.checkpoint, (plans, created, rank_sets, packed[0])
+    return result.losses, result.grad_norms, result.checkpoint, (plans, created, rank_sets, packed[0], passes)
 
 
 ADAPTIVE = ["data.batching=documents", "train.global_batch_tokens=900", "train.steps=5", "checkpoint.at_end=true",
@@ -162,8 +184,15 @@ def paragraphs(tmp_path_factory):
                                                          ("ring", 180, {1, 3}, ["parallel.dp_replicate=2"]),
                                                          ("auto", 128, None, ["parallel.tp=2",
                                                                               "parallel.sp_degrees=1,2"]),
-                                                         ("ring", 64, {1}, ["parallel.tp=2", "parallel.sp_degrees=1,2"])],
-                         ids=["ring", "tokenring", "calibrated", "hsdp", "tp2", "tp2-singles"])
+                                                         ("ring", 64, {1}, ["parallel.tp=2", "parallel.sp_degrees=1,2"]),
+                                                         ("ring", 180, {1, 2, 3}, ["parallel.sp_mode=adaptive_sharded"]),
+                                                         ("ring", 180, {1, 2, 3}, ["parallel.sp_mode=adaptive_sharded",
+                                                                                   "parallel.dp_replicate=2"]),
+                                                         ("ring", 128, {1, 2}, ["parallel.sp_mode=adaptive_sharded",
+                                                                                "parallel.tp=2",
+                                                                                "parallel.sp_degrees=1,2"])],
+                         ids=["ring", "tokenring", "calibrated", "hsdp", "tp2", "tp2-singles", "sharded", "sharded-hsdp",
+                              "sharded-tp2"])
 def test_adaptive_training_matches_one_process(impl, max_doc, sizes, mesh, paragraphs, tmp_path):
     """4 ranks, one pool, groups chosen per step from real documents of very different lengths (64 tokens
     per rank: pieces of 180 need groups of 3 beside groups of 1; pieces of 128 pairs of 2-groups; groups run
@@ -171,7 +200,9 @@ def test_adaptive_training_matches_one_process(impl, max_doc, sizes, mesh, parag
     plans with the cost model the pool measures at start-up (its plans depend on this machine's timings);
     "hsdp" makes the pool of 2 FSDP replicas of 2 shards (gradients reduce-scattered, then all-reduced); "tp2"
     makes it 2 members of 2 tensor-parallel ranks each (context parallelism among the ranks of one tensor-parallel
-    coordinate), calibrated; "tp2-singles" runs them as groups of one member with different sequence counts."""
+    coordinate), calibrated; "tp2-singles" runs them as groups of one member with different sequence counts;
+    "sharded" runs the groups in waves (``adaptive_sharded``): every rank the same number of passes, FSDP
+    resharding between them and reducing gradients after each; also as 2 HSDP replicas and with tp=2."""
     from conftest import TEST_OVERRIDES
     from test_parallel_parity import full_params
 
@@ -182,14 +213,21 @@ def test_adaptive_training_matches_one_process(impl, max_doc, sizes, mesh, parag
     base = TEST_OVERRIDES + [f"data.prepared={paragraphs}", f"data.max_doc_tokens={max_doc}"] + adaptive
     one = base + ["data.seq_len=192", f"train.output_dir={tmp_path / 'one'}"]  # rows hold the longest piece
     [(ref_losses, ref_norms, ref_ckpt, _)] = run_ranks(_adaptive_run, 0, one, False)
-    many = base + mesh + ["parallel.sp_mode=adaptive", f"parallel.cp_impl={impl}",
-                          f"train.output_dir={tmp_path / 'many'}"]
+    many = base + ["parallel.sp_mode=adaptive"] + mesh + [f"parallel.cp_impl={impl}",
+                                                          f"train.output_dir={tmp_path / 'many'}"]
     results = run_ranks(_adaptive_run, 4, many, True)
     for losses, norms, _, _ in results:
         for step in ref_losses:
             assert losses[step] == pytest.approx(ref_losses[step], rel=1e-5), step
             assert norms[step] == pytest.approx(ref_norms[step], rel=1e-5), step
-    plans, created, distinct, _ = results[0][3]
+    plans, created, distinct, _, _ = results[0][3]
+    passes = [[n for kind, n in r[3][4] if kind == "rows"] for r in results]
+    held = [n for r in results for kind, n in r[3][4] if kind == "grads"]
+    if "parallel.sp_mode=adaptive_sharded" in mesh:  # waves: the same number of passes on every rank, every step
+        assert all(p == passes[0] for p in passes) and max(passes[0]) > 1, passes
+        assert min(held) > 0, held  # every pass reduce-scattered its gradients into the shards
+    elif max(max(p) for p in passes) > 1:  # a rank ran several rows: unsharded (plain tensors) until its last
+        assert min(held) == 0, held
     assert max(r[3][3] for r in results) > 1  # some forward ran several of its group's documents packed
     assert all(r[3][0] == plans for r in results)  # every rank planned the same
     # every set a plan can place (sp_degrees 1,2,3 on 4 ranks: 5) is created once, before the first step; the
@@ -207,7 +245,8 @@ def test_adaptive_training_matches_one_process(impl, max_doc, sizes, mesh, parag
         assert max(d for plan in plans for d, _ in plan) > 1, plans  # some groups ran context parallelism
     else:
         assert {d for plan in plans for d, _ in plan} == sizes, plans
-        assert any(len({n for _, n in plan}) > 1 for plan in plans), plans  # uneven sequence counts per group
+        if "parallel.sp_mode=adaptive_sharded" not in mesh:  # (waves: one row per group)
+            assert any(len({n for _, n in plan}) > 1 for plan in plans), plans  # uneven sequence counts per group
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     ref_params, params = full_params(ref_ckpt, tmp_path / "a"), full_params(results[0][2], tmp_path / "b")
@@ -358,6 +397,11 @@ def test_calibration_tiles_stay_bounded_on_large_pools():
 
 @pytest.mark.parametrize("override, message", [
     (["parallel.sp_mode=adaptive"], "parallel.sp_mode: adaptive plans whole documents; set data.batching=documents"),
+    (["parallel.sp_mode=adaptive_sharded"], "parallel.sp_mode: adaptive_sharded plans whole documents; set "
+                                            "data.batching=documents"),
+    (["parallel.sp_mode=adaptive_sharded", "data.batching=documents", "train.global_batch_tokens=512",
+      "parallel.dp_engine=deepspeed"], "parallel.sp_mode: adaptive_sharded needs parallel.dp_engine=fsdp"),
+    (["parallel.sp_mode=sharded"], "parallel.sp_mode"),
     (["parallel.sp_mode=adaptive", "data.batching=documents", "train.global_batch_tokens=512", "parallel.cp=2"],
      "parallel.sp_mode: adaptive makes every data-parallel rank (a tensor-parallel group) one data x context pool"),
     (["parallel.sp_mode=adaptive", "data.batching=documents", "train.global_batch_tokens=512", "parallel.tp=2",
@@ -412,6 +456,82 @@ def test_the_memory_estimate_keeps_the_whole_model_gathered_in_adaptive_mode():
     mem64 = memory_estimate(replicated, args, check_experiment(replicated, 64, 8, "cuda"), args.vocab_size)
     assert mem64["FSDP gathered parameters"] == mem["FSDP gathered parameters"]
     assert mem64["activations (full)"] == mem["activations (full)"]
+
+
+def test_the_memory_estimate_of_sharded_adaptive_pools_keeps_a_shard():
+    """``adaptive_sharded`` runs waves of one row per rank: FSDP reshards between passes (three blocks and the
+    output unit gathered, as in a static layout) and reduce-scatters every pass (no unsharded gradients), so the
+    8B/512K plan drops from the whole model gathered to a few blocks; activations stay one row's."""
+    from loomtrain.launch.plan import memory_estimate
+    from loomtrain.trainer.checks import check_experiment
+    from loomtrain.trainer.config import load_config
+    from loomtrain.trainer.models.llama.model import ModelArgs
+
+    mems = {}
+    for mode in ("adaptive", "adaptive_sharded"):
+        exp = load_config("llama8b_512k_adaptive_cluster", [f"parallel.sp_mode={mode}"])
+        args = ModelArgs.from_config(exp.model, exp.model.vocab_size, exp.data.seq_len)
+        mems[mode] = memory_estimate(exp, args, check_experiment(exp, 512, 8, "cuda"), args.vocab_size)
+    whole, sharded = mems["adaptive"], mems["adaptive_sharded"]
+    block = (args.num_params() - 2 * args.vocab_size * args.dim) / args.n_layers
+    assert sharded["FSDP gathered parameters"] == pytest.approx(2 * (3 * block + args.vocab_size * args.dim),
+                                                                rel=0.01)
+    assert "accumulation gradients (unsharded fp32)" not in sharded
+    assert sharded["activations (full)"] == whole["activations (full)"]
+    assert sum(sharded.values()) < 0.4 * sum(whole.values())
+
+
+def test_sharded_waves_give_every_rank_the_same_number_of_rows(tmp_path):
+    """One row per rank per wave: the group's, or (no group in that wave, or idle) an unlabelled two-token row, so
+    every rank makes the same number of passes."""
+    import numpy as np
+
+    from loomtrain.data.indexed import IndexedTokens, write_indexed
+    from loomtrain.parallel.sp.cost import SequenceCost
+    from loomtrain.parallel.sp.modes import AdaptiveBatches
+    from loomtrain.parallel.sp.waves import Waves
+
+    write_indexed(str(tmp_path / "d"), [np.arange(1, 61)], np.uint16)
+    data, model = IndexedTokens(str(tmp_path / "d")), SequenceCost(1e-9, 1e-6, 6, 3, 16, 1)
+    pieces = [(0, 5), (5, 8), (13, 3), (16, 14)]
+    waves = Waves([[((0,), [1]), ((1, 2), [3])], [((0,), [0])], [((0, 1), [2])]], 0.0, "test")  # rank 3 idle
+    out = []
+    for rank in range(4):
+        b = AdaptiveBatches(data, 0, 100, 14, 8, rank, 4, model, waves=True)
+        b.plan = lambda position=None: (waves, pieces, 0)
+        out.append(b.build(0)[0])
+    assert [len(rows) for rows in out] == [3, 3, 3, 3]
+    assert [(r["labels"] != -100).sum().item() for r in out[0][:2]] == [8, 5]
+    assert sum((out[r][2]["labels"] != -100).sum().item() for r in (0, 1)) == 3  # a group of 2: split over them
+    assert [r["sp_group"].tolist() for r in out[1]] == [[1, 2], [1, 1], [0, 2]]
+    for rank, idle in ((1, [1]), (2, [1, 2]), (3, [0, 1, 2])):
+        for k in idle:
+            r = out[rank][k]
+            assert r["input_ids"].shape[1] == 2 and (r["labels"] == -100).all() and r["sp_group"].tolist() == [rank, 1]
+    assert out[0][0]["sp_plan"].tolist() == [[0, 1], [1, 2], [0, 2]]  # every rank set of the step, once
+
+
+def test_waves_hold_every_sequence_once_in_one_row_per_group():
+    """``plan_waves``: each wave's groups are disjoint and each runs one row it holds; every sequence runs once;
+    the time is the sum of each wave's slowest row, no worse than the step's plan cut into waves as it is."""
+    from loomtrain.parallel.sp.waves import _one_plan, padded_length, plan_waves
+
+    rng = random.Random(7)
+    for world, cap in ((4, 2048), (8, 1024), (16, 4096)):
+        lengths = [min(int(rng.paretovariate(1.1) * 200), cap * world) for _ in range(40)]
+        w = plan_waves(lengths, world, cap, cost, ranks_per_node=4 if world > 4 else None)
+        assert sorted(i for _, row in w.groups for i in row) == list(range(len(lengths)))
+        total = 0.0
+        for wave in w.waves:
+            ranks = [r for rs, _ in wave for r in rs]
+            assert len(ranks) == len(set(ranks)) and all(0 <= r < world for r in ranks)
+            for rs, row in wave:
+                n = sum(lengths[i] for i in row)
+                assert len(row) == 1 or padded_length(n, len(rs)) <= len(rs) * cap
+            total += max(sum(cost(lengths[i], len(rs)) for i in row) for rs, row in wave)
+        assert w.time == pytest.approx(total, rel=1e-12)
+        assert w.time <= _one_plan(lengths, world, cap, cost, 1, degrees=None,
+                                   ranks_per_node=4 if world > 4 else None).time + 1e-12
 
 
 def test_padding_positions_stay_inside_the_rope_table(tmp_path):

@@ -40,7 +40,8 @@ def test_shipped_configs_load_by_name(tmp_path):
     names = sorted(f[:-5] for f in os.listdir(shipped) if f.endswith(".yaml"))
     assert names == sorted(["tiny", "cpu_tp2_dp2", "cpu_long_cp2", "llama8b_64k_cluster", "cpu_adaptive_sp",
                             "llama8b_512k_adaptive_cluster", "cpu_extend_yarn", "llama3_8b_extend_128k_cluster",
-                            "llama70b_256k_cluster", "llama405b_128k_cluster"])
+                            "llama70b_256k_cluster", "llama405b_128k_cluster",
+                            "llama70b_256k_adaptive_cluster"])
     stand_in = make_sparse_hf_model(tmp_path / "hf")  # a Llama-3-8B's config and headers
     for name in names:
         with open(os.path.join(shipped, f"{name}.yaml")) as f:

@@ -91,11 +91,13 @@ def test_plan_figures_agree_with_each_other(tmp_path, capsys):
     ("llama70b_256k_cluster", 512, "pp=4 x dp_replicate=1 x dp_shard=4 x cp=8 x tp=4"),
     ("llama405b_128k_cluster", 1024, "pp=16 x dp_replicate=1 x dp_shard=4 x cp=2 x tp=8"),
     ("llama8b_512k_adaptive_cluster", 512, None),
+    ("llama70b_256k_adaptive_cluster", 512, "dp_shard=128 x cp=1 x tp=4"),
 ])
 def test_the_large_cluster_configs_plan_within_80_gib(config, world, layout, capsys):
     """The 70B at 256K (2-D cp inside pp), 405B at 128K and 8B at 512K recipes fit an 80 GiB GPU by plan's memory
     model, with their activation modes; without them (plain full checkpointing for the 405B, no loss chunks for
-    the 8B) they would not, which is why the configs set them."""
+    the 8B; the 70B's adaptive pool with the whole model gathered, ``sp_mode: adaptive``, instead of
+    ``adaptive_sharded``) they would not, which is why the configs set them."""
     import re
 
     def total(extra):
@@ -110,3 +112,5 @@ def test_the_large_cluster_configs_plan_within_80_gib(config, world, layout, cap
         assert total(["--set", "parallel.activation_checkpoint=full"]) > 80 * 0.9
     if config == "llama8b_512k_adaptive_cluster":
         assert total(["--set", "train.loss_chunk_tokens=0"]) > 80
+    if config == "llama70b_256k_adaptive_cluster":
+        assert total(["--set", "parallel.sp_mode=adaptive"]) > 80

@@ -189,7 +189,8 @@ class ParallelConfig:
     dp_sync: str = "every_step"  # how dp_replicate replicas stay in sync: every_step (gradients averaged each
     #   step) | diloco (Streaming DiLoCo: local steps, fragments synced in turn) | co2 (local steps, the outer
     #   update all-reduced in the background, applied one round late); settings in the dp_sync section
-    sp_mode: str = "static"  # static (the cp degree above) | adaptive (every step: groups sized to its sequences)
+    sp_mode: str = "static"  # static (the cp degree above) | adaptive (every step: groups sized to its sequences) |
+    #   adaptive_sharded (the same groups in waves of one row per rank: FSDP stays sharded)
     sp_degrees: str = ""  # adaptive: allowed group sizes, e.g. "1,2,4,8"; empty = any size
     sp_alpha1: float = 0.0  # adaptive cost model: attention s^2 coefficient; 0 = measure the pool (calibration)
     sp_alpha2: float = 0.0  # adaptive cost model: per-token coefficient; 0 = measure the pool (calibration)

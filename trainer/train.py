@@ -174,7 +174,8 @@ class Trainer:
             self.peak_flops, self.peak_source = detect_peak_flops(env.device, self.dtype)
 
         engine_kind = ENGINES.get(exp.parallel.dp_engine)  # how gradients are reduced and the update applied
-        uneven = SP_MODES.get(exp.parallel.sp_mode).uneven  # ranks may run different numbers of micro-batches
+        sp_kind = SP_MODES.get(exp.parallel.sp_mode)
+        uneven = sp_kind.uneven  # ranks may run different numbers of micro-batches
         torch.manual_seed(tcfg.seed)
         with torch.device("meta"):  # no rank ever holds the whole model: built empty, sharded, then filled
             model = family.build(self.args)
@@ -209,6 +210,7 @@ class Trainer:
         optimizer = build_optimizer(model.parameters(), exp.optim, env.device)
         self.engine = engine_kind.build(exp, model, optimizer, build_scheduler(optimizer, exp.optim, tcfg.steps),
                                         dims=self.dims, device=env.device, uneven=uneven,
+                                        sharded_accumulation=sp_kind.sharded_accumulation,
                                         pp_group=self.mesh["pp"].get_group() if self.dims.pp > 1 else None,
                                         micro_batch=self.batches.micro_batch,
                                         accumulation=self.batches.accumulation_steps)
@@ -586,7 +588,7 @@ class Trainer:
             batch = (f"batch: whole documents up to {self.tokens_per_step:,} tokens (pieces of at most "
                      f"{d.max_doc_tokens or d.seq_len}, " + (f"{self.exp.parallel.sp_mode} sp groups, {d.seq_len} "
                                                               f"tokens per rank)"
-                                                              if SP_MODES.get(self.exp.parallel.sp_mode).uneven else
+                                                              if SP_MODES.get(self.exp.parallel.sp_mode).adaptive else
                                                               f"rows of {d.seq_len})"))
         else:
             batch = (f"batch {self.exp.train.global_batch_size} x {d.seq_len} tokens "

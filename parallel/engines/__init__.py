@@ -25,7 +25,8 @@ class DataParallelEngine(Protocol):
       between ranks (whole-document batches, adaptive sequence parallelism);
     - ``check(exp)``: ConfigError (one line naming the field) for what it cannot run;
     - ``build(exp, model, optimizer, scheduler, *, dims, device, pp_group, uneven, micro_batch,
-      accumulation)``: the engine over this rank's model.
+      accumulation, sharded_accumulation)``: the engine over this rank's model (``sharded_accumulation``: reduce
+      gradients after every micro-batch, so only a shard of them is accumulated).
 
     On the instance: ``model``, ``optimizer``, ``scheduler`` (what the trainer steps and saves),
     ``averaging_ranks`` (how many ranks its gradient reduction averages over: the loss is scaled by it),
@@ -45,7 +46,7 @@ class DataParallelEngine(Protocol):
 
     @classmethod
     def build(cls, exp, model, optimizer, scheduler, *, dims, device, pp_group, uneven, micro_batch,
-              accumulation) -> "DataParallelEngine": ...
+              accumulation, sharded_accumulation=False) -> "DataParallelEngine": ...
 
     def precision(self): ...
 

@@ -75,7 +75,7 @@ class DeepSpeedEngine:
 
     @classmethod
     def build(cls, exp, model, optimizer, scheduler, *, dims, device, pp_group=None, uneven=False, micro_batch=1,
-              accumulation=1) -> "DeepSpeedEngine":
+              accumulation=1, sharded_accumulation=False) -> "DeepSpeedEngine":
         """``deepspeed.initialize`` on the model, optimizer and schedule (it returns its own wrappers)."""
         return cls(*initialize(model, optimizer, scheduler, exp, micro_batch, accumulation), dims)
 

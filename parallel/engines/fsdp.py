@@ -44,12 +44,13 @@ class FSDPEngine:
 
     @classmethod
     def build(cls, exp, model, optimizer, scheduler, *, dims, device, pp_group=None, uneven=False, micro_batch=1,
-              accumulation=1) -> "FSDPEngine":
+              accumulation=1, sharded_accumulation=False) -> "FSDPEngine":
         return cls(model, optimizer, scheduler, dims, grad_clip=exp.optim.grad_clip,
-                   bf16=exp.model.dtype == "bfloat16", device=device, pp_group=pp_group, uneven=uneven)
+                   bf16=exp.model.dtype == "bfloat16", device=device, pp_group=pp_group, uneven=uneven,
+                   sharded_accumulation=sharded_accumulation)
 
     def __init__(self, model, optimizer, scheduler, dims, *, grad_clip: float, bf16: bool, device,
-                 pp_group=None, uneven: bool = False):
+                 pp_group=None, uneven: bool = False, sharded_accumulation: bool = False):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.averaging_ranks = dims.grad_averaging_ranks
         self.grad_clip = grad_clip or float("inf")
@@ -60,6 +61,9 @@ class FSDPEngine:
         # Ranks run different numbers of micro-batches (adaptive sp): parameters stay gathered until the last
         # backward of the step, which alone reduces gradients, so every rank makes the same collectives.
         self.uneven = uneven and self.fsdp
+        # Gradients reduce-scattered after every micro-batch (sharded adaptive sp's waves): the accumulated
+        # gradient is one rank's shard instead of the whole model's unsharded fp32 gradient, for more traffic.
+        self.sharded_accumulation = sharded_accumulation and self.fsdp
 
     def precision(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
@@ -67,7 +71,7 @@ class FSDPEngine:
     def accumulate(self, last: bool):
         """Context for one micro-batch's backward: reduce gradients only on the step's last one."""
         if self.fsdp:
-            self.model.set_requires_gradient_sync(last)
+            self.model.set_requires_gradient_sync(last or self.sharded_accumulation)
             if self.uneven:
                 self.model.set_reshard_after_backward(last)
         return contextlib.nullcontext()

@@ -32,9 +32,10 @@ from loomtrain.data.loader import DocumentPosition, DocumentStream, document_row
 from loomtrain.errors import ConfigError
 from loomtrain.parallel.cp import CP_STRATEGIES
 from loomtrain.parallel.cp import strategy as cp_strategy
-from loomtrain.parallel.cp.attention import shard_for, shard_sequence, zigzag_multiple
+from loomtrain.parallel.cp.attention import shard_for, shard_sequence
 from loomtrain.parallel.cp.doc_layout import pieces_for, reorder_batch
 from loomtrain.parallel.sp.planner import PoolRanks, placeable_rank_sets, plan_groups
+from loomtrain.parallel.sp.waves import pack_rows, padded_length, plan_waves
 
 
 def impl_codes() -> tuple[str, ...]:
@@ -48,7 +49,7 @@ PRECREATE_GROUPS = 64  # pools with at most this many placeable rank sets create
 class StaticSP:
     """The mesh's cp group splits every sequence (nothing to do when cp = 1)."""
 
-    uneven = False
+    uneven = adaptive = sharded_accumulation = waves = False
 
     @classmethod
     def check(cls, exp, dims) -> None:
@@ -112,7 +113,9 @@ class SequenceGroups:
 class AdaptiveSP:
     """Groups sized to each step's sequences over a pool of every data-parallel rank (the module docstring)."""
 
-    uneven = True
+    uneven = adaptive = True
+    sharded_accumulation = False
+    waves = False  # AdaptiveShardedSP: every rank runs the same number of rows
 
     @classmethod
     def check(cls, exp, dims) -> None:
@@ -125,19 +128,19 @@ class AdaptiveSP:
         par, d = exp.parallel, exp.data
         if not BATCHINGS.get(d.batching).whole_documents:
             able = [n for n, b in BATCHINGS.items() if b.whole_documents]
-            raise ConfigError(f"parallel.sp_mode: adaptive plans whole documents; set data.batching={' or '.join(able)}")
+            raise ConfigError(f"parallel.sp_mode: {par.sp_mode} plans whole documents; set data.batching={' or '.join(able)}")
         if DP_SYNC.get(par.dp_sync).local_updates:
-            raise ConfigError(f"parallel.dp_sync: {par.dp_sync} is not supported with parallel.sp_mode=adaptive")
+            raise ConfigError(f"parallel.dp_sync: {par.dp_sync} is not supported with parallel.sp_mode={par.sp_mode}")
         others = [f"parallel.{k}={getattr(dims, k)}" for k in ("pp", "cp") if getattr(dims, k) > 1]
         if others:
-            raise ConfigError(f"parallel.sp_mode: adaptive makes every data-parallel rank (a tensor-parallel group) "
+            raise ConfigError(f"parallel.sp_mode: {par.sp_mode} makes every data-parallel rank (a tensor-parallel group) "
                               f"one data x context pool (groups are chosen per step); set {', '.join(others)} to 1")
         if dims.tp > 1 and dims.order[-1] != "tp":
             raise ConfigError(f"parallel.mesh_order: adaptive sp with tp > 1 needs tp innermost (a node holds whole "
                               f"tp groups), got {','.join(dims.order)}")
         if not ENGINES.get(par.dp_engine).varying_micro_batches:
             able = [n for n, e in ENGINES.items() if e.varying_micro_batches]
-            raise ConfigError(f"parallel.sp_mode: adaptive needs parallel.dp_engine={' or '.join(able)}")
+            raise ConfigError(f"parallel.sp_mode: {par.sp_mode} needs parallel.dp_engine={' or '.join(able)}")
         ds = sp_degrees(par, dims.dp) or [dims.dp]
         max_doc = d.max_doc_tokens or d.seq_len
         if max_doc > d.seq_len * max(ds):
@@ -175,7 +178,7 @@ class AdaptiveSP:
                              copy=copy)
         t, d = exp.train, exp.data
         plan = AdaptiveBatches(train_data.data, t.seed, t.global_batch_tokens, d.max_doc_tokens or d.seq_len,
-                               d.seq_len, pool.member, pool.size, cost, degrees, nodes, dims.tp)
+                               d.seq_len, pool.member, pool.size, cost, degrees, nodes, dims.tp, waves=cls.waves)
         return sp, plan
 
     def __init__(self, pool, kernel: str = "auto"):
@@ -198,6 +201,22 @@ class AdaptiveSP:
         return batch
 
 
+class AdaptiveShardedSP(AdaptiveSP):
+    """Adaptive groups run in waves, so FSDP stays sharded (``parallel.sp_mode: adaptive_sharded``).
+
+    Every rank runs the same number of rows per step: in each wave of ``waves.plan_waves`` every group runs one
+    row, and a rank outside that wave's groups an unlabelled two-token row (as an idle rank does). Every pass
+    then makes the same FSDP collectives on every rank, so units are resharded after forward and gradients
+    reduce-scattered after every backward, as in a static layout: a rank holds its shard of the model and of
+    the gradients plus the few units in flight, not the whole model gathered and its unsharded gradients
+    (``AdaptiveSP``). The price: a step lasts the sum over waves of each wave's slowest row, rather than the
+    busiest group's sum, and each wave gathers the parameters again.
+    """
+
+    uneven = False
+    sharded_accumulation = waves = True
+
+
 class AdaptiveBatches(DocumentPosition):
     """Whole documents up to the token budget per step, planned onto groups; this rank's sequences only.
 
@@ -205,14 +224,16 @@ class AdaptiveBatches(DocumentPosition):
     (``rows``; each its own document), padded to a length the group can split (padding unlabelled) and cut
     to this rank's zigzag part, with the group (``sp_group``: start, size), the strategy and the step's
     whole plan (``sp_plan``) as small tensors. An idle rank gets one unlabelled two-token sequence (padded
-    to what tp splits), so it still joins the step's gradient reduction.
+    to what tp splits), so it still joins the step's gradient reduction. With ``waves``, the step is planned in
+    waves (``waves.plan_waves``) and every rank gets one row per wave (``AdaptiveShardedSP``).
     """
 
     def __init__(self, data, seed: int, global_batch_tokens: int, max_doc_tokens: int, capacity: int, rank: int,
-                 world: int, cost, degrees=None, ranks_per_node: int | None = None, tp: int = 1):
+                 world: int, cost, degrees=None, ranks_per_node: int | None = None, tp: int = 1,
+                 waves: bool = False):
         self.data, self.budget, self.capacity = data, global_batch_tokens, capacity
         self.rank, self.world, self.cost, self.tp = rank, world, cost, tp  # rank/world: the pool's members
-        self.degrees, self.ranks_per_node = degrees, ranks_per_node
+        self.degrees, self.ranks_per_node, self.waves = degrees, ranks_per_node, waves
         self.stream = DocumentStream(data, seed, max_doc_tokens)
         self.seed = seed
         self.micro_batch = 1
@@ -222,30 +243,22 @@ class AdaptiveBatches(DocumentPosition):
         return 1
 
     def plan(self, position=None):
+        """(the step's plan: ``planner.Plan``, or ``waves.Waves`` with ``waves``; its pieces; the next position)."""
         pieces, nxt = self.stream.pieces(self._position if position is None else position, self.budget)
         lengths = [n for _, n in pieces]
+        if self.waves:
+            return plan_waves(lengths, self.world, self.capacity, self.cost, tp=self.tp, degrees=self.degrees,
+                              ranks_per_node=self.ranks_per_node), pieces, nxt
         plan = plan_groups(lengths, self.world, self.capacity, self.cost, degrees=self.degrees,
                            ranks_per_node=self.ranks_per_node, time_limit_s=None)  # no clock: same plan on all ranks
         return plan, pieces, nxt
 
     def rows(self, seqs, pieces, d: int) -> list[list[tuple[int, int]]]:
-        """A group's sequences packed in order into rows its d ranks hold (d x capacity tokens at most, a
-        longer single piece alone): one forward per row instead of per sequence, documents kept apart."""
-        rows, total = [], 0
-        for i in seqs:
-            n = pieces[i][1]
-            if rows and self._padded(total + n, d) <= d * self.capacity:
-                rows[-1].append(pieces[i])
-                total += n
-            else:
-                rows.append([pieces[i]])
-                total = n
-        return rows
+        """A group's sequences packed in order into rows its d ranks hold (:func:`pack_rows`)."""
+        return pack_rows([pieces[i] for i in seqs], d, self.capacity, self.tp)
 
     def _padded(self, n: int, d: int) -> int:
-        """``n`` tokens rounded up to a length d ranks (each then split over tp) can share."""
-        m = zigzag_multiple(d, self.tp)
-        return -(-n // m) * m
+        return padded_length(n, d, self.tp)
 
     def _row(self, row, ranks: tuple, plan_ranges) -> dict[str, torch.Tensor]:
         d = len(ranks)
@@ -262,14 +275,26 @@ class AdaptiveBatches(DocumentPosition):
         out["sp_plan"] = plan_ranges
         return out
 
+    def _idle(self, ranges) -> dict[str, torch.Tensor]:
+        """One unlabelled two-token sequence of this rank's own: a pass that only keeps the collectives in step."""
+        batch = self._row([(0, 2)], (self.rank,), ranges)
+        batch["labels"].fill_(-100)
+        return batch
+
     def build(self, position):
         plan, pieces, nxt = self.plan(position)
-        ranges = torch.tensor([[r[0], len(r)] for r, _ in plan.groups], dtype=torch.int64)
+        ranges = torch.tensor(list(dict.fromkeys((r[0], len(r)) for r, _ in plan.groups)),  # waves repeat groups
+                              dtype=torch.int64).reshape(-1, 2)
+        if self.waves:  # one row per wave: this rank's group's, or an idle one
+            out = []
+            for wave in plan.waves:
+                mine = next(((ranks, row) for ranks, row in wave if self.rank in ranks), None)
+                out.append(self._idle(ranges) if mine is None else
+                           self._row([pieces[i] for i in mine[1]], mine[0], ranges))
+            return out or [self._idle(ranges)], nxt
         mine = plan.group_of(self.rank)
         if mine is None:  # idle this step: one unlabelled two-token sequence of its own
-            batch = self._row([(0, 2)], (self.rank,), ranges)
-            batch["labels"].fill_(-100)
-            return [batch], nxt
+            return [self._idle(ranges)], nxt
         ranks, seqs = mine
         return [self._row(row, ranks, ranges) for row in self.rows(seqs, pieces, len(ranks))], nxt
 
