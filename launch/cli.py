@@ -128,7 +128,7 @@ def preflight(exp: Experiment, world_size: int, local_world_size: int | None = N
     from loomtrain.trainer.checks import check_experiment, check_vocab
 
     dims = check_experiment(exp, world_size, local_world_size, device_type)
-    if dims.cp > 1:  # cp_impl=auto reading a cluster file that does not hold this run: one line, before any work
+    if dims.cp > 1:  # cp_impl=auto reading a cluster file: it loads (or one line), before any work
         from loomtrain.launch.cp_links import cluster_links
 
         cluster_links(exp, dims)
@@ -194,7 +194,7 @@ def cmd_plan(args) -> int:
         raise ConfigError("--world-size: required without --cluster")
     _at_least_one(world_size=args.world_size, gpus_per_node=args.gpus_per_node)
     if args.memory_gib < 0:
-        raise ConfigError(f"--memory-gib: must be > 0, got {args.memory_gib}")
+        raise ConfigError(f"--memory-gib: must be >= 0 (0: no table), got {args.memory_gib}")
     for flag in ("device_memory_gb", "intra_node_gbps", "inter_node_gbps"):
         if getattr(args, flag) <= 0:
             raise ConfigError(f"--{flag.replace('_', '-')}: must be > 0, got {getattr(args, flag)}")

@@ -18,9 +18,10 @@ Everything here is a pure function of the experiment and the file, so every rank
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 
-from loomtrain.errors import ConfigError
+from loomtrain.log import say
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,10 @@ def for_plan(exp, dims, cluster, order) -> CpLinks | None:
 
 def cluster_links(exp, dims) -> CpLinks | None:
     """The run's cp links from ``parallel.cluster`` (placed as ``parallel.placement`` places), or None when
-    ``auto`` uses the declared numbers (module docstring). The file must hold the run's ranks."""
+    ``auto`` uses the declared numbers (module docstring), as it also does (saying so once) when the file lists more
+    or fewer devices than the run has: placement then picks the job's hosts out of it, and which of the file's
+    hosts those are is known only after the rendezvous, while the choice must be the same on every rank and in
+    ``plan``."""
     par = exp.parallel
     if dims.cp < 2 or par.cp_impl != "auto" or not par.cluster or links_declared(par):
         return None
@@ -82,7 +86,9 @@ def cluster_links(exp, dims) -> CpLinks | None:
 
     cluster = load_cluster(par.cluster)
     if cluster.world_size != dims.world_size:
-        raise ConfigError(f"parallel.cluster: its hosts hold {cluster.world_size} ranks, the run has "
-                          f"{dims.world_size}; cp_impl=auto reads the cp links from it: list the job's hosts in "
-                          "node-rank order, or set parallel.cp_link_gbps")
+        if os.environ.get("RANK", "0") == "0":
+            say(f"loomtrain: parallel.cluster lists {cluster.world_size} devices, the run has {dims.world_size}: "
+                f"cp_impl=auto decides on parallel.cp_link_gbps ({par.cp_link_gbps:g}) and cp_inner_link_gbps "
+                f"({par.cp_inner_link_gbps:g}), not the file (list the job's hosts, or set them)")
+        return None
     return from_cluster(cluster, dims, fabric_order(cluster) if par.placement == "fabric" else None)

@@ -116,14 +116,14 @@ def _rank(exp, args, dims, device_type: str, first: bool, last: bool) -> dict:
     modes = _mode_parts(exp)
     saved = args.saved_per_token(device_type, e, r)
     per = {k: sum(b / (tp if split else 1) for _, b, split in v) for k, v in saved.items()}
-    tile = min(par.tiled_mlp_tokens, tokens) if par.tiled_mlp_tokens else 0
+    # parallel.tiled_mlp_tokens (one tile when it covers the forward's tokens: the MLP runs untiled, parallel/
+    # tiled_mlp.py): the MLP keeps only its input (the norm output, counted); each tile's w1/w3 outputs, silu and
+    # product exist in the tile's own forward and its recompute. Under selective checkpointing the policy's cache
+    # still keeps every tile's matmul outputs until the block's backward: no saving there.
+    tile = par.tiled_mlp_tokens if 0 < par.tiled_mlp_tokens < tokens else 0
     ffn_tok = e * args.ffn_hidden / tp  # bytes per token of one (B, S, ffn) tensor of a tp rank
-    if tile:  # parallel.tiled_mlp_tokens: the MLP keeps only its input (the norm output, counted); each tile's
-        # w1/w3 outputs, silu and product exist in the tile's own forward and its recompute (tile_transient)
+    if tile:
         per["none"] -= 4 * ffn_tok
-        per["matmul"] -= 2 * ffn_tok
-        for k in ("recompute, matmul kept", "recompute, matmul and attention kept"):
-            per[k] -= 2 * ffn_tok
     none_b, input_b = per["none"], per["input"]
     if "selective" in modes:
         every = par.ac_every

@@ -78,7 +78,7 @@ def run(exp: Experiment, resume: str | None = None):
     load_plugins(exp.plugins)  # an Experiment built in another process: its plugins register here too
     rank, world, local_rank, local_world, _ = read_env()
     dims = check_experiment(exp, world, local_world)  # before any process group starts
-    cp_links = cluster_links(exp, dims) if dims.cp > 1 else None  # a cluster file that does not hold the run: here
+    cp_links = cluster_links(exp, dims) if dims.cp > 1 else None  # from parallel.cluster, before any work
     locks_here = rank == 0 and not dirlock.held_by_launcher(exp.train.output_dir)
     lock = dirlock.acquire(exp.train.output_dir, run=run_id()) if locks_here else None
     try:

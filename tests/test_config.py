@@ -99,6 +99,8 @@ def test_shipped_configs_load_by_name(tmp_path):
     (["parallel.dp_sync=diloco", "parallel.dp_replicate=2", "dp_sync.diloco.error_feedback=true"],
      "dp_sync.diloco.error_feedback: needs a quantize other than none"),
     (["parallel.dp_sync=co2", "parallel.dp_replicate=2", "dp_sync.co2.clip=-1"], "dp_sync.co2.clip: must be >= 0"),
+    (["parallel.dp_sync=co2", "parallel.dp_replicate=2", "dp_sync.co2.staleness_penalty=0.5"],
+     "dp_sync.co2.staleness_penalty: must be >= 1 (1 = no penalty"),
     (["parallel.dp_sync=diloco", "parallel.dp_replicate=2", "parallel.pp=2", "model.n_layers=4",
       "dp_sync.diloco.fragments=4", "dp_sync.diloco.sync_every=8"],
      "dp_sync.diloco.fragments: must be <= 2, the layers of the pipeline rank with the fewest"),

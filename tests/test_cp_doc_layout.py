@@ -170,6 +170,8 @@ def test_row_zigzag_differs_on_these_rows():
     (["parallel.cp_layout=rows"], "parallel.cp_layout: must be one of zigzag, zigzag_documents, got 'rows'"),
     (["parallel.cp_layout=zigzag_documents", "parallel.sp_mode=adaptive", "data.batching=documents",
       "train.global_batch_tokens=512"], "parallel.cp_layout: zigzag_documents cuts the rows of static cp"),
+    (["parallel.cp_layout=zigzag_documents"], "parallel.cp_layout: zigzag_documents splits documents over cp ranks; "
+                                              "it needs parallel.cp > 1"),
 ])
 def test_bad_layout_is_a_one_line_error(override, message):
     from loomtrain.trainer.config import ConfigError, load_config

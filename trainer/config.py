@@ -634,6 +634,9 @@ def validate(exp: Experiment) -> None:
         raise ConfigError(f"data.seq_len: must be divisible by {unit} (tp{' and 2*cp and cp*tp (zigzag)' if par.cp > 1 else ''} "
                           f"for parallel.tp={par.tp}, cp={par.cp}), got {exp.data.seq_len}")
     _validate_cp_ulysses(exp)
+    if par.cp_layout == "zigzag_documents" and par.cp == 1 and par.sp_mode == "static":
+        raise ConfigError("parallel.cp_layout: zigzag_documents splits documents over cp ranks; it needs "
+                          "parallel.cp > 1")
     if par.cp_layout == "zigzag_documents" and par.sp_mode != "static":
         raise ConfigError(f"parallel.cp_layout: zigzag_documents cuts the rows of static cp (parallel.sp_mode=static); "
                           f"sp_mode={par.sp_mode} cuts its own rows, use cp_layout=zigzag")

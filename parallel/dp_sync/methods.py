@@ -427,6 +427,10 @@ class CO2(OuterSync):
     @classmethod
     def check(cls, exp) -> None:
         require_positive(exp, "dp_sync.co2.sync_every", "dp_sync.co2.outer_lr", "dp_sync.co2.staleness_penalty")
+        if exp.dp_sync.co2.staleness_penalty < 1:  # below 1 the divisor amplifies the stale average
+            raise ConfigError(f"dp_sync.co2.staleness_penalty: must be >= 1 (1 = no penalty; it divides the stale "
+                              f"average, the authors' constant; the earlier adaptive form is gone), got "
+                              f"{exp.dp_sync.co2.staleness_penalty:g}")
         require_positive(exp, "dp_sync.co2.clip", "dp_sync.co2.outer_momentum", allow_zero=True)
         if not exp.dp_sync.co2.outer_momentum < 1.0:
             raise ConfigError(f"dp_sync.co2.outer_momentum: must be in [0, 1), got {exp.dp_sync.co2.outer_momentum}")
