@@ -49,7 +49,7 @@ def test_cpu_smoke_run_reports_every_section(tmp_path):
     assert {k for k, _ in kernels} >= {"cpu_flash", "math", "auto"}
     assert len({c for _, c in kernels}) == 4  # block causal, block masked, DocumentAttention with and without documents
     cp_runs = {(r["ranks"], r["impl"], r["documents"]) for r in sections["cp"]["rows"] if "out" in r}
-    assert len(cp_runs) == 2 * 3 * 2  # 2 and 4 ranks x tokenring, ring, ulysses x with and without documents
+    assert len(cp_runs) == 2 * 3 * 3  # 2 and 4 ranks x tokenring, ring, ulysses x one, packed, per-document zigzag
     snapshot = [r for r in sections["snapshot"]["rows"] if r.get("ok") is not None]
     assert snapshot and all(r["ok"] and r["step changed the state"] for r in snapshot)
     assert sections["train"]["info"]["how"].startswith("the trainer")

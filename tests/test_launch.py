@@ -184,7 +184,7 @@ def test_plan_at_cluster_scale(capsys):
     assert main(["plan", "llama8b_64k_cluster", "--world-size", "1024", "--gpus-per-node", "8"]) == 0
     out = capsys.readouterr().out
     assert "dp_shard=32" in out and "cp=4" in out and "tp=8" in out
-    assert "B parameters" in out and "GFLOP" in out and "per-device memory estimate" in out
+    assert "B parameters" in out and "GFLOP" in out and "peak memory per rank (estimate" in out
     tp_row = next(line for line in out.splitlines() if line.startswith("tp "))
     assert tp_row.split()[1:3] == ["8", "128"]  # size 8, 128 groups
     assert main(["plan", "llama8b_64k_cluster", "--world-size", "64", "--gpus-per-node", "4"]) == 0
