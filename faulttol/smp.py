@@ -36,7 +36,8 @@ SIGHUP is ignored: the SMP runs in a session of its own, so no terminal's hangup
 the snapshots it holds are there to outlive the processes that die. The socket lives in a directory
 of mode 0700 owned by the user, and the SMP checks each peer's uid.
 
-Another user can create files in /dev/shm and knows the job's directory name, so segment names start
+Another user can create files in /dev/shm and /tmp. A job's directory in /tmp is named by a key only the job's
+user can read (``job_directory``), so nobody else can create it first; segment names start
 with a prefix derived from the directory's secret (``segment_prefix``), are created with O_EXCL, and
 every cleanup touches only regular files of this uid, skipping (with one warning line) what it cannot
 remove: a planted file never stops an SMP, its sweep, or a job's cleanup.
@@ -779,10 +780,59 @@ class SnapshotClient:
 SMP_DIR_PREFIX = "loomtrain-smp-"
 
 
-def job_directory(output_dir: str, job_id: str = "") -> str:
-    """The SMP directory of a job (bare torchrun or Slurm) on this host: one per output directory and job."""
-    key = f"{os.path.abspath(output_dir)}|{job_id}"
-    return os.path.join(tempfile.gettempdir(), f"{SMP_DIR_PREFIX}{os.getuid()}-{zlib.crc32(key.encode()):08x}")
+JOB_KEY_FILE = ".smp-key"  # in the output directory, mode 0600: what names the job's SMP directories
+
+
+def job_key(output_dir: str, create: bool = True) -> str | None:
+    """This user's random key for ``output_dir``, made once (0600, linked into place: every rank on every host
+    reads the same); None if there is none and ``create`` is False. SMPError if the file is not this user's
+    alone (another user who could read or plant it could name the job's directory)."""
+    path = os.path.join(os.path.abspath(output_dir), JOB_KEY_FILE)
+    if create and not os.path.lexists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, (secrets.token_hex(16) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)  # atomic and never replaces: a key another rank linked first wins
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise SMPError(f"snapshot: cannot read {path} ({e.strerror})") from e
+    try:
+        st = os.fstat(fd)
+        if not _is_ours(st, stat.S_ISREG) or st.st_mode & 0o077:
+            raise SMPError(f"snapshot: {path} must be a file owned by uid {os.getuid()} with mode 0600 (it is uid "
+                           f"{st.st_uid}, mode {oct(st.st_mode & 0o7777)}); remove it")
+        key = os.read(fd, 256).decode(errors="replace").strip()
+    finally:
+        os.close(fd)
+    if not re.fullmatch(r"[0-9a-f]{32}", key):
+        raise SMPError(f"snapshot: {path} does not hold a key (32 hex digits); remove it")
+    return key
+
+
+def job_directory(output_dir: str, job_id: str = "", create: bool = True) -> str | None:
+    """The SMP directory of a job (bare torchrun or Slurm) on this host: one per output directory and job.
+
+    Its name is keyed by ``job_key``: one derived from the output directory and job id alone could be created
+    first by another user of the host (in /tmp, open to all), and that turns snapshots off for the job. None
+    when the output directory has no key and ``create`` is False (no job there ever started snapshots)."""
+    key = job_key(output_dir, create)
+    if key is None:
+        return None
+    tag = hmac.new(key.encode(), f"{os.path.abspath(output_dir)}|{job_id}".encode(), hashlib.sha256).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), f"{SMP_DIR_PREFIX}{os.getuid()}-{tag}")
 
 
 NODE_LABEL = re.compile(r"[A-Za-z0-9]{1,32}")
@@ -1009,8 +1059,12 @@ def sweep_dead(keep: str | None = None) -> list[str]:
 def cleanup_job(output_dir: str, job_id: str) -> None:
     """Stop the job's SMPs on this host and remove everything they held (the sbatch script's last step).
     A directory of that name that is not this user's is left alone; one an SMP still serves is kept."""
-    d = job_directory(output_dir, job_id)
-    if not os.path.lexists(d):
+    try:
+        d = job_directory(output_dir, job_id, create=False)
+    except SMPError as e:
+        _warn(str(e))
+        return
+    if d is None or not os.path.lexists(d):
         return
     if not _our_directory(d):
         _warn(f"{d} is not a private directory of uid {os.getuid()}: left alone")

@@ -27,7 +27,9 @@ outside torchrun (``launch/rdzv_store.py``) with ``--nnodes=N:N``, so S agents w
 with its spare fixes, ``launch/agent.py``); after a node
 is lost the survivors' ranks fail, their agents start a new round, and one spare completes it (the lost
 host's snapshot chunks are rebuilt on it from parity). The batch shell runs on the first node, so that
-node's loss still ends the job (Slurm requeues it, from disk); any other node's loss is survived S times.
+node's loss ends the rendezvous: each node's task runs under ``launch/spare_watch.py``, which requeues the job
+then (Slurm itself keeps a ``--no-kill`` job running without its batch host), and the requeued job resumes
+from disk; any other node's loss is survived S times.
 """
 from __future__ import annotations
 
@@ -75,7 +77,7 @@ echo "loomtrain: job $SLURM_JOB_ID start $(date -Is) (requeue count ${{SLURM_RES
 rm -f "$stop_file"  # a warning that came after the last step of an earlier run
 # Each node's torchrun runs inside loomtrain's hang monitor: it names a rank that hangs, dumps every rank's
 # stack under {output_dir}/health/, and kills the rank so that torchrun restarts the group from memory.
-{store_block}srun {srun_flags} python -m loomtrain.faulttol.hang_monitor --nproc {gpus} -- {torchrun} \\
+{store_block}srun {srun_flags} {step_watch}python -m loomtrain.faulttol.hang_monitor --nproc {gpus} -- {torchrun} \\
   --nnodes={nnodes} --nproc-per-node={gpus} \\
   --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT"{rdzv_conf} \\
   --rdzv-id="$SLURM_JOB_ID.${{SLURM_RESTART_COUNT:-0}}" --max-restarts={max_restarts} \\
@@ -88,7 +90,7 @@ done
 wait "$srun_pid"  # srun's own exit status, also when it ended while the trap ran
 status=$?
 {store_stop}# Snapshot segments never outlive the job (also after a SIGKILLed trainer or snapshot process).
-srun --ntasks-per-node=1 --overlap python -m loomtrain.faulttol.smp --cleanup-job {output_dir_q} || true
+{cleanup_srun} --ntasks-per-node=1 --overlap python -m loomtrain.faulttol.smp --cleanup-job {output_dir_q} || true
 if [ -e "$stop_file" ]; then  # training ended before it saw the request: nothing left to requeue for
   rm -f "$stop_file"
   preempted=0
@@ -150,11 +152,18 @@ def preemption_lead_s(exp, nodes: int) -> tuple[int, str]:
                  f"per node at {SAVE_GBPS:g} GB/s"
 
 
+# After a node was lost the batch shell's SLURM_JOB_NUM_NODES/SLURM_NNODES still count it, and srun refuses a step
+# whose node count conflicts with the allocation's ("4 != 3", seen under the real Slurm): the cleanup step runs on
+# the nodes the job holds now, as slurmctld counts them.
+CLEANUP_ON_NODES_LEFT = ('env -u SLURM_JOB_NUM_NODES -u SLURM_NNODES srun --nodes="$(scontrol show job "$SLURM_JOB_ID" '
+                         '| grep -o \' NumNodes=[0-9]*\' | cut -d= -f2)"')
+
+
 def _spare_fields(nodes: int, spares: int, out_dir: str) -> dict:
     """What differs with spare nodes: the allocation, the step's reaction to a lost node, the store."""
     if not spares:
         return dict(alloc_nodes=nodes, no_kill_line="", store_block="", store_stop="", srun_flags="--kill-on-bad-exit=1",
-                    nnodes=nodes, rdzv_conf="", torchrun="torchrun")
+                    nnodes=nodes, rdzv_conf="", torchrun="torchrun", cleanup_srun="srun", step_watch="")
     from loomtrain.launch.rdzv_store import AGENT_ENV, agent_rdzv_conf
 
     log = shlex.quote(os.path.join(out_dir, "rdzv-store-")) + "$SLURM_JOB_ID.log"
@@ -166,7 +175,9 @@ def _spare_fields(nodes: int, spares: int, out_dir: str) -> dict:
     return dict(alloc_nodes=nodes + spares, no_kill_line="#SBATCH --no-kill\n", store_block=store_block,
                 store_stop='kill "$store_pid" 2>/dev/null\n', srun_flags="--no-kill --kill-on-bad-exit=0",
                 nnodes=f"{nodes}:{nodes}", rdzv_conf=f" \\\n  --rdzv-conf={agent_rdzv_conf()}",
-                torchrun="python -m loomtrain.launch.agent")  # torchrun, fixed for spares
+                torchrun="python -m loomtrain.launch.agent",  # torchrun, fixed for spares
+                cleanup_srun=CLEANUP_ON_NODES_LEFT,  # and the batch host's loss requeues the job (launch/spare_watch.py)
+                step_watch='python -m loomtrain.launch.spare_watch --store "$MASTER_ADDR:$MASTER_PORT" -- ')
 
 
 def write_sbatch(exp, config_path: str, overrides: list[str], nodes: int, gpus_per_node: int,

@@ -46,3 +46,22 @@ def test_sockets_per_rank_do_not_grow_with_the_world():
     host): gloo's algorithms talk to O(log world) peers. A full mesh of three groups would add 3 x 4 = 12."""
     small, large = (run_ranks(_groups_as_training_has_them, world) for world in (4, 8))
     assert max(large[1:]) <= max(small[1:]) + 3, (small, large)
+
+
+def test_a_rank_raises_its_open_files_limit_to_the_hard_limit():
+    """The other half of M7: a rank started with a low soft limit (1,024 is common) raises it to the hard one at
+    start-up, where the sockets of many peers and the snapshot mappings need room."""
+    import subprocess
+    import sys
+
+    code = ("import resource; from loomtrain.launch.env import few_sockets; few_sockets(); "
+            "print(*resource.getrlimit(resource.RLIMIT_NOFILE))")
+
+    def low_soft_limit():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096))
+
+    out = subprocess.run([sys.executable, "-c", code], preexec_fn=low_soft_limit, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["4096", "4096"], out

@@ -142,6 +142,45 @@ def test_sbatch_script(tmp_path, capsys):
     assert main(["slurm", "tiny", "--nodes", "1", "--gpus-per-node", "1", "--cpus-per-task", "0"]) == 2
 
 
+FAKE_SLURM = {  # just enough of Slurm for the script's requeue path; calls logged to $LOG
+    "srun": 'echo "srun $*" >> "$LOG"\ncase "$*" in *--cleanup-job*) exit 0;; esac\nexit 1\n',  # the step fails
+    "python": 'case "$*" in *--exclude-list*) echo gpu-b;; esac\n',  # the hang monitor names a failed host
+    "scontrol": """echo "scontrol $*" >> "$LOG"
+case "$1 $2" in
+  "show hostnames") echo "$3";;
+  "show job") releases=$(grep -c '^scontrol release' "$LOG")
+    # Held until a second release: the first lands while the job is still ending (a race Slurm can lose).
+    if grep -q '^scontrol requeuehold' "$LOG" && [ "$releases" -lt 2 ]; then reason=JobHeldUser; else reason=None; fi
+    echo "JobId=7 JobState=PENDING Reason=$reason ExcNodeList=(null)";;
+  requeuehold*) kill -TERM "$PPID";;  # Slurm ends the batch shell of a job it requeues
+esac
+""",
+}
+
+
+def test_a_job_requeued_without_a_failed_host_is_never_left_held(tmp_path):
+    """M4: a job that failed with a host to exclude is requeued held (Slurm changes ExcNodeList only then), the
+    host excluded, and released until Slurm no longer reports the hold: one release that did not take left the
+    job held for good. Run on the generated script with a fake Slurm on PATH (modelled: the first release lost)."""
+    script = tmp_path / "job.sbatch"
+    assert main(["slurm", "tiny", "--nodes", "2", "--gpus-per-node", "1", "--output", str(script),
+                 "--set", f"train.output_dir={tmp_path / 'run'}"]) == 0
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for name, body in FAKE_SLURM.items():
+        (fake / name).write_text("#!/bin/bash\n" + body)
+        (fake / name).chmod(0o755)
+    log = tmp_path / "calls"
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", LOG=str(log), SLURM_JOB_ID="7",
+               SLURM_JOB_NODELIST="gpu-[a-b]")
+    out = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    calls = log.read_text().splitlines()
+    assert "requeueing job 7 without host(s) gpu-b" in out.stdout, out.stdout + out.stderr
+    assert "scontrol update JobId=7 ExcNodeList=gpu-b" in calls, calls
+    last = next(i for i in reversed(range(len(calls))) if calls[i] == "scontrol show job 7")
+    assert calls.count("scontrol release 7") == 2 and last > calls.index("scontrol release 7"), calls  # checked
+
+
 def test_sbatch_script_with_spare_nodes_survives_a_lost_node(tmp_path):
     """Spares: N + S nodes held, a lost node ends neither the job (--no-kill) nor the step, the rendezvous is a
     store outside torchrun that agents only join (is_host=false, no shared bootstrap store) and N:N agents
@@ -154,14 +193,60 @@ def test_sbatch_script_with_spare_nodes_survives_a_lost_node(tmp_path):
     assert "#SBATCH --nodes=5" in lines and "#SBATCH --no-kill" in lines
     assert "--nnodes=4:4 --nproc-per-node=2" in text and "srun --no-kill --kill-on-bad-exit=0 python" in text
     assert "-- python -m loomtrain.launch.agent \\" in text  # torchrun with the spare fixes
+    assert 'srun --no-kill --kill-on-bad-exit=0 python -m loomtrain.launch.spare_watch --store ' \
+           '"$MASTER_ADDR:$MASTER_PORT" -- python -m loomtrain.faulttol.hang_monitor' in text  # the batch host's loss
     assert "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in lines and "--rdzv-conf=is_host=false," in text
     store = text.index("python -m loomtrain.launch.rdzv_store --port \"$MASTER_PORT\"")
     assert store < text.index("srun --no-kill") < text.index('kill "$store_pid"')
+    # The cleanup step runs on the nodes left: the shell's node count still includes a lost one (srun refuses it).
+    cleanup = next(line for line in lines if "--cleanup-job" in line)
+    assert cleanup.startswith("env -u SLURM_JOB_NUM_NODES -u SLURM_NNODES srun --nodes=\"$(scontrol show job"), cleanup
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     assert main(["slurm", "tiny", "--nodes", "4", "--gpus-per-node", "2", "--output", str(script)]) == 0
     plain = script.read_text()
     assert "#SBATCH --nodes=4" in plain and "--no-kill" not in plain and "rdzv_store" not in plain
+    assert "spare_watch" not in plain
     assert "srun --kill-on-bad-exit=1 python" in plain and "--nnodes=4 --nproc-per-node=2" in plain
+    assert "\nsrun --ntasks-per-node=1 --overlap python -m loomtrain.faulttol.smp --cleanup-job" in plain
+
+
+def _spare_watch(tmp_path, store: str, command: list[str]) -> tuple[int, list[str]]:
+    """Run spare_watch (probes every 0.2 s, 2 misses) under a fake Slurm whose job lost its batch host n1."""
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    log = tmp_path / "calls"
+    (fake / "scontrol").write_text(f"""#!/bin/sh
+echo "scontrol $*" >> {log}
+case "$1 $2" in
+  "show job") echo "JobId=7 JobState=RUNNING Requeue=1 BatchHost=n1 NodeList=n[2-4]";;
+  "show hostnames") printf 'n2\\nn3\\nn4\\n';;
+esac
+""")
+    (fake / "scontrol").chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", SLURM_JOB_ID="7")
+    rc = subprocess.run([sys.executable, "-m", "loomtrain.launch.spare_watch", "--store", store, "--every-s", "0.2",
+                         "--misses", "2", "--", *command], env=env, timeout=60).returncode
+    return rc, log.read_text().splitlines() if log.exists() else []
+
+
+def test_a_node_of_a_job_with_spares_requeues_it_when_the_batch_host_and_its_store_are_lost(tmp_path):
+    """Slurm keeps a --no-kill job RUNNING after its batch host (and the rendezvous store on it) died; the watch
+    around each node's task requeues it once the store stops answering and Slurm has dropped the batch host. While
+    the store answers, Slurm is never asked; the task's exit status is passed on."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{closed.getsockname()[1]}"  # nothing listens there once closed
+    for task in ("sleep 2; exit 3", "exit 3"):  # still running, or already failed (agents give up before Slurm)
+        rc, calls = _spare_watch(tmp_path, dead, ["sh", "-c", task])
+        assert rc == 3 and calls.count("scontrol requeue 7") == 1, (task, calls)
+        assert calls.index("scontrol show job 7") < calls.index("scontrol requeue 7")
+        (tmp_path / "calls").unlink()
+    with socket.socket() as store:
+        store.bind(("127.0.0.1", 0))
+        store.listen(64)
+        for task, code in (("sleep 1", 0), ("exit 4", 4)):
+            rc, calls = _spare_watch(tmp_path, f"127.0.0.1:{store.getsockname()[1]}", ["sh", "-c", task])
+            assert rc == code and calls == [], (task, calls)
 
 
 def test_the_spare_fixes_apply_to_this_torch(monkeypatch):

@@ -106,6 +106,74 @@ def test_files_another_user_plants_in_shm_never_stop_the_smp_its_sweep_or_the_jo
                     os.unlink(p)
 
 
+def _as_another_user_make_the_job_directory(out: str, job: str, victim_uid: int) -> str | None:
+    """What another user of the host can do in /tmp: run loomtrain's own naming for ``out`` and ``job`` as if it
+    were ``victim_uid`` and create that directory first. Returns the directory it made, or None if it found no
+    name (in a forked child that drops to nobody)."""
+    import tempfile
+
+    made = os.path.join(tempfile.mkdtemp(), "made")
+    os.chmod(os.path.dirname(made), 0o777)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            os.getuid = lambda: victim_uid  # the uid in a name is no secret
+            try:
+                d = job_directory(out, job)
+            except (OSError, SMPError):
+                d = None
+            if d:
+                os.mkdir(d, 0o700)
+                with open(made, "w") as f:
+                    f.write(d)
+            code = 0
+        finally:
+            os._exit(code)
+    assert os.waitpid(pid, 0)[1] == 0
+    try:
+        with open(made) as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+    finally:
+        shutil.rmtree(os.path.dirname(made))
+
+
+@needs_root
+def test_another_user_cannot_create_a_jobs_smp_directory_first():
+    """H3, the directory: a bare torchrun or Slurm job's SMP directory is in /tmp, where anyone may create a name
+    first, and a directory that is not the job's own is refused (snapshots off). Another user who knows the
+    output directory, the job id and the uid, and runs loomtrain's own naming, must not find the name: it is
+    keyed by a random key kept 0600 in the output directory (before the job's first start there is none, and
+    only the job can write one). A key file another user planted is refused with one line, not used."""
+    import tempfile
+
+    root = tempfile.mkdtemp()
+    os.chmod(root, 0o755)  # an output directory others may read, as on a shared filesystem
+    out = os.path.join(root, "out")
+    os.mkdir(out, 0o755)
+    made, theirs = [], []
+    try:
+        for job in (f"h3-first-{os.getpid()}", f"h3-requeued-{os.getpid()}"):  # before any key, and after
+            if (d := _as_another_user_make_the_job_directory(out, job, os.getuid())) is not None:
+                theirs.append(d)
+            mine = job_directory(out, job)
+            made.append(mine)
+            assert not theirs and secure_directory(mine) == mine, theirs  # no SMPError: ours, 0700
+            st = os.stat(os.path.join(out, ".smp-key"))
+            assert st.st_uid == os.getuid() and st.st_mode & 0o777 == 0o600
+        os.chown(os.path.join(out, ".smp-key"), NOBODY, NOBODY)  # planted by another user
+        with pytest.raises(SMPError, match=r"\.smp-key must be a file owned by uid 0 with mode 0600"):
+            job_directory(out, "another")
+    finally:
+        shutil.rmtree(root)
+        for d in made + theirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def test_a_secret_that_does_not_match_is_one_clear_error_not_endless_reconnects(tmp_path):
     """The SMP keeps the secret it started with; a secret file rewritten since used to make the client reconnect
     until RecursionError (not an SMPError, so nothing caught it) and alive() raise instead of saying False."""
