@@ -123,14 +123,17 @@ def _leftovers(cluster, host: str) -> list[str]:
 
 
 def _training(cluster, host: str) -> bool:
-    """A rank (not only a waiting agent) runs on ``host``."""
+    """A rank (not only a waiting agent) runs on ``host``: a process whose own module is loomtrain.launch.train
+    (the agent names that module among its arguments too: ``-m loomtrain.launch.agent ... -m loomtrain.launch.train``;
+    matching any argument took the waiting spare's agent for a rank, and CI killed the spare)."""
     for pid in cluster.pids(host):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"loomtrain.launch.train" in f.read().split(b"\0"):
-                    return True
+                args = f.read().split(b"\0")
         except OSError:
-            pass
+            continue
+        if b"-m" in args and args[args.index(b"-m") + 1:args.index(b"-m") + 2] == [b"loomtrain.launch.train"]:
+            return True
     return False
 
 
@@ -191,34 +194,5 @@ def test_a_lost_node_is_replaced_by_a_spare_node_inside_the_job_and_training_goe
         assert {h: _leftovers(cluster, h) for h in left} == {h: [] for h in left}
         assert lost in slurm("sinfo", "-h", "-N", "-t", "down,fail,unknown", "-o", "%N", check=False), \
             slurm("sinfo", "-N", check=False)  # Slurm saw the node go; the job went on without it
-    finally:
-        slurm("scancel", job, check=False)
-
-
-def test_losing_the_batch_host_ends_the_allocation_and_the_requeued_job_resumes_from_disk(
-        slurm_hosts, overrides, reference, tmp_path):
-    """The batch host runs the rendezvous store, so its loss is the one a spare cannot cover: Slurm requeues the
-    job (``--requeue``), which waits for four nodes, starts once the lost node is back (its slurmd started again,
-    a fresh tmpfs: a rebooted host) and resumes from the last disk checkpoint, bit-identically."""
-    cluster, slurm = slurm_hosts.cluster, slurm_hosts.slurm
-    job, out, log, wait = _submit(slurm, overrides, tmp_path)
-    try:
-        wait(lambda: any(r["step"] >= 9 for r in _steps(out)), 400, "step 9")  # a checkpoint of step 8 is on disk
-        cluster.kill("n1")
-        wait(lambda: _job(slurm, job).get("Restarts") == "1", 180, "the requeue")  # by spare_watch on a node
-        wait(lambda: _job(slurm, job).get("JobState") == "PENDING", 180, "the requeued job waiting")
-        time.sleep(3)
-        assert _job(slurm, job)["JobState"] == "PENDING"  # no four nodes without n1
-        slurm_hosts.boot("n1")
-        wait(lambda: _job(slurm, job).get("JobState") in ENDED, 400, "the requeued job's end")
-        info, text = _job(slurm, job), open(log).read()
-        assert info["JobState"] == "COMPLETED", (info, text[-6000:])
-        resumed = re.search(r"(?:resume: step|restored step) (\d+) from the disk", text)
-        assert resumed and "from memory" not in text, text[-6000:]
-        records = _steps(out)
-        restart = int(resumed.group(1))
-        assert restart >= 8 and max(r["step"] for r in records) == 40
-        for r in records:  # each logged step, before the loss and after the requeue, bit-identical
-            assert r["loss"] == reference[r["step"]], (r["step"], r["loss"], reference[r["step"]])
     finally:
         slurm("scancel", job, check=False)
