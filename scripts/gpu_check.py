@@ -769,13 +769,14 @@ def stdlib_corpus() -> list[str]:
         return [f"data.corpus={ROOT}", "data.file_glob='*.py,*.md'"]
 
 
-def trainer_overrides(run: Run, shp: dict, work: str, peak: dict, corpus: list[str]) -> list[str]:
-    """``--set`` values for a bf16 trainer run of the shape ``shp`` writing under ``work``."""
+def trainer_overrides(run: Run, shp: dict, work: str, peak: dict, corpus: list[str], cache: str = "") -> list[str]:
+    """``--set`` values for a bf16 trainer run of the shape ``shp`` writing under ``work`` (its prepared tokens in
+    ``cache``, default ``work``/cache: runs of one corpus can share them)."""
     overrides = [
         f"model.dim={shp['dim']}", f"model.n_layers={shp['n_layers']}", f"model.n_heads={shp['n_heads']}",
         f"model.n_kv_heads={shp['n_kv_heads']}", f"model.vocab_size={shp['vocab_size']}", *corpus,
         "model.dtype=bfloat16", "data.tokenizer=byte", f"data.seq_len={shp['seq_len']}",
-        f"data.max_documents={shp['documents']}", "data.valid_fraction=0", f"data.cache_dir={work}/cache",
+        f"data.max_documents={shp['documents']}", "data.valid_fraction=0", f"data.cache_dir={cache or work + '/cache'}",
         "data.workers=1", f"train.steps={shp['steps']}", f"train.global_batch_size={shp['batch']}",
         "train.log_every=1", "train.eval_every=0", "train.progress=false", f"train.output_dir={work}/run",
         "optim.warmup_steps=2", "optim.lr=3e-4", "checkpoint.at_end=false", "faulttol.hang_timeout_s=0",
@@ -1165,8 +1166,7 @@ def section_modes(run: Run, rep: Report) -> None:
             rep.row(tokens=name, mode=label, note="skipped: section time cap")
             continue
         out_dir = os.path.join(work, f"run{i}")
-        overrides = trainer_overrides(run, shp, out_dir, peak, corpus) + v["extra"]
-        overrides = [o for o in overrides if not o.startswith("data.cache_dir=")] + [f"data.cache_dir={work}/cache"]
+        overrides = trainer_overrides(run, shp, out_dir, peak, corpus, cache=f"{work}/cache") + v["extra"]
         cmd = [sys.executable, "-m", "loomtrain.launch.cli", "train"] + [x for o in overrides for x in ("--set", o)]
         t0 = time.time()
         try:
