@@ -21,7 +21,9 @@ import json
 import os
 import subprocess
 import sys
+import statistics
 import time
+from dataclasses import dataclass
 
 WORKERS = 4
 SUBNET = "10.77.0"
@@ -89,73 +91,165 @@ class Network:
         self.down()
 
 
-def train(name: str, overrides: list[str], out: str, prepared: str, port: int, log, steps: int) -> dict:
-    """One run: four ranks, one per namespace; returns its metrics and wire bytes."""
-    run_dir = os.path.join(out, name)
-    sets = MODEL + overrides + [f"parallel.dp_replicate={WORKERS}", "parallel.dp_shard=1",
-                                f"data.prepared={prepared}", f"train.output_dir={run_dir}"]
-    before = [Network.tx_bytes(r) for r in range(WORKERS)]
-    procs, start = [], time.time()
-    for r in range(WORKERS):
-        env = os.environ | {"RANK": str(r), "WORLD_SIZE": str(WORKERS), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-                            "MASTER_ADDR": f"{SUBNET}.1", "MASTER_PORT": str(port), "GLOO_SOCKET_IFNAME": f"lt{r}a",
-                            "LOOMTRAIN_RUN_ID": f"bench-{name}-{port}"}
+@dataclass
+class Run:
+    """One training run of a phase: ``link`` is unshaped or shaped; ``workers`` ranks, one per namespace."""
+
+    name: str
+    overrides: list[str]
+    link: str = "unshaped"
+    workers: int = WORKERS
+
+
+def train(run: Run, out: str, prepared: str, port: int, log, steps: int) -> dict:
+    """One run, resumed from its newest checkpoint when an earlier invocation was interrupted; returns its
+    metrics (each step's last record), its wall-clock segments and the wire bytes of this invocation."""
+    run_dir = os.path.join(out, f"{run.link}-{run.name}")
+    sets = MODEL + run.overrides + [f"parallel.dp_replicate={run.workers}", "parallel.dp_shard=1",
+                                    f"data.prepared={prepared}", f"train.output_dir={run_dir}"]
+    segments_path = os.path.join(run_dir, "segments.json")
+    segments = json.load(open(segments_path)) if os.path.exists(segments_path) else []
+    ckpts = os.path.join(run_dir, "checkpoints")
+    resume = bool(segments) and os.path.isdir(ckpts) and any(n.startswith("step_") for n in os.listdir(ckpts))
+    os.makedirs(run_dir, exist_ok=True)
+    before = [Network.tx_bytes(r) for r in range(run.workers)]
+    start = time.time()
+    _write_json(segments_path, segments + [{"start": start}])
+    procs = []
+    for r in range(run.workers):
+        env = os.environ | {"RANK": str(r), "WORLD_SIZE": str(run.workers), "LOCAL_RANK": "0",
+                            "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": f"{SUBNET}.1", "MASTER_PORT": str(port),
+                            "GLOO_SOCKET_IFNAME": f"lt{r}a", "LOOMTRAIN_RUN_ID": f"bench-{run.name}-{port}"}
         cmd = ["ip", "netns", "exec", f"lt-h{r}", sys.executable, "-m", "loomtrain.launch.cli", "train", "tiny"]
+        cmd += ["--resume", "latest"] if resume else []
         for s in sets:
             cmd += ["--set", s]
         procs.append(subprocess.Popen(cmd, env=env, stdout=log if r == 0 else subprocess.DEVNULL, stderr=log))
-    codes = [p.wait() for p in procs]
-    wall = time.time() - start
-    wire = [Network.tx_bytes(r) - b for r, b in zip(range(WORKERS), before)]
-    path = os.path.join(run_dir, "metrics.jsonl")
-    records = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    codes = _wait_all(procs)
+    wire = [Network.tx_bytes(r) - b for r, b in zip(range(run.workers), before)]
+    records = _last_records(os.path.join(run_dir, "metrics.jsonl"))
     finished = any(r.get("step") == steps and "val_loss" in r for r in records)
     if any(codes) and not finished:
-        raise SystemExit(f"{name}: ranks exited with {codes} (log: {log.name})")
+        raise SystemExit(f"{run.name}: ranks exited with {codes} (log: {log.name}); run again to resume it")
     if any(codes):  # seen once: a gloo rank aborting in its exit path after the run had finished and logged
-        print(f"  warning: {name}: ranks exited with {codes} after finishing every step (log: {log.name})",
+        print(f"  warning: {run.name}: ranks exited with {codes} after finishing every step (log: {log.name})",
               flush=True)
-    return {"name": name, "wall_s": wall, "start": start, "records": records, "wire_bytes": wire}
+    return {"name": run.name, "segments": segments + [{"start": start, "wire": wire}], "records": records,
+            "workers": run.workers}
+
+
+def _wait_all(procs: list, grace_s: float = 60.0) -> list[int]:
+    """Every rank's exit code; once one rank has failed, the others get ``grace_s`` to finish (a finished run's
+    ranks exit together) and are then stopped, rather than waiting out gloo's timeout for the dead one."""
+    failed_at = None
+    while any(p.poll() is None for p in procs):
+        if failed_at is None and any(p.poll() not in (None, 0) for p in procs):
+            failed_at = time.time()
+        if failed_at is not None and time.time() - failed_at > grace_s:
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+            break
+        time.sleep(1.0)
+    return [p.wait() for p in procs]
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f)
+    os.replace(path + ".tmp", path)
+
+
+def _last_records(path: str) -> list[dict]:
+    """metrics.jsonl's records, each step's last (a resumed run logs again the steps after its checkpoint)."""
+    if not os.path.exists(path):
+        return []
+    by_step: dict[int, dict] = {}
+    for line in open(path):
+        rec = json.loads(line)
+        by_step[rec["step"]] = by_step.get(rec["step"], {}) | rec if "time" not in rec else rec
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _wall_clock(records: list[dict], segments: list[dict]) -> list[float]:
+    """Each record's seconds of training since the run began, across resumed segments: a segment counts up
+    to its last kept record (the work redone after a resume is counted once, in the later segment)."""
+    starts = [s["start"] for s in segments]
+    seg_of = [max(i for i, t in enumerate(starts) if t <= r["time"]) for r in records]
+    ends = {i: max(r["time"] for r, j in zip(records, seg_of) if j == i) for i in set(seg_of)}
+    before = {i: sum(ends.get(j, starts[j]) - starts[j] for j in range(i)) for i in range(len(starts))}
+    return [before[i] + r["time"] - starts[i] for r, i in zip(records, seg_of)]
 
 
 def summarize(run: dict) -> dict:
-    recs = run["records"]
+    recs = [r for r in run["records"] if "time" in r]
+    walls = _wall_clock(recs, run["segments"])
     steps = [r for r in recs if "loss" in r]
-    evals = [(r["tokens"] if "tokens" in r else None, r["time"] - run["start"], r["val_loss"])
-             for r in recs if "val_loss" in r]
-    last = steps[-1]
-    return {"name": run["name"], "final_val": evals[-1][2], "wall_s": run["wall_s"],
-            "dp_sync_per_worker": last["bytes_dp_sync"] / WORKERS,
-            "all_per_worker": sum(v for k, v in last.items() if k.startswith("bytes_") and
-                                  not k.startswith("bytes_max_rank_")) / WORKERS,
-            "wire_per_worker": sum(run["wire_bytes"]) / WORKERS, "evals": evals,
-            "step_time_s": sorted(r["step_time_s"] for r in steps)[len(steps) // 2]}
+    evals = [(r["tokens"], w, r["val_loss"]) for r, w in zip(recs, walls) if "val_loss" in r]
+    # transport counters restart with each process: a segment's bytes are its last kept record's
+    seg_last: dict[int, dict] = {}
+    starts = [s["start"] for s in run["segments"]]
+    for r in steps:
+        seg_last[max(i for i, t in enumerate(starts) if t <= r["time"])] = r
+    def bytes_of(pred):
+        return sum(v for r in seg_last.values() for k, v in r.items() if pred(k)) / run["workers"]
+    return {"name": run["name"], "final_val": evals[-1][2], "wall_s": walls[-1],
+            "dp_sync_per_worker": bytes_of(lambda k: k == "bytes_dp_sync"),
+            "all_per_worker": bytes_of(lambda k: k.startswith("bytes_") and not k.startswith("bytes_max_rank_")),
+            # the kernel's counter is read around each invocation: an interrupted one's bytes are unknown (nan)
+            "wire_per_worker": (sum(sum(s["wire"]) for s in run["segments"]) / run["workers"]
+                                if all("wire" in s for s in run["segments"]) else float("nan")),
+            "evals": evals, "step_time_s": sorted(r["step_time_s"] for r in steps)[len(steps) // 2],
+            "workers": run["workers"]}
 
 
 def report(out: str) -> str:
     with open(os.path.join(out, "results.json")) as f:
         results = json.load(f)
-    rows = []
-    base = {link: next(s for s in runs if s["name"] == "ddp") for link, runs in results.items()}
-    fast = results.get("unshaped", [])
+    meta = results.pop("_phase", {"reference": "ddp"})
+    ref_name = meta["reference"]
+    rows, fast = [], results.get("unshaped", [])
     for link, runs in results.items():
+        ref = next((s for s in runs if s["name"] == ref_name), None) or next(
+            (s for s in fast if s["name"] == ref_name), runs[0])
         for s in runs:
-            ref = base[link]
             twin = next((t for t in fast if t["name"] == s["name"]), None)
             rows.append(f"| {link} | {s['name']} | {s['final_val']:.4f} | {100 * (s['final_val'] / ref['final_val'] - 1):+.2f}% "
-                        f"| {s['dp_sync_per_worker'] / 1e6:.3f} | {s['all_per_worker'] / 1e6:.3f} "
+                        f"| {_gaps(s, ref)} | {s['dp_sync_per_worker'] / 1e6:.3f} | {s['all_per_worker'] / 1e6:.3f} "
                         f"| {s['wire_per_worker'] / 1e6:.2f} | {ref['dp_sync_per_worker'] / max(1, s['dp_sync_per_worker']):.0f}x "
                         f"| {s['wall_s']:.1f} | {s['wall_s'] / twin['wall_s'] if twin else float('nan'):.2f}x "
                         f"| {s['step_time_s'] * 1e3:.0f} |")
-    head = ("| link | method | final val loss | vs DDP | dp_sync MB/worker | all counted MB/worker | wire MB/worker "
-            "| DDP/this dp_sync bytes | wall s | wall vs unshaped | median step ms |\n"
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    table = head + "\n" + "\n".join(rows)
-    _plot(results, os.path.join(out, "slow_links.png"))
+    head = (f"| link | method | final val loss | vs {ref_name} | gap at 1/4, 1/2, 3/4 of tokens | dp_sync MB/worker "
+            "| all counted MB/worker | wire MB/worker | reference/this dp_sync bytes | wall s | wall vs unshaped "
+            "| median step ms |\n|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    table = head + "\n" + "\n".join(rows) + _seed_lines(fast)
+    _plot(results, ref_name, os.path.join(out, "slow_links.png"))
     return table
 
 
-def _plot(results: dict, path: str) -> None:
+def _gaps(s: dict, ref: dict) -> str:
+    """The loss gap to the reference at equal tokens, a quarter, half and three quarters through: does it
+    shrink over the rounds?"""
+    theirs = {t: v for t, _, v in ref["evals"]}
+    common = [(t, v) for t, _, v in s["evals"] if t in theirs]
+    if len(common) < 4:
+        return ""
+    picks = [common[len(common) * k // 4 - 1] for k in (1, 2, 3)]
+    return ", ".join(f"{100 * (v / theirs[t] - 1):+.1f}%" for t, v in picks)
+
+
+def _seed_lines(runs: list[dict]) -> str:
+    """Mean and spread of the runs that differ only in their seed (names ``<group>_s<seed>``)."""
+    groups: dict[str, list[float]] = {}
+    for s in runs:
+        if "_s" in s["name"] and s["name"].rsplit("_s", 1)[1].isdigit():
+            groups.setdefault(s["name"].rsplit("_s", 1)[0], []).append(s["final_val"])
+    lines = [f"- {g}: mean final val loss {statistics.mean(v):.4f} over {len(v)} seeds (spread {max(v) - min(v):.4f})"
+             for g, v in groups.items() if len(v) > 1]
+    return ("\n\n" + "\n".join(lines)) if lines else ""
+
+
+def _plot(results: dict, ref_name: str, path: str) -> None:
     try:
         import matplotlib
 
@@ -164,36 +258,121 @@ def _plot(results: dict, path: str) -> None:
     except ImportError:
         print("matplotlib is not installed (pip install -e '.[bench]'): no plot", file=sys.stderr)
         return
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    fast = results.get("unshaped", [])
+    ref = next((s for s in fast if s["name"] == ref_name), None)
     for link, style in (("unshaped", "-"), ("shaped", "--")):
         for s in results.get(link, []):
             tokens, wall, val = zip(*s["evals"])
-            axes[0].plot(wall, val, style, marker="o", ms=3, label=f"{s['name']} ({link})")
+            axes[0].plot(wall, val, style, marker="o", ms=2, label=f"{s['name']} ({link})")
             if link == "unshaped":
-                axes[1].plot(tokens, val, style, marker="o", ms=3, label=s["name"])
+                axes[1].plot(tokens, val, style, marker="o", ms=2, label=s["name"])
+                if ref is not None and s is not ref:
+                    theirs = {t: v for t, _, v in ref["evals"]}
+                    pts = [(t, 100 * (v / theirs[t] - 1)) for t, v in zip(tokens, val) if t in theirs]
+                    if pts:
+                        axes[2].plot(*zip(*pts), style, marker="o", ms=2, label=s["name"])
     axes[0].set(xlabel="wall clock (s)", ylabel="validation loss", title="loss vs wall clock")
     axes[1].set(xlabel="tokens", ylabel="validation loss", title="loss vs tokens (unshaped)")
+    axes[2].set(xlabel="tokens", ylabel=f"% above {ref_name}", title=f"gap to {ref_name} at equal tokens")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    axes[1].set_ylim(top=min(axes[1].get_ylim()[1], 3.0))
     fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=110)
     os.replace(path + ".tmp.png", path)
     print(f"wrote {path}")
 
 
+def _sgd(lr: float) -> list[str]:
+    return ["optim.name=sgd", "optim.momentum=0", f"optim.lr={lr}", "optim.grad_clip=0", "optim.weight_decay=0"]
+
+
+def _diloco_h1() -> list[str]:
+    return ["parallel.dp_sync=diloco", "dp_sync.diloco.sync_every=1", "dp_sync.diloco.fragments=1",
+            "dp_sync.diloco.outer_lr=1", "dp_sync.diloco.outer_momentum=0", "dp_sync.diloco.nesterov=false"]
+
+
+def phase_a(args) -> tuple[list[Run], str]:
+    """480 steps: is DiLoCo at H=1 DDP (SGD: must be, to fp32 rounding), and what do separate AdamW states and a
+    quarter of the batch per worker cost (AdamW: A1 at DDP's lr, A2 at twice it; A3 DDP on one worker's batch)."""
+    lr = args.lr[0]
+    sgd = _sgd(args.sgd_lr)
+    return [Run("ddp", [f"optim.lr={lr}", "parallel.dp_sync=every_step"]),
+            Run("a0_ddp_sgd", sgd + ["parallel.dp_sync=every_step"]),
+            Run("a0_diloco_h1_sgd", sgd + _diloco_h1()),
+            Run("a1_diloco_h1_adamw", [f"optim.lr={lr}"] + _diloco_h1()),
+            Run("a2_diloco_h1_adamw_2lr", [f"optim.lr={2 * lr}"] + _diloco_h1()),
+            Run("a3_ddp_one_worker_batch", [f"optim.lr={lr}", "parallel.dp_sync=every_step",
+                                            f"train.global_batch_size={32 // WORKERS}"], workers=1)], "ddp"
+
+
+def phase_b(args, results: dict) -> tuple[list[Run], str]:
+    """About 19 tokens per parameter: DDP at two learning rates (the better one is the reference and gets a
+    second seed), DiLoCo (2 seeds), Streaming DiLoCo in fp32 and fp4, CO2; then the 100 Mbit/s runs. The local
+    methods' inner lr is the better DDP lr (``--inner-lr`` to set it). In priority order: an interrupted
+    invocation resumes where it stopped."""
+    done = {s["name"]: s for s in results.get("unshaped", [])}
+    ddps = [f"ddp_lr{lr:g}_s0" for lr in args.lr]
+    best = min((n for n in ddps if n in done), key=lambda n: done[n]["final_val"], default=ddps[0])
+    best_lr = args.lr[ddps.index(best)]
+    inner = args.inner_lr or best_lr
+    h = args.sync_every
+    diloco = ["parallel.dp_sync=diloco", f"dp_sync.diloco.sync_every={h}", "dp_sync.diloco.fragments=1",
+              f"optim.lr={inner}"]
+    streaming = ["parallel.dp_sync=diloco", f"dp_sync.diloco.sync_every={h}", "dp_sync.diloco.fragments=4",
+                 f"dp_sync.diloco.fragment_sync_delay={args.delay}", "dp_sync.diloco.fragment_update_alpha=0.5",
+                 f"optim.lr={inner}"]
+    co2 = ["parallel.dp_sync=co2", f"dp_sync.co2.sync_every={args.co2_every}", f"optim.lr={inner}"]
+    seed = lambda s: [f"train.seed={1234 + s}"]  # noqa: E731
+    runs = [Run(n, [f"optim.lr={lr}", "parallel.dp_sync=every_step"] + seed(0)) for n, lr in zip(ddps, args.lr)]
+    runs += [Run("diloco_s0", diloco + seed(0)), Run("streaming_fp4_s0", streaming + ["dp_sync.diloco.quantize=fp4"] + seed(0)),
+             Run("streaming_fp32_s0", streaming + seed(0)), Run("co2_s0", co2 + seed(0)),
+             Run(best.replace("_s0", "_s1"), [f"optim.lr={best_lr}", "parallel.dp_sync=every_step"] + seed(1)),
+             Run("diloco_s1", diloco + seed(1))]
+    shaped = {best: runs[ddps.index(best)].overrides, "streaming_fp4_s0": runs[len(ddps) + 1].overrides,
+              "diloco_s0": runs[len(ddps)].overrides, "co2_s0": runs[len(ddps) + 3].overrides}
+    runs += [Run(n, ov, link="shaped") for n, ov in shaped.items()]
+    return runs, best
+
+
+def phase_compare(args) -> tuple[list[Run], str]:
+    """The first comparison (480 steps, H = --sync-every): each method on both links, a Streaming DiLoCo
+    sync_every sweep and CO2 without outer momentum on the unshaped one."""
+    chosen = {k: v for k, v in methods(args.sync_every, args.co2_every).items() if k in args.methods.split(",")}
+    runs = [Run(n, ov, link) for link in args.links.split(",") for n, ov in chosen.items()]
+    for h in filter(None, args.sweep.split(",")):
+        runs.append(Run(f"streaming_diloco_fp4_h{h}", methods(int(h), args.co2_every)["streaming_diloco_fp4"]))
+    runs.append(Run("co2_momentum0", methods(args.sync_every, args.co2_every)["co2"] + ["dp_sync.co2.outer_momentum=0"]))
+    return runs, "ddp"
+
+
+PHASES = {"compare": dict(steps=480, eval_every=60, eval_batches=8, warmup=20, log_every=1),
+          "A": dict(steps=480, eval_every=60, eval_batches=32, warmup=20, log_every=4),
+          "B": dict(steps=4096, eval_every=256, eval_batches=32, warmup=200, log_every=16)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=480)
-    ap.add_argument("--sync-every", type=int, default=120, help="DiLoCo H (fragments: 4 of them in the streaming run)")
+    ap.add_argument("--phase", choices=sorted(PHASES), default="compare",
+                    help="compare: the first 480-step table; A: the H=1 checks; B: the long runs")
+    ap.add_argument("--steps", type=int, help="default: the phase's (compare and A 480, B 4096)")
+    ap.add_argument("--sync-every", type=int, help="DiLoCo H (streaming: 4 fragments); default 120, B 32")
     ap.add_argument("--co2-every", type=int, default=12, help="CO2 tau")
-    ap.add_argument("--eval-every", type=int, default=60)
+    ap.add_argument("--delay", type=int, default=2, help="B: Streaming DiLoCo's fragment_sync_delay (tau)")
+    ap.add_argument("--eval-every", type=int)
+    ap.add_argument("--lr", type=lambda s: [float(x) for x in s.split(",")], default=[3e-3, 6e-3],
+                    help="DDP's AdamW lr (B: two of them, the better is the reference; A: the first)")
+    ap.add_argument("--inner-lr", type=float, default=0.0, help="B: the local methods' AdamW lr (0: DDP's better)")
+    ap.add_argument("--sgd-lr", type=float, default=0.5, help="A0: the SGD lr of both runs")
     ap.add_argument("--rate", default="100mbit", help="tbf rate of the shaped runs (each direction of each rank)")
-    ap.add_argument("--methods", default="ddp,diloco,streaming_diloco_fp4,co2")
-    ap.add_argument("--sweep", default="32,64", help="more sync_every values for Streaming DiLoCo (fp4, multiples of "
-                                                     "its 4 fragments), on the unshaped link only: the bytes/quality "
-                                                     "trade-off; CO2 without outer momentum there too")
-    ap.add_argument("--links", default="unshaped,shaped")
+    ap.add_argument("--methods", default="ddp,diloco,streaming_diloco_fp4,co2", help="compare: which methods")
+    ap.add_argument("--sweep", default="32,64", help="compare: more sync_every values for Streaming DiLoCo (fp4, "
+                                                     "multiples of its 4 fragments), on the unshaped link only, "
+                                                     "and CO2 without outer momentum there too")
+    ap.add_argument("--links", default="unshaped,shaped", help="compare: which links")
+    ap.add_argument("--only", default="", help="run only these run names (comma-separated)")
     ap.add_argument("--out", default="runs/bench_slow_links")
     ap.add_argument("--report", metavar="DIR", help="only print the table (and redraw the plot) of a finished run")
     args = ap.parse_args()
@@ -202,38 +381,41 @@ def main() -> None:
         return
     if os.geteuid() != 0:
         raise SystemExit("bench_slow_links: needs root (network namespaces and tc)")
+    ph = PHASES[args.phase]
+    steps = args.steps or ph["steps"]
+    args.sync_every = args.sync_every or (32 if args.phase == "B" else 120)
     os.makedirs(args.out, exist_ok=True)
     from loomtrain.data.prepare import prepare
     from loomtrain.trainer.config import load_config
 
     exp = load_config("tiny", MODEL)
     prepared = prepare(exp.data, progress=True).train_prefix[:-len("_train")]
-    chosen = {k: v for k, v in methods(args.sync_every, args.co2_every).items() if k in args.methods.split(",")}
-    common = [f"train.steps={args.steps}", f"train.eval_every={args.eval_every}"]
+    common = [f"train.steps={steps}", f"train.eval_every={args.eval_every or ph['eval_every']}",
+              f"train.eval_batches={ph['eval_batches']}", f"optim.warmup_steps={ph['warmup']}",
+              f"train.log_every={ph['log_every']}", f"checkpoint.every_steps={max(steps // 8, 1)}", "checkpoint.keep=1"]
     saved = os.path.join(args.out, "results.json")
-    results: dict[str, list] = json.load(open(saved)) if os.path.exists(saved) else {}
+    results: dict = json.load(open(saved)) if os.path.exists(saved) else {}
     port = PORT
-    with Network() as net, open(os.path.join(args.out, "train.log"), "w") as log:
-        for link in args.links.split(","):
-            net.shape(args.rate if link == "shaped" else None)
-            runs = dict(chosen)
-            if link == "unshaped" and args.sweep:
-                for h in args.sweep.split(","):
-                    runs[f"streaming_diloco_fp4_h{h}"] = methods(int(h), args.co2_every)["streaming_diloco_fp4"]
-                runs["co2_momentum0"] = methods(args.sync_every, args.co2_every)["co2"] + ["dp_sync.co2.outer_momentum=0"]
-            for name, ov in runs.items():
-                port += 1
-                if any(r["name"] == name for r in results.get(link, [])):
-                    continue  # done by an earlier, interrupted invocation (--out is the same)
-                print(f"[{link}] {name} ...", flush=True)
-                run = train(f"{link}-{name}", ov + common, args.out, prepared, port, log, args.steps)
-                s = summarize(run) | {"name": name}
-                results.setdefault(link, []).append(s)
-                print(f"  val {s['final_val']:.4f}  wall {s['wall_s']:.1f}s  dp_sync {s['dp_sync_per_worker'] / 1e6:.3f} MB"
-                      f"/worker  wire {s['wire_per_worker'] / 1e6:.2f} MB/worker", flush=True)
-                with open(os.path.join(args.out, "results.json.tmp"), "w") as f:
-                    json.dump(results, f)
-                os.replace(os.path.join(args.out, "results.json.tmp"), os.path.join(args.out, "results.json"))
+    with Network() as net, open(os.path.join(args.out, "train.log"), "a") as log:
+        while True:
+            runs, reference = {"compare": lambda: phase_compare(args), "A": lambda: phase_a(args),
+                               "B": lambda: phase_b(args, results)}[args.phase]()
+            results["_phase"] = {"phase": args.phase, "reference": reference, "steps": steps}
+            todo = [r for r in runs if not any(s["name"] == r.name for s in results.get(r.link, []))
+                    and (not args.only or r.name in args.only.split(","))]
+            if not todo:
+                break
+            run = todo[0]  # the plan is made again after each run: B's reference is the better DDP lr so far
+            net.shape(args.rate if run.link == "shaped" else None)
+            port += 1
+            print(f"[{run.link}] {run.name} ({len(todo)} to go) ...", flush=True)
+            s = summarize(train(Run(run.name, run.overrides + common, run.link, run.workers), args.out, prepared, port,
+                                log, steps))
+            results.setdefault(run.link, []).append(s)
+            print(f"  val {s['final_val']:.4f}  wall {s['wall_s']:.1f}s  dp_sync {s['dp_sync_per_worker'] / 1e6:.3f} MB"
+                  f"/worker  wire {s['wire_per_worker'] / 1e6:.2f} MB/worker", flush=True)
+            _write_json(saved, results)
+    _write_json(saved, results)
     print(report(args.out))
 
 

@@ -124,7 +124,9 @@ def _check_attention(exp: Experiment, device_type: str) -> None:
 
 # Compute rate the cp_impl=auto choice assumes when logging.peak_tflops is not set: the H100 dense
 # datasheet figure (what `plan` assumes too). A constant, not a measurement: every rank and `plan`
-# make the same choice from the same config.
+# make the same choice from the same config. One rate for every kernel-call shape: the cost model takes a rate
+# per shape (`parallel/cp/cost.py::Rate`; ring's S/2W-token chunk pairs vs Ulysses' whole sequence) where one
+# was measured (scripts/bench_context_tiers.py on CPU), but no GPU's per-shape rates have been.
 REFERENCE_TFLOPS = {"bfloat16": 989.0, "float32": 494.0}
 
 

@@ -28,7 +28,8 @@ class ContextParallelStrategy(Protocol):
     - :meth:`bytes_per_rank`: (forward, backward) bytes each rank sends for one attention of ``shape``
       (a ``cost.Shape``: full sequence length, this rank's heads, the group size);
     - :meth:`seconds`: modelled forward + backward seconds on links of ``bandwidth`` bytes/s per direction
-      and ``latency`` s per transfer, at ``flops`` FLOP/s, on ``topology`` (full_mesh | ring);
+      and ``latency`` s per transfer, at ``flops`` FLOP/s (a ``cost.Rate``: a number, or a function of the
+      shape of a kernel call, ``cost.block_shape``), on ``topology`` (full_mesh | ring);
     - optional ``sub_groups(ranks)``: {name: [rank set, ...]} a strategy needs as process groups inside one cp
       group (``ranks``, in cp order); :func:`build` creates them and passes ``make(..., sub_groups={name: group})``
       (this rank's). Optional ``with_ulysses(u)``: a two-dimensional strategy bound to ``parallel.cp_ulysses``.
@@ -47,7 +48,7 @@ class ContextParallelStrategy(Protocol):
 
     def bytes_per_rank(self, shape) -> tuple[float, float]: ...
 
-    def seconds(self, shape, bandwidth: float, latency: float, flops: float, topology: str) -> float: ...
+    def seconds(self, shape, bandwidth: float, latency: float, flops, topology: str) -> float: ...
 
     def make(self, group, *, reverse_group=None, layout: str = "zigzag", comm=None, kernel: str = "auto"): ...
 
@@ -105,9 +106,9 @@ def usable(heads: int, kv_heads: int, world: int, names=None) -> list[str]:
     return [n for n in (names or CP_STRATEGIES.names()) if strategy(n).unsupported(heads, kv_heads, world) is None]
 
 
-def predict(shape, bandwidth: float, latency: float, flops: float, topology: str = "full_mesh",
+def predict(shape, bandwidth: float, latency: float, flops, topology: str = "full_mesh",
             names=None) -> dict[str, float]:
-    """Modelled seconds of every usable strategy (of ``names``) for ``shape``."""
+    """Modelled seconds of every usable strategy (of ``names``) for ``shape``; ``flops``: a ``cost.Rate``."""
     return {n: strategy(n).seconds(shape, bandwidth, latency, flops, topology)
             for n in usable(shape.heads, shape.kv_heads, shape.world, names)}
 
@@ -125,7 +126,7 @@ def splits(shape, inner_bandwidth) -> list:
             if b.unsupported(shape.heads, shape.kv_heads, shape.world) is None]
 
 
-def choose(shape, bandwidth: float, latency: float, flops: float, topology: str = "full_mesh", names=None,
+def choose(shape, bandwidth: float, latency: float, flops, topology: str = "full_mesh", names=None,
            inner_bandwidth=None):
     """The predicted fastest usable strategy (of ``names``; default every registered one): a name, or with
     ``inner_bandwidth`` (the link inside groups of consecutive cp ranks, or {U: that link} for the group sizes U
