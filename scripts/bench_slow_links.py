@@ -125,7 +125,8 @@ def train(run: Run, out: str, prepared: str, port: int, log, steps: int) -> dict
         for s in sets:
             cmd += ["--set", s]
         procs.append(subprocess.Popen(cmd, env=env, stdout=log if r == 0 else subprocess.DEVNULL, stderr=log))
-    codes = _wait_all(procs)
+    loads: list[float] = []
+    codes = _wait_all(procs, loads)
     wire = [Network.tx_bytes(r) - b for r, b in zip(range(run.workers), before)]
     records = _last_records(os.path.join(run_dir, "metrics.jsonl"))
     finished = any(r.get("step") == steps and "val_loss" in r for r in records)
@@ -134,15 +135,19 @@ def train(run: Run, out: str, prepared: str, port: int, log, steps: int) -> dict
     if any(codes):  # seen once: a gloo rank aborting in its exit path after the run had finished and logged
         print(f"  warning: {run.name}: ranks exited with {codes} after finishing every step (log: {log.name})",
               flush=True)
-    return {"name": run.name, "segments": segments + [{"start": start, "wire": wire}], "records": records,
+    return {"name": run.name, "segments": segments + [{"start": start, "wire": wire, "load": loads}], "records": records,
             "workers": run.workers}
 
 
-def _wait_all(procs: list, grace_s: float = 60.0) -> list[int]:
+def _wait_all(procs: list, loads: list, grace_s: float = 60.0) -> list[int]:
     """Every rank's exit code; once one rank has failed, the others get ``grace_s`` to finish (a finished run's
-    ranks exit together) and are then stopped, rather than waiting out gloo's timeout for the dead one."""
-    failed_at = None
+    ranks exit together) and are then stopped, rather than waiting out gloo's timeout for the dead one. Appends
+    the machine's 1-minute load every 10 s to ``loads``: a run's wall clock is only comparable at equal load."""
+    failed_at, tick = None, 0
     while any(p.poll() is None for p in procs):
+        tick += 1
+        if tick % 10 == 0:
+            loads.append(os.getloadavg()[0])
         if failed_at is None and any(p.poll() not in (None, 0) for p in procs):
             failed_at = time.time()
         if failed_at is not None and time.time() - failed_at > grace_s:
@@ -200,7 +205,9 @@ def summarize(run: dict) -> dict:
             "wire_per_worker": (sum(sum(s["wire"]) for s in run["segments"]) / run["workers"]
                                 if all("wire" in s for s in run["segments"]) else float("nan")),
             "evals": evals, "step_time_s": sorted(r["step_time_s"] for r in steps)[len(steps) // 2],
-            "workers": run["workers"]}
+            "workers": run["workers"],
+            "load": statistics.mean(x for s in run["segments"] for x in s.get("load", [])) if any(
+                s.get("load") for s in run["segments"]) else float("nan")}
 
 
 def report(out: str) -> str:
@@ -216,15 +223,19 @@ def report(out: str) -> str:
             twin = next((t for t in fast if t["name"] == s["name"]), None)
             rows.append(f"| {link} | {s['name']} | {s['final_val']:.4f} | {100 * (s['final_val'] / ref['final_val'] - 1):+.2f}% "
                         f"| {_gaps(s, ref)} | {s['dp_sync_per_worker'] / 1e6:.3f} | {s['all_per_worker'] / 1e6:.3f} "
-                        f"| {s['wire_per_worker'] / 1e6:.2f} | {ref['dp_sync_per_worker'] / max(1, s['dp_sync_per_worker']):.0f}x "
+                        f"| {s['wire_per_worker'] / 1e6:.2f} | {_ratio(ref['dp_sync_per_worker'], s['dp_sync_per_worker'])} "
                         f"| {s['wall_s']:.1f} | {s['wall_s'] / twin['wall_s'] if twin else float('nan'):.2f}x "
-                        f"| {s['step_time_s'] * 1e3:.0f} |")
+                        f"| {s['step_time_s'] * 1e3:.0f} | {s.get('load', float('nan')):.1f} |")
     head = (f"| link | method | final val loss | vs {ref_name} | gap at 1/4, 1/2, 3/4 of tokens | dp_sync MB/worker "
             "| all counted MB/worker | wire MB/worker | reference/this dp_sync bytes | wall s | wall vs unshaped "
-            "| median step ms |\n|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
-    table = head + "\n" + "\n".join(rows) + _seed_lines(fast)
+            "| median step ms | load |\n|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    table = head + "\n" + "\n".join(rows) + _seed_lines(fast) + _a0_line(fast)
     _plot(results, ref_name, os.path.join(out, "slow_links.png"))
     return table
+
+
+def _ratio(ref_bytes: float, bytes_: float) -> str:
+    return f"{ref_bytes / bytes_:.0f}x" if bytes_ else "-"  # one worker sends nothing
 
 
 def _gaps(s: dict, ref: dict) -> str:
@@ -236,6 +247,16 @@ def _gaps(s: dict, ref: dict) -> str:
         return ""
     picks = [common[len(common) * k // 4 - 1] for k in (1, 2, 3)]
     return ", ".join(f"{100 * (v / theirs[t] - 1):+.1f}%" for t, v in picks)
+
+
+def _a0_line(runs: list[dict]) -> str:
+    """Phase A's check: DiLoCo at H=1 with SGD, outer lr 1 and no momentum is DDP, to fp32 rounding."""
+    a, b = (next((s for s in runs if s["name"] == n), None) for n in ("a0_ddp_sgd", "a0_diloco_h1_sgd"))
+    if a is None or b is None:
+        return ""
+    diffs = [abs(x[2] - y[2]) for x, y in zip(a["evals"], b["evals"])]
+    return (f"\n\n- A0: DiLoCo (H=1, SGD, outer lr 1, no momentum) vs DDP (SGD): largest validation-loss difference "
+            f"over {len(diffs)} evaluations {max(diffs):.2e} (final {a['final_val']:.6f} vs {b['final_val']:.6f})")
 
 
 def _seed_lines(runs: list[dict]) -> str:
