@@ -443,12 +443,13 @@ class Prefetcher:
 
     The plan's ``build(position) -> (batches, next position)`` is pure, so the thread works from its
     own cursor while ``state_dict`` reports the position after the last step *handed out*: a
-    checkpoint resumes exactly where training was. On CUDA batches are pinned, so the step's
-    ``.to(device, non_blocking=True)`` overlaps the copy with compute.
+    checkpoint resumes exactly where training was. ``layout(batch) -> batch``, when given, runs on each
+    micro-batch there too (host work the consumer would otherwise do in its step, e.g. reordering rows). On
+    CUDA batches are pinned, so the step's ``.to(device, non_blocking=True)`` overlaps the copy with compute.
     """
 
-    def __init__(self, plan, depth: int = 2, pin_memory: bool = False):
-        self.plan, self.depth, self.pin = plan, depth, pin_memory
+    def __init__(self, plan, depth: int = 2, pin_memory: bool = False, layout=None):
+        self.plan, self.depth, self.pin, self.layout = plan, depth, pin_memory, layout
         self._thread = None
         self._start()
 
@@ -480,6 +481,8 @@ class Prefetcher:
         try:
             while not self._stop.is_set():
                 batches, nxt = self.plan.build(position)
+                if self.layout is not None:
+                    batches = [self.layout(b) for b in batches]
                 if self.pin:
                     batches = [{k: v.pin_memory() for k, v in b.items()} for b in batches]
                 self._put((batches, nxt, None))

@@ -55,6 +55,26 @@ def small_corpus(tmp_path_factory) -> str:
     return str(out)
 
 
+@pytest.fixture(scope="session")
+def paragraphs(tmp_path_factory):
+    """Prefix of a prepared corpus of real documents of very different lengths: the paragraphs (blank-line
+    separated) of 60 stdlib modules (packed windows hold several, their boundaries inside rows)."""
+    import json
+
+    from loomtrain.data.corpus import read_documents
+    from loomtrain.data.prepare import prepare
+    from loomtrain.trainer.config import DataConfig
+
+    out = tmp_path_factory.mktemp("paragraphs")
+    with open(out / "p.jsonl", "w") as f:
+        for _, text in read_documents("stdlib", max_documents=60):
+            for para in text.split("\n\n"):
+                if para.strip():
+                    f.write(json.dumps({"text": para}) + "\n")
+    prepare(DataConfig(corpus=str(out / "p.jsonl"), valid_fraction=0.05), out_prefix=str(out / "tokens"), workers=1)
+    return str(out / "tokens")
+
+
 @pytest.fixture
 def overrides(small_corpus, tmp_path) -> list[str]:
     return TEST_OVERRIDES + [f"data.prepared={small_corpus}", f"train.output_dir={tmp_path / 'run'}"]

@@ -160,25 +160,6 @@ ADAPTIVE = ["data.batching=documents", "train.global_batch_tokens=900", "train.s
             "parallel.sp_alpha1=1e-8", "parallel.sp_alpha2=2e-5", "parallel.sp_degrees=1,2,3"]
 
 
-@pytest.fixture(scope="module")
-def paragraphs(tmp_path_factory):
-    """Real documents of very different lengths: the paragraphs (blank-line separated) of 60 stdlib modules."""
-    import json
-
-    from loomtrain.data.corpus import read_documents
-    from loomtrain.data.prepare import prepare
-    from loomtrain.trainer.config import DataConfig
-
-    out = tmp_path_factory.mktemp("paragraphs")
-    with open(out / "p.jsonl", "w") as f:
-        for _, text in read_documents("stdlib", max_documents=60):
-            for para in text.split("\n\n"):
-                if para.strip():
-                    f.write(json.dumps({"text": para}) + "\n")
-    prepare(DataConfig(corpus=str(out / "p.jsonl"), valid_fraction=0.05), out_prefix=str(out / "tokens"), workers=1)
-    return str(out / "tokens")
-
-
 @pytest.mark.parametrize("impl, max_doc, sizes, mesh", [("ring", 180, {1, 3}, []), ("tokenring", 128, {2}, []),
                                                          ("auto", 180, None, []),
                                                          ("ring", 180, {1, 3}, ["parallel.dp_replicate=2"]),

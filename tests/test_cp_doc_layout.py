@@ -42,13 +42,14 @@ def _prepared(rank, pieces):
         pos = torch.cat([torch.arange(n) for n in (5, 9, 1, 9)])[None]
         row = {"input_ids": torch.arange(24)[None], "labels": 100 + torch.arange(24)[None], "position_ids": pos,
                "doc_ids": ids}
-        return {k: v.tolist()[0] for k, v in StaticSP(dist.group.WORLD, pieces).prepare(None, row).items()}, ids, pos
+        sp = StaticSP(dist.group.WORLD, pieces)
+        return {k: v.tolist()[0] for k, v in sp.prepare(None, sp.host_layout(row)).items()}, ids, pos
     finally:
         dist.destroy_process_group()
 
 
 def test_static_sp_hands_each_rank_its_pieces_with_their_positions():
-    """``StaticSP.prepare`` with pieces: every token once over the ranks, with its own label, position and id;
+    """``StaticSP.host_layout`` then ``prepare``, with pieces: every token once over the ranks, with its own label, position and id;
     each rank holds pieces r and 2W-1-r of every document (here 2 ranks: every document split over both)."""
     from loomtrain.parallel.cp.doc_layout import piece_sizes
 

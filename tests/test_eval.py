@@ -139,6 +139,40 @@ def test_cp2_gives_one_process_numbers(checkpoint, text_file):
         assert seen == one_seen and len(seen) == 2
 
 
+def _evaluate_on_host(rank, req):
+    """:func:`_evaluate` on "host" x1 or x2 (``LOOMTRAIN_HOST_ID``), one rank each."""
+    os.environ["LOOMTRAIN_HOST_ID"] = f"x{rank + 1}"
+    return _evaluate(rank, req)
+
+
+def test_cp_impl_auto_reads_the_cluster_as_train_does(checkpoint, text_file, tmp_path):
+    """``cp_impl: auto`` with ``parallel.placement: fabric`` and ``parallel.cluster`` (2 hosts of 1 device joined by
+    1 Gbit/s): eval (2 forked ranks, cp=2) places its ranks and runs the strategy training's path picks for the same
+    experiment (``launch/cp_links.py::cluster_links`` into ``checks.cp_attention``), not the one the declared default
+    link (100 Gbit/s) gives; the numbers stay one process's."""
+    import yaml
+
+    from loomtrain.launch.cp_links import cluster_links
+    from loomtrain.trainer.checks import check_experiment, cp_attention
+    from loomtrain.trainer.evaluate import EvalRequest, prepare_eval
+    from loomtrain.trainer.models import model_family
+
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump({"fabrics": {"net": {"kind": "ethernet", "gbps": 1}},
+                                    "hosts": [{"name": f"x{i}", "fabric": "net", "devices": 1} for i in (1, 2)]}))
+    req = EvalRequest(checkpoint, None, ["parallel.cp_impl=auto", "parallel.placement=fabric",
+                                         f"parallel.cluster={path}"], text=text_file, seq_len=398, cp=2)
+    source, exp, _, _ = prepare_eval(req, 2, 2)
+    dims = check_experiment(exp, 2, 2)
+    args = model_family(exp.model.family).args(exp.model, source.vocab_size, exp.model.max_seq_len)
+    trained, declared = (str(cp_attention(exp, args, dims, links)) for links in (cluster_links(exp, dims), None))
+    assert trained != declared  # the file changes the pick (ulysses on the slow link, ring on 100 Gbit/s)
+    one, _ = run_ranks(_evaluate, 0, EvalRequest(checkpoint, text=text_file, seq_len=398))[0]
+    for result, _ in run_ranks(_evaluate_on_host, 2, req):
+        assert result["cp_impl"] == trained
+        assert result["loss"] == pytest.approx(one["loss"], abs=1e-5)
+
+
 def test_passkey_prompt_and_scoring():
     from loomtrain.data.tokenizer import ByteTokenizer
     from loomtrain.trainer.evaluate import (PASSKEY_INTRO, PASSKEY_QUESTION, passkey_correct, passkey_trial,

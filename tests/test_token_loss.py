@@ -124,3 +124,75 @@ def test_whole_document_batches_match_single_process(world, extra, small_corpus,
         for step in ref_losses:
             assert losses[step] == pytest.approx(ref_losses[step], rel=1e-5), step
             assert norms[step] == pytest.approx(ref_norms[step], rel=1e-5), step
+
+
+
+def _pp_cp_documents(rank, overrides):
+    """``train_capturing`` with interleaved stages' ModuleList prefixes dropped ('0.layers.1.x' -> 'layers.1.x'), the
+    validation losses, and where the per-document reorder ran: {"prefetch" (the prefetch thread), "evaluation" (the
+    main thread, in an evaluation) or "step" (the main thread otherwise): rows it really moved}."""
+    import threading
+
+    from conftest import train_capturing
+    from test_parallel_parity import _unprefixed
+
+    from loomtrain.parallel.sp import modes
+    from loomtrain.trainer import train as train_mod
+
+    reorder_batch, evaluate, moved, val = modes.reorder_batch, train_mod.Trainer.evaluate, {}, {}
+
+    def reorder(batch, pieces):
+        out = reorder_batch(batch, pieces)
+        where = ("prefetch" if threading.current_thread().name == "loomtrain-prefetch" else
+                 "evaluation" if val.get("running") else "step")
+        moved[where] = moved.get(where, 0) + int((out["input_ids"] != batch["input_ids"]).any(1).sum())
+        return out
+
+    def evaluated(self):
+        val["running"] = True
+        record = evaluate(self)
+        val[self.step], val["running"] = record["val_loss"], False
+        return record
+
+    modes.reorder_batch, train_mod.Trainer.evaluate = reorder, evaluated
+    losses, norms, captured = train_capturing(rank, overrides)
+    val.pop("running", None)
+    return losses, norms, {"params": _unprefixed(captured["params"]), "moved": moved, "val": val}
+
+
+# Per-document zigzag inside pipeline stages (every stage of a cp rank reorders and cuts its rows the same way), on
+# packed windows of real paragraphs: documents of different lengths, their boundaries inside the rows.
+PP_CP_DOCUMENTS = {
+    "1f1b_ring": ["parallel.cp_impl=ring"],
+    "interleaved_tokenring": ["parallel.cp_impl=tokenring", "parallel.pp_schedule=interleaved_1f1b",
+                              "parallel.pp_virtual_stages=2"],
+}
+PARAGRAPH_WINDOWS = ["model.n_layers=4", "train.steps=3", "train.eval_every=3", "train.eval_batches=2"]
+
+
+@pytest.fixture(scope="module")
+def paragraph_windows_reference(paragraphs, tmp_path_factory):
+    from conftest import TEST_OVERRIDES
+
+    out = tmp_path_factory.mktemp("paragraph_windows_ref")
+    return run_ranks(_pp_cp_documents, 0, TEST_OVERRIDES + [f"data.prepared={paragraphs}", f"train.output_dir={out}"]
+                     + PARAGRAPH_WINDOWS)
+
+
+@pytest.mark.parametrize("schedule", PP_CP_DOCUMENTS)
+def test_pipeline_cp_zigzag_documents_match_single_process(schedule, paragraph_windows_reference, paragraphs,
+                                                           tmp_path):
+    """pp=2 x cp=2 with ``parallel.cp_layout: zigzag_documents``, 1F1B and interleaved: loss, grad norm and
+    validation loss within 1e-5 of one process, final parameters within 1e-5 (fp32); the rows were really reordered
+    per document, training's on the prefetch thread (overlapped with the step before, not in it)."""
+    from conftest import TEST_OVERRIDES, assert_same_training
+
+    ov = TEST_OVERRIDES + [f"data.prepared={paragraphs}", f"train.output_dir={tmp_path}"] + PARAGRAPH_WINDOWS + [
+        "parallel.pp=2", "parallel.cp=2", "parallel.dp_shard=1", "parallel.cp_layout=zigzag_documents"]
+    results = run_ranks(_pp_cp_documents, 4, ov + PP_CP_DOCUMENTS[schedule])
+    assert_same_training(results, paragraph_windows_reference, rtol=1e-5, atol_params=1e-5)
+    [(_, _, one)] = paragraph_windows_reference
+    for _, _, captured in results:
+        assert captured["val"].keys() == one["val"].keys() == {3}
+        assert captured["val"][3] == pytest.approx(one["val"][3], rel=1e-5)
+        assert captured["moved"].keys() == {"prefetch", "evaluation"} and min(captured["moved"].values()) > 0

@@ -138,7 +138,9 @@ def load_eval_source(source: str, config_path: str | None = None, overrides=()) 
 def eval_layout(exp, world: int, cp: int, tp: int, seq_len: int, longest: int):
     """A copy of ``exp`` laid out for evaluation on ``world`` ranks: context and tensor parallelism as asked, the
     rest data parallel (FSDP, repeating the work); no pipeline, no snapshots, no compile (one forward per
-    sequence does not pay for it). ``seq_len``: the longest sequence evaluated; ``longest``: the model's."""
+    sequence does not pay for it). ``seq_len``: the longest sequence evaluated; ``longest``: the model's.
+    ``parallel.placement`` and ``parallel.cluster`` stay: ranks are placed as training places them, and
+    ``cp_impl: auto`` reads its links from the cluster as training does (``launch/eval.py``)."""
     from loomtrain.parallel.cp.attention import zigzag_multiple
     from loomtrain.trainer.config import FaultTolConfig
 
@@ -146,7 +148,7 @@ def eval_layout(exp, world: int, cp: int, tp: int, seq_len: int, longest: int):
     par = exp.parallel
     par.pp, par.pp_virtual_stages, par.pp_split = 1, 1, ""
     par.dp_replicate, par.dp_shard, par.cp, par.tp = 1, -1, cp, tp
-    par.dp_sync, par.sp_mode, par.dp_engine, par.placement = "every_step", "static", "fsdp", "none"
+    par.dp_sync, par.sp_mode, par.dp_engine = "every_step", "static", "fsdp"
     par.compile, par.activation_checkpoint = False, "none"
     exp.data.batching, exp.data.max_doc_tokens = "windows", 0
     multiple = zigzag_multiple(cp, tp)
@@ -257,7 +259,9 @@ def passkey_report(trials: list[PasskeyTrial], correct: list[bool]) -> dict:
 class Evaluator:
     """The source's model on this rank's mesh, and the two forwards evaluation needs."""
 
-    def __init__(self, source: EvalSource, exp, env):
+    def __init__(self, source: EvalSource, exp, env, placement=None):
+        """``placement``: ``launch.placement.place_ranks``'s answer with the cp links ``cp_impl: auto`` decides on
+        (read from ``parallel.cluster`` as for training; None: ranks in launch order, the configured links)."""
         from loomtrain.parallel.cp.attention import zigzag_multiple
         from loomtrain.parallel.engines.fsdp import FSDPEngine
         from loomtrain.parallel.sp.modes import StaticSP
@@ -268,11 +272,14 @@ class Evaluator:
 
         self.env = env
         self.dims = dims = check_experiment(exp, env.world_size, env.local_world_size)
-        self.mesh = dims.build_mesh(env.device.type)
+        if placement is not None and placement.order is not None:
+            dims.placement = tuple(placement.order)
+        self.mesh = dims.build_mesh(env.device.type, placement.override if placement else {})
         family = model_family(exp.model.family)
         self.args = family.args(exp.model, source.vocab_size, exp.model.max_seq_len)
         backend = resolve_backend(exp.model.attention, env.device.type, DTYPES[exp.model.dtype], self.args.head_dim)
-        cp_impl = cp_attention(exp, self.args, dims) if dims.cp > 1 else None
+        links = placement.cp_links if placement is not None else None
+        cp_impl = cp_attention(exp, self.args, dims, links) if dims.cp > 1 else None
         torch.manual_seed(exp.train.seed)
         with torch.device("meta"):
             model = family.build(self.args)
@@ -388,17 +395,19 @@ def prepare_eval(req: EvalRequest, world: int, local_world: int):
     return source, run_exp, tokens, trials
 
 
-def evaluate(req: EvalRequest, source: EvalSource, exp, tokens, trials: list[PasskeyTrial], env) -> dict:
+def evaluate(req: EvalRequest, source: EvalSource, exp, tokens, trials: list[PasskeyTrial], env,
+             placement=None) -> dict:
     """Run :func:`prepare_eval`'s evaluation on this rank (``env``: its ``launch.env.DistEnv``, the process group
-    started); every rank returns the same result dict."""
-    ev = Evaluator(source, exp, env)
+    started; ``placement``: :class:`Evaluator`'s); every rank returns the same result dict."""
+    ev = Evaluator(source, exp, env, placement)
     source.state = None  # the model holds its shards now
     sums = ev.loss_sums(tokens)
     n = len(tokens) - 1
     base = req.bucket or default_bucket(n)
     result = {"source": source.path, "kind": source.kind, "seq_len": n, "tokens": int(sums[1].sum()),
               "loss": mean_loss(sums), "bucket": base, "loss_by_position": bucket_losses(sums, position_buckets(n, base)),
-              "world_size": env.world_size, "cp": ev.dims.cp, "tp": ev.dims.tp}
+              "world_size": env.world_size, "cp": ev.dims.cp, "tp": ev.dims.tp,
+              "cp_impl": str(ev.cp_impl) if ev.cp_impl else None}
     if trials:
         correct = [passkey_correct(t, ev.predictions(t.ids)) for t in trials]
         result["passkey"] = passkey_report(trials, correct)
@@ -408,7 +417,8 @@ def evaluate(req: EvalRequest, source: EvalSource, exp, tokens, trials: list[Pas
 def format_report(result: dict) -> str:
     """The readable table (``--json`` prints ``result`` instead)."""
     lines = [f"{result['source']} ({result['kind']}): {result['tokens']:,} tokens, mean loss {result['loss']:.4f} "
-             f"nats/token (world {result['world_size']}, cp {result['cp']}, tp {result['tp']})",
+             f"nats/token (world {result['world_size']}, cp {result['cp']}"
+             + (f" {result['cp_impl']}" if result.get("cp_impl") else "") + f", tp {result['tp']})",
              "", f"{'positions':>14}  {'tokens':>9}  {'loss':>8}"]
     for b in result["loss_by_position"]:
         loss = "-" if b["loss"] is None else f"{b['loss']:.4f}"

@@ -165,7 +165,7 @@ class Trainer:
         self.sp, plan = sequence_parallel(exp, self.args, self.dims, self.mesh, self.train_data, self.dp_rank,
                                           env.device, env.local_world_size,
                                           ModelCopy(family.build, token_loss_sum, backend), cp_impl=self.cp_impl)
-        self.batches = Prefetcher(plan, pin_memory=env.device.type == "cuda")
+        self.batches = Prefetcher(plan, pin_memory=env.device.type == "cuda", layout=self.sp.host_layout)
         self.tokens_per_step = tokens_per_step(exp)
         self.flops_per_token = self.args.flops_per_token(exp.data.seq_len)
         if exp.logging.peak_tflops:
@@ -388,7 +388,8 @@ class Trainer:
         loss and count at its position (within its document) into it, summed over the ranks."""
         tcfg = self.exp.train
         micro = tcfg.micro_batch_size or self.batches.micro_batch or 1
-        batches = eval_batches(data, tcfg.eval_batches, micro, self.dp_rank, self.dims.dp)
+        batches = [self.sp.host_layout(b) for b in eval_batches(data, tcfg.eval_batches, micro, self.dp_rank,
+                                                                self.dims.dp)]
         if positions is not None:
             return self._loss_by_position(batches, positions)
         tokens = self._global_tokens(batches)

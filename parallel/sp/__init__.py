@@ -27,8 +27,10 @@ class SequenceParallelMode(Protocol):
     ``(mode, batch plan)`` (``copy``: a ``modes.ModelCopy`` for calibrations; ``cp_impl``: the run's cp strategy,
     None without cp).
 
-    On the instance: ``begin_step(micro)`` (before the step's first micro-batch, on every rank: e.g. make
-    the process groups its plan needs) and ``prepare(model, batch) -> batch`` (this rank's part of the
+    On the instance: ``host_layout(batch) -> batch`` (the host work on a whole micro-batch that needs no process
+    group, e.g. reordering its rows; the trainer runs it where batches are built, on the prefetch thread, off the
+    step), ``begin_step(micro)`` (before the step's first micro-batch, on every rank: e.g. make the process groups
+    its plan needs) and ``prepare(model, batch) -> batch`` (this rank's part of a ``host_layout``-ed batch's
     tokens; sets the attention the model uses for it).
     """
 
@@ -46,6 +48,8 @@ class SequenceParallelMode(Protocol):
     @classmethod
     def build(cls, exp, model_args, dims, mesh, train_data, dp_rank, device, ranks_per_node, copy,
               cp_impl=None): ...
+
+    def host_layout(self, batch: dict) -> dict: ...
 
     def begin_step(self, micro) -> None: ...
 
