@@ -229,7 +229,7 @@ def report(out: str) -> str:
     head = (f"| link | method | final val loss | vs {ref_name} | gap at 1/4, 1/2, 3/4 of tokens | dp_sync MB/worker "
             "| all counted MB/worker | wire MB/worker | reference/this dp_sync bytes | wall s | wall vs unshaped "
             "| median step ms | load |\n|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    table = head + "\n" + "\n".join(rows) + _seed_lines(fast) + _a0_line(fast)
+    table = head + "\n" + "\n".join(rows) + _seed_lines(fast) + _a0_line(out, fast)
     _plot(results, ref_name, os.path.join(out, "slow_links.png"))
     return table
 
@@ -249,14 +249,24 @@ def _gaps(s: dict, ref: dict) -> str:
     return ", ".join(f"{100 * (v / theirs[t] - 1):+.1f}%" for t, v in picks)
 
 
-def _a0_line(runs: list[dict]) -> str:
-    """Phase A's check: DiLoCo at H=1 with SGD, outer lr 1 and no momentum is DDP, to fp32 rounding."""
-    a, b = (next((s for s in runs if s["name"] == n), None) for n in ("a0_ddp_sgd", "a0_diloco_h1_sgd"))
-    if a is None or b is None:
+def _a0_line(out: str, runs: list[dict]) -> str:
+    """Phase A's check: DiLoCo at H=1 with SGD, outer lr 1 and no momentum is DDP, to fp32 rounding: the
+    training losses of the two runs step by step (from their metrics.jsonl), until rounding differences are
+    amplified by the training itself (unstable SGD steps make two runs that differ in the last bit part)."""
+    names = ("a0_ddp_sgd", "a0_diloco_h1_sgd")
+    if not all(any(s["name"] == n for s in runs) for n in names):
         return ""
-    diffs = [abs(x[2] - y[2]) for x, y in zip(a["evals"], b["evals"])]
-    return (f"\n\n- A0: DiLoCo (H=1, SGD, outer lr 1, no momentum) vs DDP (SGD): largest validation-loss difference "
-            f"over {len(diffs)} evaluations {max(diffs):.2e} (final {a['final_val']:.6f} vs {b['final_val']:.6f})")
+    a, b = ({r["step"]: r["loss"] for r in _last_records(os.path.join(out, f"unshaped-{n}", "metrics.jsonl"))
+             if "loss" in r} for n in names)
+    steps = sorted(set(a) & set(b))
+    diff = {s: abs(a[s] - b[s]) for s in steps}
+    parted = next((s for s in steps if diff[s] > 1e-5), None)
+    equal = [s for s in steps if parted is None or s < parted]
+    return (f"\n\n- A0: DiLoCo (H=1, SGD, outer lr 1, no momentum) vs DDP (SGD), training loss at {len(steps)} logged "
+            f"steps: largest difference {max(diff[s] for s in equal):.1e} over steps {equal[0]}-{equal[-1]}"
+            + (f"; from step {parted} on more than 1e-5 (largest {max(diff.values()):.2f}, final val "
+               f"{next(s for s in runs if s['name'] == names[0])['final_val']:.4f} vs "
+               f"{next(s for s in runs if s['name'] == names[1])['final_val']:.4f})" if parted else ""))
 
 
 def _seed_lines(runs: list[dict]) -> str:
@@ -329,33 +339,43 @@ def phase_a(args) -> tuple[list[Run], str]:
                                             f"train.global_batch_size={32 // WORKERS}"], workers=1)], "ddp"
 
 
+def _better(done: dict, names: list[str]) -> int:
+    """Index of the name with the lowest final validation loss among those finished (0 while none is)."""
+    finished = [i for i, n in enumerate(names) if n in done]
+    return min(finished, key=lambda i: done[names[i]]["final_val"], default=0)
+
+
 def phase_b(args, results: dict) -> tuple[list[Run], str]:
     """About 19 tokens per parameter: DDP at two learning rates (the better one is the reference and gets a
-    second seed), DiLoCo (2 seeds), Streaming DiLoCo in fp32 and fp4, CO2; then the 100 Mbit/s runs. The local
-    methods' inner lr is the better DDP lr (``--inner-lr`` to set it). In priority order: an interrupted
-    invocation resumes where it stopped."""
+    second seed); DiLoCo at two inner learning rates, ``--inner-lr-factors`` times DDP's better one (phase A:
+    four workers' AdamW steps on a quarter of the batch each, averaged every step, matched DDP at twice its lr
+    and not at its lr; with H = 32 and outer momentum that may differ), the better one gets a second seed and is
+    the inner lr of Streaming DiLoCo (fp32 and fp4) and CO2; then the 100 Mbit/s runs. In priority order: the
+    plan is made again after each run, and an interrupted invocation resumes where it stopped."""
     done = {s["name"]: s for s in results.get("unshaped", [])}
+    seed = lambda s: [f"train.seed={1234 + s}"]  # noqa: E731
     ddps = [f"ddp_lr{lr:g}_s0" for lr in args.lr]
-    best = min((n for n in ddps if n in done), key=lambda n: done[n]["final_val"], default=ddps[0])
-    best_lr = args.lr[ddps.index(best)]
-    inner = args.inner_lr or best_lr
+    best_lr = args.lr[_better(done, ddps)]
+    best = f"ddp_lr{best_lr:g}"
     h = args.sync_every
-    diloco = ["parallel.dp_sync=diloco", f"dp_sync.diloco.sync_every={h}", "dp_sync.diloco.fragments=1",
-              f"optim.lr={inner}"]
+    diloco = lambda lr: ["parallel.dp_sync=diloco", f"dp_sync.diloco.sync_every={h}",  # noqa: E731
+                         "dp_sync.diloco.fragments=1", f"optim.lr={lr}"]
+    inner_lrs = [f * best_lr for f in args.inner_lr_factors]
+    dilocos = [f"diloco_lr{lr:g}_s0" for lr in inner_lrs]
+    inner = inner_lrs[_better(done, dilocos)]
     streaming = ["parallel.dp_sync=diloco", f"dp_sync.diloco.sync_every={h}", "dp_sync.diloco.fragments=4",
                  f"dp_sync.diloco.fragment_sync_delay={args.delay}", "dp_sync.diloco.fragment_update_alpha=0.5",
-                 f"optim.lr={inner}"]
-    co2 = ["parallel.dp_sync=co2", f"dp_sync.co2.sync_every={args.co2_every}", f"optim.lr={inner}"]
-    seed = lambda s: [f"train.seed={1234 + s}"]  # noqa: E731
-    runs = [Run(n, [f"optim.lr={lr}", "parallel.dp_sync=every_step"] + seed(0)) for n, lr in zip(ddps, args.lr)]
-    runs += [Run("diloco_s0", diloco + seed(0)), Run("streaming_fp4_s0", streaming + ["dp_sync.diloco.quantize=fp4"] + seed(0)),
-             Run("streaming_fp32_s0", streaming + seed(0)), Run("co2_s0", co2 + seed(0)),
-             Run(best.replace("_s0", "_s1"), [f"optim.lr={best_lr}", "parallel.dp_sync=every_step"] + seed(1)),
-             Run("diloco_s1", diloco + seed(1))]
-    shaped = {best: runs[ddps.index(best)].overrides, "streaming_fp4_s0": runs[len(ddps) + 1].overrides,
-              "diloco_s0": runs[len(ddps)].overrides, "co2_s0": runs[len(ddps) + 3].overrides}
-    runs += [Run(n, ov, link="shaped") for n, ov in shaped.items()]
-    return runs, best
+                 f"optim.lr={inner}"] + seed(0)
+    runs = {n: [f"optim.lr={lr}", "parallel.dp_sync=every_step"] + seed(0) for n, lr in zip(ddps, args.lr)}
+    runs |= {n: diloco(lr) + seed(0) for n, lr in zip(dilocos, inner_lrs)}
+    runs |= {f"streaming_fp4_lr{inner:g}_s0": streaming + ["dp_sync.diloco.quantize=fp4"],
+             f"streaming_fp32_lr{inner:g}_s0": streaming,
+             f"co2_lr{inner:g}_s0": ["parallel.dp_sync=co2", f"dp_sync.co2.sync_every={args.co2_every}",
+                                     f"optim.lr={inner}"] + seed(0),
+             f"{best}_s1": [f"optim.lr={best_lr}", "parallel.dp_sync=every_step"] + seed(1),
+             f"diloco_lr{inner:g}_s1": diloco(inner) + seed(1)}
+    shaped = [f"{best}_s0", f"streaming_fp4_lr{inner:g}_s0", f"diloco_lr{inner:g}_s0", f"co2_lr{inner:g}_s0"]
+    return [Run(n, ov) for n, ov in runs.items()] + [Run(n, runs[n], link="shaped") for n in shaped], f"{best}_s0"
 
 
 def phase_compare(args) -> tuple[list[Run], str]:
@@ -385,7 +405,8 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int)
     ap.add_argument("--lr", type=lambda s: [float(x) for x in s.split(",")], default=[3e-3, 6e-3],
                     help="DDP's AdamW lr (B: two of them, the better is the reference; A: the first)")
-    ap.add_argument("--inner-lr", type=float, default=0.0, help="B: the local methods' AdamW lr (0: DDP's better)")
+    ap.add_argument("--inner-lr-factors", type=lambda s: [float(x) for x in s.split(",")], default=[1.0, 2.0],
+                    help="B: DiLoCo's AdamW lrs as multiples of DDP's better lr (the better is the local methods')")
     ap.add_argument("--sgd-lr", type=float, default=0.5, help="A0: the SGD lr of both runs")
     ap.add_argument("--rate", default="100mbit", help="tbf rate of the shaped runs (each direction of each rank)")
     ap.add_argument("--methods", default="ddp,diloco,streaming_diloco_fp4,co2", help="compare: which methods")
