@@ -292,17 +292,20 @@ def _plot(results: dict, ref_name: str, path: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     fast = results.get("unshaped", [])
     ref = next((s for s in fast if s["name"] == ref_name), None)
+    names = list(dict.fromkeys(s["name"] for runs in results.values() for s in runs))
+    colour = {n: f"C{i % 10}" for i, n in enumerate(names)}  # one colour per method in every panel
     for link, style in (("unshaped", "-"), ("shaped", "--")):
         for s in results.get(link, []):
             tokens, wall, val = zip(*s["evals"])
-            axes[0].plot(wall, val, style, marker="o", ms=2, label=f"{s['name']} ({link})")
+            c = colour[s["name"]]
+            axes[0].plot(wall, val, style, color=c, marker="o", ms=2, label=f"{s['name']} ({link})")
             if link == "unshaped":
-                axes[1].plot(tokens, val, style, marker="o", ms=2, label=s["name"])
+                axes[1].plot(tokens, val, style, color=c, marker="o", ms=2, label=s["name"])
                 if ref is not None and s is not ref:
                     theirs = {t: v for t, _, v in ref["evals"]}
                     pts = [(t, 100 * (v / theirs[t] - 1)) for t, v in zip(tokens, val) if t in theirs]
                     if pts:
-                        axes[2].plot(*zip(*pts), style, marker="o", ms=2, label=s["name"])
+                        axes[2].plot(*zip(*pts), style, color=c, marker="o", ms=2, label=s["name"])
     axes[0].set(xlabel="wall clock (s)", ylabel="validation loss", title="loss vs wall clock")
     axes[1].set(xlabel="tokens", ylabel="validation loss", title="loss vs tokens (unshaped)")
     axes[2].set(xlabel="tokens", ylabel=f"% above {ref_name}", title=f"gap to {ref_name} at equal tokens")
