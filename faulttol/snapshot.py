@@ -56,6 +56,7 @@ from loomtrain.faulttol.erasure import ReedSolomon
 from loomtrain.faulttol.layout import NodeLayout, choose_chunks
 from loomtrain.faulttol.smp import Attached, SMPError, SnapshotClient, checksum, ensure_daemon, socket_path
 from loomtrain.log import say
+from loomtrain.state_reads import reading_state
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -73,7 +74,8 @@ def flatten_state(model, optimizer, extra: dict | None = None) -> tuple[list[tor
     ``get_state_dict`` also materializes optimizer state that does not exist yet (a fresh
     optimizer), so a restore can copy into it. Tensors are the *live* local shards.
     """
-    leaves, _ = pytree.tree_flatten_with_path((get_state_dict(model, optimizer), extra or {}))
+    with reading_state():  # the materializing step is not an inner step (loomtrain/state_reads.py)
+        leaves, _ = pytree.tree_flatten_with_path((get_state_dict(model, optimizer), extra or {}))
     tensors, layout = [], []
     for path, leaf in leaves:
         if isinstance(leaf, torch.Tensor):

@@ -28,8 +28,8 @@ def run(req: EvalRequest) -> dict:
     started = not dist.is_initialized()
     env = init_distributed(exp.parallel)
     try:
-        placement = place_ranks(exp, env, dims)
-        placement.cp_links = cp_links
+        placement = place_ranks(exp, env, dims, unlisted="unplaced")  # eval may run where training did not
+        placement.cp_links = cp_links if placement.cluster is not None else None
         set_threads(exp, placement.env)
         configure_math(env.device.type)
         return evaluate(req, source, exp, tokens, trials, placement.env, placement)

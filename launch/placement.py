@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from loomtrain.comms import traffic
 from loomtrain.launch.env import device_backend
 from loomtrain.launch.topology import Cluster
+from loomtrain.log import say
 from loomtrain.parallel.mesh import MESH_DIMS, ParallelDims
 
 HEAVY = ("tp", "cp", "dp_shard", "dp_replicate")  # pp is the one meant to cross slow links
@@ -215,12 +216,14 @@ def describe(result: dict, max_groups: int = 4) -> list[str]:
 
 
 @traffic.counted_as("other")
-def place_ranks(exp, env, dims: ParallelDims) -> Placement:
+def place_ranks(exp, env, dims: ParallelDims, unlisted: str = "error") -> Placement:
     """Collective on the default group, before the mesh: with ``parallel.placement: fabric``, learn every
     rank's host (``LOOMTRAIN_HOST_ID`` or the hostname) and, without a cluster description, its NICs; set
     ``dims.placement``; return this rank's ``backend_override`` for ``ParallelDims.build_mesh``: each
     dimension's groups use the interface of the link they run on (gloo: a device bound to it; NCCL: the
-    IB or Socket transport), never an environment change."""
+    IB or Socket transport), never an environment change. Hosts missing from ``parallel.cluster``: an error,
+    or with ``unlisted="unplaced"`` (``loomtrain eval`` of a checkpoint on other machines than it trained on)
+    one line and no placement (``Placement.cluster`` None)."""
     import torch.distributed as dist
 
     from loomtrain.faulttol.manager import host_name
@@ -239,6 +242,11 @@ def place_ranks(exp, env, dims: ParallelDims) -> Placement:
         base = load_cluster(par.cluster)
         described = {h.name: h for h in base.hosts}
         missing = [h for h in hosts if h not in described]
+        if missing and unlisted == "unplaced":
+            if env.rank == 0:
+                say(f"placement: hosts {missing} are not in {par.cluster}: ranks keep their launch order, "
+                    "cp_impl=auto decides on parallel.cp_link_gbps / cp_inner_link_gbps")
+            return Placement({}, env)
         if missing:
             raise RuntimeError(f"parallel.cluster: hosts {missing} of this job are not in {par.cluster} (hosts are "
                                "named by LOOMTRAIN_HOST_ID or the hostname)")

@@ -109,8 +109,10 @@ def train(run: Run, out: str, prepared: str, port: int, log, steps: int) -> dict
                                     f"data.prepared={prepared}", f"train.output_dir={run_dir}"]
     segments_path = os.path.join(run_dir, "segments.json")
     segments = json.load(open(segments_path)) if os.path.exists(segments_path) else []
-    ckpts = os.path.join(run_dir, "checkpoints")
-    resume = bool(segments) and os.path.isdir(ckpts) and any(n.startswith("step_") for n in os.listdir(ckpts))
+    from loomtrain.trainer.checkpoint import latest_checkpoint
+
+    # a complete checkpoint only (an interrupted save leaves a step_*.tmp folder that --resume cannot load)
+    resume = bool(segments) and latest_checkpoint(os.path.join(run_dir, "checkpoints")) is not None
     os.makedirs(run_dir, exist_ok=True)
     before = [Network.tx_bytes(r) for r in range(run.workers)]
     start = time.time()
@@ -205,7 +207,7 @@ def summarize(run: dict) -> dict:
             "wire_per_worker": (sum(sum(s["wire"]) for s in run["segments"]) / run["workers"]
                                 if all("wire" in s for s in run["segments"]) else float("nan")),
             "evals": evals, "step_time_s": sorted(r["step_time_s"] for r in steps)[len(steps) // 2],
-            "workers": run["workers"],
+            "workers": run["workers"], "segments": len(run["segments"]),
             "load": statistics.mean(x for s in run["segments"] for x in s.get("load", [])) if any(
                 s.get("load") for s in run["segments"]) else float("nan")}
 
@@ -224,7 +226,7 @@ def report(out: str) -> str:
             rows.append(f"| {link} | {s['name']} | {s['final_val']:.4f} | {100 * (s['final_val'] / ref['final_val'] - 1):+.2f}% "
                         f"| {_gaps(s, ref)} | {s['dp_sync_per_worker'] / 1e6:.3f} | {s['all_per_worker'] / 1e6:.3f} "
                         f"| {s['wire_per_worker'] / 1e6:.2f} | {_ratio(ref['dp_sync_per_worker'], s['dp_sync_per_worker'])} "
-                        f"| {s['wall_s']:.1f} | {s['wall_s'] / twin['wall_s'] if twin else float('nan'):.2f}x "
+                        f"| {s['wall_s']:.1f}{_resumed(s)} | {s['wall_s'] / twin['wall_s'] if twin else float('nan'):.2f}x "
                         f"| {s['step_time_s'] * 1e3:.0f} | {s.get('load', float('nan')):.1f} |")
     head = (f"| link | method | final val loss | vs {ref_name} | gap at 1/4, 1/2, 3/4 of tokens | dp_sync MB/worker "
             "| all counted MB/worker | wire MB/worker | reference/this dp_sync bytes | wall s | wall vs unshaped "
@@ -232,6 +234,11 @@ def report(out: str) -> str:
     table = head + "\n" + "\n".join(rows) + _seed_lines(fast) + _a0_line(out, fast)
     _plot(results, ref_name, os.path.join(out, "slow_links.png"))
     return table
+
+
+def _resumed(s: dict) -> str:
+    """A resumed run's wall clock includes each later segment's start-up: say how many there were."""
+    return f" ({s['segments']} segments)" if s.get("segments", 1) > 1 else ""
 
 
 def _ratio(ref_bytes: float, bytes_: float) -> str:
@@ -262,6 +269,9 @@ def _a0_line(out: str, runs: list[dict]) -> str:
     diff = {s: abs(a[s] - b[s]) for s in steps}
     parted = next((s for s in steps if diff[s] > 1e-5), None)
     equal = [s for s in steps if parted is None or s < parted]
+    if not equal:
+        return (f"\n\n- A0: DiLoCo (H=1, SGD, outer lr 1, no momentum) and DDP (SGD) differ by more than 1e-5 from the "
+                f"first logged step ({steps[0]}: {diff[steps[0]]:.2e}): not the same computation")
     return (f"\n\n- A0: DiLoCo (H=1, SGD, outer lr 1, no momentum) vs DDP (SGD), training loss at {len(steps)} logged "
             f"steps: largest difference {max(diff[s] for s in equal):.1e} over steps {equal[0]}-{equal[-1]}"
             + (f"; from step {parted} on more than 1e-5 (largest {max(diff.values()):.2f}, final val "
@@ -428,6 +438,9 @@ def main() -> None:
         raise SystemExit("bench_slow_links: needs root (network namespaces and tc)")
     ph = PHASES[args.phase]
     steps = args.steps or ph["steps"]
+    if (args.eval_every or ph["eval_every"]) % ph["log_every"]:
+        raise SystemExit(f"--eval-every: must be a multiple of phase {args.phase}'s log_every ({ph['log_every']}): "
+                         "an evaluation is reported with its step's record")
     args.sync_every = args.sync_every or (32 if args.phase == "B" else 120)
     os.makedirs(args.out, exist_ok=True)
     from loomtrain.data.prepare import prepare

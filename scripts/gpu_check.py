@@ -571,7 +571,7 @@ def _cp_rank(rank: int, world: int, store_path: str, result_dir: str, device_typ
                     attn = ContextParallelAttention(impl, group, reverse_group=reverse, layout="zigzag",
                                                     comm=make_host_p2p())
                     order = None
-                    if ids is short:  # the row reordered as StaticSP.prepare does (pieces per strategy)
+                    if ids is short:  # the row reordered as StaticSP.host_layout does (pieces per strategy)
                         order = row_orders(ids.cpu(), pieces_for(impl, w)).to(device)
                     ins = [t if order is None else along(t, order) for t in (q, k, v, dout)]
                     local = [shard_for(t, rank, w, dim=1).detach().clone().requires_grad_() for t in ins[:3]]

@@ -359,3 +359,28 @@ def test_torchfts_failure_recovery_fixture():
         assert a.weights() == survivor[step - 3 + rejoin], step
         a.step()
         b.step()
+
+
+@pytest.mark.parametrize("inner", ["sgd", "adamw"])
+def test_reading_the_state_for_a_checkpoint_or_snapshot_is_not_an_inner_step(inner, tmp_path):
+    """torch's get_state_dict / set_state_dict give an optimizer with empty state (SGD without momentum, always; a
+    fresh AdamW) a step with zero gradients at lr 0 to materialize it. The outer sync's step hook took that for an
+    inner step: every checkpoint and snapshot advanced the round (and could start an exchange): in
+    bench_slow_links phase A a DiLoCo run with SGD sent one extra full exchange per checkpoint. Reading the state
+    through loomtrain's checkpoint and snapshot code must leave the sync where it was."""
+    from loomtrain.faulttol.snapshot import flatten_state
+    from loomtrain.trainer.checkpoint import Checkpointer
+    from loomtrain.trainer.state import TrainState
+
+    model = torch.nn.Linear(4, 4)
+    opt = (torch.optim.SGD(model.parameters(), lr=0.1) if inner == "sgd"
+           else torch.optim.AdamW(model.parameters(), lr=0.1))
+    d = DiLoCo([list(model.parameters())], opt, sync_every=4, outer_lr=0.7, outer_momentum=0.9, nesterov=True)
+    if inner == "sgd":  # a real step first: SGD's state stays empty after it
+        model(torch.ones(2, 4)).sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    before = d.t
+    flatten_state(model, opt)  # a snapshot's read
+    Checkpointer(str(tmp_path), keep=1, async_save=False, rank=0)._state(TrainState(model, opt, {}), step=1)
+    assert d.t == before and not d.pending

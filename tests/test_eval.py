@@ -171,6 +171,15 @@ def test_cp_impl_auto_reads_the_cluster_as_train_does(checkpoint, text_file, tmp
     for result, _ in run_ranks(_evaluate_on_host, 2, req):
         assert result["cp_impl"] == trained
         assert result["loss"] == pytest.approx(one["loss"], abs=1e-5)
+    # A checkpoint evaluated on hosts the file does not list (another machine than training's): one line, the
+    # ranks unplaced and the declared links' pick, where training refuses to start.
+    other = tmp_path / "other.yaml"
+    other.write_text(path.read_text().replace("x1", "y1").replace("x2", "y2"))
+    elsewhere = EvalRequest(checkpoint, None, ["parallel.cp_impl=auto", "parallel.placement=fabric",
+                                               f"parallel.cluster={other}"], text=text_file, seq_len=398, cp=2)
+    for result, _ in run_ranks(_evaluate_on_host, 2, elsewhere):
+        assert result["cp_impl"] == declared
+        assert result["loss"] == pytest.approx(one["loss"], abs=1e-5)
 
 
 def test_passkey_prompt_and_scoring():

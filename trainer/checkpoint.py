@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from loomtrain.comms import traffic
 from loomtrain.faulttol import codec
 from loomtrain.fsutil import atomic_write_text
+from loomtrain.state_reads import reading_state
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 # Optimizer state keyed per parameter FQN ("state.<fqn>.exp_avg", "param_groups.<fqn>.lr"): pipeline
@@ -227,7 +228,8 @@ class Checkpointer:
         every layout (DCP reshards tensors between layouts): a per-rank part travels as one encoded (``codec``
         JSON, never a pickle) list of all ranks' states, so a run resumed on another world size finds its key.
         ``gather=False`` (a template to load into) skips the all-gathers: DCP replaces the values."""
-        model_sd, optim_sd = get_state_dict(state.model, state.optimizer, options=OPTIONS)
+        with reading_state():  # torch may step an optimizer with empty state here to materialize it
+            model_sd, optim_sd = get_state_dict(state.model, state.optimizer, options=OPTIONS)
         out = {"model": model_sd, "optim": optim_sd, "trainer": {"step": step}}
         for name, part in state.parts.items():
             if getattr(part, "per_rank", False):
@@ -344,8 +346,9 @@ class Checkpointer:
             template.pop(name, None)
             template["trainer"].pop(name, None)
         safe_dcp_load(template, source, process_group=self._pg)
-        set_state_dict(state.model, state.optimizer, model_state_dict=template["model"],
-                       optim_state_dict=template["optim"], options=OPTIONS)
+        with reading_state():
+            set_state_dict(state.model, state.optimizer, model_state_dict=template["model"],
+                           optim_state_dict=template["optim"], options=OPTIONS)
         for name, part in state.parts.items():
             if getattr(part, "per_rank", False) and name in template:
                 # Same world size: each rank continues its own streams (exact resume). Another layout has no

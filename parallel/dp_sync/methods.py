@@ -25,6 +25,7 @@ import torch.distributed as dist
 from loomtrain.comms import traffic
 from loomtrain.parallel.dp_sync.quantize import KINDS, PendingMean
 from loomtrain.parallel.dp_sync.sharded import PendingShardedMean
+from loomtrain.state_reads import real_step
 
 EXCHANGES = ("all_gather", "reduce_scatter")  # dp_sync.diloco.exchange: how a quantized average travels
 
@@ -79,7 +80,8 @@ class OuterSync:
         self.pending: dict[int, list] = {}  # group -> its averages in flight
         self.t = 0
         self._check_same_start()
-        self._hook = inner_optimizer.register_step_post_hook(lambda *_: self.after_inner_step())
+        # torch's state-dict functions step an optimizer with empty state to materialize it: not an inner step
+        self._hook = inner_optimizer.register_step_post_hook(lambda *_: real_step() and self.after_inner_step())
 
     @traffic.counted_as("other")  # once at start-up: not the sync's bytes
     def _check_same_start(self) -> None:
