@@ -132,8 +132,9 @@ def train(run: Run, out: str, prepared: str, port: int, log, steps: int) -> dict
     wire = [Network.tx_bytes(r) - b for r, b in zip(range(run.workers), before)]
     records = _last_records(os.path.join(run_dir, "metrics.jsonl"))
     finished = any(r.get("step") == steps and "val_loss" in r for r in records)
-    if any(codes) and not finished:
-        raise SystemExit(f"{run.name}: ranks exited with {codes} (log: {log.name}); run again to resume it")
+    if not finished:  # failed, or stopped early on a signal (the ranks save a checkpoint and exit 0)
+        raise SystemExit(f"{run.name}: ranks exited with {codes} before step {steps} (log: {log.name}); "
+                         "run again to resume it")
     if any(codes):  # seen once: a gloo rank aborting in its exit path after the run had finished and logged
         print(f"  warning: {run.name}: ranks exited with {codes} after finishing every step (log: {log.name})",
               flush=True)
