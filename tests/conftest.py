@@ -165,3 +165,17 @@ def assert_same_training(results, reference, *, rtol: float, atol_params: float,
     for name, value in want.items():
         diff = (merged[name] - value).abs().max().item()
         assert diff <= atol_params, (name, diff)
+
+
+# slurm.conf lines both local Slurm test clusters share (test_slurm.py, test_slurm_spares.py): processes tracked
+# without cgroups, cores as the consumable resource, a gpu GRES, nodes back in service on their own
+SLURM_CONF_POLICY = """ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+GresTypes=gpu
+MpiDefault=none
+ReturnToService=2
+KillWait=30
+MinJobAge=600
+"""

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import TEST_OVERRIDES, free_port, run_ranks
+from conftest import SLURM_CONF_POLICY, TEST_OVERRIDES, free_port, run_ranks
 
 HAVE_SLURM = all(shutil.which(c) for c in ("slurmctld", "slurmd", "munged", "sbatch", "scontrol"))
 pytestmark = pytest.mark.skipif(not HAVE_SLURM or os.geteuid() != 0,
@@ -33,16 +33,7 @@ SlurmctldLogFile={d}/slurmctld.log
 SlurmdLogFile={d}/slurmd.log
 SlurmctldPort={ctld_port}
 SlurmdPort={d_port}
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-GresTypes=gpu
-MpiDefault=none
-ReturnToService=2
-KillWait=30
-MinJobAge=600
-NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=4000 Gres=gpu:2 State=UNKNOWN
+""" + SLURM_CONF_POLICY + """NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=4000 Gres=gpu:2 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 

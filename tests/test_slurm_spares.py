@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import pytest
 
 import test_spare_hosts
+from conftest import SLURM_CONF_POLICY
 from test_spare_hosts import SETS, _assert_bit_identical, _steps
 
 reference = test_spare_hosts.reference  # the undisturbed run of the same world (a fixture)
@@ -40,16 +41,7 @@ SlurmdPidFile=/dev/shm/slurmd.pid
 SlurmctldLogFile={d}/slurmctld.log
 SlurmdLogFile={d}/slurmd-%n.log
 SlurmdTimeout=10
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-GresTypes=gpu
-MpiDefault=none
-ReturnToService=2
-KillWait=30
-MinJobAge=600
-{nodes}PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+""" + SLURM_CONF_POLICY + """{nodes}PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 
 
