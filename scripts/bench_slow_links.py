@@ -179,11 +179,16 @@ def _last_records(path: str) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+def _segment(starts: list[float], t: float) -> int:
+    """The index of the invocation (segment, by start time) that logged a record at time ``t``."""
+    return max(i for i, start in enumerate(starts) if start <= t)
+
+
 def _wall_clock(records: list[dict], segments: list[dict]) -> list[float]:
     """Each record's seconds of training since the run began, across resumed segments: a segment counts up
     to its last kept record (the work redone after a resume is counted once, in the later segment)."""
     starts = [s["start"] for s in segments]
-    seg_of = [max(i for i, t in enumerate(starts) if t <= r["time"]) for r in records]
+    seg_of = [_segment(starts, r["time"]) for r in records]
     ends = {i: max(r["time"] for r, j in zip(records, seg_of) if j == i) for i in set(seg_of)}
     before = {i: sum(ends.get(j, starts[j]) - starts[j] for j in range(i)) for i in range(len(starts))}
     return [before[i] + r["time"] - starts[i] for r, i in zip(records, seg_of)]
@@ -198,7 +203,7 @@ def summarize(run: dict) -> dict:
     seg_last: dict[int, dict] = {}
     starts = [s["start"] for s in run["segments"]]
     for r in steps:
-        seg_last[max(i for i, t in enumerate(starts) if t <= r["time"])] = r
+        seg_last[_segment(starts, r["time"])] = r
     def bytes_of(pred):
         return sum(v for r in seg_last.values() for k, v in r.items() if pred(k)) / run["workers"]
     return {"name": run["name"], "final_val": evals[-1][2], "wall_s": walls[-1],
