@@ -369,7 +369,8 @@ def phase_b(args, results: dict) -> tuple[list[Run], str]:
     second seed); DiLoCo at two inner learning rates, ``--inner-lr-factors`` times DDP's better one (phase A:
     four workers' AdamW steps on a quarter of the batch each, averaged every step, matched DDP at twice its lr
     and not at its lr; with H = 32 and outer momentum that may differ), the better one gets a second seed and is
-    the inner lr of Streaming DiLoCo (fp32 and fp4) and CO2; then the 100 Mbit/s runs. In priority order: the
+    the inner lr of Streaming DiLoCo (fp32 and fp4) and CO2; then the 100 Mbit/s runs; then the ``why_`` runs
+    that look for the cause of DiLoCo's gap to DDP. In priority order: the
     plan is made again after each run, and an interrupted invocation resumes where it stopped."""
     done = {s["name"]: s for s in results.get("unshaped", [])}
     seed = lambda s: [f"train.seed={1234 + s}"]  # noqa: E731
@@ -377,8 +378,8 @@ def phase_b(args, results: dict) -> tuple[list[Run], str]:
     best_lr = args.lr[_better(done, ddps)]
     best = f"ddp_lr{best_lr:g}"
     h = args.sync_every
-    diloco = lambda lr: ["parallel.dp_sync=diloco", f"dp_sync.diloco.sync_every={h}",  # noqa: E731
-                         "dp_sync.diloco.fragments=1", f"optim.lr={lr}"]
+    diloco = lambda lr, h=h: ["parallel.dp_sync=diloco", f"dp_sync.diloco.sync_every={h}",  # noqa: E731
+                              "dp_sync.diloco.fragments=1", f"optim.lr={lr}"]
     inner_lrs = [f * best_lr for f in args.inner_lr_factors]
     dilocos = [f"diloco_lr{lr:g}_s0" for lr in inner_lrs]
     inner = inner_lrs[_better(done, dilocos)]
@@ -394,7 +395,14 @@ def phase_b(args, results: dict) -> tuple[list[Run], str]:
              f"{best}_s1": [f"optim.lr={best_lr}", "parallel.dp_sync=every_step"] + seed(1),
              f"diloco_lr{inner:g}_s1": diloco(inner) + seed(1)}
     shaped = [f"{best}_s0", f"streaming_fp4_lr{inner:g}_s0", f"diloco_lr{inner:g}_s0", f"co2_lr{inner:g}_s0"]
-    return [Run(n, ov) for n, ov in runs.items()] + [Run(n, runs[n], link="shaped") for n in shaped], f"{best}_s0"
+    # Why DiLoCo sits above DDP: one worker with the whole batch (arXiv 2503.09799 finds M = 1 at or below
+    # DDP, so a gap there is the implementation's, none is the quarter batch's), twice the rounds, outer lr.
+    why = [Run(f"why_diloco_m1_lr{best_lr:g}_s0", diloco(best_lr) + seed(0), workers=1),
+           Run(f"why_diloco_h{h // 2}_lr{inner:g}_s0", diloco(inner, h // 2) + seed(0))]
+    why += [Run(f"why_diloco_olr{o:g}_lr{inner:g}_s0", diloco(inner) + seed(0) + [f"dp_sync.diloco.outer_lr={o}"])
+            for o in (0.4, 1.0)]
+    return ([Run(n, ov) for n, ov in runs.items()] + [Run(n, runs[n], link="shaped") for n in shaped] + why,
+            f"{best}_s0")
 
 
 def phase_compare(args) -> tuple[list[Run], str]:
