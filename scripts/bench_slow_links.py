@@ -398,12 +398,14 @@ def phase_b(args, results: dict) -> tuple[list[Run], str]:
     # Why DiLoCo sits above DDP: one worker with the whole batch (arXiv 2503.09799 finds M = 1 at or below
     # DDP: a gap left there is the outer step's or its settings', not the quarter batch's; alone, it gets both
     # cores), Streaming's overlap and mix on one fragment (at 1,792 steps Streaming fp4 was 4.7 points below
-    # DiLoCo), twice the rounds, the outer lr.
+    # DiLoCo), fp4 with error feedback, twice the rounds, the outer lr.
     why = [Run(f"why_diloco_m1_lr{best_lr:g}_s0", diloco(best_lr) + seed(0) + ["train.threads=2"],
                workers=1),
            Run(f"why_diloco_tau{args.delay}_alpha0.5_lr{inner:g}_s0",  # Streaming's overlap and mix, one fragment
                diloco(inner) + seed(0) + [f"dp_sync.diloco.fragment_sync_delay={args.delay}",
                                           "dp_sync.diloco.fragment_update_alpha=0.5"]),
+           Run(f"why_streaming_fp4_feedback_lr{inner:g}_s0",  # fp4 ended 1.05% above fp32: what feedback recovers
+               streaming + ["dp_sync.diloco.quantize=fp4", "dp_sync.diloco.error_feedback=true"]),
            Run(f"why_diloco_h{h // 2}_lr{inner:g}_s0", diloco(inner, h // 2) + seed(0))]
     why += [Run(f"why_diloco_olr{o:g}_lr{inner:g}_s0", diloco(inner) + seed(0) + [f"dp_sync.diloco.outer_lr={o}"])
             for o in (0.4, 1.0)]
