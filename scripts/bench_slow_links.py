@@ -369,8 +369,8 @@ def phase_b(args, results: dict) -> tuple[list[Run], str]:
     second seed); DiLoCo at two inner learning rates, ``--inner-lr-factors`` times DDP's better one (phase A:
     four workers' AdamW steps on a quarter of the batch each, averaged every step, matched DDP at twice its lr
     and not at its lr; with H = 32 and outer momentum that may differ), the better one gets a second seed and is
-    the inner lr of Streaming DiLoCo (fp32 and fp4) and CO2; then the 100 Mbit/s runs; then the ``why_`` runs
-    that look for the cause of DiLoCo's gap to DDP. In priority order: the
+    the inner lr of Streaming DiLoCo (fp32 and fp4) and CO2; then the ``why_`` runs that look for the causes of
+    the gaps; then the 100 Mbit/s runs (wall clock only: their losses are the unshaped runs'). In priority order: the
     plan is made again after each run, and an interrupted invocation resumes where it stopped."""
     done = {s["name"]: s for s in results.get("unshaped", [])}
     seed = lambda s: [f"train.seed={1234 + s}"]  # noqa: E731
@@ -409,7 +409,7 @@ def phase_b(args, results: dict) -> tuple[list[Run], str]:
            Run(f"why_diloco_h{h // 2}_lr{inner:g}_s0", diloco(inner, h // 2) + seed(0))]
     why += [Run(f"why_diloco_olr{o:g}_lr{inner:g}_s0", diloco(inner) + seed(0) + [f"dp_sync.diloco.outer_lr={o}"])
             for o in (0.4, 1.0)]
-    return ([Run(n, ov) for n, ov in runs.items()] + [Run(n, runs[n], link="shaped") for n in shaped] + why,
+    return ([Run(n, ov) for n, ov in runs.items()] + why + [Run(n, runs[n], link="shaped") for n in shaped],
             f"{best}_s0")
 
 
