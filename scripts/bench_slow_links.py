@@ -237,7 +237,7 @@ def report(out: str) -> str:
     head = (f"| link | method | final val loss | vs {ref_name} | gap at 1/4, 1/2, 3/4 of tokens | dp_sync MB/worker "
             "| all counted MB/worker | wire MB/worker | reference/this dp_sync bytes | wall s | wall vs unshaped "
             "| median step ms | load |\n|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    table = head + "\n" + "\n".join(rows) + _seed_lines(fast) + _a0_line(out, fast)
+    table = head + "\n" + "\n".join(rows) + _seed_lines(fast, ref_name) + _a0_line(out, fast)
     _plot(results, ref_name, os.path.join(out, "slow_links.png"))
     return table
 
@@ -285,14 +285,27 @@ def _a0_line(out: str, runs: list[dict]) -> str:
                f"{next(s for s in runs if s['name'] == names[1])['final_val']:.4f})" if parted else ""))
 
 
-def _seed_lines(runs: list[dict]) -> str:
-    """Mean and spread of the runs that differ only in their seed (names ``<group>_s<seed>``)."""
-    groups: dict[str, list[float]] = {}
+def _seed_lines(runs: list[dict], ref_name: str) -> str:
+    """Mean and spread of the runs that differ only in their seed (names ``<group>_s<seed>``), and each one's
+    gap to the reference's group at the same seed (the same initialisation and data order: a paired gap is
+    less noisy than the seeds' spread)."""
+    groups: dict[str, dict[str, float]] = {}
     for s in runs:
         if "_s" in s["name"] and s["name"].rsplit("_s", 1)[1].isdigit():
-            groups.setdefault(s["name"].rsplit("_s", 1)[0], []).append(s["final_val"])
-    lines = [f"- {g}: mean final val loss {statistics.mean(v):.4f} over {len(v)} seeds (spread {max(v) - min(v):.4f})"
-             for g, v in groups.items() if len(v) > 1]
+            g, seed = s["name"].rsplit("_s", 1)
+            groups.setdefault(g, {})[seed] = s["final_val"]
+    ref = groups.get(ref_name.rsplit("_s", 1)[0], {})
+    lines = []
+    for g, v in groups.items():
+        if len(v) < 2:
+            continue
+        line = (f"- {g}: mean final val loss {statistics.mean(v.values()):.4f} over {len(v)} seeds "
+                f"(spread {max(v.values()) - min(v.values()):.4f})")
+        paired = {k: 100 * (x / ref[k] - 1) for k, x in v.items() if k in ref and v is not ref}
+        if len(paired) > 1:
+            line += ("; against the reference at the same seed: " + ", ".join(
+                f"{x:+.2f}% (s{k})" for k, x in sorted(paired.items())) + f", mean {statistics.mean(paired.values()):+.2f}%")
+        lines.append(line)
     return ("\n\n" + "\n".join(lines)) if lines else ""
 
 
