@@ -318,26 +318,37 @@ def _plot(results: dict, ref_name: str, path: str) -> None:
     except ImportError:
         print("matplotlib is not installed (pip install -e '.[bench]'): no plot", file=sys.stderr)
         return
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     fast = results.get("unshaped", [])
+    why = [s for s in fast if s["name"].startswith("why_")]  # phase B's diagnoses: a panel of their own
+    fig, axes = plt.subplots(1, 3 + bool(why), figsize=(17 + 5.5 * bool(why), 4.8))
     ref = next((s for s in fast if s["name"] == ref_name), None)
     names = list(dict.fromkeys(s["name"] for runs in results.values() for s in runs))
-    colour = {n: f"C{i % 10}" for i, n in enumerate(names)}  # one colour per method in every panel
+    colour = {n: plt.get_cmap("tab20")(i % 20) for i, n in enumerate(names)}  # one colour per run in every panel
+
+    def gap(ax, s, style):
+        theirs = {t: v for t, _, v in ref["evals"]}
+        pts = [(t, 100 * (v / theirs[t] - 1)) for t, _, v in s["evals"] if t in theirs]
+        if pts:
+            ax.plot(*zip(*pts), style, color=colour[s["name"]], marker="o", ms=2, label=s["name"])
+
     for link, style in (("unshaped", "-"), ("shaped", "--")):
         for s in results.get(link, []):
+            if s in why:
+                continue
             tokens, wall, val = zip(*s["evals"])
             c = colour[s["name"]]
             axes[0].plot(wall, val, style, color=c, marker="o", ms=2, label=f"{s['name']} ({link})")
             if link == "unshaped":
                 axes[1].plot(tokens, val, style, color=c, marker="o", ms=2, label=s["name"])
                 if ref is not None and s is not ref:
-                    theirs = {t: v for t, _, v in ref["evals"]}
-                    pts = [(t, 100 * (v / theirs[t] - 1)) for t, v in zip(tokens, val) if t in theirs]
-                    if pts:
-                        axes[2].plot(*zip(*pts), style, color=c, marker="o", ms=2, label=s["name"])
+                    gap(axes[2], s, style)
     axes[0].set(xlabel="wall clock (s)", ylabel="validation loss", title="loss vs wall clock")
     axes[1].set(xlabel="tokens", ylabel="validation loss", title="loss vs tokens (unshaped)")
     axes[2].set(xlabel="tokens", ylabel=f"% above {ref_name}", title=f"gap to {ref_name} at equal tokens")
+    if why and ref is not None:  # each why_ run beside the seed-0 DiLoCo runs it changes one thing of
+        for s in [s for s in fast if s["name"].startswith("diloco_") and s["name"].endswith("_s0")] + why:
+            gap(axes[3], s, "-" if s in why else ":")
+        axes[3].set(xlabel="tokens", ylabel=f"% above {ref_name}", title="why_ runs (dotted: DiLoCo as run)")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
