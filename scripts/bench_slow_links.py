@@ -422,19 +422,20 @@ def phase_b(args, results: dict) -> tuple[list[Run], str]:
     # Why the local methods sit above DDP, most telling first. One worker with the whole batch (arXiv 2503.09799
     # finds M = 1 at or below DDP: a gap left there is the outer step's, not the quarter batch's; alone, it gets
     # both cores) ended far above DDP, so next the outer lr (the steps it amplifies may be too long already:
-    # DiLoCo at 2x the inner lr was worse too); Streaming's overlap and mix on one fragment (Streaming fp32 ended
-    # 2.3% below DiLoCo); fp4 with error feedback (fp4 ended 1.05% above fp32); twice the rounds.
+    # DiLoCo at 2x the inner lr was worse too), and M = 1 at the better outer lr (is what remains the quarter
+    # batch's?); Streaming's overlap and mix on one fragment (Streaming fp32 ended 2.3% below DiLoCo); fp4 with
+    # error feedback (fp4 ended 1.05% above fp32); twice the rounds.
     olr = lambda o: [f"dp_sync.diloco.outer_lr={o}"]  # noqa: E731
     why = [Run(f"why_diloco_m1_lr{best_lr:g}_s0", diloco(best_lr) + seed(0) + ["train.threads=2"], workers=1),
            Run(f"why_diloco_olr0.4_lr{inner:g}_s0", diloco(inner) + seed(0) + olr(0.4)),
            Run(f"why_diloco_olr0.2_lr{inner:g}_s0", diloco(inner) + seed(0) + olr(0.2)),
+           Run(f"why_diloco_m1_olr0.4_lr{best_lr:g}_s0", diloco(best_lr) + seed(0) + olr(0.4) + ["train.threads=2"],
+               workers=1),
            Run(f"why_diloco_tau{args.delay}_alpha0.5_lr{inner:g}_s0",
                diloco(inner) + seed(0) + [f"dp_sync.diloco.fragment_sync_delay={args.delay}",
                                           "dp_sync.diloco.fragment_update_alpha=0.5"]),
            Run(f"why_streaming_fp4_feedback_lr{inner:g}_s0",
                streaming + ["dp_sync.diloco.quantize=fp4", "dp_sync.diloco.error_feedback=true"]),
-           Run(f"why_diloco_m1_olr0.4_lr{best_lr:g}_s0", diloco(best_lr) + seed(0) + olr(0.4) + ["train.threads=2"],
-               workers=1),
            Run(f"why_diloco_h{h // 2}_lr{inner:g}_s0", diloco(inner, h // 2) + seed(0)),
            Run(f"why_diloco_olr1_lr{inner:g}_s0", diloco(inner) + seed(0) + olr(1.0))]
     return ([Run(n, ov) for n, ov in runs.items()] + why + [Run(n, runs[n], link="shaped") for n in shaped],
