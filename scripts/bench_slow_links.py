@@ -346,9 +346,9 @@ def _plot(results: dict, ref_name: str, path: str) -> None:
     axes[1].set(xlabel="tokens", ylabel="validation loss", title="loss vs tokens (unshaped)")
     axes[2].set(xlabel="tokens", ylabel=f"% above {ref_name}", title=f"gap to {ref_name} at equal tokens")
     if why and ref is not None:  # each why_ run beside the seed-0 DiLoCo runs it changes one thing of
-        for s in [s for s in fast if s["name"].startswith("diloco_") and s["name"].endswith("_s0")] + why:
+        for s in [s for s in fast if s["name"].startswith(("diloco_", "streaming_")) and s["name"].endswith("_s0")] + why:
             gap(axes[3], s, "-" if s in why else ":")
-        axes[3].set(xlabel="tokens", ylabel=f"% above {ref_name}", title="why_ runs (dotted: DiLoCo as run)")
+        axes[3].set(xlabel="tokens", ylabel=f"% above {ref_name}", title="why_ runs (dotted: the runs they change)")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -419,12 +419,11 @@ def phase_b(args, results: dict) -> tuple[list[Run], str]:
              f"{best}_s1": [f"optim.lr={best_lr}", "parallel.dp_sync=every_step"] + seed(1),
              f"diloco_lr{inner:g}_s1": diloco(inner) + seed(1)}
     shaped = [f"{best}_s0", f"streaming_fp4_lr{inner:g}_s0", f"diloco_lr{inner:g}_s0", f"co2_lr{inner:g}_s0"]
-    # Why the local methods sit above DDP, most telling first. One worker with the whole batch (arXiv 2503.09799
-    # finds M = 1 at or below DDP: a gap left there is the outer step's, not the quarter batch's; alone, it gets
-    # both cores) ended far above DDP, so next the outer lr (the steps it amplifies may be too long already:
-    # DiLoCo at 2x the inner lr was worse too), and M = 1 at the better outer lr (is what remains the quarter
-    # batch's?); Streaming's overlap and mix on one fragment (Streaming fp32 ended 2.3% below DiLoCo); fp4 with
-    # error feedback (fp4 ended 1.05% above fp32); twice the rounds.
+    # Why the local methods sit above DDP, most telling first (the order the session's results led to): one
+    # worker with the whole batch (arXiv 2503.09799 finds a tuned M = 1 at or below DDP; alone, it gets both
+    # cores; it ended +18.9%), the outer lr (0.4 and 0.2), M = 1 at outer lr 0.4 (+6.6%: the outer step, not the
+    # quarter batch, holds most of the gap); Streaming's overlap and mix on one fragment (Streaming fp32 ended
+    # 2.3% below DiLoCo); fp4 with error feedback (fp4 ended 1.05% above fp32); twice the rounds; outer lr 1.
     olr = lambda o: [f"dp_sync.diloco.outer_lr={o}"]  # noqa: E731
     why = [Run(f"why_diloco_m1_lr{best_lr:g}_s0", diloco(best_lr) + seed(0) + ["train.threads=2"], workers=1),
            Run(f"why_diloco_olr0.4_lr{inner:g}_s0", diloco(inner) + seed(0) + olr(0.4)),
