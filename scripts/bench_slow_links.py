@@ -291,17 +291,17 @@ def _seed_lines(runs: list[dict], ref_name: str) -> str:
     less noisy than the seeds' spread)."""
     groups: dict[str, dict[str, float]] = {}
     for s in runs:
-        if "_s" in s["name"] and s["name"].rsplit("_s", 1)[1].isdigit():
-            g, seed = s["name"].rsplit("_s", 1)
+        g, _, seed = s["name"].rpartition("_s")
+        if g and seed.isdigit():
             groups.setdefault(g, {})[seed] = s["final_val"]
-    ref = groups.get(ref_name.rsplit("_s", 1)[0], {})
+    ref = groups.get(ref_name.rpartition("_s")[0], {})
     lines = []
     for g, v in groups.items():
         if len(v) < 2:
             continue
         line = (f"- {g}: mean final val loss {statistics.mean(v.values()):.4f} over {len(v)} seeds "
                 f"(spread {max(v.values()) - min(v.values()):.4f})")
-        paired = {k: 100 * (x / ref[k] - 1) for k, x in v.items() if k in ref and v is not ref}
+        paired = {k: 100 * (x / ref[k] - 1) for k, x in v.items() if k in ref} if v is not ref else {}
         if len(paired) > 1:
             line += ("; against the reference at the same seed: " + ", ".join(
                 f"{x:+.2f}% (s{k})" for k, x in sorted(paired.items())) + f", mean {statistics.mean(paired.values()):+.2f}%")
@@ -325,8 +325,9 @@ def _plot(results: dict, ref_name: str, path: str) -> None:
     names = list(dict.fromkeys(s["name"] for runs in results.values() for s in runs))
     colour = {n: plt.get_cmap("tab20")(i % 20) for i, n in enumerate(names)}  # one colour per run in every panel
 
+    theirs = {t: v for t, _, v in ref["evals"]} if ref is not None else {}
+
     def gap(ax, s, style):
-        theirs = {t: v for t, _, v in ref["evals"]}
         pts = [(t, 100 * (v / theirs[t] - 1)) for t, _, v in s["evals"] if t in theirs]
         if pts:
             ax.plot(*zip(*pts), style, color=colour[s["name"]], marker="o", ms=2, label=s["name"])
