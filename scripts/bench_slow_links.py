@@ -93,12 +93,14 @@ class Network:
 
 @dataclass
 class Run:
-    """One training run of a phase: ``link`` is unshaped or shaped; ``workers`` ranks, one per namespace."""
+    """One training run of a phase: ``link`` is unshaped or shaped; ``workers`` ranks, one per namespace;
+    ``steps`` (and the lr schedule's length) the phase's unless set."""
 
     name: str
     overrides: list[str]
     link: str = "unshaped"
     workers: int = WORKERS
+    steps: int | None = None
 
 
 def train(run: Run, out: str, prepared: str, port: int, log, steps: int) -> dict:
@@ -442,8 +444,17 @@ def phase_b(args, results: dict) -> tuple[list[Run], str]:
                                        "dp_sync.diloco.fragment_update_alpha=0.5"]),
         Run(f"why_diloco_h{h // 2}_lr{inner:g}_s0", diloco(inner, h // 2) + seed(0)),
         Run(f"why_diloco_olr1_lr{inner:g}_s0", diloco(inner) + seed(0) + olr(1.0))]
+    # DDP at 100 Mbit/s on a schedule that ends when Streaming fp4 ended there: the fair DDP for a fixed wall
+    # clock on a slow link (the 4,096-step one, read at that time, is mid-schedule). Planned once both ran.
+    done_shaped = {s["name"]: s for s in results.get("shaped", [])}
+    ddp_slow, fp4_slow = done_shaped.get(f"{best}_s0"), done_shaped.get(f"streaming_fp4_lr{inner:g}_s0")
+    equal_wall = []
+    if ddp_slow and fp4_slow:
+        phase_steps, every = args.steps or PHASES["B"]["steps"], args.eval_every or PHASES["B"]["eval_every"]
+        n = int(fp4_slow["wall_s"] / ddp_slow["wall_s"] * phase_steps) // every * every
+        equal_wall = [Run(f"{best}_{n}steps_s0", runs[f"{best}_s0"], link="shaped", steps=n)]
     return ([Run(n, ov) for n, ov in runs.items()] + why + [Run(n, runs[n], link="shaped") for n in shaped]
-            + why_after_shaped,
+            + equal_wall + why_after_shaped,
             f"{best}_s0")
 
 
@@ -504,9 +515,10 @@ def main() -> None:
 
     exp = load_config("tiny", MODEL)
     prepared = prepare(exp.data, progress=True).train_prefix[:-len("_train")]
-    common = [f"train.steps={steps}", f"train.eval_every={args.eval_every or ph['eval_every']}",
-              f"train.eval_batches={ph['eval_batches']}", f"optim.warmup_steps={ph['warmup']}",
-              f"train.log_every={ph['log_every']}", f"checkpoint.every_steps={max(steps // 8, 1)}", "checkpoint.keep=1"]
+    common = lambda n: [f"train.steps={n}", f"train.eval_every={args.eval_every or ph['eval_every']}",  # noqa: E731
+                        f"train.eval_batches={ph['eval_batches']}", f"optim.warmup_steps={ph['warmup']}",
+                        f"train.log_every={ph['log_every']}", f"checkpoint.every_steps={max(n // 8, 1)}",
+                        "checkpoint.keep=1"]
     saved = os.path.join(args.out, "results.json")
     results: dict = json.load(open(saved)) if os.path.exists(saved) else {}
     port = PORT
@@ -523,8 +535,9 @@ def main() -> None:
             net.shape(args.rate if run.link == "shaped" else None)
             port += 1
             print(f"[{run.link}] {run.name} ({len(todo)} to go) ...", flush=True)
-            s = summarize(train(Run(run.name, run.overrides + common, run.link, run.workers), args.out, prepared, port,
-                                log, steps))
+            n = run.steps or steps
+            s = summarize(train(Run(run.name, run.overrides + common(n), run.link, run.workers), args.out, prepared,
+                                port, log, n))
             results.setdefault(run.link, []).append(s)
             print(f"  val {s['final_val']:.4f}  wall {s['wall_s']:.1f}s  dp_sync {s['dp_sync_per_worker'] / 1e6:.3f} MB"
                   f"/worker  wire {s['wire_per_worker'] / 1e6:.2f} MB/worker", flush=True)
