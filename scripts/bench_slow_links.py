@@ -451,8 +451,7 @@ def phase_b(args, results: dict) -> tuple[list[Run], str]:
     ddp_slow, fp4_slow = done_shaped.get(f"{best}_s0"), done_shaped.get(f"streaming_fp4_lr{inner:g}_s0")
     equal_wall = []
     if ddp_slow and fp4_slow:
-        phase_steps, every = args.steps or PHASES["B"]["steps"], args.eval_every or PHASES["B"]["eval_every"]
-        n = int(fp4_slow["wall_s"] / ddp_slow["wall_s"] * phase_steps) // every * every
+        n = int(fp4_slow["wall_s"] / ddp_slow["wall_s"] * args.steps) // args.eval_every * args.eval_every
         equal_wall = [Run(f"{best}_{n}steps_s0", runs[f"{best}_s0"], link="shaped", steps=n)]
     return ([Run(n, ov) for n, ov in runs.items()] + why + [Run(n, runs[n], link="shaped") for n in shaped]
             + equal_wall + why_after_shaped,
@@ -505,8 +504,9 @@ def main() -> None:
     if os.geteuid() != 0:
         raise SystemExit("bench_slow_links: needs root (network namespaces and tc)")
     ph = PHASES[args.phase]
-    steps = args.steps or ph["steps"]
-    if (args.eval_every or ph["eval_every"]) % ph["log_every"]:
+    steps = args.steps = args.steps or ph["steps"]  # resolved once: the phases' plans read them from args
+    args.eval_every = args.eval_every or ph["eval_every"]
+    if args.eval_every % ph["log_every"]:
         raise SystemExit(f"--eval-every: must be a multiple of phase {args.phase}'s log_every ({ph['log_every']}): "
                          "an evaluation is reported with its step's record")
     args.sync_every = args.sync_every or (32 if args.phase == "B" else 120)
@@ -516,7 +516,7 @@ def main() -> None:
 
     exp = load_config("tiny", MODEL)
     prepared = prepare(exp.data, progress=True).train_prefix[:-len("_train")]
-    common = lambda n: [f"train.steps={n}", f"train.eval_every={args.eval_every or ph['eval_every']}",  # noqa: E731
+    common = lambda n: [f"train.steps={n}", f"train.eval_every={args.eval_every}",  # noqa: E731
                         f"train.eval_batches={ph['eval_batches']}", f"optim.warmup_steps={ph['warmup']}",
                         f"train.log_every={ph['log_every']}", f"checkpoint.every_steps={max(n // 8, 1)}",
                         "checkpoint.keep=1"]
